@@ -1,0 +1,152 @@
+"""`imagemill.run(spec)`: the whole job, from the driver's side.
+
+Plan shards from the input's footers, skip shards the output already holds, run the rest on the
+actor pool with a progress bar, and write the job record and the completion marker. The driver sees
+shard descriptors and per-shard stats only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.scheduler import ShardFailure, ShardScheduler
+from imagemill.shards import plan_shards
+from imagemill.spec import JobSpec
+from imagemill.workers.model_source import check_model_source
+
+VERSIONED_PACKAGES = ("imagemill", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs")
+
+
+@dataclass
+class JobResult:
+    output: str
+    shards_total: int
+    shards_done: int
+    rows_total: int
+    ok: int
+    errors: int
+    errors_by_reason: dict[str, int]
+    seconds: float
+    failures: list[ShardFailure] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_done == self.shards_total
+
+    def summary(self) -> str:
+        rate = self.ok / self.seconds if self.seconds else 0.0
+        lines = [
+            f"{self.rows_total} rows: {self.ok} ok, {self.errors} error "
+            f"in {self.shards_done}/{self.shards_total} shards, {self.seconds:.1f} s ({rate:.1f} images/s) "
+            f"→ {self.output}"
+        ]
+        lines += [
+            f"  error rows, {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())
+        ]
+        lines += [
+            f"  FAILED shard {f.shard_id} ({f.input_file}) after {f.attempts} tries: {f.error}"
+            for f in self.failures
+        ]
+        if self.failures:
+            lines.append("  run the same command again to retry the failed shards; committed shards are kept")
+        return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _connect_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+
+
+def run(spec: JobSpec, progress: bool = True) -> JobResult:
+    """Run the job to completion; returns the counts. Shards already committed in the output are kept."""
+    started = time.time()
+    plan = plan_shards(spec.input)
+    check_model_source(spec.model)
+    output = OutputLayout(spec.output.path, spec.output.storage_options)
+    committed = {
+        shard_id: stats
+        for shard_id, stats in output.committed_stats().items()
+        if shard_id in {shard.shard_id for shard in plan.shards}
+    }
+    todo = [shard for shard in plan.shards if shard.shard_id not in committed]
+    record: dict[str, Any] = {
+        "name": spec.name,
+        "spec": spec.redacted(),
+        "versions": _versions(),
+        "started_at": datetime.now(UTC).isoformat(),
+        "status": "running",
+        "shards_total": len(plan.shards),
+        "rows_total": plan.total_rows,
+        "input_files": len(plan.files),
+    }
+    output.write_json(JOB_RECORD, record)
+
+    failures: list[ShardFailure] = []
+    if todo:
+        _connect_ray()
+        bar = tqdm(
+            total=plan.total_rows,
+            initial=sum(stats["rows"] for stats in committed.values()),
+            unit="img",
+            desc=spec.name,
+            disable=not progress,
+            mininterval=1.0,
+            smoothing=0.1,
+        )
+
+        def on_done(stats: dict[str, Any]) -> None:
+            committed[stats["shard_id"]] = stats
+            bar.update(stats["rows"])
+
+        with bar:
+            failures = ShardScheduler(spec).run(todo, on_done)
+
+    errors_by_reason: Counter[str] = Counter()
+    for stats in committed.values():
+        errors_by_reason.update(stats["errors_by_reason"])
+    result = JobResult(
+        output=spec.output.path,
+        shards_total=len(plan.shards),
+        shards_done=len(committed),
+        rows_total=plan.total_rows,
+        ok=sum(stats["ok"] for stats in committed.values()),
+        errors=sum(stats["error"] for stats in committed.values()),
+        errors_by_reason=dict(errors_by_reason),
+        seconds=time.time() - started,
+        failures=failures,
+    )
+    record.update(
+        ended_at=datetime.now(UTC).isoformat(),
+        status="complete" if result.complete else "incomplete",
+        shards_done=result.shards_done,
+        rows_ok=result.ok,
+        rows_error=result.errors,
+        errors_by_reason=result.errors_by_reason,
+        failed_shards=[vars(failure) for failure in failures],
+    )
+    output.write_json(JOB_RECORD, record)
+    if result.complete:
+        output.write_bytes(SUCCESS_MARKER, b"")
+    return result

@@ -1,0 +1,127 @@
+"""Scheduling on the driver: a pool of ShardWorker actors, fed shard descriptors, handing back stats.
+
+Each actor is kept two shards deep, so it starts the next shard without waiting for the driver. An
+actor that dies is replaced and its shards are queued again; a shard that fails is retried until it
+has had `max_shard_attempts` tries, then reported as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from imagemill.errors import ImagemillError
+from imagemill.shards import Shard
+from imagemill.spec import JobSpec
+from imagemill.workers.worker import ShardWorker
+
+log = logging.getLogger(__name__)
+SHARDS_PER_ACTOR = 2
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    shard_id: str
+    input_file: str
+    attempts: int
+    error: str
+
+
+def _uses_gpu(spec: JobSpec) -> bool:
+    if spec.model.device == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return spec.model.device == "cuda"
+
+
+def worker_count(spec: JobSpec, uses_gpu: bool) -> int:
+    """The configured count, else one actor per GPU, or per `num_cpus_per_worker` CPUs without GPUs."""
+    if spec.workers.num_workers:
+        return spec.workers.num_workers
+    resources = ray.cluster_resources()
+    if uses_gpu:
+        return max(1, int(resources.get("GPU", 0)))
+    return max(1, int(resources.get("CPU", 1) // spec.workers.num_cpus_per_worker))
+
+
+def _one_line(exc: BaseException) -> str:
+    """The underlying error of a Ray exception, without Ray's traceback."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, RayActorError) and cause is not exc:
+        return _one_line(cause)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+class ShardScheduler:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        uses_gpu = _uses_gpu(spec)
+        self.actor_class = ray.remote(ShardWorker).options(
+            num_cpus=spec.workers.num_cpus_per_worker, num_gpus=1 if uses_gpu else 0, max_restarts=0
+        )
+        self.num_workers = worker_count(spec, uses_gpu)
+        self.replacements_left = 2 * self.num_workers + 2
+
+    def _start_workers(self) -> list[Any]:
+        """Start the pool and wait until every actor has loaded the model, so load errors surface early."""
+        actors = [self.actor_class.remote(self.spec) for _ in range(self.num_workers)]
+        try:
+            ray.get([actor.ready.remote() for actor in actors])
+        except (RayActorError, RayTaskError) as exc:
+            for actor in actors:
+                ray.kill(actor)
+            raise ImagemillError(
+                f"workers could not load model {self.spec.model.source}: {_one_line(exc)}"
+            ) from None
+        return actors
+
+    def run(self, shards: list[Shard], on_done: Callable[[dict[str, Any]], None]) -> list[ShardFailure]:
+        """Process every shard; returns the shards that failed all their attempts."""
+        queue = deque(shards)
+        attempts: dict[str, int] = {}
+        failures: list[ShardFailure] = []
+        in_flight: dict[ray.ObjectRef, tuple[Any, Shard]] = {}
+        alive = self._start_workers()
+
+        def feed(actor: Any) -> None:
+            while queue and sum(1 for a, _ in in_flight.values() if a is actor) < SHARDS_PER_ACTOR:
+                shard = queue.popleft()
+                in_flight[actor.process_shard.remote(shard)] = (actor, shard)
+
+        def retry_or_fail(shard: Shard, error: str) -> None:
+            attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
+            if attempts[shard.shard_id] < self.spec.workers.max_shard_attempts:
+                log.warning("shard %s failed (%s); retrying", shard.shard_id, error)
+                queue.append(shard)
+            else:
+                failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts[shard.shard_id], error))
+
+        for actor in alive:
+            feed(actor)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, shard = in_flight.pop(ref)
+            try:
+                on_done(ray.get(ref))
+            except RayActorError as exc:
+                retry_or_fail(shard, f"worker died: {_one_line(exc)}")
+                if actor in alive:
+                    alive.remove(actor)
+                    if self.replacements_left > 0:
+                        self.replacements_left -= 1
+                        alive.append(self.actor_class.remote(self.spec))
+            except RayTaskError as exc:
+                retry_or_fail(shard, _one_line(exc))
+            for worker in alive:
+                feed(worker)
+            if queue and not alive:
+                raise ImagemillError("every worker died and none could be replaced; see the errors above")
+        for actor in alive:
+            ray.kill(actor)
+        return failures

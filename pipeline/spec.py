@@ -1,0 +1,167 @@
+"""The job spec: one YAML file, validated by pydantic, every field overridable with `--set key=value`.
+
+The spec is the whole contract of a job: the driver, the actors and the job record all read it, so
+a field added here is the one place a new setting needs to be declared.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imagemill.errors import ImagemillError
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+IMAGE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Section):
+    path: str = Field(
+        description="Parquet file, folder or glob; local path or any fsspec URL (s3://, gs://)."
+    )
+    prompt_column: str = "prompt"
+    id_column: str = Field(
+        "id", description="Used when present in the input; otherwise ids are derived from file and row."
+    )
+    rows_per_shard: int = Field(
+        1024, gt=0, description="Row groups are grouped into shards of about this many rows."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+
+class OutputSpec(_Section):
+    path: str = Field(description="Output root; local path or any fsspec URL.")
+    image_format: ImageFormat = "png"
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+
+class ModelSpec(_Section):
+    source: str = Field(description="Hub id, local directory, or fsspec URL of a directory.")
+    kind: Literal["diffusers"] = "diffusers"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: one GPU per worker where the cluster has GPUs, else CPU."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+
+class GenerationSpec(_Section):
+    """Job-wide defaults; the input columns of the same names override them per row."""
+
+    width: int = Field(512, gt=0)
+    height: int = Field(512, gt=0)
+    num_inference_steps: int = Field(30, gt=0)
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    seed: int = Field(0, description="Job seed: a row without a seed column gets one derived from it.")
+
+
+class WorkersSpec(_Section):
+    num_workers: int | None = Field(
+        None, gt=0, description="Actors to start; default: one per GPU, or one per CPU without GPUs."
+    )
+    batch_size: int = Field(8, gt=0)
+    num_cpus_per_worker: float = Field(1, gt=0)
+    max_shard_attempts: int = Field(3, gt=0)
+
+
+class JobSpec(_Section):
+    name: str = "imagemill"
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as a dict with every storage option hidden: safe for logs and the job record."""
+        data = self.model_dump()
+        for section in ("input", "output", "model"):
+            if data[section]["storage_options"]:
+                data[section]["storage_options"] = "<redacted>"
+        return data
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _absolute(path: str) -> str:
+    """Relative local paths are resolved against the driver's working directory: actors run elsewhere."""
+    return path if _is_url(path) else str(Path(path).expanduser().resolve())
+
+
+def _looks_like_local_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.path.exists(source)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ImagemillError(f"--set {key}: '{part}' is not a section of the job spec")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings; values are parsed as YAML so numbers, booleans and null work."""
+    overrides = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ImagemillError(f"--set expects key=value (e.g. workers.batch_size=16), got '{pair}'")
+        overrides.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+    return overrides
+
+
+def build_spec(
+    data: dict[str, Any], overrides: list[tuple[str, Any]] = (), origin: str = "job spec"
+) -> JobSpec:
+    """Validate a spec dict after applying overrides, and make local paths absolute."""
+    data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for key, value in overrides:
+        _set_dotted(data, key, value)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ImagemillError(f"{origin} is invalid: {problems}") from None
+    spec.input.path = _absolute(spec.input.path)
+    spec.output.path = _absolute(spec.output.path).rstrip("/")
+    if _looks_like_local_path(spec.model.source):
+        spec.model.source = _absolute(spec.model.source)
+    return spec
+
+
+def load_spec(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> JobSpec:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ImagemillError(f"job spec not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ImagemillError(f"job spec {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ImagemillError(f"job spec {path} must be a YAML mapping with input, output and model sections")
+    return build_spec(data, overrides, origin=f"job spec {path}")

@@ -1,0 +1,58 @@
+"""`imagemill status OUTPUT`: a job's progress read from its output alone, so it works from anywhere."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from imagemill.errors import ImagemillError
+from imagemill.output import JOB_RECORD, OutputLayout
+
+
+@dataclass
+class JobStatus:
+    output: str
+    record: dict[str, Any]
+    shards_done: int
+    rows_done: int
+    ok: int
+    errors_by_reason: dict[str, int]
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_done == self.record["shards_total"]
+
+    def text(self) -> str:
+        errors = sum(self.errors_by_reason.values())
+        lines = [
+            f"job {self.record['name']} at {self.output}: {self.record['status']}"
+            f" (started {self.record['started_at']}, ended {self.record.get('ended_at', '-')})",
+            f"shards: {self.shards_done}/{self.record['shards_total']} done",
+            f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, {errors} error",
+        ]
+        lines += [f"  {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())]
+        lines += [
+            f"  failed shard {failure['shard_id']}: {failure['error']}"
+            for failure in self.record.get("failed_shards", [])
+        ]
+        return "\n".join(lines)
+
+
+def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus:
+    output = OutputLayout(url.rstrip("/"), storage_options)
+    record = output.read_json(JOB_RECORD)
+    if record is None:
+        raise ImagemillError(f"no imagemill job found at {url} (it has no {JOB_RECORD})")
+    shards = output.committed_stats().values()
+    errors: Counter[str] = Counter()
+    for stats in shards:
+        errors.update(stats["errors_by_reason"])
+    return JobStatus(
+        output=url,
+        record=record,
+        shards_done=len(shards),
+        rows_done=sum(stats["rows"] for stats in shards),
+        ok=sum(stats["ok"] for stats in shards),
+        errors_by_reason=dict(errors),
+    )

@@ -1,0 +1,128 @@
+"""Shared fixtures: a real S3 endpoint on loopback, a local Ray, the tiny model, prompt Parquet files.
+
+The environment is set before Ray starts, so Ray's worker processes inherit it: HF_HUB_OFFLINE=1 (no
+hub here), the AWS variables pointing s3fs at the moto server, and a node cache in a temp folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("IMAGEMILL_CACHE_DIR", tempfile.mkdtemp(prefix="imagemill-cache-"))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+WORDS = ["red", "blue", "green", "small", "large", "cat", "dog", "house", "tree", "boat", "circle", "star"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A moto S3 server on 127.0.0.1, found by s3fs through the standard AWS environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from imagemill.workers.tiny_model import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+def make_bucket(name: str) -> str:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+def prompt_table(n_rows: int, start: int = 0, with_ids: bool = True) -> pa.Table:
+    prompts = [
+        " ".join(WORDS[(i * k) % len(WORDS)] for k in (1, 3, 7)) + f" {i}"
+        for i in range(start, start + n_rows)
+    ]
+    columns = {"prompt": prompts}
+    if with_ids:
+        columns = {"id": [f"row-{i:05d}" for i in range(start, start + n_rows)], **columns}
+    return pa.table(columns)
+
+
+def write_prompt_files(
+    url: str, n_files: int, rows_per_file: int, row_group_size: int, with_ids: bool = True
+) -> int:
+    """Write n_files Parquet files of prompts under `url` (local or s3://); returns the row count."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    for index in range(n_files):
+        table = prompt_table(rows_per_file, start=index * rows_per_file, with_ids=with_ids)
+        with fs.open(f"{root}/part-{index:03d}.parquet", "wb") as f:
+            pq.write_table(table, f, row_group_size=row_group_size)
+    return n_files * rows_per_file
+
+
+def read_metadata(url: str) -> pa.Table:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    files = sorted(fs.glob(f"{root}/metadata/*.parquet"))
+    return pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in files])
+
+
+def check_output(url: str, expected_ids: set[str], width: int, height: int) -> dict[str, str]:
+    """The foundation's end-to-end check; returns {id: sha256} of the images.
+
+    Every input id has exactly one metadata row, every ok row's image exists, decodes, has the stated
+    size and sha256, and no image exists that no metadata row names.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    metadata = read_metadata(url).to_pylist()
+    ids = [row["id"] for row in metadata]
+    assert len(ids) == len(set(ids)), "an id has more than one metadata row"
+    assert set(ids) == expected_ids
+    hashes = {}
+    for row in metadata:
+        assert row["status"] == "ok", row
+        data = fs.cat_file(f"{root}/{row['path']}")
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        assert image.size == (row["width"], row["height"]) == (width, height)
+        hashes[row["id"]] = row["sha256"]
+    images = {path[len(root) + 1 :] for path in fs.find(f"{root}/images")}
+    assert images == {row["path"] for row in metadata}, "an image exists that no metadata row names"
+    assert fs.exists(f"{root}/_SUCCESS")
+    return hashes

@@ -1,0 +1,50 @@
+"""A diffusers text-to-image pipeline, loaded once per actor and pinned to its device."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from imagemill.workers.rows import BatchKey
+
+
+class DiffusersGenerator:
+    def __init__(self, source: str, dtype: str, device: str):
+        # diffusers is imported here, not at the top, so that the driver never pays for importing it.
+        import diffusers
+        import transformers
+
+        # One loading bar per actor would only clutter the driver's console, which shows job progress.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+        self.pipe = diffusers.DiffusionPipeline.from_pretrained(
+            source, torch_dtype=getattr(torch, dtype), use_safetensors=True
+        )
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
+    ) -> np.ndarray:
+        """Images as an (N, H, W, 3) uint8 array, one per prompt.
+
+        Each row gets its own CPU generator, so its starting noise depends on its seed alone, on any
+        device and in any batch (the computation after that is shaped by the batch: see "Determinism"
+        in docs/ARCHITECTURE.md). An absent negative prompt is the empty string, which is what Stable
+        Diffusion encodes for the unconditional branch anyway, so rows with and without one can share
+        a batch. Pixels become uint8 on the device, so the copy back moves a quarter of the bytes.
+        """
+        images = self.pipe(
+            prompt=prompts,
+            negative_prompt=[negative or "" for negative in negative_prompts],
+            num_inference_steps=key.num_inference_steps,
+            guidance_scale=key.guidance_scale,
+            width=key.width,
+            height=key.height,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            output_type="pt",
+        ).images
+        pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,144 @@
+"""A shard's rows: read from Parquet, resolved against the job's defaults, validated, and batched.
+
+A row that cannot be generated becomes an error row with a reason; it never fails its shard.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imagemill.shards import Shard
+from imagemill.spec import GenerationSpec, InputSpec
+from imagemill.storage import filesystem
+from imagemill.workers.seeds import MAX_SEED, derive_seed
+
+# Optional input columns that override the job's generation defaults row by row.
+PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height")
+MAX_SIDE = 4096  # larger images are refused per row instead of exhausting the accelerator's memory
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Rows batch together only when every parameter that shapes the computation is the same."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+@dataclass
+class Row:
+    index: int  # position in the shard
+    input_row: int  # position in the input file
+    row_id: str
+    prompt: Any
+    negative_prompt: Any
+    seed: Any
+    width: Any
+    height: Any
+    num_inference_steps: Any
+    guidance_scale: Any
+    error: str | None = None
+
+    @property
+    def key(self) -> BatchKey:
+        return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale)
+
+
+def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
+    """The shard's row groups, with only the columns imagemill uses."""
+    fs, path = filesystem(shard.file_url, spec.storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        present = set(parquet.schema_arrow.names)
+        wanted = [spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS]
+        columns = [name for name in dict.fromkeys(wanted) if name in present]
+        return parquet.read_row_groups(range(shard.row_group_start, shard.row_group_end), columns=columns)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _row_error(row: Row) -> str | None:
+    """Why the row cannot be generated, as 'reason: detail', or None when it can."""
+    if row.prompt is None:
+        return "invalid_prompt: prompt is null"
+    if not isinstance(row.prompt, str):
+        return f"invalid_prompt: prompt is a {type(row.prompt).__name__}, not a string"
+    if not row.prompt.strip():
+        return "invalid_prompt: prompt is empty"
+    if row.negative_prompt is not None and not isinstance(row.negative_prompt, str):
+        return "invalid_parameter: negative_prompt is not a string"
+    if not _is_int(row.seed) or not 0 <= row.seed <= MAX_SEED:
+        return f"invalid_parameter: seed must be an integer in [0, 2**63-1], got {row.seed!r}"
+    if not _is_int(row.num_inference_steps) or not 0 < row.num_inference_steps <= MAX_STEPS:
+        steps = row.num_inference_steps
+        return f"invalid_parameter: num_inference_steps must be in 1..{MAX_STEPS}, got {steps!r}"
+    if not isinstance(row.guidance_scale, int | float) or not math.isfinite(row.guidance_scale):
+        return f"invalid_parameter: guidance_scale must be a finite number, got {row.guidance_scale!r}"
+    for name in ("width", "height"):
+        side = getattr(row, name)
+        if not _is_int(side) or not 0 < side <= MAX_SIDE or side % 8:
+            return f"invalid_parameter: {name} must be a multiple of 8 in 8..{MAX_SIDE}, got {side!r}"
+    return None
+
+
+def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults: GenerationSpec) -> list[Row]:
+    """One Row per input row, with the row's own parameters where given and the job's elsewhere."""
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+
+    def column(name: str) -> list[Any]:
+        return columns.get(name) or [None] * table.num_rows
+
+    ids, prompts = column(input_spec.id_column), column(input_spec.prompt_column)
+    rows = []
+    seen_ids: set[str] = set()
+    for index in range(table.num_rows):
+        input_row = shard.first_row + index
+        given_id = ids[index]
+        row_id = str(given_id) if given_id is not None else f"{shard.file_key}-{input_row:08d}"
+
+        def value(name: str, default: Any, index: int = index) -> Any:
+            given = column(name)[index]
+            return default if given is None else given
+
+        row = Row(
+            index=index,
+            input_row=input_row,
+            row_id=row_id,
+            prompt=prompts[index],
+            negative_prompt=value("negative_prompt", defaults.negative_prompt),
+            seed=value("seed", derive_seed(defaults.seed, row_id)),
+            width=value("width", defaults.width),
+            height=value("height", defaults.height),
+            num_inference_steps=value("num_inference_steps", defaults.num_inference_steps),
+            guidance_scale=value("guidance_scale", defaults.guidance_scale),
+        )
+        row.error = _row_error(row)
+        if row_id in seen_ids:
+            row.error = (
+                f"duplicate_id: id {row_id!r} already appears earlier in this shard; its first row is kept"
+            )
+        seen_ids.add(row_id)
+        rows.append(row)
+    return rows
+
+
+def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
+    """Batches of at most batch_size valid rows sharing a BatchKey, in shard order within each key.
+
+    Batches depend only on the shard's rows and the batch size, never on which actor runs them.
+    """
+    groups: dict[BatchKey, list[Row]] = {}
+    for row in rows:
+        if row.error is None:
+            groups.setdefault(row.key, []).append(row)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]

@@ -1,0 +1,13 @@
+"""Per-row seeds: a row's image depends only on the model, its parameters and its seed."""
+
+from __future__ import annotations
+
+import hashlib
+
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 in the metadata
+
+
+def derive_seed(job_seed: int, row_id: str) -> int:
+    """A seed from the job seed and the row id alone, so no batch, actor or shard order can change it."""
+    digest = hashlib.sha256(f"{job_seed}/{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
