@@ -14,12 +14,14 @@ class DiffusersGenerator:
         import diffusers
         import transformers
 
-        # One loading bar per actor would only clutter the driver's console, which shows job progress.
+        # Actor output lands in the driver's console, which shows the job's progress: no loading bars,
+        # and no transformers notices about optional image processors the pipelines never use.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
         self.pipe = diffusers.DiffusionPipeline.from_pretrained(
-            source, torch_dtype=getattr(torch, dtype), use_safetensors=True
+            source, dtype=getattr(torch, dtype), use_safetensors=True
         )
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
