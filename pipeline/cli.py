@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     for flag, (field, kind, text) in COMMON_FLAGS.items():
         run.add_argument(flag, type=kind, help=f"{text} [{field}]")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the output of a previous job at the output path and start again",
+    )
 
     tiny = commands.add_parser("make-tiny-model", help="write a small random-weight pipeline for tests/demos")
     tiny.add_argument("directory")
@@ -75,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     from imagemill.spec import load_spec
 
     spec = load_spec(args.spec, _overrides(args))
-    result = run(spec, progress=not args.no_progress)
+    result = run(spec, progress=not args.no_progress, overwrite=args.overwrite)
     print(result.summary())
     return 0 if result.complete else 1
 

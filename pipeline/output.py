@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any
 
-from imagemill.storage import filesystem, join
+from imagemill.storage import filesystem, join, retrying
 
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -65,11 +65,22 @@ class OutputLayout:
             self.fs.makedirs(self.path(folder), exist_ok=True)
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        self.fs.pipe_file(self.path(relative), data)
+        path = self.path(relative)
+        retrying(lambda: self.fs.pipe_file(path, data), f"writing {path}")
 
     def write_json(self, relative: str, record: dict[str, Any]) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
         self.write_bytes(relative, json.dumps(record, indent=2, sort_keys=True).encode())
+
+    def remove(self, relative: str) -> None:
+        path = self.path(relative)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def clear(self) -> None:
+        """Delete a previous job's output: only imagemill's own files, never anything else there."""
+        for relative in (SUCCESS_MARKER, "shards", "metadata", "images", JOB_RECORD):
+            self.remove(relative)
 
     def read_json(self, relative: str) -> dict[str, Any] | None:
         path = self.path(relative)

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from imagemill.errors import ImagemillError
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import plan_shards
@@ -79,31 +80,69 @@ def _connect_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
 
 
-def run(spec: JobSpec, progress: bool = True) -> JobResult:
-    """Run the job to completion; returns the counts. Shards already committed in the output are kept."""
+def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two fingerprints."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def _claim_output(spec: JobSpec, output: OutputLayout, overwrite: bool) -> None:
+    """Refuse to resume into an output made by a different spec, unless told to start it again."""
+    previous = output.read_json(JOB_RECORD)
+    if previous is None:
+        return
+    if overwrite:
+        output.clear()
+        return
+    changed = _changed_settings(previous.get("fingerprint", {}), spec.fingerprint())
+    if changed:
+        raise ImagemillError(
+            f"{spec.output.path} holds the output of a job with other settings ({', '.join(changed)} "
+            "changed); re-running may only resume the same job. Use --overwrite to delete that "
+            "output and start again, or choose another output path."
+        )
+
+
+def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobResult:
+    """Run the job to completion; returns the counts.
+
+    Shards already committed in the output are kept, so running the same spec again resumes it.
+    `overwrite` deletes a previous job's output first (only imagemill's own files).
+    """
     started = time.time()
     plan = plan_shards(spec.input)
     check_model_source(spec.model)
     output = OutputLayout(spec.output.path, spec.output.storage_options)
+    _claim_output(spec, output, overwrite)
+    planned = {shard.shard_id for shard in plan.shards}
     committed = {
-        shard_id: stats
-        for shard_id, stats in output.committed_stats().items()
-        if shard_id in {shard.shard_id for shard in plan.shards}
+        shard_id: stats for shard_id, stats in output.committed_stats().items() if shard_id in planned
     }
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
+    failures = [
+        ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
+    ]
+    shards_total = len(plan.shards) + len(plan.unreadable)
     record: dict[str, Any] = {
         "name": spec.name,
         "spec": spec.redacted(),
+        "fingerprint": spec.fingerprint(),
         "versions": _versions(),
         "started_at": datetime.now(UTC).isoformat(),
         "status": "running",
-        "shards_total": len(plan.shards),
+        "shards_total": shards_total,
         "rows_total": plan.total_rows,
         "input_files": len(plan.files),
     }
     output.write_json(JOB_RECORD, record)
+    output.remove(SUCCESS_MARKER)
 
-    failures: list[ShardFailure] = []
     if todo:
         _connect_ray()
         bar = tqdm(
@@ -121,14 +160,14 @@ def run(spec: JobSpec, progress: bool = True) -> JobResult:
             bar.update(stats["rows"])
 
         with bar:
-            failures = ShardScheduler(spec).run(todo, on_done)
+            failures += ShardScheduler(spec).run(todo, on_done)
 
     errors_by_reason: Counter[str] = Counter()
     for stats in committed.values():
         errors_by_reason.update(stats["errors_by_reason"])
     result = JobResult(
         output=spec.output.path,
-        shards_total=len(plan.shards),
+        shards_total=shards_total,
         shards_done=len(committed),
         rows_total=plan.total_rows,
         ok=sum(stats["ok"] for stats in committed.values()),

@@ -82,46 +82,68 @@ class ShardScheduler:
         return actors
 
     def run(self, shards: list[Shard], on_done: Callable[[dict[str, Any]], None]) -> list[ShardFailure]:
-        """Process every shard; returns the shards that failed all their attempts."""
+        """Process every shard; returns the shards that failed all their attempts.
+
+        A replacement actor joins the pool only once it has loaded the model, so one that cannot be
+        placed (its node is gone and no other has room) never holds shards: the others finish them.
+        """
         queue = deque(shards)
         attempts: dict[str, int] = {}
         failures: list[ShardFailure] = []
-        in_flight: dict[ray.ObjectRef, tuple[Any, Shard]] = {}
+        tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}
+        starting: dict[ray.ObjectRef, Any] = {}  # ready() of replacement actors → the actor
         alive = self._start_workers()
 
         def feed(actor: Any) -> None:
-            while queue and sum(1 for a, _ in in_flight.values() if a is actor) < SHARDS_PER_ACTOR:
+            while queue and sum(1 for a, _ in tasks.values() if a is actor) < SHARDS_PER_ACTOR:
                 shard = queue.popleft()
-                in_flight[actor.process_shard.remote(shard)] = (actor, shard)
+                tasks[actor.process_shard.remote(shard)] = (actor, shard)
 
         def retry_or_fail(shard: Shard, error: str) -> None:
             attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
             if attempts[shard.shard_id] < self.spec.workers.max_shard_attempts:
-                log.warning("shard %s failed (%s); retrying", shard.shard_id, error)
+                log.warning("shard %s failed (%s); it will be tried again", shard.shard_id, error)
                 queue.append(shard)
             else:
                 failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts[shard.shard_id], error))
 
+        def start_replacement() -> None:
+            if self.replacements_left > 0:
+                self.replacements_left -= 1
+                actor = self.actor_class.remote(self.spec)
+                starting[actor.ready.remote()] = actor
+
         for actor in alive:
             feed(actor)
-        while in_flight:
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, shard = in_flight.pop(ref)
-            try:
-                on_done(ray.get(ref))
-            except RayActorError as exc:
-                retry_or_fail(shard, f"worker died: {_one_line(exc)}")
-                if actor in alive:
-                    alive.remove(actor)
-                    if self.replacements_left > 0:
-                        self.replacements_left -= 1
-                        alive.append(self.actor_class.remote(self.spec))
-            except RayTaskError as exc:
-                retry_or_fail(shard, _one_line(exc))
+        while tasks or (queue and starting):
+            [ref], _ = ray.wait([*tasks, *starting], num_returns=1)
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    alive.append(actor)
+                except (RayActorError, RayTaskError) as exc:
+                    log.warning("a replacement worker failed to start: %s", _one_line(exc))
+                    start_replacement()
+            else:
+                actor, shard = tasks.pop(ref)
+                try:
+                    on_done(ray.get(ref))
+                except RayActorError as exc:
+                    retry_or_fail(shard, f"worker died: {_one_line(exc)}")
+                    if actor in alive:
+                        log.warning("a worker died (%s); starting a replacement", _one_line(exc))
+                        alive.remove(actor)
+                        start_replacement()
+                except RayTaskError as exc:
+                    retry_or_fail(shard, _one_line(exc))
             for worker in alive:
                 feed(worker)
-            if queue and not alive:
-                raise ImagemillError("every worker died and none could be replaced; see the errors above")
-        for actor in alive:
+            if queue and not alive and not starting:
+                raise ImagemillError(
+                    f"every worker died and no more replacements are allowed; {len(queue)} shards were "
+                    "not run. Run the same command again to resume."
+                )
+        for actor in [*alive, *starting.values()]:
             ray.kill(actor)
         return failures

@@ -35,9 +35,19 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class UnreadableFile:
+    """An input file whose footer could not be read: its rows are unknown, so it fails as one unit."""
+
+    shard_id: str
+    file_url: str
+    error: str
+
+
+@dataclass(frozen=True)
 class ShardPlan:
     shards: list[Shard]
     files: list[str]
+    unreadable: list[UnreadableFile]
 
     @property
     def total_rows(self) -> int:
@@ -72,12 +82,13 @@ def list_input_files(spec: InputSpec) -> tuple[list[str], str]:
     return sorted(files), root
 
 
-def _read_footer(fs, path: str) -> pq.FileMetaData:
+def _read_footer(fs, path: str) -> pq.FileMetaData | str:
+    """The file's footer, or why it cannot be read: one bad file must not stop the others."""
     try:
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata
     except Exception as exc:
-        raise ImagemillError(f"cannot read Parquet file {path}: {exc}") from None
+        return f"cannot read Parquet file {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
 
 
 def _check_columns(spec: InputSpec, url: str, metadata: pq.FileMetaData) -> None:
@@ -120,10 +131,14 @@ def plan_shards(spec: InputSpec) -> ShardPlan:
         footers = list(pool.map(lambda path: _read_footer(fs, path), files))
     shards: list[Shard] = []
     urls = []
+    unreadable: list[UnreadableFile] = []
     for path, metadata in zip(files, footers, strict=True):
         url = fs.unstrip_protocol(path)
         urls.append(url)
+        key = file_key(path[len(root) :].lstrip("/") if root else path)
+        if isinstance(metadata, str):
+            unreadable.append(UnreadableFile(f"{key}-unreadable", url, metadata))
+            continue
         _check_columns(spec, url, metadata)
-        relative = path[len(root) :].lstrip("/") if root else path
-        shards.extend(_shards_of_file(url, file_key(relative), metadata, spec.rows_per_shard))
-    return ShardPlan(shards=shards, files=urls)
+        shards.extend(_shards_of_file(url, key, metadata, spec.rows_per_shard))
+    return ShardPlan(shards=shards, files=urls, unreadable=unreadable)

@@ -6,6 +6,7 @@ a field added here is the one place a new setting needs to be declared.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,9 @@ class ModelSpec(_Section):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: one GPU per worker where the cluster has GPUs, else CPU."
     )
+    safetensors_only: bool = Field(
+        True, description="Refuse pickled (.bin/.pt) weights, which can run code when loaded."
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
@@ -88,6 +92,21 @@ class JobSpec(_Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide what a job's output holds, and so must not change under a resume.
+
+        Not in it: where things are read and written from (storage options), how many workers run,
+        and retry limits. The input path is in it, but not the files it holds: new files added to a
+        folder are new work for the same job (the nightly case).
+        """
+        return {
+            "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
+            "output": self.output.model_dump(include={"image_format", "quality"}),
+            "model": self.model.model_dump(include={"source", "kind", "dtype"}),
+            "generation": self.generation.model_dump(),
+            "batch_size": self.workers.batch_size,
+        }
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage option hidden: safe for logs and the job record."""
@@ -129,7 +148,13 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ImagemillError(f"--set expects key=value (e.g. workers.batch_size=16), got '{pair}'")
-        overrides.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise ImagemillError(
+                f"--set {key}: '{raw}' is not a valid YAML value; quote it to pass it as a string"
+            ) from None
+        overrides.append((key.strip(), value))
     return overrides
 
 
@@ -137,7 +162,7 @@ def build_spec(
     data: dict[str, Any], overrides: list[tuple[str, Any]] = (), origin: str = "job spec"
 ) -> JobSpec:
     """Validate a spec dict after applying overrides, and make local paths absolute."""
-    data = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    data = copy.deepcopy(data)  # overrides must not write into the caller's dicts
     for key, value in overrides:
         _set_dotted(data, key, value)
     try:
@@ -147,7 +172,7 @@ def build_spec(
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         raise ImagemillError(f"{origin} is invalid: {problems}") from None
-    spec.input.path = _absolute(spec.input.path)
+    spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
     if _looks_like_local_path(spec.model.source):
         spec.model.source = _absolute(spec.model.source)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -48,6 +50,25 @@ def ray_session(s3_endpoint):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """The session cluster's address, for drivers started as subprocesses (RAY_ADDRESS=...)."""
+    return ray_session.get_runtime_context().gcs_address
+
+
+def run_cli(*args: str, ray_address: str = "", cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`imagemill ARGS` in a subprocess; with ray_address it joins that cluster instead of starting one."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    return subprocess.run(
+        [sys.executable, "-m", "imagemill.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

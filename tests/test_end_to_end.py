@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import check_output, make_bucket, prompt_table, read_metadata, write_prompt_files
+from conftest import check_output, make_bucket, prompt_table, read_metadata, run_cli, write_prompt_files
 
 import imagemill
 
@@ -100,18 +97,6 @@ def test_images_do_not_depend_on_actor_count_or_shard_order(ray_session, tmp_pat
     assert rows["b-00000005"]["input_row"] == 5
 
 
-def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    return subprocess.run(
-        [sys.executable, "-m", "imagemill.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
-
-
 def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
     rows = write_prompt_files(str(tmp_path / "prompts"), n_files=2, rows_per_file=12, row_group_size=4)
     spec_file = tmp_path / "job.yaml"
@@ -124,7 +109,7 @@ def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
     )
     args = ["run", str(spec_file), "--model", tiny_model, "--batch-size", "4", "--num-workers", "2"]
     args += ["--image-format", "jpeg", "--set", "generation.guidance_scale=3.0", "--no-progress"]
-    done = _cli(*args, cwd=tmp_path)
+    done = run_cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"{rows} rows: {rows} ok, 0 error in 4/4 shards" in done.stdout
     hashes = check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
@@ -133,11 +118,11 @@ def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
     )
     assert read_metadata(str(tmp_path / "out")).column("guidance_scale").to_pylist() == [3.0] * rows
 
-    again = _cli(*args, cwd=tmp_path)
+    again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert check_output(str(tmp_path / "out"), set(hashes), 32, 32) == hashes
 
-    status = _cli("status", str(tmp_path / "out"))
+    status = run_cli("status", str(tmp_path / "out"))
     assert status.returncode == 0, status.stderr
     assert "shards: 4/4 done" in status.stdout
     assert f"rows:   {rows}/{rows} done: {rows} ok, 0 error" in status.stdout
@@ -160,7 +145,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_model, case, expecte
         f"model: {{source: {'./no/such/model' if case == 'missing-model' else tiny_model}}}\n"
     )
     extra = ["--set", "input.prompt_column=text"] if case == "missing-column" else []
-    done = _cli("run", str(spec_file), *extra, cwd=tmp_path)
+    done = run_cli("run", str(spec_file), *extra, cwd=tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imagemill: error: " + expected), done.stderr

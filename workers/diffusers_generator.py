@@ -9,22 +9,34 @@ from imagemill.workers.rows import BatchKey
 
 
 class DiffusersGenerator:
-    def __init__(self, source: str, dtype: str, device: str):
+    def __init__(self, source: str, dtype: str, device: str, safetensors_only: bool = True):
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
         import transformers
 
         # Actor output lands in the driver's console, which shows the job's progress: no loading bars,
-        # and no transformers notices about optional image processors the pipelines never use.
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
+        # no notices about optional image processors the pipelines never use, and no truncation
+        # warnings (truncation is flagged per row in the metadata instead).
+        for library in (diffusers, transformers):
+            library.utils.logging.disable_progress_bar()
+            library.utils.logging.set_verbosity_error()
 
         self.pipe = diffusers.DiffusionPipeline.from_pretrained(
-            source, dtype=getattr(torch, dtype), use_safetensors=True
+            source,
+            dtype=getattr(torch, dtype),
+            # True refuses pickled weights; None prefers safetensors and falls back to them.
+            use_safetensors=True if safetensors_only else None,
         )
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+
+    def truncated(self, prompts: list[str]) -> list[bool]:
+        """Whether each prompt is longer than the text encoder takes; the pipeline then cuts it."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return [False] * len(prompts)
+        lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+        return [length > tokenizer.model_max_length for length in lengths]
 
     @torch.inference_mode()
     def generate(

@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 
 from imagemill.shards import Shard
 from imagemill.spec import GenerationSpec, InputSpec
-from imagemill.storage import filesystem
+from imagemill.storage import filesystem, retrying
 from imagemill.workers.seeds import MAX_SEED, derive_seed
 
 # Optional input columns that override the job's generation defaults row by row.
 PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height")
+INTEGER_COLUMNS = ("seed", "num_inference_steps", "width", "height")
 MAX_SIDE = 4096  # larger images are refused per row instead of exhausting the accelerator's memory
 MAX_STEPS = 1000
 
@@ -55,12 +56,16 @@ class Row:
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
     """The shard's row groups, with only the columns imagemill uses."""
     fs, path = filesystem(shard.file_url, spec.storage_options)
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        present = set(parquet.schema_arrow.names)
-        wanted = [spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS]
-        columns = [name for name in dict.fromkeys(wanted) if name in present]
-        return parquet.read_row_groups(range(shard.row_group_start, shard.row_group_end), columns=columns)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            present = set(parquet.schema_arrow.names)
+            wanted = [spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS]
+            columns = [name for name in dict.fromkeys(wanted) if name in present]
+            return parquet.read_row_groups(range(shard.row_group_start, shard.row_group_end), columns=columns)
+
+    return retrying(read, f"reading {shard.file_url}")
 
 
 def _is_int(value: Any) -> bool:
@@ -108,6 +113,8 @@ def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults:
 
         def value(name: str, default: Any, index: int = index) -> Any:
             given = column(name)[index]
+            if isinstance(given, float) and given.is_integer() and name in INTEGER_COLUMNS:
+                return int(given)  # pandas writes integer columns that have nulls as floats
             return default if given is None else given
 
         row = Row(

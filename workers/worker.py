@@ -34,6 +34,7 @@ METADATA_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("prompt", pa.string()),
+        ("prompt_truncated", pa.bool_()),
         ("negative_prompt", pa.string()),
         ("seed", pa.int64()),
         ("num_inference_steps", pa.int64()),
@@ -72,7 +73,9 @@ class ShardWorker:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.device = pick_device(spec.model.device)
-        self.generator = DiffusersGenerator(resolve_model_source(spec.model), spec.model.dtype, self.device)
+        self.generator = DiffusersGenerator(
+            resolve_model_source(spec.model), spec.model.dtype, self.device, spec.model.safetensors_only
+        )
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
 
@@ -101,15 +104,23 @@ class ShardWorker:
                 written[row.index] = future.result()
 
         generate_seconds = 0.0
+        truncated: set[int] = set()
         for batch in make_batches(rows, self.spec.workers.batch_size):
             tick = time.time()
-            pixels = self.generator.generate(
-                [row.prompt for row in batch],
-                [row.negative_prompt for row in batch],
-                [row.seed for row in batch],
-                batch[0].key,
+            prompts = [row.prompt for row in batch]
+            truncated.update(
+                row.index for row, cut in zip(batch, self.generator.truncated(prompts), strict=True) if cut
             )
-            generate_seconds += time.time() - tick
+            try:
+                pixels = self.generator.generate(
+                    prompts, [row.negative_prompt for row in batch], [row.seed for row in batch], batch[0].key
+                )
+            except ValueError as exc:  # the pipeline's own checks refused these parameters
+                for row in batch:
+                    row.error = f"model_rejected: {exc}"
+                continue
+            finally:
+                generate_seconds += time.time() - tick
             pending.append(
                 [
                     (row, self.writers.submit(self._write_image, shard.shard_id, row, pixels[i]))
@@ -123,7 +134,7 @@ class ShardWorker:
             collect(pending.popleft())
         drain_seconds = time.time() - tick
 
-        self._write_metadata(shard, rows, written)
+        self._write_metadata(shard, rows, written, truncated)
         errors = Counter(row.error.split(":", 1)[0] for row in rows if row.error)
         seconds = time.time() - started
         stats = {
@@ -144,7 +155,9 @@ class ShardWorker:
         self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
         return stats
 
-    def _write_metadata(self, shard: Shard, rows: list[Row], written: dict[int, tuple[str, str]]) -> None:
+    def _write_metadata(
+        self, shard: Shard, rows: list[Row], written: dict[int, tuple[str, str]], truncated: set[int]
+    ) -> None:
         records = []
         for row in rows:
             path, sha256 = written.get(row.index, (None, None))
@@ -152,6 +165,7 @@ class ShardWorker:
                 {
                     "id": row.row_id,
                     "prompt": row.prompt if row.prompt is None else str(row.prompt),
+                    "prompt_truncated": row.index in truncated,
                     "negative_prompt": _as(str, row.negative_prompt),
                     "seed": _as(int, row.seed),
                     "num_inference_steps": _as(int, row.num_inference_steps),
