@@ -34,6 +34,7 @@ class JobResult:
     output: str
     shards_total: int
     shards_done: int
+    shards_run: int  # by this run; the others were committed before it
     rows_total: int
     ok: int
     errors: int
@@ -49,8 +50,8 @@ class JobResult:
         rate = self.ok / self.seconds if self.seconds else 0.0
         lines = [
             f"{self.rows_total} rows: {self.ok} ok, {self.errors} error "
-            f"in {self.shards_done}/{self.shards_total} shards, {self.seconds:.1f} s ({rate:.1f} images/s) "
-            f"→ {self.output}"
+            f"in {self.shards_done}/{self.shards_total} shards ({self.shards_run} run now), "
+            f"{self.seconds:.1f} s ({rate:.1f} images/s) → {self.output}"
         ]
         lines += [
             f"  error rows, {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())
@@ -124,6 +125,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     committed = {
         shard_id: stats for shard_id, stats in output.committed_stats().items() if shard_id in planned
     }
+    committed_before = len(committed)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
     failures = [
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
@@ -169,6 +171,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         output=spec.output.path,
         shards_total=shards_total,
         shards_done=len(committed),
+        shards_run=len(committed) - committed_before,
         rows_total=plan.total_rows,
         ok=sum(stats["ok"] for stats in committed.values()),
         errors=sum(stats["error"] for stats in committed.values()),

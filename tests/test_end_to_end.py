@@ -111,7 +111,7 @@ def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
     args += ["--image-format", "jpeg", "--set", "generation.guidance_scale=3.0", "--no-progress"]
     done = run_cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert f"{rows} rows: {rows} ok, 0 error in 4/4 shards" in done.stdout
+    assert f"{rows} rows: {rows} ok, 0 error in 4/4 shards (4 run now)" in done.stdout
     hashes = check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
     assert all(
         path.endswith(".jpg") for path in read_metadata(str(tmp_path / "out")).column("path").to_pylist()
@@ -120,6 +120,7 @@ def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
 
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    assert "in 4/4 shards (0 run now)" in again.stdout
     assert check_output(str(tmp_path / "out"), set(hashes), 32, 32) == hashes
 
     status = run_cli("status", str(tmp_path / "out"))

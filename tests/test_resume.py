@@ -1,0 +1,136 @@
+"""A killed job is simply run again: nothing lost, nothing twice, the same bytes as an unbroken run."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from subprocess import DEVNULL
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import check_output, prompt_table, read_metadata, run_cli, write_prompt_files
+
+import imagemill
+from imagemill.errors import ImagemillError
+
+JOB = """\
+name: resume-test
+input: {{path: {input}, rows_per_shard: 16}}
+output: {{path: {output}}}
+model: {{source: {model}}}
+generation: {{width: 32, height: 32, num_inference_steps: 1, guidance_scale: 3.0}}
+workers: {{num_workers: 2, batch_size: 4}}
+"""
+
+
+def _write_job(path: Path, input_dir: Path, output: Path, model: str) -> Path:
+    path.write_text(JOB.format(input=input_dir, output=output, model=model))
+    return path
+
+
+def _commits(output: Path) -> int:
+    return len(list((output / "shards").glob("*.json")))
+
+
+def _wait_for_commits(output: Path, count: int, driver: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while _commits(output) < count:
+        assert driver.poll() is None, "the driver ended on its own"
+        assert time.time() < deadline, f"fewer than {count} shards committed after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_driver_killed_ten_times_then_rerun_gives_every_row_once_and_the_same_bytes(
+    ray_address, tmp_path, tiny_model
+):
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=6, rows_per_file=96, row_group_size=8)
+    shards = rows // 16
+    ids = {f"row-{i:05d}" for i in range(rows)}
+    unbroken = _write_job(tmp_path / "unbroken.yaml", tmp_path / "prompts", tmp_path / "unbroken", tiny_model)
+    assert run_cli("run", str(unbroken), "--no-progress", ray_address=ray_address).returncode == 0
+    expected = check_output(str(tmp_path / "unbroken"), ids, 32, 32)
+
+    job = _write_job(tmp_path / "job.yaml", tmp_path / "prompts", tmp_path / "out", tiny_model)
+    command = [sys.executable, "-m", "imagemill.cli", "run", str(job), "--no-progress"]
+    rng = random.Random(20261124)
+    kills = []
+    for _ in range(10):
+        driver = subprocess.Popen(
+            command, env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=DEVNULL, stderr=DEVNULL
+        )
+        # A random point: during planning or actor start-up, or just after 1 or 2 more shards have
+        # been committed, plus up to 0.2 s, which lands in the middle of the next shards.
+        more = rng.choice([0, 1, 1, 2])
+        if more == 0:
+            time.sleep(rng.uniform(0.2, 5.0))
+        else:
+            _wait_for_commits(tmp_path / "out", _commits(tmp_path / "out") + more, driver)
+            time.sleep(rng.uniform(0.0, 0.2))
+        driver.kill()  # SIGKILL: no cleanup of any kind
+        driver.wait()
+        assert driver.returncode == -9, f"the job finished before it was killed: make it longer {kills}"
+        kills.append((more, _commits(tmp_path / "out")))
+    assert sum(1 for more, _ in kills if more) >= 3, kills
+    assert kills[-1][1] < shards, f"every shard was done before the last kill: make the job longer {kills}"
+
+    done = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
+    assert done.returncode == 0, done.stderr
+    assert f"{rows} rows: {rows} ok, 0 error in {shards}/{shards} shards" in done.stdout
+    assert check_output(str(tmp_path / "out"), ids, 32, 32) == expected
+
+
+def _spec(tmp_path: Path, model: str, **generation):
+    return imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "prompts"), "rows_per_shard": 4},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": model},
+            "generation": {"width": 32, "height": 32, "num_inference_steps": 1, **generation},
+            "workers": {"num_workers": 1, "batch_size": 4},
+        }
+    )
+
+
+def test_a_changed_spec_is_refused_unless_overwrite(ray_session, tmp_path, tiny_model):
+    write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=8, row_group_size=4)
+    assert imagemill.run(_spec(tmp_path, tiny_model), progress=False).complete
+
+    changed = _spec(tmp_path, tiny_model, width=40, seed=5)
+    with pytest.raises(ImagemillError, match=r"generation\.seed, generation\.width changed.*--overwrite"):
+        imagemill.run(changed, progress=False)
+    assert set(read_metadata(str(tmp_path / "out")).column("width").to_pylist()) == {32}
+
+    # The CLI says the same in one line, and exits 2.
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.format(input=tmp_path / "prompts", output=tmp_path / "out", model=tiny_model))
+    refused = run_cli("run", str(job), "--set", "input.rows_per_shard=4", "--set", "generation.width=40")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "--overwrite" in refused.stderr
+
+    # Settings that do not decide the output may change: workers, retries, storage options.
+    assert imagemill.run(_spec(tmp_path, tiny_model), progress=False).shards_run == 0
+
+    result = imagemill.run(changed, progress=False, overwrite=True)
+    assert result.complete and result.shards_run == 2
+    check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(8)}, 40, 32)
+
+
+def test_new_input_files_are_the_only_new_work(ray_session, tmp_path, tiny_model):
+    """The nightly case: a finished job's input folder gets a new file; only its rows are generated."""
+    write_prompt_files(str(tmp_path / "prompts"), n_files=2, rows_per_file=8, row_group_size=4)
+    first = imagemill.run(_spec(tmp_path, tiny_model), progress=False)
+    assert first.complete and first.shards_run == 4
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "out").rglob("*") if path.is_file()}
+
+    pq.write_table(prompt_table(8, start=100), tmp_path / "prompts" / "part-new.parquet", row_group_size=4)
+    second = imagemill.run(_spec(tmp_path, tiny_model), progress=False)
+
+    assert second.complete and second.shards_run == 2 and second.rows_total == 24
+    ids = {f"row-{i:05d}" for i in [*range(16), *range(100, 108)]}
+    check_output(str(tmp_path / "out"), ids, 32, 32)
+    untouched = {p: p.stat().st_mtime_ns for p in before if p.name not in ("_job.json", "_SUCCESS")}
+    assert untouched == {p: t for p, t in before.items() if p in untouched}, "old shards were rewritten"
