@@ -8,6 +8,7 @@ has had `max_shard_attempts` tries, then reported as failed.
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from imagemill.spec import JobSpec
 from imagemill.workers.worker import ShardWorker
 
 log = logging.getLogger(__name__)
+_NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 SHARDS_PER_ACTOR = 2
 
 
@@ -50,12 +52,14 @@ def worker_count(spec: JobSpec, uses_gpu: bool) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The underlying error of a Ray exception, without Ray's traceback."""
+    """The underlying error of a Ray exception, without Ray's traceback: 'OSError: no file ...'."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     if isinstance(cause, RayActorError) and cause is not exc:
         return _one_line(cause)
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    # Ray ends an actor's death notice with the actor's own exception, already named.
+    return last if _NAMED_EXCEPTION.match(last) else f"{type(cause).__name__}: {last}"
 
 
 class ShardScheduler:
