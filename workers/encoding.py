@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -21,3 +22,12 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     else:
         raise ValueError(f"unknown image format {image_format!r}; use png, jpeg or webp")
     return buffer.getvalue()
+
+
+def thumbnail_data_uri(pixels: np.ndarray, max_side: int = 96) -> str:
+    """A small JPEG as a data: URI, so that a report can show samples without reading any image."""
+    image = Image.fromarray(pixels, mode="RGB")
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -23,12 +23,13 @@ from imagemill.output import OutputLayout
 from imagemill.shards import Shard
 from imagemill.spec import IMAGE_EXTENSIONS, JobSpec
 from imagemill.workers.diffusers_generator import DiffusersGenerator
-from imagemill.workers.encoding import encode_image
+from imagemill.workers.encoding import encode_image, thumbnail_data_uri
 from imagemill.workers.model_source import resolve_model_source
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 
 WRITER_THREADS = 4
 BATCHES_IN_FLIGHT = 2  # batches encoded/uploaded in the background while the next one generates
+SAMPLES_PER_SHARD = 2  # thumbnails kept in the shard's stats, for the job report
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -105,6 +106,7 @@ class ShardWorker:
 
         generate_seconds = 0.0
         truncated: set[int] = set()
+        samples: list[dict[str, Any]] = []
         for batch in make_batches(rows, self.spec.workers.batch_size):
             tick = time.time()
             prompts = [row.prompt for row in batch]
@@ -121,6 +123,15 @@ class ShardWorker:
                 continue
             finally:
                 generate_seconds += time.time() - tick
+            for row, image in zip(batch[: SAMPLES_PER_SHARD - len(samples)], pixels, strict=False):
+                samples.append(
+                    {
+                        "id": row.row_id,
+                        "prompt": row.prompt,
+                        "seed": row.seed,
+                        "thumbnail": thumbnail_data_uri(image),
+                    }
+                )
             pending.append(
                 [
                     (row, self.writers.submit(self._write_image, shard.shard_id, row, pixels[i]))
@@ -151,6 +162,7 @@ class ShardWorker:
             "write_wait_seconds": round(drain_seconds, 3),
             "images_per_second": round(len(written) / seconds, 3) if seconds else 0.0,
             "device": self.device,
+            "samples": samples,
         }
         self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
         return stats
