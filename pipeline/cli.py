@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import date
 from typing import Any
 
 from imagemill.errors import ImagemillError
@@ -24,6 +25,13 @@ COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--quality": ("output.quality", int, "JPEG/WebP quality, 1-100"),
     "--seed": ("generation.seed", int, "job seed that per-row seeds derive from"),
 }
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got '{text}'") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,11 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     for flag, (field, kind, text) in COMMON_FLAGS.items():
         run.add_argument(flag, type=kind, help=f"{text} [{field}]")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--date", type=_day, help="the date that fills {date} in the spec (default: today, UTC)")
     run.add_argument(
         "--overwrite",
         action="store_true",
         help="delete the output of a previous job at the output path and start again",
     )
+
+    submit = commands.add_parser("submit", help="run a job spec on a Ray cluster through the Ray Jobs API")
+    submit.add_argument("spec", help="job spec YAML file; its paths are read on the cluster")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--date", type=_day, help="the date that fills {date} in the spec")
+    submit.add_argument("--pip", action="append", default=[], help="a package for the job's environment")
+    submit.add_argument("--no-wait", action="store_true", help="print the submission id and return")
 
     tiny = commands.add_parser("make-tiny-model", help="write a small random-weight pipeline for tests/demos")
     tiny.add_argument("directory")
@@ -79,10 +96,20 @@ def _run(args: argparse.Namespace) -> int:
     from imagemill.runner import run
     from imagemill.spec import load_spec
 
-    spec = load_spec(args.spec, _overrides(args))
+    spec = load_spec(args.spec, _overrides(args), day=args.date)
     result = run(spec, progress=not args.no_progress, overwrite=args.overwrite)
     print(result.summary())
     return 0 if result.complete else 1
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from imagemill.submit import submit
+
+    job_id, state = submit(
+        args.spec, args.address, args.overrides, args.date, args.pip, wait=not args.no_wait
+    )
+    print(f"submitted {job_id}" if state is None else f"job {job_id}: {state}")
+    return 0 if state in (None, "SUCCEEDED") else 1
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -104,7 +131,7 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "make-tiny-model": _make_tiny_model, "status": _status}
+    handlers = {"run": _run, "submit": _submit, "make-tiny-model": _make_tiny_model, "status": _status}
     try:
         return handlers[args.command](args)
     except ImagemillError as exc:

@@ -7,6 +7,7 @@ shard descriptors and per-shard stats only.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import ray
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.errors import ImagemillError
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
@@ -26,6 +28,7 @@ from imagemill.shards import plan_shards
 from imagemill.spec import JobSpec
 from imagemill.workers.model_source import check_model_source
 
+log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("imagemill", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs")
 
 
@@ -131,6 +134,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
     ]
     shards_total = len(plan.shards) + len(plan.unreadable)
+    rows_total = plan.total_rows * spec.generation.images_per_prompt  # one metadata row per image
     record: dict[str, Any] = {
         "name": spec.name,
         "spec": spec.redacted(),
@@ -139,7 +143,8 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         "started_at": datetime.now(UTC).isoformat(),
         "status": "running",
         "shards_total": shards_total,
-        "rows_total": plan.total_rows,
+        "rows_total": rows_total,
+        "input_rows": plan.total_rows,
         "input_files": len(plan.files),
     }
     output.write_json(JOB_RECORD, record)
@@ -148,7 +153,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     if todo:
         _connect_ray()
         bar = tqdm(
-            total=plan.total_rows,
+            total=rows_total,
             initial=sum(stats["rows"] for stats in committed.values()),
             unit="img",
             desc=spec.name,
@@ -160,8 +165,23 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         def on_done(stats: dict[str, Any]) -> None:
             committed[stats["shard_id"]] = stats
             bar.update(stats["rows"])
+            log.info(
+                "shard %s done: %d rows, %d ok, %d error in %.1f s (%.1f images/s; read %.1f s, "
+                "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
+                stats["shard_id"],
+                stats["rows"],
+                stats["ok"],
+                stats["error"],
+                stats["seconds"],
+                stats["images_per_second"],
+                stats["read_seconds"],
+                stats["generate_seconds"],
+                stats["write_wait_seconds"],
+                len(committed),
+                shards_total,
+            )
 
-        with bar:
+        with bar, logging_redirect_tqdm():
             failures += ShardScheduler(spec).run(todo, on_done)
 
     errors_by_reason: Counter[str] = Counter()
@@ -172,7 +192,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         shards_total=shards_total,
         shards_done=len(committed),
         shards_run=len(committed) - committed_before,
-        rows_total=plan.total_rows,
+        rows_total=rows_total,
         ok=sum(stats["ok"] for stats in committed.values()),
         errors=sum(stats["error"] for stats in committed.values()),
         errors_by_reason=dict(errors_by_reason),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from imagemill.workers.worker import ShardWorker
 log = logging.getLogger(__name__)
 _NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 SHARDS_PER_ACTOR = 2
+GROWTH_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,27 @@ class ShardScheduler:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         uses_gpu = _uses_gpu(spec)
-        self.actor_class = ray.remote(ShardWorker).options(
-            num_cpus=spec.workers.num_cpus_per_worker, num_gpus=1 if uses_gpu else 0, max_restarts=0
-        )
+        self.actor_class = ray.remote(ShardWorker)
+        self.actor_options = {
+            "num_cpus": spec.workers.num_cpus_per_worker,
+            "num_gpus": 1 if uses_gpu else 0,
+            "max_restarts": 0,  # the scheduler replaces dead actors and re-queues their shards itself
+        }
+        self.uses_gpu = uses_gpu
         self.num_workers = worker_count(spec, uses_gpu)
         self.replacements_left = 2 * self.num_workers + 2
+        self.actors_started = 0
+        self.run_token = uuid.uuid4().hex[:6]  # actor names must be unique across concurrent runs
+
+    def _new_actor(self) -> Any:
+        """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
+        self.actors_started += 1
+        name = f"imagemill:{self.spec.name}:{self.run_token}:{self.actors_started}"
+        return self.actor_class.options(name=name, **self.actor_options).remote(self.spec)
 
     def _start_workers(self) -> list[Any]:
         """Start the pool and wait until every actor has loaded the model, so load errors surface early."""
-        actors = [self.actor_class.remote(self.spec) for _ in range(self.num_workers)]
+        actors = [self._new_actor() for _ in range(self.num_workers)]
         try:
             ray.get([actor.ready.remote() for actor in actors])
         except (RayActorError, RayTaskError) as exc:
@@ -111,16 +125,31 @@ class ShardScheduler:
             else:
                 failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts[shard.shard_id], error))
 
+        def start_actor() -> None:
+            actor = self._new_actor()
+            starting[actor.ready.remote()] = actor
+
         def start_replacement() -> None:
             if self.replacements_left > 0:
                 self.replacements_left -= 1
-                actor = self.actor_class.remote(self.spec)
-                starting[actor.ready.remote()] = actor
+                start_actor()
+
+        def grow_with_cluster() -> None:
+            """With num_workers unset, nodes that join the cluster (autoscaling) get actors too."""
+            room = worker_count(self.spec, self.uses_gpu) - len(alive) - len(starting)
+            if self.spec.workers.num_workers is None and queue and room > 0:
+                log.info("the cluster grew: starting %d more workers", room)
+                for _ in range(room):
+                    start_actor()
 
         for actor in alive:
             feed(actor)
         while tasks or (queue and starting):
-            [ref], _ = ray.wait([*tasks, *starting], num_returns=1)
+            ready, _ = ray.wait([*tasks, *starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
+            grow_with_cluster()
+            if not ready:
+                continue
+            [ref] = ready
             if ref in starting:
                 actor = starting.pop(ref)
                 try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from imagemill.errors import ImagemillError
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 IMAGE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+DATE_FIELD = "{date}"
 
 
 class _Section(BaseModel):
@@ -67,6 +69,9 @@ class GenerationSpec(_Section):
     guidance_scale: float = 7.5
     negative_prompt: str | None = None
     seed: int = Field(0, description="Job seed: a row without a seed column gets one derived from it.")
+    images_per_prompt: int = Field(
+        1, gt=0, le=1000, description="Images per input row, each with its own id (<id>_<k>) and seed."
+    )
 
 
 class WorkersSpec(_Section):
@@ -158,13 +163,30 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return overrides
 
 
+def _fill_date(data: dict[str, Any], day: date) -> None:
+    """Replace `{date}` in the job name and the input and output paths: one spec serves every night."""
+    text = day.isoformat()
+    if isinstance(data.get("name"), str):
+        data["name"] = data["name"].replace(DATE_FIELD, text)
+    for section in ("input", "output"):
+        if isinstance(data.get(section), dict) and isinstance(data[section].get("path"), str):
+            data[section]["path"] = data[section]["path"].replace(DATE_FIELD, text)
+
+
 def build_spec(
-    data: dict[str, Any], overrides: list[tuple[str, Any]] = (), origin: str = "job spec"
+    data: dict[str, Any],
+    overrides: list[tuple[str, Any]] = (),
+    origin: str = "job spec",
+    day: date | None = None,
 ) -> JobSpec:
-    """Validate a spec dict after applying overrides, and make local paths absolute."""
+    """Validate a spec dict after applying overrides and the date, and make local paths absolute.
+
+    `day` fills `{date}` (YYYY-MM-DD) in the name and paths; it defaults to today in UTC.
+    """
     data = copy.deepcopy(data)  # overrides must not write into the caller's dicts
     for key, value in overrides:
         _set_dotted(data, key, value)
+    _fill_date(data, day or datetime.now(UTC).date())
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -179,7 +201,9 @@ def build_spec(
     return spec
 
 
-def load_spec(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> JobSpec:
+def load_spec(
+    path: str | os.PathLike, overrides: list[tuple[str, Any]] = (), day: date | None = None
+) -> JobSpec:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -189,4 +213,4 @@ def load_spec(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) ->
         raise ImagemillError(f"job spec {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ImagemillError(f"job spec {path} must be a YAML mapping with input, output and model sections")
-    return build_spec(data, overrides, origin=f"job spec {path}")
+    return build_spec(data, overrides, origin=f"job spec {path}", day=day)

@@ -6,6 +6,7 @@ hub here), the AWS variables pointing s3fs at the moto server, and a node cache 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -50,6 +51,37 @@ def ray_session(s3_endpoint):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+OBJECT_STORE_BYTES = 100 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def isolated_cluster(monkeypatch):
+    """A `ray.cluster_utils.Cluster` (a head taking no actors; add nodes to it) that this process
+    does not join: drivers reach it as subprocesses with RAY_ADDRESS=cluster.address.
+
+    It must not become the machine's "current" Ray (/tmp/ray/ray_current_cluster), which a plain
+    ray.init() elsewhere would then join, and its shutdown must not reset this process's link to the
+    session Ray: Cluster does both unless told otherwise.
+    """
+    import ray._common.utils
+    import ray._private.utils
+    import ray.experimental.internal_kv
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_reset", lambda: None)
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False},
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

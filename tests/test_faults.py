@@ -21,13 +21,19 @@ from pathlib import Path
 import fsspec
 import psutil
 import yaml
-from conftest import check_output, make_bucket, run_cli, write_prompt_files
+from conftest import (
+    OBJECT_STORE_BYTES,
+    check_output,
+    isolated_cluster,
+    make_bucket,
+    run_cli,
+    write_prompt_files,
+)
 from s3_fault_proxy import S3FaultProxy
 
 import imagemill
 
 SMALL = {"width": 32, "height": 32, "num_inference_steps": 2, "guidance_scale": 5.0}
-OBJECT_STORE_BYTES = 100 * 1024 * 1024
 
 
 def _ids(rows: int) -> set[str]:
@@ -74,26 +80,10 @@ def test_a_lost_node_loses_and_duplicates_nothing(tmp_path, tiny_model, monkeypa
             "workers": {"batch_size": 4},
         },
     )
-    import ray._common.utils
-    import ray._private.utils
-    import ray.experimental.internal_kv
-    from ray.cluster_utils import Cluster
-
-    # The test cluster must not become the machine's "current" Ray (/tmp/ray/ray_current_cluster),
-    # which a plain ray.init() elsewhere, in this session or a neighbour's, would then join; and its
-    # shutdown must not reset this process's link to the session Ray (Cluster.shutdown does both).
-    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_reset", lambda: None)
     deadline = time.monotonic() + 170  # the whole test, cluster start and shutdown aside
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False},
-    )
     driver = None
     log_path = tmp_path / "driver.log"
-    try:
+    with isolated_cluster(monkeypatch) as cluster:
         nodes = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES) for _ in range(3)]
         cluster.wait_for_nodes()
         with open(log_path, "w") as log:
@@ -113,11 +103,11 @@ def test_a_lost_node_loses_and_duplicates_nothing(tmp_path, tiny_model, monkeypa
         done_before = len(_committed(output))
         print(f"removing a node after {time.monotonic() - started:.1f} s, {done_before}/18 shards committed")
         cluster.remove_node(nodes[1])
-        assert driver.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log_path.read_text()
-    finally:
-        if driver is not None and driver.poll() is None:
-            driver.kill()
-        cluster.shutdown()
+        try:
+            assert driver.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log_path.read_text()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
     text = log_path.read_text()
     assert done_before < 18, "the job ended before the node was removed"
     assert "worker died" in text, text

@@ -97,7 +97,9 @@ def _row_error(row: Row) -> str | None:
 
 
 def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults: GenerationSpec) -> list[Row]:
-    """One Row per input row, with the row's own parameters where given and the job's elsewhere."""
+    """One Row per input row and image (images_per_prompt), with the row's own parameters where given
+    and the job's elsewhere. With several images per prompt, image k of row `id` is `id_k`, and its
+    seed is the row's seed + k, or one derived from `id_k`."""
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
 
     def column(name: str) -> list[Any]:
@@ -106,10 +108,11 @@ def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults:
     ids, prompts = column(input_spec.id_column), column(input_spec.prompt_column)
     rows = []
     seen_ids: set[str] = set()
+    variants = defaults.images_per_prompt
     for index in range(table.num_rows):
         input_row = shard.first_row + index
         given_id = ids[index]
-        row_id = str(given_id) if given_id is not None else f"{shard.file_key}-{input_row:08d}"
+        base_id = str(given_id) if given_id is not None else f"{shard.file_key}-{input_row:08d}"
 
         def value(name: str, default: Any, index: int = index) -> Any:
             given = column(name)[index]
@@ -117,25 +120,34 @@ def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults:
                 return int(given)  # pandas writes integer columns that have nulls as floats
             return default if given is None else given
 
-        row = Row(
-            index=index,
-            input_row=input_row,
-            row_id=row_id,
-            prompt=prompts[index],
-            negative_prompt=value("negative_prompt", defaults.negative_prompt),
-            seed=value("seed", derive_seed(defaults.seed, row_id)),
-            width=value("width", defaults.width),
-            height=value("height", defaults.height),
-            num_inference_steps=value("num_inference_steps", defaults.num_inference_steps),
-            guidance_scale=value("guidance_scale", defaults.guidance_scale),
-        )
-        row.error = _row_error(row)
-        if row_id in seen_ids:
-            row.error = (
-                f"duplicate_id: id {row_id!r} already appears earlier in this shard; its first row is kept"
+        given_seed = value("seed", None)
+        for variant in range(variants):
+            row_id = base_id if variants == 1 else f"{base_id}_{variant}"
+            if given_seed is None:
+                seed = derive_seed(defaults.seed, row_id)
+            elif _is_int(given_seed) and variants > 1:
+                seed = (given_seed + variant) % (MAX_SEED + 1)
+            else:
+                seed = given_seed
+            row = Row(
+                index=len(rows),
+                input_row=input_row,
+                row_id=row_id,
+                prompt=prompts[index],
+                negative_prompt=value("negative_prompt", defaults.negative_prompt),
+                seed=seed,
+                width=value("width", defaults.width),
+                height=value("height", defaults.height),
+                num_inference_steps=value("num_inference_steps", defaults.num_inference_steps),
+                guidance_scale=value("guidance_scale", defaults.guidance_scale),
             )
-        seen_ids.add(row_id)
-        rows.append(row)
+            row.error = _row_error(row)
+            if row_id in seen_ids:
+                row.error = (
+                    f"duplicate_id: id {row_id!r} appears earlier in this shard; its first row is kept"
+                )
+            seen_ids.add(row_id)
+            rows.append(row)
     return rows
 
 
