@@ -1,0 +1,95 @@
+"""Every ready spec in jobs/ runs, as a user would run it (only the model and sizes made small)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import check_output, read_metadata, run_cli
+
+import imagemill
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--set", "generation.num_inference_steps=1", "--no-progress"]
+
+
+def test_every_spec_in_jobs_is_valid():
+    specs = sorted((REPO / "jobs").glob("*.yaml"))
+    assert {spec.name for spec in specs} >= {"demo.yaml", "augment.yaml", "nightly.yaml"}
+    for spec in specs:
+        imagemill.load_spec(spec)
+
+
+def test_demo_job(ray_address, tmp_path, tiny_model):
+    done = run_cli(
+        "run", "jobs/demo.yaml", "--model", tiny_model, "--output", str(tmp_path / "demo"), *FAST,
+        ray_address=ray_address, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    check_output(str(tmp_path / "demo"), {f"demo-{i:03d}" for i in range(64)}, 64, 64)
+
+
+def test_augment_job_makes_several_images_per_prompt_with_their_own_ids_and_seeds(
+    ray_address, tmp_path, tiny_model
+):
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "prompt": ["a cat", "a dog", "a boat"]}), tmp_path / "p.parquet"
+    )
+    done = run_cli(
+        "run", "jobs/augment.yaml", "--model", tiny_model, "--input", str(tmp_path / "p.parquet"),
+        "--output", str(tmp_path / "augment"), *FAST, ray_address=ray_address, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ids = {f"{base}_{k}" for base in "abc" for k in range(4)}
+    hashes = check_output(str(tmp_path / "augment"), ids, 64, 64)
+    rows = read_metadata(str(tmp_path / "augment")).to_pylist()
+    assert len({row["seed"] for row in rows}) == 12 and len(set(hashes.values())) == 12
+    assert {row["prompt"] for row in rows if row["id"].startswith("a_")} == {"a cat"}
+    assert all(row["path"].endswith(".jpg") for row in rows)
+    assert "12 rows: 12 ok, 0 error" in done.stdout
+
+
+@pytest.fixture
+def nightly_bucket(s3_endpoint, tiny_model):
+    """The bucket that jobs/nightly.yaml names, on the S3 endpoint, with a model in it."""
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("imagemill-nightly")
+    fs.put(tiny_model, "imagemill-nightly/models/pipeline", recursive=True)
+    yield fs
+    fs.rm("imagemill-nightly", recursive=True)
+
+
+def _drop_prompts(fs, day: str, name: str, ids: list[str]) -> None:
+    with fs.open(f"imagemill-nightly/prompts/{day}/{name}.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": ids, "prompt": [f"a photo of {i}" for i in ids]}), f)
+
+
+def test_nightly_job_writes_each_night_to_its_own_prefix_and_only_new_input_is_new_work(
+    ray_address, nightly_bucket
+):
+    fs = nightly_bucket
+    _drop_prompts(fs, "2026-11-23", "drop", ["mon-1", "mon-2"])
+    _drop_prompts(fs, "2026-11-24", "drop", ["tue-1", "tue-2", "tue-3"])
+    small = ["--set", "model.dtype=float32", "--set", "generation.width=32", "--set", "generation.height=32"]
+    small += ["--num-workers", "1"]
+
+    def night(day: str):
+        done = run_cli(
+            "run", "jobs/nightly.yaml", "--date", day, *small, *FAST, ray_address=ray_address, cwd=REPO
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    night("2026-11-23")
+    night("2026-11-24")
+    check_output("s3://imagemill-nightly/images/2026-11-23", {"mon-1", "mon-2"}, 32, 32)
+    check_output("s3://imagemill-nightly/images/2026-11-24", {"tue-1", "tue-2", "tue-3"}, 32, 32)
+    assert "(0 run now)" in night("2026-11-24").stdout
+
+    _drop_prompts(fs, "2026-11-24", "late", ["tue-4"])
+    assert "4 rows: 4 ok, 0 error in 2/2 shards (1 run now)" in night("2026-11-24").stdout
+    record = fs.cat_file("imagemill-nightly/images/2026-11-24/_job.json").decode()
+    assert '"name": "nightly-2026-11-24"' in record
