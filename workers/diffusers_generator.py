@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
 from imagemill.workers.rows import BatchKey
+
+EMBEDDING_CACHE_SIZE = 512  # distinct texts whose embeddings an actor keeps (prompts and negatives)
 
 
 class DiffusersGenerator:
@@ -29,6 +33,27 @@ class DiffusersGenerator:
         )
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.device = device
+        # Stable Diffusion encodes a negative prompt exactly as it encodes a prompt, so one cache of
+        # text → embedding serves both, and the empty negative prompt is encoded once per actor.
+        # Other pipelines get the texts and encode them themselves.
+        self.embeddings: OrderedDict[str, torch.Tensor] | None = (
+            OrderedDict() if isinstance(self.pipe, diffusers.StableDiffusionPipeline) else None
+        )
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings of `texts`; each distinct text is encoded once while it stays in the cache."""
+        cache = self.embeddings
+        missing = [text for text in dict.fromkeys(texts) if text not in cache]
+        if missing:
+            encoded, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
+            cache.update(zip(missing, encoded, strict=True))
+        batch = torch.stack([cache[text] for text in texts])
+        for text in texts:
+            cache.move_to_end(text)
+        while len(cache) > EMBEDDING_CACHE_SIZE:
+            cache.popitem(last=False)
+        return batch
 
     def truncated(self, prompts: list[str]) -> list[bool]:
         """Whether each prompt is longer than the text encoder takes; the pipeline then cuts it."""
@@ -50,9 +75,15 @@ class DiffusersGenerator:
         Diffusion encodes for the unconditional branch anyway, so rows with and without one can share
         a batch. Pixels become uint8 on the device, so the copy back moves a quarter of the bytes.
         """
+        negatives = [negative or "" for negative in negative_prompts]
+        if self.embeddings is None:
+            texts = {"prompt": prompts, "negative_prompt": negatives}
+        else:
+            texts = {"prompt_embeds": self._embed(prompts)}
+            if key.guidance_scale > 1:  # the pipeline uses negatives only with classifier-free guidance
+                texts["negative_prompt_embeds"] = self._embed(negatives)
         images = self.pipe(
-            prompt=prompts,
-            negative_prompt=[negative or "" for negative in negative_prompts],
+            **texts,
             num_inference_steps=key.num_inference_steps,
             guidance_scale=key.guidance_scale,
             width=key.width,
