@@ -23,6 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.errors import ImagemillError
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import plan_shards
 from imagemill.spec import JobSpec
@@ -209,6 +210,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         failed_shards=[vars(failure) for failure in failures],
     )
     output.write_json(JOB_RECORD, record)
+    write_report(output)
     if result.complete:
         output.write_bytes(SUCCESS_MARKER, b"")
     return result

@@ -123,6 +123,10 @@ def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
     assert "in 4/4 shards (0 run now)" in again.stdout
     assert check_output(str(tmp_path / "out"), set(hashes), 32, 32) == hashes
 
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"]["rows_ok"] == rows and len(report["samples"]) == 8  # 2 per shard
+    assert (tmp_path / "out" / "report.html").read_text().count('src="data:image/jpeg') == 8
+
     status = run_cli("status", str(tmp_path / "out"))
     assert status.returncode == 0, status.stderr
     assert "shards: 4/4 done" in status.stdout

@@ -1,0 +1,263 @@
+"""The job report: `report.json` and a self-contained `report.html` at the output root.
+
+Everything comes from `_job.json` and the committed shards' stats (`shards/*.json`), which carry a few
+small JPEG thumbnails each; no image file is ever read, so the driver handles no image bytes. The page
+has inline CSS and SVG only: no scripts, no external requests. Counts come from the committed shards,
+as in `imagemill status`, so a report of a running or killed job is right too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from datetime import UTC, datetime
+from html import escape
+from typing import Any
+
+from imagemill.errors import ImagemillError
+from imagemill.output import JOB_RECORD, OutputLayout
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+MAX_POINTS = 60  # time buckets in the throughput series, at most
+NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+_THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")
+
+
+def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
+    """Write report.json and report.html at the output root; returns what report.json holds."""
+    record = output.read_json(JOB_RECORD)
+    if record is None:
+        raise ImagemillError(f"no imagemill job found at {output.url} (it has no {JOB_RECORD})")
+    shards = [stats for _, stats in sorted(output.committed_stats().items())]
+    samples = pick_samples(shards, max_samples)
+    report = build_report(record, shards, samples)
+    thumbnails = [sample["thumbnail"] for sample in samples]
+    output.write_json(REPORT_JSON, report)
+    output.write_bytes(REPORT_HTML, render_html(report, thumbnails).encode())
+    return report
+
+
+def build_report(
+    record: dict[str, Any], shards: list[dict[str, Any]], samples: list[dict[str, Any]]
+) -> dict[str, Any]:
+    errors: Counter[str] = Counter()
+    for stats in shards:
+        errors.update(stats.get("errors_by_reason", {}))
+    failed = record.get("failed_shards", [])
+    return {
+        "name": record.get("name"),
+        "status": record.get("status"),
+        "started_at": record.get("started_at"),
+        "ended_at": record.get("ended_at"),
+        "counts": {
+            "rows_total": record.get("rows_total"),
+            "rows_done": sum(stats["rows"] for stats in shards),
+            "rows_ok": sum(stats["ok"] for stats in shards),
+            "rows_error": sum(stats["error"] for stats in shards),
+            "shards_total": record.get("shards_total"),
+            "shards_done": len(shards),
+            "shards_failed": len(failed),
+        },
+        "errors_by_reason": dict(sorted(errors.items())),
+        "failed_shards": [
+            {key: failure.get(key) for key in ("shard_id", "input_file", "attempts", "error")}
+            for failure in failed
+        ],
+        "stage_seconds": {
+            stage: round(sum(stats.get(f"{stage}_seconds", 0.0) for stats in shards), 3)
+            for stage in ("read", "generate", "write_wait")
+        }
+        | {"total": round(sum(stats.get("seconds", 0.0) for stats in shards), 3)},
+        "throughput": throughput(record.get("started_at"), shards),
+        "samples": [{key: sample[key] for key in ("id", "prompt", "seed", "shard_id")} for sample in samples],
+    }
+
+
+def pick_samples(shards: list[dict[str, Any]], max_samples: int) -> list[dict[str, Any]]:
+    """Up to `max_samples` samples, spread evenly over the shards (taken in shard id order).
+
+    Round r takes the r-th sample of every shard, or of evenly spaced shards where fewer places are
+    left than shards have one. The result is in shard order; it depends on the stats alone.
+    """
+    usable = [
+        [s for s in stats.get("samples", []) if _THUMBNAIL.fullmatch(str(s.get("thumbnail", "")))]
+        for stats in shards
+    ]
+    rounds: list[list[tuple[int, int]]] = []
+    for index, samples in enumerate(usable):
+        for r in range(len(samples)):
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append((index, r))
+    chosen: list[tuple[int, int]] = []
+    for candidates in rounds:
+        left = max_samples - len(chosen)
+        if left <= 0:
+            break
+        step = len(candidates) / left
+        chosen += candidates if left >= len(candidates) else [candidates[int(i * step)] for i in range(left)]
+    return [{**usable[index][r], "shard_id": shards[index]["shard_id"]} for index, r in sorted(chosen)]
+
+
+def throughput(started_at: str | None, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cumulative images and images/s per time bucket, from each shard's finish time and ok count.
+
+    Time 0 is the job's start, or the earliest shard start if earlier (shards from a previous run).
+    The first point is (0 min, 0 images); each further point is the end of a bucket.
+    """
+    finished = sorted(
+        (datetime.fromisoformat(stats["finished_at"]).timestamp(), stats["ok"], stats.get("seconds", 0.0))
+        for stats in shards
+        if stats.get("finished_at")
+    )
+    if not finished:
+        return {"start": started_at, "bucket_seconds": None, "images_per_second": 0.0, "points": []}
+    start = min(end - seconds for end, _, seconds in finished)
+    if started_at:
+        start = min(start, datetime.fromisoformat(started_at).timestamp())
+    span = finished[-1][0] - start
+    bucket = next((b for b in NICE_BUCKETS if span / b <= MAX_POINTS), math.ceil(span / MAX_POINTS))
+    per_bucket = [0] * max(1, math.ceil(span / bucket))
+    for end, ok, _ in finished:
+        per_bucket[min(int((end - start) // bucket), len(per_bucket) - 1)] += ok
+    points = [{"minute": 0.0, "images": 0, "images_per_second": 0.0}]
+    for b, images in enumerate(per_bucket):
+        points.append(
+            {
+                "minute": round((b + 1) * bucket / 60, 3),
+                "images": points[-1]["images"] + images,
+                "images_per_second": round(images / bucket, 3),
+            }
+        )
+    total = points[-1]["images"]
+    return {
+        "start": datetime.fromtimestamp(start, UTC).isoformat(),
+        "bucket_seconds": bucket,
+        "images_per_second": round(total / span, 3) if span > 0 else 0.0,
+        "points": points,
+    }
+
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+h1 { margin: 0 0 4px; font-size: 22px; } h2 { font-size: 17px; margin: 28px 0 8px; }
+.status { display: inline-block; padding: 1px 8px; border-radius: 10px; background: #ddd; }
+.status-complete { background: #cfe8d0; } .status-incomplete, .status-running { background: #f3e2b3; }
+#counts { display: flex; flex-wrap: wrap; gap: 10px; margin: 14px 0; }
+#counts div { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 6px 12px; }
+#counts .value { display: block; font-size: 20px; font-weight: 600; }
+#counts .label { color: #666; font-size: 12px; }
+#counts .ok .value { color: #2f6b34; } #counts .error .value { color: #9c3b2f; }
+#contact-sheet { display: grid; grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)); gap: 8px; }
+#contact-sheet figure { margin: 0; background: #fff; border: 1px solid #ddd; padding: 4px;
+  text-align: center; }
+#contact-sheet img { max-width: 96px; max-height: 96px; display: block; margin: 0 auto; }
+#contact-sheet figcaption { font-size: 11px; color: #555; overflow: hidden; text-overflow: ellipsis;
+  white-space: nowrap; }
+table { border-collapse: collapse; background: #fff; }
+th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
+td.num { text-align: right; } .none { color: #666; font-style: italic; }
+svg text { font-size: 11px; fill: #444; }
+"""
+
+
+def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
+    counts = report["counts"]
+    tiles = [
+        ("rows total", counts["rows_total"], ""),
+        ("rows done", counts["rows_done"], ""),
+        ("ok rows (images)", counts["rows_ok"], "ok"),
+        ("error rows", counts["rows_error"], "error"),
+        ("shards done", f"{counts['shards_done']} / {counts['shards_total']}", ""),
+        ("failed shards", counts["shards_failed"], "error" if counts["shards_failed"] else ""),
+    ]
+    counts_html = "".join(
+        f'<div class="{kind}" id="count-{_slug(label)}"><span class="value">{_e(value)}</span>'
+        f'<span class="label">{_e(label)}</span></div>'
+        for label, value, kind in tiles
+    )
+    figures = "".join(
+        f'<figure><img src="{_e(uri)}" alt="{_e(s["id"])}" '
+        f'title="{_e(" · ".join(str(s[k]) for k in ("id", "seed", "prompt")))}">'
+        f"<figcaption>{_e(s['id'])}</figcaption></figure>"
+        for s, uri in zip(report["samples"], thumbnails, strict=True)
+    )
+    stages = report["stage_seconds"]
+    name, status = report["name"], report["status"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>{_e(name)}: imagemill report</title><style>{CSS}</style></head>
+<body>
+<header id="job"><h1>{_e(name)} <span class="status status-{_slug(status)}">{_e(status)}</span></h1>
+<div>started {_e(report["started_at"] or "-")}, ended {_e(report["ended_at"] or "-")}</div>
+<div id="counts">{counts_html}</div></header>
+<section id="samples"><h2>Samples ({len(thumbnails)})</h2>
+<div id="contact-sheet">{figures or '<p class="none">none</p>'}</div></section>
+<section id="throughput"><h2>Throughput: {_e(report["throughput"]["images_per_second"])} images/s</h2>
+{_chart(report["throughput"]["points"])}</section>
+<section id="errors"><h2>Error rows by reason</h2>
+{_table(("reason", "rows"), list(report["errors_by_reason"].items()))}</section>
+<section id="failures"><h2>Failed shards</h2>
+{_table(("shard", "file", "attempts", "error"), [tuple(f.values()) for f in report["failed_shards"]])}
+</section>
+<section id="stages"><h2>Time by stage (seconds, summed over shards)</h2>
+{_table(("read", "generate", "waiting on writes", "total"), [tuple(stages.values())])}</section>
+</body></html>
+"""
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(value).lower()).strip("-")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    if not rows:
+        return '<p class="none">none</p>'
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_e(v)}</td>' if isinstance(v, int | float) else f"<td>{_e(v)}</td>"
+            for v in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _chart(points: list[dict[str, Any]], width: int = 720, height: int = 260) -> str:
+    """Cumulative images against minutes since the start, as an inline SVG polyline."""
+    if not points:
+        return '<p class="none">no shard finished yet</p>'
+    left, right, top, bottom = 60, 20, 10, 40
+    max_x = points[-1]["minute"] or 1.0
+    max_y = points[-1]["images"] or 1
+    x = [left + p["minute"] / max_x * (width - left - right) for p in points]
+    y = [height - bottom - p["images"] / max_y * (height - top - bottom) for p in points]
+    line = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y, strict=True))
+    x_axis, y_axis = height - bottom, left
+    return f"""<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img"
+ aria-label="cumulative images over time">
+<line x1="{y_axis}" y1="{x_axis}" x2="{width - right}" y2="{x_axis}" stroke="#888"/>
+<line x1="{y_axis}" y1="{top}" x2="{y_axis}" y2="{x_axis}" stroke="#888"/>
+<polyline fill="none" stroke="#3b6ea8" stroke-width="2" points="{line}"/>
+<text x="{y_axis}" y="{x_axis + 14}" text-anchor="middle">0</text>
+<text x="{(left + width - right) / 2}" y="{x_axis + 14}" text-anchor="middle">{max_x / 2:.3g}</text>
+<text x="{width - right}" y="{x_axis + 14}" text-anchor="end">{max_x:.3g}</text>
+<text x="{y_axis - 6}" y="{x_axis}" text-anchor="end">0</text>
+<text x="{y_axis - 6}" y="{(top + x_axis) / 2 + 4}" text-anchor="end">{max_y / 2:g}</text>
+<text x="{y_axis - 6}" y="{top + 10}" text-anchor="end">{max_y}</text>
+<text class="x-label" x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle"
+ >minutes since start</text>
+<text class="y-label" transform="translate(14 {(top + x_axis) / 2}) rotate(-90)" text-anchor="middle"
+ >images (cumulative)</text>
+</svg>"""

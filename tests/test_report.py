@@ -1,0 +1,312 @@
+"""The job report, from a fake output folder: report.json's numbers, escaping, and a real browser render.
+
+The folder holds only `_job.json` and `shards/*.json` (no images/), as a job's output seen by the
+driver: the report must be built from those alone. The render test uses Debian's `chromium` package.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagemill.output import JOB_RECORD, OutputLayout
+from imagemill.report import write_report
+from imagemill.workers.encoding import thumbnail_data_uri
+
+START = datetime(2025, 1, 1, tzinfo=UTC)
+HOSTILE_PROMPT = "<script>alert(1)</script> a \"quoted\" & 'single' cat"
+HOSTILE_ID = 'id"><img src=x onerror=alert(2)>'
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+THUMB_SIDE = 72
+
+
+def solid(colour: tuple[int, int, int]) -> str:
+    return thumbnail_data_uri(np.full((THUMB_SIDE, THUMB_SIDE, 3), colour, dtype=np.uint8))
+
+
+def sample(row_id: str, prompt: str, seed: int, colour: tuple[int, int, int]) -> dict:
+    return {"id": row_id, "prompt": prompt, "seed": seed, "thumbnail": solid(colour)}
+
+
+def shard(shard_id, finished_s, seconds, rows, ok, errors, samples):
+    return {
+        "shard_id": shard_id,
+        "input_file": f"s3://bucket/prompts/{shard_id.split('-')[0]}.parquet",
+        "rows": rows,
+        "ok": ok,
+        "error": rows - ok,
+        "errors_by_reason": errors,
+        "finished_at": (START + timedelta(seconds=finished_s)).isoformat(),
+        "seconds": seconds,
+        "read_seconds": 1.0,
+        "generate_seconds": seconds - 5.0,
+        "write_wait_seconds": 2.0,
+        "images_per_second": round(ok / seconds, 3),
+        "device": "cpu",
+        "samples": samples,
+    }
+
+
+SHARDS = [
+    shard(
+        "a-rg0-1",
+        90,
+        60.0,
+        10,
+        8,
+        {"invalid_prompt": 2},
+        [sample("a-0", HOSTILE_PROMPT, 11, RED), sample("a-1", "a green field", 12, GREEN)],
+    ),
+    shard(
+        "a-rg1-2",
+        180,
+        80.0,
+        10,
+        10,
+        {},
+        [sample("a-10", "a blue sea", 13, BLUE), sample("a-11", "dusk", 14, (200, 120, 40))],
+    ),
+    shard(
+        "b-rg0-1",
+        250,
+        70.0,
+        10,
+        9,
+        {"duplicate_id": 1},
+        [
+            sample("猫-☕ café", "ünïcødé 猫 prompt", 15, (90, 60, 150)),
+            sample(HOSTILE_ID, "x", 16, (30, 130, 120)),
+        ],
+    ),
+    shard("b-rg1-2", 599, 90.0, 10, 10, {}, [sample("b-10", "last", 17, (120, 120, 120))]),
+]
+FAILED = {
+    "shard_id": "c-rg0-1",
+    "input_file": "s3://bucket/prompts/c.parquet",
+    "attempts": 3,
+    "error": "OSError: <boom> & 'quoted'",
+}
+ALL_SAMPLES = [(s["shard_id"], x) for s in SHARDS for x in s["samples"]]
+
+
+def make_output(folder: Path, shards=SHARDS, record_extra=None) -> OutputLayout:
+    (folder / "shards").mkdir(parents=True)
+    record = {
+        "name": "nightly <b>&",
+        "spec": {"name": "nightly <b>&"},
+        "versions": {"python": "3.11"},
+        "started_at": START.isoformat(),
+        "ended_at": (START + timedelta(seconds=600)).isoformat(),
+        "status": "incomplete",
+        "shards_total": 5,
+        "shards_done": 4,
+        "rows_total": 50,
+        "rows_ok": 37,
+        "rows_error": 3,
+        "errors_by_reason": {"invalid_prompt": 2, "duplicate_id": 1},
+        "failed_shards": [FAILED],
+    } | (record_extra or {})
+    (folder / JOB_RECORD).write_text(json.dumps(record))
+    for stats in shards:
+        (folder / "shards" / f"{stats['shard_id']}.json").write_text(json.dumps(stats))
+    return OutputLayout(str(folder))
+
+
+def test_report_json_and_escaped_html(tmp_path, monkeypatch):
+    output = make_output(tmp_path)
+    opened: list[str] = []  # paths opened for reading
+    for method in ("open", "cat_file"):
+        original = getattr(output.fs, method)
+
+        def spy(path, *args, _original=original, _method=method, **kwargs):
+            if _method == "cat_file" or "w" not in (args[0] if args else kwargs.get("mode", "rb")):
+                opened.append(str(path))
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(output.fs, method, spy)
+
+    report = write_report(output)
+
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert report["name"] == "nightly <b>&" and report["status"] == "incomplete"
+    assert report["counts"] == {
+        "rows_total": 50,
+        "rows_done": 40,
+        "rows_ok": 37,
+        "rows_error": 3,
+        "shards_total": 5,
+        "shards_done": 4,
+        "shards_failed": 1,
+    }
+    assert report["errors_by_reason"] == {"duplicate_id": 1, "invalid_prompt": 2}
+    assert report["failed_shards"] == [FAILED]
+    assert report["stage_seconds"] == {"read": 4.0, "generate": 280.0, "write_wait": 8.0, "total": 300.0}
+
+    series = report["throughput"]
+    assert series["start"] == START.isoformat() and series["bucket_seconds"] == 10
+    points = series["points"]
+    assert points[0] == {"minute": 0.0, "images": 0, "images_per_second": 0.0}
+    assert len(points) == 61 and points[-1]["minute"] == 10.0 and points[-1]["images"] == 37
+    for i, point in enumerate(points[1:], 1):  # cumulative images: shards finished before the bucket's end
+        end = START + timedelta(seconds=10 * i)
+        assert point["minute"] == round(10 * i / 60, 3)
+        assert point["images"] == sum(
+            s["ok"] for s in SHARDS if datetime.fromisoformat(s["finished_at"]) < end
+        )
+    assert [p["images"] for p in points if p["images_per_second"]] == [8, 18, 27, 37]
+    assert sum(p["images_per_second"] * 10 for p in points) == pytest.approx(37)
+    assert series["images_per_second"] == pytest.approx(37 / 599, abs=1e-3)
+
+    assert report["samples"] == [
+        {"id": x["id"], "prompt": x["prompt"], "seed": x["seed"], "shard_id": shard_id}
+        for shard_id, x in ALL_SAMPLES
+    ]
+    assert "thumbnail" not in json.dumps(report)
+
+    html = (tmp_path / "report.html").read_text()
+    assert "<script" not in html.lower() and "alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "<b>&" not in html
+    assert "http://" not in html and "https://" not in html  # nothing fetched from anywhere
+    assert html.count('<img src="data:image/jpeg;base64,') == len(ALL_SAMPLES)
+    assert 'id="contact-sheet"' in html and 'id="throughput"' in html and "<polyline" in html
+
+    assert not (tmp_path / "images").exists()
+    # the driver read the job record and the shards' stats, and nothing else (no image, no metadata)
+    allowed = {str(tmp_path / JOB_RECORD)} | {
+        str(tmp_path / "shards" / f"{s['shard_id']}.json") for s in SHARDS
+    }
+    assert opened and {path.removeprefix("file://") for path in opened} <= allowed, opened
+
+
+def test_samples_are_spread_across_shards(tmp_path):
+    output = make_output(tmp_path)
+    picked = write_report(output, max_samples=3)["samples"]
+    assert [s["shard_id"] for s in picked] == ["a-rg0-1", "a-rg1-2", "b-rg0-1"]
+    assert write_report(output, max_samples=3)["samples"] == picked  # deterministic
+    picked = write_report(output, max_samples=5)["samples"]  # one of each shard, then second ones
+    assert sorted({s["shard_id"] for s in picked}) == [s["shard_id"] for s in SHARDS]
+    assert write_report(output, max_samples=0)["samples"] == []
+    assert 'id="contact-sheet"><p class="none">none</p>' in (tmp_path / "report.html").read_text()
+
+
+def test_running_job_without_shards(tmp_path):
+    output = make_output(tmp_path, shards=[], record_extra={"status": "running", "failed_shards": []})
+    report = write_report(output)
+    assert report["counts"]["rows_done"] == 0 and report["counts"]["shards_failed"] == 0
+    assert report["throughput"]["points"] == [] and report["samples"] == []
+    html = (tmp_path / "report.html").read_text()
+    failures = html.split('id="failures"', 1)[1].split("</section>", 1)[0]
+    assert '<p class="none">none</p>' in failures
+
+
+# --- headless Chromium -------------------------------------------------------------------------------
+
+
+class DomIndex(HTMLParser):
+    """Tags, the text under each element id, and each img with the ids of the elements around it."""
+
+    VOID = {"img", "meta", "br", "hr", "input", "link", "source", "col", "area", "base", "wbr"}
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.stack: list[tuple[str, str | None]] = []
+        self.tags: list[tuple[str, set[str]]] = []
+        self.text: dict[str, str] = {}
+        self.imgs: list[tuple[dict[str, str], set[str]]] = []
+        self.feed(text)
+
+    def _ids(self) -> set[str]:
+        return {element_id for _, element_id in self.stack if element_id}
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.tags.append((tag, self._ids()))
+        if tag == "img":
+            self.imgs.append((attributes, self._ids()))
+        if tag not in self.VOID:
+            self.stack.append((tag, attributes.get("id")))
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, self._ids()))
+
+    def handle_endtag(self, tag):
+        while self.stack and self.stack.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for element_id in self._ids():
+            self.text[element_id] = self.text.get(element_id, "") + data
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    command = [
+        shutil.which("chromium"),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=2000",
+        *args,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    if shutil.which("chromium") is None:
+        pytest.skip("needs Debian's chromium to render report.html (apt-get install -y chromium)")
+    folder = tmp_path_factory.mktemp("report")
+    write_report(make_output(folder / "out"))
+    page = (folder / "out" / "report.html").as_uri()
+    dom = chromium("--dump-dom", page, profile=folder / "profile-dom").stdout
+    shot = folder / "shot.png"
+    chromium(f"--screenshot={shot}", "--window-size=1200,1600", page, profile=folder / "profile-shot")
+    return DomIndex(dom), shot
+
+
+def test_browser_dom(rendered):
+    dom, _ = rendered
+    assert not [tag for tag, _ in dom.tags if tag == "script"]  # the hostile prompt and id stayed text
+    sheet = [attributes for attributes, ids in dom.imgs if "contact-sheet" in ids]
+    assert len(sheet) == len(dom.imgs) == len(ALL_SAMPLES)
+    assert all(img["src"].startswith("data:image/jpeg;base64,") for img in sheet)
+    # what the browser parsed back is exactly the original text: escaped once, correctly
+    assert [img["title"] for img in sheet] == [
+        f"{x['id']} · {x['seed']} · {x['prompt']}" for _, x in ALL_SAMPLES
+    ]
+    assert HOSTILE_ID in dom.text["contact-sheet"] and "猫-☕ café" in dom.text["contact-sheet"]
+    assert "37" in dom.text["count-ok-rows-images"] and "ok rows" in dom.text["count-ok-rows-images"]
+    assert "3" in dom.text["count-error-rows"] and "error rows" in dom.text["count-error-rows"]
+    assert "40" in dom.text["count-rows-done"] and "4 / 5" in dom.text["count-shards-done"]
+    assert "invalid_prompt" in dom.text["errors"] and "duplicate_id" in dom.text["errors"]
+    assert "c-rg0-1" in dom.text["failures"] and "OSError: <boom> & 'quoted'" in dom.text["failures"]
+    assert [tag for tag, ids in dom.tags if tag == "polyline" and "throughput" in ids]
+    assert "minutes since start" in dom.text["throughput"]
+
+
+def test_browser_screenshot_shows_the_thumbnails(rendered):
+    _, shot = rendered
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
+    packed = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+    assert len(np.unique(packed)) > 50  # not blank: text, borders, chart and thumbnails
+    for colour in (RED, GREEN, BLUE):  # each solid thumbnail was decoded and painted
+        close = (np.abs(pixels - np.array(colour)).max(axis=2) < 40).sum()
+        assert close >= 0.8 * THUMB_SIDE * THUMB_SIDE, (colour, close)
