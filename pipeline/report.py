@@ -16,10 +16,8 @@ from html import escape
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, OutputLayout
+from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
 
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagemill.errors import ImagemillError
 
 ImageFormat = Literal["png", "jpeg", "webp"]
+OutputFormat = Literal["files", "webdataset", "parquet"]
 IMAGE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 DATE_FIELD = "{date}"
 
@@ -42,14 +43,21 @@ class InputSpec(_Section):
 
 class OutputSpec(_Section):
     path: str = Field(description="Output root; local path or any fsspec URL.")
+    format: OutputFormat = Field(
+        "files",
+        description="files: one image file per row; webdataset: one tar per shard; "
+        "parquet: one Parquet file per shard with an `image` column (Hugging Face datasets).",
+    )
     image_format: ImageFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
 class ModelSpec(_Section):
-    source: str = Field(description="Hub id, local directory, or fsspec URL of a directory.")
-    kind: Literal["diffusers"] = "diffusers"
+    source: str = Field("", description="Hub id, local directory, or fsspec URL of a directory.")
+    kind: Literal["diffusers", "noop"] = Field(
+        "diffusers", description="noop: no model, solid colours from the seeds (measures the pipeline)."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: one GPU per worker where the cluster has GPUs, else CPU."
@@ -91,6 +99,12 @@ class JobSpec(_Section):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
 
+    @model_validator(mode="after")
+    def _model_has_a_source(self) -> JobSpec:
+        if self.model.kind != "noop" and not self.model.source.strip():
+            raise ValueError("model.source is required: a hub id, a local directory or a URL")
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_is_plain(cls, value: str) -> str:
@@ -105,9 +119,12 @@ class JobSpec(_Section):
         and retry limits. The input path is in it, but not the files it holds: new files added to a
         folder are new work for the same job (the nightly case).
         """
+        output = self.output.model_dump(include={"format", "image_format", "quality"})
+        if output["format"] == "files":
+            del output["format"]  # absent means files: outputs made before formats existed still resume
         return {
             "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
-            "output": self.output.model_dump(include={"image_format", "quality"}),
+            "output": output,
             "model": self.model.model_dump(include={"source", "kind", "dtype"}),
             "generation": self.generation.model_dump(),
             "batch_size": self.workers.batch_size,
@@ -196,7 +213,7 @@ def build_spec(
         raise ImagemillError(f"{origin} is invalid: {problems}") from None
     spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
-    if _looks_like_local_path(spec.model.source):
+    if spec.model.source and _looks_like_local_path(spec.model.source):
         spec.model.source = _absolute(spec.model.source)
     return spec
 

@@ -119,7 +119,8 @@ def test_bad_rows_and_files_are_reported_and_everything_else_is_generated(ray_ad
             path = (output / row["path"]).resolve()
             assert path.parent.parent == images and path.is_file(), row["path"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "out", "prompts"]
-    assert sorted(p.name for p in output.iterdir()) == ["_job.json", "images", "metadata", "shards"]
+    expected = ["_job.json", "images", "metadata", "report.html", "report.json", "shards"]
+    assert sorted(p.name for p in output.iterdir()) == expected
 
     # Accounting: input rows = ok + error rows, in the summary, the job record and `imagemill status`.
     ok = sum(1 for row in metadata if row["status"] == "ok")

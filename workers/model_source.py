@@ -33,6 +33,8 @@ def _is_hub_id(source: str) -> bool:
 
 def check_model_source(spec: ModelSpec) -> None:
     """Fail on the driver, before any actor starts, when the model cannot be where the spec says."""
+    if spec.kind == "noop":
+        return
     source = spec.source
     if _is_url(source):
         fs, path = filesystem(source, spec.storage_options)

@@ -1,13 +1,15 @@
 """The Ray actor: loads the model once, then turns shard after shard into images, metadata and stats.
 
 Everything a shard produces is written from here straight to the output location; the driver gets
-back only the shard's stats. The stats file is written last: its presence is the shard's commit.
+back only the shard's stats. Images go through the shard's `ShardWriter` (one per output format, see
+writers.py), then the metadata Parquet is written, then the stats file: its presence is the commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,41 +18,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from imagemill.output import OutputLayout
 from imagemill.shards import Shard
-from imagemill.spec import IMAGE_EXTENSIONS, JobSpec
+from imagemill.spec import JobSpec
 from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
 from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.noop_generator import NoopGenerator
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
+from imagemill.workers.writers import METADATA_SCHEMA, ShardWriter, open_writer, parquet_bytes
 
 WRITER_THREADS = 4
 BATCHES_IN_FLIGHT = 2  # batches encoded/uploaded in the background while the next one generates
 SAMPLES_PER_SHARD = 2  # thumbnails kept in the shard's stats, for the job report
-
-METADATA_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_truncated", pa.bool_()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("num_inference_steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("path", pa.string()),
-        ("sha256", pa.string()),
-        ("model", pa.string()),
-        ("input_file", pa.string()),
-        ("input_row", pa.int64()),
-    ]
-)
 
 
 def pick_device(setting: str) -> str:
@@ -70,34 +52,58 @@ def _as(kind: type, value: Any) -> Any:
     return value if isinstance(value, kind) else None
 
 
+def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | NoopGenerator:
+    if spec.model.kind == "noop":
+        return NoopGenerator()
+    source = resolve_model_source(spec.model)
+    return DiffusersGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
+
+
 class ShardWorker:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.device = pick_device(spec.model.device)
-        self.generator = DiffusersGenerator(
-            resolve_model_source(spec.model), spec.model.dtype, self.device, spec.model.safetensors_only
-        )
+        self.generator = make_generator(spec, self.device)
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
 
     def ready(self) -> dict[str, Any]:
         return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
-    def _write_image(self, shard_id: str, row: Row, pixels: np.ndarray) -> tuple[str, str]:
-        image_format = self.spec.output.image_format
-        data = encode_image(pixels, image_format, self.spec.output.quality)
-        path = OutputLayout.image_path(shard_id, row.row_id, IMAGE_EXTENSIONS[image_format])
-        self.output.write_bytes(path, data)
-        return path, hashlib.sha256(data).hexdigest()
+    def _write_image(
+        self, writer: ShardWriter, shard: Shard, row: Row, truncated: bool, pixels: np.ndarray
+    ) -> dict[str, Any]:
+        """Encode one ok row's image and hand it to the writer; returns the row's metadata record."""
+        data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
+        record = {**self._record(shard, row, truncated), "sha256": hashlib.sha256(data).hexdigest()}
+        return {**record, "status": "ok", **writer.add(row.index, record, data)}
+
+    def _record(self, shard: Shard, row: Row, truncated: bool) -> dict[str, Any]:
+        """The row's metadata columns, less those that depend on its image (status, path, sha256)."""
+        return {
+            "id": row.row_id,
+            "prompt": row.prompt if row.prompt is None else str(row.prompt),
+            "prompt_truncated": truncated,
+            "negative_prompt": _as(str, row.negative_prompt),
+            "seed": _as(int, row.seed),
+            "num_inference_steps": _as(int, row.num_inference_steps),
+            "guidance_scale": _as(float, row.guidance_scale),
+            "width": _as(int, row.width),
+            "height": _as(int, row.height),
+            "model": self.spec.model.source,
+            "input_file": shard.file_url,
+            "input_row": row.input_row,
+        }
 
     def process_shard(self, shard: Shard) -> dict[str, Any]:
         started = time.time()
         table = read_shard(shard, self.spec.input)
         rows = prepare_rows(table, shard, self.spec.input, self.spec.generation)
         read_seconds = time.time() - started
-        self.output.prepare_shard(shard.shard_id)
+        self.output.prepare_shard(shard.shard_id, self.spec.output.format)
+        writer = open_writer(self.spec.output, self.output, shard.shard_id)
 
-        written: dict[int, tuple[str, str]] = {}
+        written: dict[int, dict[str, Any]] = {}  # metadata records of the ok rows, by position
         pending: deque[list[tuple[Row, Future]]] = deque()
 
         def collect(batch: list[tuple[Row, Future]]) -> None:
@@ -134,8 +140,13 @@ class ShardWorker:
                 )
             pending.append(
                 [
-                    (row, self.writers.submit(self._write_image, shard.shard_id, row, pixels[i]))
-                    for i, row in enumerate(batch)
+                    (
+                        row,
+                        self.writers.submit(
+                            self._write_image, writer, shard, row, row.index in truncated, image
+                        ),
+                    )
+                    for row, image in zip(batch, pixels, strict=True)
                 ]
             )
             if len(pending) > BATCHES_IN_FLIGHT:
@@ -143,9 +154,10 @@ class ShardWorker:
         tick = time.time()
         while pending:
             collect(pending.popleft())
+        writer.close()  # tar/parquet formats upload the shard's images here, before its metadata
         drain_seconds = time.time() - tick
 
-        self._write_metadata(shard, rows, written, truncated)
+        self._write_metadata(shard, rows, written, truncated, writer)
         errors = Counter(row.error.split(":", 1)[0] for row in rows if row.error)
         seconds = time.time() - started
         stats = {
@@ -162,38 +174,25 @@ class ShardWorker:
             "write_wait_seconds": round(drain_seconds, 3),
             "images_per_second": round(len(written) / seconds, 3) if seconds else 0.0,
             "device": self.device,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "samples": samples,
         }
         self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
         return stats
 
     def _write_metadata(
-        self, shard: Shard, rows: list[Row], written: dict[int, tuple[str, str]], truncated: set[int]
+        self,
+        shard: Shard,
+        rows: list[Row],
+        written: dict[int, dict[str, Any]],
+        truncated: set[int],
+        writer: ShardWriter,
     ) -> None:
-        records = []
-        for row in rows:
-            path, sha256 = written.get(row.index, (None, None))
-            records.append(
-                {
-                    "id": row.row_id,
-                    "prompt": row.prompt if row.prompt is None else str(row.prompt),
-                    "prompt_truncated": row.index in truncated,
-                    "negative_prompt": _as(str, row.negative_prompt),
-                    "seed": _as(int, row.seed),
-                    "num_inference_steps": _as(int, row.num_inference_steps),
-                    "guidance_scale": _as(float, row.guidance_scale),
-                    "width": _as(int, row.width),
-                    "height": _as(int, row.height),
-                    "status": "ok" if path else "error",
-                    "error": row.error,
-                    "path": path,
-                    "sha256": sha256,
-                    "model": self.spec.model.source,
-                    "input_file": shard.file_url,
-                    "input_row": row.input_row,
-                }
-            )
-        table = pa.Table.from_pylist(records, schema=METADATA_SCHEMA)
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer)
-        self.output.write_bytes(OutputLayout.metadata_path(shard.shard_id), buffer.getvalue().to_pybytes())
+        records = [
+            written.get(row.index)
+            or {**self._record(shard, row, row.index in truncated), "status": "error", "error": row.error}
+            for row in rows
+        ]
+        schema = pa.schema([*METADATA_SCHEMA, *writer.metadata_fields])
+        table = pa.Table.from_pylist(records, schema=schema)
+        self.output.write_bytes(OutputLayout.metadata_path(shard.shard_id), parquet_bytes(table))

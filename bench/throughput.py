@@ -1,0 +1,335 @@
+"""Throughput side by side, on one machine, one model, one batch size and one image size:
+
+  (a) bare:      one process calling the diffusers pipeline back to back on in-memory prompts, no I/O
+  (b) imagemill: Parquet in, images and metadata out, through Ray actors
+  (c) ray-data:  Ray's documented batch inference: read_parquet → map_batches(callable class, actor
+                 pool) → write_images
+
+    python bench/throughput.py --profile cpu            # the tiny model; writes BENCHMARKS.md
+    python bench/throughput.py --profile gpu            # an SD-1.5-shaped pipeline, random fp16 weights
+
+Each variant runs in its own process, the three take turns for --repeats rounds, and the medians are
+compared: the machines are shared and noisy, so only ratios measured side by side mean anything.
+For (b) two rates are given: over the whole run (actor start-up and model load included, as for
+(c)), and over the generation window (first shard started to last shard committed), the rate to
+compare with (a), which excludes its model load too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROFILES = {
+    "cpu": {
+        "rows": 384,
+        "batch_size": 16,
+        "workers": 2,
+        "size": 64,
+        "steps": 8,
+        "guidance": 5.0,
+        "dtype": "float32",
+        "gpu": False,
+    },
+    "gpu": {
+        "rows": 2048,
+        "batch_size": 16,
+        "workers": 1,
+        "size": 512,
+        "steps": 20,
+        "guidance": 7.5,
+        "dtype": "float16",
+        "gpu": True,
+    },
+}
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ring"]
+
+
+def prompts(rows: int) -> list[str]:
+    return [f"a {COLOURS[i % 8]} {SHAPES[(i // 8) % 6]} number {i}" for i in range(rows)]
+
+
+def build_model(profile: str, folder: Path) -> Path:
+    target = folder / f"model-{profile}"
+    if (target / "model_index.json").exists():
+        return target
+    if profile == "cpu":
+        from imagemill.workers.tiny_model import make_tiny_model
+
+        return make_tiny_model(target)
+    from sd15_shaped import make_sd15_shaped_model
+
+    return make_sd15_shaped_model(target)
+
+
+# --- the three variants, each run in a child process -------------------------------------------------
+
+
+def run_bare(settings: dict, model: Path, work: Path) -> dict:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = DiffusionPipeline.from_pretrained(
+        model, dtype=getattr(torch, settings["dtype"]), use_safetensors=True
+    )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    texts, size, batch = prompts(settings["rows"]), settings["size"], settings["batch_size"]
+
+    def call(chunk: list[str], first_seed: int) -> None:
+        pipe(
+            prompt=chunk,
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance"],
+            width=size,
+            height=size,
+            generator=[torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(chunk))],
+            output_type="pt",
+        )
+
+    call(texts[:batch], 0)  # warm-up, as a long-running actor is warm
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        call(texts[i : i + batch], i)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {
+        "images_per_second": len(texts) / (time.perf_counter() - started),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _write_input(settings: dict, work: Path) -> Path:
+    folder = work / "prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = prompts(settings["rows"])
+    table = pa.table({"id": [f"p{i:06d}" for i in range(len(texts))], "prompt": texts})
+    pq.write_table(table, folder / "prompts.parquet", row_group_size=64)
+    return folder
+
+
+def run_imagemill(settings: dict, model: Path, work: Path) -> dict:
+    import ray
+
+    import imagemill
+    from imagemill.output import OutputLayout
+
+    ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # as (c): room for Ray's own tasks
+    output = work / "imagemill-out"
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(_write_input(settings, work)), "rows_per_shard": 64},
+            "output": {"path": str(output)},
+            "model": {"source": str(model), "dtype": settings["dtype"]},
+            "generation": {
+                "width": settings["size"],
+                "height": settings["size"],
+                "num_inference_steps": settings["steps"],
+                "guidance_scale": settings["guidance"],
+            },
+            "workers": {"num_workers": settings["workers"], "batch_size": settings["batch_size"]},
+        }
+    )
+    started = time.perf_counter()
+    result = imagemill.run(spec, progress=False)
+    wall = time.perf_counter() - started
+    stats = list(OutputLayout(str(output)).committed_stats().values())
+    finished = [datetime.fromisoformat(s["finished_at"]).timestamp() for s in stats]
+    window = max(finished) - min(end - s["seconds"] for end, s in zip(finished, stats, strict=True))
+    stages = {
+        key: round(sum(s[f"{key}_seconds"] for s in stats), 2) for key in ("read", "generate", "write_wait")
+    }
+    stages["total"] = round(sum(s["seconds"] for s in stats), 2)
+    return {
+        "images_per_second": result.ok / window,
+        "wall_images_per_second": result.ok / wall,
+        "stages": stages,
+        "ok": result.ok,
+    }
+
+
+class RayDataPredictor:
+    """The callable class of Ray's batch-inference guide: load once, generate a batch per call."""
+
+    def __init__(self, model: str, settings: dict):
+        import torch
+        from diffusers import DiffusionPipeline
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = DiffusionPipeline.from_pretrained(
+            model, dtype=getattr(torch, settings["dtype"]), use_safetensors=True
+        ).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.settings = settings
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        size = self.settings["size"]
+        images = self.pipe(
+            prompt=list(batch["prompt"]),
+            num_inference_steps=self.settings["steps"],
+            guidance_scale=self.settings["guidance"],
+            width=size,
+            height=size,
+            generator=[torch.Generator("cpu").manual_seed(hash(i) % 2**31) for i in batch["id"]],
+            output_type="np",
+        ).images
+        return {"id": batch["id"], "image": (images * 255).round().astype("uint8")}
+
+
+def run_ray_data(settings: dict, model: Path, work: Path) -> dict:
+    import ray
+
+    # Actors that take every CPU starve Ray Data's own read and write tasks on a small machine
+    # (ray-project/ray#44687): leave it logical room, as its docs advise for such pools.
+    ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)
+    resources = {"num_gpus": 1} if settings["gpu"] else {"num_cpus": 1}
+    started = time.perf_counter()
+    dataset = ray.data.read_parquet(str(_write_input(settings, work))).map_batches(
+        RayDataPredictor,
+        fn_constructor_args=(str(model), settings),
+        batch_size=settings["batch_size"],
+        concurrency=settings["workers"],
+        **resources,
+    )
+    dataset.write_images(str(work / "ray-data-out"), column="image", file_format="png")
+    wall = time.perf_counter() - started
+    return {"images_per_second": settings["rows"] / wall, "wall_images_per_second": settings["rows"] / wall}
+
+
+VARIANTS = {"bare": run_bare, "imagemill": run_imagemill, "ray-data": run_ray_data}
+
+
+# --- the harness -----------------------------------------------------------------------------------
+
+
+def _child(variant: str, profile: str, model: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as work:
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--profile",
+                profile,
+                "--model",
+                str(model),
+                "--work",
+                work,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)},
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name()} (CUDA), {os.cpu_count()} CPU cores"
+    except ImportError:
+        pass
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
+    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
+
+
+def _rates(results: list[dict]) -> str:
+    return ", ".join(f"{result['images_per_second']:.2f}" for result in results)
+
+
+def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dict]]) -> str:
+    median = {
+        name: statistics.median(r["images_per_second"] for r in results) for name, results in runs.items()
+    }
+    wall = statistics.median(r["wall_images_per_second"] for r in runs["imagemill"])
+    stages = runs["imagemill"][len(runs["imagemill"]) // 2]["stages"]
+    command = f"python bench/throughput.py --profile {profile} --repeats {repeats}"
+    lines = [
+        f"## Throughput, {profile} profile",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}.",
+        f"Reproduce: `{command}`",
+        "",
+        f"Settings: {settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
+        f"{settings['steps']} steps, guidance {settings['guidance']}, {settings['dtype']}, "
+        f"{settings['workers']} actors for (b) and (c); medians of {repeats} rounds, variants taking turns.",
+        "",
+        "| variant | images/s (median) | all rounds |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {median[name]:.2f} | {_rates(runs[name])} |" for name in runs),
+        f"| imagemill, whole run (start-up and load included) | {wall:.2f} | |",
+        "",
+        f"- b/a (imagemill generation window ÷ bare loop): **{median['imagemill'] / median['bare']:.3f}**",
+        f"- b/c (imagemill whole run ÷ Ray Data whole run): **{wall / median['ray-data']:.3f}**",
+        f"- imagemill stage seconds summed over shards (median round): {stages}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_benchmarks(section: str) -> None:
+    """Put `section` into BENCHMARKS.md, replacing the section with the same heading (its first line)."""
+    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in bench/.\n\n"
+    heading = section.splitlines()[0]
+    if heading in text:
+        start = text.index(heading)
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=PROFILES, default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = PROFILES[args.profile]
+    if args.child:
+        print(json.dumps(VARIANTS[args.child](settings, Path(args.model), Path(args.work))))
+        return
+    model = build_model(args.profile, Path(args.models))
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for round_ in range(args.repeats):
+        for name in VARIANTS:
+            runs[name].append(_child(name, args.profile, model))
+            print(
+                f"round {round_ + 1}: {name} {runs[name][-1]['images_per_second']:.2f} images/s", flush=True
+            )
+    section = _report(args.profile, settings, args.repeats, runs)
+    print(section)
+    write_benchmarks(section)
+
+
+if __name__ == "__main__":
+    main()

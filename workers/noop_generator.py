@@ -1,0 +1,26 @@
+"""A generator with no model: each image is a solid colour taken from the row's seed.
+
+It measures what the machinery around the model moves per second (read, validate, encode, write:
+the pipeline's ceiling), and lets the memory benchmark push a million rows through in minutes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imagemill.workers.rows import BatchKey
+
+
+class NoopGenerator:
+    def truncated(self, prompts: list[str]) -> list[bool]:
+        return [False] * len(prompts)
+
+    def generate(
+        self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
+    ) -> np.ndarray:
+        colours = np.array(
+            [[seed >> 16 & 255, seed >> 8 & 255, seed & 255] for seed in seeds], dtype=np.uint8
+        )
+        return np.ascontiguousarray(
+            np.broadcast_to(colours[:, None, None, :], (len(seeds), key.height, key.width, 3))
+        )

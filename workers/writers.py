@@ -1,0 +1,209 @@
+"""Where a shard's images go: one `ShardWriter` per `output.format`, chosen by `open_writer`.
+
+A worker opens one writer per shard. Its writer threads encode each ok row's image and call
+`add(position, record, data)`, which returns the metadata columns saying where the image lives
+(`path`, and `key` for WebDataset). Once every `add` has returned, the worker calls `close()`, then
+writes the shard's metadata Parquet, then its commit record: images, metadata, commit, in every format.
+
+- `files`: `FileWriter` uploads each image at once to `images/<shard_id>/<name>.<ext>`.
+- `webdataset`: `TarWriter` builds `webdataset/<shard_id>.tar` with `<key>.<ext>` and `<key>.json` per
+  row (`output.sample_key`), in memory, and uploads it on `close()`.
+- `parquet`: `ParquetWriter` builds `data/<shard_id>.parquet` (the metadata columns plus an `image`
+  column, Hugging Face `Image` feature in the schema), in memory, and uploads it on `close()`.
+
+Both buffered formats write their rows in shard order whatever order the threads finish in, with
+fixed tar headers, so a shard's file is the same bytes on every run. A shard with no ok row gets no
+tar or data file. The file is named after the shard id, not numbered: a number by position would
+change when new input files join the job, and resume relies on names that do not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imagemill.output import OutputLayout, image_name, sample_key
+from imagemill.spec import IMAGE_EXTENSIONS, OutputSpec
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_truncated", pa.bool_()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("num_inference_steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("path", pa.string()),
+        ("sha256", pa.string()),
+        ("model", pa.string()),
+        ("input_file", pa.string()),
+        ("input_row", pa.int64()),
+    ]
+)
+
+# Generation parameters grouped under "parameters" in a WebDataset sample's JSON.
+SAMPLE_PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale", "prompt_truncated", "model")
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image storage
+_HF_DTYPES = {pa.string(): "string", pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64"}
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+def _data_schema() -> pa.Schema:
+    """Metadata columns of an ok row (less status, error and path, the same for every row) plus
+    `image`, with the Hugging Face features in the schema metadata so that `datasets` decodes
+    `image` to PIL images without a cast."""
+    fields = [field for field in METADATA_SCHEMA if field.name not in ("status", "error", "path")]
+    features: dict[str, Any] = {f.name: {"dtype": _HF_DTYPES[f.type], "_type": "Value"} for f in fields}
+    features["image"] = {"_type": "Image"}
+    huggingface = json.dumps({"info": {"features": features}})
+    return pa.schema([*fields, pa.field("image", IMAGE_TYPE)], metadata={"huggingface": huggingface})
+
+
+DATA_SCHEMA = _data_schema()
+
+
+class ShardWriter:
+    """Stores one shard's encoded images. `add` may be called from several threads at once."""
+
+    metadata_fields: tuple[pa.Field, ...] = ()  # columns this format adds to the metadata Parquet
+
+    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
+        self.output = output
+        self.shard_id = shard_id
+        self.extension = extension
+
+    def add(self, position: int, record: dict[str, Any], data: bytes) -> dict[str, Any]:
+        """Store the image of the row at `position` in the shard, whose metadata is `record` (the
+        metadata columns, sha256 included); returns the metadata columns that locate it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Upload whatever is buffered; called once, after the last `add` has returned."""
+
+
+class FileWriter(ShardWriter):
+    """`files`: each image is its own file, uploaded from the calling thread."""
+
+    def add(self, position: int, record: dict[str, Any], data: bytes) -> dict[str, Any]:
+        path = OutputLayout.image_path(self.shard_id, record["id"], self.extension)
+        self.output.write_bytes(path, data)
+        return {"path": path}
+
+
+class BufferedWriter(ShardWriter):
+    """One file per shard at `self.path`, built from every row and uploaded once by `close()`.
+
+    Memory: the shard's encoded images are held until `close()`, and the file is built from them
+    before it is uploaded, so a worker holds about twice a shard's encoded images at that moment
+    (rows_per_shard is 1024 by default: a few hundred MB of 512×512 PNGs). Lower
+    `input.rows_per_shard` to hold less.
+    """
+
+    path: str
+
+    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
+        super().__init__(output, shard_id, extension)
+        self._rows: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, position: int, record: dict[str, Any], data: bytes) -> dict[str, Any]:
+        with self._lock:
+            self._rows[position] = (record, data)
+        return self.locate(position)
+
+    def locate(self, position: int) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def close(self) -> None:
+        if self._rows:
+            rows = [(position, *self._rows[position]) for position in sorted(self._rows)]
+            self.output.write_bytes(self.path, self.build(rows))
+            self._rows.clear()
+
+    def build(self, rows: list[tuple[int, dict[str, Any], bytes]]) -> bytes:
+        """The file's bytes from (position, record, image bytes), in shard order."""
+        raise NotImplementedError
+
+
+class TarWriter(BufferedWriter):
+    """`webdataset`: `webdataset/<shard_id>.tar` with `<key>.<ext>` and `<key>.json` per ok row.
+
+    Keys come from the shard id and the row's position in the shard (`output.sample_key`), not from
+    the row id: unique across shards, stable across runs, safe as file names, and free of dots.
+    """
+
+    metadata_fields = (pa.field("key", pa.string()),)
+
+    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
+        super().__init__(output, shard_id, extension)
+        self.path = OutputLayout.tar_path(shard_id)
+
+    def locate(self, position: int) -> dict[str, Any]:
+        return {"path": self.path, "key": sample_key(self.shard_id, position)}
+
+    @staticmethod
+    def sample_json(record: dict[str, Any]) -> bytes:
+        sample = {name: record[name] for name in ("id", "prompt", "seed", "width", "height", "sha256")}
+        sample["parameters"] = {name: record[name] for name in SAMPLE_PARAMETERS}
+        return json.dumps(sample, sort_keys=True).encode()
+
+    def build(self, rows: list[tuple[int, dict[str, Any], bytes]]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for position, record, data in rows:
+                key = sample_key(self.shard_id, position)
+                for name, content in (
+                    (f"{key}.{self.extension}", data),
+                    (f"{key}.json", self.sample_json(record)),
+                ):
+                    member = tarfile.TarInfo(name)  # fixed mtime, owner and mode: the same bytes every run
+                    member.size, member.mtime, member.mode = len(content), 0, 0o644
+                    member.uid = member.gid = 0
+                    member.uname = member.gname = ""
+                    tar.addfile(member, io.BytesIO(content))
+        return buffer.getvalue()
+
+
+class ParquetWriter(BufferedWriter):
+    """`parquet`: `data/<shard_id>.parquet`, one row per ok row, the image in `image` (bytes and a
+    name), readable as is by `datasets.load_dataset("parquet", ...)` and `ray.data.read_parquet`."""
+
+    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
+        super().__init__(output, shard_id, extension)
+        self.path = OutputLayout.data_path(shard_id)
+
+    def build(self, rows: list[tuple[int, dict[str, Any], bytes]]) -> bytes:
+        records = [
+            {**record, "image": {"bytes": data, "path": f"{image_name(record['id'])}.{self.extension}"}}
+            for _, record, data in rows
+        ]
+        return parquet_bytes(pa.Table.from_pylist(records, schema=DATA_SCHEMA))
+
+
+WRITERS: dict[str, type[ShardWriter]] = {
+    "files": FileWriter,
+    "webdataset": TarWriter,
+    "parquet": ParquetWriter,
+}
+
+
+def open_writer(spec: OutputSpec, output: OutputLayout, shard_id: str) -> ShardWriter:
+    """The writer for `spec.format`, for one shard."""
+    return WRITERS[spec.format](output, shard_id, IMAGE_EXTENSIONS[spec.image_format])
