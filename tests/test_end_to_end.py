@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import check_output, make_bucket, prompt_table, read_metadata, run_cli, write_prompt_files
+from PIL import Image
 
 import imagemill
 
@@ -157,3 +158,22 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_model, case, expecte
     if case == "missing-column":
         assert "columns found: id, prompt" in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_noop_generator_runs_the_whole_pipeline_without_a_model(ray_session, tmp_path):
+    """model.kind: noop draws a solid colour from each row's seed: the pipeline with no model in it."""
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=2, rows_per_file=50, row_group_size=25)
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "prompts"), "rows_per_shard": 25},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "noop"},
+            "generation": {"width": 16, "height": 8},
+            "workers": {"num_workers": 2, "batch_size": 10},
+        }
+    )
+    assert imagemill.run(spec, progress=False).ok == rows
+    check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 16, 8)
+    row = read_metadata(str(tmp_path / "out")).to_pylist()[0]
+    pixels = Image.open(tmp_path / "out" / row["path"]).getcolors()
+    assert pixels == [(16 * 8, (row["seed"] >> 16 & 255, row["seed"] >> 8 & 255, row["seed"] & 255))]
