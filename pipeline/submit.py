@@ -21,6 +21,7 @@ from imagemill.errors import ImagemillError
 from imagemill.spec import load_spec
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_SECONDS = 120  # a head that has just started answers before its job agent is up
 
 
 def submission_id(job_name: str, now: datetime) -> str:
@@ -67,7 +68,9 @@ def submit(
         runtime_env: dict[str, Any] = {"working_dir": folder}
         if pip:
             runtime_env["pip"] = pip
-        job_id = client.submit_job(
+        job_id = _submit_when_ready(
+            client,
+            address,
             entrypoint=entrypoint("job.yaml", overrides, day),
             submission_id=submission_id(spec.name, datetime.now(UTC)),
             runtime_env=runtime_env,
@@ -79,6 +82,19 @@ def submit(
     while (state := str(client.get_job_status(job_id)).split(".")[-1]) not in FINAL_STATES:
         time.sleep(1)  # the log stream can end a moment before the state is final
     return job_id, state
+
+
+def _submit_when_ready(client: Any, address: str, **job: Any) -> str:
+    """Submit, waiting out a cluster that has just started and has no job agent up yet."""
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if "try again later" not in reason or time.monotonic() > deadline:
+                raise ImagemillError(f"the Ray cluster at {address} refused the job: {reason}") from None
+            time.sleep(2)
 
 
 async def _follow(client: Any, job_id: str) -> None:

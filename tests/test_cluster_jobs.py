@@ -18,6 +18,8 @@ from conftest import OBJECT_STORE_BYTES, check_output, isolated_cluster, run_cli
 
 RAY = str(Path(sys.executable).parent / "ray")
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # `ray start` records itself here
+AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+               "runtime-env-agent-port", "ray-client-server-port")  # fmt: skip
 
 
 def _free_port() -> int:
@@ -59,7 +61,9 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
          f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}"],
+         f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}",
+         # Free ports for what defaults to fixed ones, which the session Ray on this machine holds.
+         *(f"--{name}={_free_port()}" for name in AGENT_PORTS)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
