@@ -62,17 +62,25 @@ def isolated_cluster(monkeypatch):
     does not join: drivers reach it as subprocesses with RAY_ADDRESS=cluster.address.
 
     It must not become the machine's "current" Ray (/tmp/ray/ray_current_cluster), which a plain
-    ray.init() elsewhere would then join, and its shutdown must not reset this process's link to the
-    session Ray: Cluster does both unless told otherwise.
+    ray.init() elsewhere would then join, and it must leave this process's link to the session Ray
+    alone: each node it starts points the process-wide GCS client at itself, and its shutdown
+    clears it, after which the session's driver (this process) finds no GCS and exits in 60 s.
     """
     import ray._common.utils
     import ray._private.utils
-    import ray.experimental.internal_kv
+    import ray.experimental.internal_kv as internal_kv
     from ray.cluster_utils import Cluster
+
+    initialize = internal_kv._initialize_internal_kv
+
+    def keep_the_session_client(gcs_client) -> None:
+        if internal_kv.global_gcs_client is None:
+            initialize(gcs_client)
 
     monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
     monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_reset", lambda: None)
+    monkeypatch.setattr(internal_kv, "_internal_kv_reset", lambda: None)
+    monkeypatch.setattr(internal_kv, "_initialize_internal_kv", keep_the_session_client)
     cluster = Cluster(
         initialize_head=True,
         connect=False,
