@@ -123,13 +123,14 @@ def test_submit_names_an_unreachable_cluster(tmp_path, tiny_model):
 
 def test_the_pool_takes_one_worker_per_gpu_and_grows_when_a_gpu_node_joins(tmp_path, tiny_model, monkeypatch):
     """num_workers unset: one actor per GPU in the cluster (fake GPUs here), more as GPU nodes join."""
-    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=3, rows_per_file=32, row_group_size=4)
+    # Long enough (about 20 s on one CPU) that a node joining after the first commit finds work left.
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=3, rows_per_file=64, row_group_size=4)
     job = tmp_path / "job.yaml"
     job.write_text(
         f"input: {{path: {tmp_path / 'prompts'}, rows_per_shard: 4}}\n"
         f"output: {{path: {tmp_path / 'out'}}}\n"
         f"model: {{source: {tiny_model}}}\n"
-        "generation: {width: 32, height: 32, num_inference_steps: 2}\n"
+        "generation: {width: 64, height: 64, num_inference_steps: 6}\n"
         "workers: {batch_size: 4}\n"
     )
     log_path = tmp_path / "driver.log"
@@ -150,4 +151,4 @@ def test_the_pool_takes_one_worker_per_gpu_and_grows_when_a_gpu_node_joins(tmp_p
                 driver.kill()
     text = log_path.read_text()
     assert "the cluster grew: starting 1 more workers" in text, text
-    check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
+    check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 64, 64)
