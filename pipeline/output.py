@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from imagemill.storage import filesystem, join, retrying
@@ -58,6 +61,29 @@ def sample_key(shard_id: str, position: int) -> str:
     if "." in shard_id:
         shard_id = f"{shard_id.replace('.', '_')}~{hashlib.sha256(shard_id.encode()).hexdigest()[:8]}"
     return f"{shard_id}-{position:06d}"
+
+
+@dataclass(frozen=True)
+class ShardTotals:
+    """Counts summed over committed shards' stats: what the summary, `status` and the report show."""
+
+    rows: int
+    ok: int
+    errors: int
+    errors_by_reason: dict[str, int]
+
+
+def shard_totals(shards: Iterable[dict[str, Any]]) -> ShardTotals:
+    shards = list(shards)
+    reasons: Counter[str] = Counter()
+    for stats in shards:
+        reasons.update(stats.get("errors_by_reason", {}))
+    return ShardTotals(
+        rows=sum(stats["rows"] for stats in shards),
+        ok=sum(stats["ok"] for stats in shards),
+        errors=sum(stats["error"] for stats in shards),
+        errors_by_reason=dict(sorted(reasons.items())),
+    )
 
 
 class OutputLayout:

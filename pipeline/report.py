@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
+from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout, shard_totals
 
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
@@ -40,9 +39,7 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
 def build_report(
     record: dict[str, Any], shards: list[dict[str, Any]], samples: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    errors: Counter[str] = Counter()
-    for stats in shards:
-        errors.update(stats.get("errors_by_reason", {}))
+    totals = shard_totals(shards)
     failed = record.get("failed_shards", [])
     return {
         "name": record.get("name"),
@@ -51,14 +48,14 @@ def build_report(
         "ended_at": record.get("ended_at"),
         "counts": {
             "rows_total": record.get("rows_total"),
-            "rows_done": sum(stats["rows"] for stats in shards),
-            "rows_ok": sum(stats["ok"] for stats in shards),
-            "rows_error": sum(stats["error"] for stats in shards),
+            "rows_done": totals.rows,
+            "rows_ok": totals.ok,
+            "rows_error": totals.errors,
             "shards_total": record.get("shards_total"),
             "shards_done": len(shards),
             "shards_failed": len(failed),
         },
-        "errors_by_reason": dict(sorted(errors.items())),
+        "errors_by_reason": totals.errors_by_reason,
         "failed_shards": [
             {key: failure.get(key) for key in ("shard_id", "input_file", "attempts", "error")}
             for failure in failed

@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import plan_shards
@@ -185,18 +184,16 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         with bar, logging_redirect_tqdm():
             failures += ShardScheduler(spec).run(todo, on_done)
 
-    errors_by_reason: Counter[str] = Counter()
-    for stats in committed.values():
-        errors_by_reason.update(stats["errors_by_reason"])
+    totals = shard_totals(committed.values())
     result = JobResult(
         output=spec.output.path,
         shards_total=shards_total,
         shards_done=len(committed),
         shards_run=len(committed) - committed_before,
         rows_total=rows_total,
-        ok=sum(stats["ok"] for stats in committed.values()),
-        errors=sum(stats["error"] for stats in committed.values()),
-        errors_by_reason=dict(errors_by_reason),
+        ok=totals.ok,
+        errors=totals.errors,
+        errors_by_reason=totals.errors_by_reason,
         seconds=time.time() - started,
         failures=failures,
     )

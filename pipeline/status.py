@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, OutputLayout
+from imagemill.output import JOB_RECORD, OutputLayout, shard_totals
 
 
 @dataclass
@@ -45,14 +44,12 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     if record is None:
         raise ImagemillError(f"no imagemill job found at {url} (it has no {JOB_RECORD})")
     shards = output.committed_stats().values()
-    errors: Counter[str] = Counter()
-    for stats in shards:
-        errors.update(stats["errors_by_reason"])
+    totals = shard_totals(shards)
     return JobStatus(
         output=url,
         record=record,
         shards_done=len(shards),
-        rows_done=sum(stats["rows"] for stats in shards),
-        ok=sum(stats["ok"] for stats in shards),
-        errors_by_reason=dict(errors),
+        rows_done=totals.rows,
+        ok=totals.ok,
+        errors_by_reason=totals.errors_by_reason,
     )
