@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -134,10 +135,19 @@ class ShardScheduler:
                 self.replacements_left -= 1
                 start_actor()
 
+        next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
+
         def grow_with_cluster() -> None:
-            """With num_workers unset, nodes that join the cluster (autoscaling) get actors too."""
+            """With num_workers unset, nodes that join the cluster (autoscaling) get actors too.
+
+            Looked at every GROWTH_CHECK_SECONDS, not after every shard: it asks the GCS each time.
+            """
+            nonlocal next_growth_check
+            if self.spec.workers.num_workers is not None or time.monotonic() < next_growth_check:
+                return
+            next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
             room = worker_count(self.spec, self.uses_gpu) - len(alive) - len(starting)
-            if self.spec.workers.num_workers is None and queue and room > 0:
+            if queue and room > 0:
                 log.info("the cluster grew: starting %d more workers", room)
                 for _ in range(room):
                     start_actor()
