@@ -63,8 +63,8 @@ def isolated_cluster(monkeypatch):
 
     It must not become the machine's "current" Ray (/tmp/ray/ray_current_cluster), which a plain
     ray.init() elsewhere would then join, and it must leave this process's link to the session Ray
-    alone: each node it starts points the process-wide GCS client at itself, and its shutdown
-    clears it, after which the session's driver (this process) finds no GCS and exits in 60 s.
+    alone: each node it starts points the process-wide GCS client at itself, and once its GCS is gone
+    a process still holding that client exits within 60 s.
     """
     import ray._common.utils
     import ray._private.utils
@@ -72,9 +72,10 @@ def isolated_cluster(monkeypatch):
     from ray.cluster_utils import Cluster
 
     initialize = internal_kv._initialize_internal_kv
+    previous = internal_kv.global_gcs_client  # the session's, or None: put back on the way out
 
     def keep_the_session_client(gcs_client) -> None:
-        if internal_kv.global_gcs_client is None:
+        if previous is None:
             initialize(gcs_client)
 
     monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
@@ -90,6 +91,9 @@ def isolated_cluster(monkeypatch):
         yield cluster
     finally:
         cluster.shutdown()
+        # A later cluster or session must not inherit this one's client, dead with its GCS.
+        internal_kv.global_gcs_client = previous
+        internal_kv._initialized = previous is not None
 
 
 @pytest.fixture(scope="session")
