@@ -51,4 +51,4 @@ def test_cached_embeddings_give_the_images_the_pipeline_gives(tiny_model):
             output_type="pt",
         ).images
     expected = (theirs * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(ours.numpy(), expected)

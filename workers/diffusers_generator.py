@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
 from imagemill.workers.rows import BatchKey
@@ -66,14 +65,15 @@ class DiffusersGenerator:
     @torch.inference_mode()
     def generate(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
-    ) -> np.ndarray:
-        """Images as an (N, H, W, 3) uint8 array, one per prompt.
+    ) -> torch.Tensor:
+        """Images as an (N, H, W, 3) uint8 tensor on the model's device, one per prompt.
 
         Each row gets its own CPU generator, so its starting noise depends on its seed alone, on any
         device and in any batch (the computation after that is shaped by the batch: see "Determinism"
         in docs/ARCHITECTURE.md). An absent negative prompt is the empty string, which is what Stable
         Diffusion encodes for the unconditional branch anyway, so rows with and without one can share
-        a batch. Pixels become uint8 on the device, so the copy back moves a quarter of the bytes.
+        a batch. Pixels become uint8 on the device, so the copy back moves a quarter of the bytes; the
+        worker makes that copy, after any step that wants the images on the device.
         """
         negatives = [negative or "" for negative in negative_prompts]
         if self.embeddings is None:
@@ -92,4 +92,4 @@ class DiffusersGenerator:
             output_type="pt",
         ).images
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return pixels.permute(0, 2, 3, 1)

@@ -7,6 +7,7 @@ the pipeline's ceiling), and lets the memory benchmark push a million rows throu
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from imagemill.workers.rows import BatchKey
 
@@ -17,10 +18,8 @@ class NoopGenerator:
 
     def generate(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
-    ) -> np.ndarray:
+    ) -> torch.Tensor:
         colours = np.array(
             [[seed >> 16 & 255, seed >> 8 & 255, seed & 255] for seed in seeds], dtype=np.uint8
         )
-        return np.ascontiguousarray(
-            np.broadcast_to(colours[:, None, None, :], (len(seeds), key.height, key.width, 3))
-        )
+        return torch.from_numpy(colours)[:, None, None, :].expand(len(seeds), key.height, key.width, 3)

@@ -120,9 +120,10 @@ class ShardWorker:
                 row.index for row, cut in zip(batch, self.generator.truncated(prompts), strict=True) if cut
             )
             try:
-                pixels = self.generator.generate(
+                images = self.generator.generate(
                     prompts, [row.negative_prompt for row in batch], [row.seed for row in batch], batch[0].key
                 )
+                pixels = images.cpu().numpy()
             except ValueError as exc:  # the pipeline's own checks refused these parameters
                 for row in batch:
                     row.error = f"model_rejected: {exc}"
