@@ -55,8 +55,10 @@ class OutputSpec(_Section):
 
 class ModelSpec(_Section):
     source: str = Field("", description="Hub id, local directory, or fsspec URL of a directory.")
-    kind: Literal["diffusers", "noop"] = Field(
-        "diffusers", description="noop: no model, solid colours from the seeds (measures the pipeline)."
+    kind: Literal["diffusers", "janus", "noop"] = Field(
+        "diffusers",
+        description="janus: Janus(-Pro) image generation through transformers; "
+        "noop: no model, solid colours from the seeds (measures the pipeline).",
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cuda", "cpu"] = Field(

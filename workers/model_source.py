@@ -18,7 +18,11 @@ from imagemill.errors import ImagemillError
 from imagemill.spec import ModelSpec
 from imagemill.storage import filesystem, join
 
-MODEL_INDEX = "model_index.json"
+# By model.kind: the file save_pretrained writes at the top of a model directory, and what that is.
+MARKERS = {
+    "diffusers": ("model_index.json", "a diffusers pipeline directory"),
+    "janus": ("config.json", "a transformers Janus model directory"),
+}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _COMPLETE = ".imagemill-complete"
 
@@ -35,29 +39,27 @@ def check_model_source(spec: ModelSpec) -> None:
     """Fail on the driver, before any actor starts, when the model cannot be where the spec says."""
     if spec.kind == "noop":
         return
-    source = spec.source
+    source, (marker, what) = spec.source, MARKERS[spec.kind]
     if _is_url(source):
         fs, path = filesystem(source, spec.storage_options)
-        if not fs.exists(join(path, MODEL_INDEX)):
+        if not fs.exists(join(path, marker)):
             raise ImagemillError(
-                f"model not found: {source} has no {MODEL_INDEX}; point model.source at a diffusers "
-                "pipeline directory (one that save_pretrained wrote)"
+                f"model not found: {source} has no {marker}; point model.source at {what} "
+                "(one that save_pretrained wrote)"
             )
     elif _is_hub_id(source):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             from huggingface_hub import try_to_load_from_cache
 
-            if not isinstance(try_to_load_from_cache(source, MODEL_INDEX), str):
+            if not isinstance(try_to_load_from_cache(source, marker), str):
                 raise ImagemillError(
                     f"model '{source}' is not a local directory and not in the Hugging Face cache, "
                     "and HF_HUB_OFFLINE=1 forbids downloading it"
                 )
     elif not os.path.isdir(source):
         raise ImagemillError(f"model path does not exist: {source}")
-    elif not os.path.isfile(os.path.join(source, MODEL_INDEX)):
-        raise ImagemillError(
-            f"model directory {source} has no {MODEL_INDEX}; it must be a diffusers pipeline directory"
-        )
+    elif not os.path.isfile(os.path.join(source, marker)):
+        raise ImagemillError(f"model directory {source} has no {marker}; it must be {what}")
 
 
 def _cache_root() -> Path:

@@ -25,6 +25,7 @@ from imagemill.shards import Shard
 from imagemill.spec import JobSpec
 from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
+from imagemill.workers.janus_generator import JanusGenerator
 from imagemill.workers.model_source import resolve_model_source
 from imagemill.workers.noop_generator import NoopGenerator
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
@@ -52,10 +53,12 @@ def _as(kind: type, value: Any) -> Any:
     return value if isinstance(value, kind) else None
 
 
-def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | NoopGenerator:
+def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | JanusGenerator | NoopGenerator:
     if spec.model.kind == "noop":
         return NoopGenerator()
     source = resolve_model_source(spec.model)
+    if spec.model.kind == "janus":
+        return JanusGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
     return DiffusersGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
 
 
