@@ -86,12 +86,8 @@ class JanusGenerator:
         token but BOS and <begin_of_image> replaced by padding. A row with one uses it as the text of
         its unconditional branch, so guidance steers away from it.
         """
-        prompts = self._cut(prompts)
-        negatives = [
-            self._cut([negative])[0] if negative else prompt
-            for prompt, negative in zip(prompts, negative_prompts, strict=True)
-        ]
-        encoded = self._encode(prompts + negatives)
+        negatives = [negative or prompt for prompt, negative in zip(prompts, negative_prompts, strict=True)]
+        encoded = self._encode(self._cut(prompts + negatives))
         ids, mask = encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
         janus_style = torch.tensor(
             [False] * len(prompts) + [not negative for negative in negative_prompts], device=self.device

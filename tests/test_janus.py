@@ -1,0 +1,108 @@
+"""model.kind: janus end to end through Ray, with a tiny random-weight Janus model built offline."""
+
+from __future__ import annotations
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import check_output, make_bucket, read_metadata, run_cli
+
+import imagemill
+from imagemill.workers.tiny_janus import IMAGE_SIZE, make_tiny_janus
+
+CAT = "a red cat on a chair"
+LONG = "a large blue house beside a green tree near the river at sunset " * 8  # more than the context takes
+
+# id, prompt, seed, negative prompt, guidance scale, steps: chosen so that with batch_size 2 the
+# default rows batch as [twin-a, long], [twin-b, other], [seed-b, negative], and the rows asking for
+# 7 steps as [steps-a, steps-b]: the same inputs, in the same shape, as the first batch.
+ROWS = [
+    ("twin-a", CAT, 5, None, None, None),
+    ("long", LONG, 6, None, None, None),
+    ("twin-b", CAT, 5, None, None, None),
+    ("other", "a green tree", 7, None, None, None),
+    ("seed-b", CAT, 8, None, None, None),
+    ("negative", CAT, 5, "blurry dark", None, None),
+    ("guidance-1", CAT, 5, None, 1.0, None),
+    ("steps-a", CAT, 5, None, None, 7),
+    ("steps-b", LONG, 6, None, None, 7),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_janus(tmp_path_factory) -> str:
+    return str(make_tiny_janus(tmp_path_factory.mktemp("models") / "tiny-janus"))
+
+
+def _write_rows(path, rows: list[tuple]) -> None:
+    ids, prompts, seeds, negatives, guidance, steps = zip(*rows, strict=True)
+    table = pa.table(
+        {
+            "id": list(ids),
+            "prompt": list(prompts),
+            "seed": pa.array(seeds, pa.int64()),
+            "negative_prompt": pa.array(negatives, pa.string()),
+            "guidance_scale": pa.array(guidance, pa.float64()),
+            "num_inference_steps": pa.array(steps, pa.int64()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def test_janus_job_end_to_end(ray_session, ray_address, tmp_path, tiny_janus):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    _write_rows(prompts / "a.parquet", ROWS)
+    generation = {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "num_inference_steps": 1, "guidance_scale": 5.0}
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(prompts / "a.parquet")},
+            "output": {"path": str(tmp_path / "first")},
+            "model": {"source": tiny_janus, "kind": "janus"},
+            "generation": generation,
+            "workers": {"num_workers": 1, "batch_size": 2},
+        }
+    )
+    assert imagemill.run(spec, progress=False).ok == len(ROWS)
+    first = check_output(str(tmp_path / "first"), {row[0] for row in ROWS}, IMAGE_SIZE, IMAGE_SIZE)
+
+    # A row's image tokens depend on its prompt and seed alone: the same row in another batch, with
+    # other neighbours and another padding length, gives the same bytes.
+    assert first["twin-a"] == first["twin-b"]
+    # num_inference_steps means nothing to Janus: the same batch asking for 7 steps is the same.
+    assert (first["steps-a"], first["steps-b"]) == (first["twin-a"], first["long"])
+    # Seed, negative prompt and guidance each change the image.
+    assert len({first[name] for name in ("twin-a", "seed-b", "negative", "guidance-1", "other")}) == 5
+    metadata = {row["id"]: row for row in read_metadata(str(tmp_path / "first")).to_pylist()}
+    assert metadata["long"]["prompt_truncated"] and not metadata["twin-a"]["prompt_truncated"]
+
+    # Again through the CLI, with the model on S3, and a second file whose rows ask for
+    # sizes the model cannot make: those become error rows, and the first file's images are the same.
+    _write_rows(
+        prompts / "b.parquet", [("wide", CAT, 5, None, None, None), ("tall", CAT, 5, None, None, None)]
+    )
+    table = pq.read_table(prompts / "b.parquet")
+    table = table.append_column("width", pa.array([64, None], pa.int64()))
+    table = table.append_column("height", pa.array([None, 48], pa.int64()))
+    pq.write_table(table, prompts / "b.parquet")
+    bucket = make_bucket("janus")
+    fsspec.filesystem("s3").put(tiny_janus, "janus/models/tiny-janus", recursive=True)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"input: {{path: {prompts}}}\n"
+        "output: {path: second}\n"
+        f"model: {{source: {bucket}/models/tiny-janus, kind: janus}}\n"
+        f"generation: {generation}\n"
+        "workers: {num_workers: 1, batch_size: 2}\n"
+    )
+    done = run_cli("run", str(job), "--no-progress", cwd=tmp_path, ray_address=ray_address)
+    assert done.returncode == 0, done.stderr
+    rows = {row["id"]: row for row in read_metadata(str(tmp_path / "second")).to_pylist()}
+    assert {name: rows[name]["sha256"] for name in first} == first
+    for name, size in (("wide", "64x32"), ("tall", "32x48")):
+        assert rows[name]["status"] == "error"
+        assert rows[name]["error"] == (
+            f"model_rejected: this Janus model makes 32x32 images only, not {size}; set generation.width "
+            "and generation.height (or the rows' width/height) to 32"
+        )
