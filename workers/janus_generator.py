@@ -102,6 +102,13 @@ class JanusGenerator:
                 f"set generation.width and generation.height (or the rows' width/height) to {self.size}"
             )
 
+    @staticmethod
+    def _draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """One token per row: where the row's cumulative probability passes its uniform number."""
+        cdf = logits.softmax(-1).cumsum(-1)
+        drawn = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:]).squeeze(1)
+        return drawn.clamp(max=cdf.shape[-1] - 1)  # rounding can leave the last cdf value below 1
+
     @torch.inference_mode()
     def generate(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
@@ -139,9 +146,7 @@ class JanusGenerator:
             logits = self.model.model.generation_head(output.last_hidden_state[:, -1]).float()
             conditional, unconditional = logits[:rows], logits[rows:]
             guided = unconditional + key.guidance_scale * (conditional - unconditional)
-            cdf = guided.softmax(-1).cumsum(-1)
-            drawn = torch.searchsorted(cdf, uniforms[:, step : step + 1] * cdf[:, -1:]).squeeze(1)
-            tokens[:, step] = drawn.clamp(max=cdf.shape[-1] - 1)
+            tokens[:, step] = self._draw(guided, uniforms[:, step])
             # Both branches continue from the token drawn for the row.
             embeddings = self.model.prepare_embeddings_for_image_generation(
                 tokens[:, step].repeat(2)[:, None]
