@@ -61,10 +61,12 @@ class JanusGenerator:
         return [len(spans) > self.max_prompt_tokens for spans in self._prompt_tokens(prompts)]
 
     def _cut(self, prompts: list[str]) -> list[str]:
-        """Prompts cut after their last token that fits, so that the image tokens fit in the context."""
+        """Prompts cut before their first token that does not fit, so that the image tokens fit in the
+        context. (Cutting after the last one that fits would keep a whole character whose bytes only
+        partly fit.)"""
         limit = self.max_prompt_tokens
         return [
-            prompt[: spans[limit - 1][1]] if len(spans) > limit else prompt
+            prompt[: spans[limit][0]] if len(spans) > limit else prompt
             for prompt, spans in zip(prompts, self._prompt_tokens(prompts), strict=True)
         ]
 
