@@ -15,11 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import check_output, prompt_table, read_metadata, run_cli
+from conftest import check_output, prompt_table, read_metadata
 from PIL import Image
 
 import imagemill
 from imagemill.errors import ImagemillError
+from imagemill.status import job_status
 
 SIZE = 64  # the tiny CLIP takes 32 pixels: the scorer resizes
 ROWS = 12
@@ -153,7 +154,7 @@ def test_keep_marks_low_scores_filtered_and_writes_their_images(
 
 
 def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
-    scored, ray_address, tmp_path, prompts_dir, tiny_model, tiny_clip
+    scored, ray_session, tmp_path, prompts_dir, tiny_model, tiny_clip
 ):
     reference = _scores(scored)
     threshold = statistics.median(reference.values())
@@ -164,12 +165,8 @@ def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
         tiny_model,
         {"source": tiny_clip, "threshold": threshold, "on_low_score": "drop"},
     )
-    job = tmp_path / "drop.yaml"
-    job.write_text(json.dumps(spec.model_dump()))  # YAML is a superset of JSON
-    done = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
-    assert done.returncode == 0, done.stderr
     counts = f"{ROWS - len(low)} ok, {len(low)} filtered, 0 error"
-    assert f"{ROWS} rows: {counts}" in done.stdout
+    assert f"{ROWS} rows: {counts}" in imagemill.run(spec, progress=False).summary()
 
     out = Path(spec.output.path)
     hashes = check_output(str(out), set(reference), SIZE, SIZE)  # each id once, done; images as named
@@ -185,17 +182,14 @@ def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
         0,
     )
 
-    status = run_cli("status", str(out))
-    assert counts in status.stdout, status.stdout
+    assert counts in job_status(str(out)).text()  # `imagemill status`
 
     # A shard lost its commit: the re-run redoes that shard only; the other's filtered rows stay done.
     shards = sorted((out / "shards").glob("*.json"))
     kept_shard = {path: path.stat().st_mtime_ns for path in (out / "metadata").glob("*.parquet")}
     shards[0].unlink()
-    again = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
-    assert again.returncode == 0, again.stderr
-    assert "(1 run now)" in again.stdout
-    assert counts in again.stdout
+    again = imagemill.run(spec, progress=False)
+    assert again.shards_run == 1 and counts in again.summary()
     unchanged = [path for path, mtime in kept_shard.items() if path.stat().st_mtime_ns == mtime]
     assert [path.stem for path in unchanged] == [shards[1].stem]
     assert {row["id"]: row["status"] for row in read_metadata(str(out)).to_pylist()} == {
