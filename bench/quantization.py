@@ -33,7 +33,7 @@ from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
 
 PROFILES = {
-    "cpu": {"images": 64, "batch_size": 16, "size": 64, "steps": 8, "guidance": 5.0, "dtype": "float32"},
+    "cpu": {"images": 32, "batch_size": 16, "size": 64, "steps": 4, "guidance": 5.0, "dtype": "float32"},
     "gpu": {"images": 256, "batch_size": 16, "size": 512, "steps": 20, "guidance": 7.5, "dtype": "float16"},
 }
 METHODS = ["none", "int8_weight_only", "int8_dynamic", "fp8"]
