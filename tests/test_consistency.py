@@ -9,6 +9,7 @@ import io
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -59,30 +60,39 @@ def _spec(
     )
 
 
+@dataclass
+class ScoredJob:
+    output: Path
+    rows: dict[str, dict]  # metadata rows by id
+
+
 @pytest.fixture(scope="module")
-def scored(ray_session, tmp_path_factory, prompts_dir, tiny_model, tiny_clip) -> dict[str, dict]:
-    """A job that scores without a threshold; its metadata rows by id."""
+def scored(ray_session, tmp_path_factory, prompts_dir, tiny_model, tiny_clip) -> ScoredJob:
+    """A job that scores without a threshold."""
     spec = _spec(prompts_dir, tmp_path_factory.mktemp("jobs") / "scored", tiny_model, {"source": tiny_clip})
     result = imagemill.run(spec, progress=False)
     assert (result.ok, result.filtered, result.errors) == (ROWS, 0, 0)
-    return {row["id"]: row for row in read_metadata(spec.output.path).to_pylist()} | {
-        "_output": {"path": spec.output.path}
-    }
+    rows = {row["id"]: row for row in read_metadata(spec.output.path).to_pylist()}
+    return ScoredJob(Path(spec.output.path), rows)
 
 
 def _scores(rows: dict[str, dict]) -> dict[str, float]:
-    return {
-        i: row["clip_score"]
-        for i, row in rows.items()
-        if not i.startswith("_") and row["clip_score"] is not None
-    }
+    return {i: row["clip_score"] for i, row in rows.items() if row["clip_score"] is not None}
+
+
+def _median_split(scored: ScoredJob) -> tuple[dict[str, float], float, set[str]]:
+    """The scored job's scores, their median as a threshold, and the ids scoring under it."""
+    reference = _scores(scored.rows)
+    threshold = statistics.median(reference.values())
+    low = {i for i, score in reference.items() if score < threshold}
+    assert 0 < len(low) < len(reference)
+    return reference, threshold, low
 
 
 def test_score_column_matches_clip_computed_by_hand_on_the_written_images(scored, tiny_clip):
     from transformers import CLIPModel, CLIPProcessor
 
-    output = Path(scored["_output"]["path"])
-    ok = {i: row for i, row in scored.items() if not i.startswith("_")}
+    output, ok = scored.output, scored.rows
     assert {row["status"] for row in ok.values()} == {"ok"}
     assert len(ok) == ROWS and all(math.isfinite(row["clip_score"]) for row in ok.values())
     assert len({row["clip_score"] for row in ok.values()}) == len(ok), "each image gets its own score"
@@ -119,10 +129,7 @@ def test_score_column_matches_clip_computed_by_hand_on_the_written_images(scored
 def test_keep_marks_low_scores_filtered_and_writes_their_images(
     scored, ray_session, tmp_path, prompts_dir, tiny_model, tiny_clip
 ):
-    reference = _scores(scored)
-    threshold = statistics.median(reference.values())
-    low = {i for i, score in reference.items() if score < threshold}
-    assert 0 < len(low) < len(reference)
+    reference, threshold, low = _median_split(scored)
     # The same input plus a file whose only row has no prompt: an error row, in its own shard, so
     # the other shards' batches (and so images and scores) are those of the scored job.
     inputs = tmp_path / "prompts"
@@ -156,9 +163,7 @@ def test_keep_marks_low_scores_filtered_and_writes_their_images(
 def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
     scored, ray_session, tmp_path, prompts_dir, tiny_model, tiny_clip
 ):
-    reference = _scores(scored)
-    threshold = statistics.median(reference.values())
-    low = {i for i, score in reference.items() if score < threshold}
+    reference, threshold, low = _median_split(scored)
     spec = _spec(
         prompts_dir,
         tmp_path / "drop",
