@@ -312,9 +312,8 @@ def _score_chart(scores: dict[str, Any] | None, width: int = 720, height: int = 
             f'<line class="threshold" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
             f'stroke="#c0392b" stroke-width="2"/>'
         )
-    summary = (
-        f"{scores['count']} scored, mean {scores['mean']:g}, min {scores['min']:g}, max {scores['max']:g}"
-    )
+    least, mean, most = (f"{scores[key]:.2f}" for key in ("min", "mean", "max"))
+    summary = f"{scores['count']} scored, mean {mean}, min {least}, max {most}"
     if threshold is not None:
         summary += f"; threshold {threshold:g} (low-scoring images: {scores['on_low_score']})"
     axis = top + plot_h
