@@ -220,3 +220,8 @@ def test_scoring_settings_are_in_the_fingerprint(tmp_path, prompts_dir, tiny_mod
         {"source": tiny_clip, "threshold": 20.0, "on_low_score": "drop"},
     ]
     assert len({json.dumps(fingerprint(v), sort_keys=True) for v in variants} | {json.dumps(plain)}) == 4
+    secret = {"source": tiny_clip, "storage_options": {"secret": "do-not-log"}}
+    assert _spec(prompts_dir, tmp_path / "out", tiny_model, secret).redacted()["scoring"][
+        "storage_options"
+    ] == ("<redacted>")
+    assert fingerprint(secret) == fingerprint({"source": tiny_clip}), "where the model is read from is not"
