@@ -60,6 +60,23 @@ def test_int8_quantised_denoiser_stays_close_to_float(tiny_model, unquantised, m
     assert (images - expected).abs().max() <= IMAGE_MAX_LEVELS
 
 
+def test_the_worker_quantises_as_the_spec_says(tmp_path, tiny_model):
+    """The spec's setting reaches the actor's generator (the class Ray runs, built here in-process)."""
+    from torchao.quantization import Int8Tensor
+
+    from imagemill.workers.worker import ShardWorker
+
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path)},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": tiny_model, "device": "cpu", "quantization": "int8_weight_only"},
+        }
+    )
+    unet = ShardWorker(spec).generator.pipe.unet
+    assert isinstance(unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q.weight, Int8Tensor)
+
+
 def test_fp8_is_refused_without_a_capable_gpu(tiny_model):
     with pytest.raises(ImagemillError, match=r"fp8 needs a CUDA GPU, and this worker runs on cpu"):
         DiffusersGenerator(tiny_model, "float32", "cpu", quantization="fp8")
