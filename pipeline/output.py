@@ -71,6 +71,7 @@ class ShardTotals:
     ok: int
     errors: int
     errors_by_reason: dict[str, int]
+    filtered: int = 0  # scored below scoring.threshold: done, like ok rows, but not errors
 
 
 def shard_totals(shards: Iterable[dict[str, Any]]) -> ShardTotals:
@@ -83,6 +84,7 @@ def shard_totals(shards: Iterable[dict[str, Any]]) -> ShardTotals:
         ok=sum(stats["ok"] for stats in shards),
         errors=sum(stats["error"] for stats in shards),
         errors_by_reason=dict(sorted(reasons.items())),
+        filtered=sum(stats.get("filtered", 0) for stats in shards),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from imagemill.errors import ImagemillError
 from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout, shard_totals
+from imagemill.scores import merge
 
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
@@ -50,6 +51,7 @@ def build_report(
             "rows_total": record.get("rows_total"),
             "rows_done": totals.rows,
             "rows_ok": totals.ok,
+            "rows_filtered": totals.filtered,
             "rows_error": totals.errors,
             "shards_total": record.get("shards_total"),
             "shards_done": len(shards),
@@ -66,7 +68,22 @@ def build_report(
         }
         | {"total": round(sum(stats.get("seconds", 0.0) for stats in shards), 3)},
         "throughput": throughput(record.get("started_at"), shards),
+        "clip_score": clip_score(record, shards),
         "samples": [{key: sample[key] for key in ("id", "prompt", "seed", "shard_id")} for sample in samples],
+    }
+
+
+def clip_score(record: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The consistency scores' distribution over the committed shards, with the job's threshold;
+    None when the job does not score."""
+    distribution = merge(stats.get("clip_score") for stats in shards)
+    if distribution is None:
+        return None
+    scoring = (record.get("spec") or {}).get("scoring") or {}
+    return {
+        **distribution,
+        "threshold": scoring.get("threshold"),
+        "on_low_score": scoring.get("on_low_score"),
     }
 
 
@@ -164,6 +181,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
         ("rows total", counts["rows_total"], ""),
         ("rows done", counts["rows_done"], ""),
         ("ok rows (images)", counts["rows_ok"], "ok"),
+        ("filtered rows", counts["rows_filtered"], ""),
         ("error rows", counts["rows_error"], "error"),
         ("shards done", f"{counts['shards_done']} / {counts['shards_total']}", ""),
         ("failed shards", counts["shards_failed"], "error" if counts["shards_failed"] else ""),
@@ -194,6 +212,8 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 <div id="contact-sheet">{figures or '<p class="none">none</p>'}</div></section>
 <section id="throughput"><h2>Throughput: {_e(report["throughput"]["images_per_second"])} images/s</h2>
 {_chart(report["throughput"]["points"])}</section>
+<section id="clip-score"><h2>Consistency score (CLIP, 100 × cosine)</h2>
+{_score_chart(report["clip_score"])}</section>
 <section id="errors"><h2>Error rows by reason</h2>
 {_table(("reason", "rows"), list(report["errors_by_reason"].items()))}</section>
 <section id="failures"><h2>Failed shards</h2>
@@ -255,4 +275,54 @@ def _chart(points: list[dict[str, Any]], width: int = 720, height: int = 260) ->
  >minutes since start</text>
 <text class="y-label" transform="translate(14 {(top + x_axis) / 2}) rotate(-90)" text-anchor="middle"
  >images (cumulative)</text>
+</svg>"""
+
+
+def _score_chart(scores: dict[str, Any] | None, width: int = 720, height: int = 220) -> str:
+    """The score histogram as inline SVG bars, every bin from the lowest to the highest non-empty one,
+    with the threshold as a red line where the job has one."""
+    if scores is None:
+        return '<p class="none">not scored (no scoring section in the job spec)</p>'
+    left, right, top, bottom = 50, 20, 10, 40
+    step = scores["bin_width"]
+    low, high = scores["bins"][0]["low"], scores["bins"][-1]["high"]
+    threshold = scores["threshold"]
+    if threshold is not None:  # keep the line on the chart
+        low = min(low, math.floor(threshold / step) * step)
+        high = max(high, math.floor(threshold / step) * step + step)
+    counts = {b["low"]: b["count"] for b in scores["bins"]}
+    n_bins = round((high - low) / step)
+    tallest = max(counts.values())
+    plot_w, plot_h = width - left - right, height - top - bottom
+    bar_w = plot_w / n_bins
+    bars = []
+    for i in range(n_bins):
+        edge = low + i * step
+        count = counts.get(edge, 0)
+        bar_h = count / tallest * plot_h
+        bars.append(
+            f'<rect class="bin" x="{left + i * bar_w:.1f}" y="{top + plot_h - bar_h:.1f}" '
+            f'width="{max(bar_w - 1, 1):.1f}" height="{bar_h:.1f}" fill="#3b6ea8">'
+            f"<title>{_e(f'{edge:g} to {edge + step:g}: {count}')}</title></rect>"
+        )
+    line = ""
+    if threshold is not None:
+        x = left + (threshold - low) / (high - low) * plot_w
+        line = (
+            f'<line class="threshold" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
+            f'stroke="#c0392b" stroke-width="2"/>'
+        )
+    least, mean, most = (f"{scores[key]:.2f}" for key in ("min", "mean", "max"))
+    summary = f"{scores['count']} scored, mean {mean}, min {least}, max {most}"
+    if threshold is not None:
+        summary += f"; threshold {threshold:g} (low-scoring images: {scores['on_low_score']})"
+    axis = top + plot_h
+    return f"""<p>{_e(summary)}</p>
+<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="score histogram">
+<line x1="{left}" y1="{axis}" x2="{width - right}" y2="{axis}" stroke="#888"/>
+{"".join(bars)}{line}
+<text x="{left}" y="{axis + 14}" text-anchor="middle">{low:g}</text>
+<text x="{width - right}" y="{axis + 14}" text-anchor="end">{high:g}</text>
+<text x="{left - 6}" y="{top + 10}" text-anchor="end">{tallest}</text>
+<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">score</text>
 </svg>"""

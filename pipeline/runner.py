@@ -26,7 +26,7 @@ from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import plan_shards
 from imagemill.spec import JobSpec
-from imagemill.workers.model_source import check_model_source
+from imagemill.workers.model_source import check_model_source, check_scoring_source
 
 log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("imagemill", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs")
@@ -44,6 +44,7 @@ class JobResult:
     errors_by_reason: dict[str, int]
     seconds: float
     failures: list[ShardFailure] = field(default_factory=list)
+    filtered: int = 0  # rows done but scored below scoring.threshold
 
     @property
     def complete(self) -> bool:
@@ -51,8 +52,9 @@ class JobResult:
 
     def summary(self) -> str:
         rate = self.ok / self.seconds if self.seconds else 0.0
+        filtered = f"{self.filtered} filtered, " if self.filtered else ""
         lines = [
-            f"{self.rows_total} rows: {self.ok} ok, {self.errors} error "
+            f"{self.rows_total} rows: {self.ok} ok, {filtered}{self.errors} error "
             f"in {self.shards_done}/{self.shards_total} shards ({self.shards_run} run now), "
             f"{self.seconds:.1f} s ({rate:.1f} images/s) → {self.output}"
         ]
@@ -122,6 +124,8 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     started = time.time()
     plan = plan_shards(spec.input)
     check_model_source(spec.model)
+    if spec.scoring is not None:
+        check_scoring_source(spec.scoring)
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     _claim_output(spec, output, overwrite)
     planned = {shard.shard_id for shard in plan.shards}
@@ -166,11 +170,12 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
             committed[stats["shard_id"]] = stats
             bar.update(stats["rows"])
             log.info(
-                "shard %s done: %d rows, %d ok, %d error in %.1f s (%.1f images/s; read %.1f s, "
+                "shard %s done: %d rows, %d ok, %d filtered, %d error in %.1f s (%.1f images/s; read %.1f s, "
                 "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
                 stats["shard_id"],
                 stats["rows"],
                 stats["ok"],
+                stats.get("filtered", 0),
                 stats["error"],
                 stats["seconds"],
                 stats["images_per_second"],
@@ -196,12 +201,14 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         errors_by_reason=totals.errors_by_reason,
         seconds=time.time() - started,
         failures=failures,
+        filtered=totals.filtered,
     )
     record.update(
         ended_at=datetime.now(UTC).isoformat(),
         status="complete" if result.complete else "incomplete",
         shards_done=result.shards_done,
         rows_ok=result.ok,
+        rows_filtered=result.filtered,
         rows_error=result.errors,
         errors_by_reason=result.errors_by_reason,
         failed_shards=[vars(failure) for failure in failures],

@@ -19,6 +19,7 @@ from imagemill.errors import ImagemillError
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
+Quantization = Literal["none", "int8_weight_only", "int8_dynamic", "fp8"]
 IMAGE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 DATE_FIELD = "{date}"
 
@@ -67,6 +68,29 @@ class ModelSpec(_Section):
     safetensors_only: bool = Field(
         True, description="Refuse pickled (.bin/.pt) weights, which can run code when loaded."
     )
+    quantization: Quantization = Field(
+        "none",
+        description="torchao weight quantisation of the denoiser's linear layers; fp8 needs a GPU of "
+        "compute capability 8.9 or newer.",
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+
+class ScoringSpec(_Section):
+    """A CLIP image-text consistency score per image, computed on the actor after generation."""
+
+    source: str = Field(
+        description="A transformers CLIPModel directory (tokenizer and image processor config beside it), "
+        "hub id or URL, found as model.source is."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    safetensors_only: bool = True
+    threshold: float | None = Field(
+        None, description="Images scoring below it get status `filtered`; null: score only."
+    )
+    on_low_score: Literal["keep", "drop"] = Field(
+        "keep", description="keep: the filtered row's image is written; drop: only its metadata row is."
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
@@ -100,6 +124,7 @@ class JobSpec(_Section):
     model: ModelSpec
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    scoring: ScoringSpec | None = None
 
     @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
@@ -124,19 +149,25 @@ class JobSpec(_Section):
         output = self.output.model_dump(include={"format", "image_format", "quality"})
         if output["format"] == "files":
             del output["format"]  # absent means files: outputs made before formats existed still resume
-        return {
+        model = self.model.model_dump(include={"source", "kind", "dtype", "quantization"})
+        if model["quantization"] == "none":
+            del model["quantization"]  # absent means none: outputs made before quantisation still resume
+        fingerprint = {
             "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
             "output": output,
-            "model": self.model.model_dump(include={"source", "kind", "dtype"}),
+            "model": model,
             "generation": self.generation.model_dump(),
             "batch_size": self.workers.batch_size,
         }
+        if self.scoring is not None:  # absent when off, for the same reason
+            fingerprint["scoring"] = self.scoring.model_dump(exclude={"storage_options", "safetensors_only"})
+        return fingerprint
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage option hidden: safe for logs and the job record."""
         data = self.model_dump()
-        for section in ("input", "output", "model"):
-            if data[section]["storage_options"]:
+        for section in ("input", "output", "model", "scoring"):
+            if data[section] and data[section]["storage_options"]:
                 data[section]["storage_options"] = "<redacted>"
         return data
 
@@ -215,8 +246,9 @@ def build_spec(
         raise ImagemillError(f"{origin} is invalid: {problems}") from None
     spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
-    if spec.model.source and _looks_like_local_path(spec.model.source):
-        spec.model.source = _absolute(spec.model.source)
+    for model in (spec.model, spec.scoring):
+        if model is not None and model.source and _looks_like_local_path(model.source):
+            model.source = _absolute(model.source)
     return spec
 
 

@@ -17,6 +17,7 @@ class JobStatus:
     rows_done: int
     ok: int
     errors_by_reason: dict[str, int]
+    filtered: int = 0
 
     @property
     def complete(self) -> bool:
@@ -28,7 +29,9 @@ class JobStatus:
             f"job {self.record['name']} at {self.output}: {self.record['status']}"
             f" (started {self.record['started_at']}, ended {self.record.get('ended_at', '-')})",
             f"shards: {self.shards_done}/{self.record['shards_total']} done",
-            f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, {errors} error",
+            f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, "
+            + (f"{self.filtered} filtered, " if self.filtered else "")
+            + f"{errors} error",
         ]
         lines += [f"  {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())]
         lines += [
@@ -52,4 +55,5 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
         rows_done=totals.rows,
         ok=totals.ok,
         errors_by_reason=totals.errors_by_reason,
+        filtered=totals.filtered,
     )

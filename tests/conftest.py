@@ -168,8 +168,9 @@ def read_metadata(url: str) -> pa.Table:
 def check_output(url: str, expected_ids: set[str], width: int, height: int) -> dict[str, str]:
     """The foundation's end-to-end check; returns {id: sha256} of the images.
 
-    Every input id has exactly one metadata row, every ok row's image exists, decodes, has the stated
-    size and sha256, and no image exists that no metadata row names.
+    Every input id has exactly one metadata row, done (ok, or filtered by the consistency score);
+    every row with a path has its image, which decodes and has the stated size and sha256; a filtered
+    row without one (scoring.on_low_score: drop) has no sha256; no image exists that no row names.
     """
     import fsspec
 
@@ -180,7 +181,10 @@ def check_output(url: str, expected_ids: set[str], width: int, height: int) -> d
     assert set(ids) == expected_ids
     hashes = {}
     for row in metadata:
-        assert row["status"] == "ok", row
+        assert row["status"] in ("ok", "filtered"), row
+        if row["path"] is None:  # dropped for its score: no image
+            assert row["status"] == "filtered" and row["sha256"] is None, row
+            continue
         data = fs.cat_file(f"{root}/{row['path']}")
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
         image = Image.open(io.BytesIO(data))
@@ -188,6 +192,6 @@ def check_output(url: str, expected_ids: set[str], width: int, height: int) -> d
         assert image.size == (row["width"], row["height"]) == (width, height)
         hashes[row["id"]] = row["sha256"]
     images = {path[len(root) + 1 :] for path in fs.find(f"{root}/images")}
-    assert images == {row["path"] for row in metadata}, "an image exists that no metadata row names"
+    assert images == {row["path"] for row in metadata if row["path"]}, "an image that no row names"
     assert fs.exists(f"{root}/_SUCCESS")
     return hashes

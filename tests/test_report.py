@@ -19,6 +19,7 @@ from PIL import Image
 
 from imagemill.output import JOB_RECORD, OutputLayout
 from imagemill.report import write_report
+from imagemill.scores import summarise
 from imagemill.workers.encoding import thumbnail_data_uri
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -141,11 +142,13 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
         "rows_total": 50,
         "rows_done": 40,
         "rows_ok": 37,
+        "rows_filtered": 0,
         "rows_error": 3,
         "shards_total": 5,
         "shards_done": 4,
         "shards_failed": 1,
     }
+    assert report["clip_score"] is None  # the job does not score
     assert report["errors_by_reason"] == {"duplicate_id": 1, "invalid_prompt": 2}
     assert report["failed_shards"] == [FAILED]
     assert report["stage_seconds"] == {"read": 4.0, "generate": 280.0, "write_wait": 8.0, "total": 300.0}
@@ -185,6 +188,43 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
         str(tmp_path / "shards" / f"{s['shard_id']}.json") for s in SHARDS
     }
     assert opened and {path.removeprefix("file://") for path in opened} <= allowed, opened
+
+
+def test_score_distribution_is_summed_from_the_shards_histograms(tmp_path):
+    """Each shard's stats carry its scores' summary (as the actor writes it); the report adds them up
+    bin by bin, and the page draws one bar per bin from the lowest to the highest, and the threshold."""
+    per_shard = [[12.5, 30.2, 30.9, -3.0], [30.0, 31.99, 12.0], [], [45.0]]
+    shards = [
+        {**stats, "filtered": sum(score < 30 for score in scores), "clip_score": summarise(scores)}
+        for stats, scores in zip(SHARDS, per_shard, strict=True)
+    ]
+    spec = {"name": "scored", "scoring": {"threshold": 30.0, "on_low_score": "drop"}}
+    report = write_report(make_output(tmp_path, shards, {"spec": spec}))
+
+    scores = [score for shard_scores in per_shard for score in shard_scores]
+    distribution = report["clip_score"]
+    assert {key: distribution[key] for key in ("count", "min", "max", "threshold", "on_low_score")} == {
+        "count": 8,
+        "min": -3.0,
+        "max": 45.0,
+        "threshold": 30.0,
+        "on_low_score": "drop",
+    }
+    assert distribution["mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+    assert [(b["low"], b["high"], b["count"]) for b in distribution["bins"]] == [
+        (-3.0, -2.0, 1),
+        (12.0, 13.0, 2),
+        (30.0, 31.0, 3),
+        (31.0, 32.0, 1),
+        (45.0, 46.0, 1),
+    ]
+    assert report["counts"]["rows_filtered"] == 3
+
+    html = (tmp_path / "report.html").read_text()
+    section = html.split('id="clip-score"', 1)[1].split("</section>", 1)[0]
+    assert section.count('<rect class="bin"') == 46 - (-3)  # every bin between, empty ones too
+    assert section.count('class="threshold"') == 1 and "8 scored, mean" in section
+    assert 'id="count-filtered-rows"' in html
 
 
 def test_samples_are_spread_across_shards(tmp_path):

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
+from imagemill.workers.quantization import quantize_denoiser
 from imagemill.workers.rows import BatchKey
-
-EMBEDDING_CACHE_SIZE = 512  # distinct texts whose embeddings an actor keeps (prompts and negatives)
+from imagemill.workers.text_cache import TextEmbeddingCache
 
 
 class DiffusersGenerator:
-    def __init__(self, source: str, dtype: str, device: str, safetensors_only: bool = True):
+    def __init__(
+        self,
+        source: str,
+        dtype: str,
+        device: str,
+        safetensors_only: bool = True,
+        quantization: str = "none",
+    ):
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
         import transformers
@@ -31,28 +36,17 @@ class DiffusersGenerator:
             use_safetensors=True if safetensors_only else None,
         )
         self.pipe.to(device)
+        quantize_denoiser(self.pipe, quantization, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
         # Stable Diffusion encodes a negative prompt exactly as it encodes a prompt, so one cache of
         # text → embedding serves both, and the empty negative prompt is encoded once per actor.
         # Other pipelines get the texts and encode them themselves.
-        self.embeddings: OrderedDict[str, torch.Tensor] | None = (
-            OrderedDict() if isinstance(self.pipe, diffusers.StableDiffusionPipeline) else None
+        self.embeddings: TextEmbeddingCache | None = (
+            TextEmbeddingCache(lambda texts: self.pipe.encode_prompt(texts, self.device, 1, False)[0])
+            if isinstance(self.pipe, diffusers.StableDiffusionPipeline)
+            else None
         )
-
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings of `texts`; each distinct text is encoded once while it stays in the cache."""
-        cache = self.embeddings
-        missing = [text for text in dict.fromkeys(texts) if text not in cache]
-        if missing:
-            encoded, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
-            cache.update(zip(missing, encoded, strict=True))
-        batch = torch.stack([cache[text] for text in texts])
-        for text in texts:
-            cache.move_to_end(text)
-        while len(cache) > EMBEDDING_CACHE_SIZE:
-            cache.popitem(last=False)
-        return batch
 
     def truncated(self, prompts: list[str]) -> list[bool]:
         """Whether each prompt is longer than the text encoder takes; the pipeline then cuts it."""
@@ -79,9 +73,9 @@ class DiffusersGenerator:
         if self.embeddings is None:
             texts = {"prompt": prompts, "negative_prompt": negatives}
         else:
-            texts = {"prompt_embeds": self._embed(prompts)}
+            texts = {"prompt_embeds": self.embeddings(prompts)}
             if key.guidance_scale > 1:  # the pipeline uses negatives only with classifier-free guidance
-                texts["negative_prompt_embeds"] = self._embed(negatives)
+                texts["negative_prompt_embeds"] = self.embeddings(negatives)
         images = self.pipe(
             **texts,
             num_inference_steps=key.num_inference_steps,

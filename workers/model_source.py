@@ -15,14 +15,15 @@ import shutil
 from pathlib import Path
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import ModelSpec
+from imagemill.spec import ModelSpec, ScoringSpec
 from imagemill.storage import filesystem, join
 
 # By model.kind: the file save_pretrained writes at the top of a model directory, and what that is.
 MARKERS = {
-    "diffusers": ("model_index.json", "a diffusers pipeline directory"),
-    "janus": ("config.json", "a transformers Janus model directory"),
+    "diffusers": ("model_index.json", "a diffusers pipeline"),
+    "janus": ("config.json", "a transformers Janus model"),
 }
+MODEL_CONFIG = "config.json"  # a transformers model
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _COMPLETE = ".imagemill-complete"
 
@@ -37,15 +38,26 @@ def _is_hub_id(source: str) -> bool:
 
 def check_model_source(spec: ModelSpec) -> None:
     """Fail on the driver, before any actor starts, when the model cannot be where the spec says."""
-    if spec.kind == "noop":
-        return
-    source, (marker, what) = spec.source, MARKERS[spec.kind]
+    if spec.kind != "noop":
+        _check_source(spec.source, spec.storage_options, *MARKERS[spec.kind], section="model")
+
+
+def check_scoring_source(spec: ScoringSpec) -> None:
+    """The same check for the scoring model: a transformers model directory has a config.json."""
+    _check_source(
+        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="scoring"
+    )
+
+
+def _check_source(source: str, storage_options: dict, marker: str, kind: str, section: str) -> None:
+    """`section` names the spec section (model, scoring), `marker` the file `kind`'s directory holds."""
+    what = "model" if section == "model" else f"{section} model"
     if _is_url(source):
-        fs, path = filesystem(source, spec.storage_options)
+        fs, path = filesystem(source, storage_options)
         if not fs.exists(join(path, marker)):
             raise ImagemillError(
-                f"model not found: {source} has no {marker}; point model.source at {what} "
-                "(one that save_pretrained wrote)"
+                f"{what} not found: {source} has no {marker}; point {section}.source at {kind} "
+                "directory (one that save_pretrained wrote)"
             )
     elif _is_hub_id(source):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -53,13 +65,13 @@ def check_model_source(spec: ModelSpec) -> None:
 
             if not isinstance(try_to_load_from_cache(source, marker), str):
                 raise ImagemillError(
-                    f"model '{source}' is not a local directory and not in the Hugging Face cache, "
+                    f"{what} '{source}' is not a local directory and not in the Hugging Face cache, "
                     "and HF_HUB_OFFLINE=1 forbids downloading it"
                 )
     elif not os.path.isdir(source):
-        raise ImagemillError(f"model path does not exist: {source}")
+        raise ImagemillError(f"{what} path does not exist: {source} ({section}.source)")
     elif not os.path.isfile(os.path.join(source, marker)):
-        raise ImagemillError(f"model directory {source} has no {marker}; it must be {what}")
+        raise ImagemillError(f"{what} directory {source} has no {marker}; it must be {kind} directory")
 
 
 def _cache_root() -> Path:
@@ -91,7 +103,7 @@ def fetch_model_dir(url: str, storage_options: dict) -> Path:
     return target
 
 
-def resolve_model_source(spec: ModelSpec) -> str:
+def resolve_model_source(spec: ModelSpec | ScoringSpec) -> str:
     """What `from_pretrained` is given on this node: a local directory or a hub id."""
     if _is_url(spec.source):
         return str(fetch_model_dir(spec.source, spec.storage_options))

@@ -1,4 +1,4 @@
-"""A tiny random-weight Stable-Diffusion pipeline, built offline.
+"""A tiny random-weight Stable-Diffusion pipeline, and a tiny CLIP model to score its images, built offline.
 
 No weights can be downloaded where the tests and the demo job run, yet both need a real diffusers pipeline
 directory that loads through the normal path (``DiffusionPipeline.from_pretrained(path,
@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
 
 SEED = 0
 MAX_LENGTH = 77
@@ -94,8 +102,8 @@ def _train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(out_dir, model_max_length=MAX_LENGTH)
 
 
-def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=37,
@@ -106,7 +114,6 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
 
 
 def _unet() -> UNet2DConditionModel:
@@ -149,7 +156,7 @@ def make_tiny_model(out_dir: str | os.PathLike) -> Path:
     tokenizer = _train_tokenizer(out / "tokenizer")
     with torch.random.fork_rng(devices=[]):  # seed for the weights without touching the caller's RNG
         torch.manual_seed(SEED)
-        text_encoder = _text_encoder(tokenizer)
+        text_encoder = CLIPTextModel(_text_config(tokenizer))
         torch.manual_seed(SEED)
         unet = _unet()
         torch.manual_seed(SEED)
@@ -173,4 +180,40 @@ def make_tiny_model(out_dir: str | os.PathLike) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+CLIP_IMAGE_SIZE = 32
+
+
+def make_tiny_clip(out_dir: str | os.PathLike) -> Path:
+    """Write a tiny random-weight CLIPModel with its tokenizer and image processor config to ``out_dir``.
+
+    The scorer's path loads it as it loads a real one (``CLIPModel.from_pretrained``, the tokenizer,
+    ``preprocessor_config.json``): 32-pixel inputs in 8-pixel patches, so a 64-pixel image is resized
+    and a non-square one cropped. Its scores are meaningless but deterministic (same weights every call).
+    """
+    out = Path(out_dir)
+    tokenizer = _train_tokenizer(out)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=CLIP_IMAGE_SIZE,
+        patch_size=8,
+    )
+    config = CLIPConfig(
+        text_config=_text_config(tokenizer).to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = CLIPModel(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": CLIP_IMAGE_SIZE},
+        crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
+    )
+    processor.save_pretrained(out)
     return out

@@ -21,8 +21,10 @@ import pyarrow as pa
 import torch
 
 from imagemill.output import OutputLayout
+from imagemill.scores import summarise
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
+from imagemill.workers.consistency import ConsistencyScorer
 from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
 from imagemill.workers.janus_generator import JanusGenerator
@@ -59,7 +61,9 @@ def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | JanusGene
     source = resolve_model_source(spec.model)
     if spec.model.kind == "janus":
         return JanusGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
-    return DiffusersGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
+    return DiffusersGenerator(
+        source, spec.model.dtype, device, spec.model.safetensors_only, spec.model.quantization
+    )
 
 
 class ShardWorker:
@@ -67,19 +71,48 @@ class ShardWorker:
         self.spec = spec
         self.device = pick_device(spec.model.device)
         self.generator = make_generator(spec, self.device)
+        self.scorer = ConsistencyScorer(spec.scoring, self.device) if spec.scoring else None
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
 
     def ready(self) -> dict[str, Any]:
         return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> list[float | None]:
+        """Each image's consistency score with the text it was generated from, computed on the
+        images where the generator left them (its device); None for every row when scoring is off."""
+        if self.scorer is None:
+            return [None] * len(prompts)
+        return self.scorer.score(images, prompts)
+
+    def _status(self, score: float | None) -> str:
+        """`filtered` for a score under scoring.threshold, else `ok`."""
+        threshold = self.spec.scoring.threshold if self.spec.scoring else None
+        return "filtered" if score is not None and threshold is not None and score < threshold else "ok"
+
+    def _dropped(self, status: str) -> bool:
+        """Whether a row of this status gets no image (scoring.on_low_score: drop)."""
+        return status == "filtered" and self.spec.scoring.on_low_score == "drop"
+
     def _write_image(
-        self, writer: ShardWriter, shard: Shard, row: Row, truncated: bool, pixels: np.ndarray
+        self,
+        writer: ShardWriter,
+        shard: Shard,
+        row: Row,
+        truncated: bool,
+        pixels: np.ndarray,
+        score: float | None,
+        status: str,
     ) -> dict[str, Any]:
-        """Encode one ok row's image and hand it to the writer; returns the row's metadata record."""
+        """Encode one done row's image and hand it to the writer; returns the row's metadata record."""
         data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
-        record = {**self._record(shard, row, truncated), "sha256": hashlib.sha256(data).hexdigest()}
-        return {**record, "status": "ok", **writer.add(row.index, record, data)}
+        record = {
+            **self._record(shard, row, truncated),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "status": status,
+            "clip_score": score,
+        }
+        return {**record, **writer.add(row.index, record, data)}
 
     def _record(self, shard: Shard, row: Row, truncated: bool) -> dict[str, Any]:
         """The row's metadata columns, less those that depend on its image (status, path, sha256)."""
@@ -106,7 +139,7 @@ class ShardWorker:
         self.output.prepare_shard(shard.shard_id, self.spec.output.format)
         writer = open_writer(self.spec.output, self.output, shard.shard_id)
 
-        written: dict[int, dict[str, Any]] = {}  # metadata records of the ok rows, by position
+        written: dict[int, dict[str, Any]] = {}  # metadata records of the done (ok, filtered) rows
         pending: deque[list[tuple[Row, Future]]] = deque()
 
         def collect(batch: list[tuple[Row, Future]]) -> None:
@@ -126,6 +159,7 @@ class ShardWorker:
                 images = self.generator.generate(
                     prompts, [row.negative_prompt for row in batch], [row.seed for row in batch], batch[0].key
                 )
+                scores = self._score(images, prompts)  # `prompts`: the texts the images were drawn from
                 pixels = images.cpu().numpy()
             except ValueError as exc:  # the pipeline's own checks refused these parameters
                 for row in batch:
@@ -133,7 +167,13 @@ class ShardWorker:
                 continue
             finally:
                 generate_seconds += time.time() - tick
-            for row, image in zip(batch[: SAMPLES_PER_SHARD - len(samples)], pixels, strict=False):
+            statuses = [self._status(score) for score in scores]
+            kept = [
+                (row, image)
+                for row, image, status in zip(batch, pixels, statuses, strict=True)
+                if not self._dropped(status)
+            ]
+            for row, image in kept[: SAMPLES_PER_SHARD - len(samples)]:
                 samples.append(
                     {
                         "id": row.row_id,
@@ -142,17 +182,17 @@ class ShardWorker:
                         "thumbnail": thumbnail_data_uri(image),
                     }
                 )
-            pending.append(
-                [
-                    (
-                        row,
-                        self.writers.submit(
-                            self._write_image, writer, shard, row, row.index in truncated, image
-                        ),
+            in_flight = []
+            for row, image, score, status in zip(batch, pixels, scores, statuses, strict=True):
+                if self._dropped(status):
+                    record = self._record(shard, row, row.index in truncated)
+                    written[row.index] = {**record, "status": status, "clip_score": score}
+                else:
+                    future = self.writers.submit(
+                        self._write_image, writer, shard, row, row.index in truncated, image, score, status
                     )
-                    for row, image in zip(batch, pixels, strict=True)
-                ]
-            )
+                    in_flight.append((row, future))
+            pending.append(in_flight)
             if len(pending) > BATCHES_IN_FLIGHT:
                 collect(pending.popleft())
         tick = time.time()
@@ -163,12 +203,14 @@ class ShardWorker:
 
         self._write_metadata(shard, rows, written, truncated, writer)
         errors = Counter(row.error.split(":", 1)[0] for row in rows if row.error)
+        statuses = Counter(record["status"] for record in written.values())
         seconds = time.time() - started
         stats = {
             "shard_id": shard.shard_id,
             "input_file": shard.file_url,
             "rows": len(rows),
-            "ok": len(written),
+            "ok": statuses["ok"],
+            "filtered": statuses["filtered"],
             "error": len(rows) - len(written),
             "errors_by_reason": dict(errors),
             "finished_at": datetime.now(UTC).isoformat(),
@@ -180,6 +222,9 @@ class ShardWorker:
             "device": self.device,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "samples": samples,
+            "clip_score": summarise(
+                [record["clip_score"] for record in written.values() if record["clip_score"] is not None]
+            ),
         }
         self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
         return stats

@@ -49,6 +49,7 @@ METADATA_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("input_file", pa.string()),
         ("input_row", pa.int64()),
+        ("clip_score", pa.float64()),  # consistency score; null when scoring is off or the row errored
     ]
 )
 
@@ -66,10 +67,11 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _data_schema() -> pa.Schema:
-    """Metadata columns of an ok row (less status, error and path, the same for every row) plus
+    """Metadata columns of a row with an image (less error and path, the same for every such row) plus
     `image`, with the Hugging Face features in the schema metadata so that `datasets` decodes
-    `image` to PIL images without a cast."""
-    fields = [field for field in METADATA_SCHEMA if field.name not in ("status", "error", "path")]
+    `image` to PIL images without a cast. `status` stays: `filtered` rows kept by
+    scoring.on_low_score: keep are there too."""
+    fields = [field for field in METADATA_SCHEMA if field.name not in ("error", "path")]
     features: dict[str, Any] = {f.name: {"dtype": _HF_DTYPES[f.type], "_type": "Value"} for f in fields}
     features["image"] = {"_type": "Image"}
     huggingface = json.dumps({"info": {"features": features}})
@@ -160,7 +162,8 @@ class TarWriter(BufferedWriter):
 
     @staticmethod
     def sample_json(record: dict[str, Any]) -> bytes:
-        sample = {name: record[name] for name in ("id", "prompt", "seed", "width", "height", "sha256")}
+        names = ("id", "prompt", "seed", "width", "height", "sha256", "status", "clip_score")
+        sample = {name: record[name] for name in names}
         sample["parameters"] = {name: record[name] for name in SAMPLE_PARAMETERS}
         return json.dumps(sample, sort_keys=True).encode()
 

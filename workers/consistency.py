@@ -1,0 +1,74 @@
+"""The consistency score: how well each image matches the text it was generated from, by a CLIP model.
+
+score = 100 × cosine(image embedding, text embedding), in [-100, 100]. This is torchmetrics'
+`CLIPScore` scale without its clamp at 0 (Hessel et al.'s CLIPScore is 2.5 × max(cos, 0)): the raw
+cosine keeps the whole distribution visible, so a threshold can be chosen from it. CLIP ViT-L/14 gives
+matching text-image pairs about 25..35 on this scale.
+
+The images are scored where the generator left them, on the actor's device, before the copy back:
+resized (shortest edge, bicubic with antialiasing, rounded to 8 bits as the image processor's own
+8-bit resize does), centre-cropped and normalised with torch ops, as the model's image processor
+config (`preprocessor_config.json`) says. No image goes through PIL or leaves the device for this.
+Text embeddings are cached per distinct text (`TextEmbeddingCache`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from imagemill.spec import ScoringSpec
+from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.text_cache import TextEmbeddingCache
+
+
+class ConsistencyScorer:
+    def __init__(self, spec: ScoringSpec, device: str):
+        # transformers is imported here so the driver never pays for importing it.
+        import transformers
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+        transformers.utils.logging.set_verbosity_error()
+        source = resolve_model_source(spec)
+        self.device = device
+        self.model = CLIPModel.from_pretrained(
+            source, dtype=getattr(torch, spec.dtype), use_safetensors=True if spec.safetensors_only else None
+        )
+        self.model.to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        # The processor class only reads the numbers from the config; the transforms are ours, below.
+        processor = CLIPImageProcessorPil.from_pretrained(source)
+        self.shortest_edge: int = processor.size["shortest_edge"]
+        self.crop: tuple[int, int] = (processor.crop_size["height"], processor.crop_size["width"])
+        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+        self.max_length: int = self.model.config.text_config.max_position_embeddings
+        self.texts = TextEmbeddingCache(self._encode_texts)
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit-length text embeddings; prompts longer than the text encoder takes are cut, as in CLIP."""
+        tokens = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        return F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 images → the (N, 3, crop_h, crop_w) model input, on the images' device."""
+        pixels = images.permute(0, 3, 1, 2).float()
+        height, width = pixels.shape[-2:]
+        short, long = min(height, width), max(height, width)
+        new_long = int(self.shortest_edge * long / short)  # the image processor's own rounding
+        size = (self.shortest_edge, new_long) if height <= width else (new_long, self.shortest_edge)
+        if size != (height, width):
+            pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+            pixels = pixels.round().clamp(0, 255)
+        top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
+        pixels = pixels[..., top : top + self.crop[0], left : left + self.crop[1]]
+        return ((pixels / 255 - self.mean) / self.std).to(self.model.dtype)
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor, texts: list[str]) -> list[float]:
+        """The score of each image against its text (see the module docstring for the scale)."""
+        features = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output
+        cosine = (F.normalize(features.float(), dim=-1) * self.texts(texts)).sum(dim=-1)
+        return (100 * cosine).tolist()
