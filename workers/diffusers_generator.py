@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
+from imagemill.workers.families import Embeddings, call_default, family_of
 from imagemill.workers.rows import BatchKey
 
 EMBEDDING_CACHE_SIZE = 512  # distinct texts whose embeddings an actor keeps (prompts and negatives)
@@ -33,34 +36,64 @@ class DiffusersGenerator:
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
-        # Stable Diffusion encodes a negative prompt exactly as it encodes a prompt, so one cache of
-        # text → embedding serves both, and the empty negative prompt is encoded once per actor.
-        # Other pipelines get the texts and encode them themselves.
-        self.embeddings: OrderedDict[str, torch.Tensor] | None = (
-            OrderedDict() if isinstance(self.pipe, diffusers.StableDiffusionPipeline) else None
+        self.family = family_of(self.pipe)
+        call = inspect.signature(self.pipe.__call__).parameters.values()
+        # None: __call__ takes **kwargs, so every argument is passed on.
+        self.accepted: set[str] | None = (
+            None if any(p.kind is p.VAR_KEYWORD for p in call) else {p.name for p in call}
+        )
+        # SDXL's unconditional branch for "no negative prompt" is zeros, not the encoded empty string.
+        self.zero_absent_negative = bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", False))
+        # (is negative, text) → that text's embeddings, one row each. Families encode a negative prompt as a
+        # prompt except Sana, which prefixes prompts with an instruction; None is an absent negative.
+        # A pipeline of no known family gets the texts and encodes them itself.
+        self.embeddings: OrderedDict[tuple[bool, str | None], Embeddings] | None = (
+            OrderedDict() if self.family.encode else None
         )
 
-    def _embed(self, texts: list[str]) -> torch.Tensor:
+    def _embed(self, texts: list[str | None], negative: bool) -> Embeddings:
         """Embeddings of `texts`; each distinct text is encoded once while it stays in the cache."""
         cache = self.embeddings
-        missing = [text for text in dict.fromkeys(texts) if text not in cache]
+        keys = [(negative, text) for text in texts]
+        missing = [key for key in dict.fromkeys(keys) if key not in cache]
         if missing:
-            encoded, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
-            cache.update(zip(missing, encoded, strict=True))
-        batch = torch.stack([cache[text] for text in texts])
-        for text in texts:
-            cache.move_to_end(text)
+            encoded = self.family.encode(
+                self.pipe, [text or "" for _, text in missing], self.device, negative
+            )
+            for row, key in enumerate(missing):
+                zero = key[1] is None and self.zero_absent_negative
+                cache[key] = {
+                    name: torch.zeros_like(rows[row]) if zero else rows[row] for name, rows in encoded.items()
+                }
+        batch = {name: torch.stack([cache[key][name] for key in keys]) for name in cache[keys[0]]}
+        for key in keys:
+            cache.move_to_end(key)
         while len(cache) > EMBEDDING_CACHE_SIZE:
             cache.popitem(last=False)
         return batch
 
     def truncated(self, prompts: list[str]) -> list[bool]:
-        """Whether each prompt is longer than the text encoder takes; the pipeline then cuts it."""
-        tokenizer = getattr(self.pipe, "tokenizer", None)
+        """Whether each prompt is longer than the text encoder takes; the pipeline then cuts it.
+
+        The encoder that reads the most decides (T5 or Gemma where the family has one).
+        """
+        tokenizer = getattr(self.pipe, self.family.tokenizer, None)
+        limit = call_default(self.pipe, "max_sequence_length") if self.family.long_context else None
+        if tokenizer is None:  # SD3 loaded without its T5: the CLIP encoders read the prompt
+            tokenizer, limit = getattr(self.pipe, "tokenizer", None), None
         if tokenizer is None:
             return [False] * len(prompts)
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
-        return [length > tokenizer.model_max_length for length in lengths]
+        return [length > (limit or tokenizer.model_max_length) for length in lengths]
+
+    def _check_size(self, key: BatchKey) -> None:
+        """Refuse sizes the pipeline would silently change (the worker makes the rows model_rejected)."""
+        multiple = self.family.size_multiple(self.pipe) if self.family.size_multiple else 1
+        if key.width % multiple or key.height % multiple:
+            raise ValueError(
+                f"{type(self.pipe).__name__} needs width and height divisible by {multiple}, "
+                f"got {key.width}x{key.height}"
+            )
 
     @torch.inference_mode()
     def generate(
@@ -70,26 +103,40 @@ class DiffusersGenerator:
 
         Each row gets its own CPU generator, so its starting noise depends on its seed alone, on any
         device and in any batch (the computation after that is shaped by the batch: see "Determinism"
-        in docs/ARCHITECTURE.md). An absent negative prompt is the empty string, which is what Stable
-        Diffusion encodes for the unconditional branch anyway, so rows with and without one can share
-        a batch. Pixels become uint8 on the device, so the copy back moves a quarter of the bytes; the
-        worker makes that copy, after any step that wants the images on the device.
+        in docs/ARCHITECTURE.md). An absent negative prompt is what the family's pipeline uses without
+        one (the empty string, or zeros for SDXL), row by row, so rows with and without one can share a
+        batch. Text arguments are those of the family (see families.py). Pixels become uint8 on the
+        device, so the copy back moves a quarter of the bytes; the worker makes that copy, after any
+        step that wants the images on the device.
         """
-        negatives = [negative or "" for negative in negative_prompts]
+        self._check_size(key)
+        arguments: dict[str, Any] = {
+            "num_inference_steps": key.num_inference_steps,
+            "guidance_scale": key.guidance_scale,  # FLUX: the distilled guidance the model is given
+            "width": key.width,
+            "height": key.height,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            "output_type": "pt",
+            "use_resolution_binning": False,  # PixArt, Sana: generate the size asked for, not a resized one
+        }
         if self.embeddings is None:
-            texts = {"prompt": prompts, "negative_prompt": negatives}
+            arguments.update(
+                prompt=prompts, negative_prompt=[negative or "" for negative in negative_prompts]
+            )
         else:
-            texts = {"prompt_embeds": self._embed(prompts)}
-            if key.guidance_scale > 1:  # the pipeline uses negatives only with classifier-free guidance
-                texts["negative_prompt_embeds"] = self._embed(negatives)
-        images = self.pipe(
-            **texts,
-            num_inference_steps=key.num_inference_steps,
-            guidance_scale=key.guidance_scale,
-            width=key.width,
-            height=key.height,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-            output_type="pt",
-        ).images
+            # PixArt and Sana default negative_prompt to "", which they refuse next to negative embeddings.
+            arguments.update(self._embed(prompts, negative=False), negative_prompt=None)
+            # Negatives only feed classifier-free guidance, which guidance-distilled models do not run.
+            if self.family.uses_negatives and key.guidance_scale > 1:
+                negatives = self._embed(negative_prompts, negative=True)
+                arguments.update({f"negative_{name}": rows for name, rows in negatives.items()})
+        if self.accepted is not None:
+            arguments = {name: value for name, value in arguments.items() if name in self.accepted}
+        images = self.pipe(**arguments).images
+        if images.shape[-2:] != (key.height, key.width):
+            raise ValueError(
+                f"{type(self.pipe).__name__} made {images.shape[-1]}x{images.shape[-2]} images "
+                f"for {key.width}x{key.height}"
+            )
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
         return pixels.permute(0, 2, 3, 1)
