@@ -53,6 +53,16 @@ class OutputSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
+class LoraSpec(_Section):
+    source: str = Field(
+        description="LoRA weights: a .safetensors file, a directory, a hub id, or a directory's fsspec URL."
+    )
+    weight_name: str | None = Field(
+        None, description="The weights file inside a directory or hub repo; default: diffusers' guess."
+    )
+    scale: float = Field(1.0, description="How strongly the LoRA applies (its adapter weight).")
+
+
 class ModelSpec(_Section):
     source: str = Field("", description="Hub id, local directory, or fsspec URL of a directory.")
     kind: Literal["diffusers", "noop"] = Field(
@@ -66,6 +76,9 @@ class ModelSpec(_Section):
         True, description="Refuse pickled (.bin/.pt) weights, which can run code when loaded."
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    lora: list[LoraSpec] = Field(
+        default_factory=list, description="LoRA adapters, all active together; URLs use storage_options."
+    )
 
 
 class GenerationSpec(_Section):
@@ -122,10 +135,13 @@ class JobSpec(_Section):
         output = self.output.model_dump(include={"format", "image_format", "quality"})
         if output["format"] == "files":
             del output["format"]  # absent means files: outputs made before formats existed still resume
+        model = self.model.model_dump(include={"source", "kind", "dtype", "lora"})
+        if not model["lora"]:
+            del model["lora"]  # absent means none: outputs made before LoRA support still resume
         return {
             "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
             "output": output,
-            "model": self.model.model_dump(include={"source", "kind", "dtype"}),
+            "model": model,
             "generation": self.generation.model_dump(),
             "batch_size": self.workers.batch_size,
         }
@@ -215,6 +231,9 @@ def build_spec(
     spec.output.path = _absolute(spec.output.path).rstrip("/")
     if spec.model.source and _looks_like_local_path(spec.model.source):
         spec.model.source = _absolute(spec.model.source)
+    for lora in spec.model.lora:
+        if _looks_like_local_path(lora.source):
+            lora.source = _absolute(lora.source)
     return spec
 
 

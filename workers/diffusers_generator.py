@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from imagemill.spec import LoraSpec
 from imagemill.workers.families import Embeddings, call_default, family_of
+from imagemill.workers.lora import load_loras
 from imagemill.workers.rows import BatchKey
 
 EMBEDDING_CACHE_SIZE = 512  # distinct texts whose embeddings an actor keeps (prompts and negatives)
 
 
 class DiffusersGenerator:
-    def __init__(self, source: str, dtype: str, device: str, safetensors_only: bool = True):
+    def __init__(
+        self,
+        source: str,
+        dtype: str,
+        device: str,
+        safetensors_only: bool = True,
+        loras: Sequence[tuple[LoraSpec, str]] = (),
+    ):
+        """`loras`: each LoRA of the spec with where its weights are on this node."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
         import transformers
@@ -33,6 +44,7 @@ class DiffusersGenerator:
             # True refuses pickled weights; None prefers safetensors and falls back to them.
             use_safetensors=True if safetensors_only else None,
         )
+        load_loras(self.pipe, loras, safetensors_only)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device

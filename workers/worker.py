@@ -25,7 +25,7 @@ from imagemill.shards import Shard
 from imagemill.spec import JobSpec
 from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
-from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.model_source import resolve_model_source, resolve_source
 from imagemill.workers.noop_generator import NoopGenerator
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 from imagemill.workers.writers import METADATA_SCHEMA, ShardWriter, open_writer, parquet_bytes
@@ -55,8 +55,10 @@ def _as(kind: type, value: Any) -> Any:
 def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | NoopGenerator:
     if spec.model.kind == "noop":
         return NoopGenerator()
-    source = resolve_model_source(spec.model)
-    return DiffusersGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
+    model = spec.model
+    loras = [(lora, resolve_source(lora.source, model.storage_options)) for lora in model.lora]
+    source = resolve_model_source(model)
+    return DiffusersGenerator(source, model.dtype, device, model.safetensors_only, loras)
 
 
 class ShardWorker:
