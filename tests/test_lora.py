@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_metadata, write_prompt_files
+from conftest import as_pixels, read_metadata, write_prompt_files
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -65,7 +65,7 @@ def _by_hand(pipe, prompts: list[str], seeds: list[int]) -> np.ndarray:
         output_type="pt",
         **GENERATION,
     ).images
-    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return as_pixels(images)
 
 
 def test_job_with_a_lora_makes_the_images_of_a_pipeline_with_it_loaded_by_hand(
