@@ -1,4 +1,4 @@
-"""A diffusers text-to-image pipeline, loaded once per actor and pinned to its device."""
+"""A diffusers text-to-image pipeline of any family (families.py), with its LoRAs, loaded once per actor."""
 
 from __future__ import annotations
 
