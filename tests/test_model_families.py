@@ -94,11 +94,12 @@ def test_family_end_to_end(ray_session, tmp_path, family_models, family):
 
 
 def _pipeline_images(pipe, prompts, negatives, seeds) -> np.ndarray:
-    """What the pipeline itself makes from the texts, with imagemill's fixed settings."""
+    """What the pipeline itself makes from the texts, with imagemill's fixed settings; negatives None:
+    the pipeline's own default for no negative prompt."""
     name, options = type(pipe).__name__, {}
     if name.startswith(("PixArt", "Sana")):
         options = {"use_resolution_binning": False, "clean_caption": False}
-    if not name.startswith("Flux"):  # guidance-distilled: no negative branch
+    if negatives is not None and not name.startswith("Flux"):  # FLUX is guidance-distilled: no negatives
         options["negative_prompt"] = negatives
     with torch.inference_mode():
         images = pipe(
@@ -118,8 +119,11 @@ def _pipeline_images(pipe, prompts, negatives, seeds) -> np.ndarray:
     "family", [family for family in FAMILIES if family != "sd"]
 )  # SD: test_text_encoding
 def test_cached_embeddings_give_what_the_pipeline_gives(family_models, family):
-    """The per-text embedding cache feeds each family the arguments its own text path would make."""
+    """The per-text embedding cache feeds each family the arguments its own text path would make,
+    with negative prompts and without (SDXL: zeros), and truncation is judged by its longest encoder."""
     generator = DiffusersGenerator(family_models[family], "float32", "cpu")
-    prompts, negatives, seeds = ["a red cat", "a blue dog"], ["blurry", "dark"], [11, 12]
-    ours = generator.generate(prompts, negatives, seeds, BatchKey(WIDTH, HEIGHT, 2, 4.0)).numpy()
-    np.testing.assert_array_equal(ours, _pipeline_images(generator.pipe, prompts, negatives, seeds))
+    prompts, seeds, key = ["a red cat", "a blue dog"], [11, 12], BatchKey(WIDTH, HEIGHT, 2, 4.0)
+    for negatives in (["blurry", "dark"], None):
+        ours = generator.generate(prompts, negatives or [None, None], seeds, key).numpy()
+        np.testing.assert_array_equal(ours, _pipeline_images(generator.pipe, prompts, negatives, seeds))
+    assert generator.truncated(["a red cat", "red " * 100, "red " * 600]) == [False, family in {"sdxl"}, True]
