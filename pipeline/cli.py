@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="write a small random-weight pipeline for tests/demos")
     tiny.add_argument("directory")
+    tiny.add_argument(
+        "--family",
+        choices=["sd", "sdxl", "sd3", "flux", "pixart", "sana"],
+        default="sd",
+        help="which pipeline family to build (default: sd)",
+    )
 
     status = commands.add_parser("status", help="progress and counts of a job, read from its output")
     status.add_argument("output", help="the job's output root (local or URL)")
@@ -113,9 +119,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from imagemill.workers.tiny_model import make_tiny_model
+    from imagemill.workers.tiny_families import make_tiny_family
 
-    print(f"tiny model written to {make_tiny_model(args.directory)}")
+    print(f"tiny model written to {make_tiny_family(args.family, args.directory)}")
     return 0
 
 

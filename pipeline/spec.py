@@ -54,6 +54,16 @@ class OutputSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
+class LoraSpec(_Section):
+    source: str = Field(
+        description="LoRA weights: a .safetensors file, a directory, a hub id, or a directory's fsspec URL."
+    )
+    weight_name: str | None = Field(
+        None, description="The weights file inside a directory or hub repo; default: diffusers' guess."
+    )
+    scale: float = Field(1.0, description="How strongly the LoRA applies (its adapter weight).")
+
+
 class ModelSpec(_Section):
     source: str = Field("", description="Hub id, local directory, or fsspec URL of a directory.")
     kind: Literal["diffusers", "janus", "noop"] = Field(
@@ -74,6 +84,9 @@ class ModelSpec(_Section):
         "compute capability 8.9 or newer.",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    lora: list[LoraSpec] = Field(
+        default_factory=list, description="LoRA adapters, all active together; URLs use storage_options."
+    )
 
 
 class ScoringSpec(_Section):
@@ -149,9 +162,11 @@ class JobSpec(_Section):
         output = self.output.model_dump(include={"format", "image_format", "quality"})
         if output["format"] == "files":
             del output["format"]  # absent means files: outputs made before formats existed still resume
-        model = self.model.model_dump(include={"source", "kind", "dtype", "quantization"})
+        model = self.model.model_dump(include={"source", "kind", "dtype", "quantization", "lora"})
         if model["quantization"] == "none":
             del model["quantization"]  # absent means none: outputs made before quantisation still resume
+        if not model["lora"]:
+            del model["lora"]  # absent means none: outputs made before LoRA support still resume
         fingerprint = {
             "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
             "output": output,
@@ -249,6 +264,9 @@ def build_spec(
     for model in (spec.model, spec.scoring):
         if model is not None and model.source and _looks_like_local_path(model.source):
             model.source = _absolute(model.source)
+    for lora in spec.model.lora:
+        if _looks_like_local_path(lora.source):
+            lora.source = _absolute(lora.source)
     return spec
 
 

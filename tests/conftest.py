@@ -17,6 +17,7 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("IMAGEMILL_CACHE_DIR", tempfile.mkdtemp(prefix="imagemill-cache-"))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
@@ -163,6 +164,13 @@ def read_metadata(url: str) -> pa.Table:
     fs.invalidate_cache()
     files = sorted(fs.glob(f"{root}/metadata/*.parquet"))
     return pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in files])
+
+
+def as_pixels(images) -> np.ndarray:
+    """A pipeline's `output_type="pt"` images as (N, H, W, 3) uint8, the way imagemill converts them."""
+    import torch
+
+    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def check_output(url: str, expected_ids: set[str], width: int, height: int) -> dict[str, str]:

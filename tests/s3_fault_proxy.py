@@ -4,6 +4,7 @@
         ...  # point clients at proxy.url; every 4th request gets 503 SlowDown
         proxy.broken_paths = {"bucket/prompts/part-001.parquet"}  # those paths get 500 InternalError
         assert proxy.failures > 0
+        assert proxy.by_path[("GET", "/bucket/models/x/unet/model.safetensors")] == 1  # every request counted
 
 Every method is forwarded with its headers and body (a chunked request body is de-chunked and sent
 with a Content-Length; `Expect: 100-continue` is answered by the proxy itself) and the upstream's
@@ -46,7 +47,8 @@ def s3_error(code: str, message: str) -> bytes:
 class S3FaultProxy:
     """Forward to `upstream`; fail every `fail_every`-th request (503 SlowDown) and every request
     whose path contains one of `broken_paths` (500 InternalError). Both settings may be changed at
-    any time; `requests`, `failures`, `slowdowns`, `internal_errors` and `failed_by_method` count."""
+    any time; `requests`, `failures`, `slowdowns`, `internal_errors` and `failed_by_method` count, and
+    `by_path` counts requests by (method, path with its query), both unquoted."""
 
     def __init__(self, upstream: str, fail_every: int = 0, broken_paths: set[str] | None = None):
         parts = urlsplit(upstream)
@@ -59,6 +61,7 @@ class S3FaultProxy:
         self.slowdowns = 0
         self.internal_errors = 0
         self.failed_by_method: Counter[str] = Counter()
+        self.by_path: Counter[tuple[str, str]] = Counter()
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
@@ -78,6 +81,7 @@ class S3FaultProxy:
         key = unquote(urlsplit(path).path)
         with self.lock:
             self.requests += 1
+            self.by_path[(method, unquote(path))] += 1
             if any(broken in key for broken in self.broken_paths):
                 self.internal_errors += 1
                 self.failed_by_method[method] += 1

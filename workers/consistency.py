@@ -45,12 +45,12 @@ class ConsistencyScorer:
         self.max_length: int = self.model.config.text_config.max_position_embeddings
         self.texts = TextEmbeddingCache(self._encode_texts)
 
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+    def _encode_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Unit-length text embeddings; prompts longer than the text encoder takes are cut, as in CLIP."""
         tokens = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        return F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+        return {"text": F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)}
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 images → the (N, 3, crop_h, crop_w) model input, on the images' device."""
@@ -70,5 +70,5 @@ class ConsistencyScorer:
     def score(self, images: torch.Tensor, texts: list[str]) -> list[float]:
         """The score of each image against its text (see the module docstring for the scale)."""
         features = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output
-        cosine = (F.normalize(features.float(), dim=-1) * self.texts(texts)).sum(dim=-1)
+        cosine = (F.normalize(features.float(), dim=-1) * self.texts(texts)["text"]).sum(dim=-1)
         return (100 * cosine).tolist()

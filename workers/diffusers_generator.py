@@ -1,12 +1,19 @@
-"""A diffusers text-to-image pipeline, loaded once per actor and pinned to its device."""
+"""A diffusers text-to-image pipeline of any family (families.py), with its LoRAs, loaded once per actor."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
+from imagemill.spec import LoraSpec
+from imagemill.workers.families import call_default, family_of
+from imagemill.workers.lora import load_loras
 from imagemill.workers.quantization import quantize_denoiser
 from imagemill.workers.rows import BatchKey
-from imagemill.workers.text_cache import TextEmbeddingCache
+from imagemill.workers.text_cache import Embeddings, TextEmbeddingCache
 
 
 class DiffusersGenerator:
@@ -16,8 +23,10 @@ class DiffusersGenerator:
         dtype: str,
         device: str,
         safetensors_only: bool = True,
+        loras: Sequence[tuple[LoraSpec, str]] = (),
         quantization: str = "none",
     ):
+        """`loras`: each LoRA of the spec with where its weights are on this node."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
         import transformers
@@ -35,26 +44,61 @@ class DiffusersGenerator:
             # True refuses pickled weights; None prefers safetensors and falls back to them.
             use_safetensors=True if safetensors_only else None,
         )
+        load_loras(self.pipe, loras, safetensors_only)
         self.pipe.to(device)
         quantize_denoiser(self.pipe, quantization, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
-        # Stable Diffusion encodes a negative prompt exactly as it encodes a prompt, so one cache of
-        # text → embedding serves both, and the empty negative prompt is encoded once per actor.
-        # Other pipelines get the texts and encode them themselves.
+        self.family = family_of(self.pipe)
+        call = inspect.signature(self.pipe.__call__).parameters.values()
+        # None: __call__ takes **kwargs, so every argument is passed on.
+        self.accepted: set[str] | None = (
+            None if any(p.kind is p.VAR_KEYWORD for p in call) else {p.name for p in call}
+        )
+        # SDXL's unconditional branch for "no negative prompt" is zeros, not the encoded empty string.
+        self.zero_absent_negative = bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", False))
+        # (is negative, text) → that text's embeddings. Families encode a negative prompt as a prompt
+        # except Sana, which prefixes prompts with an instruction; None is an absent negative. A
+        # pipeline of no known family gets the texts and encodes them itself.
         self.embeddings: TextEmbeddingCache | None = (
-            TextEmbeddingCache(lambda texts: self.pipe.encode_prompt(texts, self.device, 1, False)[0])
-            if isinstance(self.pipe, diffusers.StableDiffusionPipeline)
-            else None
+            TextEmbeddingCache(self._encode) if self.family.encode else None
         )
 
+    def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
+        """The family's embeddings of distinct (is negative, text) keys, all prompts or all negatives."""
+        negative = keys[0][0]
+        encoded = self.family.encode(self.pipe, [text or "" for _, text in keys], self.device, negative)
+        absent = [text is None and self.zero_absent_negative for _, text in keys]
+        if not any(absent):
+            return encoded
+        return {
+            name: torch.stack([row.new_zeros(row.shape) if zero else row for row, zero in pairs])
+            for name, rows in encoded.items()
+            for pairs in [zip(rows, absent, strict=True)]
+        }
+
     def truncated(self, prompts: list[str]) -> list[bool]:
-        """Whether each prompt is longer than the text encoder takes; the pipeline then cuts it."""
-        tokenizer = getattr(self.pipe, "tokenizer", None)
+        """Whether each prompt is longer than the text encoder takes; the pipeline then cuts it.
+
+        The encoder that reads the most decides (T5 or Gemma where the family has one).
+        """
+        tokenizer = getattr(self.pipe, self.family.tokenizer, None)
+        limit = call_default(self.pipe, "max_sequence_length") if self.family.long_context else None
+        if tokenizer is None:  # SD3 loaded without its T5: the CLIP encoders read the prompt
+            tokenizer, limit = getattr(self.pipe, "tokenizer", None), None
         if tokenizer is None:
             return [False] * len(prompts)
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
-        return [length > tokenizer.model_max_length for length in lengths]
+        return [length > (limit or tokenizer.model_max_length) for length in lengths]
+
+    def _check_size(self, key: BatchKey) -> None:
+        """Refuse sizes the pipeline would silently change (the worker makes the rows model_rejected)."""
+        multiple = self.family.size_multiple(self.pipe) if self.family.size_multiple else 1
+        if key.width % multiple or key.height % multiple:
+            raise ValueError(
+                f"{type(self.pipe).__name__} needs width and height divisible by {multiple}, "
+                f"got {key.width}x{key.height}"
+            )
 
     @torch.inference_mode()
     def generate(
@@ -64,26 +108,40 @@ class DiffusersGenerator:
 
         Each row gets its own CPU generator, so its starting noise depends on its seed alone, on any
         device and in any batch (the computation after that is shaped by the batch: see "Determinism"
-        in docs/ARCHITECTURE.md). An absent negative prompt is the empty string, which is what Stable
-        Diffusion encodes for the unconditional branch anyway, so rows with and without one can share
-        a batch. Pixels become uint8 on the device, so the copy back moves a quarter of the bytes; the
-        worker makes that copy, after any step that wants the images on the device.
+        in docs/ARCHITECTURE.md). An absent negative prompt is what the family's pipeline uses without
+        one (the empty string, or zeros for SDXL), row by row, so rows with and without one can share a
+        batch. Text arguments are those of the family (see families.py). Pixels become uint8 on the
+        device, so the copy back moves a quarter of the bytes; the worker makes that copy, after any
+        step that wants the images on the device.
         """
-        negatives = [negative or "" for negative in negative_prompts]
+        self._check_size(key)
+        arguments: dict[str, Any] = {
+            "num_inference_steps": key.num_inference_steps,
+            "guidance_scale": key.guidance_scale,  # FLUX: the distilled guidance the model is given
+            "width": key.width,
+            "height": key.height,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            "output_type": "pt",
+            "use_resolution_binning": False,  # PixArt, Sana: generate the size asked for, not a resized one
+        }
         if self.embeddings is None:
-            texts = {"prompt": prompts, "negative_prompt": negatives}
+            arguments.update(
+                prompt=prompts, negative_prompt=[negative or "" for negative in negative_prompts]
+            )
         else:
-            texts = {"prompt_embeds": self.embeddings(prompts)}
-            if key.guidance_scale > 1:  # the pipeline uses negatives only with classifier-free guidance
-                texts["negative_prompt_embeds"] = self.embeddings(negatives)
-        images = self.pipe(
-            **texts,
-            num_inference_steps=key.num_inference_steps,
-            guidance_scale=key.guidance_scale,
-            width=key.width,
-            height=key.height,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-            output_type="pt",
-        ).images
+            # PixArt and Sana default negative_prompt to "", which they refuse next to negative embeddings.
+            arguments.update(self.embeddings([(False, prompt) for prompt in prompts]), negative_prompt=None)
+            # Negatives only feed classifier-free guidance, which guidance-distilled models do not run.
+            if self.family.uses_negatives and key.guidance_scale > 1:
+                negatives = self.embeddings([(True, negative) for negative in negative_prompts])
+                arguments.update({f"negative_{name}": rows for name, rows in negatives.items()})
+        if self.accepted is not None:
+            arguments = {name: value for name, value in arguments.items() if name in self.accepted}
+        images = self.pipe(**arguments).images
+        if images.shape[-2:] != (key.height, key.width):
+            raise ValueError(
+                f"{type(self.pipe).__name__} made {images.shape[-1]}x{images.shape[-2]} images "
+                f"for {key.width}x{key.height}"
+            )
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
         return pixels.permute(0, 2, 3, 1)

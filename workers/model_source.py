@@ -39,6 +39,7 @@ def _is_hub_id(source: str) -> bool:
 def check_model_source(spec: ModelSpec) -> None:
     """Fail on the driver, before any actor starts, when the model cannot be where the spec says."""
     if spec.kind != "noop":
+        check_lora_sources(spec)
         _check_source(spec.source, spec.storage_options, *MARKERS[spec.kind], section="model")
 
 
@@ -103,8 +104,20 @@ def fetch_model_dir(url: str, storage_options: dict) -> Path:
     return target
 
 
+def resolve_source(source: str, storage_options: dict) -> str:
+    """What `from_pretrained` (or `load_lora_weights`) is given on this node: a local path or a hub id."""
+    if _is_url(source):
+        return str(fetch_model_dir(source, storage_options))
+    return source
+
+
 def resolve_model_source(spec: ModelSpec | ScoringSpec) -> str:
-    """What `from_pretrained` is given on this node: a local directory or a hub id."""
-    if _is_url(spec.source):
-        return str(fetch_model_dir(spec.source, spec.storage_options))
-    return spec.source
+    return resolve_source(spec.source, spec.storage_options)
+
+
+def check_lora_sources(spec: ModelSpec) -> None:
+    """Fail on the driver when a LoRA named by a local path is not there (URLs and hub ids are
+    checked where they are loaded)."""
+    for index, lora in enumerate(spec.lora):
+        if not _is_url(lora.source) and not _is_hub_id(lora.source) and not os.path.exists(lora.source):
+            raise ImagemillError(f"LoRA not found: {lora.source} (model.lora[{index}].source)")

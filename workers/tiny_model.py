@@ -50,7 +50,7 @@ WORDS = (
 )
 
 
-def _corpus() -> list[str]:
+def corpus() -> list[str]:
     """A deterministic English corpus: every word, plus short phrases combining the word lists."""
     colours, shapes, positions, objects = (s.split() for s in (COLOURS, SHAPES, POSITIONS, OBJECTS))
     words = [*colours, *shapes, *positions, *objects, *WORDS.split()]
@@ -61,7 +61,7 @@ def _corpus() -> list[str]:
     return words + phrases
 
 
-def _train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> CLIPTokenizer:
+def train_clip_tokenizer(out_dir: Path, vocab_size: int = 2048) -> CLIPTokenizer:
     """Train byte-level BPE merges the way CLIP tokenizes; write vocab.json/merges.txt; load them."""
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence(
@@ -85,7 +85,7 @@ def _train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> CLIPTokenizer:
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(corpus(), trainer=trainer)
     merges = [
         tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
         for m in json.loads(bpe.to_str())["model"]["merges"]
@@ -102,7 +102,8 @@ def _train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(out_dir, model_max_length=MAX_LENGTH)
 
 
-def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def clip_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder's config for `tokenizer`; `overrides` change fields (projection_dim)."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -113,35 +114,44 @@ def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **overrides,
     )
 
 
-def _unet() -> UNet2DConditionModel:
+def tiny_unet(**config) -> UNet2DConditionModel:
+    """The tiny SD UNet; `config` overrides fields (SDXL adds its pooled-text and size conditioning)."""
     return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
+        **{
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (16, 32),
+            "norm_num_groups": 8,
+            "layers_per_block": 1,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": (2, 4),
+            **config,
+        }
     )
 
 
-def _vae() -> AutoencoderKL:
+def tiny_vae(
+    block_out_channels: tuple[int, ...] = (16, 32), latent_channels: int = 4, **config
+) -> AutoencoderKL:
+    """A tiny KL VAE; it scales images down by 2 per block after the first (SD's VAE: 8, four blocks)."""
     return AutoencoderKL(
         sample_size=64,
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
+        latent_channels=latent_channels,
+        block_out_channels=block_out_channels,
         norm_num_groups=8,
         layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        **config,
     )
 
 
@@ -153,14 +163,14 @@ def make_tiny_model(out_dir: str | os.PathLike) -> Path:
     ``DiffusionPipeline.from_pretrained(out_dir, use_safetensors=True)``.
     """
     out = Path(out_dir)
-    tokenizer = _train_tokenizer(out / "tokenizer")
+    tokenizer = train_clip_tokenizer(out / "tokenizer")
     with torch.random.fork_rng(devices=[]):  # seed for the weights without touching the caller's RNG
         torch.manual_seed(SEED)
-        text_encoder = CLIPTextModel(_text_config(tokenizer))
+        text_encoder = CLIPTextModel(clip_config(tokenizer))
         torch.manual_seed(SEED)
-        unet = _unet()
+        unet = tiny_unet()
         torch.manual_seed(SEED)
-        vae = _vae()
+        vae = tiny_vae()
     scheduler = DDIMScheduler(  # Stable Diffusion 1.x's schedule
         beta_start=0.00085,
         beta_end=0.012,
@@ -194,7 +204,7 @@ def make_tiny_clip(out_dir: str | os.PathLike) -> Path:
     and a non-square one cropped. Its scores are meaningless but deterministic (same weights every call).
     """
     out = Path(out_dir)
-    tokenizer = _train_tokenizer(out)
+    tokenizer = train_clip_tokenizer(out)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=37,
@@ -204,7 +214,7 @@ def make_tiny_clip(out_dir: str | os.PathLike) -> Path:
         patch_size=8,
     )
     config = CLIPConfig(
-        text_config=_text_config(tokenizer).to_dict(), vision_config=vision.to_dict(), projection_dim=16
+        text_config=clip_config(tokenizer).to_dict(), vision_config=vision.to_dict(), projection_dim=16
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

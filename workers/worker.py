@@ -28,7 +28,7 @@ from imagemill.workers.consistency import ConsistencyScorer
 from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
 from imagemill.workers.janus_generator import JanusGenerator
-from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.model_source import resolve_model_source, resolve_source
 from imagemill.workers.noop_generator import NoopGenerator
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 from imagemill.workers.writers import METADATA_SCHEMA, ShardWriter, open_writer, parquet_bytes
@@ -58,12 +58,12 @@ def _as(kind: type, value: Any) -> Any:
 def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | JanusGenerator | NoopGenerator:
     if spec.model.kind == "noop":
         return NoopGenerator()
-    source = resolve_model_source(spec.model)
-    if spec.model.kind == "janus":
-        return JanusGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
-    return DiffusersGenerator(
-        source, spec.model.dtype, device, spec.model.safetensors_only, spec.model.quantization
-    )
+    model = spec.model
+    source = resolve_model_source(model)
+    if model.kind == "janus":
+        return JanusGenerator(source, model.dtype, device, model.safetensors_only)
+    loras = [(lora, resolve_source(lora.source, model.storage_options)) for lora in model.lora]
+    return DiffusersGenerator(source, model.dtype, device, model.safetensors_only, loras, model.quantization)
 
 
 class ShardWorker:
