@@ -71,10 +71,10 @@ class DiffusersGenerator:
         absent = [text is None and self.zero_absent_negative for _, text in keys]
         if not any(absent):
             return encoded
+        zeroed = torch.tensor(absent, device=self.device)
         return {
-            name: torch.stack([row.new_zeros(row.shape) if zero else row for row, zero in pairs])
+            name: rows.masked_fill(zeroed.view(-1, *[1] * (rows.dim() - 1)), 0)
             for name, rows in encoded.items()
-            for pairs in [zip(rows, absent, strict=True)]
         }
 
     def truncated(self, prompts: list[str]) -> list[bool]:
