@@ -12,15 +12,28 @@ import hashlib
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import ModelSpec
+from imagemill.spec import ExpansionSpec, ModelSpec
 from imagemill.storage import filesystem, join
 
 MODEL_INDEX = "model_index.json"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _COMPLETE = ".imagemill-complete"
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model directory of one kind must hold, and how to name such a directory in errors."""
+
+    marker: str
+    description: str
+
+
+DIFFUSERS_PIPELINE = ModelKind(MODEL_INDEX, "a diffusers pipeline directory (one that save_pretrained wrote)")
+LANGUAGE_MODEL = ModelKind("config.json", "a transformers model directory (one that save_pretrained wrote)")
 
 
 def _is_url(source: str) -> bool:
@@ -31,33 +44,31 @@ def _is_hub_id(source: str) -> bool:
     return not _is_url(source) and not os.path.isabs(source) and bool(_HUB_ID.fullmatch(source))
 
 
-def check_model_source(spec: ModelSpec) -> None:
+def check_model_source(spec: ModelSpec | ExpansionSpec, kind: ModelKind = DIFFUSERS_PIPELINE) -> None:
     """Fail on the driver, before any actor starts, when the model cannot be where the spec says."""
-    if spec.kind == "noop":
+    if isinstance(spec, ModelSpec) and spec.kind == "noop":
         return
-    source = spec.source
+    source, marker = spec.source, kind.marker
+    field = "model.source" if isinstance(spec, ModelSpec) else "expansion.source"
     if _is_url(source):
         fs, path = filesystem(source, spec.storage_options)
-        if not fs.exists(join(path, MODEL_INDEX)):
+        if not fs.exists(join(path, marker)):
             raise ImagemillError(
-                f"model not found: {source} has no {MODEL_INDEX}; point model.source at a diffusers "
-                "pipeline directory (one that save_pretrained wrote)"
+                f"model not found: {source} has no {marker}; point {field} at {kind.description}"
             )
     elif _is_hub_id(source):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             from huggingface_hub import try_to_load_from_cache
 
-            if not isinstance(try_to_load_from_cache(source, MODEL_INDEX), str):
+            if not isinstance(try_to_load_from_cache(source, marker), str):
                 raise ImagemillError(
                     f"model '{source}' is not a local directory and not in the Hugging Face cache, "
                     "and HF_HUB_OFFLINE=1 forbids downloading it"
                 )
     elif not os.path.isdir(source):
         raise ImagemillError(f"model path does not exist: {source}")
-    elif not os.path.isfile(os.path.join(source, MODEL_INDEX)):
-        raise ImagemillError(
-            f"model directory {source} has no {MODEL_INDEX}; it must be a diffusers pipeline directory"
-        )
+    elif not os.path.isfile(os.path.join(source, marker)):
+        raise ImagemillError(f"model directory {source} has no {marker}; {field} must be {kind.description}")
 
 
 def _cache_root() -> Path:
@@ -89,7 +100,7 @@ def fetch_model_dir(url: str, storage_options: dict) -> Path:
     return target
 
 
-def resolve_model_source(spec: ModelSpec) -> str:
+def resolve_model_source(spec: ModelSpec | ExpansionSpec) -> str:
     """What `from_pretrained` is given on this node: a local directory or a hub id."""
     if _is_url(spec.source):
         return str(fetch_model_dir(spec.source, spec.storage_options))

@@ -35,6 +35,7 @@ METADATA_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("prompt", pa.string()),
+        ("expanded_prompt", pa.string()),  # what prompt expansion made of `prompt`; null without it
         ("prompt_truncated", pa.bool_()),
         ("negative_prompt", pa.string()),
         ("seed", pa.int64()),
@@ -160,7 +161,10 @@ class TarWriter(BufferedWriter):
 
     @staticmethod
     def sample_json(record: dict[str, Any]) -> bytes:
-        sample = {name: record[name] for name in ("id", "prompt", "seed", "width", "height", "sha256")}
+        sample = {
+            name: record[name]
+            for name in ("id", "prompt", "expanded_prompt", "seed", "width", "height", "sha256")
+        }
         sample["parameters"] = {name: record[name] for name in SAMPLE_PARAMETERS}
         return json.dumps(sample, sort_keys=True).encode()
 
