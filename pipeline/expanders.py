@@ -7,6 +7,7 @@ An expander holds no state between calls, so Ray restarts a dead one and retries
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -19,7 +20,9 @@ from imagemill.workers.prompt_expansion import PromptExpander
 RESTARTS = 3
 
 
-def start_expanders(spec: JobSpec, name_prefix: str, describe_error: Any) -> list[Any]:
+def start_expanders(
+    spec: JobSpec, name_prefix: str, describe_error: Callable[[BaseException], str]
+) -> list[Any]:
     """Start `expansion.num_workers` expanders and wait until each has loaded its model.
 
     `describe_error` turns a Ray exception into one line. Returns [] unless the placement is `pool`.

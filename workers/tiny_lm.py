@@ -36,18 +36,18 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_lm(out_dir: str | os.PathLike) -> Path:
+def make_tiny_lm(out_dir: str | os.PathLike, hidden_size: int = 32, num_layers: int = 2) -> Path:
     """Write a tiny random-weight Llama causal LM and its tokenizer to ``out_dir``; return its path.
 
-    The same call always writes the same weights.
+    The same call always writes the same weights. Benchmarks make it larger with the two sizes.
     """
     out = Path(out_dir)
     tokenizer = _tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
