@@ -215,7 +215,13 @@ class ShardWorker:
         def submit(prompts: list[str], seeds: list[int]) -> Any:
             return self.expanders[next(turn) % len(self.expanders)].expand.remote(prompts, seeds)
 
-        return ShardExpansion(rows, spec, self.spec.generation.seed, submit, ray.get)
+        def wait(handle: Any) -> list[str]:
+            try:
+                return ray.get(handle)
+            except ray.exceptions.RayActorError as exc:  # else the driver would take this worker for dead
+                raise RuntimeError(f"an expander died and could not be restarted: {exc}") from None
+
+        return ShardExpansion(rows, spec, self.spec.generation.seed, submit, wait)
 
     def _write_metadata(
         self,
