@@ -10,14 +10,17 @@ import time
 from pathlib import Path
 from subprocess import DEVNULL
 
+import pyarrow as pa
 import pytest
 from conftest import check_output, read_metadata, run_cli, write_prompt_files
 
 import imagemill
 from imagemill.errors import ImagemillError
-from imagemill.spec import ExpansionSpec, parse_overrides
+from imagemill.shards import Shard
+from imagemill.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
 from imagemill.workers.model_source import LANGUAGE_MODEL, check_model_source
-from imagemill.workers.prompt_expansion import PromptExpander
+from imagemill.workers.prompt_expansion import PromptExpander, expansion_batches
+from imagemill.workers.rows import prepare_rows
 
 ROWS, VARIANTS, IMAGES = 24, 2, 2
 JOB = """\
@@ -192,3 +195,17 @@ def test_an_expansion_source_that_is_not_a_language_model_is_refused_in_one_line
         ImagemillError, match=r"has no config\.json; expansion\.source must be a transformers"
     ):
         check_model_source(ExpansionSpec(source=tiny_model), LANGUAGE_MODEL)
+
+
+def test_variant_rows_get_derived_ids_own_seeds_and_one_expansion_per_variant():
+    table = pa.table({"id": ["a", "b"], "prompt": ["a cat", "a dog"], "seed": [100, None]})
+    shard = Shard("s", "file:///p.parquet", "p", 0, 1, first_row=0, num_rows=2)
+    rows = prepare_rows(table, shard, InputSpec(path="/p"), GenerationSpec(images_per_prompt=2), n_variants=3)
+    assert [row.row_id for row in rows[:6]] == ["a_v0_0", "a_v0_1", "a_v1_0", "a_v1_1", "a_v2_0", "a_v2_1"]
+    assert [row.seed for row in rows[:6]] == list(range(100, 106)), "a given seed counts up over the images"
+    assert len({row.seed for row in rows}) == 12
+    batches = expansion_batches(rows, batch_size=4)
+    assert [[row.variant_id for row in batch] for batch in batches] == [
+        ["a_v0", "a_v1", "a_v2", "b_v0"],
+        ["b_v1", "b_v2"],
+    ]
