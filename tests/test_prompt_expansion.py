@@ -13,6 +13,7 @@ from subprocess import DEVNULL
 import pyarrow as pa
 import pytest
 from conftest import check_output, read_metadata, run_cli, write_prompt_files
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import imagemill
 from imagemill.errors import ImagemillError
@@ -209,3 +210,14 @@ def test_variant_rows_get_derived_ids_own_seeds_and_one_expansion_per_variant():
         ["a_v0", "a_v1", "a_v2", "b_v0"],
         ["b_v1", "b_v2"],
     ]
+
+
+def test_an_empty_expansion_falls_back_to_the_input_prompt(tiny_lm, tmp_path):
+    """A model whose last norm is zeroed gives equal logits everywhere: greedy writes token 0, the
+    padding token, which decodes to nothing."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    model.model.norm.weight.data.zero_()
+    model.save_pretrained(tmp_path / "silent-lm")
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path / "silent-lm")
+    expander = PromptExpander(ExpansionSpec(source=str(tmp_path / "silent-lm"), max_new_tokens=4), "cpu")
+    assert expander.expand(["a red cat", "a dog"], [0, 1]) == ["a red cat", "a dog"]
