@@ -124,7 +124,8 @@ def _write_input(settings: dict, work: Path) -> Path:
     return folder
 
 
-def run_imagemill(settings: dict, model: Path, work: Path) -> dict:
+def run_imagemill(settings: dict, model: Path, work: Path, extra: dict | None = None) -> dict:
+    """`extra`: more spec sections (bench/expansion.py adds `expansion`)."""
     import ray
 
     import imagemill
@@ -144,6 +145,7 @@ def run_imagemill(settings: dict, model: Path, work: Path) -> dict:
                 "guidance_scale": settings["guidance"],
             },
             "workers": {"num_workers": settings["workers"], "batch_size": settings["batch_size"]},
+            **(extra or {}),
         }
     )
     started = time.perf_counter()
@@ -153,7 +155,9 @@ def run_imagemill(settings: dict, model: Path, work: Path) -> dict:
     finished = [datetime.fromisoformat(s["finished_at"]).timestamp() for s in stats]
     window = max(finished) - min(end - s["seconds"] for end, s in zip(finished, stats, strict=True))
     stages = {
-        key: round(sum(s[f"{key}_seconds"] for s in stats), 2) for key in ("read", "generate", "write_wait")
+        key[: -len("_seconds")]: round(sum(s[key] for s in stats), 2)
+        for key in stats[0]
+        if key.endswith("_seconds")
     }
     stages["total"] = round(sum(s["seconds"] for s in stats), 2)
     return {
@@ -220,12 +224,15 @@ VARIANTS = {"bare": run_bare, "imagemill": run_imagemill, "ray-data": run_ray_da
 # --- the harness -----------------------------------------------------------------------------------
 
 
-def _child(variant: str, profile: str, model: Path) -> dict:
+def _child(
+    variant: str, profile: str, model: Path, script: str = __file__, more: tuple[str, ...] = ()
+) -> dict:
+    """One variant in a fresh process: `script --child VARIANT ...` prints its result as JSON."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as work:
         done = subprocess.run(
             [
                 sys.executable,
-                __file__,
+                script,
                 "--child",
                 variant,
                 "--profile",
@@ -234,6 +241,7 @@ def _child(variant: str, profile: str, model: Path) -> dict:
                 str(model),
                 "--work",
                 work,
+                *more,
             ],
             capture_output=True,
             text=True,

@@ -21,6 +21,7 @@ from imagemill.scores import merge
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")
+STAGE_LABELS = {"expand": "prompt expansion", "write_wait": "waiting on writes"}  # the rest as named
 
 
 def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
@@ -62,15 +63,29 @@ def build_report(
             {key: failure.get(key) for key in ("shard_id", "input_file", "attempts", "error")}
             for failure in failed
         ],
-        "stage_seconds": {
-            stage: round(sum(stats.get(f"{stage}_seconds", 0.0) for stats in shards), 3)
-            for stage in ("read", "generate", "write_wait")
-        }
-        | {"total": round(sum(stats.get("seconds", 0.0) for stats in shards), 3)},
+        "stage_seconds": _stage_seconds(shards),
         "throughput": throughput(record.get("started_at"), shards),
         "clip_score": clip_score(record, shards),
-        "samples": [{key: sample[key] for key in ("id", "prompt", "seed", "shard_id")} for sample in samples],
+        "samples": [
+            {**{key: sample[key] for key in ("id", "prompt", "seed", "shard_id")}, **_expanded(sample)}
+            for sample in samples
+        ],
     }
+
+
+def _stage_seconds(shards: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds per stage summed over the shards; `expand` only for jobs with prompt expansion."""
+    expands = any("expand_seconds" in stats for stats in shards)
+    stages = ("read", "expand", "generate", "write_wait") if expands else ("read", "generate", "write_wait")
+    seconds = {
+        stage: round(sum(stats.get(f"{stage}_seconds", 0.0) for stats in shards), 3) for stage in stages
+    }
+    return seconds | {"total": round(sum(stats.get("seconds", 0.0) for stats in shards), 3)}
+
+
+def _expanded(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sample's expanded prompt, where prompt expansion made one (absent from older stats)."""
+    return {"expanded_prompt": sample["expanded_prompt"]} if sample.get("expanded_prompt") else {}
 
 
 def clip_score(record: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -193,7 +208,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
     )
     figures = "".join(
         f'<figure><img src="{_e(uri)}" alt="{_e(s["id"])}" '
-        f'title="{_e(" · ".join(str(s[k]) for k in ("id", "seed", "prompt")))}">'
+        f'title="{_e(" · ".join(str(s[k]) for k in ("id", "seed", "prompt", "expanded_prompt") if k in s))}">'
         f"<figcaption>{_e(s['id'])}</figcaption></figure>"
         for s, uri in zip(report["samples"], thumbnails, strict=True)
     )
@@ -220,7 +235,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 {_table(("shard", "file", "attempts", "error"), [tuple(f.values()) for f in report["failed_shards"]])}
 </section>
 <section id="stages"><h2>Time by stage (seconds, summed over shards)</h2>
-{_table(("read", "generate", "waiting on writes", "total"), [tuple(stages.values())])}</section>
+{_table(tuple(STAGE_LABELS.get(s, s) for s in stages), [tuple(stages.values())])}</section>
 </body></html>
 """
 

@@ -26,7 +26,7 @@ from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import plan_shards
 from imagemill.spec import JobSpec
-from imagemill.workers.model_source import check_model_source, check_scoring_source
+from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
 
 log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("imagemill", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs")
@@ -126,6 +126,8 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     check_model_source(spec.model)
     if spec.scoring is not None:
         check_scoring_source(spec.scoring)
+    if spec.expansion is not None:
+        check_expansion_source(spec.expansion)
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     _claim_output(spec, output, overwrite)
     planned = {shard.shard_id for shard in plan.shards}
@@ -138,7 +140,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
     ]
     shards_total = len(plan.shards) + len(plan.unreadable)
-    rows_total = plan.total_rows * spec.generation.images_per_prompt  # one metadata row per image
+    rows_total = plan.total_rows * spec.images_per_row  # one metadata row per image
     record: dict[str, Any] = {
         "name": spec.name,
         "spec": spec.redacted(),

@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.errors import ImagemillError
+from imagemill.expanders import start_expanders, stop_expanders
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
 from imagemill.workers.worker import ShardWorker
@@ -80,21 +81,24 @@ class ShardScheduler:
         self.replacements_left = 2 * self.num_workers + 2
         self.actors_started = 0
         self.run_token = uuid.uuid4().hex[:6]  # actor names must be unique across concurrent runs
+        self.expanders: list[Any] = []  # the expander pool, with expansion.placement: pool
 
     def _new_actor(self) -> Any:
         """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
         self.actors_started += 1
         name = f"imagemill:{self.spec.name}:{self.run_token}:{self.actors_started}"
-        return self.actor_class.options(name=name, **self.actor_options).remote(self.spec)
+        return self.actor_class.options(name=name, **self.actor_options).remote(self.spec, self.expanders)
 
     def _start_workers(self) -> list[Any]:
         """Start the pool and wait until every actor has loaded the model, so load errors surface early."""
+        self.expanders = start_expanders(self.spec, f"imagemill:{self.spec.name}:{self.run_token}", _one_line)
         actors = [self._new_actor() for _ in range(self.num_workers)]
         try:
             ray.get([actor.ready.remote() for actor in actors])
         except (RayActorError, RayTaskError) as exc:
             for actor in actors:
                 ray.kill(actor)
+            stop_expanders(self.expanders)
             raise ImagemillError(
                 f"workers could not load model {self.spec.model.source}: {_one_line(exc)}"
             ) from None
@@ -189,4 +193,5 @@ class ShardScheduler:
                 )
         for actor in [*alive, *starting.values()]:
             ray.kill(actor)
+        stop_expanders(self.expanders)
         return failures

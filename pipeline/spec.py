@@ -22,6 +22,15 @@ OutputFormat = Literal["files", "webdataset", "parquet"]
 Quantization = Literal["none", "int8_weight_only", "int8_dynamic", "fp8"]
 IMAGE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 DATE_FIELD = "{date}"
+# Where and how expansion runs, not what it writes: left out of the fingerprint, free to change on resume.
+EXPANSION_RUNTIME_FIELDS = {
+    "storage_options",
+    "safetensors_only",
+    "placement",
+    "num_workers",
+    "num_gpus",
+    "num_cpus",
+}
 
 
 class _Section(BaseModel):
@@ -130,6 +139,50 @@ class WorkersSpec(_Section):
     max_shard_attempts: int = Field(3, gt=0)
 
 
+class ExpansionSpec(_Section):
+    """Prompt expansion: a causal language model rewrites each prompt before it is drawn."""
+
+    source: str = Field(description="Hub id, local directory, or fsspec URL of a transformers causal LM.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    safetensors_only: bool = True
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    template: str = Field(
+        "Describe a photo of {prompt} in one detailed sentence:",
+        description="The text the language model continues; {prompt} is replaced by the input prompt.",
+    )
+    max_new_tokens: int = Field(48, gt=0, le=4096)
+    do_sample: bool = Field(False, description="false: greedy; true: sampled, seeded per variant id.")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n_variants: int = Field(
+        1, gt=0, le=1000, description="Expansions per input row, each its own row with id <id>_v<k>."
+    )
+    batch_size: int = Field(16, gt=0, description="Prompts per language-model call.")
+    placement: Literal["actor", "pool"] = Field(
+        "actor", description="actor: in each ShardWorker, on its device; pool: expander actors of its own."
+    )
+    num_workers: int = Field(1, gt=0, description="pool only: expander actors.")
+    num_gpus: float = Field(0, ge=0, description="pool only: GPUs per expander (0: it runs on CPU).")
+    num_cpus: float = Field(1, gt=0, description="pool only: CPUs per expander.")
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_prompt(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("must contain {prompt}, where the input prompt goes")
+        return value
+
+    @model_validator(mode="after")
+    def _variants_need_sampling(self) -> ExpansionSpec:
+        if self.n_variants > 1 and not self.do_sample:
+            raise ValueError("n_variants > 1 needs do_sample: true, else every variant is the same text")
+        return self
+
+    def fill(self, prompt: str) -> str:
+        """The template with the prompt in it (str.replace: other braces in the template stay as they are)."""
+        return self.template.replace("{prompt}", prompt)
+
+
 class JobSpec(_Section):
     name: str = "imagemill"
     input: InputSpec
@@ -138,6 +191,9 @@ class JobSpec(_Section):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     scoring: ScoringSpec | None = None
+    expansion: ExpansionSpec | None = Field(
+        None, description="Optional prompt expansion by a language model."
+    )
 
     @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
@@ -176,12 +232,20 @@ class JobSpec(_Section):
         }
         if self.scoring is not None:  # absent when off, for the same reason
             fingerprint["scoring"] = self.scoring.model_dump(exclude={"storage_options", "safetensors_only"})
+        if self.expansion is not None:  # absent without expansion: outputs made before it still resume
+            fingerprint["expansion"] = self.expansion.model_dump(exclude=EXPANSION_RUNTIME_FIELDS)
         return fingerprint
+
+    @property
+    def images_per_row(self) -> int:
+        """Metadata rows (images) per input row: variants × images per prompt."""
+        variants = self.expansion.n_variants if self.expansion else 1
+        return variants * self.generation.images_per_prompt
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage option hidden: safe for logs and the job record."""
         data = self.model_dump()
-        for section in ("input", "output", "model", "scoring"):
+        for section in ("input", "output", "model", "scoring", "expansion"):
             if data[section] and data[section]["storage_options"]:
                 data[section]["storage_options"] = "<redacted>"
         return data
@@ -261,7 +325,7 @@ def build_spec(
         raise ImagemillError(f"{origin} is invalid: {problems}") from None
     spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
-    for model in (spec.model, spec.scoring):
+    for model in (spec.model, spec.scoring, spec.expansion):
         if model is not None and model.source and _looks_like_local_path(model.source):
             model.source = _absolute(model.source)
     for lora in spec.model.lora:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import ModelSpec, ScoringSpec
+from imagemill.spec import ExpansionSpec, ModelSpec, ScoringSpec
 from imagemill.storage import filesystem, join
 
 # By model.kind: the file save_pretrained writes at the top of a model directory, and what that is.
@@ -47,6 +47,13 @@ def check_scoring_source(spec: ScoringSpec) -> None:
     """The same check for the scoring model: a transformers model directory has a config.json."""
     _check_source(
         spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="scoring"
+    )
+
+
+def check_expansion_source(spec: ExpansionSpec) -> None:
+    """The same check for the prompt-expansion model: a transformers causal LM directory."""
+    _check_source(
+        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers causal LM", section="expansion"
     )
 
 
@@ -111,7 +118,7 @@ def resolve_source(source: str, storage_options: dict) -> str:
     return source
 
 
-def resolve_model_source(spec: ModelSpec | ScoringSpec) -> str:
+def resolve_model_source(spec: ModelSpec | ScoringSpec | ExpansionSpec) -> str:
     return resolve_source(spec.source, spec.storage_options)
 
 

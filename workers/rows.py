@@ -47,6 +47,13 @@ class Row:
     num_inference_steps: Any
     guidance_scale: Any
     error: str | None = None
+    variant_id: str = ""  # the id its prompt expansion is made for: the row id less any `_<k>` image suffix
+    expanded_prompt: str | None = None  # what the language model made of `prompt`, when expansion is on
+
+    @property
+    def text(self) -> Any:
+        """The prompt the image is drawn from: the expanded one where there is one."""
+        return self.prompt if self.expanded_prompt is None else self.expanded_prompt
 
     @property
     def key(self) -> BatchKey:
@@ -96,10 +103,19 @@ def _row_error(row: Row) -> str | None:
     return None
 
 
-def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults: GenerationSpec) -> list[Row]:
-    """One Row per input row and image (images_per_prompt), with the row's own parameters where given
-    and the job's elsewhere. With several images per prompt, image k of row `id` is `id_k`, and its
-    seed is the row's seed + k, or one derived from `id_k`."""
+def _variant_id(base_id: str, variant: int, n_variants: int) -> str:
+    return base_id if n_variants == 1 else f"{base_id}_v{variant}"
+
+
+def prepare_rows(
+    table: pa.Table, shard: Shard, input_spec: InputSpec, defaults: GenerationSpec, n_variants: int = 1
+) -> list[Row]:
+    """One Row per input row, prompt variant (n_variants, from expansion) and image
+    (images_per_prompt), with the row's own parameters where given and the job's elsewhere.
+
+    Variant v of row `id` is `id_v<v>`, and image k of a prompt is `<prompt id>_<k>`: with both,
+    `id_v1_0`. Each has its own seed: the row's seed + its number among the row's images, or one
+    derived from its id."""
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
 
     def column(name: str) -> list[Any]:
@@ -108,7 +124,7 @@ def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults:
     ids, prompts = column(input_spec.id_column), column(input_spec.prompt_column)
     rows = []
     seen_ids: set[str] = set()
-    variants = defaults.images_per_prompt
+    images = defaults.images_per_prompt
     for index in range(table.num_rows):
         input_row = shard.first_row + index
         given_id = ids[index]
@@ -121,12 +137,13 @@ def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults:
             return default if given is None else given
 
         given_seed = value("seed", None)
-        for variant in range(variants):
-            row_id = base_id if variants == 1 else f"{base_id}_{variant}"
+        for number in range(n_variants * images):
+            variant_id = _variant_id(base_id, number // images, n_variants)
+            row_id = variant_id if images == 1 else f"{variant_id}_{number % images}"
             if given_seed is None:
                 seed = derive_seed(defaults.seed, row_id)
-            elif _is_int(given_seed) and variants > 1:
-                seed = (given_seed + variant) % (MAX_SEED + 1)
+            elif _is_int(given_seed) and number:
+                seed = (given_seed + number) % (MAX_SEED + 1)
             else:
                 seed = given_seed
             row = Row(
@@ -140,6 +157,7 @@ def prepare_rows(table: pa.Table, shard: Shard, input_spec: InputSpec, defaults:
                 height=value("height", defaults.height),
                 num_inference_steps=value("num_inference_steps", defaults.num_inference_steps),
                 guidance_scale=value("guidance_scale", defaults.guidance_scale),
+                variant_id=variant_id,
             )
             row.error = _row_error(row)
             if row_id in seen_ids:

@@ -11,3 +11,8 @@ def derive_seed(job_seed: int, row_id: str) -> int:
     """A seed from the job seed and the row id alone, so no batch, actor or shard order can change it."""
     digest = hashlib.sha256(f"{job_seed}/{row_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def expansion_seed(job_seed: int, variant_id: str) -> int:
+    """The seed of a prompt expansion: apart from the image seeds, so the two draws are independent."""
+    return derive_seed(job_seed, f"expansion/{variant_id}")

@@ -7,8 +7,11 @@ writers.py), then the metadata Parquet is written, then the stats file: its pres
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import os
+import random
 import resource
 import time
 from collections import Counter, deque
@@ -30,6 +33,7 @@ from imagemill.workers.encoding import encode_image, thumbnail_data_uri
 from imagemill.workers.janus_generator import JanusGenerator
 from imagemill.workers.model_source import resolve_model_source, resolve_source
 from imagemill.workers.noop_generator import NoopGenerator
+from imagemill.workers.prompt_expansion import PromptExpander, ShardExpansion
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 from imagemill.workers.writers import METADATA_SCHEMA, ShardWriter, open_writer, parquet_bytes
 
@@ -67,11 +71,18 @@ def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | JanusGene
 
 
 class ShardWorker:
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None):
+        """`expanders`: handles of the expander actors with `expansion.placement: pool`."""
         self.spec = spec
         self.device = pick_device(spec.model.device)
         self.generator = make_generator(spec, self.device)
         self.scorer = ConsistencyScorer(spec.scoring, self.device) if spec.scoring else None
+        self.expanders = expanders or []
+        self.expander = (
+            PromptExpander(spec.expansion, self.device)
+            if spec.expansion is not None and spec.expansion.placement == "actor"
+            else None
+        )
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
 
@@ -126,6 +137,7 @@ class ShardWorker:
             "guidance_scale": _as(float, row.guidance_scale),
             "width": _as(int, row.width),
             "height": _as(int, row.height),
+            "expanded_prompt": row.expanded_prompt,
             "model": self.spec.model.source,
             "input_file": shard.file_url,
             "input_row": row.input_row,
@@ -134,8 +146,10 @@ class ShardWorker:
     def process_shard(self, shard: Shard) -> dict[str, Any]:
         started = time.time()
         table = read_shard(shard, self.spec.input)
-        rows = prepare_rows(table, shard, self.spec.input, self.spec.generation)
+        n_variants = self.spec.expansion.n_variants if self.spec.expansion else 1
+        rows = prepare_rows(table, shard, self.spec.input, self.spec.generation, n_variants)
         read_seconds = time.time() - started
+        expansion = self._expansion(rows)
         self.output.prepare_shard(shard.shard_id, self.spec.output.format)
         writer = open_writer(self.spec.output, self.output, shard.shard_id)
 
@@ -150,8 +164,10 @@ class ShardWorker:
         truncated: set[int] = set()
         samples: list[dict[str, Any]] = []
         for batch in make_batches(rows, self.spec.workers.batch_size):
+            if expansion is not None:
+                expansion.fill(batch)
             tick = time.time()
-            prompts = [row.prompt for row in batch]
+            prompts = [row.text for row in batch]
             truncated.update(
                 row.index for row, cut in zip(batch, self.generator.truncated(prompts), strict=True) if cut
             )
@@ -178,6 +194,7 @@ class ShardWorker:
                     {
                         "id": row.row_id,
                         "prompt": row.prompt,
+                        "expanded_prompt": row.expanded_prompt,
                         "seed": row.seed,
                         "thumbnail": thumbnail_data_uri(image),
                     }
@@ -226,8 +243,33 @@ class ShardWorker:
                 [record["clip_score"] for record in written.values() if record["clip_score"] is not None]
             ),
         }
+        if expansion is not None:
+            stats.update(expand_seconds=round(expansion.seconds, 3), expansion_unchanged=expansion.unchanged)
         self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
         return stats
+
+    def _expansion(self, rows: list[Row]) -> ShardExpansion | None:
+        """The shard's prompt expansion, on this actor or on the expander pool; None without one."""
+        spec = self.spec.expansion
+        if spec is None:
+            return None
+        if self.expander is not None:
+            submit = functools.partial(functools.partial, self.expander.expand)  # run when waited for
+            return ShardExpansion(rows, spec, self.spec.generation.seed, submit, lambda call: call())
+        import ray
+
+        turn = itertools.count(random.randrange(len(self.expanders)))  # spreads workers over the pool
+
+        def submit(prompts: list[str], seeds: list[int]) -> Any:
+            return self.expanders[next(turn) % len(self.expanders)].expand.remote(prompts, seeds)
+
+        def wait(handle: Any) -> list[str]:
+            try:
+                return ray.get(handle)
+            except ray.exceptions.RayActorError as exc:  # else the driver would take this worker for dead
+                raise RuntimeError(f"an expander died and could not be restarted: {exc}") from None
+
+        return ShardExpansion(rows, spec, self.spec.generation.seed, submit, wait)
 
     def _write_metadata(
         self,

@@ -35,6 +35,7 @@ METADATA_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("prompt", pa.string()),
+        ("expanded_prompt", pa.string()),  # what prompt expansion made of `prompt`; null without it
         ("prompt_truncated", pa.bool_()),
         ("negative_prompt", pa.string()),
         ("seed", pa.int64()),
@@ -162,7 +163,17 @@ class TarWriter(BufferedWriter):
 
     @staticmethod
     def sample_json(record: dict[str, Any]) -> bytes:
-        names = ("id", "prompt", "seed", "width", "height", "sha256", "status", "clip_score")
+        names = (
+            "id",
+            "prompt",
+            "expanded_prompt",
+            "seed",
+            "width",
+            "height",
+            "sha256",
+            "status",
+            "clip_score",
+        )
         sample = {name: record[name] for name in names}
         sample["parameters"] = {name: record[name] for name in SAMPLE_PARAMETERS}
         return json.dumps(sample, sort_keys=True).encode()
