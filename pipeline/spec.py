@@ -68,6 +68,24 @@ class ModelSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
+class SpeedSpec(_Section):
+    """How a diffusers model runs (workers/speed.py); each may change output bytes a little."""
+
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="sdpa: diffusers' default (PyTorch scaled_dot_product_attention); eager: classic."
+    )
+    channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format.")
+    compile: bool = Field(
+        False, description="torch.compile the denoiser; batches are padded to batch_size (static shapes)."
+    )
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend: inductor, or e.g. cudagraphs, aot_eager (debugging)."
+    )
+    tiny_vae: str | None = Field(
+        None, description="AutoencoderTiny (TAESD) hub id, local dir or URL that replaces the VAE decoder."
+    )
+
+
 class GenerationSpec(_Section):
     """Job-wide defaults; the input columns of the same names override them per row."""
 
@@ -98,6 +116,7 @@ class JobSpec(_Section):
     model: ModelSpec
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
 
     @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
@@ -122,13 +141,17 @@ class JobSpec(_Section):
         output = self.output.model_dump(include={"format", "image_format", "quality"})
         if output["format"] == "files":
             del output["format"]  # absent means files: outputs made before formats existed still resume
-        return {
+        fingerprint = {
             "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
             "output": output,
             "model": self.model.model_dump(include={"source", "kind", "dtype"}),
             "generation": self.generation.model_dump(),
             "batch_size": self.workers.batch_size,
         }
+        speed = self.speed.model_dump(exclude_defaults=True)
+        if speed:  # absent means defaults: outputs made before speed options existed still resume
+            fingerprint["speed"] = speed
+        return fingerprint
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage option hidden: safe for logs and the job record."""
@@ -215,6 +238,8 @@ def build_spec(
     spec.output.path = _absolute(spec.output.path).rstrip("/")
     if spec.model.source and _looks_like_local_path(spec.model.source):
         spec.model.source = _absolute(spec.model.source)
+    if spec.speed.tiny_vae and _looks_like_local_path(spec.speed.tiny_vae):
+        spec.speed.tiny_vae = _absolute(spec.speed.tiny_vae)
     return spec
 
 

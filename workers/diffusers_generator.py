@@ -7,12 +7,21 @@ from collections import OrderedDict
 import torch
 
 from imagemill.workers.rows import BatchKey
+from imagemill.workers.speed import SpeedOptions, apply_speed_options, pad, warm_up
+from imagemill.workers.stage_timer import StageTimer, time_pipeline_stages
 
 EMBEDDING_CACHE_SIZE = 512  # distinct texts whose embeddings an actor keeps (prompts and negatives)
 
 
 class DiffusersGenerator:
-    def __init__(self, source: str, dtype: str, device: str, safetensors_only: bool = True):
+    def __init__(
+        self,
+        source: str,
+        dtype: str,
+        device: str,
+        safetensors_only: bool = True,
+        speed: SpeedOptions | None = None,
+    ):
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
         import transformers
@@ -33,12 +42,18 @@ class DiffusersGenerator:
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
+        self.speed = speed = speed or SpeedOptions()
+        apply_speed_options(self.pipe, speed)
+        self.stage_timer = StageTimer(device)  # text encode and decode time, taken by the worker per batch
+        time_pipeline_stages(self.pipe, self.stage_timer)
         # Stable Diffusion encodes a negative prompt exactly as it encodes a prompt, so one cache of
         # text → embedding serves both, and the empty negative prompt is encoded once per actor.
         # Other pipelines get the texts and encode them themselves.
         self.embeddings: OrderedDict[str, torch.Tensor] | None = (
             OrderedDict() if isinstance(self.pipe, diffusers.StableDiffusionPipeline) else None
         )
+        warm_up(self, speed)
+        self.stage_timer.take()
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         """Embeddings of `texts`; each distinct text is encoded once while it stays in the cache."""
@@ -75,6 +90,11 @@ class DiffusersGenerator:
         a batch. Pixels become uint8 on the device, so the copy back moves a quarter of the bytes; the
         worker makes that copy, after any step that wants the images on the device.
         """
+        count = len(prompts)
+        if self.speed.compile_batch:  # static shapes for the compiled denoiser
+            prompts, negative_prompts, seeds = (
+                pad(values, self.speed.compile_batch) for values in (prompts, negative_prompts, seeds)
+            )
         negatives = [negative or "" for negative in negative_prompts]
         if self.embeddings is None:
             texts = {"prompt": prompts, "negative_prompt": negatives}
@@ -92,4 +112,4 @@ class DiffusersGenerator:
             output_type="pt",
         ).images
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1)
+        return pixels.permute(0, 2, 3, 1)[:count]

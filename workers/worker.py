@@ -13,6 +13,7 @@ import resource
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,8 +27,11 @@ from imagemill.spec import JobSpec
 from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
 from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.noop_generator import NoopGenerator
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
+from imagemill.workers.speed import SpeedOptions
+from imagemill.workers.stage_timer import StageTimer
 from imagemill.workers.writers import METADATA_SCHEMA, ShardWriter, open_writer, parquet_bytes
 
 WRITER_THREADS = 4
@@ -56,7 +60,27 @@ def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | NoopGener
     if spec.model.kind == "noop":
         return NoopGenerator()
     source = resolve_model_source(spec.model)
-    return DiffusersGenerator(source, spec.model.dtype, device, spec.model.safetensors_only)
+    speed = SpeedOptions.from_spec(spec)
+    return DiffusersGenerator(source, spec.model.dtype, device, spec.model.safetensors_only, speed)
+
+
+@dataclass
+class ShardRun:
+    """What one `process_shard` call builds up. Two calls run at once, so none of it is on the actor."""
+
+    shard: Shard
+    timer: StageTimer = field(default_factory=StageTimer)
+    timeline: dict[str, list[float]] = field(default_factory=dict)  # stage: [start, end], Unix seconds
+    written: dict[int, dict[str, Any]] = field(default_factory=dict)  # ok rows' metadata, by position
+    pending: deque[list[tuple[Row, Future]]] = field(default_factory=deque)  # batches being written
+    truncated: set[int] = field(default_factory=set)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    generate_seconds: float = 0.0
+
+    def collect(self, batch: list[tuple[Row, Future]]) -> None:
+        """Wait for a batch's writes; keep its rows' metadata records."""
+        for row, future in batch:
+            self.written[row.index] = future.result()
 
 
 class ShardWorker:
@@ -66,17 +90,21 @@ class ShardWorker:
         self.generator = make_generator(spec, self.device)
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
+        self.turns = ModelTurns()
 
     def ready(self) -> dict[str, Any]:
         return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     def _write_image(
-        self, writer: ShardWriter, shard: Shard, row: Row, truncated: bool, pixels: np.ndarray
+        self, writer: ShardWriter, run: ShardRun, row: Row, truncated: bool, pixels: np.ndarray
     ) -> dict[str, Any]:
         """Encode one ok row's image and hand it to the writer; returns the row's metadata record."""
-        data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
-        record = {**self._record(shard, row, truncated), "sha256": hashlib.sha256(data).hexdigest()}
-        return {**record, "status": "ok", **writer.add(row.index, record, data)}
+        with run.timer.timing("image_encode"):
+            data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
+        record = {**self._record(run.shard, row, truncated), "sha256": hashlib.sha256(data).hexdigest()}
+        with run.timer.timing("upload"):
+            location = writer.add(row.index, record, data)
+        return {**record, "status": "ok", **location}
 
     def _record(self, shard: Shard, row: Row, truncated: bool) -> dict[str, Any]:
         """The row's metadata columns, less those that depend on its image (status, path, sha256)."""
@@ -96,27 +124,68 @@ class ShardWorker:
         }
 
     def process_shard(self, shard: Shard) -> dict[str, Any]:
+        """Read, generate, write and commit one shard; returns its stats.
+
+        Two calls run at once on the actor (`max_concurrency` in the scheduler): while one holds the
+        model for its generate loop, the other reads and validates its shard, or drains its writes
+        and writes its metadata and commit. Everything per shard lives in this call's `ShardRun`; the
+        actor's shared parts are the model (held in turn), the writer thread pool and the output.
+        """
         started = time.time()
-        table = read_shard(shard, self.spec.input)
-        rows = prepare_rows(table, shard, self.spec.input, self.spec.generation)
-        read_seconds = time.time() - started
-        self.output.prepare_shard(shard.shard_id, self.spec.output.format)
-        writer = open_writer(self.spec.output, self.output, shard.shard_id)
+        run = ShardRun(shard)
+        with self.turns.ticket() as turn:
+            with run.timer.timing("read"):
+                table = read_shard(shard, self.spec.input)
+                rows = prepare_rows(table, shard, self.spec.input, self.spec.generation)
+            run.timeline["read"] = [started, time.time()]
+            self.output.prepare_shard(shard.shard_id, self.spec.output.format)
+            writer = open_writer(self.spec.output, self.output, shard.shard_id)
+            with turn:
+                run.timer.add("idle", turn.idle_seconds)
+                model_started = time.time()
+                self._generate(run, rows, writer)
+                run.timeline["model"] = [model_started, time.time()]
 
-        written: dict[int, dict[str, Any]] = {}  # metadata records of the ok rows, by position
-        pending: deque[list[tuple[Row, Future]]] = deque()
+        tick = time.time()
+        while run.pending:
+            run.collect(run.pending.popleft())
+        with run.timer.timing("upload"):
+            writer.close()  # tar/parquet formats upload the shard's images here, before its metadata
+        drain_seconds = time.time() - tick
 
-        def collect(batch: list[tuple[Row, Future]]) -> None:
-            for row, future in batch:
-                written[row.index] = future.result()
+        self._write_metadata(shard, rows, run.written, run.truncated, writer)
+        errors = Counter(row.error.split(":", 1)[0] for row in rows if row.error)
+        seconds = time.time() - started
+        stats = {
+            "shard_id": shard.shard_id,
+            "input_file": shard.file_url,
+            "rows": len(rows),
+            "ok": len(run.written),
+            "error": len(rows) - len(run.written),
+            "errors_by_reason": dict(errors),
+            "finished_at": datetime.now(UTC).isoformat(),
+            "seconds": round(seconds, 3),
+            "read_seconds": round(run.timeline["read"][1] - started, 3),
+            "generate_seconds": round(run.generate_seconds, 3),
+            "write_wait_seconds": round(drain_seconds, 3),
+            "stage_seconds": run.timer.summary(),
+            "timeline": {stage: [round(t, 3) for t in span] for stage, span in run.timeline.items()},
+            "images_per_second": round(len(run.written) / seconds, 3) if seconds else 0.0,
+            "device": self.device,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "samples": run.samples,
+        }
+        self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
+        return stats
 
-        generate_seconds = 0.0
-        truncated: set[int] = set()
-        samples: list[dict[str, Any]] = []
+    def _generate(self, run: ShardRun, rows: list[Row], writer: ShardWriter) -> None:
+        """The generate loop, run while holding the model: each batch's images go to the writer
+        threads while the next batch generates, at most BATCHES_IN_FLIGHT batches behind."""
+        model_stages = getattr(self.generator, "stage_timer", None)  # None: no split (noop)
         for batch in make_batches(rows, self.spec.workers.batch_size):
             tick = time.time()
             prompts = [row.prompt for row in batch]
-            truncated.update(
+            run.truncated.update(
                 row.index for row, cut in zip(batch, self.generator.truncated(prompts), strict=True) if cut
             )
             try:
@@ -129,9 +198,14 @@ class ShardWorker:
                     row.error = f"model_rejected: {exc}"
                 continue
             finally:
-                generate_seconds += time.time() - tick
-            for row, image in zip(batch[: SAMPLES_PER_SHARD - len(samples)], pixels, strict=False):
-                samples.append(
+                seconds = time.time() - tick
+                run.generate_seconds += seconds
+                inner = model_stages.take() if model_stages else {}
+                for stage, spent in inner.items():
+                    run.timer.add(stage, spent)
+                run.timer.add("denoise", seconds - sum(inner.values()))
+            for row, image in zip(batch[: SAMPLES_PER_SHARD - len(run.samples)], pixels, strict=False):
+                run.samples.append(
                     {
                         "id": row.row_id,
                         "prompt": row.prompt,
@@ -139,47 +213,20 @@ class ShardWorker:
                         "thumbnail": thumbnail_data_uri(image),
                     }
                 )
-            pending.append(
+            run.pending.append(
                 [
                     (
                         row,
                         self.writers.submit(
-                            self._write_image, writer, shard, row, row.index in truncated, image
+                            self._write_image, writer, run, row, row.index in run.truncated, image
                         ),
                     )
                     for row, image in zip(batch, pixels, strict=True)
                 ]
             )
-            if len(pending) > BATCHES_IN_FLIGHT:
-                collect(pending.popleft())
-        tick = time.time()
-        while pending:
-            collect(pending.popleft())
-        writer.close()  # tar/parquet formats upload the shard's images here, before its metadata
-        drain_seconds = time.time() - tick
-
-        self._write_metadata(shard, rows, written, truncated, writer)
-        errors = Counter(row.error.split(":", 1)[0] for row in rows if row.error)
-        seconds = time.time() - started
-        stats = {
-            "shard_id": shard.shard_id,
-            "input_file": shard.file_url,
-            "rows": len(rows),
-            "ok": len(written),
-            "error": len(rows) - len(written),
-            "errors_by_reason": dict(errors),
-            "finished_at": datetime.now(UTC).isoformat(),
-            "seconds": round(seconds, 3),
-            "read_seconds": round(read_seconds, 3),
-            "generate_seconds": round(generate_seconds, 3),
-            "write_wait_seconds": round(drain_seconds, 3),
-            "images_per_second": round(len(written) / seconds, 3) if seconds else 0.0,
-            "device": self.device,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "samples": samples,
-        }
-        self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
-        return stats
+            if len(run.pending) > BATCHES_IN_FLIGHT:
+                with run.timer.timing("idle"):  # write backpressure: the model waits for the writers
+                    run.collect(run.pending.popleft())
 
     def _write_metadata(
         self,
