@@ -4,10 +4,11 @@
   `eager` puts back the classic processors (softmax(QKᵀ)V in plain ops) on the denoiser and the VAE.
 - `channels_last`: the denoiser and the VAE in channels-last memory format (faster convolutions on
   tensor cores and on oneDNN).
-- `compile`: `torch.compile` of the denoiser (`compile_backend`, inductor by default), with static shapes: every batch is padded to
-  `workers.batch_size` with filler rows (copies of the last row, whose images are dropped), and one
-  warm-up batch at the job's default size runs at load time, so a shard's last, short batch does not
-  compile again. A row or job with another width, height or guidance on/off compiles once more.
+- `compile`: `torch.compile` of the denoiser (`compile_backend`, inductor by default), with static
+  shapes: every batch is padded to `workers.batch_size` with filler rows (copies of the last row,
+  whose images are dropped), and one warm-up batch at the job's default size runs at load time, so a
+  shard's last, short batch does not compile again. Another width, height, or guidance on/off
+  compiles once more.
 - `tiny_vae`: an `AutoencoderTiny` (TAESD family) replaces the VAE for decoding.
 
 Each may change the output bytes slightly, so each is in the job's fingerprint when set.
