@@ -14,6 +14,7 @@ from imagemill.errors import ImagemillError
 from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
 from imagemill.workers.speed import SpeedOptions
+from imagemill.workers.tiny_model import make_tiny_autoencoder
 
 KEY = BatchKey(width=32, height=32, num_inference_steps=2, guidance_scale=5.0)
 PROMPTS, NEGATIVES, SEEDS = (
@@ -36,20 +37,6 @@ def _close(ours: np.ndarray, reference: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_model) -> np.ndarray:
     return _images(DiffusersGenerator(tiny_model, "float32", "cpu"))
-
-
-def _tiny_vae(folder, latent_channels: int) -> str:
-    """A random-weight AutoencoderTiny that decodes at 2x, as the tiny model's VAE does."""
-    torch.manual_seed(0)
-    vae = AutoencoderTiny(
-        latent_channels=latent_channels,
-        encoder_block_out_channels=(8, 8),
-        decoder_block_out_channels=(8, 8),
-        num_encoder_blocks=(1, 1),
-        num_decoder_blocks=(1, 1),
-    )
-    vae.save_pretrained(folder, safe_serialization=True)
-    return str(folder)
 
 
 def test_eager_attention_puts_back_the_classic_processors(tiny_model, reference):
@@ -101,7 +88,7 @@ def test_tiny_vae_decodes_instead_of_the_models_vae(tmp_path, tiny_model, refere
             "input": {"path": str(tmp_path)},
             "output": {"path": str(tmp_path / "out")},
             "model": {"source": tiny_model},
-            "speed": {"tiny_vae": _tiny_vae(tmp_path / "taesd", latent_channels=4)},
+            "speed": {"tiny_vae": str(make_tiny_autoencoder(tmp_path / "taesd"))},
         }
     )
     generator = DiffusersGenerator(tiny_model, "float32", "cpu", speed=SpeedOptions.from_spec(spec))
@@ -113,7 +100,7 @@ def test_tiny_vae_decodes_instead_of_the_models_vae(tmp_path, tiny_model, refere
 
 
 def test_tiny_vae_of_another_family_is_refused_in_one_line(tmp_path, tiny_model):
-    options = SpeedOptions(tiny_vae=_tiny_vae(tmp_path / "taesd3", latent_channels=16))
+    options = SpeedOptions(tiny_vae=str(make_tiny_autoencoder(tmp_path / "taesd3", latent_channels=16)))
     with pytest.raises(ImagemillError, match="speed.tiny_vae .* does not fit the model"):
         DiffusersGenerator(tiny_model, "float32", "cpu", speed=options)
 
