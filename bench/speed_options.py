@@ -26,7 +26,7 @@ from pathlib import Path
 from throughput import _machine, build_model, prompts, write_benchmarks
 
 PROFILES = {
-    "cpu": {"rows": 128, "batch_size": 16, "size": 64, "steps": 8, "guidance": 5.0, "dtype": "float32"},
+    "cpu": {"rows": 48, "batch_size": 8, "size": 64, "steps": 4, "guidance": 5.0, "dtype": "float32"},
     "gpu": {"rows": 256, "batch_size": 8, "size": 512, "steps": 20, "guidance": 7.5, "dtype": "float16"},
 }
 VARIANTS: dict[str, dict] = {

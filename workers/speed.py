@@ -80,7 +80,9 @@ def apply_speed_options(pipe: Any, options: SpeedOptions) -> None:
     before its memory format is set, and the denoiser is compiled last."""
     if options.tiny_vae:
         _use_tiny_vae(pipe, options.tiny_vae)
-    models = [_denoiser(pipe), pipe.vae]
+    if options.attention == "sdpa" and not options.channels_last and not options.compile_batch:
+        return  # the defaults: any pipeline class loads, with or without a UNet or transformer
+    models = [_denoiser(pipe), *([pipe.vae] if getattr(pipe, "vae", None) is not None else [])]
     if options.attention == "eager":
         for model in models:
             if hasattr(model, "set_default_attn_processor"):

@@ -3,6 +3,8 @@
 Everything a shard produces is written from here straight to the output location; the driver gets
 back only the shard's stats. Images go through the shard's `ShardWriter` (one per output format, see
 writers.py), then the metadata Parquet is written, then the stats file: its presence is the commit.
+Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard is read
+while the current one generates; the stats split each shard's time by stage (stage_timer.py).
 """
 
 from __future__ import annotations
