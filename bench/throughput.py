@@ -7,6 +7,7 @@
 
     python bench/throughput.py --profile cpu            # the tiny model; writes BENCHMARKS.md
     python bench/throughput.py --profile gpu            # an SD-1.5-shaped pipeline, random fp16 weights
+    python bench/throughput.py --profile cpu --stages   # (b) once: where its time goes, stage by stage
 
 Each variant runs in its own process, the three take turns for --repeats rounds, and the medians are
 compared: the machines are shared and noisy, so only ratios measured side by side mean anything.
@@ -293,6 +294,34 @@ def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dic
     return "\n".join(lines)
 
 
+def _stages_report(profile: str, settings: dict, result: dict) -> str:
+    """Where (b)'s time went, per stage, summed over the shards of one run."""
+    stages = result["stages"]
+    model = stages["text_encode"] + stages["denoise"] + stages["decode"]
+    lines = [
+        f"## Stage breakdown, imagemill (b), {profile} profile",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, shared with other jobs at the time.",
+        f"Reproduce: `python bench/throughput.py --profile {profile} --stages`",
+        "",
+        f"{settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
+        f"{settings['steps']} steps, {settings['workers']} actors; "
+        f"{result['images_per_second']:.2f} images/s over the generation window. Seconds summed over "
+        "shards; text_encode + denoise + decode is the model's time, image_encode and upload are "
+        "writer-thread time (it overlaps the model's), idle is the model unused while a shard held "
+        "or was next in line for it.",
+        "",
+        "| stage | seconds | share of model + idle |",
+        "| --- | --- | --- |",
+        *(
+            f"| {stage} | {stages[stage]:.2f} | {stages[stage] / (model + stages['idle']):.1%} |"
+            for stage in ("read", "text_encode", "denoise", "decode", "image_encode", "upload", "idle")
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_benchmarks(section: str) -> None:
     """Put `section` into BENCHMARKS.md, replacing the section with the same heading (its first line)."""
     path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -312,6 +341,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
+    parser.add_argument("--stages", action="store_true", help="run (b) once; write its stage breakdown")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -321,6 +351,11 @@ def main() -> None:
         print(json.dumps(VARIANTS[args.child](settings, Path(args.model), Path(args.work))))
         return
     model = build_model(args.profile, Path(args.models))
+    if args.stages:
+        section = _stages_report(args.profile, settings, _child("imagemill", args.profile, model))
+        print(section)
+        write_benchmarks(section)
+        return
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for round_ in range(args.repeats):
         for name in VARIANTS:
