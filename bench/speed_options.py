@@ -3,25 +3,23 @@
     python bench/speed_options.py --profile cpu      # the tiny model; writes BENCHMARKS.md
     python bench/speed_options.py --profile gpu      # the SD-1.5-shaped pipeline, random fp16 weights
 
-Every variant (baseline, then one option changed) runs in its own process: the model is loaded with
-the option applied (compile: its warm-up batch at load time), one more batch warms up, then the
-prompts are generated batch by batch with `DiffusersGenerator.generate`, as an actor does, without
-Parquet or image writing. The variants take turns for --repeats rounds; medians are compared with
-the baseline's. Only these ratios mean anything on a shared machine, not the absolute rates.
+Every variant (baseline, then one option changed) is a `DiffusersGenerator` of its own in this one
+process, loaded with the option applied (compile: its warm-up batch at load time) and warmed up by
+one more batch. The prompts are then generated batch by batch with `generate`, as an actor does,
+without Parquet or image writing, each batch by every variant in turn, for --repeats rounds;
+medians are compared with the baseline's. Taking turns batch by batch spreads a shared machine's
+bursts of load over all variants alike: only these ratios mean anything, not the absolute rates.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from throughput import _machine, build_model, prompts, write_benchmarks
 
@@ -54,18 +52,14 @@ def _tiny_vae(profile: str, folder: Path) -> Path:
     return target
 
 
-def run_variant(settings: dict, change: dict, model: Path, tiny_vae: Path) -> dict:
+def load_variant(settings: dict, change: dict, model: Path, tiny_vae: Path) -> tuple[Any, float]:
+    """The generator with one option changed, warmed up; and its load time (compiling included)."""
     import torch
 
     from imagemill.workers.diffusers_generator import DiffusersGenerator
-    from imagemill.workers.rows import BatchKey
     from imagemill.workers.speed import SpeedOptions
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    batch, key = (
-        settings["batch_size"],
-        BatchKey(settings["size"], settings["size"], settings["steps"], settings["guidance"]),
-    )
+    batch, key = settings["batch_size"], _key(settings)
     options = SpeedOptions(
         attention=change.get("attention", "sdpa"),
         channels_last=change.get("channels_last", False),
@@ -73,47 +67,48 @@ def run_variant(settings: dict, change: dict, model: Path, tiny_vae: Path) -> di
         warm_up=key if change.get("compile") else None,
         tiny_vae=str(tiny_vae) if change.get("tiny_vae") else None,
     )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     generator = DiffusersGenerator(str(model), change.get("dtype", settings["dtype"]), device, speed=options)
     load_seconds = time.perf_counter() - started
-    texts = prompts(settings["rows"] + batch)
-    generator.generate(texts[-batch:], [None] * batch, list(range(batch)), key).cpu()  # warm-up
+    warm = prompts(batch)
+    generator.generate(warm, [None] * batch, list(range(batch)), key).cpu()
     generator.stage_timer.take()
-    started = time.perf_counter()
-    for i in range(0, settings["rows"], batch):
-        chunk = texts[i : i + batch]
-        generator.generate(chunk, [None] * len(chunk), list(range(i, i + len(chunk))), key).cpu()
-    seconds = time.perf_counter() - started
-    stages = generator.stage_timer.take()
-    stages["denoise"] = seconds - sum(stages.values())
-    return {
-        "images_per_second": settings["rows"] / seconds,
-        "load_seconds": load_seconds,
-        "stages": {stage: round(value, 2) for stage, value in stages.items()},
-    }
+    return generator, load_seconds
 
 
-def _child(name: str, profile: str, model: Path, tiny_vae: Path) -> dict:
-    done = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--profile",
-            profile,
-            "--child",
-            name,
-            "--model",
-            str(model),
-            "--tiny-vae",
-            str(tiny_vae),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)},
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _key(settings: dict) -> Any:
+    from imagemill.workers.rows import BatchKey
+
+    return BatchKey(settings["size"], settings["size"], settings["steps"], settings["guidance"])
+
+
+def measure(settings: dict, names: list[str], model: Path, tiny_vae: Path, repeats: int) -> dict[str, list]:
+    """Per variant and round: images/s and stage seconds. Batches go to the variants in turn, so a
+    burst of load from other jobs on a shared machine falls on all of them alike."""
+    loaded = {name: load_variant(settings, VARIANTS[name], model, tiny_vae) for name in names}
+    batch, key, texts = settings["batch_size"], _key(settings), prompts(settings["rows"])
+    runs: dict[str, list] = {name: [] for name in names}
+    for _ in range(repeats):
+        seconds = dict.fromkeys(names, 0.0)
+        for i in range(0, len(texts), batch):
+            chunk, seeds = texts[i : i + batch], list(range(i, i + batch))
+            for name, (generator, _) in loaded.items():
+                started = time.perf_counter()
+                generator.generate(chunk, [None] * len(chunk), seeds[: len(chunk)], key).cpu()
+                seconds[name] += time.perf_counter() - started
+        for name, (generator, load_seconds) in loaded.items():
+            stages = generator.stage_timer.take()
+            stages["denoise"] = seconds[name] - sum(stages.values())
+            runs[name].append(
+                {
+                    "images_per_second": len(texts) / seconds[name],
+                    "load_seconds": load_seconds,
+                    "stages": {stage: round(value, 2) for stage, value in stages.items()},
+                }
+            )
+        print(", ".join(f"{name} {runs[name][-1]['images_per_second']:.2f}" for name in names), flush=True)
+    return runs
 
 
 def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dict]]) -> str:
@@ -128,7 +123,8 @@ def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dic
         "",
         f"Settings: {settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
         f"{settings['steps']} steps, guidance {settings['guidance']}, {settings['dtype']} unless changed; "
-        f"the generator loop alone, each variant in its own process, medians of {repeats} rounds in turns.",
+        "the generator loop alone, all variants in one process taking turns batch by batch; "
+        f"medians of {repeats} rounds.",
         "",
         "| variant | images/s (median) | × baseline | all rounds | load s (median) | stage s, median round |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -155,24 +151,12 @@ def main() -> None:
     parser.add_argument(
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
     )
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--tiny-vae", help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = PROFILES[args.profile]
-    if args.child:
-        print(json.dumps(run_variant(settings, VARIANTS[args.child], Path(args.model), Path(args.tiny_vae))))
-        return
     model = build_model(args.profile, Path(args.models))
     tiny_vae = _tiny_vae(args.profile, Path(args.models))
     names = ["baseline", *(name for name in args.only or VARIANTS if name != "baseline")]
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for round_ in range(args.repeats):
-        for name in names:
-            runs[name].append(_child(name, args.profile, model, tiny_vae))
-            print(
-                f"round {round_ + 1}: {name} {runs[name][-1]['images_per_second']:.2f} images/s", flush=True
-            )
+    runs = measure(settings, names, model, tiny_vae, args.repeats)
     section = _report(args.profile, settings, args.repeats, runs)
     print(section)
     if not args.no_write:

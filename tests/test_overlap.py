@@ -34,10 +34,10 @@ def test_next_shard_is_read_while_the_model_works_and_stages_are_recorded(ray_se
     )
     by_turn = sorted(shards, key=lambda stats: stats["timeline"]["model"][0])
     assert [s["shard_id"] for s in by_turn] == [s["shard_id"] for s in shards], "model taken in shard order"
+    first, second = by_turn[:2]  # both sent at the start: the actor holds two calls from then on
+    assert second["timeline"]["read"][0] < first["timeline"]["model"][1], "shard 2 was read during shard 1's"
     for current, following in zip(by_turn, by_turn[1:], strict=False):
-        model_end = current["timeline"]["model"][1]
-        assert following["timeline"]["read"][0] < model_end, "the next shard's read began during generation"
-        assert following["timeline"]["model"][0] >= model_end, "one shard holds the model at a time"
+        assert following["timeline"]["model"][0] >= current["timeline"]["model"][1], "one holder at a time"
 
     for stats in shards:
         stages = stats["stage_seconds"]
