@@ -7,6 +7,7 @@
 
     python bench/throughput.py --profile cpu            # the tiny model; writes BENCHMARKS.md
     python bench/throughput.py --profile gpu            # an SD-1.5-shaped pipeline, random fp16 weights
+    python bench/throughput.py --profile cpu --stages   # (b) once: where its time goes, stage by stage
 
 Each variant runs in its own process, the three take turns for --repeats rounds, and the medians are
 compared: the machines are shared and noisy, so only ratios measured side by side mean anything.
@@ -130,6 +131,7 @@ def run_imagemill(settings: dict, model: Path, work: Path, extra: dict | None = 
 
     import imagemill
     from imagemill.output import OutputLayout
+    from imagemill.workers.stage_timer import STAGES
 
     ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # as (c): room for Ray's own tasks
     output = work / "imagemill-out"
@@ -154,11 +156,10 @@ def run_imagemill(settings: dict, model: Path, work: Path, extra: dict | None = 
     stats = list(OutputLayout(str(output)).committed_stats().values())
     finished = [datetime.fromisoformat(s["finished_at"]).timestamp() for s in stats]
     window = max(finished) - min(end - s["seconds"] for end, s in zip(finished, stats, strict=True))
-    stages = {
-        key[: -len("_seconds")]: round(sum(s[key] for s in stats), 2)
-        for key in stats[0]
-        if key.endswith("_seconds")
-    }
+    stages = {stage: round(sum(s["stage_seconds"][stage] for s in stats), 2) for stage in STAGES}
+    for stage in ("generate", "write_wait", "expand"):  # expand: only jobs with prompt expansion
+        if f"{stage}_seconds" in stats[0]:
+            stages[stage] = round(sum(s[f"{stage}_seconds"] for s in stats), 2)
     stages["total"] = round(sum(s["seconds"] for s in stats), 2)
     return {
         "images_per_second": result.ok / window,
@@ -293,7 +294,36 @@ def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dic
         "",
         f"- b/a (imagemill generation window ÷ bare loop): **{median['imagemill'] / median['bare']:.3f}**",
         f"- b/c (imagemill whole run ÷ Ray Data whole run): **{wall / median['ray-data']:.3f}**",
-        f"- imagemill stage seconds summed over shards (median round): {stages}",
+        f"- imagemill stage seconds summed over shards (median round; image_encode and upload are writer"
+        f" thread time, which overlaps generation): {stages}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _stages_report(profile: str, settings: dict, result: dict) -> str:
+    """Where (b)'s time went, per stage, summed over the shards of one run."""
+    stages = result["stages"]
+    model = stages["text_encode"] + stages["denoise"] + stages["decode"]
+    lines = [
+        f"## Stage breakdown, imagemill (b), {profile} profile",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, shared with other jobs at the time.",
+        f"Reproduce: `python bench/throughput.py --profile {profile} --stages`",
+        "",
+        f"{settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
+        f"{settings['steps']} steps, {settings['workers']} actors; "
+        f"{result['images_per_second']:.2f} images/s over the generation window. Seconds summed over "
+        "shards; text_encode + denoise + decode is the model's time, image_encode and upload are "
+        "writer-thread time (it overlaps the model's), idle is the model unused while a shard held "
+        "or was next in line for it.",
+        "",
+        "| stage | seconds | share of model + idle |",
+        "| --- | --- | --- |",
+        *(
+            f"| {stage} | {stages[stage]:.2f} | {stages[stage] / (model + stages['idle']):.1%} |"
+            for stage in ("read", "text_encode", "denoise", "decode", "image_encode", "upload", "idle")
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -318,6 +348,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
+    parser.add_argument("--stages", action="store_true", help="run (b) once; write its stage breakdown")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -327,6 +358,11 @@ def main() -> None:
         print(json.dumps(VARIANTS[args.child](settings, Path(args.model), Path(args.work))))
         return
     model = build_model(args.profile, Path(args.models))
+    if args.stages:
+        section = _stages_report(args.profile, settings, _child("imagemill", args.profile, model))
+        print(section)
+        write_benchmarks(section)
+        return
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for round_ in range(args.repeats):
         for name in VARIANTS:

@@ -1,6 +1,7 @@
 """Scheduling on the driver: a pool of ShardWorker actors, fed shard descriptors, handing back stats.
 
-Each actor is kept two shards deep, so it starts the next shard without waiting for the driver. An
+Each actor is kept two shards deep, and runs both calls at once, so it reads the next shard while
+the model works on the current one, and starts it without waiting for the driver. An
 actor that dies is replaced and its shards are queued again; a shard that fails is retried until it
 has had `max_shard_attempts` tries, then reported as failed.
 """
@@ -75,6 +76,8 @@ class ShardScheduler:
             "num_cpus": spec.workers.num_cpus_per_worker,
             "num_gpus": 1 if uses_gpu else 0,
             "max_restarts": 0,  # the scheduler replaces dead actors and re-queues their shards itself
+            # Both queued shards run at once: one reads while the other generates (model_turns.py).
+            "max_concurrency": SHARDS_PER_ACTOR,
         }
         self.uses_gpu = uses_gpu
         self.num_workers = worker_count(spec, uses_gpu)

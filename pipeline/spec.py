@@ -116,6 +116,24 @@ class ScoringSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
+class SpeedSpec(_Section):
+    """How a diffusers model runs (workers/speed.py); each may change output bytes a little."""
+
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="sdpa: diffusers' default (PyTorch scaled_dot_product_attention); eager: classic."
+    )
+    channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format.")
+    compile: bool = Field(
+        False, description="torch.compile the denoiser; batches are padded to batch_size (static shapes)."
+    )
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend: inductor, or e.g. cudagraphs, aot_eager (debugging)."
+    )
+    tiny_vae: str | None = Field(
+        None, description="AutoencoderTiny (TAESD) hub id, local dir or URL that replaces the VAE decoder."
+    )
+
+
 class GenerationSpec(_Section):
     """Job-wide defaults; the input columns of the same names override them per row."""
 
@@ -194,6 +212,7 @@ class JobSpec(_Section):
     expansion: ExpansionSpec | None = Field(
         None, description="Optional prompt expansion by a language model."
     )
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
 
     @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
@@ -234,6 +253,9 @@ class JobSpec(_Section):
             fingerprint["scoring"] = self.scoring.model_dump(exclude={"storage_options", "safetensors_only"})
         if self.expansion is not None:  # absent without expansion: outputs made before it still resume
             fingerprint["expansion"] = self.expansion.model_dump(exclude=EXPANSION_RUNTIME_FIELDS)
+        speed = self.speed.model_dump(exclude_defaults=True)
+        if speed:  # absent means defaults: outputs made before speed options existed still resume
+            fingerprint["speed"] = speed
         return fingerprint
 
     @property
@@ -331,6 +353,8 @@ def build_spec(
     for lora in spec.model.lora:
         if _looks_like_local_path(lora.source):
             lora.source = _absolute(lora.source)
+    if spec.speed.tiny_vae and _looks_like_local_path(spec.speed.tiny_vae):
+        spec.speed.tiny_vae = _absolute(spec.speed.tiny_vae)
     return spec
 
 

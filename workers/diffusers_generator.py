@@ -13,6 +13,8 @@ from imagemill.workers.families import call_default, family_of
 from imagemill.workers.lora import load_loras
 from imagemill.workers.quantization import quantize_denoiser
 from imagemill.workers.rows import BatchKey
+from imagemill.workers.speed import SpeedOptions, apply_speed_options, pad, warm_up
+from imagemill.workers.stage_timer import StageTimer, time_pipeline_stages
 from imagemill.workers.text_cache import Embeddings, TextEmbeddingCache
 
 
@@ -23,6 +25,7 @@ class DiffusersGenerator:
         dtype: str,
         device: str,
         safetensors_only: bool = True,
+        speed: SpeedOptions | None = None,
         loras: Sequence[tuple[LoraSpec, str]] = (),
         quantization: str = "none",
     ):
@@ -49,6 +52,10 @@ class DiffusersGenerator:
         quantize_denoiser(self.pipe, quantization, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
+        self.speed = speed = speed or SpeedOptions()
+        apply_speed_options(self.pipe, speed)
+        self.stage_timer = StageTimer(device)  # text encode and decode time, taken by the worker per batch
+        time_pipeline_stages(self.pipe, self.stage_timer)
         self.family = family_of(self.pipe)
         call = inspect.signature(self.pipe.__call__).parameters.values()
         # None: __call__ takes **kwargs, so every argument is passed on.
@@ -63,6 +70,8 @@ class DiffusersGenerator:
         self.embeddings: TextEmbeddingCache | None = (
             TextEmbeddingCache(self._encode) if self.family.encode else None
         )
+        warm_up(self, speed)
+        self.stage_timer.take()
 
     def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
         """The family's embeddings of distinct (is negative, text) keys, all prompts or all negatives."""
@@ -114,6 +123,11 @@ class DiffusersGenerator:
         device, so the copy back moves a quarter of the bytes; the worker makes that copy, after any
         step that wants the images on the device.
         """
+        count = len(prompts)
+        if self.speed.compile_batch:  # static shapes for the compiled denoiser
+            prompts, negative_prompts, seeds = (
+                pad(values, self.speed.compile_batch) for values in (prompts, negative_prompts, seeds)
+            )
         self._check_size(key)
         arguments: dict[str, Any] = {
             "num_inference_steps": key.num_inference_steps,
@@ -144,4 +158,4 @@ class DiffusersGenerator:
                 f"for {key.width}x{key.height}"
             )
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1)
+        return pixels.permute(0, 2, 3, 1)[:count]

@@ -227,3 +227,21 @@ def make_tiny_clip(out_dir: str | os.PathLike) -> Path:
     )
     processor.save_pretrained(out)
     return out
+
+
+def make_tiny_autoencoder(out_dir: str | os.PathLike, latent_channels: int = 4) -> Path:
+    """Write a random-weight ``AutoencoderTiny`` (the TAESD family) that decodes the tiny model's latents
+    (2x upscale) to ``out_dir``, for `speed.tiny_vae`; with other latent channels it fits no model here."""
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        vae = AutoencoderTiny(
+            latent_channels=latent_channels,
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 1),
+        )
+    vae.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -3,6 +3,8 @@
 Everything a shard produces is written from here straight to the output location; the driver gets
 back only the shard's stats. Images go through the shard's `ShardWriter` (one per output format, see
 writers.py), then the metadata Parquet is written, then the stats file: its presence is the commit.
+Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard is read
+while the current one generates; the stats split each shard's time by stage (stage_timer.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import resource
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,9 +35,12 @@ from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
 from imagemill.workers.janus_generator import JanusGenerator
 from imagemill.workers.model_source import resolve_model_source, resolve_source
+from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.noop_generator import NoopGenerator
 from imagemill.workers.prompt_expansion import PromptExpander, ShardExpansion
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
+from imagemill.workers.speed import SpeedOptions
+from imagemill.workers.stage_timer import StageTimer
 from imagemill.workers.writers import METADATA_SCHEMA, ShardWriter, open_writer, parquet_bytes
 
 WRITER_THREADS = 4
@@ -67,7 +73,34 @@ def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | JanusGene
     if model.kind == "janus":
         return JanusGenerator(source, model.dtype, device, model.safetensors_only)
     loras = [(lora, resolve_source(lora.source, model.storage_options)) for lora in model.lora]
-    return DiffusersGenerator(source, model.dtype, device, model.safetensors_only, loras, model.quantization)
+    return DiffusersGenerator(
+        source,
+        model.dtype,
+        device,
+        model.safetensors_only,
+        SpeedOptions.from_spec(spec),
+        loras,
+        model.quantization,
+    )
+
+
+@dataclass
+class ShardRun:
+    """What one `process_shard` call builds up. Two calls run at once, so none of it is on the actor."""
+
+    shard: Shard
+    timer: StageTimer = field(default_factory=StageTimer)
+    timeline: dict[str, list[float]] = field(default_factory=dict)  # stage: [start, end], Unix seconds
+    written: dict[int, dict[str, Any]] = field(default_factory=dict)  # done (ok, filtered) rows' metadata
+    pending: deque[list[tuple[Row, Future]]] = field(default_factory=deque)  # batches being written
+    truncated: set[int] = field(default_factory=set)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    generate_seconds: float = 0.0
+
+    def collect(self, batch: list[tuple[Row, Future]]) -> None:
+        """Wait for a batch's writes; keep its rows' metadata records."""
+        for row, future in batch:
+            self.written[row.index] = future.result()
 
 
 class ShardWorker:
@@ -85,6 +118,7 @@ class ShardWorker:
         )
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
+        self.turns = ModelTurns()
 
     def ready(self) -> dict[str, Any]:
         return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
@@ -108,22 +142,24 @@ class ShardWorker:
     def _write_image(
         self,
         writer: ShardWriter,
-        shard: Shard,
+        run: ShardRun,
         row: Row,
-        truncated: bool,
         pixels: np.ndarray,
         score: float | None,
         status: str,
     ) -> dict[str, Any]:
         """Encode one done row's image and hand it to the writer; returns the row's metadata record."""
-        data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
+        with run.timer.timing("image_encode"):
+            data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
         record = {
-            **self._record(shard, row, truncated),
+            **self._record(run.shard, row, row.index in run.truncated),
             "sha256": hashlib.sha256(data).hexdigest(),
             "status": status,
             "clip_score": score,
         }
-        return {**record, **writer.add(row.index, record, data)}
+        with run.timer.timing("upload"):
+            location = writer.add(row.index, record, data)
+        return {**record, **location}
 
     def _record(self, shard: Shard, row: Row, truncated: bool) -> dict[str, Any]:
         """The row's metadata columns, less those that depend on its image (status, path, sha256)."""
@@ -144,31 +180,80 @@ class ShardWorker:
         }
 
     def process_shard(self, shard: Shard) -> dict[str, Any]:
+        """Read, generate, write and commit one shard; returns its stats.
+
+        Two calls run at once on the actor (`max_concurrency` in the scheduler): while one holds the
+        model for its generate loop, the other reads and validates its shard, or drains its writes
+        and writes its metadata and commit. Everything per shard lives in this call's `ShardRun`; the
+        actor's shared parts are the model (held in turn), the writer thread pool and the output.
+        """
         started = time.time()
-        table = read_shard(shard, self.spec.input)
-        n_variants = self.spec.expansion.n_variants if self.spec.expansion else 1
-        rows = prepare_rows(table, shard, self.spec.input, self.spec.generation, n_variants)
-        read_seconds = time.time() - started
-        expansion = self._expansion(rows)
-        self.output.prepare_shard(shard.shard_id, self.spec.output.format)
-        writer = open_writer(self.spec.output, self.output, shard.shard_id)
+        run = ShardRun(shard)
+        with self.turns.ticket() as turn:
+            with run.timer.timing("read"):
+                table = read_shard(shard, self.spec.input)
+                n_variants = self.spec.expansion.n_variants if self.spec.expansion else 1
+                rows = prepare_rows(table, shard, self.spec.input, self.spec.generation, n_variants)
+            run.timeline["read"] = [started, time.time()]
+            expansion = self._expansion(rows)  # a pool starts expanding now, before this call's turn
+            self.output.prepare_shard(shard.shard_id, self.spec.output.format)
+            writer = open_writer(self.spec.output, self.output, shard.shard_id)
+            with turn:
+                run.timer.add("idle", turn.idle_seconds)
+                model_started = time.time()
+                self._generate(run, rows, writer, expansion)
+                run.timeline["model"] = [model_started, time.time()]
 
-        written: dict[int, dict[str, Any]] = {}  # metadata records of the done (ok, filtered) rows
-        pending: deque[list[tuple[Row, Future]]] = deque()
+        tick = time.time()
+        while run.pending:
+            run.collect(run.pending.popleft())
+        with run.timer.timing("upload"):
+            writer.close()  # tar/parquet formats upload the shard's images here, before its metadata
+        drain_seconds = time.time() - tick
 
-        def collect(batch: list[tuple[Row, Future]]) -> None:
-            for row, future in batch:
-                written[row.index] = future.result()
+        self._write_metadata(shard, rows, run.written, run.truncated, writer)
+        errors = Counter(row.error.split(":", 1)[0] for row in rows if row.error)
+        statuses = Counter(record["status"] for record in run.written.values())
+        scores = [record["clip_score"] for record in run.written.values() if record["clip_score"] is not None]
+        seconds = time.time() - started
+        stats = {
+            "shard_id": shard.shard_id,
+            "input_file": shard.file_url,
+            "rows": len(rows),
+            "ok": statuses["ok"],
+            "filtered": statuses["filtered"],
+            "error": len(rows) - len(run.written),
+            "errors_by_reason": dict(errors),
+            "finished_at": datetime.now(UTC).isoformat(),
+            "seconds": round(seconds, 3),
+            "read_seconds": round(run.timeline["read"][1] - started, 3),
+            "generate_seconds": round(run.generate_seconds, 3),
+            "write_wait_seconds": round(drain_seconds, 3),
+            "stage_seconds": run.timer.summary(),
+            "timeline": {stage: [round(t, 3) for t in span] for stage, span in run.timeline.items()},
+            "images_per_second": round(len(run.written) / seconds, 3) if seconds else 0.0,
+            "device": self.device,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "samples": run.samples,
+            "clip_score": summarise(scores),
+        }
+        if expansion is not None:
+            stats.update(expand_seconds=round(expansion.seconds, 3), expansion_unchanged=expansion.unchanged)
+        self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
+        return stats
 
-        generate_seconds = 0.0
-        truncated: set[int] = set()
-        samples: list[dict[str, Any]] = []
+    def _generate(
+        self, run: ShardRun, rows: list[Row], writer: ShardWriter, expansion: ShardExpansion | None
+    ) -> None:
+        """The generate loop, run while holding the model: each batch's images go to the writer
+        threads while the next batch generates, at most BATCHES_IN_FLIGHT batches behind."""
+        model_stages = getattr(self.generator, "stage_timer", None)  # None: no split (noop, janus)
         for batch in make_batches(rows, self.spec.workers.batch_size):
             if expansion is not None:
                 expansion.fill(batch)
             tick = time.time()
             prompts = [row.text for row in batch]
-            truncated.update(
+            run.truncated.update(
                 row.index for row, cut in zip(batch, self.generator.truncated(prompts), strict=True) if cut
             )
             try:
@@ -182,15 +267,20 @@ class ShardWorker:
                     row.error = f"model_rejected: {exc}"
                 continue
             finally:
-                generate_seconds += time.time() - tick
+                seconds = time.time() - tick
+                run.generate_seconds += seconds
+                inner = model_stages.take() if model_stages else {}
+                for stage, spent in inner.items():
+                    run.timer.add(stage, spent)
+                run.timer.add("denoise", seconds - sum(inner.values()))
             statuses = [self._status(score) for score in scores]
             kept = [
                 (row, image)
                 for row, image, status in zip(batch, pixels, statuses, strict=True)
                 if not self._dropped(status)
             ]
-            for row, image in kept[: SAMPLES_PER_SHARD - len(samples)]:
-                samples.append(
+            for row, image in kept[: SAMPLES_PER_SHARD - len(run.samples)]:
+                run.samples.append(
                     {
                         "id": row.row_id,
                         "prompt": row.prompt,
@@ -202,51 +292,15 @@ class ShardWorker:
             in_flight = []
             for row, image, score, status in zip(batch, pixels, scores, statuses, strict=True):
                 if self._dropped(status):
-                    record = self._record(shard, row, row.index in truncated)
-                    written[row.index] = {**record, "status": status, "clip_score": score}
+                    record = self._record(run.shard, row, row.index in run.truncated)
+                    run.written[row.index] = {**record, "status": status, "clip_score": score}
                 else:
-                    future = self.writers.submit(
-                        self._write_image, writer, shard, row, row.index in truncated, image, score, status
-                    )
+                    future = self.writers.submit(self._write_image, writer, run, row, image, score, status)
                     in_flight.append((row, future))
-            pending.append(in_flight)
-            if len(pending) > BATCHES_IN_FLIGHT:
-                collect(pending.popleft())
-        tick = time.time()
-        while pending:
-            collect(pending.popleft())
-        writer.close()  # tar/parquet formats upload the shard's images here, before its metadata
-        drain_seconds = time.time() - tick
-
-        self._write_metadata(shard, rows, written, truncated, writer)
-        errors = Counter(row.error.split(":", 1)[0] for row in rows if row.error)
-        statuses = Counter(record["status"] for record in written.values())
-        seconds = time.time() - started
-        stats = {
-            "shard_id": shard.shard_id,
-            "input_file": shard.file_url,
-            "rows": len(rows),
-            "ok": statuses["ok"],
-            "filtered": statuses["filtered"],
-            "error": len(rows) - len(written),
-            "errors_by_reason": dict(errors),
-            "finished_at": datetime.now(UTC).isoformat(),
-            "seconds": round(seconds, 3),
-            "read_seconds": round(read_seconds, 3),
-            "generate_seconds": round(generate_seconds, 3),
-            "write_wait_seconds": round(drain_seconds, 3),
-            "images_per_second": round(len(written) / seconds, 3) if seconds else 0.0,
-            "device": self.device,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "samples": samples,
-            "clip_score": summarise(
-                [record["clip_score"] for record in written.values() if record["clip_score"] is not None]
-            ),
-        }
-        if expansion is not None:
-            stats.update(expand_seconds=round(expansion.seconds, 3), expansion_unchanged=expansion.unchanged)
-        self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
-        return stats
+            run.pending.append(in_flight)
+            if len(run.pending) > BATCHES_IN_FLIGHT:
+                with run.timer.timing("idle"):  # write backpressure: the model waits for the writers
+                    run.collect(run.pending.popleft())
 
     def _expansion(self, rows: list[Row]) -> ShardExpansion | None:
         """The shard's prompt expansion, on this actor or on the expander pool; None without one."""

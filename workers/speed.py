@@ -1,0 +1,110 @@
+"""The job's `speed:` options, applied to a loaded diffusers pipeline in one place.
+
+- `attention`: `sdpa` keeps diffusers' default processors (PyTorch's scaled_dot_product_attention);
+  `eager` puts back the classic processors (softmax(QKᵀ)V in plain ops) on the denoiser and the VAE.
+- `channels_last`: the denoiser and the VAE in channels-last memory format (faster convolutions on
+  tensor cores and on oneDNN).
+- `compile`: `torch.compile` of the denoiser (`compile_backend`, inductor by default), with static
+  shapes: every batch is padded to `workers.batch_size` with filler rows (copies of the last row,
+  whose images are dropped), and one warm-up batch at the job's default size runs at load time, so a
+  shard's last, short batch does not compile again. Another width, height, or guidance on/off
+  compiles once more.
+- `tiny_vae`: an `AutoencoderTiny` (TAESD family) replaces the VAE for decoding.
+
+Each may change the output bytes slightly, so each is in the job's fingerprint when set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from imagemill.errors import ImagemillError
+from imagemill.spec import JobSpec
+from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.rows import BatchKey
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile_batch: int | None = None  # batch size the denoiser is compiled for; None: not compiled
+    compile_backend: str = "inductor"
+    warm_up: BatchKey | None = None  # the batch shape compiled at load time
+    tiny_vae: str | None = None  # a local directory or hub id (a URL is fetched to the node first)
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> SpeedOptions:
+        speed, generation = spec.speed, spec.generation
+        tiny_vae = speed.tiny_vae
+        if tiny_vae:
+            tiny_vae = resolve_model_source(spec.model.model_copy(update={"source": tiny_vae}))
+        warm_up = BatchKey(generation.width, generation.height, 1, generation.guidance_scale)
+        return cls(
+            attention=speed.attention,
+            channels_last=speed.channels_last,
+            compile_batch=spec.workers.batch_size if speed.compile else None,
+            compile_backend=speed.compile_backend,
+            warm_up=warm_up if speed.compile else None,
+            tiny_vae=tiny_vae,
+        )
+
+
+def _denoiser(pipe: Any) -> torch.nn.Module:
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise ImagemillError(f"speed options need a UNet or transformer; {type(pipe).__name__} has neither")
+    return denoiser
+
+
+def _use_tiny_vae(pipe: Any, source: str) -> None:
+    from diffusers import AutoencoderTiny
+
+    vae = pipe.vae
+    tiny = AutoencoderTiny.from_pretrained(source, dtype=vae.dtype).to(vae.device)
+    upscale = tiny.config.upsampling_scaling_factor ** (len(tiny.config.decoder_block_out_channels) - 1)
+    if tiny.config.latent_channels != vae.config.latent_channels or upscale != pipe.vae_scale_factor:
+        raise ImagemillError(
+            f"speed.tiny_vae {source} does not fit the model: it decodes {tiny.config.latent_channels} "
+            f"latent channels at {upscale}x, the model's VAE {vae.config.latent_channels} at "
+            f"{pipe.vae_scale_factor}x; use the TAESD of the model's family"
+        )
+    pipe.vae = tiny
+
+
+def apply_speed_options(pipe: Any, options: SpeedOptions) -> None:
+    """Apply `options` to a pipeline already on its device; order matters: the VAE is replaced
+    before its memory format is set, and the denoiser is compiled last."""
+    if options.tiny_vae:
+        _use_tiny_vae(pipe, options.tiny_vae)
+    if options.attention == "sdpa" and not options.channels_last and not options.compile_batch:
+        return  # the defaults: any pipeline class loads, with or without a UNet or transformer
+    models = [_denoiser(pipe), *([pipe.vae] if getattr(pipe, "vae", None) is not None else [])]
+    if options.attention == "eager":
+        for model in models:
+            if hasattr(model, "set_default_attn_processor"):
+                try:
+                    model.set_default_attn_processor()
+                except ValueError:
+                    raise ImagemillError(
+                        f"speed.attention: eager is not available for {type(model).__name__}; use sdpa"
+                    ) from None
+    if options.channels_last:
+        for model in models:
+            model.to(memory_format=torch.channels_last)
+    if options.compile_batch:
+        models[0].compile(backend=options.compile_backend, dynamic=False)
+
+
+def pad(values: list[Any], size: int) -> list[Any]:
+    """`values` filled up to `size` with copies of the last one (filler rows, whose images are dropped)."""
+    return values + values[-1:] * (size - len(values))
+
+
+def warm_up(generator: Any, options: SpeedOptions) -> None:
+    """Compile the denoiser for the job's default batch shape now, at load time, not in the first shard."""
+    if options.warm_up is not None:
+        generator.generate(["warm-up"], [None], [0], options.warm_up)
