@@ -53,7 +53,7 @@ def _corpus() -> list[str]:
     return words + phrases
 
 
-def _train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> CLIPTokenizer:
+def train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> CLIPTokenizer:
     """Train byte-level BPE merges the way CLIP tokenizes; write vocab.json/merges.txt; load them."""
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence(
@@ -146,7 +146,7 @@ def make_tiny_model(out_dir: str | os.PathLike) -> Path:
     ``DiffusionPipeline.from_pretrained(out_dir, use_safetensors=True)``.
     """
     out = Path(out_dir)
-    tokenizer = _train_tokenizer(out / "tokenizer")
+    tokenizer = train_tokenizer(out / "tokenizer")
     with torch.random.fork_rng(devices=[]):  # seed for the weights without touching the caller's RNG
         torch.manual_seed(SEED)
         text_encoder = _text_encoder(tokenizer)
