@@ -106,7 +106,7 @@ def test_demo_model_draws_the_colour_of_unseen_combinations(held_out_images):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue #6 acceptance 3 not met yet: the shipped weights (1500 UNet steps, all this CPU allowed) "
+    reason="issue #6 acceptance 3 not met yet: the shipped weights (900 UNet steps, what this CPU allowed) "
     "draw colour and background from the prompt, but shape and place still follow the noise",
 )
 @pytest.mark.parametrize("field", ["shape", "position"])
