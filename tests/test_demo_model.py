@@ -1,9 +1,11 @@
-"""The shipped demo model draws what its prompts say, for colour x shape x position triples it never saw.
+"""Does the shipped demo model draw what its prompts say, for colour x shape x position triples it never
+saw? Colour: yes (asserted). Shape and position: not yet (recorded as strict expected failures).
 
 The images come from the demo job as a user runs it (jobs/demo.yaml, its model from the repository,
 through Ray), with only the prompts swapped for the held-out ones; each is measured with simple image
 statistics: the shape region is what differs from the border's colour, its colour is the nearest named
-hue, its shape follows from how much of its bounding box it fills, its position from its centroid.
+hue, its shape the drawn shape that best overlaps it in its bounding box, its position the anchor
+nearest the box's centre.
 """
 
 from __future__ import annotations
