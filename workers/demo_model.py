@@ -15,10 +15,11 @@ steps hold no trace of the image, so that only the prompt can say where the shap
 encoder trained with the UNet.
 
 Training is seeded and single-threaded: the same command on the same machine writes the same weights.
-The shipped weights took 648 s (11 min) of wall time here, on two CPU cores shared with three other busy
-jobs. They draw the prompt's colour and background, also for held-out triples, but not yet its shape
-and place (see tests/test_demo_model.py). Runs that did not learn those either: 1100 UNet steps with SD's
-schedule, and 1200 steps with a fourth (2x2) UNet level; what does (more steps, another design) is open.
+The shipped weights took 648 s of wall time here, on two CPU cores shared with three other busy jobs;
+re-running the command on a quieter machine took 348 s and wrote byte-identical files. They draw the
+prompt's colour and background, also for held-out triples, but not yet its shape and place (see
+tests/test_demo_model.py). Runs that did not learn those either: 1100 UNet steps with SD's schedule, and
+1200 steps with a fourth (2x2) UNet level; what does (more steps, another design) is open.
 """
 
 from __future__ import annotations
