@@ -23,13 +23,13 @@ def test_every_spec_in_jobs_is_valid():
         imagemill.load_spec(spec)
 
 
-def test_demo_job(ray_address, tmp_path, tiny_model):
+def test_demo_job(ray_address, tmp_path):
+    """As the README runs it, with the demo model shipped in jobs/models (only fewer steps)."""
     done = run_cli(
-        "run", "jobs/demo.yaml", "--model", tiny_model, "--output", str(tmp_path / "demo"), *FAST,
-        ray_address=ray_address, cwd=REPO,
+        "run", "jobs/demo.yaml", "--output", str(tmp_path / "demo"), *FAST, ray_address=ray_address, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    check_output(str(tmp_path / "demo"), {f"demo-{i:03d}" for i in range(64)}, 64, 64)
+    check_output(str(tmp_path / "demo"), {f"demo-{i:03d}" for i in range(64)}, 32, 32)
 
 
 def test_augment_job_makes_several_images_per_prompt_with_their_own_ids_and_seeds(

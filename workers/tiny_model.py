@@ -1,10 +1,11 @@
 """A tiny random-weight Stable-Diffusion pipeline, and a tiny CLIP model to score its images, built offline.
 
-No weights can be downloaded where the tests and the demo job run, yet both need a real diffusers pipeline
-directory that loads through the normal path (``DiffusionPipeline.from_pretrained(path,
+No weights can be downloaded where the tests run, yet they need a real diffusers pipeline directory
+that loads through the normal path (``DiffusionPipeline.from_pretrained(path,
 use_safetensors=True)``) and generates images. ``make_tiny_model`` writes one: a tiny UNet, VAE and CLIP
 text encoder with seeded random weights, a DDIM scheduler, and a byte-level BPE ``CLIPTokenizer``
-trained here on a small English word list. The images are noise, but every code path is the real one.
+trained here on a small English word list (the demo model, ``demo_model.py``, reuses it). The images are
+noise, but every code path is the real one.
 """
 
 from __future__ import annotations
