@@ -28,7 +28,7 @@ from transformers import (
     LlamaTokenizer,
 )
 
-from imagemill.workers.tiny_model import SEED, _corpus
+from imagemill.workers.tiny_model import SEED, corpus
 
 IMAGE_SIZE = 32  # pixels per side of every image the tiny model makes
 PATCHES = 4  # image tokens per side: 16 tokens per image, each decoded to an 8x8 pixel patch
@@ -53,7 +53,7 @@ def _tokenizer(vocab_size: int = 600) -> LlamaTokenizer:
     bpe = Tokenizer(models.BPE(unk_token=UNK))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    bpe.train_from_iterator(corpus(), trainer=trainer)
     trained = json.loads(bpe.to_str())["model"]
     # Llama's layout: specials, then the 256 byte tokens (any text tokenizes without <unk>), then merges.
     tokens = [
