@@ -79,7 +79,9 @@ def fp8_supported(device: str) -> bool:
 
 def measure(settings: dict, model: Path, clip: Path, device: str, repeats: int) -> dict[str, dict]:
     methods = [m for m in METHODS if m != "fp8" or fp8_supported(device)]
-    generators = {m: DiffusersGenerator(str(model), settings["dtype"], device, True, m) for m in methods}
+    generators = {
+        m: DiffusersGenerator(str(model), settings["dtype"], device, quantization=m) for m in methods
+    }
     warm = {**settings, "images": settings["batch_size"]}
     for generator in generators.values():
         generate_all(generator, warm, device)

@@ -78,9 +78,9 @@ def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | JanusGene
         model.dtype,
         device,
         model.safetensors_only,
-        SpeedOptions.from_spec(spec),
-        loras,
-        model.quantization,
+        speed=SpeedOptions.from_spec(spec),
+        loras=loras,
+        quantization=model.quantization,
     )
 
 
