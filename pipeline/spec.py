@@ -220,6 +220,26 @@ class JobSpec(_Section):
             raise ValueError("model.source is required: a hub id, a local directory or a URL")
         return self
 
+    @model_validator(mode="after")
+    def _diffusers_options_need_a_diffusers_model(self) -> JobSpec:
+        """LoRA, quantisation and speed options act on a diffusers pipeline; elsewhere they would be
+        silently ignored, so they are refused."""
+        if self.model.kind != "diffusers":
+            used = [
+                name
+                for name, is_set in (
+                    ("model.lora", bool(self.model.lora)),
+                    ("model.quantization", self.model.quantization != "none"),
+                    ("speed", bool(self.speed.model_dump(exclude_defaults=True))),
+                )
+                if is_set
+            ]
+            if used:
+                raise ValueError(
+                    f"{', '.join(used)} only apply to model.kind: diffusers, not {self.model.kind}"
+                )
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_is_plain(cls, value: str) -> str:

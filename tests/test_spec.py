@@ -201,3 +201,17 @@ def test_redacted_spec_hides_storage_option_values():
     assert secret not in dumped
     assert spec.input.storage_options == {"key": secret}  # still usable for the job itself
     assert secret not in repr(spec)
+
+
+@pytest.mark.parametrize(
+    ("model", "speed", "named"),
+    [
+        ({"kind": "janus", "lora": [{"source": "org/lora"}]}, None, "model.lora"),
+        ({"kind": "janus", "quantization": "int8_weight_only"}, None, "model.quantization"),
+        ({"kind": "noop", "source": ""}, {"compile": True}, "speed"),
+    ],
+)
+def test_diffusers_only_options_are_refused_for_other_model_kinds(spec_file, model, speed, named):
+    data = {**MINIMAL, "model": {**MINIMAL["model"], **model}, **({"speed": speed} if speed else {})}
+    with pytest.raises(ImagemillError, match=rf"{named} only apply to model.kind: diffusers, not"):
+        load_spec(spec_file(data))
