@@ -118,7 +118,7 @@ def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dic
     lines = [
         f"## Speed options, {profile} profile",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, shared with other jobs at the time.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}.",
         f"Reproduce: `python bench/speed_options.py --profile {profile} --repeats {repeats}`",
         "",
         f"Settings: {settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "

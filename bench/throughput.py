@@ -308,7 +308,7 @@ def _stages_report(profile: str, settings: dict, result: dict) -> str:
     lines = [
         f"## Stage breakdown, imagemill (b), {profile} profile",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, shared with other jobs at the time.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}.",
         f"Reproduce: `python bench/throughput.py --profile {profile} --stages`",
         "",
         f"{settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
@@ -337,7 +337,7 @@ def write_benchmarks(section: str) -> None:
     if heading in text:
         start = text.index(heading)
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
+        text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
