@@ -21,7 +21,18 @@ from imagemill.scores import merge
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")
-STAGE_LABELS = {"expand": "prompt expansion", "write_wait": "waiting on writes"}  # the rest as named
+# Each shard's `stage_seconds` (workers/stage_timer.py), and `expand_seconds` where prompts are expanded.
+STAGE_LABELS = {
+    "read": "read and validate the shard",
+    "expand": "prompt expansion",
+    "text_encode": "text encoding (model)",
+    "denoise": "denoising (model)",
+    "decode": "VAE decode (model)",
+    "image_encode": "image encoding (writer threads)",
+    "upload": "upload (writer threads)",
+    "idle": "model idle, waiting for a read or for writes",
+}
+MODEL_STAGES = ("expand", "text_encode", "denoise", "decode")
 
 
 def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
@@ -43,6 +54,7 @@ def build_report(
 ) -> dict[str, Any]:
     totals = shard_totals(shards)
     failed = record.get("failed_shards", [])
+    stages = _stage_seconds(shards)
     return {
         "name": record.get("name"),
         "status": record.get("status"),
@@ -63,7 +75,8 @@ def build_report(
             {key: failure.get(key) for key in ("shard_id", "input_file", "attempts", "error")}
             for failure in failed
         ],
-        "stage_seconds": _stage_seconds(shards),
+        "stage_seconds": stages,
+        "model_busy_share": model_busy_share(stages),
         "throughput": throughput(record.get("started_at"), shards),
         "clip_score": clip_score(record, shards),
         "samples": [
@@ -74,13 +87,27 @@ def build_report(
 
 
 def _stage_seconds(shards: list[dict[str, Any]]) -> dict[str, float]:
-    """Seconds per stage summed over the shards; `expand` only for jobs with prompt expansion."""
-    expands = any("expand_seconds" in stats for stats in shards)
-    stages = ("read", "expand", "generate", "write_wait") if expands else ("read", "generate", "write_wait")
-    seconds = {
-        stage: round(sum(stats.get(f"{stage}_seconds", 0.0) for stats in shards), 3) for stage in stages
+    """Seconds per stage summed over the shards, stages in STAGE_LABELS order (`expand` only for jobs
+    with prompt expansion). There is no total: one shard reads while another holds the model, and the
+    writer threads' stages overlap the model's, so the stages add up to more than the job took."""
+    seconds: dict[str, float] = {}
+    for stats in shards:
+        expand = {"expand": stats["expand_seconds"]} if "expand_seconds" in stats else {}
+        for stage, spent in (stats.get("stage_seconds", {}) | expand).items():
+            seconds[stage] = seconds.get(stage, 0.0) + spent
+    order = list(STAGE_LABELS)
+    return {
+        stage: round(seconds[stage], 3)
+        for stage in sorted(seconds, key=lambda s: order.index(s) if s in order else len(order))
     }
-    return seconds | {"total": round(sum(stats.get("seconds", 0.0) for stats in shards), 3)}
+
+
+def model_busy_share(stages: dict[str, float]) -> float | None:
+    """The share of the time the shards held the model that it was working: the GPU-busy figure.
+    None when the stats have no stage split (written by an older imagemill)."""
+    busy = sum(stages.get(stage, 0.0) for stage in MODEL_STAGES)
+    held = busy + stages.get("idle", 0.0)
+    return round(busy / held, 4) if held > 0 else None
 
 
 def _expanded(sample: dict[str, Any]) -> dict[str, Any]:
@@ -235,9 +262,20 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 {_table(("shard", "file", "attempts", "error"), [tuple(f.values()) for f in report["failed_shards"]])}
 </section>
 <section id="stages"><h2>Time by stage (seconds, summed over shards)</h2>
-{_table(tuple(STAGE_LABELS.get(s, s) for s in stages), [tuple(stages.values())])}</section>
+<p id="model-busy">{_busy(report["model_busy_share"])}</p>
+{_table(("stage", "seconds"), [(STAGE_LABELS.get(s, s), v) for s, v in stages.items()])}</section>
 </body></html>
 """
+
+
+def _busy(share: float | None) -> str:
+    if share is None:
+        return "No stage split in these shards' stats."
+    return (
+        f"The model worked {100 * share:.1f}% of the time shards held it. Stages overlap (a shard is "
+        "read while another holds the model; writer threads run beside it), so they add up to more "
+        "than the job's wall time."
+    )
 
 
 def _e(value: Any) -> str:

@@ -171,13 +171,14 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         def on_done(stats: dict[str, Any]) -> None:
             committed[stats["shard_id"]] = stats
             bar.update(stats["rows"])
+            filtered = f", {stats['filtered']} filtered" if spec.scoring else ""
             log.info(
-                "shard %s done: %d rows, %d ok, %d filtered, %d error in %.1f s (%.1f images/s; read %.1f s, "
+                "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
                 "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
                 stats["shard_id"],
                 stats["rows"],
                 stats["ok"],
-                stats.get("filtered", 0),
+                filtered,
                 stats["error"],
                 stats["seconds"],
                 stats["images_per_second"],

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +163,7 @@ def test_keep_marks_low_scores_filtered_and_writes_their_images(
 
 
 def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
-    scored, ray_session, tmp_path, prompts_dir, tiny_model, tiny_clip
+    scored, ray_session, tmp_path, prompts_dir, tiny_model, tiny_clip, caplog
 ):
     reference, threshold, low = _median_split(scored)
     spec = _spec(
@@ -171,7 +173,10 @@ def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
         {"source": tiny_clip, "threshold": threshold, "on_low_score": "drop"},
     )
     counts = f"{ROWS - len(low)} ok, {len(low)} filtered, 0 error"
+    caplog.set_level(logging.INFO, logger="imagemill.runner")
     assert f"{ROWS} rows: {counts}" in imagemill.run(spec, progress=False).summary()
+    per_shard = [int(n) for n in re.findall(r"shard \S+ done: \d+ rows, \d+ ok, (\d+) filtered", caplog.text)]
+    assert sum(per_shard) == len(low), caplog.text  # each shard's INFO line counts its filtered rows
 
     out = Path(spec.output.path)
     hashes = check_output(str(out), set(reference), SIZE, SIZE)  # each id once, done; images as named

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import fsspec
 import pyarrow as pa
@@ -113,6 +114,9 @@ def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
     done = run_cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"{rows} rows: {rows} ok, 0 error in 4/4 shards (4 run now)" in done.stdout
+    shard_lines = re.findall(r"shard \S+ done: \d+ rows, \d+ ok, 0 error in .* \[\d/4 shards\]", done.stderr)
+    assert len(shard_lines) == 4, done.stderr  # one INFO line per shard; no "filtered" when not scoring
+    assert "(ShardWorker" not in done.stderr, done.stderr  # the actors print nothing: no bars, no notices
     hashes = check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
     assert all(
         path.endswith(".jpg") for path in read_metadata(str(tmp_path / "out")).column("path").to_pylist()

@@ -50,6 +50,15 @@ def shard(shard_id, finished_s, seconds, rows, ok, errors, samples):
         "read_seconds": 1.0,
         "generate_seconds": seconds - 5.0,
         "write_wait_seconds": 2.0,
+        "stage_seconds": {
+            "read": 1.0,
+            "text_encode": 1.0,
+            "denoise": seconds - 8.0,
+            "decode": 2.0,
+            "image_encode": 3.0,
+            "upload": 0.5,
+            "idle": 1.0,
+        },
         "images_per_second": round(ok / seconds, 3),
         "device": "cpu",
         "samples": samples,
@@ -151,7 +160,17 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
     assert report["clip_score"] is None  # the job does not score
     assert report["errors_by_reason"] == {"duplicate_id": 1, "invalid_prompt": 2}
     assert report["failed_shards"] == [FAILED]
-    assert report["stage_seconds"] == {"read": 4.0, "generate": 280.0, "write_wait": 8.0, "total": 300.0}
+    # summed over the shards, in pipeline order; no total, since shards and writer threads overlap
+    assert report["stage_seconds"] == {
+        "read": 4.0,
+        "text_encode": 4.0,
+        "denoise": 268.0,
+        "decode": 8.0,
+        "image_encode": 12.0,
+        "upload": 2.0,
+        "idle": 4.0,
+    }
+    assert report["model_busy_share"] == round(280 / 284, 4)
 
     series = report["throughput"]
     assert series["start"] == START.isoformat() and series["bucket_seconds"] == 10
@@ -181,6 +200,9 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
     assert "http://" not in html and "https://" not in html  # nothing fetched from anywhere
     assert html.count('<img src="data:image/jpeg;base64,') == len(ALL_SAMPLES)
     assert 'id="contact-sheet"' in html and 'id="throughput"' in html and "<polyline" in html
+    stages = html.split('id="stages"', 1)[1].split("</section>", 1)[0]
+    assert "worked 98.6% of the time" in stages
+    assert '<td>denoising (model)</td><td class="num">268.0</td>' in stages
 
     assert not (tmp_path / "images").exists()
     # the driver read the job record and the shards' stats, and nothing else (no image, no metadata)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from imagemill.spec import ScoringSpec
+from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.model_source import resolve_model_source
 from imagemill.workers.text_cache import TextEmbeddingCache
 
@@ -25,10 +26,9 @@ from imagemill.workers.text_cache import TextEmbeddingCache
 class ConsistencyScorer:
     def __init__(self, spec: ScoringSpec, device: str):
         # transformers is imported here so the driver never pays for importing it.
-        import transformers
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
-        transformers.utils.logging.set_verbosity_error()
+        quiet_model_libraries()
         source = resolve_model_source(spec)
         self.device = device
         self.model = CLIPModel.from_pretrained(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from imagemill.spec import LoraSpec
+from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.families import call_default, family_of
 from imagemill.workers.lora import load_loras
 from imagemill.workers.quantization import quantize_denoiser
@@ -32,15 +33,8 @@ class DiffusersGenerator:
         """`loras`: each LoRA of the spec with where its weights are on this node."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
-        import transformers
 
-        # Actor output lands in the driver's console, which shows the job's progress: no loading bars,
-        # no notices about optional image processors the pipelines never use, and no truncation
-        # warnings (truncation is flagged per row in the metadata instead).
-        for library in (diffusers, transformers):
-            library.utils.logging.disable_progress_bar()
-            library.utils.logging.set_verbosity_error()
-
+        quiet_model_libraries()
         self.pipe = diffusers.DiffusionPipeline.from_pretrained(
             source,
             dtype=getattr(torch, dtype),

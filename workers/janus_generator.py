@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.rows import BatchKey
 
 
@@ -19,8 +20,7 @@ class JanusGenerator:
         # transformers is imported here, not at the top, so that the driver never pays for importing it.
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()  # actor output lands in the driver's console
-        transformers.utils.logging.set_verbosity_error()
+        quiet_model_libraries()
         self.model = transformers.JanusForConditionalGeneration.from_pretrained(
             source,
             dtype=getattr(torch, dtype),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from imagemill.spec import ExpansionSpec
+from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.model_source import resolve_model_source
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import expansion_seed
@@ -74,8 +75,7 @@ class PromptExpander:
     def __init__(self, spec: ExpansionSpec, device: str):
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
+        quiet_model_libraries()
         source = resolve_model_source(spec)
         use_safetensors = True if spec.safetensors_only else None
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, padding_side="left")
