@@ -1,5 +1,5 @@
 """Does the shipped demo model draw what its prompts say, for colour x shape x position triples it never
-saw? Colour: yes (asserted). Shape and position: not yet (recorded as strict expected failures).
+saw? Issue #6 asks for the colour and the shape in at least 9 of 10; the position is held to the same.
 
 The images come from the demo job as a user runs it (jobs/demo.yaml, its model from the repository,
 through Ray), with only the prompts swapped for the held-out ones; each is measured with simple image
@@ -72,46 +72,43 @@ def test_the_measurement_reads_drawn_scenes_exactly():
         assert measure(demo_shapes.draw(scene, rng)) == scene._replace(background=""), scene
 
 
+IMAGES_PER_SCENE = 4  # 180 images: one more or fewer right moves a share by 0.6 points, not 2
+
+
 @pytest.fixture(scope="module")
 def held_out_images(ray_address, tmp_path_factory) -> list[tuple[Scene, np.ndarray]]:
-    """The demo job run on every held-out triple on every background: (scene asked for, image)."""
-    scenes = demo_shapes.scenes(held_out=True)
+    """The demo job run on every held-out triple on every background, IMAGES_PER_SCENE images of each
+    (each with its own seed): (scene asked for, image)."""
+    scenes = {demo_shapes.caption(s): s for s in demo_shapes.scenes(held_out=True)}
     root = tmp_path_factory.mktemp("demo-fidelity")
     ids = [f"held-{i:03d}" for i in range(len(scenes))]
-    pq.write_table(
-        pa.table({"id": ids, "prompt": [demo_shapes.caption(s) for s in scenes]}), root / "held.parquet"
-    )
+    pq.write_table(pa.table({"id": ids, "prompt": list(scenes)}), root / "held.parquet")
     done = run_cli(
         "run", "jobs/demo.yaml", "--input", str(root / "held.parquet"), "--output", str(root / "out"),
-        "--no-progress", ray_address=ray_address, cwd=REPO,
+        "--set", f"generation.images_per_prompt={IMAGES_PER_SCENE}", "--no-progress",
+        ray_address=ray_address, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    paths = {row["id"]: row["path"] for row in read_metadata(str(root / "out")).to_pylist()}
     return [
-        (s, np.asarray(Image.open(root / "out" / paths[i]).convert("RGB")))
-        for s, i in zip(scenes, ids, strict=True)
+        (scenes[row["prompt"]], np.asarray(Image.open(root / "out" / row["path"]).convert("RGB")))
+        for row in read_metadata(str(root / "out")).to_pylist()
     ]
 
 
-def _score(held_out_images, field: str) -> tuple[float, list[str]]:
-    """Share of images whose measured `field` is the one asked for, and the captions of the misses."""
+def _score(held_out_images, fields: tuple[str, ...]) -> tuple[float, list[str]]:
+    """Share of images whose measured `fields` are all the ones asked for, and the captions of the misses."""
     seen = [(asked, measure(image)) for asked, image in held_out_images]
-    misses = [demo_shapes.caption(a) for a, got in seen if getattr(a, field) != getattr(got, field)]
+    misses = [
+        demo_shapes.caption(a) for a, got in seen if any(getattr(a, f) != getattr(got, f) for f in fields)
+    ]
     return 1 - len(misses) / len(seen), misses
 
 
-@pytest.mark.parametrize("field", ["colour", "position"])
-def test_demo_model_draws_the_colour_and_position_of_unseen_combinations(held_out_images, field):
-    assert len(held_out_images) == 45
-    score, misses = _score(held_out_images, field)
-    assert score >= 0.9, (score, misses)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #6 acceptance 3 not met yet: the shipped weights (4000 UNet steps on 2 CPU cores) draw "
-    "the asked-for shape in about 8 of 10 unseen combinations, not 9",
+@pytest.mark.parametrize(
+    "fields", [("colour",), ("shape",), ("position",), ("colour", "shape")], ids=lambda f: "+".join(f)
 )
-def test_demo_model_draws_the_shape_of_unseen_combinations(held_out_images):
-    score, misses = _score(held_out_images, "shape")
+def test_demo_model_draws_the_colour_shape_and_position_of_unseen_combinations(held_out_images, fields):
+    """Each on its own, and colour and shape both right in the same image, in at least 9 of 10."""
+    assert len(held_out_images) == 45 * IMAGES_PER_SCENE
+    score, misses = _score(held_out_images, fields)
     assert score >= 0.9, (score, misses)

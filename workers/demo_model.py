@@ -15,11 +15,12 @@ steps hold no trace of the image, so that only the prompt can say where the shap
 encoder trained with the UNet.
 
 Training is seeded and single-threaded: the same command on the same machine writes the same weights.
-The shipped weights (4000 UNet steps) took 1400 s of wall time here, on two CPU cores with a second
-training run beside it. On held-out triples (tests/test_demo_model.py, the demo job's settings) they
-draw the prompt's colour and place (45 of 45) and its shape in about 8 of 10; at 900 steps shape and
-place were still at chance and at 2500 steps shape was right in 6 of 10, so more steps are what shape
-needs next.
+The shipped weights (12000 UNet steps) took 4300 s of wall time here, on two CPU cores with a second
+training run beside it. On held-out triples (tests/test_demo_model.py, the demo job's settings: 10
+DDIM steps, guidance 3) they draw the prompt's colour and place in 180 of 180 images and its shape in
+169 (94%). Shape is what takes steps: at guidance 5 it was right in 0.38 of held-out images at 900
+steps (chance is 1/3), 0.64 at 2500, 0.8 at 4000 and 0.87 at 8000, while colour and place were right
+in nearly all from 4000.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def _train_unet(
             _log("unet", step, steps, running, started)
 
 
-def train(out_dir: str | Path, vae_steps: int = 300, unet_steps: int = 4000) -> Path:
+def train(out_dir: str | Path, vae_steps: int = 300, unet_steps: int = 12000) -> Path:
     """Train the demo model from scratch and save it as a diffusers pipeline directory (safetensors)."""
     out = Path(out_dir)
     # One thread: on two shared cores a second one mostly waits, and it makes the arithmetic's order fixed.
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd = commands.add_parser("train", help="train the demo model into DIRECTORY")
     train_cmd.add_argument("directory")
     train_cmd.add_argument("--vae-steps", type=int, default=300)
-    train_cmd.add_argument("--unet-steps", type=int, default=4000)
+    train_cmd.add_argument("--unet-steps", type=int, default=12000)
     prompts_cmd = commands.add_parser("prompts", help="write the demo job's prompt Parquet file")
     prompts_cmd.add_argument("path")
     args = parser.parse_args(argv)
