@@ -32,7 +32,7 @@ STAGE_LABELS = {
     "upload": "upload (writer threads)",
     "idle": "model idle, waiting for a read or for writes",
 }
-MODEL_STAGES = ("expand", "text_encode", "denoise", "decode")
+MODEL_STAGES = ("text_encode", "denoise", "decode")
 
 
 def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def build_report(
             for failure in failed
         ],
         "stage_seconds": stages,
-        "model_busy_share": model_busy_share(stages),
+        "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
         "throughput": throughput(record.get("started_at"), shards),
         "clip_score": clip_score(record, shards),
         "samples": [
@@ -102,12 +102,20 @@ def _stage_seconds(shards: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def model_busy_share(stages: dict[str, float]) -> float | None:
+def model_busy_share(stages: dict[str, float], expands_on_actor: bool) -> float | None:
     """The share of the time the shards held the model that it was working: the GPU-busy figure.
-    None when the stats have no stage split (written by an older imagemill)."""
-    busy = sum(stages.get(stage, 0.0) for stage in MODEL_STAGES)
-    held = busy + stages.get("idle", 0.0)
+    Prompt expansion is work when the actor runs it on its device (`placement: actor`), and waiting
+    when the actor waits for the expander pool. None when the stats have no stage split (written by
+    an older imagemill)."""
+    expand = stages.get("expand", 0.0)
+    busy = sum(stages.get(stage, 0.0) for stage in MODEL_STAGES) + (expand if expands_on_actor else 0.0)
+    held = busy + stages.get("idle", 0.0) + (0.0 if expands_on_actor else expand)
     return round(busy / held, 4) if held > 0 else None
+
+
+def _expands_on_actor(record: dict[str, Any]) -> bool:
+    expansion = (record.get("spec") or {}).get("expansion") or {}
+    return expansion.get("placement") == "actor"
 
 
 def _expanded(sample: dict[str, Any]) -> dict[str, Any]:

@@ -249,6 +249,17 @@ def test_score_distribution_is_summed_from_the_shards_histograms(tmp_path):
     assert 'id="count-filtered-rows"' in html
 
 
+@pytest.mark.parametrize(("placement", "busy"), [("actor", 280 + 20), ("pool", 280)])
+def test_prompt_expansion_is_model_work_on_the_actor_and_waiting_with_a_pool(tmp_path, placement, busy):
+    """Each shard spent 5 s on expansion: running the language model on its device (actor), or
+    waiting for the expander pool while it held the generator (pool)."""
+    shards = [{**stats, "expand_seconds": 5.0} for stats in SHARDS]
+    spec = {"name": "expanded", "expansion": {"placement": placement}}
+    report = write_report(make_output(tmp_path / placement, shards, {"spec": spec}))
+    assert list(report["stage_seconds"])[:2] == ["read", "expand"] and report["stage_seconds"]["expand"] == 20
+    assert report["model_busy_share"] == round(busy / (280 + 20 + 4), 4)
+
+
 def test_samples_are_spread_across_shards(tmp_path):
     output = make_output(tmp_path)
     picked = write_report(output, max_samples=3)["samples"]
