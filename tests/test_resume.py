@@ -47,7 +47,7 @@ def _wait_for_commits(output: Path, count: int, driver: subprocess.Popen, timeou
 def test_driver_killed_ten_times_then_rerun_gives_every_row_once_and_the_same_bytes(
     ray_address, tmp_path, tiny_model
 ):
-    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=6, rows_per_file=96, row_group_size=8)
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=9, rows_per_file=96, row_group_size=8)
     shards = rows // 16
     ids = {f"row-{i:05d}" for i in range(rows)}
     unbroken = _write_job(tmp_path / "unbroken.yaml", tmp_path / "prompts", tmp_path / "unbroken", tiny_model)
