@@ -35,7 +35,7 @@ def build_lm(folder: Path) -> Path:
     target = folder / "lm-cpu"
     if (target / "config.json").exists():
         return target
-    from imagemill.workers.tiny_lm import make_tiny_lm
+    from imagemill.testing.tiny_lm import make_tiny_lm
 
     return make_tiny_lm(target, **LM)
 

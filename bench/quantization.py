@@ -1,4 +1,4 @@
-"""model.quantization: its effect on generation speed and on the consistency score, side by side.
+"""model.quantization: its effect on generation speed and on the CLIP score, side by side.
 
     python bench/quantization.py --profile cpu     # the tiny model and tiny CLIP; writes BENCHMARKS.md
     python bench/quantization.py --profile gpu     # SD-1.5-shaped fp16 pipeline, ViT-L/14-shaped CLIP
@@ -28,9 +28,9 @@ import torch
 from throughput import _machine, build_model, prompts, write_benchmarks
 
 from imagemill.spec import ScoringSpec
-from imagemill.workers.consistency import ConsistencyScorer
-from imagemill.workers.diffusers_generator import DiffusersGenerator
+from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
+from imagemill.workers.stages.scoring import ClipScorer
 
 PROFILES = {
     "cpu": {"images": 32, "batch_size": 16, "size": 64, "steps": 4, "guidance": 5.0, "dtype": "float32"},
@@ -44,7 +44,7 @@ def build_clip(profile: str, folder: Path) -> Path:
     if (target / "config.json").exists():
         return target
     if profile == "cpu":
-        from imagemill.workers.tiny_model import make_tiny_clip
+        from imagemill.testing.tiny_model import make_tiny_clip
 
         return make_tiny_clip(target)
     from sd15_shaped import make_clip_l14_shaped
@@ -93,7 +93,7 @@ def measure(settings: dict, model: Path, clip: Path, device: str, repeats: int) 
             rates[method].append(settings["images"] / seconds)
             print(f"round {round_ + 1}: {method} {rates[method][-1]:.2f} images/s", flush=True)
 
-    scorer = ConsistencyScorer(ScoringSpec(source=str(clip)), device)
+    scorer = ClipScorer(ScoringSpec(source=str(clip)), device)
     texts = prompts(settings["images"])
     batch = settings["batch_size"]
     results = {}

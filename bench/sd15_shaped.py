@@ -22,7 +22,7 @@ from transformers import (
     CLIPVisionConfig,
 )
 
-from imagemill.workers.tiny_model import make_tiny_model
+from imagemill.testing.tiny_model import make_tiny_model
 
 
 def _tiny_tokenizer(out_dir: Path) -> CLIPTokenizer:

@@ -43,7 +43,7 @@ def _tiny_vae(profile: str, folder: Path) -> Path:
     if (target / "config.json").exists():
         return target
     if profile == "cpu":
-        from imagemill.workers.tiny_model import make_tiny_autoencoder
+        from imagemill.testing.tiny_model import make_tiny_autoencoder
 
         return make_tiny_autoencoder(target)
     from diffusers import AutoencoderTiny
@@ -56,8 +56,8 @@ def load_variant(settings: dict, change: dict, model: Path, tiny_vae: Path) -> t
     """The generator with one option changed, warmed up; and its load time (compiling included)."""
     import torch
 
-    from imagemill.workers.diffusers_generator import DiffusersGenerator
-    from imagemill.workers.speed import SpeedOptions
+    from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
+    from imagemill.workers.generators.diffusion.speed import SpeedOptions
 
     batch, key = settings["batch_size"], _key(settings)
     options = SpeedOptions(

@@ -68,7 +68,7 @@ def build_model(profile: str, folder: Path) -> Path:
     if (target / "model_index.json").exists():
         return target
     if profile == "cpu":
-        from imagemill.workers.tiny_model import make_tiny_model
+        from imagemill.testing.tiny_model import make_tiny_model
 
         return make_tiny_model(target)
     from sd15_shaped import make_sd15_shaped_model

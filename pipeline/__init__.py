@@ -6,10 +6,34 @@ Python API, the same as `imagemill run jobs/demo.yaml`::
 
     result = imagemill.run(imagemill.load_spec("jobs/demo.yaml"))
     print(result.summary())
+
+This package is the folder `pipeline/` (the driver side and the contract both sides share). Its names
+are imported on first use, not here: an actor imports `imagemill.workers...`, which imports this
+package first, and must not pay for (or depend on) the driver's runner, scheduler or progress bar.
 """
 
-from imagemill.errors import ImagemillError
-from imagemill.runner import JobResult, run
-from imagemill.spec import JobSpec, build_spec, load_spec
+from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imagemill.errors import ImagemillError
+    from imagemill.runner import JobResult, run
+    from imagemill.spec import JobSpec, build_spec, load_spec
+
+_HOMES = {
+    "ImagemillError": "imagemill.errors",
+    "JobResult": "imagemill.runner",
+    "run": "imagemill.runner",
+    "JobSpec": "imagemill.spec",
+    "build_spec": "imagemill.spec",
+    "load_spec": "imagemill.spec",
+}
 __all__ = ["ImagemillError", "JobResult", "JobSpec", "build_spec", "load_spec", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'imagemill' has no attribute '{name}'")
+    return getattr(import_module(_HOMES[name]), name)

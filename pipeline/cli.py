@@ -119,7 +119,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from imagemill.workers.tiny_families import make_tiny_family
+    from imagemill.testing.tiny_families import make_tiny_family
 
     print(f"tiny model written to {make_tiny_family(args.family, args.directory)}")
     return 0

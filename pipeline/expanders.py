@@ -15,7 +15,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.errors import ImagemillError
 from imagemill.spec import JobSpec
-from imagemill.workers.prompt_expansion import PromptExpander
+from imagemill.workers.stages.expansion import PromptExpander
 
 RESTARTS = 3
 

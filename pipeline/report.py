@@ -124,7 +124,7 @@ def _expanded(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def clip_score(record: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The consistency scores' distribution over the committed shards, with the job's threshold;
+    """The CLIP scores' distribution over the committed shards, with the job's threshold;
     None when the job does not score."""
     distribution = merge(stats.get("clip_score") for stats in shards)
     if distribution is None:
@@ -262,7 +262,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 <div id="contact-sheet">{figures or '<p class="none">none</p>'}</div></section>
 <section id="throughput"><h2>Throughput: {_e(report["throughput"]["images_per_second"])} images/s</h2>
 {_chart(report["throughput"]["points"])}</section>
-<section id="clip-score"><h2>Consistency score (CLIP, 100 × cosine)</h2>
+<section id="clip-score"><h2>CLIP score (100 × cosine)</h2>
 {_score_chart(report["clip_score"])}</section>
 <section id="errors"><h2>Error rows by reason</h2>
 {_table(("reason", "rows"), list(report["errors_by_reason"].items()))}</section>

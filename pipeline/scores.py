@@ -1,4 +1,4 @@
-"""The consistency scores' distribution, as shard stats carry it and the report shows it.
+"""The CLIP scores' distribution, as shard stats carry it and the report shows it.
 
 Each actor summarises its shard's scores (count, sum, min, max and a histogram over fixed bins) into
 the shard's stats; the driver adds the shards' summaries up. Fixed bins (bin k holds scores in

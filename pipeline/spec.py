@@ -99,7 +99,7 @@ class ModelSpec(_Section):
 
 
 class ScoringSpec(_Section):
-    """A CLIP image-text consistency score per image, computed on the actor after generation."""
+    """A CLIP score (image-text) per image, computed on the actor after generation."""
 
     source: str = Field(
         description="A transformers CLIPModel directory (tokenizer and image processor config beside it), "
@@ -117,7 +117,8 @@ class ScoringSpec(_Section):
 
 
 class SpeedSpec(_Section):
-    """How a diffusers model runs (workers/speed.py); each may change output bytes a little."""
+    """How a diffusers model runs (workers/generators/diffusion/speed.py); each may change output bytes
+    a little."""
 
     attention: Literal["sdpa", "eager"] = Field(
         "sdpa", description="sdpa: diffusers' default (PyTorch scaled_dot_product_attention); eager: classic."

@@ -118,7 +118,7 @@ def run_cli(*args: str, ray_address: str = "", cwd=None, timeout: float = 600) -
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from imagemill.workers.tiny_model import make_tiny_model
+    from imagemill.testing.tiny_model import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd"))
 
@@ -176,7 +176,7 @@ def as_pixels(images) -> np.ndarray:
 def check_output(url: str, expected_ids: set[str], width: int, height: int) -> dict[str, str]:
     """The foundation's end-to-end check; returns {id: sha256} of the images.
 
-    Every input id has exactly one metadata row, done (ok, or filtered by the consistency score);
+    Every input id has exactly one metadata row, done (ok, or filtered by the CLIP score);
     every row with a path has its image, which decodes and has the stated size and sha256; a filtered
     row without one (scoring.on_low_score: drop) has no sha256; no image exists that no row names.
     """

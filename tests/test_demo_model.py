@@ -20,8 +20,8 @@ import pytest
 from conftest import read_metadata, run_cli
 from PIL import Image
 
-from imagemill.workers import demo_shapes
-from imagemill.workers.demo_shapes import Scene
+from imagemill.demo import shapes as demo_shapes
+from imagemill.demo.shapes import Scene
 
 REPO = Path(__file__).resolve().parents[1]
 HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in demo_shapes.COLOURS.items()}

@@ -10,9 +10,9 @@ import torch
 from conftest import check_output, make_bucket, read_metadata, run_cli
 
 import imagemill
-from imagemill.workers.janus_generator import JanusGenerator
+from imagemill.testing.tiny_janus import IMAGE_SIZE, make_tiny_janus
+from imagemill.workers.generators.janus import JanusGenerator
 from imagemill.workers.rows import BatchKey
-from imagemill.workers.tiny_janus import IMAGE_SIZE, make_tiny_janus
 
 CAT = "a red cat on a chair"
 LONG = "a large blue house beside a green tree near the river at sunset " * 8  # more than the context takes

@@ -17,8 +17,8 @@ from PIL import Image
 import imagemill
 from imagemill.errors import ImagemillError
 from imagemill.spec import LoraSpec
-from imagemill.workers.diffusers_generator import DiffusersGenerator
-from imagemill.workers.tiny_model import tiny_unet
+from imagemill.testing.tiny_model import tiny_unet
+from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 
 GENERATION = {"width": 32, "height": 32, "num_inference_steps": 2, "guidance_scale": 5.0}
 SCALE = 0.7

@@ -1,7 +1,7 @@
 """Every supported family end to end: a tiny random-weight model of it, a job through Ray, its images.
 
-Each family's tiny model is built from its own diffusers classes (workers/tiny_families.py), saved, and
-loaded back by the actors through DiffusionPipeline.from_pretrained, as a user's model would be.
+Each family's tiny model is built from its own diffusers classes (pipeline/testing/tiny_families.py),
+saved, and loaded back by the actors through DiffusionPipeline.from_pretrained, as a user's model would be.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from conftest import as_pixels, read_metadata
 from PIL import Image
 
 import imagemill
-from imagemill.workers.diffusers_generator import DiffusersGenerator
+from imagemill.testing.tiny_families import make_tiny_family
+from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
-from imagemill.workers.tiny_families import make_tiny_family
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux", "pixart", "sana"]
 WIDTH, HEIGHT = 64, 32  # not square, so a swapped width and height shows; Sana needs multiples of 32

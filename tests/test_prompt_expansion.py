@@ -20,8 +20,8 @@ from imagemill.errors import ImagemillError
 from imagemill.shards import Shard
 from imagemill.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
 from imagemill.workers.model_source import check_expansion_source
-from imagemill.workers.prompt_expansion import PromptExpander, expansion_batches
 from imagemill.workers.rows import prepare_rows
+from imagemill.workers.stages.expansion import PromptExpander, expansion_batches
 
 ROWS, VARIANTS, IMAGES = 24, 2, 2
 JOB = """\
@@ -45,7 +45,7 @@ expansion:
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> str:
-    from imagemill.workers.tiny_lm import make_tiny_lm
+    from imagemill.testing.tiny_lm import make_tiny_lm
 
     return str(make_tiny_lm(tmp_path_factory.mktemp("models") / "tiny-lm"))
 

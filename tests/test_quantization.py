@@ -13,7 +13,7 @@ import torch
 
 import imagemill
 from imagemill.errors import ImagemillError
-from imagemill.workers.diffusers_generator import DiffusersGenerator
+from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
 
 KEY = BatchKey(width=32, height=32, num_inference_steps=2, guidance_scale=5.0)

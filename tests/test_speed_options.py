@@ -11,10 +11,10 @@ from torch._dynamo.utils import counters
 
 import imagemill
 from imagemill.errors import ImagemillError
-from imagemill.workers.diffusers_generator import DiffusersGenerator
+from imagemill.testing.tiny_model import make_tiny_autoencoder
+from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
+from imagemill.workers.generators.diffusion.speed import SpeedOptions
 from imagemill.workers.rows import BatchKey
-from imagemill.workers.speed import SpeedOptions
-from imagemill.workers.tiny_model import make_tiny_autoencoder
 
 KEY = BatchKey(width=32, height=32, num_inference_steps=2, guidance_scale=5.0)
 PROMPTS, NEGATIVES, SEEDS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imagemill.workers.diffusers_generator import DiffusersGenerator
+from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
 
 KEY = BatchKey(width=32, height=32, num_inference_steps=1, guidance_scale=5.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from imagemill.workers.tiny_model import make_tiny_model
+from imagemill.testing.tiny_model import make_tiny_model
 
 LONG_PROMPT = " ".join(["a big blue star above a small green cube in the top left corner"] * 12)
 
@@ -72,7 +72,7 @@ def test_deterministic_build(model_dir: Path, tmp_path: Path) -> None:
     assert _files(make_tiny_model(tmp_path / "again")) == first
     # The tokenizer trainer iterates hash maps, whose order changes between processes: build in another one.
     code = (
-        "import sys; from imagemill.workers.tiny_model import make_tiny_model; make_tiny_model(sys.argv[1])"
+        "import sys; from imagemill.testing.tiny_model import make_tiny_model; make_tiny_model(sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")], check=True, capture_output=True)
     assert _files(tmp_path / "other") == first

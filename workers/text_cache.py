@@ -1,7 +1,7 @@
 """An actor-wide cache of text embeddings: each distinct text is encoded once while it stays cached.
 
 Prompts repeat within and across shards (images_per_prompt, nightly prompt sets), so both the
-generator's text encoder and the consistency scorer's keep what they encoded, least recently used out.
+generator's text encoder and the CLIP scorer's keep what they encoded, least recently used out.
 """
 
 from __future__ import annotations

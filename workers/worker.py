@@ -30,17 +30,17 @@ from imagemill.output import OutputLayout
 from imagemill.scores import summarise
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
-from imagemill.workers.consistency import ConsistencyScorer
-from imagemill.workers.diffusers_generator import DiffusersGenerator
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
-from imagemill.workers.janus_generator import JanusGenerator
+from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
+from imagemill.workers.generators.diffusion.speed import SpeedOptions
+from imagemill.workers.generators.janus import JanusGenerator
+from imagemill.workers.generators.noop import NoopGenerator
 from imagemill.workers.model_source import resolve_model_source, resolve_source
 from imagemill.workers.model_turns import ModelTurns
-from imagemill.workers.noop_generator import NoopGenerator
-from imagemill.workers.prompt_expansion import PromptExpander, ShardExpansion
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
-from imagemill.workers.speed import SpeedOptions
 from imagemill.workers.stage_timer import StageTimer
+from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
+from imagemill.workers.stages.scoring import ClipScorer
 from imagemill.workers.writers import METADATA_SCHEMA, ShardWriter, open_writer, parquet_bytes
 
 WRITER_THREADS = 4
@@ -109,7 +109,7 @@ class ShardWorker:
         self.spec = spec
         self.device = pick_device(spec.model.device)
         self.generator = make_generator(spec, self.device)
-        self.scorer = ConsistencyScorer(spec.scoring, self.device) if spec.scoring else None
+        self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
@@ -124,7 +124,7 @@ class ShardWorker:
         return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> list[float | None]:
-        """Each image's consistency score with the text it was generated from, computed on the
+        """Each image's CLIP score with the text it was generated from, computed on the
         images where the generator left them (its device); None for every row when scoring is off."""
         if self.scorer is None:
             return [None] * len(prompts)

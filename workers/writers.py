@@ -50,7 +50,7 @@ METADATA_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("input_file", pa.string()),
         ("input_row", pa.int64()),
-        ("clip_score", pa.float64()),  # consistency score; null when scoring is off or the row errored
+        ("clip_score", pa.float64()),  # CLIP score; null when scoring is off or the row errored
     ]
 )
 

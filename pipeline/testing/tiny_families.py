@@ -45,7 +45,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from imagemill.workers.tiny_model import (
+from imagemill.testing.tiny_model import (
     SEED,
     clip_config,
     corpus,

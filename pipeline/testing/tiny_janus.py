@@ -28,7 +28,7 @@ from transformers import (
     LlamaTokenizer,
 )
 
-from imagemill.workers.tiny_model import SEED, corpus
+from imagemill.testing.tiny_model import SEED, corpus
 
 IMAGE_SIZE = 32  # pixels per side of every image the tiny model makes
 PATCHES = 4  # image tokens per side: 16 tokens per image, each decoded to an 8x8 pixel patch

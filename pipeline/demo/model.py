@@ -1,7 +1,7 @@
 """The demo model: a small Stable Diffusion pipeline trained here, on CPU, to draw coloured shapes.
 
-    python -m imagemill.workers.demo_model train jobs/models/demo-shapes   # the shipped weights
-    python -m imagemill.workers.demo_model prompts jobs/demo_prompts.parquet
+    python -m imagemill.demo.model train jobs/models/demo-shapes   # the shipped weights
+    python -m imagemill.demo.model prompts jobs/demo_prompts.parquet
 
 The demo job should show that prompts steer the picture, yet no weights can be downloaded, so the model
 is trained from scratch on images drawn by ``demo_shapes`` ("a red circle on the left on a white
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from imagemill.workers import demo_shapes
-from imagemill.workers.tiny_model import train_clip_tokenizer
+from imagemill.demo import shapes as demo_shapes
+from imagemill.testing.tiny_model import train_clip_tokenizer
 
 SEED = 0
 IMAGES_PER_SCENE = 48  # jittered drawings of each training scene
@@ -225,7 +225,7 @@ def write_prompts(path: str | Path, count: int = 64, row_group_size: int = 16) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagemill.workers.demo_model", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m imagemill.demo.model", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train_cmd = commands.add_parser("train", help="train the demo model into DIRECTORY")
     train_cmd.add_argument("directory")

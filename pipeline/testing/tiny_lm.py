@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from imagemill.workers.tiny_model import COLOURS, OBJECTS, POSITIONS, SHAPES, WORDS
+from imagemill.testing.tiny_model import COLOURS, OBJECTS, POSITIONS, SHAPES, WORDS
 
 SEED = 0
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"

@@ -1,4 +1,4 @@
-"""The consistency score end to end: a tiny random CLIP model scores the tiny SD model's images on the
+"""The CLIP score (scoring:) end to end: a tiny random CLIP model scores the tiny SD model's images on the
 actor; the score column, the reference computed by hand, filtering (keep and drop), exactly-once
 accounting, resume, and the score distribution in the report.
 """
@@ -34,7 +34,7 @@ SCORE_TOLERANCE = 0.3
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
-    from imagemill.workers.tiny_model import make_tiny_clip
+    from imagemill.testing.tiny_model import make_tiny_clip
 
     return str(make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))
 

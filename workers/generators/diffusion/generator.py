@@ -10,11 +10,11 @@ import torch
 
 from imagemill.spec import LoraSpec
 from imagemill.workers.console import quiet_model_libraries
-from imagemill.workers.families import call_default, family_of
-from imagemill.workers.lora import load_loras
-from imagemill.workers.quantization import quantize_denoiser
+from imagemill.workers.generators.diffusion.families import call_default, family_of
+from imagemill.workers.generators.diffusion.lora import load_loras
+from imagemill.workers.generators.diffusion.quantization import quantize_denoiser
+from imagemill.workers.generators.diffusion.speed import SpeedOptions, apply_speed_options, pad, warm_up
 from imagemill.workers.rows import BatchKey
-from imagemill.workers.speed import SpeedOptions, apply_speed_options, pad, warm_up
 from imagemill.workers.stage_timer import StageTimer, time_pipeline_stages
 from imagemill.workers.text_cache import Embeddings, TextEmbeddingCache
 

@@ -1,4 +1,4 @@
-"""The consistency score: how well each image matches the text it was generated from, by a CLIP model.
+"""The CLIP score (`scoring:`): how well each image matches the text it was generated from, by a CLIP model.
 
 score = 100 × cosine(image embedding, text embedding), in [-100, 100]. This is torchmetrics'
 `CLIPScore` scale without its clamp at 0 (Hessel et al.'s CLIPScore is 2.5 × max(cos, 0)): the raw
@@ -23,7 +23,7 @@ from imagemill.workers.model_source import resolve_model_source
 from imagemill.workers.text_cache import TextEmbeddingCache
 
 
-class ConsistencyScorer:
+class ClipScorer:
     def __init__(self, spec: ScoringSpec, device: str):
         # transformers is imported here so the driver never pays for importing it.
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel

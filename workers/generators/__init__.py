@@ -1,0 +1,1 @@
+"""`imagemill.workers.generators` (folder `workers/generators/`): the image generators an actor runs."""
