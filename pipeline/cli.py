@@ -13,6 +13,7 @@ from datetime import date
 from typing import Any
 
 from imagemill.errors import ImagemillError
+from imagemill.testing import FAMILIES
 
 # Flags for the fields set most often; every other field is reachable with --set section.field=value.
 COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument(
         "--family",
-        choices=["sd", "sdxl", "sd3", "flux", "pixart", "sana"],
+        choices=FAMILIES,
         default="sd",
         help="which pipeline family to build (default: sd)",
     )

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagemill.errors import ImagemillError
+from imagemill.workers.generators.registry import KIND_NAMES, KINDS
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
@@ -75,10 +76,9 @@ class LoraSpec(_Section):
 
 class ModelSpec(_Section):
     source: str = Field("", description="Hub id, local directory, or fsspec URL of a directory.")
-    kind: Literal["diffusers", "janus", "noop"] = Field(
+    kind: Literal[KIND_NAMES] = Field(  # the kinds of workers/generators/registry.py
         "diffusers",
-        description="janus: Janus(-Pro) image generation through transformers; "
-        "noop: no model, solid colours from the seeds (measures the pipeline).",
+        description="; ".join(f"{info.name}: {info.description}" for info in KINDS.values()),
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cuda", "cpu"] = Field(
@@ -217,7 +217,7 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
-        if self.model.kind != "noop" and not self.model.source.strip():
+        if KINDS[self.model.kind].needs_model and not self.model.source.strip():
             raise ValueError("model.source is required: a hub id, a local directory or a URL")
         return self
 
@@ -225,7 +225,7 @@ class JobSpec(_Section):
     def _diffusers_options_need_a_diffusers_model(self) -> JobSpec:
         """LoRA, quantisation and speed options act on a diffusers pipeline; elsewhere they would be
         silently ignored, so they are refused."""
-        if self.model.kind != "diffusers":
+        if not KINDS[self.model.kind].diffusers_options:
             used = [
                 name
                 for name, is_set in (
@@ -236,8 +236,9 @@ class JobSpec(_Section):
                 if is_set
             ]
             if used:
+                accepting = ", ".join(info.name for info in KINDS.values() if info.diffusers_options)
                 raise ValueError(
-                    f"{', '.join(used)} only apply to model.kind: diffusers, not {self.model.kind}"
+                    f"{', '.join(used)} only apply to model.kind: {accepting}, not {self.model.kind}"
                 )
         return self
 

@@ -107,7 +107,7 @@ def test_missing_lora_stops_the_job_in_one_line(ray_session, tmp_path, tiny_mode
 def test_lora_for_another_model_is_refused_in_one_line(tmp_path, tiny_model):
     other = str(_save_lora(tiny_unet(cross_attention_dim=64), tmp_path / "sdxl-sized-lora"))
     with pytest.raises(ImagemillError) as error:
-        DiffusersGenerator(tiny_model, "float32", "cpu", loras=[(LoraSpec(source=other), other)])
+        DiffusersGenerator(tiny_model, "float32", "cpu", loras=[LoraSpec(source=other)])
     message = str(error.value)
     assert message.startswith(f"LoRA {other} does not load into this model: ") and "size mismatch" in message
     assert "\n" not in message

@@ -18,11 +18,11 @@ from conftest import as_pixels, read_metadata
 from PIL import Image
 
 import imagemill
+from imagemill.testing import FAMILIES
 from imagemill.testing.tiny_families import make_tiny_family
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
 
-FAMILIES = ["sd", "sdxl", "sd3", "flux", "pixart", "sana"]
 WIDTH, HEIGHT = 64, 32  # not square, so a swapped width and height shows; Sana needs multiples of 32
 ODD_WIDTH = 40  # SD, SDXL and PixArt take multiples of 8; SD3 and FLUX refuse it (16), Sana too (32)
 REFUSE_ODD_WIDTH = {"sd3", "flux", "sana"}

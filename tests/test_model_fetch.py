@@ -7,9 +7,14 @@ lists the model's files (its cache key), and only the first actor on a node down
 from __future__ import annotations
 
 import fsspec
+import pytest
 import yaml
 from conftest import OBJECT_STORE_BYTES, isolated_cluster, make_bucket, run_cli, write_prompt_files
 from s3_fault_proxy import S3FaultProxy
+
+import imagemill
+from imagemill.errors import ImagemillError
+from imagemill.workers.worker import make_generator
 
 GENERATION = {"width": 32, "height": 32, "num_inference_steps": 1}
 
@@ -64,3 +69,45 @@ def test_model_is_downloaded_once_per_node_with_two_actors_on_each(
     assert listings == 4, "each of the four actors resolves the model"
     assert gets == dict.fromkeys(weights, 2), "the weights are downloaded once on each node"
     assert all(list((tmp_path / node).glob("models/*/unet/*.safetensors")) for node in ("node-a", "node-b"))
+
+
+@pytest.mark.parametrize(
+    "bad_key",
+    [
+        "models/m/../../../../escaped-by-dots.txt",  # four levels up from the staging folder
+        "models/m/{absolute}",  # a double slash: the rest of the key is an absolute path
+    ],
+)
+def test_model_keys_that_leave_the_cache_are_refused_and_nothing_is_written(
+    monkeypatch, s3_endpoint, tmp_path, bad_key
+):
+    """A bucket may hold keys with `..` parts or a double slash (S3 stores them literally); copied by
+    string slicing they land outside the node's cache. The load is refused in one line naming the URL
+    and the key, before any file is copied. Every pretrained source (model, LoRA, scorer, expander,
+    tiny VAE) is fetched by this one function, through workers/loading.py (tests/test_loading.py)."""
+    import boto3
+
+    cache = tmp_path / "node" / "cache"  # the staging folder is cache/models/<key>.partial
+    monkeypatch.setenv("IMAGEMILL_CACHE_DIR", str(cache))
+    outside = tmp_path / "escaped-by-slash.txt"
+    key = bad_key.format(absolute=str(outside))  # models/m//tmp/.../escaped-by-slash.txt
+    bucket = make_bucket(f"fetch-bad-key-{'dots' if '..' in key else 'slash'}")
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket[5:], Key="models/m/model_index.json", Body=b"{}")
+    client.put_object(Bucket=bucket[5:], Key=key, Body=b"not a model file")
+    stored = [item["Key"] for item in client.list_objects_v2(Bucket=bucket[5:])["Contents"]]
+    assert key in stored, "moto keeps the key as it was written"
+
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path)},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": f"{bucket}/models/m"},
+        }
+    )
+    with pytest.raises(ImagemillError) as refused:
+        make_generator(spec, "cpu")
+    message = str(refused.value)
+    assert "\n" not in message and f"{bucket}/models/m" in message and key in message
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written == [], "nothing is copied, inside the cache or out of it"

@@ -87,12 +87,18 @@ def _cache_root() -> Path:
 
 
 def fetch_model_dir(url: str, storage_options: dict) -> Path:
-    """Copy the directory at `url` to this node's cache once, and return the local copy."""
+    """Copy the directory at `url` to this node's cache once, and return the local copy.
+
+    Only workers/loading.py calls this (tests/test_loading.py holds it to that), for every pretrained
+    source: model, LoRA, scoring, expansion and tiny VAE.
+    """
     fs, path = filesystem(url, storage_options)
     listing = sorted(
         (info["name"], info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
         for info in fs.find(path, detail=True).values()
     )
+    # Every key is checked before anything is written, so a refused listing leaves no partial copy.
+    relative = [_relative_parts(url, path, name) for name, _, _ in listing]
     key = hashlib.sha256(repr((url, listing)).encode()).hexdigest()[:24]
     target = _cache_root() / key
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +108,8 @@ def fetch_model_dir(url: str, storage_options: dict) -> Path:
             staging = Path(f"{target}.partial")
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(target, ignore_errors=True)
-            for name, _, _ in listing:
-                local = staging / name[len(path.rstrip("/")) + 1 :]
+            for (name, _, _), parts in zip(listing, relative, strict=True):
+                local = staging.joinpath(*parts)
                 local.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(name, str(local))
             (staging / _COMPLETE).touch()
@@ -111,15 +117,22 @@ def fetch_model_dir(url: str, storage_options: dict) -> Path:
     return target
 
 
-def resolve_source(source: str, storage_options: dict) -> str:
-    """What `from_pretrained` (or `load_lora_weights`) is given on this node: a local path or a hub id."""
-    if _is_url(source):
-        return str(fetch_model_dir(source, storage_options))
-    return source
+def _relative_parts(url: str, root: str, name: str) -> tuple[str, ...]:
+    """The folder and file names of remote file `name` below `root`.
 
-
-def resolve_model_source(spec: ModelSpec | ScoringSpec | ExpansionSpec) -> str:
-    return resolve_source(spec.source, spec.storage_options)
+    Object keys are plain strings: `m/../../x` and `m//etc/x` are valid keys, and joined onto the
+    staging folder as they are, the first climbs out of it and the second (an absolute path after the
+    `//`) replaces it. A key with an empty, `.` or `..` part is refused; names made only of other
+    parts, joined onto the fresh staging folder, stay inside it.
+    """
+    prefix = root.rstrip("/") + "/"
+    parts = tuple(name[len(prefix) :].split("/")) if name.startswith(prefix) else ("",)
+    if any(part in ("", ".", "..") for part in parts):
+        raise ImagemillError(
+            f"model files at {url} include the object {name!r}, whose copy would land outside the local "
+            "cache (an empty, '.' or '..' path part); remove or rename that object"
+        )
+    return parts
 
 
 def check_lora_sources(spec: ModelSpec) -> None:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from imagemill.shards import Shard
 from imagemill.spec import GenerationSpec, InputSpec
 from imagemill.storage import filesystem, retrying
+from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.seeds import MAX_SEED, derive_seed
 
 # Optional input columns that override the job's generation defaults row by row.
@@ -22,16 +23,6 @@ PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "width", "height")
 MAX_SIDE = 4096  # larger images are refused per row instead of exhausting the accelerator's memory
 MAX_STEPS = 1000
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """Rows batch together only when every parameter that shapes the computation is the same."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
 
 
 @dataclass

@@ -31,11 +31,8 @@ from imagemill.scores import summarise
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
 from imagemill.workers.encoding import encode_image, thumbnail_data_uri
-from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
-from imagemill.workers.generators.diffusion.speed import SpeedOptions
-from imagemill.workers.generators.janus import JanusGenerator
-from imagemill.workers.generators.noop import NoopGenerator
-from imagemill.workers.model_source import resolve_model_source, resolve_source
+from imagemill.workers.generators.contract import Generator
+from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 from imagemill.workers.stage_timer import StageTimer
@@ -65,23 +62,9 @@ def _as(kind: type, value: Any) -> Any:
     return value if isinstance(value, kind) else None
 
 
-def make_generator(spec: JobSpec, device: str) -> DiffusersGenerator | JanusGenerator | NoopGenerator:
-    if spec.model.kind == "noop":
-        return NoopGenerator()
-    model = spec.model
-    source = resolve_model_source(model)
-    if model.kind == "janus":
-        return JanusGenerator(source, model.dtype, device, model.safetensors_only)
-    loras = [(lora, resolve_source(lora.source, model.storage_options)) for lora in model.lora]
-    return DiffusersGenerator(
-        source,
-        model.dtype,
-        device,
-        model.safetensors_only,
-        speed=SpeedOptions.from_spec(spec),
-        loras=loras,
-        quantization=model.quantization,
-    )
+def make_generator(spec: JobSpec, device: str) -> Generator:
+    """The generator of the job's model.kind (workers/generators/registry.py), loaded on `device`."""
+    return kind_info(spec.model.kind).generator_class().from_spec(spec, device)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from imagemill.testing import FAMILIES
 from imagemill.testing.tiny_model import (
     SEED,
     clip_config,
@@ -312,14 +313,13 @@ def make_tiny_sana(out: Path) -> Path:
     return _save(pipe, out)
 
 
-BUILDERS: dict[str, Callable[[Path], Path]] = {
-    "sd": make_tiny_model,
-    "sdxl": make_tiny_sdxl,
-    "sd3": make_tiny_sd3,
-    "flux": make_tiny_flux,
-    "pixart": make_tiny_pixart,
-    "sana": make_tiny_sana,
-}
+BUILDERS: dict[str, Callable[[Path], Path]] = dict(
+    zip(
+        FAMILIES,
+        (make_tiny_model, make_tiny_sdxl, make_tiny_sd3, make_tiny_flux, make_tiny_pixart, make_tiny_sana),
+        strict=True,
+    )
+)
 
 
 def make_tiny_family(family: str, out_dir: str | os.PathLike) -> Path:

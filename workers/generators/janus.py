@@ -9,26 +9,36 @@ each row's randomness from a CPU generator seeded with the row's seed alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from imagemill.spec import JobSpec
 from imagemill.workers.console import quiet_model_libraries
-from imagemill.workers.rows import BatchKey
+from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.loading import Pretrained
 
 
 class JanusGenerator:
-    def __init__(self, source: str, dtype: str, device: str, safetensors_only: bool = True):
+    stage_timer = None  # one loop of text and image tokens: no text-encode/denoise/decode split
+
+    def __init__(
+        self,
+        source: str,
+        dtype: str,
+        device: str,
+        safetensors_only: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        """`source`: hub id, local directory or URL (read with `storage_options`) of a Janus model."""
         # transformers is imported here, not at the top, so that the driver never pays for importing it.
         import transformers
 
         quiet_model_libraries()
-        self.model = transformers.JanusForConditionalGeneration.from_pretrained(
-            source,
-            dtype=getattr(torch, dtype),
-            # True refuses pickled weights; None prefers safetensors and falls back to them.
-            use_safetensors=True if safetensors_only else None,
-        ).to(device)
-        self.model.eval()
-        self.processor = transformers.JanusProcessor.from_pretrained(source)
+        model = Pretrained(source, "model.source", safetensors_only, storage_options=storage_options or {})
+        self.model = model.weights(transformers.JanusForConditionalGeneration, dtype=getattr(torch, dtype))
+        self.model.to(device).eval()
+        self.processor = model.files(transformers.JanusProcessor)
         self.device = device
         tokenizer = self.processor.tokenizer
         self.keep_ids = torch.tensor(  # what Janus keeps of a prompt in the unconditional branch
@@ -49,6 +59,11 @@ class JanusGenerator:
         image_processor = self.processor.image_processor
         self.image_mean = torch.tensor(image_processor.image_mean, device=device)
         self.image_std = torch.tensor(image_processor.image_std, device=device)
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, device: str) -> JanusGenerator:
+        model = spec.model
+        return cls(model.source, model.dtype, device, model.safetensors_only, model.storage_options)
 
     def _prompt_tokens(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
         """Each prompt's token character spans, as the tokenizer sees the text alone."""

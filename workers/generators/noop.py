@@ -9,10 +9,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imagemill.workers.rows import BatchKey
+from imagemill.spec import JobSpec
+from imagemill.workers.generators.contract import BatchKey
 
 
 class NoopGenerator:
+    stage_timer = None  # no model stages to split
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, device: str) -> NoopGenerator:
+        return cls()
+
     def truncated(self, prompts: list[str]) -> list[bool]:
         return [False] * len(prompts)
 

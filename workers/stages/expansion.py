@@ -30,7 +30,7 @@ import torch
 
 from imagemill.spec import ExpansionSpec
 from imagemill.workers.console import quiet_model_libraries
-from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.loading import Pretrained
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import expansion_seed
 
@@ -76,14 +76,11 @@ class PromptExpander:
         import transformers
 
         quiet_model_libraries()
-        source = resolve_model_source(spec)
-        use_safetensors = True if spec.safetensors_only else None
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, padding_side="left")
+        source = Pretrained.of(spec, "expansion")
+        self.tokenizer = source.files(transformers.AutoTokenizer, padding_side="left")
         if self.tokenizer.pad_token is None:  # many causal LMs have none; padding is masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, spec.dtype), use_safetensors=use_safetensors
-        )
+        self.model = source.weights(transformers.AutoModelForCausalLM, dtype=getattr(torch, spec.dtype))
         self.model.to(device).eval()
         self.spec = spec
         self.device = device

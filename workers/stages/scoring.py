@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from imagemill.spec import ScoringSpec
 from imagemill.workers.console import quiet_model_libraries
-from imagemill.workers.model_source import resolve_model_source
+from imagemill.workers.loading import Pretrained
 from imagemill.workers.text_cache import TextEmbeddingCache
 
 
@@ -29,15 +29,13 @@ class ClipScorer:
         from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         quiet_model_libraries()
-        source = resolve_model_source(spec)
+        source = Pretrained.of(spec, "scoring")
         self.device = device
-        self.model = CLIPModel.from_pretrained(
-            source, dtype=getattr(torch, spec.dtype), use_safetensors=True if spec.safetensors_only else None
-        )
+        self.model = source.weights(CLIPModel, dtype=getattr(torch, spec.dtype))
         self.model.to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.tokenizer = source.files(AutoTokenizer)
         # The processor class only reads the numbers from the config; the transforms are ours, below.
-        processor = CLIPImageProcessorPil.from_pretrained(source)
+        processor = source.files(CLIPImageProcessorPil)
         self.shortest_edge: int = processor.size["shortest_edge"]
         self.crop: tuple[int, int] = (processor.crop_size["height"], processor.crop_size["width"])
         self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)

@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
-from imagemill.spec import LoraSpec
+from imagemill.spec import JobSpec, LoraSpec
 from imagemill.workers.console import quiet_model_libraries
+from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.families import call_default, family_of
 from imagemill.workers.generators.diffusion.lora import load_loras
 from imagemill.workers.generators.diffusion.quantization import quantize_denoiser
 from imagemill.workers.generators.diffusion.speed import SpeedOptions, apply_speed_options, pad, warm_up
-from imagemill.workers.rows import BatchKey
+from imagemill.workers.loading import Pretrained
 from imagemill.workers.stage_timer import StageTimer, time_pipeline_stages
 from imagemill.workers.text_cache import Embeddings, TextEmbeddingCache
 
@@ -27,27 +28,25 @@ class DiffusersGenerator:
         device: str,
         safetensors_only: bool = True,
         speed: SpeedOptions | None = None,
-        loras: Sequence[tuple[LoraSpec, str]] = (),
+        loras: Sequence[LoraSpec] = (),
         quantization: str = "none",
+        storage_options: dict[str, Any] | None = None,
     ):
-        """`loras`: each LoRA of the spec with where its weights are on this node."""
+        """`source` (and each LoRA's, and speed.tiny_vae) is a hub id, local directory or URL, read with
+        `storage_options`; `safetensors_only` holds for all of them."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
 
         quiet_model_libraries()
-        self.pipe = diffusers.DiffusionPipeline.from_pretrained(
-            source,
-            dtype=getattr(torch, dtype),
-            # True refuses pickled weights; None prefers safetensors and falls back to them.
-            use_safetensors=True if safetensors_only else None,
-        )
-        load_loras(self.pipe, loras, safetensors_only)
+        model = Pretrained(source, "model.source", safetensors_only, storage_options=storage_options or {})
+        self.pipe = model.weights(diffusers.DiffusionPipeline, dtype=getattr(torch, dtype))
+        load_loras(self.pipe, loras, model)
         self.pipe.to(device)
         quantize_denoiser(self.pipe, quantization, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
         self.speed = speed = speed or SpeedOptions()
-        apply_speed_options(self.pipe, speed)
+        apply_speed_options(self.pipe, speed, model)
         self.stage_timer = StageTimer(device)  # text encode and decode time, taken by the worker per batch
         time_pipeline_stages(self.pipe, self.stage_timer)
         self.family = family_of(self.pipe)
@@ -66,6 +65,21 @@ class DiffusersGenerator:
         )
         warm_up(self, speed)
         self.stage_timer.take()
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, device: str) -> DiffusersGenerator:
+        """The job's model with its LoRAs, quantisation and speed options."""
+        model = spec.model
+        return cls(
+            model.source,
+            model.dtype,
+            device,
+            model.safetensors_only,
+            speed=SpeedOptions.from_spec(spec),
+            loras=model.lora,
+            quantization=model.quantization,
+            storage_options=model.storage_options,
+        )
 
     def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
         """The family's embeddings of distinct (is negative, text) keys, all prompts or all negatives."""

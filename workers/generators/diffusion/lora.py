@@ -13,20 +13,18 @@ from typing import Any
 
 from imagemill.errors import ImagemillError
 from imagemill.spec import LoraSpec
+from imagemill.workers.loading import Pretrained
 
 
-def load_loras(pipe: Any, loras: Sequence[tuple[LoraSpec, str]], safetensors_only: bool) -> None:
-    """Load each (LoRA, where its weights are on this node) into `pipe`, and activate them all."""
+def load_loras(pipe: Any, loras: Sequence[LoraSpec], model: Pretrained) -> None:
+    """Load each LoRA into `pipe` (fetched and under the safetensors rule as `model`), activate them all."""
     if not loras:
         return
     names = [f"lora_{index}" for index in range(len(loras))]
-    for name, (lora, source) in zip(names, loras, strict=True):
+    for index, (name, lora) in enumerate(zip(names, loras, strict=True)):
         try:
-            pipe.load_lora_weights(
-                source,
-                weight_name=lora.weight_name,
-                adapter_name=name,
-                use_safetensors=True if safetensors_only else None,
+            model.beside(lora.source, f"model.lora[{index}].source").lora_into(
+                pipe, weight_name=lora.weight_name, adapter_name=name
             )
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             reason = " ".join(str(exc).split())[:300]  # peft lists every mismatched layer: keep it one line
@@ -36,4 +34,4 @@ def load_loras(pipe: Any, loras: Sequence[tuple[LoraSpec, str]], safetensors_onl
             raise ImagemillError(
                 f"LoRA {lora.source} matches no layer of this model: is it for another family?"
             )
-    pipe.set_adapters(names, adapter_weights=[lora.scale for lora, _ in loras])
+    pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])

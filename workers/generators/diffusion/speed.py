@@ -23,8 +23,8 @@ import torch
 
 from imagemill.errors import ImagemillError
 from imagemill.spec import JobSpec
-from imagemill.workers.model_source import resolve_model_source
-from imagemill.workers.rows import BatchKey
+from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.loading import Pretrained
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,11 @@ class SpeedOptions:
     compile_batch: int | None = None  # batch size the denoiser is compiled for; None: not compiled
     compile_backend: str = "inductor"
     warm_up: BatchKey | None = None  # the batch shape compiled at load time
-    tiny_vae: str | None = None  # a local directory or hub id (a URL is fetched to the node first)
+    tiny_vae: str | None = None  # hub id, local directory or URL; loaded under the model's rules
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> SpeedOptions:
         speed, generation = spec.speed, spec.generation
-        tiny_vae = speed.tiny_vae
-        if tiny_vae:
-            tiny_vae = resolve_model_source(spec.model.model_copy(update={"source": tiny_vae}))
         warm_up = BatchKey(generation.width, generation.height, 1, generation.guidance_scale)
         return cls(
             attention=speed.attention,
@@ -49,7 +46,7 @@ class SpeedOptions:
             compile_batch=spec.workers.batch_size if speed.compile else None,
             compile_backend=speed.compile_backend,
             warm_up=warm_up if speed.compile else None,
-            tiny_vae=tiny_vae,
+            tiny_vae=speed.tiny_vae,
         )
 
 
@@ -60,26 +57,27 @@ def _denoiser(pipe: Any) -> torch.nn.Module:
     return denoiser
 
 
-def _use_tiny_vae(pipe: Any, source: str) -> None:
+def _use_tiny_vae(pipe: Any, source: Pretrained) -> None:
     from diffusers import AutoencoderTiny
 
     vae = pipe.vae
-    tiny = AutoencoderTiny.from_pretrained(source, dtype=vae.dtype).to(vae.device)
+    tiny = source.weights(AutoencoderTiny, dtype=vae.dtype).to(vae.device)
     upscale = tiny.config.upsampling_scaling_factor ** (len(tiny.config.decoder_block_out_channels) - 1)
     if tiny.config.latent_channels != vae.config.latent_channels or upscale != pipe.vae_scale_factor:
         raise ImagemillError(
-            f"speed.tiny_vae {source} does not fit the model: it decodes {tiny.config.latent_channels} "
-            f"latent channels at {upscale}x, the model's VAE {vae.config.latent_channels} at "
-            f"{pipe.vae_scale_factor}x; use the TAESD of the model's family"
+            f"speed.tiny_vae {source.source} does not fit the model: it decodes "
+            f"{tiny.config.latent_channels} latent channels at {upscale}x, the model's VAE "
+            f"{vae.config.latent_channels} at {pipe.vae_scale_factor}x; use the TAESD of the model's family"
         )
     pipe.vae = tiny
 
 
-def apply_speed_options(pipe: Any, options: SpeedOptions) -> None:
-    """Apply `options` to a pipeline already on its device; order matters: the VAE is replaced
-    before its memory format is set, and the denoiser is compiled last."""
+def apply_speed_options(pipe: Any, options: SpeedOptions, model: Pretrained) -> None:
+    """Apply `options` to a pipeline already on its device (`model`: where it came from, whose storage
+    options and safetensors rule the tiny VAE shares); order matters: the VAE is replaced before its
+    memory format is set, and the denoiser is compiled last."""
     if options.tiny_vae:
-        _use_tiny_vae(pipe, options.tiny_vae)
+        _use_tiny_vae(pipe, model.beside(options.tiny_vae, "speed.tiny_vae"))
     if options.attention == "sdpa" and not options.channels_last and not options.compile_batch:
         return  # the defaults: any pipeline class loads, with or without a UNet or transformer
     models = [_denoiser(pipe), *([pipe.vae] if getattr(pipe, "vae", None) is not None else [])]
