@@ -171,8 +171,9 @@ def test_pickled_weights_are_refused_unless_the_user_opts_in(ray_address, tmp_pa
     assert refused.returncode == 2
     # Ray's own lines come too (its start-up, the actor's log); imagemill's verdict is one line.
     [verdict] = [line for line in refused.stderr.splitlines() if line.startswith("imagemill: error: ")]
-    assert verdict.startswith(f"imagemill: error: workers could not load model {pickled}: OSError: "), verdict
+    assert verdict.startswith(f"imagemill: error: workers could not load model {pickled}: "), verdict
     assert "no file named diffusion_pytorch_model.safetensors" in verdict
+    assert "model.safetensors_only: false" in verdict, "the setting that allows them is named"
 
     allowed = run_cli(
         "run", str(job), "--no-progress", "--set", "model.safetensors_only=false", ray_address=ray_address
