@@ -60,7 +60,7 @@ def test_only_the_loading_helper_loads_pretrained_files():
         for path in _runtime_sources()
         if path != LOADER
         for number, line in enumerate(path.read_text().splitlines(), 1)
-        if LOADING_CALLS.search(line) and not line.lstrip().startswith(("def ", "#", "``", "`"))
+        if LOADING_CALLS.search(line) and not line.startswith("def fetch_model_dir(")
     ]
     assert offenders == []
     assert LOADING_CALLS.search(LOADER.read_text()), "the helper itself is where they are called"
