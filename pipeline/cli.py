@@ -13,6 +13,7 @@ from datetime import date
 from typing import Any
 
 from imagemill.errors import ImagemillError
+from imagemill.redaction import Unexpected
 
 # Flags for the fields set most often; every other field is reachable with --set section.field=value.
 COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete the output of a previous job at the output path and start again",
     )
+    run.add_argument(
+        "--redo-changed",
+        action="store_true",
+        help="generate again the rows of input files that changed since their shards were made",
+    )
 
     submit = commands.add_parser("submit", help="run a job spec on a Ray cluster through the Ray Jobs API")
     submit.add_argument("spec", help="job spec YAML file; its paths are read on the cluster")
@@ -99,13 +105,18 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from imagemill.outcome import COMPLETE
+    from imagemill.redaction import hiding, storage_option_values
     from imagemill.runner import run
     from imagemill.spec import load_spec
 
     spec = load_spec(args.spec, _overrides(args), day=args.date)
-    result = run(spec, progress=not args.no_progress, overwrite=args.overwrite)
+    with hiding(storage_option_values(spec)):
+        result = run(
+            spec, progress=not args.no_progress, overwrite=args.overwrite, redo_changed=args.redo_changed
+        )
     print(result.summary())
-    return 0 if result.complete else 1
+    return 0 if result.state == COMPLETE else 1
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -126,12 +137,13 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from imagemill.outcome import COMPLETE
     from imagemill.spec import parse_overrides
     from imagemill.status import job_status
 
-    report = job_status(args.output, dict(parse_overrides(args.storage_option)))
+    report = job_status(args.output, dict(parse_overrides(args.storage_option, storage_options=True)))
     print(report.text())
-    return 0 if report.complete else 1
+    return 0 if report.state == COMPLETE else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImagemillError as exc:
         print(f"imagemill: error: {exc}", file=sys.stderr)
         return 2
+    except Unexpected as exc:  # a traceback, shown with the storage options' values hidden
+        print(exc, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("imagemill: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

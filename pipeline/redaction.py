@@ -1,0 +1,87 @@
+"""Storage options' values (credentials, endpoints) hidden from everything the driver prints.
+
+The spec never shows them (`JobSpec.redacted`), and imagemill's own messages never name them; but a
+storage library may put one in an error (botocore: "Invalid endpoint: <endpoint_url>") or a retry
+log line. While a job runs under `hiding`, every log line and the error that ends it, traceback
+included, has those values replaced by REDACTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from imagemill.errors import ImagemillError
+from imagemill.spec import JobSpec
+
+REDACTED = "<redacted>"
+MIN_LENGTH = 4  # shorter values (true, 1, us) would blank out ordinary words; no secret is this short
+
+
+class Unexpected(Exception):
+    """An error imagemill did not foresee; its text is the traceback with the values hidden."""
+
+
+def storage_option_values(spec: JobSpec) -> list[str]:
+    """Every storage option's value in the spec, nested ones included, as text."""
+    sections = (spec.input, spec.output, spec.model, spec.scoring, spec.expansion)
+    values: list[str] = []
+    for section in sections:
+        if section is not None:
+            _collect(section.storage_options, values)
+    return values
+
+
+def _collect(value: Any, into: list[str]) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _collect(item, into)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _collect(item, into)
+    elif value is not None and len(text := str(value)) >= MIN_LENGTH:
+        into.append(text)
+
+
+def redact(text: str, values: Iterable[str]) -> str:
+    for value in sorted(values, key=len, reverse=True):  # longest first: one may contain another
+        text = text.replace(value, REDACTED)
+    return text
+
+
+class _RedactingFilter(logging.Filter):
+    def __init__(self, values: list[str]):
+        super().__init__()
+        self.values = values
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = redact(message, self.values)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True
+
+
+@contextmanager
+def hiding(values: list[str]) -> Iterator[None]:
+    """Hide `values` from the log lines of the root logger's handlers and from the error raised."""
+    if not values:
+        yield
+        return
+    handlers = logging.getLogger().handlers
+    log_filter = _RedactingFilter(values)
+    for handler in handlers:
+        handler.addFilter(log_filter)
+    try:
+        yield
+    except ImagemillError as exc:
+        raise ImagemillError(redact(str(exc), values)) from None
+    except Exception as exc:
+        shown = redact("".join(traceback.format_exception(exc)), values)
+        raise Unexpected(shown.rstrip("\n")) from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(log_filter)
