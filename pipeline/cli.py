@@ -1,7 +1,7 @@
 """`imagemill` on the command line: a thin layer over the Python API.
 
 Problems the user can fix end as one line on stderr and exit status 2; a job that ran but left
-shards failed exits 1; a complete job exits 0.
+shards failed, or generated no image at all, exits 1; a complete job exits 0.
 """
 
 from __future__ import annotations
@@ -138,10 +138,13 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from imagemill.outcome import COMPLETE
+    from imagemill.redaction import hiding, values_in
     from imagemill.spec import parse_overrides
     from imagemill.status import job_status
 
-    report = job_status(args.output, dict(parse_overrides(args.storage_option, storage_options=True)))
+    options = dict(parse_overrides(args.storage_option, storage_options=True))
+    with hiding(values_in(options)):
+        report = job_status(args.output, options)
     print(report.text())
     return 0 if report.state == COMPLETE else 1
 

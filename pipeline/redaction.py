@@ -28,10 +28,13 @@ class Unexpected(Exception):
 def storage_option_values(spec: JobSpec) -> list[str]:
     """Every storage option's value in the spec, nested ones included, as text."""
     sections = (spec.input, spec.output, spec.model, spec.scoring, spec.expansion)
+    return values_in([section.storage_options for section in sections if section is not None])
+
+
+def values_in(options: Any) -> list[str]:
+    """The values in storage options (a dict of them, or a list of such dicts), nested ones included."""
     values: list[str] = []
-    for section in sections:
-        if section is not None:
-            _collect(section.storage_options, values)
+    _collect(options, values)
     return values
 
 
@@ -52,29 +55,29 @@ def redact(text: str, values: Iterable[str]) -> str:
     return text
 
 
-class _RedactingFilter(logging.Filter):
-    def __init__(self, values: list[str]):
-        super().__init__()
-        self.values = values
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        hidden = redact(message, self.values)
-        if hidden != message:
-            record.msg, record.args = hidden, None
-        return True
-
-
 @contextmanager
 def hiding(values: list[str]) -> Iterator[None]:
-    """Hide `values` from the log lines of the root logger's handlers and from the error raised."""
+    """Hide `values` from every log record made meanwhile and from the error raised.
+
+    Records are redacted where they are made (the record factory), not by a handler's filter: the
+    progress bar swaps the console handlers for its own while a job runs."""
     if not values:
         yield
         return
-    handlers = logging.getLogger().handlers
-    log_filter = _RedactingFilter(values)
-    for handler in handlers:
-        handler.addFilter(log_filter)
+    make_record = logging.getLogRecordFactory()
+
+    def make_hidden_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it when the record is emitted
+            return record
+        hidden = redact(message, values)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return record
+
+    logging.setLogRecordFactory(make_hidden_record)
     try:
         yield
     except ImagemillError as exc:
@@ -83,5 +86,4 @@ def hiding(values: list[str]) -> Iterator[None]:
         shown = redact("".join(traceback.format_exception(exc)), values)
         raise Unexpected(shown.rstrip("\n")) from None
     finally:
-        for handler in handlers:
-            handler.removeFilter(log_filter)
+        logging.setLogRecordFactory(make_record)

@@ -196,6 +196,10 @@ def test_a_storage_error_that_names_an_option_value_shows_it_redacted(tmp_path):
     assert done.returncode != 0 and "Invalid endpoint" in done.stderr, done.stderr
     assert SECRET not in done.stdout + done.stderr
 
+    status = run_cli("status", "s3://bucket/out", "--storage-option", f"endpoint_url={SECRET}")
+    assert status.returncode != 0 and "Invalid endpoint" in status.stderr, status.stderr
+    assert SECRET not in status.stdout + status.stderr
+
 
 def test_a_submitted_job_carries_its_settings_in_a_file_not_on_its_command_line(tmp_path):
     from imagemill.submit import entrypoint, write_job_spec
@@ -213,3 +217,15 @@ def test_a_submitted_job_carries_its_settings_in_a_file_not_on_its_command_line(
     assert resolved.input.storage_options == {"key": SECRET} and resolved.workers.batch_size == 2
     assert resolved.fingerprint() == spec.fingerprint()
     assert yaml.safe_load(written.read_text())["name"] == spec.name
+
+
+def test_log_lines_made_while_a_job_runs_hide_storage_option_values(caplog):
+    import logging
+
+    from imagemill.redaction import hiding
+
+    log = logging.getLogger("imagemill.storage")
+    with hiding([SECRET]):
+        log.warning("reading %s failed", f"http://{SECRET}/x")
+    log.warning("after the job: %s", "shown")
+    assert caplog.messages == ["reading http://<redacted>/x failed", "after the job: shown"]
