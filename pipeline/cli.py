@@ -106,16 +106,17 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def _run(args: argparse.Namespace) -> int:
     from imagemill.outcome import COMPLETE
-    from imagemill.redaction import hiding, storage_option_values
+    from imagemill.redaction import hiding, redact, storage_option_values
     from imagemill.runner import run
     from imagemill.spec import load_spec
 
     spec = load_spec(args.spec, _overrides(args), day=args.date)
-    with hiding(storage_option_values(spec)):
+    secrets = storage_option_values(spec)
+    with hiding(secrets):
         result = run(
             spec, progress=not args.no_progress, overwrite=args.overwrite, redo_changed=args.redo_changed
         )
-    print(result.summary())
+    print(redact(result.summary(), secrets))  # failed shards' errors come from the storage libraries
     return 0 if result.state == COMPLETE else 1
 
 

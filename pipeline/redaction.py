@@ -12,10 +12,12 @@ import logging
 import traceback
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import JobSpec
+
+if TYPE_CHECKING:  # the CLI imports this module before it needs the spec's (pydantic's) import time
+    from imagemill.spec import JobSpec
 
 REDACTED = "<redacted>"
 MIN_LENGTH = 4  # shorter values (true, 1, us) would blank out ordinary words; no secret is this short

@@ -22,10 +22,6 @@ class JobStatus:
     filtered: int = 0
 
     @property
-    def complete(self) -> bool:
-        return self.shards_done == self.record["shards_total"]
-
-    @property
     def state(self) -> str:
         """What the counts say (imagemill.outcome), as the runner decides it: only complete succeeded."""
         generated = self.ok + self.filtered
