@@ -1,7 +1,7 @@
 """`imagemill` on the command line: a thin layer over the Python API.
 
 Problems the user can fix end as one line on stderr and exit status 2; a job that ran but left
-shards failed exits 1; a complete job exits 0.
+shards failed, or generated no image at all, exits 1; a complete job exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import date
 from typing import Any
 
 from imagemill.errors import ImagemillError
+from imagemill.redaction import Unexpected
 from imagemill.testing import FAMILIES
 
 # Flags for the fields set most often; every other field is reachable with --set section.field=value.
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete the output of a previous job at the output path and start again",
     )
+    run.add_argument(
+        "--redo-changed",
+        action="store_true",
+        help="generate again the rows of input files that changed since their shards were made",
+    )
 
     submit = commands.add_parser("submit", help="run a job spec on a Ray cluster through the Ray Jobs API")
     submit.add_argument("spec", help="job spec YAML file; its paths are read on the cluster")
@@ -100,13 +106,19 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from imagemill.outcome import COMPLETE
+    from imagemill.redaction import hiding, redact, storage_option_values
     from imagemill.runner import run
     from imagemill.spec import load_spec
 
     spec = load_spec(args.spec, _overrides(args), day=args.date)
-    result = run(spec, progress=not args.no_progress, overwrite=args.overwrite)
-    print(result.summary())
-    return 0 if result.complete else 1
+    secrets = storage_option_values(spec)
+    with hiding(secrets):
+        result = run(
+            spec, progress=not args.no_progress, overwrite=args.overwrite, redo_changed=args.redo_changed
+        )
+    print(redact(result.summary(), secrets))  # failed shards' errors come from the storage libraries
+    return 0 if result.state == COMPLETE else 1
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -127,12 +139,16 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from imagemill.outcome import COMPLETE
+    from imagemill.redaction import hiding, values_in
     from imagemill.spec import parse_overrides
     from imagemill.status import job_status
 
-    report = job_status(args.output, dict(parse_overrides(args.storage_option)))
+    options = dict(parse_overrides(args.storage_option, storage_options=True))
+    with hiding(values_in(options)):
+        report = job_status(args.output, options)
     print(report.text())
-    return 0 if report.complete else 1
+    return 0 if report.state == COMPLETE else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImagemillError as exc:
         print(f"imagemill: error: {exc}", file=sys.stderr)
         return 2
+    except Unexpected as exc:  # a traceback, shown with the storage options' values hidden
+        print(exc, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("imagemill: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -128,7 +128,7 @@ class OutputLayout:
 
     def write_json(self, relative: str, record: dict[str, Any]) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
-        self.write_bytes(relative, json.dumps(record, indent=2, sort_keys=True).encode())
+        self.write_bytes(relative, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
 
     def remove(self, relative: str) -> None:
         path = self.path(relative)

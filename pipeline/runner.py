@@ -21,6 +21,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.errors import ImagemillError
+from imagemill.inputs import FOOTERS, reconcile_inputs
+from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
@@ -50,6 +52,12 @@ class JobResult:
     def complete(self) -> bool:
         return self.shards_done == self.shards_total
 
+    @property
+    def state(self) -> str:
+        """complete, incomplete or failed (imagemill.outcome); only complete is a success."""
+        rows_done = self.ok + self.filtered + self.errors
+        return job_state(self.shards_done, self.shards_total, rows_done, self.ok + self.filtered)
+
     def summary(self) -> str:
         rate = self.ok / self.seconds if self.seconds else 0.0
         filtered = f"{self.filtered} filtered, " if self.filtered else ""
@@ -67,6 +75,8 @@ class JobResult:
         ]
         if self.failures:
             lines.append("  run the same command again to retry the failed shards; committed shards are kept")
+        if self.state == NOTHING_GENERATED:
+            lines.append(f"  {NOTHING_GENERATED}: every row is an error (reasons above); the job failed")
         return "\n".join(lines)
 
 
@@ -115,11 +125,14 @@ def _claim_output(spec: JobSpec, output: OutputLayout, overwrite: bool) -> None:
         )
 
 
-def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobResult:
+def run(
+    spec: JobSpec, progress: bool = True, overwrite: bool = False, redo_changed: bool = False
+) -> JobResult:
     """Run the job to completion; returns the counts.
 
     Shards already committed in the output are kept, so running the same spec again resumes it.
-    `overwrite` deletes a previous job's output first (only imagemill's own files).
+    `overwrite` deletes a previous job's output first (only imagemill's own files); `redo_changed`
+    generates again the shards of input files that changed since they were made (imagemill.inputs).
     """
     started = time.time()
     plan = plan_shards(spec.input)
@@ -130,10 +143,10 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         check_expansion_source(spec.expansion)
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     _claim_output(spec, output, overwrite)
-    planned = {shard.shard_id for shard in plan.shards}
-    committed = {
-        shard_id: stats for shard_id, stats in output.committed_stats().items() if shard_id in planned
-    }
+    stored = output.committed_stats()
+    redone = reconcile_inputs(output, plan, stored, redo_changed)
+    planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
+    committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
     committed_before = len(committed)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
     failures = [
@@ -152,6 +165,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         "rows_total": rows_total,
         "input_rows": plan.total_rows,
         "input_files": len(plan.files),
+        FOOTERS: plan.footers,
     }
     output.write_json(JOB_RECORD, record)
     output.remove(SUCCESS_MARKER)
@@ -208,7 +222,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     )
     record.update(
         ended_at=datetime.now(UTC).isoformat(),
-        status="complete" if result.complete else "incomplete",
+        status=result.state,
         shards_done=result.shards_done,
         rows_ok=result.ok,
         rows_filtered=result.filtered,
@@ -218,6 +232,6 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     )
     output.write_json(JOB_RECORD, record)
     write_report(output)
-    if result.complete:
+    if result.state == COMPLETE:
         output.write_bytes(SUCCESS_MARKER, b"")
     return result

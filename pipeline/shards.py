@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagemill.errors import ImagemillError
@@ -48,6 +49,7 @@ class ShardPlan:
     shards: list[Shard]
     files: list[str]
     unreadable: list[UnreadableFile]
+    footers: dict[str, str] = field(default_factory=dict)  # readable file URL → footer_digest
 
     @property
     def total_rows(self) -> int:
@@ -91,6 +93,14 @@ def _read_footer(fs, path: str) -> pq.FileMetaData | str:
         return f"cannot read Parquet file {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
 
 
+def footer_digest(metadata: pq.FileMetaData) -> str:
+    """SHA-256 of the file's Parquet footer: the input file's identity, compared between runs
+    (imagemill.inputs says why the footer)."""
+    sink = pa.BufferOutputStream()
+    metadata.write_metadata_file(sink)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
 def _check_columns(spec: InputSpec, url: str, metadata: pq.FileMetaData) -> None:
     columns = metadata.schema.names
     if spec.prompt_column not in columns:
@@ -132,6 +142,7 @@ def plan_shards(spec: InputSpec) -> ShardPlan:
     shards: list[Shard] = []
     urls = []
     unreadable: list[UnreadableFile] = []
+    digests: dict[str, str] = {}
     for path, metadata in zip(files, footers, strict=True):
         url = fs.unstrip_protocol(path)
         urls.append(url)
@@ -140,5 +151,6 @@ def plan_shards(spec: InputSpec) -> ShardPlan:
             unreadable.append(UnreadableFile(f"{key}-unreadable", url, metadata))
             continue
         _check_columns(spec, url, metadata)
+        digests[url] = footer_digest(metadata)
         shards.extend(_shards_of_file(url, key, metadata, spec.rows_per_shard))
-    return ShardPlan(shards=shards, files=urls, unreadable=unreadable)
+    return ShardPlan(shards=shards, files=urls, unreadable=unreadable, footers=digests)

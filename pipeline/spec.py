@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from imagemill.errors import ImagemillError
 from imagemill.workers.generators.registry import KIND_NAMES, KINDS
@@ -32,10 +41,36 @@ EXPANSION_RUNTIME_FIELDS = {
     "num_gpus",
     "num_cpus",
 }
+# Limits of the generation parameters, for a job's defaults (GenerationSpec) and each row's own values
+# (workers/rows.py) alike: a default every row would fail on is refused before anything runs.
+MAX_SIDE = 4096  # larger images are refused instead of exhausting the accelerator's memory
+MAX_STEPS = 1000
+# diffusers takes any guidance and makes black images far past the useful range (7.5 for SD, 3.5 for
+# FLUX's distilled guidance, 5 for Janus); 0 is what turbo models use (no classifier-free guidance).
+MAX_GUIDANCE = 100
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def generation_problem(name: str, value: Any) -> str | None:
+    """Why `value` cannot be the generation parameter `name` ("<name> must be ..., got <value>"), or
+    None when it can: the one rule for job defaults and per-row values."""
+    if name == "num_inference_steps" and not (_is_int(value) and 0 < value <= MAX_STEPS):
+        return f"num_inference_steps must be in 1..{MAX_STEPS}, got {value!r}"
+    if name == "guidance_scale" and not (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_GUIDANCE
+    ):  # NaN fails the comparison too
+        return f"guidance_scale must be a number in 0..{MAX_GUIDANCE}, got {value!r}"
+    if name in ("width", "height") and not (_is_int(value) and 0 < value <= MAX_SIDE and value % 8 == 0):
+        return f"{name} must be a multiple of 8 in 8..{MAX_SIDE}, got {value!r}"
+    return None
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is no batch size and "8" no width; no NaN or infinity, which JSON records cannot hold
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class InputSpec(_Section):
@@ -138,15 +173,23 @@ class SpeedSpec(_Section):
 class GenerationSpec(_Section):
     """Job-wide defaults; the input columns of the same names override them per row."""
 
-    width: int = Field(512, gt=0)
-    height: int = Field(512, gt=0)
-    num_inference_steps: int = Field(30, gt=0)
+    width: int = 512
+    height: int = 512
+    num_inference_steps: int = 30
     guidance_scale: float = 7.5
     negative_prompt: str | None = None
     seed: int = Field(0, description="Job seed: a row without a seed column gets one derived from it.")
     images_per_prompt: int = Field(
         1, gt=0, le=1000, description="Images per input row, each with its own id (<id>_<k>) and seed."
     )
+
+    @field_validator("width", "height", "num_inference_steps", "guidance_scale", mode="before")
+    @classmethod
+    def _meets_the_row_rule(cls, value: Any, info: ValidationInfo) -> Any:
+        problem = generation_problem(info.field_name, value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class WorkersSpec(_Section):
@@ -319,20 +362,62 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
-    """`key.sub=value` strings; values are parsed as YAML so numbers, booleans and null work."""
+class _OverrideLoader(yaml.SafeLoader):
+    """YAML for `--set` values whose plain scalars are JSON's: true, false, null and decimal numbers.
+
+    YAML 1.1 (yaml.safe_load) reads 0123 as 83, on/yes/no as booleans and .nan as a float; a setting
+    given on the command line must not change like that, so here those stay text. Quotes, flow
+    mappings and lists, and explicit tags (!!int 0123) still work as YAML."""
+
+
+_OverrideLoader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("bool", r"true|false", "tf"),
+    ("null", r"null|~", "n~"),
+    ("int", r"-?(?:0|[1-9][0-9]*)", "-0123456789"),
+    ("float", r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?", "-0123456789"),
+):
+    _OverrideLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(rf"^(?:{_pattern})$"), list(_first)
+    )
+# A storage option's value is read as written, except when it starts as YAML that asks for a type.
+_TYPED_YAML = ("!!", "'", '"', "{", "[")
+
+
+def _is_storage_option(key: str) -> bool:
+    return "storage_options" in key.split(".")
+
+
+def _override_value(key: str, raw: str, storage_option: bool) -> Any:
+    """The value of one `key=raw`: a storage option's text as written (credentials are text: 0123 must
+    not become 83), anything else as YAML with JSON's scalars (see _OverrideLoader)."""
+    if storage_option and not raw.startswith(_TYPED_YAML):
+        return raw
+    if not raw:
+        return ""
+    try:
+        return yaml.load(raw, Loader=_OverrideLoader)  # a SafeLoader: no Python objects
+    except (yaml.YAMLError, ValueError):  # ValueError: a tag the text does not fit (!!int abc)
+        shown = "its value" if storage_option else f"'{raw}'"  # a storage option's value is never shown
+        raise ImagemillError(
+            f"--set {key}: {shown} is not a valid YAML value; quote it to pass it as a string"
+        ) from None
+
+
+def parse_overrides(pairs: list[str], storage_options: bool = False) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings. Values are YAML with JSON's scalars: 16, 3.5, true, null, "quoted",
+    [a, b], {k: v}; other text is a string. Under a `storage_options` key (or every pair, with
+    `storage_options`) the value is the text as written, unless it starts with a quote, `{`, `[` or a
+    tag (!!bool true); such values never appear in an error message."""
     overrides = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
+        key = key.strip()
+        storage_option = storage_options or _is_storage_option(key)
         if not sep or not key:
-            raise ImagemillError(f"--set expects key=value (e.g. workers.batch_size=16), got '{pair}'")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            raise ImagemillError(
-                f"--set {key}: '{raw}' is not a valid YAML value; quote it to pass it as a string"
-            ) from None
-        overrides.append((key.strip(), value))
+            shown = "a storage option" if storage_option else f"'{pair}'"
+            raise ImagemillError(f"--set expects key=value (e.g. workers.batch_size=16), got {shown}")
+        overrides.append((key, _override_value(key, raw, storage_option)))
     return overrides
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagemill.errors import ImagemillError
+from imagemill.inputs import counted
+from imagemill.outcome import job_state
 from imagemill.output import JOB_RECORD, OutputLayout, shard_totals
 
 
@@ -20,8 +22,10 @@ class JobStatus:
     filtered: int = 0
 
     @property
-    def complete(self) -> bool:
-        return self.shards_done == self.record["shards_total"]
+    def state(self) -> str:
+        """What the counts say (imagemill.outcome), as the runner decides it: only complete succeeded."""
+        generated = self.ok + self.filtered
+        return job_state(self.shards_done, self.record["shards_total"], self.rows_done, generated)
 
     def text(self) -> str:
         errors = sum(self.errors_by_reason.values())
@@ -46,7 +50,7 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     record = output.read_json(JOB_RECORD)
     if record is None:
         raise ImagemillError(f"no imagemill job found at {url} (it has no {JOB_RECORD})")
-    shards = output.committed_stats().values()
+    shards = counted(record, output.committed_stats())  # not those of input files gone since
     totals = shard_totals(shards)
     return JobStatus(
         output=url,

@@ -1,8 +1,11 @@
 """`imagemill submit`: run a job on a Ray cluster through the Ray Jobs API.
 
-The spec is checked here, then sent as the job's working directory and run there by `imagemill run`,
-so its paths are read on the cluster: use URLs (s3://…) or paths that exist on the cluster's nodes.
-The cluster's Python must have imagemill installed (the image in infra/ does), or name it in `pip`.
+The spec is checked here, resolved (`--set` overrides and the date applied) and written as the one
+file of the job's working directory, which `imagemill run` runs there; so its paths are read on the
+cluster: use URLs (s3://…) or paths that exist on the cluster's nodes. Settings travel in that file
+only, never on the job's command line, which `ray job list`, the dashboard and the job's log all show:
+storage options hold credentials. The cluster's Python must have imagemill installed (the image in
+infra/ does), or name it in `pip`.
 """
 
 from __future__ import annotations
@@ -10,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
-import shutil
 import tempfile
 import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from imagemill.errors import ImagemillError
-from imagemill.spec import load_spec
+from imagemill.spec import JobSpec, load_spec
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 120  # a head that has just started answers before its job agent is up
+JOB_FILE = "job.yaml"  # the resolved spec, in the job's working directory
 
 
 def submission_id(job_name: str, now: datetime) -> str:
@@ -30,13 +35,18 @@ def submission_id(job_name: str, now: datetime) -> str:
     return f"{slug}-{now:%Y%m%d-%H%M%S}"
 
 
-def entrypoint(spec_name: str, overrides: list[str], day: date | None) -> str:
-    command = ["imagemill", "run", spec_name, "--no-progress"]
-    for pair in overrides:
-        command += ["--set", pair]
-    if day is not None:
-        command += ["--date", day.isoformat()]
-    return shlex.join(command)
+def entrypoint(spec_name: str = JOB_FILE) -> str:
+    """The job's command line: the spec file and nothing else (no --set value, no --date)."""
+    return shlex.join(["imagemill", "run", spec_name, "--no-progress"])
+
+
+def write_job_spec(spec: JobSpec, folder: Path) -> Path:
+    """The resolved spec as the YAML file the cluster runs, storage options included (the job needs
+    them); the date is already in its name and paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / JOB_FILE
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return path
 
 
 def submit(
@@ -64,14 +74,14 @@ def submit(
         )
         raise ImagemillError(f"cannot reach the Ray cluster at {address}: {reason}{hint}") from None
     with tempfile.TemporaryDirectory(prefix="imagemill-submit-") as folder:
-        shutil.copy(spec_path, Path(folder) / "job.yaml")
+        write_job_spec(spec, Path(folder))
         runtime_env: dict[str, Any] = {"working_dir": folder}
         if pip:
             runtime_env["pip"] = pip
         job_id = _submit_when_ready(
             client,
             address,
-            entrypoint=entrypoint("job.yaml", overrides, day),
+            entrypoint=entrypoint(),
             submission_id=submission_id(spec.name, datetime.now(UTC)),
             runtime_env=runtime_env,
             metadata={"imagemill_job": spec.name, "output": spec.output.path},

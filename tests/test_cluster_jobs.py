@@ -17,6 +17,7 @@ import pytest
 from conftest import OBJECT_STORE_BYTES, check_output, isolated_cluster, run_cli, write_prompt_files
 
 RAY = str(Path(sys.executable).parent / "ray")
+SECRET = "sk-imagemill-submitted-secret"
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # `ray start` records itself here
 AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                "runtime-env-agent-port", "ray-client-server-port")  # fmt: skip
@@ -92,9 +93,11 @@ def test_submit_runs_a_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
         "generation: {width: 32, height: 32, num_inference_steps: 1}\n"
         "workers: {num_workers: 2, batch_size: 4}\n"
     )
+    secret = f"--set input.storage_options.secret_token={SECRET}"  # local fsspec takes any option
     done = run_cli(
-        "submit", str(job), "--address", ray_head, "--date", "2026-11-24", "--set", "workers.batch_size=2"
-    )
+        "submit", str(job), "--address", ray_head, "--date", "2026-11-24", "--set", "workers.batch_size=2",
+        *secret.split(" "),
+    )  # fmt: skip
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "job submitted-2026-11-24-20" in done.stdout and ": SUCCEEDED" in done.stdout
@@ -103,6 +106,15 @@ def test_submit_runs_a_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
 
     no_wait = run_cli("submit", str(job), "--address", ray_head, "--no-wait")
     assert no_wait.returncode == 0 and no_wait.stdout.startswith("submitted submitted-"), no_wait.stderr
+
+    # Settings travel in the job's file: no --set value (a secret) on its command line or in its log.
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head)
+    [submitted] = [info for info in client.list_jobs() if info.submission_id in done.stdout]
+    assert submitted.entrypoint == "imagemill run job.yaml --no-progress"
+    assert SECRET not in client.get_job_logs(submitted.submission_id)
+    assert SECRET not in done.stdout + done.stderr
 
 
 def test_submit_names_an_unreachable_cluster(tmp_path, tiny_model):

@@ -224,3 +224,17 @@ def test_file_key_keeps_plain_names_and_separates_look_alikes():
     assert file_key("part-000.parquet") == "part-000"
     look_alikes = ["a_b.parquet", "a/b.parquet", "a b.parquet", "a?b.parquet"]
     assert len({file_key(path) for path in look_alikes}) == len(look_alikes)
+
+
+def test_a_file_is_identified_by_its_footer_the_same_after_an_identical_rewrite(tmp_path):
+    """Input identity (imagemill.inputs): unchanged by a rewrite of the same rows, changed by other rows."""
+    path = tmp_path / "part.parquet"
+    pq.write_table(prompt_table(8), path, row_group_size=4)
+    before = plan_shards(InputSpec(path=str(tmp_path))).footers
+
+    pq.write_table(prompt_table(8), path, row_group_size=4)
+    assert plan_shards(InputSpec(path=str(tmp_path))).footers == before
+
+    pq.write_table(prompt_table(8, start=1), path, row_group_size=4)
+    after = plan_shards(InputSpec(path=str(tmp_path))).footers
+    assert after.keys() == before.keys() == {path.as_uri()} and after != before

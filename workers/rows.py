@@ -5,7 +5,6 @@ A row that cannot be generated becomes an error row with a reason; it never fail
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagemill.shards import Shard
-from imagemill.spec import GenerationSpec, InputSpec
+from imagemill.spec import GenerationSpec, InputSpec, generation_problem
 from imagemill.storage import filesystem, retrying
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.seeds import MAX_SEED, derive_seed
@@ -21,8 +20,8 @@ from imagemill.workers.seeds import MAX_SEED, derive_seed
 # Optional input columns that override the job's generation defaults row by row.
 PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height")
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "width", "height")
-MAX_SIDE = 4096  # larger images are refused per row instead of exhausting the accelerator's memory
-MAX_STEPS = 1000
+# Checked with the rule the job's defaults meet (imagemill.spec.generation_problem), in this order.
+RULED_PARAMETERS = ("num_inference_steps", "guidance_scale", "width", "height")
 
 
 @dataclass
@@ -82,15 +81,10 @@ def _row_error(row: Row) -> str | None:
         return "invalid_parameter: negative_prompt is not a string"
     if not _is_int(row.seed) or not 0 <= row.seed <= MAX_SEED:
         return f"invalid_parameter: seed must be an integer in [0, 2**63-1], got {row.seed!r}"
-    if not _is_int(row.num_inference_steps) or not 0 < row.num_inference_steps <= MAX_STEPS:
-        steps = row.num_inference_steps
-        return f"invalid_parameter: num_inference_steps must be in 1..{MAX_STEPS}, got {steps!r}"
-    if not isinstance(row.guidance_scale, int | float) or not math.isfinite(row.guidance_scale):
-        return f"invalid_parameter: guidance_scale must be a finite number, got {row.guidance_scale!r}"
-    for name in ("width", "height"):
-        side = getattr(row, name)
-        if not _is_int(side) or not 0 < side <= MAX_SIDE or side % 8:
-            return f"invalid_parameter: {name} must be a multiple of 8 in 8..{MAX_SIDE}, got {side!r}"
+    for name in RULED_PARAMETERS:
+        problem = generation_problem(name, getattr(row, name))
+        if problem:
+            return f"invalid_parameter: {problem}"
     return None
 
 

@@ -75,7 +75,7 @@ def _data_schema() -> pa.Schema:
     fields = [field for field in METADATA_SCHEMA if field.name not in ("error", "path")]
     features: dict[str, Any] = {f.name: {"dtype": _HF_DTYPES[f.type], "_type": "Value"} for f in fields}
     features["image"] = {"_type": "Image"}
-    huggingface = json.dumps({"info": {"features": features}})
+    huggingface = json.dumps({"info": {"features": features}}, allow_nan=False)
     return pa.schema([*fields, pa.field("image", IMAGE_TYPE)], metadata={"huggingface": huggingface})
 
 
@@ -176,7 +176,7 @@ class TarWriter(BufferedWriter):
         )
         sample = {name: record[name] for name in names}
         sample["parameters"] = {name: record[name] for name in SAMPLE_PARAMETERS}
-        return json.dumps(sample, sort_keys=True).encode()
+        return json.dumps(sample, sort_keys=True, allow_nan=False).encode()
 
     def build(self, rows: list[tuple[int, dict[str, Any], bytes]]) -> bytes:
         buffer = io.BytesIO()
