@@ -21,7 +21,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout, shard_totals
+from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import plan_shards
@@ -132,7 +133,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     _claim_output(spec, output, overwrite)
     planned = {shard.shard_id for shard in plan.shards}
     committed = {
-        shard_id: stats for shard_id, stats in output.committed_stats().items() if shard_id in planned
+        shard_id: stats for shard_id, stats in committed_shards(output).items() if shard_id in planned
     }
     committed_before = len(committed)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
@@ -160,7 +161,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         _connect_ray()
         bar = tqdm(
             total=rows_total,
-            initial=sum(stats["rows"] for stats in committed.values()),
+            initial=sum(stats.rows for stats in committed.values()),
             unit="img",
             desc=spec.name,
             disable=not progress,
@@ -168,23 +169,23 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
             smoothing=0.1,
         )
 
-        def on_done(stats: dict[str, Any]) -> None:
-            committed[stats["shard_id"]] = stats
-            bar.update(stats["rows"])
-            filtered = f", {stats['filtered']} filtered" if spec.scoring else ""
+        def on_done(stats: ShardStats) -> None:
+            committed[stats.shard_id] = stats
+            bar.update(stats.rows)
+            filtered = f", {stats.filtered} filtered" if spec.scoring else ""
             log.info(
                 "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
                 "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
-                stats["shard_id"],
-                stats["rows"],
-                stats["ok"],
+                stats.shard_id,
+                stats.rows,
+                stats.ok,
                 filtered,
-                stats["error"],
-                stats["seconds"],
-                stats["images_per_second"],
-                stats["read_seconds"],
-                stats["generate_seconds"],
-                stats["write_wait_seconds"],
+                stats.error,
+                stats.seconds,
+                stats.images_per_second,
+                stats.read_seconds,
+                stats.model_seconds,
+                stats.write_wait_seconds,
                 len(committed),
                 shards_total,
             )

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, OutputLayout, shard_totals
+from imagemill.output import JOB_RECORD, OutputLayout
+from imagemill.records import committed_shards, shard_totals
 
 
 @dataclass
@@ -46,7 +47,7 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     record = output.read_json(JOB_RECORD)
     if record is None:
         raise ImagemillError(f"no imagemill job found at {url} (it has no {JOB_RECORD})")
-    shards = output.committed_stats().values()
+    shards = committed_shards(output).values()
     totals = shard_totals(shards)
     return JobStatus(
         output=url,
