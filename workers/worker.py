@@ -100,7 +100,7 @@ class ShardWorker:
         run = ShardRun(shard, self.spec.model.source)
         with self.turns.ticket() as turn:
             self._read(run)
-            run.expansion = self._expansion(run.rows)  # a pool starts expanding now, before this turn
+            run.expansion = self._start_expansion(run.rows)  # a pool starts now, before this turn
             writer = self._open_writer(shard)
             with turn:
                 run.timer.add("idle", turn.idle_seconds)
@@ -119,7 +119,7 @@ class ShardWorker:
             run.rows = prepare_rows(table, run.shard, self.spec.input, self.spec.generation, n_variants)
         run.timeline["read"] = [run.started, time.time()]
 
-    def _expansion(self, rows: list[Row]) -> ShardExpansion | None:
+    def _start_expansion(self, rows: list[Row]) -> ShardExpansion | None:
         """The shard's prompt expansion, on this actor or on the expander pool; None without one."""
         if self.spec.expansion is None:
             return None
