@@ -29,15 +29,16 @@ DRIVER = """
 import json, resource, sys, time
 import imagemill
 from imagemill.output import OutputLayout
+from imagemill.records import committed_shards
 spec = imagemill.build_spec(json.loads(sys.argv[1]))
 started = time.perf_counter()
 result = imagemill.run(spec, progress=False)
 seconds = time.perf_counter() - started
-stats = OutputLayout(spec.output.path).committed_stats().values()
+stats = committed_shards(OutputLayout(spec.output.path)).values()
 print(json.dumps({
     "ok": result.ok, "rows": result.rows_total, "seconds": seconds,
     "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "actor_peak_rss_mb": max(s["peak_rss_mb"] for s in stats),
+    "actor_peak_rss_mb": max(s.peak_rss_mb for s in stats),
 }))
 """
 

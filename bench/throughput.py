@@ -131,6 +131,7 @@ def run_imagemill(settings: dict, model: Path, work: Path, extra: dict | None = 
 
     import imagemill
     from imagemill.output import OutputLayout
+    from imagemill.records import committed_shards
     from imagemill.workers.stage_timer import STAGES
 
     ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # as (c): room for Ray's own tasks
@@ -153,14 +154,15 @@ def run_imagemill(settings: dict, model: Path, work: Path, extra: dict | None = 
     started = time.perf_counter()
     result = imagemill.run(spec, progress=False)
     wall = time.perf_counter() - started
-    stats = list(OutputLayout(str(output)).committed_stats().values())
-    finished = [datetime.fromisoformat(s["finished_at"]).timestamp() for s in stats]
-    window = max(finished) - min(end - s["seconds"] for end, s in zip(finished, stats, strict=True))
-    stages = {stage: round(sum(s["stage_seconds"][stage] for s in stats), 2) for stage in STAGES}
-    for stage in ("generate", "write_wait", "expand"):  # expand: only jobs with prompt expansion
-        if f"{stage}_seconds" in stats[0]:
-            stages[stage] = round(sum(s[f"{stage}_seconds"] for s in stats), 2)
-    stages["total"] = round(sum(s["seconds"] for s in stats), 2)
+    stats = list(committed_shards(OutputLayout(str(output))).values())
+    finished = [datetime.fromisoformat(s.finished_at).timestamp() for s in stats]
+    window = max(finished) - min(end - s.seconds for end, s in zip(finished, stats, strict=True))
+    stages = {stage: round(sum(s.stage_seconds[stage] for s in stats), 2) for stage in STAGES}
+    stages["generate"] = round(sum(s.model_seconds for s in stats), 2)
+    stages["write_wait"] = round(sum(s.write_wait_seconds for s in stats), 2)
+    if stats[0].expand_seconds is not None:  # only jobs with prompt expansion
+        stages["expand"] = round(sum(s.expand_seconds for s in stats), 2)
+    stages["total"] = round(sum(s.seconds for s in stats), 2)
     return {
         "images_per_second": result.ok / window,
         "wall_images_per_second": result.ok / wall,

@@ -19,23 +19,24 @@ from typing import Any
 
 from imagemill.errors import ImagemillError
 from imagemill.output import IMAGE_FOLDERS, JOB_RECORD, OutputLayout
+from imagemill.records import ShardStats
 from imagemill.shards import ShardPlan
 
 log = logging.getLogger(__name__)
 FOOTERS = "input_footers"  # the key in _job.json
 
 
-def counted(record: dict[str, Any], stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def counted(record: dict[str, Any], stats: dict[str, ShardStats]) -> list[ShardStats]:
     """The committed shards that count toward a job's totals: those of the input files its last run
     planned (all of them for outputs recorded before input footers were)."""
     footers = record.get(FOOTERS)
     if footers is None:
         return list(stats.values())
-    return [shard for shard in stats.values() if shard["input_file"] in footers]
+    return [shard for shard in stats.values() if shard.input_file in footers]
 
 
 def reconcile_inputs(
-    output: OutputLayout, plan: ShardPlan, stored: dict[str, dict[str, Any]], redo_changed: bool
+    output: OutputLayout, plan: ShardPlan, stored: dict[str, ShardStats], redo_changed: bool
 ) -> set[str]:
     """Compare the plan's input files with those the previous run recorded; returns the ids of the
     committed shards deleted for `redo_changed`. Refuses a changed file otherwise, in one line."""
@@ -45,11 +46,11 @@ def reconcile_inputs(
             "input file %s is gone since the last run: its shards no longer count toward this job", url
         )
     changed = {url for url, footer in plan.footers.items() if previous.get(url, footer) != footer}
-    redo = {shard_id for shard_id, stats in stored.items() if stats["input_file"] in changed}
+    redo = {shard_id for shard_id, stats in stored.items() if stats.input_file in changed}
     if not redo:
         return set()
     if not redo_changed:
-        first = min(stats["input_file"] for stats in stored.values() if stats["input_file"] in changed)
+        first = min(stats.input_file for stats in stored.values() if stats.input_file in changed)
         more = f" (and {len(changed) - 1} more files)" if len(changed) > 1 else ""
         raise ImagemillError(
             f"input file {first}{more} changed since this job generated its rows (its Parquet footer "

@@ -19,9 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from imagemill.storage import filesystem, join, retrying
@@ -61,31 +58,6 @@ def sample_key(shard_id: str, position: int) -> str:
     if "." in shard_id:
         shard_id = f"{shard_id.replace('.', '_')}~{hashlib.sha256(shard_id.encode()).hexdigest()[:8]}"
     return f"{shard_id}-{position:06d}"
-
-
-@dataclass(frozen=True)
-class ShardTotals:
-    """Counts summed over committed shards' stats: what the summary, `status` and the report show."""
-
-    rows: int
-    ok: int
-    errors: int
-    errors_by_reason: dict[str, int]
-    filtered: int = 0  # scored below scoring.threshold: done, like ok rows, but not errors
-
-
-def shard_totals(shards: Iterable[dict[str, Any]]) -> ShardTotals:
-    shards = list(shards)
-    reasons: Counter[str] = Counter()
-    for stats in shards:
-        reasons.update(stats.get("errors_by_reason", {}))
-    return ShardTotals(
-        rows=sum(stats["rows"] for stats in shards),
-        ok=sum(stats["ok"] for stats in shards),
-        errors=sum(stats["error"] for stats in shards),
-        errors_by_reason=dict(sorted(reasons.items())),
-        filtered=sum(stats.get("filtered", 0) for stats in shards),
-    )
 
 
 class OutputLayout:

@@ -15,8 +15,15 @@ from html import escape
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout, shard_totals
-from imagemill.scores import merge
+from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
+from imagemill.records import (
+    MODEL_STAGES,
+    Sample,
+    ShardStats,
+    committed_shards,
+    merge_clip_scores,
+    shard_totals,
+)
 
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
@@ -32,7 +39,6 @@ STAGE_LABELS = {
     "upload": "upload (writer threads)",
     "idle": "model idle, waiting for a read or for writes",
 }
-MODEL_STAGES = ("text_encode", "denoise", "decode")
 
 
 def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
@@ -40,17 +46,17 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
     record = output.read_json(JOB_RECORD)
     if record is None:
         raise ImagemillError(f"no imagemill job found at {output.url} (it has no {JOB_RECORD})")
-    shards = [stats for _, stats in sorted(output.committed_stats().items())]
+    shards = [stats for _, stats in sorted(committed_shards(output).items())]
     samples = pick_samples(shards, max_samples)
     report = build_report(record, shards, samples)
-    thumbnails = [sample["thumbnail"] for sample in samples]
+    thumbnails = [sample.thumbnail for _, sample in samples]
     output.write_json(REPORT_JSON, report)
     output.write_bytes(REPORT_HTML, render_html(report, thumbnails).encode())
     return report
 
 
 def build_report(
-    record: dict[str, Any], shards: list[dict[str, Any]], samples: list[dict[str, Any]]
+    record: dict[str, Any], shards: list[ShardStats], samples: list[tuple[str, Sample]]
 ) -> dict[str, Any]:
     totals = shard_totals(shards)
     failed = record.get("failed_shards", [])
@@ -79,21 +85,18 @@ def build_report(
         "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
         "throughput": throughput(record.get("started_at"), shards),
         "clip_score": clip_score(record, shards),
-        "samples": [
-            {**{key: sample[key] for key in ("id", "prompt", "seed", "shard_id")}, **_expanded(sample)}
-            for sample in samples
-        ],
+        "samples": [_sample_entry(shard_id, sample) for shard_id, sample in samples],
     }
 
 
-def _stage_seconds(shards: list[dict[str, Any]]) -> dict[str, float]:
+def _stage_seconds(shards: list[ShardStats]) -> dict[str, float]:
     """Seconds per stage summed over the shards, stages in STAGE_LABELS order (`expand` only for jobs
     with prompt expansion). There is no total: one shard reads while another holds the model, and the
     writer threads' stages overlap the model's, so the stages add up to more than the job took."""
     seconds: dict[str, float] = {}
     for stats in shards:
-        expand = {"expand": stats["expand_seconds"]} if "expand_seconds" in stats else {}
-        for stage, spent in (stats.get("stage_seconds", {}) | expand).items():
+        expand = {"expand": stats.expand_seconds} if stats.expand_seconds is not None else {}
+        for stage, spent in (stats.stage_seconds | expand).items():
             seconds[stage] = seconds.get(stage, 0.0) + spent
     order = list(STAGE_LABELS)
     return {
@@ -118,15 +121,16 @@ def _expands_on_actor(record: dict[str, Any]) -> bool:
     return expansion.get("placement") == "actor"
 
 
-def _expanded(sample: dict[str, Any]) -> dict[str, Any]:
-    """The sample's expanded prompt, where prompt expansion made one (absent from older stats)."""
-    return {"expanded_prompt": sample["expanded_prompt"]} if sample.get("expanded_prompt") else {}
+def _sample_entry(shard_id: str, sample: Sample) -> dict[str, Any]:
+    """A sample as report.json lists it; `expanded_prompt` only where prompt expansion made one."""
+    entry = {"id": sample.id, "prompt": sample.prompt, "seed": sample.seed, "shard_id": shard_id}
+    return entry | ({"expanded_prompt": sample.expanded_prompt} if sample.expanded_prompt else {})
 
 
-def clip_score(record: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any] | None:
+def clip_score(record: dict[str, Any], shards: list[ShardStats]) -> dict[str, Any] | None:
     """The CLIP scores' distribution over the committed shards, with the job's threshold;
     None when the job does not score."""
-    distribution = merge(stats.get("clip_score") for stats in shards)
+    distribution = merge_clip_scores(stats.clip_score for stats in shards)
     if distribution is None:
         return None
     scoring = (record.get("spec") or {}).get("scoring") or {}
@@ -137,16 +141,13 @@ def clip_score(record: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str
     }
 
 
-def pick_samples(shards: list[dict[str, Any]], max_samples: int) -> list[dict[str, Any]]:
-    """Up to `max_samples` samples, spread evenly over the shards (taken in shard id order).
+def pick_samples(shards: list[ShardStats], max_samples: int) -> list[tuple[str, Sample]]:
+    """Up to `max_samples` (shard id, sample), spread evenly over the shards (in shard id order).
 
     Round r takes the r-th sample of every shard, or of evenly spaced shards where fewer places are
     left than shards have one. The result is in shard order; it depends on the stats alone.
     """
-    usable = [
-        [s for s in stats.get("samples", []) if _THUMBNAIL.fullmatch(str(s.get("thumbnail", "")))]
-        for stats in shards
-    ]
+    usable = [[s for s in stats.samples if _THUMBNAIL.fullmatch(str(s.thumbnail))] for stats in shards]
     rounds: list[list[tuple[int, int]]] = []
     for index, samples in enumerate(usable):
         for r in range(len(samples)):
@@ -160,19 +161,19 @@ def pick_samples(shards: list[dict[str, Any]], max_samples: int) -> list[dict[st
             break
         step = len(candidates) / left
         chosen += candidates if left >= len(candidates) else [candidates[int(i * step)] for i in range(left)]
-    return [{**usable[index][r], "shard_id": shards[index]["shard_id"]} for index, r in sorted(chosen)]
+    return [(shards[index].shard_id, usable[index][r]) for index, r in sorted(chosen)]
 
 
-def throughput(started_at: str | None, shards: list[dict[str, Any]]) -> dict[str, Any]:
+def throughput(started_at: str | None, shards: list[ShardStats]) -> dict[str, Any]:
     """Cumulative images and images/s per time bucket, from each shard's finish time and ok count.
 
     Time 0 is the job's start, or the earliest shard start if earlier (shards from a previous run).
     The first point is (0 min, 0 images); each further point is the end of a bucket.
     """
     finished = sorted(
-        (datetime.fromisoformat(stats["finished_at"]).timestamp(), stats["ok"], stats.get("seconds", 0.0))
+        (datetime.fromisoformat(stats.finished_at).timestamp(), stats.ok, stats.seconds)
         for stats in shards
-        if stats.get("finished_at")
+        if stats.finished_at
     )
     if not finished:
         return {"start": started_at, "bucket_seconds": None, "images_per_second": 0.0, "points": []}

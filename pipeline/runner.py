@@ -23,7 +23,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from imagemill.errors import ImagemillError
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
-from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout, shard_totals
+from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import plan_shards
@@ -143,7 +144,7 @@ def run(
         check_expansion_source(spec.expansion)
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     _claim_output(spec, output, overwrite)
-    stored = output.committed_stats()
+    stored = committed_shards(output)
     redone = reconcile_inputs(output, plan, stored, redo_changed)
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
@@ -174,7 +175,7 @@ def run(
         _connect_ray()
         bar = tqdm(
             total=rows_total,
-            initial=sum(stats["rows"] for stats in committed.values()),
+            initial=sum(stats.rows for stats in committed.values()),
             unit="img",
             desc=spec.name,
             disable=not progress,
@@ -182,23 +183,23 @@ def run(
             smoothing=0.1,
         )
 
-        def on_done(stats: dict[str, Any]) -> None:
-            committed[stats["shard_id"]] = stats
-            bar.update(stats["rows"])
-            filtered = f", {stats['filtered']} filtered" if spec.scoring else ""
+        def on_done(stats: ShardStats) -> None:
+            committed[stats.shard_id] = stats
+            bar.update(stats.rows)
+            filtered = f", {stats.filtered} filtered" if spec.scoring else ""
             log.info(
                 "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
                 "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
-                stats["shard_id"],
-                stats["rows"],
-                stats["ok"],
+                stats.shard_id,
+                stats.rows,
+                stats.ok,
                 filtered,
-                stats["error"],
-                stats["seconds"],
-                stats["images_per_second"],
-                stats["read_seconds"],
-                stats["generate_seconds"],
-                stats["write_wait_seconds"],
+                stats.error,
+                stats.seconds,
+                stats.images_per_second,
+                stats.read_seconds,
+                stats.model_seconds,
+                stats.write_wait_seconds,
                 len(committed),
                 shards_total,
             )

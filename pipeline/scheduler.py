@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.errors import ImagemillError
 from imagemill.expanders import start_expanders, stop_expanders
+from imagemill.records import ShardStats
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
 from imagemill.workers.worker import ShardWorker
@@ -68,6 +69,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 class ShardScheduler:
+    """The actor pool of one job run: `run` is called once; its state is kept on the scheduler."""
+
     def __init__(self, spec: JobSpec):
         self.spec = spec
         uses_gpu = _uses_gpu(spec)
@@ -85,6 +88,14 @@ class ShardScheduler:
         self.actors_started = 0
         self.run_token = uuid.uuid4().hex[:6]  # actor names must be unique across concurrent runs
         self.expanders: list[Any] = []  # the expander pool, with expansion.placement: pool
+        # The state of `run` (one per scheduler):
+        self.queue: deque[Shard] = deque()  # shards to hand out, retries at the back
+        self.attempts: dict[str, int] = {}  # failed tries, by shard id
+        self.failures: list[ShardFailure] = []
+        self.alive: list[Any] = []  # actors that loaded the model and take shards
+        self.tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}  # process_shard calls → (actor, shard)
+        self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of replacement actors → the actor
+        self.next_growth_check = 0.0
 
     def _new_actor(self) -> Any:
         """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
@@ -107,94 +118,98 @@ class ShardScheduler:
             ) from None
         return actors
 
-    def run(self, shards: list[Shard], on_done: Callable[[dict[str, Any]], None]) -> list[ShardFailure]:
+    def run(self, shards: list[Shard], on_done: Callable[[ShardStats], None]) -> list[ShardFailure]:
         """Process every shard; returns the shards that failed all their attempts.
 
         A replacement actor joins the pool only once it has loaded the model, so one that cannot be
         placed (its node is gone and no other has room) never holds shards: the others finish them.
         """
-        queue = deque(shards)
-        attempts: dict[str, int] = {}
-        failures: list[ShardFailure] = []
-        tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}
-        starting: dict[ray.ObjectRef, Any] = {}  # ready() of replacement actors → the actor
-        alive = self._start_workers()
-
-        def feed(actor: Any) -> None:
-            while queue and sum(1 for a, _ in tasks.values() if a is actor) < SHARDS_PER_ACTOR:
-                shard = queue.popleft()
-                tasks[actor.process_shard.remote(shard)] = (actor, shard)
-
-        def retry_or_fail(shard: Shard, error: str) -> None:
-            attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
-            if attempts[shard.shard_id] < self.spec.workers.max_shard_attempts:
-                log.warning("shard %s failed (%s); it will be tried again", shard.shard_id, error)
-                queue.append(shard)
-            else:
-                failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts[shard.shard_id], error))
-
-        def start_actor() -> None:
-            actor = self._new_actor()
-            starting[actor.ready.remote()] = actor
-
-        def start_replacement() -> None:
-            if self.replacements_left > 0:
-                self.replacements_left -= 1
-                start_actor()
-
-        next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
-
-        def grow_with_cluster() -> None:
-            """With num_workers unset, nodes that join the cluster (autoscaling) get actors too.
-
-            Looked at every GROWTH_CHECK_SECONDS, not after every shard: it asks the GCS each time.
-            """
-            nonlocal next_growth_check
-            if self.spec.workers.num_workers is not None or time.monotonic() < next_growth_check:
-                return
-            next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
-            room = worker_count(self.spec, self.uses_gpu) - len(alive) - len(starting)
-            if queue and room > 0:
-                log.info("the cluster grew: starting %d more workers", room)
-                for _ in range(room):
-                    start_actor()
-
-        for actor in alive:
-            feed(actor)
-        while tasks or (queue and starting):
-            ready, _ = ray.wait([*tasks, *starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
-            grow_with_cluster()
+        self.queue.extend(shards)
+        self.alive = self._start_workers()
+        self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
+        self._feed_all()
+        while self.tasks or (self.queue and self.starting):
+            ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
+            self._grow_with_cluster()
             if not ready:
                 continue
             [ref] = ready
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                    alive.append(actor)
-                except (RayActorError, RayTaskError) as exc:
-                    log.warning("a replacement worker failed to start: %s", _one_line(exc))
-                    start_replacement()
+            if ref in self.starting:
+                self._join(ref)
             else:
-                actor, shard = tasks.pop(ref)
-                try:
-                    on_done(ray.get(ref))
-                except RayActorError as exc:
-                    retry_or_fail(shard, f"worker died: {_one_line(exc)}")
-                    if actor in alive:
-                        log.warning("a worker died (%s); starting a replacement", _one_line(exc))
-                        alive.remove(actor)
-                        start_replacement()
-                except RayTaskError as exc:
-                    retry_or_fail(shard, _one_line(exc))
-            for worker in alive:
-                feed(worker)
-            if queue and not alive and not starting:
+                self._finish(ref, on_done)
+            self._feed_all()
+            if self.queue and not self.alive and not self.starting:
                 raise ImagemillError(
-                    f"every worker died and no more replacements are allowed; {len(queue)} shards were "
-                    "not run. Run the same command again to resume."
+                    f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
+                    "were not run. Run the same command again to resume."
                 )
-        for actor in [*alive, *starting.values()]:
+        for actor in [*self.alive, *self.starting.values()]:
             ray.kill(actor)
         stop_expanders(self.expanders)
-        return failures
+        return self.failures
+
+    def _feed_all(self) -> None:
+        """Keep every live actor SHARDS_PER_ACTOR shards deep while shards are queued."""
+        for actor in self.alive:
+            while self.queue and sum(1 for a, _ in self.tasks.values() if a is actor) < SHARDS_PER_ACTOR:
+                shard = self.queue.popleft()
+                self.tasks[actor.process_shard.remote(shard)] = (actor, shard)
+
+    def _join(self, ref: ray.ObjectRef) -> None:
+        """A replacement actor answered `ready`: it joins the pool, or, if it failed to load, another
+        replacement is started."""
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+            self.alive.append(actor)
+        except (RayActorError, RayTaskError) as exc:
+            log.warning("a replacement worker failed to start: %s", _one_line(exc))
+            self._start_replacement()
+
+    def _finish(self, ref: ray.ObjectRef, on_done: Callable[[ShardStats], None]) -> None:
+        """A shard call returned: its stats go to `on_done`; a failed shard is retried, and a dead
+        actor replaced."""
+        actor, shard = self.tasks.pop(ref)
+        try:
+            on_done(ray.get(ref))
+        except RayActorError as exc:
+            self._retry_or_fail(shard, f"worker died: {_one_line(exc)}")
+            if actor in self.alive:
+                log.warning("a worker died (%s); starting a replacement", _one_line(exc))
+                self.alive.remove(actor)
+                self._start_replacement()
+        except RayTaskError as exc:
+            self._retry_or_fail(shard, _one_line(exc))
+
+    def _retry_or_fail(self, shard: Shard, error: str) -> None:
+        attempts = self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
+        if attempts < self.spec.workers.max_shard_attempts:
+            log.warning("shard %s failed (%s); it will be tried again", shard.shard_id, error)
+            self.queue.append(shard)
+        else:
+            self.failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts, error))
+
+    def _start_actor(self) -> None:
+        """Start an actor; it joins the pool once its `ready` answers (`_join`)."""
+        actor = self._new_actor()
+        self.starting[actor.ready.remote()] = actor
+
+    def _start_replacement(self) -> None:
+        if self.replacements_left > 0:
+            self.replacements_left -= 1
+            self._start_actor()
+
+    def _grow_with_cluster(self) -> None:
+        """With num_workers unset, nodes that join the cluster (autoscaling) get actors too.
+
+        Looked at every GROWTH_CHECK_SECONDS, not after every shard: it asks the GCS each time.
+        """
+        if self.spec.workers.num_workers is not None or time.monotonic() < self.next_growth_check:
+            return
+        self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
+        room = worker_count(self.spec, self.uses_gpu) - len(self.alive) - len(self.starting)
+        if self.queue and room > 0:
+            log.info("the cluster grew: starting %d more workers", room)
+            for _ in range(room):
+                self._start_actor()

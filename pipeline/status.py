@@ -8,7 +8,8 @@ from typing import Any
 from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
 from imagemill.outcome import job_state
-from imagemill.output import JOB_RECORD, OutputLayout, shard_totals
+from imagemill.output import JOB_RECORD, OutputLayout
+from imagemill.records import committed_shards, shard_totals
 
 
 @dataclass
@@ -50,7 +51,7 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     record = output.read_json(JOB_RECORD)
     if record is None:
         raise ImagemillError(f"no imagemill job found at {url} (it has no {JOB_RECORD})")
-    shards = counted(record, output.committed_stats())  # not those of input files gone since
+    shards = counted(record, committed_shards(output))  # not those of input files gone since
     totals = shard_totals(shards)
     return JobStatus(
         output=url,

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from imagemill.output import JOB_RECORD, OutputLayout
+from imagemill.records import ClipScoreSummary
 from imagemill.report import write_report
-from imagemill.scores import summarise
 from imagemill.workers.encoding import thumbnail_data_uri
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -47,8 +47,6 @@ def shard(shard_id, finished_s, seconds, rows, ok, errors, samples):
         "errors_by_reason": errors,
         "finished_at": (START + timedelta(seconds=finished_s)).isoformat(),
         "seconds": seconds,
-        "read_seconds": 1.0,
-        "generate_seconds": seconds - 5.0,
         "write_wait_seconds": 2.0,
         "stage_seconds": {
             "read": 1.0,
@@ -212,12 +210,17 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
     assert opened and {path.removeprefix("file://") for path in opened} <= allowed, opened
 
 
+def _summary(scores: list[float]) -> dict | None:
+    summary = ClipScoreSummary.of(scores)
+    return summary and summary.to_json()
+
+
 def test_score_distribution_is_summed_from_the_shards_histograms(tmp_path):
     """Each shard's stats carry its scores' summary (as the actor writes it); the report adds them up
     bin by bin, and the page draws one bar per bin from the lowest to the highest, and the threshold."""
     per_shard = [[12.5, 30.2, 30.9, -3.0], [30.0, 31.99, 12.0], [], [45.0]]
     shards = [
-        {**stats, "filtered": sum(score < 30 for score in scores), "clip_score": summarise(scores)}
+        {**stats, "filtered": sum(score < 30 for score in scores), "clip_score": _summary(scores)}
         for stats, scores in zip(SHARDS, per_shard, strict=True)
     ]
     spec = {"name": "scored", "scoring": {"threshold": 30.0, "on_low_score": "drop"}}

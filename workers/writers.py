@@ -1,9 +1,10 @@
 """Where a shard's images go: one `ShardWriter` per `output.format`, chosen by `open_writer`.
 
 A worker opens one writer per shard. Its writer threads encode each ok row's image and call
-`add(position, record, data)`, which returns the metadata columns saying where the image lives
-(`path`, and `key` for WebDataset). Once every `add` has returned, the worker calls `close()`, then
-writes the shard's metadata Parquet, then its commit record: images, metadata, commit, in every format.
+`add(position, row, data)`, which returns the row's `MetadataRow` with the columns saying where the
+image lives filled in (`path`, and `key` for WebDataset). Once every `add` has returned, the worker
+calls `close()`, then writes the shard's metadata Parquet, then its commit record: images, metadata,
+commit, in every format.
 
 - `files`: `FileWriter` uploads each image at once to `images/<shard_id>/<name>.<ext>`.
 - `webdataset`: `TarWriter` builds `webdataset/<shard_id>.tar` with `<key>.<ext>` and `<key>.json` per
@@ -23,36 +24,15 @@ import io
 import json
 import tarfile
 import threading
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagemill.output import OutputLayout, image_name, sample_key
+from imagemill.records import METADATA_SCHEMA, MetadataRow
 from imagemill.spec import IMAGE_EXTENSIONS, OutputSpec
-
-METADATA_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("expanded_prompt", pa.string()),  # what prompt expansion made of `prompt`; null without it
-        ("prompt_truncated", pa.bool_()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("num_inference_steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("path", pa.string()),
-        ("sha256", pa.string()),
-        ("model", pa.string()),
-        ("input_file", pa.string()),
-        ("input_row", pa.int64()),
-        ("clip_score", pa.float64()),  # CLIP score; null when scoring is off or the row errored
-    ]
-)
 
 # Generation parameters grouped under "parameters" in a WebDataset sample's JSON.
 SAMPLE_PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale", "prompt_truncated", "model")
@@ -85,16 +65,16 @@ DATA_SCHEMA = _data_schema()
 class ShardWriter:
     """Stores one shard's encoded images. `add` may be called from several threads at once."""
 
-    metadata_fields: tuple[pa.Field, ...] = ()  # columns this format adds to the metadata Parquet
+    format_columns: tuple[str, ...] = ()  # records.FORMAT_COLUMNS this format adds to the metadata Parquet
 
     def __init__(self, output: OutputLayout, shard_id: str, extension: str):
         self.output = output
         self.shard_id = shard_id
         self.extension = extension
 
-    def add(self, position: int, record: dict[str, Any], data: bytes) -> dict[str, Any]:
-        """Store the image of the row at `position` in the shard, whose metadata is `record` (the
-        metadata columns, sha256 included); returns the metadata columns that locate it."""
+    def add(self, position: int, row: MetadataRow, data: bytes) -> MetadataRow:
+        """Store the image of the row at `position` in the shard, whose metadata is `row` (sha256
+        included); returns `row` with the columns that locate the image."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -104,10 +84,10 @@ class ShardWriter:
 class FileWriter(ShardWriter):
     """`files`: each image is its own file, uploaded from the calling thread."""
 
-    def add(self, position: int, record: dict[str, Any], data: bytes) -> dict[str, Any]:
-        path = OutputLayout.image_path(self.shard_id, record["id"], self.extension)
+    def add(self, position: int, row: MetadataRow, data: bytes) -> MetadataRow:
+        path = OutputLayout.image_path(self.shard_id, row.id, self.extension)
         self.output.write_bytes(path, data)
-        return {"path": path}
+        return replace(row, path=path)
 
 
 class BufferedWriter(ShardWriter):
@@ -123,16 +103,16 @@ class BufferedWriter(ShardWriter):
 
     def __init__(self, output: OutputLayout, shard_id: str, extension: str):
         super().__init__(output, shard_id, extension)
-        self._rows: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._rows: dict[int, tuple[MetadataRow, bytes]] = {}
         self._lock = threading.Lock()
 
-    def add(self, position: int, record: dict[str, Any], data: bytes) -> dict[str, Any]:
+    def add(self, position: int, row: MetadataRow, data: bytes) -> MetadataRow:
         with self._lock:
-            self._rows[position] = (record, data)
-        return self.locate(position)
+            self._rows[position] = (row, data)
+        return self.locate(position, row)
 
-    def locate(self, position: int) -> dict[str, Any]:
-        return {"path": self.path}
+    def locate(self, position: int, row: MetadataRow) -> MetadataRow:
+        return replace(row, path=self.path)
 
     def close(self) -> None:
         if self._rows:
@@ -140,8 +120,8 @@ class BufferedWriter(ShardWriter):
             self.output.write_bytes(self.path, self.build(rows))
             self._rows.clear()
 
-    def build(self, rows: list[tuple[int, dict[str, Any], bytes]]) -> bytes:
-        """The file's bytes from (position, record, image bytes), in shard order."""
+    def build(self, rows: list[tuple[int, MetadataRow, bytes]]) -> bytes:
+        """The file's bytes from (position, metadata row, image bytes), in shard order."""
         raise NotImplementedError
 
 
@@ -152,17 +132,17 @@ class TarWriter(BufferedWriter):
     the row id: unique across shards, stable across runs, safe as file names, and free of dots.
     """
 
-    metadata_fields = (pa.field("key", pa.string()),)
+    format_columns = ("key",)
 
     def __init__(self, output: OutputLayout, shard_id: str, extension: str):
         super().__init__(output, shard_id, extension)
         self.path = OutputLayout.tar_path(shard_id)
 
-    def locate(self, position: int) -> dict[str, Any]:
-        return {"path": self.path, "key": sample_key(self.shard_id, position)}
+    def locate(self, position: int, row: MetadataRow) -> MetadataRow:
+        return replace(row, path=self.path, key=sample_key(self.shard_id, position))
 
     @staticmethod
-    def sample_json(record: dict[str, Any]) -> bytes:
+    def sample_json(row: MetadataRow) -> bytes:
         names = (
             "id",
             "prompt",
@@ -174,18 +154,18 @@ class TarWriter(BufferedWriter):
             "status",
             "clip_score",
         )
-        sample = {name: record[name] for name in names}
-        sample["parameters"] = {name: record[name] for name in SAMPLE_PARAMETERS}
+        sample: dict[str, Any] = {name: getattr(row, name) for name in names}
+        sample["parameters"] = {name: getattr(row, name) for name in SAMPLE_PARAMETERS}
         return json.dumps(sample, sort_keys=True, allow_nan=False).encode()
 
-    def build(self, rows: list[tuple[int, dict[str, Any], bytes]]) -> bytes:
+    def build(self, rows: list[tuple[int, MetadataRow, bytes]]) -> bytes:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for position, record, data in rows:
+            for position, row, data in rows:
                 key = sample_key(self.shard_id, position)
                 for name, content in (
                     (f"{key}.{self.extension}", data),
-                    (f"{key}.json", self.sample_json(record)),
+                    (f"{key}.json", self.sample_json(row)),
                 ):
                     member = tarfile.TarInfo(name)  # fixed mtime, owner and mode: the same bytes every run
                     member.size, member.mtime, member.mode = len(content), 0, 0o644
@@ -203,10 +183,10 @@ class ParquetWriter(BufferedWriter):
         super().__init__(output, shard_id, extension)
         self.path = OutputLayout.data_path(shard_id)
 
-    def build(self, rows: list[tuple[int, dict[str, Any], bytes]]) -> bytes:
+    def build(self, rows: list[tuple[int, MetadataRow, bytes]]) -> bytes:
         records = [
-            {**record, "image": {"bytes": data, "path": f"{image_name(record['id'])}.{self.extension}"}}
-            for _, record, data in rows
+            {**row.columns(), "image": {"bytes": data, "path": f"{image_name(row.id)}.{self.extension}"}}
+            for _, row, data in rows
         ]
         return parquet_bytes(pa.Table.from_pylist(records, schema=DATA_SCHEMA))
 

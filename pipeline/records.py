@@ -1,0 +1,249 @@
+"""The records actors write and the driver reads: declared here once, imported by both sides.
+
+- `MetadataRow`: one row of `metadata/<shard_id>.parquet`. Its fields are the columns, in order, and
+  `METADATA_SCHEMA` is derived from their type hints, so the type and the Parquet schema cannot drift.
+- `ShardStats`: `shards/<shard_id>.json`, the shard's commit, also what an actor returns to the driver.
+  `from_json` reads files of any earlier imagemill: unknown keys are ignored, missing ones take their
+  defaults; only the counts (`shard_id`, `rows`, `ok`, `error`) are required.
+- `ClipScoreSummary`: the shard's CLIP scores (the `scoring` feature's `clip_score`) as counts per
+  fixed bin, which the driver adds up (`merge_clip_scores`) without reading a metadata file.
+- `ShardTotals`: the counts over committed shards that the summary, `status` and the report show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import pyarrow as pa
+
+from imagemill.errors import ImagemillError
+
+if TYPE_CHECKING:
+    from imagemill.output import OutputLayout
+
+MODEL_STAGES = ("text_encode", "denoise", "decode")  # the stages of `stage_seconds` the model works in
+# Scores are 100 × cosine similarity; CLIP ViT-L/14 gives real text-image pairs about 15..40, so bins
+# of one point show the shape without making the stats large (a histogram is stored sparse).
+SCORE_BIN_WIDTH = 1.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetadataRow:
+    """One image's metadata row (one per input row, variant and image): ok, filtered or error.
+
+    The field order is the column order of the metadata Parquet. `key` is a column of the
+    `webdataset` format only (FORMAT_COLUMNS); the other formats' tables leave it out.
+    """
+
+    id: str
+    prompt: str | None
+    expanded_prompt: str | None = None  # what prompt expansion made of `prompt`; null without it
+    prompt_truncated: bool
+    negative_prompt: str | None
+    seed: int | None  # parameters are null where the input's value was invalid (see `error`)
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    width: int | None
+    height: int | None
+    status: str  # ok | filtered | error
+    error: str | None = None  # `reason: detail`, for status=error
+    path: str | None = None  # where the image is, relative to the output; null when none was written
+    sha256: str | None = None  # of the encoded image
+    model: str
+    input_file: str
+    input_row: int
+    clip_score: float | None = None  # null when scoring is off or the row errored
+    key: str | None = None  # webdataset: the sample's key in its shard's tar
+
+    def columns(self) -> dict[str, Any]:
+        return {column.name: getattr(self, column.name) for column in dataclasses.fields(self)}
+
+
+FORMAT_COLUMNS = ("key",)
+_ARROW_TYPES = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), float: pa.float64()}
+
+
+def _arrow_field(name: str, hint: Any) -> pa.Field:
+    """`str | None` → a nullable string column, and so on; every column is nullable, as before."""
+    kinds = [kind for kind in typing.get_args(hint) if kind is not types.NoneType] or [hint]
+    return pa.field(name, _ARROW_TYPES[kinds[0]])
+
+
+_ROW_FIELDS = {name: _arrow_field(name, hint) for name, hint in typing.get_type_hints(MetadataRow).items()}
+METADATA_SCHEMA = pa.schema([f for name, f in _ROW_FIELDS.items() if name not in FORMAT_COLUMNS])
+
+
+def metadata_schema(format_columns: Iterable[str] = ()) -> pa.Schema:
+    """METADATA_SCHEMA plus the named FORMAT_COLUMNS an output format adds."""
+    return pa.schema([*METADATA_SCHEMA, *(_ROW_FIELDS[name] for name in format_columns)])
+
+
+def metadata_table(rows: Iterable[MetadataRow], format_columns: Iterable[str] = ()) -> pa.Table:
+    """A shard's metadata rows as the table its metadata Parquet holds."""
+    return pa.Table.from_pylist([row.columns() for row in rows], schema=metadata_schema(format_columns))
+
+
+def _from_fields(cls: type[T], data: Mapping[str, Any], **converted: Any) -> T:
+    """`cls` from the keys of `data` that are its fields (others ignored: written by another version);
+    fields missing from `data` take their defaults. `converted` replaces values read as plain JSON."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(converted)  # type: ignore[arg-type]
+    return cls(**{name: value for name, value in data.items() if name in names}, **converted)
+
+
+@dataclass(frozen=True)
+class ClipScoreSummary:
+    """A shard's CLIP scores: count, sum, min, max and a sparse histogram of fixed bins (bin k holds
+    scores in [k·SCORE_BIN_WIDTH, (k+1)·SCORE_BIN_WIDTH), keyed by its lower edge). Fixed bins add up
+    bin by bin, so the job's distribution is exact whatever the shards."""
+
+    count: int
+    sum: float
+    min: float
+    max: float
+    histogram: dict[str, int]
+
+    @classmethod
+    def of(cls, scores: list[float]) -> Self | None:
+        """None when there is no score (scoring off, or no row scored)."""
+        if not scores:
+            return None
+        edges = Counter(f"{math.floor(score / SCORE_BIN_WIDTH) * SCORE_BIN_WIDTH:g}" for score in scores)
+        return cls(len(scores), sum(scores), min(scores), max(scores), dict(sorted(edges.items())))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Self | None:
+        return None if data is None else _from_fields(cls, data)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def merge_clip_scores(summaries: Iterable[ClipScoreSummary | None]) -> dict[str, Any] | None:
+    """The job's distribution from the shards' summaries, as the report shows it: count, mean, min,
+    max and the non-empty bins in order, each as {low, high, count}. None when no shard has scores."""
+    present = [summary for summary in summaries if summary is not None]
+    if not present:
+        return None
+    histogram: Counter[str] = Counter()
+    for summary in present:
+        histogram.update(summary.histogram)
+    count = sum(summary.count for summary in present)
+    return {
+        "count": count,
+        "mean": round(sum(summary.sum for summary in present) / count, 4),
+        "min": round(min(summary.min for summary in present), 4),
+        "max": round(max(summary.max for summary in present), 4),
+        "bin_width": SCORE_BIN_WIDTH,
+        "bins": [
+            {"low": float(low), "high": float(low) + SCORE_BIN_WIDTH, "count": histogram[low]}
+            for low in sorted(histogram, key=float)
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A thumbnail of one of the shard's images, for the report's contact sheet."""
+
+    id: str
+    prompt: str | None = None
+    seed: int | None = None
+    thumbnail: str = ""  # a data: URI
+    expanded_prompt: str | None = None
+
+
+@dataclass(kw_only=True)
+class ShardStats:
+    """A shard's counts and timings: `shards/<shard_id>.json`, written last, commits the shard."""
+
+    shard_id: str
+    input_file: str = ""
+    rows: int
+    ok: int
+    filtered: int = 0  # done, but scored under scoring.threshold
+    error: int
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    finished_at: str | None = None  # ISO 8601, UTC
+    seconds: float = 0.0  # the whole shard call
+    write_wait_seconds: float = 0.0  # after giving the model up: waiting for the writer threads, close()
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # workers/stage_timer.py's STAGES
+    timeline: dict[str, list[float]] = field(default_factory=dict)  # read/model: [start, end], Unix s
+    images_per_second: float = 0.0
+    device: str | None = None
+    peak_rss_mb: float | None = None
+    samples: list[Sample] = field(default_factory=list)
+    clip_score: ClipScoreSummary | None = None
+    expand_seconds: float | None = None  # prompt expansion only, as the next one
+    expansion_unchanged: int | None = None
+
+    @property
+    def read_seconds(self) -> float:
+        return self.stage_seconds.get("read", 0.0)
+
+    @property
+    def model_seconds(self) -> float:
+        """The model's working time: text encoding, denoising and decoding."""
+        return sum(self.stage_seconds.get(stage, 0.0) for stage in MODEL_STAGES)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return _from_fields(
+            cls,
+            data,
+            samples=[_from_fields(Sample, sample) for sample in data.get("samples", [])],
+            clip_score=ClipScoreSummary.from_json(data.get("clip_score")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        for name in ("expand_seconds", "expansion_unchanged"):
+            if record[name] is None:
+                del record[name]
+        return record
+
+
+def committed_shards(output: OutputLayout) -> dict[str, ShardStats]:
+    """The committed shards' stats, by shard id."""
+    committed = {}
+    for shard_id, data in output.committed_stats().items():
+        try:
+            committed[shard_id] = ShardStats.from_json(data)
+        except TypeError as exc:  # a required count is missing
+            path = output.path(output.stats_path(shard_id))
+            raise ImagemillError(
+                f"{path} is not a shard record imagemill can read ({exc}); delete it to redo that shard"
+            ) from None
+    return committed
+
+
+@dataclass(frozen=True)
+class ShardTotals:
+    """Counts summed over committed shards' stats: what the summary, `status` and the report show."""
+
+    rows: int
+    ok: int
+    errors: int
+    errors_by_reason: dict[str, int]
+    filtered: int = 0  # scored below scoring.threshold: done, like ok rows, but not errors
+
+
+def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
+    shards = list(shards)
+    reasons: Counter[str] = Counter()
+    for stats in shards:
+        reasons.update(stats.errors_by_reason)
+    return ShardTotals(
+        rows=sum(stats.rows for stats in shards),
+        ok=sum(stats.ok for stats in shards),
+        errors=sum(stats.error for stats in shards),
+        errors_by_reason=dict(sorted(reasons.items())),
+        filtered=sum(stats.filtered for stats in shards),
+    )

@@ -1,0 +1,162 @@
+"""The records both sides share: metadata rows and their Parquet table, shard stats and their JSON.
+
+Outputs written by an earlier imagemill stay readable: shard stats of the previous shape (with
+`read_seconds`, `generate_seconds`, without `stage_seconds`, `filtered`, `clip_score`, ...) are read
+by `imagemill status`, the report and a resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_prompt_files
+
+import imagemill
+from imagemill.errors import ImagemillError
+from imagemill.output import OutputLayout
+from imagemill.records import METADATA_SCHEMA, ClipScoreSummary, MetadataRow, ShardStats, metadata_table
+from imagemill.report import write_report
+from imagemill.shards import plan_shards
+from imagemill.status import job_status
+
+DROPPED = ("read_seconds", "generate_seconds")  # they only repeated stage_seconds
+
+
+def old_stats(shard_id: str, rows: int, ok: int) -> dict:
+    """Stats as an imagemill from before the stage split and scoring wrote them, plus a key no
+    imagemill knows."""
+    return {
+        "shard_id": shard_id,
+        "input_file": "file:///somewhere/part-000.parquet",
+        "rows": rows,
+        "ok": ok,
+        "error": rows - ok,
+        "errors_by_reason": {"invalid_prompt": rows - ok} if rows > ok else {},
+        "finished_at": "2025-01-01T00:01:00+00:00",
+        "seconds": 12.5,
+        "read_seconds": 1.0,
+        "generate_seconds": 10.0,
+        "write_wait_seconds": 1.5,
+        "images_per_second": 0.6,
+        "device": "cpu",
+        "samples": [
+            {"id": "row-00000", "prompt": "a cat", "seed": 1, "thumbnail": "data:image/jpeg;base64,"}
+        ],
+        "from_the_future": {"anything": 1},
+    }
+
+
+def test_stats_of_the_previous_shape_are_read_and_written_without_the_repeated_fields():
+    stats = ShardStats.from_json(old_stats("a-rg0-1", rows=10, ok=8))
+    assert (stats.rows, stats.ok, stats.filtered, stats.error) == (10, 8, 0, 2)
+    assert stats.errors_by_reason == {"invalid_prompt": 2}
+    assert stats.stage_seconds == {} and stats.clip_score is None and stats.expand_seconds is None
+    assert stats.samples[0].id == "row-00000" and stats.samples[0].expanded_prompt is None
+    assert stats.write_wait_seconds == 1.5  # not a repeat: the wall time the call waited on its writes
+
+    written = stats.to_json()
+    assert not set(DROPPED) & set(written) and "from_the_future" not in written
+    assert "expand_seconds" not in written, "expansion fields only for jobs that expand"
+    assert ShardStats.from_json(json.loads(json.dumps(written))) == stats
+
+
+def test_stats_round_trip_through_json_with_scores_and_expansion():
+    stats = ShardStats.from_json(
+        {
+            **old_stats("a-rg0-1", rows=4, ok=3),
+            "filtered": 1,
+            "error": 0,
+            "stage_seconds": {"read": 1.0, "text_encode": 0.5, "denoise": 3.0, "decode": 0.25},
+            "timeline": {"read": [1.0, 2.0], "model": [2.0, 6.0]},
+            "clip_score": ClipScoreSummary.of([12.5, 30.2, 30.9]).to_json(),
+            "expand_seconds": 0.5,
+            "expansion_unchanged": 0,
+        }
+    )
+    assert stats.clip_score is not None and stats.clip_score.count == 3
+    assert stats.clip_score.histogram == {"12": 1, "30": 2}
+    assert stats.model_seconds == 3.75 and stats.read_seconds == 1.0
+    written = stats.to_json()
+    assert written["expand_seconds"] == 0.5 and written["expansion_unchanged"] == 0
+    assert ShardStats.from_json(json.loads(json.dumps(written))) == stats
+
+
+def test_a_stats_file_without_its_counts_is_named_in_one_line(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    layout.write_json("_job.json", {"name": "j", "status": "running", "shards_total": 1, "rows_total": 1})
+    layout.prepare_shard("x")
+    layout.write_json(OutputLayout.stats_path("x"), {"shard_id": "x", "ok": 1})
+    with pytest.raises(ImagemillError, match=r"shards/x\.json .*'rows'") as error:
+        job_status(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def _row(**columns) -> MetadataRow:
+    base = dict(
+        id="row-1",
+        prompt="a cat",
+        prompt_truncated=False,
+        negative_prompt=None,
+        seed=7,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        width=32,
+        height=32,
+        status="ok",
+        model="tiny",
+        input_file="file:///in.parquet",
+        input_row=1,
+    )
+    return MetadataRow(**{**base, **columns})
+
+
+def test_metadata_rows_make_the_documented_table(tmp_path):
+    rows = [
+        _row(path="images/s/row-1.png", sha256="ab" * 32, clip_score=21.5, key="s-000000"),
+        _row(id="row-2", status="error", error="invalid_prompt: empty", prompt=" ", seed=None),
+    ]
+    plain = metadata_table(rows)
+    assert plain.schema == METADATA_SCHEMA and "key" not in plain.schema.names
+    assert plain.schema.names[:4] == ["id", "prompt", "expanded_prompt", "prompt_truncated"]
+    assert str(plain.schema.field("seed").type) == "int64"
+    assert str(plain.schema.field("clip_score").type) == "double"
+    with_key = metadata_table(rows, ("key",))
+    assert with_key.schema.names == [*METADATA_SCHEMA.names, "key"]
+    pq.write_table(with_key, tmp_path / "m.parquet")
+    back = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    assert [MetadataRow(**row) for row in back] == rows
+
+
+def test_outputs_of_the_previous_version_are_read_by_status_report_and_a_resume(ray_session, tmp_path):
+    """Two of three shards were committed by the previous imagemill: status and the report count them,
+    and a resume runs only the third."""
+    write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=12, row_group_size=4)
+    spec = imagemill.build_spec(
+        {
+            "name": "old-output",
+            "input": {"path": str(tmp_path / "prompts"), "rows_per_shard": 4},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "noop"},
+            "generation": {"width": 8, "height": 8},
+            "workers": {"num_workers": 1, "batch_size": 4},
+        }
+    )
+    shard_ids = [shard.shard_id for shard in plan_shards(spec.input).shards]
+    assert len(shard_ids) == 3
+    out = Path(spec.output.path)
+    (out / "shards").mkdir(parents=True)
+    for shard_id, ok in zip(shard_ids[:2], (4, 3), strict=True):
+        (out / "shards" / f"{shard_id}.json").write_text(json.dumps(old_stats(shard_id, rows=4, ok=ok)))
+
+    result = imagemill.run(spec, progress=False)
+    assert result.complete and result.shards_run == 1
+    assert (result.ok, result.errors, result.errors_by_reason) == (11, 1, {"invalid_prompt": 1})
+    assert "11 ok, 1 error" in job_status(str(out)).text()
+    report = write_report(OutputLayout(str(out)))
+    assert (report["counts"]["rows_done"], report["counts"]["rows_ok"]) == (12, 11)
+    assert set(report["stage_seconds"]) >= {"read", "denoise", "idle"}  # the new shard's stages
+    new = json.loads((out / "shards" / f"{shard_ids[2]}.json").read_text())
+    assert not set(DROPPED) & set(new) and set(new["stage_seconds"]) >= {"read", "idle"}

@@ -1,0 +1,126 @@
+"""What one shard call builds up, and the records made from it: metadata rows and the shard's stats.
+
+A `ShardWorker` runs two `process_shard` calls at once, so each keeps its own `ShardRun`: the rows it
+read, the metadata rows of the rows done so far (ok, or filtered by their CLIP score), the sample
+thumbnails, the stage timer and timeline. From it come the shard's metadata rows (an error row for
+every row not done) and its `ShardStats`, the types declared in imagemill.records.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats
+from imagemill.shards import Shard
+from imagemill.workers.encoding import thumbnail_data_uri
+from imagemill.workers.rows import Row
+from imagemill.workers.stage_timer import StageTimer
+from imagemill.workers.stages.expansion import ShardExpansion
+
+SAMPLES_PER_SHARD = 2  # thumbnails kept in the shard's stats, for the job report
+
+
+def _as(kind: type, value: Any) -> Any:
+    """The value if it has the column's type, else null: invalid inputs are described in `error`."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if kind is int and isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return None
+    return value if isinstance(value, kind) else None
+
+
+@dataclass
+class ShardRun:
+    """What one `process_shard` call builds up. Two calls run at once, so none of it is on the actor."""
+
+    shard: Shard
+    model: str  # model.source, in every metadata row
+    started: float = field(default_factory=time.time)
+    rows: list[Row] = field(default_factory=list)
+    expansion: ShardExpansion | None = None
+    timer: StageTimer = field(default_factory=StageTimer)
+    timeline: dict[str, list[float]] = field(default_factory=dict)  # stage: [start, end], Unix seconds
+    written: dict[int, MetadataRow] = field(default_factory=dict)  # done (ok, filtered) rows
+    pending: deque[list[tuple[Row, Future[MetadataRow]]]] = field(default_factory=deque)  # being written
+    truncated: set[int] = field(default_factory=set)
+    samples: list[Sample] = field(default_factory=list)
+    write_wait_seconds: float = 0.0  # after the model turn: the last writes and the writer's close()
+
+    def collect(self, batch: list[tuple[Row, Future[MetadataRow]]]) -> None:
+        """Wait for a batch's writes; keep its rows' metadata."""
+        for row, future in batch:
+            self.written[row.index] = future.result()
+
+    def row(self, row: Row, status: str, **columns: Any) -> MetadataRow:
+        """The row's metadata; `columns`: those that depend on its image or its error."""
+        return MetadataRow(
+            id=row.row_id,
+            prompt=row.prompt if row.prompt is None else str(row.prompt),
+            prompt_truncated=row.index in self.truncated,
+            negative_prompt=_as(str, row.negative_prompt),
+            seed=_as(int, row.seed),
+            num_inference_steps=_as(int, row.num_inference_steps),
+            guidance_scale=_as(float, row.guidance_scale),
+            width=_as(int, row.width),
+            height=_as(int, row.height),
+            expanded_prompt=row.expanded_prompt,
+            model=self.model,
+            input_file=self.shard.file_url,
+            input_row=row.input_row,
+            status=status,
+            **columns,
+        )
+
+    def add_samples(self, kept: list[tuple[Row, np.ndarray]]) -> None:
+        """Keep thumbnails of the first written images, up to SAMPLES_PER_SHARD."""
+        for row, image in kept[: SAMPLES_PER_SHARD - len(self.samples)]:
+            self.samples.append(
+                Sample(
+                    id=row.row_id,
+                    prompt=row.prompt,
+                    expanded_prompt=row.expanded_prompt,
+                    seed=row.seed,
+                    thumbnail=thumbnail_data_uri(image),
+                )
+            )
+
+    def metadata_rows(self) -> list[MetadataRow]:
+        """Every row's metadata, in shard order: a row not done is an error row."""
+        return [self.written.get(row.index) or self.row(row, "error", error=row.error) for row in self.rows]
+
+    def stats(self, device: str) -> ShardStats:
+        """The shard's stats, its commit record; the time taken runs to now."""
+        statuses = Counter(record.status for record in self.written.values())
+        scores = [record.clip_score for record in self.written.values() if record.clip_score is not None]
+        seconds = time.time() - self.started
+        return ShardStats(
+            shard_id=self.shard.shard_id,
+            input_file=self.shard.file_url,
+            rows=len(self.rows),
+            ok=statuses["ok"],
+            filtered=statuses["filtered"],
+            error=len(self.rows) - len(self.written),
+            errors_by_reason=dict(Counter(row.error.split(":", 1)[0] for row in self.rows if row.error)),
+            finished_at=datetime.now(UTC).isoformat(),
+            seconds=round(seconds, 3),
+            write_wait_seconds=round(self.write_wait_seconds, 3),
+            stage_seconds=self.timer.summary(),
+            timeline={stage: [round(t, 3) for t in span] for stage, span in self.timeline.items()},
+            images_per_second=round(len(self.written) / seconds, 3) if seconds else 0.0,
+            device=device,
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            samples=self.samples,
+            clip_score=ClipScoreSummary.of(scores),
+            expand_seconds=round(self.expansion.seconds, 3) if self.expansion else None,
+            expansion_unchanged=self.expansion.unchanged if self.expansion else None,
+        )
