@@ -25,12 +25,14 @@ from imagemill.status import job_status
 DROPPED = ("read_seconds", "generate_seconds")  # they only repeated stage_seconds
 
 
-def old_stats(shard_id: str, rows: int, ok: int) -> dict:
+def old_stats(
+    shard_id: str, rows: int, ok: int, input_file: str = "file:///somewhere/part-000.parquet"
+) -> dict:
     """Stats as an imagemill from before the stage split and scoring wrote them, plus a key no
     imagemill knows."""
     return {
         "shard_id": shard_id,
-        "input_file": "file:///somewhere/part-000.parquet",
+        "input_file": input_file,
         "rows": rows,
         "ok": ok,
         "error": rows - ok,
@@ -144,12 +146,13 @@ def test_outputs_of_the_previous_version_are_read_by_status_report_and_a_resume(
             "workers": {"num_workers": 1, "batch_size": 4},
         }
     )
-    shard_ids = [shard.shard_id for shard in plan_shards(spec.input).shards]
-    assert len(shard_ids) == 3
+    shards = plan_shards(spec.input).shards
+    assert len(shards) == 3
     out = Path(spec.output.path)
     (out / "shards").mkdir(parents=True)
-    for shard_id, ok in zip(shard_ids[:2], (4, 3), strict=True):
-        (out / "shards" / f"{shard_id}.json").write_text(json.dumps(old_stats(shard_id, rows=4, ok=ok)))
+    for shard, ok in zip(shards[:2], (4, 3), strict=True):
+        stats = old_stats(shard.shard_id, rows=4, ok=ok, input_file=shard.file_url)
+        (out / "shards" / f"{shard.shard_id}.json").write_text(json.dumps(stats))
 
     result = imagemill.run(spec, progress=False)
     assert result.complete and result.shards_run == 1
@@ -158,5 +161,5 @@ def test_outputs_of_the_previous_version_are_read_by_status_report_and_a_resume(
     report = write_report(OutputLayout(str(out)))
     assert (report["counts"]["rows_done"], report["counts"]["rows_ok"]) == (12, 11)
     assert set(report["stage_seconds"]) >= {"read", "denoise", "idle"}  # the new shard's stages
-    new = json.loads((out / "shards" / f"{shard_ids[2]}.json").read_text())
+    new = json.loads((out / "shards" / f"{shards[2].shard_id}.json").read_text())
     assert not set(DROPPED) & set(new) and set(new["stage_seconds"]) >= {"read", "idle"}
