@@ -21,10 +21,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.errors import ImagemillError
+from imagemill.lease import OutputLease
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
-from imagemill.shards import plan_shards
+from imagemill.shards import ShardPlan, plan_shards
 from imagemill.spec import JobSpec
 from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
 
@@ -129,6 +130,20 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
     if spec.expansion is not None:
         check_expansion_source(spec.expansion)
     output = OutputLayout(spec.output.path, spec.output.storage_options)
+    with OutputLease.held(output, spec.name) as lease:
+        return _run_owned(spec, plan, output, lease, started, progress, overwrite)
+
+
+def _run_owned(
+    spec: JobSpec,
+    plan: ShardPlan,
+    output: OutputLayout,
+    lease: OutputLease,
+    started: float,
+    progress: bool,
+    overwrite: bool,
+) -> JobResult:
+    """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe)."""
     _claim_output(spec, output, overwrite)
     planned = {shard.shard_id for shard in plan.shards}
     committed = {
@@ -152,9 +167,14 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         "rows_total": rows_total,
         "input_rows": plan.total_rows,
         "input_files": len(plan.files),
+        "run_id": lease.run_id,
     }
-    output.write_json(JOB_RECORD, record)
-    output.remove(SUCCESS_MARKER)
+
+    def start_record() -> None:
+        """Written once the workers have loaded the model: a job whose model does not load leaves
+        the output as it was, so a corrected spec may run there without --overwrite."""
+        output.write_json(JOB_RECORD, record)
+        output.remove(SUCCESS_MARKER)
 
     if todo:
         _connect_ray()
@@ -190,7 +210,9 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
             )
 
         with bar, logging_redirect_tqdm():
-            failures += ShardScheduler(spec).run(todo, on_done)
+            failures += ShardScheduler(spec, lease.run_id, on_ready=start_record).run(todo, on_done)
+    else:
+        start_record()
 
     totals = shard_totals(committed.values())
     result = JobResult(
@@ -216,6 +238,7 @@ def run(spec: JobSpec, progress: bool = True, overwrite: bool = False) -> JobRes
         errors_by_reason=result.errors_by_reason,
         failed_shards=[vars(failure) for failure in failures],
     )
+    lease.confirm()
     output.write_json(JOB_RECORD, record)
     write_report(output)
     if result.complete:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagemill.errors import ImagemillError
+from imagemill.lease import LeaseView, read_lease
 from imagemill.output import JOB_RECORD, OutputLayout, shard_totals
 
 
@@ -18,6 +19,7 @@ class JobStatus:
     ok: int
     errors_by_reason: dict[str, int]
     filtered: int = 0
+    lease: LeaseView | None = None  # the run holding the output now, if any
 
     @property
     def complete(self) -> bool:
@@ -26,7 +28,7 @@ class JobStatus:
     def text(self) -> str:
         errors = sum(self.errors_by_reason.values())
         lines = [
-            f"job {self.record['name']} at {self.output}: {self.record['status']}"
+            f"job {self.record['name']} at {self.output}: {self._state()}"
             f" (started {self.record['started_at']}, ended {self.record.get('ended_at', '-')})",
             f"shards: {self.shards_done}/{self.record['shards_total']} done",
             f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, "
@@ -39,6 +41,22 @@ class JobStatus:
             for failure in self.record.get("failed_shards", [])
         ]
         return "\n".join(lines)
+
+    def _state(self) -> str:
+        """The record's status, or, while a run is on record as running, how its heartbeat looks."""
+        status = self.record["status"]
+        if status != "running":
+            return status
+        if self.lease is None:
+            return "stopped (no live run holds the output)"
+        if self.lease.stale:
+            age = self.lease.age
+            return (
+                f"stopped (last seen {age:.0f} s ago)"
+                if age < 120
+                else f"stopped (last seen {age / 60:.0f} min ago)"
+            )
+        return f"running (heartbeat {self.lease.age:.0f} s ago)"
 
 
 def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus:
@@ -56,4 +74,5 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
         ok=totals.ok,
         errors_by_reason=totals.errors_by_reason,
         filtered=totals.filtered,
+        lease=read_lease(output),
     )

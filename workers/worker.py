@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from imagemill.lease import check_owner
 from imagemill.output import OutputLayout
 from imagemill.scores import summarise
 from imagemill.shards import Shard
@@ -104,9 +105,22 @@ class ShardRun:
 
 
 class ShardWorker:
-    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None):
-        """`expanders`: handles of the expander actors with `expansion.placement: pool`."""
+    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None, run_id: str | None = None):
+        """`expanders`: handles of the expander actors with `expansion.placement: pool`; `run_id`: the
+        run holding the output's lease (None outside a run: commits unchecked).
+
+        A model that does not load is kept for `ready()` to raise: an actor whose creation fails dies
+        printing its traceback and a SIGABRT notice into the driver's output, burying the one-line error.
+        """
         self.spec = spec
+        self.run_id = run_id
+        self.load_error: Exception | None = None
+        try:
+            self._load(spec, expanders)
+        except Exception as exc:
+            self.load_error = exc
+
+    def _load(self, spec: JobSpec, expanders: list[Any] | None) -> None:
         self.device = pick_device(spec.model.device)
         self.generator = make_generator(spec, self.device)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
@@ -121,6 +135,8 @@ class ShardWorker:
         self.turns = ModelTurns()
 
     def ready(self) -> dict[str, Any]:
+        if self.load_error is not None:
+            raise self.load_error
         return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> list[float | None]:
@@ -218,6 +234,7 @@ class ShardWorker:
         seconds = time.time() - started
         stats = {
             "shard_id": shard.shard_id,
+            "run_id": self.run_id,
             "input_file": shard.file_url,
             "rows": len(rows),
             "ok": statuses["ok"],
@@ -239,6 +256,8 @@ class ShardWorker:
         }
         if expansion is not None:
             stats.update(expand_seconds=round(expansion.seconds, 3), expansion_unchanged=expansion.unchanged)
+        if self.run_id is not None:
+            check_owner(self.output, self.run_id)  # a run that lost the output commits nothing
         self.output.write_json(OutputLayout.stats_path(shard.shard_id), stats)
         return stats
 
