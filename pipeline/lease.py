@@ -5,7 +5,8 @@ live run would delete files that run is writing. So a driver takes `OUTPUT/_leas
 id, host, pid, start and heartbeat times) before it touches the output, refreshes it every
 `stale_after / 3` seconds from a thread, and deletes it at the end. Another driver is refused,
 naming the owner, until the owner's heartbeat is older than `stale_after` (the owner was killed or
-its machine lost): then it takes the lease over. An actor checks that the lease still names its run
+its machine lost): then it takes the lease over; on the owner's own machine (same host and boot)
+a driver whose process is gone is taken over at once. An actor checks that the lease still names its run
 right before it commits a shard (`check_owner`), so a run that lost the output commits nothing more.
 
 Every change is a compare-and-swap on the lease file, as atomic as the store allows:
@@ -158,6 +159,15 @@ def _parse(data: bytes) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def _boot_id() -> str | None:
+    """This machine's current boot (Linux), so a pid is compared only where it means the same process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def timeout_seconds() -> float:
     """How long a lease lives without a heartbeat: IMAGEMILL_LEASE_TIMEOUT, else 60 s."""
     text = os.environ.get(TIMEOUT_ENV, "")
@@ -184,6 +194,20 @@ class LeaseView:
     @property
     def stale(self) -> bool:
         return self.age > float(self.record.get("stale_after", DEFAULT_TIMEOUT_SECONDS))
+
+    @property
+    def dead(self) -> bool:
+        """Whether the owner ran on this machine, in this boot, and its process is gone."""
+        here = self.record.get("host") == socket.gethostname() and self.record.get("boot_id")
+        if not here or self.record.get("boot_id") != _boot_id():
+            return False
+        try:
+            os.kill(int(self.record["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, KeyError, TypeError, ValueError):  # alive under another user, or no pid
+            return False
+        return False
 
     def owner(self) -> str:
         r = self.record
@@ -219,6 +243,7 @@ class OutputLease:
             "job": job_name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "boot_id": _boot_id(),
             "started_at": datetime.now(UTC).isoformat(),
             "stale_after": stale_after,
         }
@@ -252,7 +277,7 @@ class OutputLease:
             record, version = self.store.read()
             if record is not None:
                 current = LeaseView(record)
-                if not current.stale:
+                if not current.stale and not current.dead:
                     raise ImagemillError(
                         f"{self.output.url} is in use by another imagemill run: {current.owner()}, "
                         f"heartbeat {current.age:.0f} s ago. Wait for it to end or stop it (its lease is "
@@ -264,10 +289,12 @@ class OutputLease:
             except _Conflict:
                 continue  # another driver got there first: look again
             if record is not None:
+                why = "its process is gone" if current.dead else "its heartbeat stopped"
                 log.warning(
-                    "took over %s from %s, whose heartbeat stopped %.0f s ago",
+                    "took over %s from %s (%s; last heartbeat %.0f s ago)",
                     self.output.url,
                     current.owner(),
+                    why,
                     current.age,
                 )
             self._thread.start()

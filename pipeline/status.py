@@ -49,7 +49,7 @@ class JobStatus:
             return status
         if self.lease is None:
             return "stopped (no live run holds the output)"
-        if self.lease.stale:
+        if self.lease.stale or self.lease.dead:
             age = self.lease.age
             return (
                 f"stopped (last seen {age:.0f} s ago)"
