@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from imagemill.errors import ImagemillError
 from imagemill.output import OutputLayout
+from imagemill.storage import retrying
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class _LocalStore(_ObjectStore):
             if data is None:
                 os.remove(self.path)
                 return None
-            temporary = f"{self.path}.{uuid.uuid4().hex}"
+            temporary = f"{self.path}.tmp"  # one writer at a time (the lock); a killed one's is reused
             with open(temporary, "wb") as f:
                 f.write(data)
             os.replace(temporary, self.path)  # readers see the old or the new lease, never a part
@@ -198,8 +200,11 @@ class LeaseView:
     @property
     def dead(self) -> bool:
         """Whether the owner ran on this machine, in this boot, and its process is gone."""
-        here = self.record.get("host") == socket.gethostname() and self.record.get("boot_id")
-        if not here or self.record.get("boot_id") != _boot_id():
+        boot = _boot_id()
+        if boot is None or (self.record.get("host"), self.record.get("boot_id")) != (
+            socket.gethostname(),
+            boot,
+        ):
             return False
         try:
             os.kill(int(self.record["pid"]), 0)
@@ -216,7 +221,8 @@ class LeaseView:
 
 def read_lease(output: OutputLayout) -> LeaseView | None:
     """The output's lease, or None when no run holds it."""
-    record, _ = _store(output).read()
+    store = _store(output)
+    record, _ = retrying(store.read, f"reading {store.path}")
     return None if record is None else LeaseView(record)
 
 
@@ -272,23 +278,33 @@ class OutputLease:
         }
         return json.dumps(record, indent=2, sort_keys=True).encode()
 
+    def _read(self) -> tuple[dict[str, Any] | None, Any]:
+        return retrying(self.store.read, f"reading {self.store.path}")
+
+    def _swap(self, data: bytes | None, expected: Any) -> Any:
+        """A compare-and-swap, retried on I/O errors. A write whose answer was lost and whose retry
+        then conflicts with itself is recognised by the caller: the lease names this run."""
+        return retrying(functools.partial(self.store.swap, data, expected), f"writing {self.store.path}")
+
     def _take(self) -> None:
         while True:
-            record, version = self.store.read()
-            if record is not None:
-                current = LeaseView(record)
-                if not current.stale and not current.dead:
-                    raise ImagemillError(
-                        f"{self.output.url} is in use by another imagemill run: {current.owner()}, "
-                        f"heartbeat {current.age:.0f} s ago. Wait for it to end or stop it (its lease is "
-                        f"taken over once its heartbeat is {current.record.get('stale_after')} s old), "
-                        "or choose another output path."
-                    )
+            record, version = self._read()
+            if record is not None and record.get("run_id") == self.run_id:
+                self.version = version  # our own write, retried after its answer was lost
+                break
+            current = None if record is None else LeaseView(record)
+            if current is not None and not current.stale and not current.dead:
+                raise ImagemillError(
+                    f"{self.output.url} is in use by another imagemill run: {current.owner()}, "
+                    f"heartbeat {current.age:.0f} s ago. Wait for it to end or stop it (its lease is "
+                    f"taken over once its heartbeat is {current.record.get('stale_after')} s old), "
+                    "or choose another output path."
+                )
             try:
-                self.version = self.store.swap(self._data(), version)
+                self.version = self._swap(self._data(), version)
             except _Conflict:
                 continue  # another driver got there first: look again
-            if record is not None:
+            if current is not None:
                 why = "its process is gone" if current.dead else "its heartbeat stopped"
                 log.warning(
                     "took over %s from %s (%s; last heartbeat %.0f s ago)",
@@ -297,21 +313,24 @@ class OutputLease:
                     why,
                     current.age,
                 )
-            self._thread.start()
-            return
+            break
+        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.stale_after / BEATS_PER_TIMEOUT):
             try:
-                self.version = self.store.swap(self._data(), self.version)
+                self.version = self._swap(self._data(), self.version)
             except _Conflict:
-                lease = read_lease(self.output)
-                self.lost_to = "no run" if lease is None else lease.owner()
+                record, version = self._read()
+                if record is not None and record.get("run_id") == self.run_id:
+                    self.version = version
+                    continue
+                self.lost_to = "no run" if record is None else LeaseView(record).owner()
                 log.error(
                     "this run lost %s to %s; its shards will not be committed", self.output.url, self.lost_to
                 )
                 return
-            except OSError as exc:  # storage trouble: try again at the next beat
+            except OSError as exc:  # storage down for longer than the retries: try at the next beat
                 log.warning("could not refresh the lease on %s (%s); trying again", self.output.url, exc)
 
     def confirm(self) -> None:
@@ -329,8 +348,8 @@ class OutputLease:
         if self.lost_to is not None:
             return
         try:
-            self.store.swap(None, self.version)
-        except _Conflict:
+            self._swap(None, self.version)
+        except (_Conflict, FileNotFoundError):  # already gone: a retried delete, or taken and released
             pass
         except OSError as exc:  # the lease then goes stale on its own after `stale_after`
             log.warning("could not release the lease on %s (%s)", self.output.url, exc)
