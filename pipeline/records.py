@@ -165,6 +165,7 @@ class ShardStats:
     """A shard's counts and timings: `shards/<shard_id>.json`, written last, commits the shard."""
 
     shard_id: str
+    run_id: str | None = None  # the run that committed it (imagemill.lease); None before leases
     input_file: str = ""
     rows: int
     ok: int

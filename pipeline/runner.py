@@ -22,12 +22,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.errors import ImagemillError
 from imagemill.inputs import FOOTERS, reconcile_inputs
+from imagemill.lease import OutputLease
 from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
 from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
-from imagemill.shards import plan_shards
+from imagemill.shards import ShardPlan, plan_shards
 from imagemill.spec import JobSpec
 from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
 
@@ -143,6 +144,21 @@ def run(
     if spec.expansion is not None:
         check_expansion_source(spec.expansion)
     output = OutputLayout(spec.output.path, spec.output.storage_options)
+    with OutputLease.held(output, spec.name) as lease:
+        return _run_owned(spec, plan, output, lease, started, progress, overwrite, redo_changed)
+
+
+def _run_owned(
+    spec: JobSpec,
+    plan: ShardPlan,
+    output: OutputLayout,
+    lease: OutputLease,
+    started: float,
+    progress: bool,
+    overwrite: bool,
+    redo_changed: bool,
+) -> JobResult:
+    """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe)."""
     _claim_output(spec, output, overwrite)
     stored = committed_shards(output)
     redone = reconcile_inputs(output, plan, stored, redo_changed)
@@ -167,9 +183,14 @@ def run(
         "input_rows": plan.total_rows,
         "input_files": len(plan.files),
         FOOTERS: plan.footers,
+        "run_id": lease.run_id,
     }
-    output.write_json(JOB_RECORD, record)
-    output.remove(SUCCESS_MARKER)
+
+    def start_record() -> None:
+        """Written once the workers have loaded the model: a job whose model does not load leaves
+        the output as it was, so a corrected spec may run there without --overwrite."""
+        output.write_json(JOB_RECORD, record)
+        output.remove(SUCCESS_MARKER)
 
     if todo:
         _connect_ray()
@@ -205,7 +226,9 @@ def run(
             )
 
         with bar, logging_redirect_tqdm():
-            failures += ShardScheduler(spec).run(todo, on_done)
+            failures += ShardScheduler(spec, lease.run_id, on_ready=start_record).run(todo, on_done)
+    else:
+        start_record()
 
     totals = shard_totals(committed.values())
     result = JobResult(
@@ -231,6 +254,7 @@ def run(
         errors_by_reason=result.errors_by_reason,
         failed_shards=[vars(failure) for failure in failures],
     )
+    lease.confirm()
     output.write_json(JOB_RECORD, record)
     write_report(output)
     if result.state == COMPLETE:

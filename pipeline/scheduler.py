@@ -9,6 +9,7 @@ has had `max_shard_attempts` tries, then reported as failed.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -68,11 +69,31 @@ def _one_line(exc: BaseException) -> str:
     return last if _NAMED_EXCEPTION.match(last) else f"{type(cause).__name__}: {last}"
 
 
+def _save_load_error(exc: BaseException, run_id: str) -> str:
+    """Write a failed model load's whole remote traceback into Ray's session log folder; its path.
+
+    The user sees one line; the actor, which keeps the error for `ready()` instead of crashing, has
+    printed nothing (a crashing actor's traceback and SIGABRT notice would bury that line).
+    """
+    node = getattr(ray._private.worker, "_global_node", None)
+    folder = node.get_logs_dir_path() if node is not None else None
+    if folder is None or not os.path.isdir(folder):
+        return "Ray's session log folder"
+    path = os.path.join(folder, f"imagemill-{run_id}-model-load.log")
+    with open(path, "w") as f:
+        f.write(str(exc))
+    return path
+
+
 class ShardScheduler:
     """The actor pool of one job run: `run` is called once; its state is kept on the scheduler."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, run_id: str, on_ready: Callable[[], None]):
+        """`run_id`: the run that holds the output's lease, checked by actors before each commit;
+        `on_ready`: called once the first workers have loaded the model, before any shard starts."""
         self.spec = spec
+        self.run_id = run_id
+        self.on_ready = on_ready
         uses_gpu = _uses_gpu(spec)
         self.actor_class = ray.remote(ShardWorker)
         self.actor_options = {
@@ -101,7 +122,9 @@ class ShardScheduler:
         """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
         self.actors_started += 1
         name = f"imagemill:{self.spec.name}:{self.run_token}:{self.actors_started}"
-        return self.actor_class.options(name=name, **self.actor_options).remote(self.spec, self.expanders)
+        return self.actor_class.options(name=name, **self.actor_options).remote(
+            self.spec, self.expanders, self.run_id
+        )
 
     def _start_workers(self) -> list[Any]:
         """Start the pool and wait until every actor has loaded the model, so load errors surface early."""
@@ -114,8 +137,10 @@ class ShardScheduler:
                 ray.kill(actor)
             stop_expanders(self.expanders)
             raise ImagemillError(
-                f"workers could not load model {self.spec.model.source}: {_one_line(exc)}"
+                f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
+                f"(full traceback: {_save_load_error(exc, self.run_id)})"
             ) from None
+        self.on_ready()
         return actors
 
     def run(self, shards: list[Shard], on_done: Callable[[ShardStats], None]) -> list[ShardFailure]:
@@ -165,6 +190,7 @@ class ShardScheduler:
             self.alive.append(actor)
         except (RayActorError, RayTaskError) as exc:
             log.warning("a replacement worker failed to start: %s", _one_line(exc))
+            ray.kill(actor)  # one that could not load its model is still alive
             self._start_replacement()
 
     def _finish(self, ref: ray.ObjectRef, on_done: Callable[[ShardStats], None]) -> None:

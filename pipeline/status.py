@@ -7,6 +7,7 @@ from typing import Any
 
 from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
+from imagemill.lease import LeaseView, read_lease
 from imagemill.outcome import job_state
 from imagemill.output import JOB_RECORD, OutputLayout
 from imagemill.records import committed_shards, shard_totals
@@ -21,6 +22,7 @@ class JobStatus:
     ok: int
     errors_by_reason: dict[str, int]
     filtered: int = 0
+    lease: LeaseView | None = None  # the run holding the output now, if any
 
     @property
     def state(self) -> str:
@@ -31,7 +33,7 @@ class JobStatus:
     def text(self) -> str:
         errors = sum(self.errors_by_reason.values())
         lines = [
-            f"job {self.record['name']} at {self.output}: {self.record['status']}"
+            f"job {self.record['name']} at {self.output}: {self._state()}"
             f" (started {self.record['started_at']}, ended {self.record.get('ended_at', '-')})",
             f"shards: {self.shards_done}/{self.record['shards_total']} done",
             f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, "
@@ -44,6 +46,22 @@ class JobStatus:
             for failure in self.record.get("failed_shards", [])
         ]
         return "\n".join(lines)
+
+    def _state(self) -> str:
+        """The record's status, or, while a run is on record as running, how its heartbeat looks."""
+        status = self.record["status"]
+        if status != "running":
+            return status
+        if self.lease is None:
+            return "stopped (no live run holds the output)"
+        if self.lease.stale or self.lease.dead:
+            age = self.lease.age
+            return (
+                f"stopped (last seen {age:.0f} s ago)"
+                if age < 120
+                else f"stopped (last seen {age / 60:.0f} min ago)"
+            )
+        return f"running (heartbeat {self.lease.age:.0f} s ago)"
 
 
 def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus:
@@ -61,4 +79,5 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
         ok=totals.ok,
         errors_by_reason=totals.errors_by_reason,
         filtered=totals.filtered,
+        lease=read_lease(output),
     )

@@ -98,13 +98,15 @@ class ShardRun:
         """Every row's metadata, in shard order: a row not done is an error row."""
         return [self.written.get(row.index) or self.row(row, "error", error=row.error) for row in self.rows]
 
-    def stats(self, device: str) -> ShardStats:
-        """The shard's stats, its commit record; the time taken runs to now."""
+    def stats(self, device: str, run_id: str | None) -> ShardStats:
+        """The shard's stats, its commit record; the time taken runs to now. `run_id`: the run that
+        holds the output's lease (imagemill.lease)."""
         statuses = Counter(record.status for record in self.written.values())
         scores = [record.clip_score for record in self.written.values() if record.clip_score is not None]
         seconds = time.time() - self.started
         return ShardStats(
             shard_id=self.shard.shard_id,
+            run_id=run_id,
             input_file=self.shard.file_url,
             rows=len(self.rows),
             ok=statuses["ok"],

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from imagemill.lease import check_owner
 from imagemill.output import OutputLayout
 from imagemill.records import MetadataRow, ShardStats, metadata_table
 from imagemill.shards import Shard
@@ -53,9 +54,22 @@ def make_generator(spec: JobSpec, device: str) -> Generator:
 
 
 class ShardWorker:
-    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None):
-        """`expanders`: handles of the expander actors with `expansion.placement: pool`."""
+    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None, run_id: str | None = None):
+        """`expanders`: handles of the expander actors with `expansion.placement: pool`; `run_id`: the
+        run holding the output's lease (None outside a run: commits unchecked).
+
+        A model that does not load is kept for `ready()` to raise: an actor whose creation fails dies
+        printing its traceback and a SIGABRT notice into the driver's output, burying the one-line error.
+        """
         self.spec = spec
+        self.run_id = run_id
+        self.load_error: Exception | None = None
+        try:
+            self._load(spec, expanders)
+        except Exception as exc:
+            self.load_error = exc
+
+    def _load(self, spec: JobSpec, expanders: list[Any] | None) -> None:
         self.device = pick_device(spec.model.device)
         self.generator = make_generator(spec, self.device)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
@@ -70,6 +84,8 @@ class ShardWorker:
         self.turns = ModelTurns()
 
     def ready(self) -> dict[str, Any]:
+        if self.load_error is not None:
+            raise self.load_error
         return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     def process_shard(self, shard: Shard) -> ShardStats:
@@ -230,6 +246,8 @@ class ShardWorker:
 
     def _commit(self, run: ShardRun) -> ShardStats:
         """Write the shard's stats, last: its commit."""
-        stats = run.stats(self.device)
+        stats = run.stats(self.device, self.run_id)
+        if self.run_id is not None:
+            check_owner(self.output, self.run_id)  # a run that lost the output commits nothing
         self.output.write_json(OutputLayout.stats_path(run.shard.shard_id), stats.to_json())
         return stats

@@ -1,0 +1,240 @@
+"""One live run per output: the lease refuses a second driver, survives on its heartbeat, is taken
+over once its owner is dead, and a model that does not load leaves the output free for the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+from conftest import check_output, make_bucket, run_cli, write_prompt_files
+
+from imagemill.errors import ImagemillError
+from imagemill.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, check_owner
+from imagemill.output import OutputLayout
+
+TIMEOUT = 4.0  # seconds without a heartbeat before a lease is stale, for every driver these tests start
+
+JOB = """\
+name: lease-test
+input: {{path: {input}, rows_per_shard: 4}}
+output: {{path: {output}}}
+model: {{source: {model}}}
+generation: {{width: 32, height: 32, num_inference_steps: 4, guidance_scale: 3.0}}
+workers: {{num_workers: 1, batch_size: 4}}
+"""
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_url(request, tmp_path) -> str:
+    """An output location on local disk, then on the moto S3 endpoint (a bucket per test)."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    request.getfixturevalue("s3_endpoint")
+    return f"{make_bucket(f'lease-{abs(hash(request.node.name)) % 10**8}')}/out"
+
+
+@pytest.fixture
+def short_timeout(monkeypatch) -> None:
+    monkeypatch.setenv(TIMEOUT_ENV, str(TIMEOUT))
+
+
+def _lease_record(url: str) -> dict | None:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    path = f"{root}/{LEASE_FILE}"
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def _owner_pattern(run_id: str, pid: int) -> str:
+    host = re.escape(socket.gethostname())
+    return rf"run {run_id} on host {host}, pid {pid}, heartbeat \d+ s ago"
+
+
+def test_a_held_output_refuses_another_run_while_the_heartbeat_lives(output_url, short_timeout):
+    output = OutputLayout(output_url)
+    with OutputLease.held(output, "first") as first:
+        time.sleep(TIMEOUT * 1.5)  # longer than the timeout: only the heartbeat keeps it fresh
+        refused = pytest.raises(ImagemillError, match=_owner_pattern(first.run_id, os.getpid()))
+        with refused, OutputLease.held(output, "second"):
+            pass
+        check_owner(output, first.run_id)
+        with pytest.raises(ImagemillError, match=f"run other no longer owns .*{first.run_id}"):
+            check_owner(output, "other")
+    assert _lease_record(output_url) is None  # released
+    with OutputLease.held(output, "second") as second:
+        check_owner(output, second.run_id)
+
+
+def test_racing_drivers_get_one_lease(output_url, short_timeout):
+    """Eight takers at once, on the store's own atomic write: exactly one holds the output."""
+    output = OutputLayout(output_url)
+    start, done = threading.Barrier(8), threading.Event()
+    winners, refused = [], []
+
+    def take() -> None:
+        start.wait()
+        try:
+            with OutputLease.held(OutputLayout(output_url), "racer") as lease:
+                winners.append(lease.run_id)
+                done.wait(30)
+        except ImagemillError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.time() + 30
+    while len(winners) + len(refused) < 8 and time.time() < deadline:
+        time.sleep(0.05)
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1 and len(refused) == 7, (winners, refused)
+    assert all(f"run {winners[0]} on host" in message for message in refused)
+    assert _lease_record(output_url) is None
+    with OutputLease.held(output, "after"):
+        pass
+
+
+def test_a_run_whose_lease_was_taken_over_notices_and_leaves_the_new_lease(output_url, short_timeout):
+    output = OutputLayout(output_url)
+    fs, root = fsspec.core.url_to_fs(output_url)
+    lost = pytest.raises(ImagemillError, match="this run lost .* to run newer on host elsewhere")
+    with lost, OutputLease.held(output, "stalled") as stalled:
+        # Another driver found this run stale (it stalled past the timeout) and took the output.
+        newer = {"run_id": "newer", "host": "elsewhere", "pid": 1, "heartbeat": time.time() + 60}
+        fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(newer).encode())
+        time.sleep(TIMEOUT)  # the next heartbeat finds the lease changed
+        assert stalled.lost_to is not None
+        stalled.confirm()
+    assert _lease_record(output_url)["run_id"] == "newer"  # the lost run did not delete it
+
+
+def test_a_lease_left_by_a_driver_on_another_machine_is_taken_over_once_stale(
+    output_url, short_timeout, caplog
+):
+    output = OutputLayout(output_url)
+    fs, root = fsspec.core.url_to_fs(output_url)
+    fs.makedirs(root, exist_ok=True)
+    # What a driver killed on another machine leaves behind: its lease, its heartbeat stopped now.
+    gone = {"run_id": "gone", "host": "elsewhere", "pid": 1, "heartbeat": time.time(), "stale_after": TIMEOUT}
+    fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(gone).encode())
+    refused = pytest.raises(ImagemillError, match=r"run gone on host elsewhere, pid 1, heartbeat \d s ago")
+    with refused, OutputLease.held(output, "early"):
+        pass
+    time.sleep(TIMEOUT + 0.5)
+    with OutputLease.held(output, "later") as later:
+        check_owner(output, later.run_id)
+    assert (
+        "took over" in caplog.text
+        and "run gone on host elsewhere, pid 1 (its heartbeat stopped" in caplog.text
+    )
+
+
+def _job(tmp_path: Path, prompts: str, output: str, model: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(JOB.format(input=prompts, output=output, model=model))
+    return path
+
+
+def _commits(url: str) -> int:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return len(fs.glob(f"{root}/shards/*.json"))
+
+
+def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over(
+    ray_address, tmp_path, tiny_model, output_url, monkeypatch
+):
+    monkeypatch.setenv(TIMEOUT_ENV, str(TIMEOUT))  # run_cli and Popen pass the environment on
+    prompts = str(tmp_path / "prompts")
+    rows = write_prompt_files(prompts, n_files=4, rows_per_file=32, row_group_size=4)
+    ids = {f"row-{i:05d}" for i in range(rows)}
+    unbroken = _job(tmp_path, prompts, str(tmp_path / "unbroken"), tiny_model, "unbroken.yaml")
+    assert run_cli("run", str(unbroken), "--no-progress", ray_address=ray_address).returncode == 0
+    expected = check_output(str(tmp_path / "unbroken"), ids, 32, 32)
+
+    job = _job(tmp_path, prompts, output_url, tiny_model)
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "imagemill.cli", "run", str(job), "--no-progress"],
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 180
+        while _commits(output_url) < 2:
+            assert owner.poll() is None and time.time() < deadline, "the first driver ended or stalled"
+            time.sleep(0.1)
+        lease = _lease_record(output_url)
+        assert (lease["pid"], lease["host"]) == (owner.pid, socket.gethostname())
+
+        # A second driver, even with --overwrite, is refused in one line naming the owner, and
+        # deletes nothing.
+        for extra in ([], ["--overwrite"]):
+            committed = _commits(output_url)
+            refused = run_cli("run", str(job), "--no-progress", *extra, ray_address=ray_address)
+            assert owner.poll() is None, "the first driver ended before the second was refused"
+            assert refused.returncode == 2, refused.stderr
+            [verdict] = [line for line in refused.stderr.splitlines() if line.startswith("imagemill: ")]
+            assert re.search(_owner_pattern(lease["run_id"], owner.pid), verdict), verdict
+            assert _commits(output_url) >= committed
+        status = run_cli("status", output_url)
+        assert re.search(r": running \(heartbeat \d+ s ago\)", status.stdout), status.stdout
+    finally:
+        owner.send_signal(signal.SIGKILL)  # no cleanup of any kind: the lease stays, its heartbeat stops
+        owner.wait()
+    assert _commits(output_url) < rows // 4, "every shard was done before the kill: lengthen the job"
+    assert _lease_record(output_url)["run_id"] == lease["run_id"]
+
+    # On the owner's machine a dead driver is seen at once; elsewhere it takes TIMEOUT (test below).
+    status = run_cli("status", output_url)
+    assert re.search(r": stopped \(last seen \d+ s ago\)", status.stdout), status.stdout
+    done = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
+    assert done.returncode == 0, done.stderr
+    assert f"took over {output_url} from run {lease['run_id']}" in done.stderr, done.stderr
+    assert "its process is gone" in done.stderr
+    assert check_output(output_url, ids, 32, 32) == expected
+    assert _lease_record(output_url) is None
+
+
+def test_a_model_that_does_not_load_says_so_in_one_line_and_leaves_the_output_free(
+    ray_address, tmp_path, tiny_model
+):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    [weights] = broken.glob("unet/*.safetensors")
+    weights.write_bytes(b"not safetensors" * 10)
+    prompts = str(tmp_path / "prompts")
+    rows = write_prompt_files(prompts, n_files=1, rows_per_file=8, row_group_size=4)
+    job = _job(tmp_path, prompts, str(tmp_path / "out"), str(broken))
+
+    failed = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
+    assert failed.returncode == 2
+    lines = failed.stderr.splitlines()
+    [verdict] = [line for line in lines if line.startswith("imagemill: error: ")]
+    assert verdict.startswith(f"imagemill: error: workers could not load model {broken}: OSError: "), verdict
+    for noise in ("Traceback", "SIGABRT", "(ShardWorker", "Fatal Python error"):
+        assert noise not in failed.stderr, failed.stderr
+    # Besides the verdict, only Ray's own start-up notice may appear.
+    assert all(line == verdict or "worker.py" in line for line in lines), failed.stderr
+    log_file = re.search(r"full traceback: (\S+\.log)\)", verdict).group(1)
+    assert "Unable to load weights" in Path(log_file).read_text()
+    assert _lease_record(str(tmp_path / "out")) is None
+
+    # The corrected spec (another model) runs into the same output without --overwrite.
+    fixed = run_cli("run", str(job), "--no-progress", "--model", tiny_model, ray_address=ray_address)
+    assert fixed.returncode == 0, fixed.stderr
+    check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
