@@ -31,7 +31,7 @@ from typing import Any
 from imagemill.storage import filesystem, join, list_folder, remove_files, retrying, write_file_atomically
 
 log = logging.getLogger(__name__)
-_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PLAIN_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 JOB_RECORD = "_job.json"
@@ -49,9 +49,12 @@ JOB_RECORD_KEYS = ("name", "status", "started_at", "shards_total", "rows_total",
 def image_name(row_id: str) -> str:
     """A file name for any row id that cannot leave its folder and cannot collide with another id's.
 
-    Plain ids (letters, digits, '.', '_', '-', no '..') are used as they are. Any other id is cleaned
-    and suffixed with '~' and a hash of the id: '~' never occurs in a plain id, so the two kinds of
-    names cannot meet, and the hash keeps distinct ids distinct after cleaning.
+    Plain ids (lower-case letters, digits, '.', '_', '-', no '..') are used as they are. Any other id,
+    one with an upper-case letter too, is cleaned and suffixed with '~' and a hash of the id: '~' never
+    occurs in a plain id, so the two kinds of names cannot meet, and the hash keeps distinct ids
+    distinct after cleaning. Upper case counts as not plain because `Abc` and `abc` are one file on a
+    case-insensitive store (macOS, some mounts); the hash is lower-case hex, so names stay distinct
+    after case-folding.
     """
     if _PLAIN_ID.fullmatch(row_id) and ".." not in row_id:
         return row_id
