@@ -24,14 +24,14 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, MARKERS, SHARD_FILE_SUFFIXES, OutputLayout
+from imagemill.output import IMAGE_FOLDERS, JOB_RECORD, MARKERS, SHARD_FILE_SUFFIXES, OutputLayout
 from imagemill.output_location import check_output_location
 from imagemill.shards import ShardPlan
 from imagemill.spec import JobSpec
 from imagemill.storage import remove_files, remove_folder_if_empty, temporary_target
 
 log = logging.getLogger(__name__)
-IMAGE_FOLDER = "images"
+IMAGE_FOLDER = IMAGE_FOLDERS["files"]  # a folder per shard
 OWN_FOLDERS = (IMAGE_FOLDER, *SHARD_FILE_SUFFIXES)  # the folders imagemill writes into
 SHOWN_FOREIGN = 3  # entries named in the refusal
 
