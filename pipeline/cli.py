@@ -57,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete the output of a previous job at the output path and start again",
+        help="delete the output of a previous job at the output path (its files only) and start again",
+    )
+    run.add_argument(
+        "--allow-existing",
+        action="store_true",
+        help="write into an output folder that already holds other files; they are never deleted "
+        "[output.allow_existing]",
     )
     run.add_argument(
         "--redo-changed",
@@ -102,6 +108,8 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             overrides.append((field, value))
+    if args.allow_existing:
+        overrides.append(("output.allow_existing", True))
     return overrides
 
 

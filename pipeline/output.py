@@ -11,34 +11,47 @@
 
 Whatever the format, a shard's images are written first, then its metadata, then its stats.
 
-Actors write images, metadata and stats; the driver writes the job record and the marker.
+Actors write images, metadata and stats; the driver writes the job record and the marker. Records
+(the JSON files) are written whole or not at all, and read back as absent when they do not read; every
+call is on an exact path (see storage.py): an output folder may be called `run[12]`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from imagemill.storage import filesystem, join, retrying
+from imagemill.storage import filesystem, join, list_folder, remove_files, retrying, write_file_atomically
 
-_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+log = logging.getLogger(__name__)
+_PLAIN_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 JOB_RECORD = "_job.json"
 SUCCESS_MARKER = "_SUCCESS"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+MARKERS = (JOB_RECORD, SUCCESS_MARKER, REPORT_JSON, REPORT_HTML)  # the files at the root
 IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
+# Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).
+SHARD_FILE_SUFFIXES = {"webdataset": ".tar", "data": ".parquet", "metadata": ".parquet", "shards": ".json"}
+# What `status`, the report and a resume read from the job record.
+JOB_RECORD_KEYS = ("name", "status", "started_at", "shards_total", "rows_total", "fingerprint")
 
 
 def image_name(row_id: str) -> str:
     """A file name for any row id that cannot leave its folder and cannot collide with another id's.
 
-    Plain ids (letters, digits, '.', '_', '-', no '..') are used as they are. Any other id is cleaned
-    and suffixed with '~' and a hash of the id: '~' never occurs in a plain id, so the two kinds of
-    names cannot meet, and the hash keeps distinct ids distinct after cleaning.
+    Plain ids (lower-case letters, digits, '.', '_', '-', no '..') are used as they are. Any other id,
+    one with an upper-case letter too, is cleaned and suffixed with '~' and a hash of the id: '~' never
+    occurs in a plain id, so the two kinds of names cannot meet, and the hash keeps distinct ids
+    distinct after cleaning. Upper case counts as not plain because `Abc` and `abc` are one file on a
+    case-insensitive store (macOS, some mounts); the hash is lower-case hex, so names stay distinct
+    after case-folding.
     """
     if _PLAIN_ID.fullmatch(row_id) and ".." not in row_id:
         return row_id
@@ -99,39 +112,67 @@ class OutputLayout:
         retrying(lambda: self.fs.pipe_file(path, data), f"writing {path}")
 
     def write_json(self, relative: str, record: dict[str, Any]) -> None:
+        """Write a record whole or not at all: a full disk must not leave half a record behind."""
         self.fs.makedirs(self.root, exist_ok=True)
-        self.write_bytes(relative, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
+        path = self.path(relative)
+        data = json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode()
+        retrying(lambda: write_file_atomically(self.fs, path, data), f"writing {path}")
 
     def remove(self, relative: str) -> None:
-        path = self.path(relative)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        remove_files(self.fs, [self.path(relative)])
 
-    def clear(self) -> None:
-        """Delete a previous job's output: only imagemill's own files, never anything else there."""
-        for relative in (
-            SUCCESS_MARKER,
-            REPORT_JSON,
-            REPORT_HTML,
-            "shards",
-            "metadata",
-            *IMAGE_FOLDERS.values(),
-            JOB_RECORD,
-        ):
-            self.remove(relative)
+    def entries(self, relative: str = "") -> dict[str, bool]:
+        """The names in a folder of the output (its root by default), each with whether it is a folder."""
+        return list_folder(self.fs, self.path(relative) if relative else self.root)
 
-    def read_json(self, relative: str) -> dict[str, Any] | None:
+    def read_json(self, relative: str, warn: bool = True) -> dict[str, Any] | None:
+        """A record, or None where there is none or it does not read as a JSON object.
+
+        A record cut short (a full disk, a writer killed on a store without atomic writes) or someone
+        else's file there must make the output look unfinished, never crash the job or `status`.
+        """
         path = self.path(relative)
-        if not self.fs.exists(path):
+        try:
+            data = retrying(lambda: self.fs.cat_file(path), f"reading {path}")
+            record = json.loads(data)
+        except FileNotFoundError:
             return None
-        return json.loads(self.fs.cat_file(path))
+        except (ValueError, IsADirectoryError) as exc:  # JSON and UTF-8 errors are ValueErrors
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            if isinstance(record, dict):
+                return record
+            problem = f"it holds a JSON {type(record).__name__}, not an object"
+        if warn:
+            log.warning("%s is unreadable (%s); treating it as absent", path, problem)
+        return None
+
+    def read_job_record(self, warn: bool = True) -> dict[str, Any] | None:
+        """The job record, or None where there is none or it is not a whole imagemill job record."""
+        record = self.read_json(JOB_RECORD, warn)
+        if record is None:
+            return None
+        if all(key in record for key in JOB_RECORD_KEYS) and isinstance(record["fingerprint"], dict):
+            return record
+        if warn:
+            log.warning("%s is not an imagemill job record; treating it as absent", self.path(JOB_RECORD))
+        return None
 
     def committed_stats(self) -> dict[str, dict[str, Any]]:
-        """Stats of every committed shard, by shard id."""
-        folder = self.path("shards")
-        self.fs.invalidate_cache(folder)  # listings are cached per process; other processes wrote here
-        if not self.fs.isdir(folder):
-            return {}
-        files = [f for f in self.fs.ls(folder, detail=False) if f.endswith(".json")]
-        records = [json.loads(data) for data in (self.fs.cat(files) if files else {}).values()]
-        return {record["shard_id"]: record for record in records}
+        """Stats of every committed shard, by shard id.
+
+        A stats file that does not read leaves its shard uncommitted (so it is redone), and a file in
+        shards/ that is not a shard's stats is nobody's commit; both with a warning.
+        """
+        entries = self.entries("shards")
+        names = [name for name, is_folder in entries.items() if name.endswith(".json") and not is_folder]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            records = list(pool.map(lambda name: self.read_json(f"shards/{name}"), names))
+        committed = {}
+        for name, record in zip(names, records, strict=True):
+            shard_id = name.removesuffix(".json")
+            if record is not None and record.get("shard_id") == shard_id:
+                committed[shard_id] = record
+            elif record is not None:
+                log.warning("%s is not a shard's stats; ignoring it", self.path(f"shards/{name}"))
+        return committed

@@ -15,6 +15,7 @@ from html import escape
 from typing import Any
 
 from imagemill.errors import ImagemillError
+from imagemill.inputs import counted
 from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
 from imagemill.records import (
     MODEL_STAGES,
@@ -43,10 +44,11 @@ STAGE_LABELS = {
 
 def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
     """Write report.json and report.html at the output root; returns what report.json holds."""
-    record = output.read_json(JOB_RECORD)
+    record = output.read_job_record()
     if record is None:
-        raise ImagemillError(f"no imagemill job found at {output.url} (it has no {JOB_RECORD})")
-    shards = [stats for _, stats in sorted(committed_shards(output).items())]
+        raise ImagemillError(f"no imagemill job found at {output.url} (it has no readable {JOB_RECORD})")
+    # Only the shards that count: not those of input files gone since (imagemill.inputs).
+    shards = sorted(counted(record, committed_shards(output)), key=lambda stats: stats.shard_id)
     samples = pick_samples(shards, max_samples)
     report = build_report(record, shards, samples)
     thumbnails = [sample.thumbnail for _, sample in samples]

@@ -20,7 +20,7 @@ import ray
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from imagemill.errors import ImagemillError
+from imagemill.claim import claim_output
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.lease import OutputLease
 from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
@@ -98,35 +98,6 @@ def _connect_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
 
 
-def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two fingerprints."""
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_settings(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}")
-    return changed
-
-
-def _claim_output(spec: JobSpec, output: OutputLayout, overwrite: bool) -> None:
-    """Refuse to resume into an output made by a different spec, unless told to start it again."""
-    previous = output.read_json(JOB_RECORD)
-    if previous is None:
-        return
-    if overwrite:
-        output.clear()
-        return
-    changed = _changed_settings(previous.get("fingerprint", {}), spec.fingerprint())
-    if changed:
-        raise ImagemillError(
-            f"{spec.output.path} holds the output of a job with other settings ({', '.join(changed)} "
-            "changed); re-running may only resume the same job. Use --overwrite to delete that "
-            "output and start again, or choose another output path."
-        )
-
-
 def run(
     spec: JobSpec, progress: bool = True, overwrite: bool = False, redo_changed: bool = False
 ) -> JobResult:
@@ -159,7 +130,7 @@ def _run_owned(
     redo_changed: bool,
 ) -> JobResult:
     """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe)."""
-    _claim_output(spec, output, overwrite)
+    claim_output(spec, output, plan, overwrite)
     stored = committed_shards(output)
     redone = reconcile_inputs(output, plan, stored, redo_changed)
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now

@@ -97,6 +97,18 @@ class OutputSpec(_Section):
     image_format: ImageFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    allow_existing: bool = Field(
+        False,
+        description="Write into a folder that already holds files imagemill did not write (they are never "
+        "deleted); without it, a new job's output must be a new or empty folder.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_given(cls, value: str) -> str:
+        if not value.strip():  # resolved as a local path, it would become the working directory
+            raise ValueError("is empty: name the folder or URL the job writes to")
+        return value
 
 
 class LoraSpec(_Section):

@@ -66,9 +66,9 @@ class JobStatus:
 
 def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus:
     output = OutputLayout(url.rstrip("/"), storage_options)
-    record = output.read_json(JOB_RECORD)
+    record = output.read_job_record(warn=False)
     if record is None:
-        raise ImagemillError(f"no imagemill job found at {url} (it has no {JOB_RECORD})")
+        raise ImagemillError(f"no imagemill job found at {url} (it has no readable {JOB_RECORD})")
     shards = counted(record, committed_shards(output))  # not those of input files gone since
     totals = shard_totals(shards)
     return JobStatus(

@@ -14,7 +14,7 @@ from conftest import prompt_table, read_metadata
 from PIL import Image
 
 import imagemill
-from imagemill.output import OutputLayout, sample_key
+from imagemill.output import sample_key
 
 SIZE = 32
 # Two input files of 6 rows, one shard each; "b.v2" puts a dot in a shard id, which WebDataset keys
@@ -178,12 +178,3 @@ def test_sample_keys_have_no_dots_and_stay_distinct():
     assert sample_key("a-rg00000-00002", 7) == "a-rg00000-00002-000007"
     dotted, cleaned = sample_key("b.v2-rg00000-00002", 5), sample_key("b_v2-rg00000-00002", 5)
     assert "." not in dotted and dotted.endswith("-000005") and dotted != cleaned
-
-
-def test_clear_removes_every_format_folder(tmp_path):
-    layout = OutputLayout(str(tmp_path))
-    for folder in ("images/s", "webdataset", "data", "metadata", "shards"):
-        (tmp_path / folder).mkdir(parents=True)
-    (tmp_path / "other").mkdir()
-    layout.clear()
-    assert [p.name for p in tmp_path.iterdir()] == ["other"]

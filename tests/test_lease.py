@@ -156,7 +156,9 @@ def _commits(url: str) -> int:
 def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over(
     ray_address, tmp_path, tiny_model, output_url, monkeypatch
 ):
-    monkeypatch.setenv(TIMEOUT_ENV, str(TIMEOUT))  # run_cli and Popen pass the environment on
+    # The owner is paused (SIGSTOP) while the others knock: its lease must stay fresh meanwhile, so the
+    # timeout is long here; a dead owner on this machine is taken over at once whatever the timeout.
+    monkeypatch.setenv(TIMEOUT_ENV, "300")  # run_cli and Popen pass the environment on
     prompts = str(tmp_path / "prompts")
     rows = write_prompt_files(prompts, n_files=4, rows_per_file=32, row_group_size=4)
     ids = {f"row-{i:05d}" for i in range(rows)}
@@ -178,6 +180,9 @@ def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over
             time.sleep(0.1)
         lease = _lease_record(output_url)
         assert (lease["pid"], lease["host"]) == (owner.pid, socket.gethostname())
+        # Paused, the owner hands out no more shards, however slowly the others start on a busy
+        # machine; it is alive, and its lease is fresh.
+        owner.send_signal(signal.SIGSTOP)
 
         # A second driver, even with --overwrite, is refused in one line naming the owner, and
         # deletes nothing.

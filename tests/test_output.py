@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import random
 import re
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from imagemill.output import OutputLayout, image_name
+
+DEMO_PROMPTS = Path(__file__).parent.parent / "jobs" / "demo_prompts.parquet"
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9._~-]+")
 
@@ -50,9 +54,25 @@ def assert_safe_name(name: str) -> None:
     assert name not in (".", "..") and len(name) <= 100
 
 
-@pytest.mark.parametrize("row_id", ["row-00001", "abc", "A.b_c-9", "part-000-00000012", "x" * 100])
+@pytest.mark.parametrize("row_id", ["row-00001", "abc", "a.b_c-9", "part-000-00000012", "x" * 100])
 def test_plain_ids_are_kept_as_they_are(row_id):
     assert image_name(row_id) == row_id
+
+
+def test_ids_differing_only_by_case_get_names_that_differ_after_case_folding():
+    """Case-insensitive stores (macOS, some mounts) would put `Abc` and `abc` in one file."""
+    assert image_name("Abc").lower() != image_name("abc").lower()
+    ids = {"abc", "Abc", "ABC", "aBc", "row-1", "ROW-1", "Row-1", "a_b", "A_B", "x~y", "X~y"}
+    ids |= {row_id.upper() for row_id in random_ids(200)} | set(random_ids(200))
+    ids |= {image_name(row_id) for row_id in list(ids)}  # an id that spells another id's name
+    assert len({image_name(row_id).lower() for row_id in ids}) == len(ids)
+    assert_safe_name(image_name("Abc"))
+
+
+def test_the_demo_jobs_images_keep_their_names():
+    """The demo's ids are plain and lower-case: its images stay where they were."""
+    ids = pq.read_table(DEMO_PROMPTS, columns=["id"]).column("id").to_pylist()
+    assert len(ids) == 64 and [image_name(row_id) for row_id in ids] == ids
 
 
 @pytest.mark.parametrize("row_id", HOSTILE_IDS, ids=repr)
