@@ -24,7 +24,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from imagemill.errors import ImagemillError
-from imagemill.output import IMAGE_FOLDERS, JOB_RECORD, MARKERS, SHARD_FILE_SUFFIXES, OutputLayout
+from imagemill.output import (
+    IMAGE_FOLDERS,
+    JOB_RECORD,
+    LEASE_FILE,
+    LOCK_FILE,
+    MARKERS,
+    SHARD_FILE_SUFFIXES,
+    OutputLayout,
+)
 from imagemill.output_location import check_output_location
 from imagemill.shards import ShardPlan
 from imagemill.spec import JobSpec
@@ -78,7 +86,7 @@ def _is_own_entry(folder: str, name: str, is_folder: bool, shard_ids: set[str]) 
         return not folder and name in OWN_FOLDERS
     name = temporary_target(name) or name
     if not folder:
-        return name in MARKERS
+        return name in (*MARKERS, LEASE_FILE, LOCK_FILE)
     suffix = SHARD_FILE_SUFFIXES[folder]
     return name.endswith(suffix) and name.removesuffix(suffix) in shard_ids
 

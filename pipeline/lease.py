@@ -41,13 +41,11 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from imagemill.errors import ImagemillError
-from imagemill.output import OutputLayout
-from imagemill.storage import retrying
+from imagemill.output import LEASE_FILE, LOCK_FILE, OutputLayout
+from imagemill.storage import retrying, write_file_atomically
 
 log = logging.getLogger(__name__)
 
-LEASE_FILE = "_lease.json"
-LOCK_FILE = "_lease.lock"  # local disks only: serialises the read-compare-write of the lease
 TIMEOUT_ENV = "IMAGEMILL_LEASE_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 60.0
 BEATS_PER_TIMEOUT = 3  # a lease is stale once this many heartbeats in a row are missing
@@ -97,10 +95,8 @@ class _LocalStore(_ObjectStore):
             if data is None:
                 os.remove(self.path)
                 return None
-            temporary = f"{self.path}.tmp"  # one writer at a time (the lock); a killed one's is reused
-            with open(temporary, "wb") as f:
-                f.write(data)
-            os.replace(temporary, self.path)  # readers see the old or the new lease, never a part
+            # Readers see the old or the new lease, never a part.
+            write_file_atomically(LocalFileSystem(), self.path, data)
             return data
 
 
