@@ -28,12 +28,10 @@ from imagemill.output import (
     IMAGE_FOLDERS,
     JOB_RECORD,
     LEASE_FILE,
-    LOCK_FILE,
     MARKERS,
     SHARD_FILE_SUFFIXES,
     OutputLayout,
 )
-from imagemill.output_location import check_output_location
 from imagemill.shards import ShardPlan
 from imagemill.spec import JobSpec
 from imagemill.storage import remove_files, remove_folder_if_empty, temporary_target
@@ -46,7 +44,6 @@ SHOWN_FOREIGN = 3  # entries named in the refusal
 
 def claim_output(spec: JobSpec, output: OutputLayout, plan: ShardPlan, overwrite: bool) -> None:
     """Check that this job may write into its output, and with `overwrite` delete a previous job's files."""
-    check_output_location(spec, plan)
     shard_ids = {shard.shard_id for shard in plan.shards}
     previous = output.read_job_record()
     if previous is None:
@@ -86,7 +83,7 @@ def _is_own_entry(folder: str, name: str, is_folder: bool, shard_ids: set[str]) 
         return not folder and name in OWN_FOLDERS
     name = temporary_target(name) or name
     if not folder:
-        return name in (*MARKERS, LEASE_FILE, LOCK_FILE)
+        return name in (*MARKERS, LEASE_FILE)
     suffix = SHARD_FILE_SUFFIXES[folder]
     return name.endswith(suffix) and name.removesuffix(suffix) in shard_ids
 

@@ -10,7 +10,7 @@ a driver whose process is gone is taken over at once. An actor checks that the l
 right before it commits a shard (`check_owner`), so a run that lost the output commits nothing more.
 
 Every change is a compare-and-swap on the lease file, as atomic as the store allows:
-- local disk: read-compare-write under an exclusive `flock` on `_lease.lock`, the new content
+- local disk: read-compare-write under an exclusive `flock` on the output folder, the new content
   renamed into place (readers never see a partial file);
 - S3 (s3fs): conditional writes, `If-None-Match: *` to create, `If-Match: <etag>` to refresh or
   take over, `If-Match` on the delete;
@@ -41,7 +41,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from imagemill.errors import ImagemillError
-from imagemill.output import LEASE_FILE, LOCK_FILE, OutputLayout
+from imagemill.output import LEASE_FILE, OutputLayout
 from imagemill.storage import retrying, write_file_atomically
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ class _LocalStore(_ObjectStore):
     def swap(self, data: bytes | None, expected: Any) -> Any:
         folder = os.path.dirname(self.path)
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, LOCK_FILE), "a") as lock:
+        # The lock is the output folder's own (flock on its descriptor): no lock file is left behind.
+        lock = os.open(folder, os.O_RDONLY)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.read()[1] != expected:
                 raise _Conflict
@@ -98,6 +100,8 @@ class _LocalStore(_ObjectStore):
             # Readers see the old or the new lease, never a part.
             write_file_atomically(LocalFileSystem(), self.path, data)
             return data
+        finally:
+            os.close(lock)  # closing the descriptor releases the lock
 
 
 class _S3Store(_ObjectStore):

@@ -38,7 +38,6 @@ REPORT_HTML = "report.html"
 MARKERS = (JOB_RECORD, SUCCESS_MARKER, REPORT_JSON, REPORT_HTML)  # the files at the root
 # The live run's lease (imagemill.lease): imagemill's own, but never deleted by --overwrite.
 LEASE_FILE = "_lease.json"
-LOCK_FILE = "_lease.lock"  # local disks only: serialises the read-compare-write of the lease
 IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
 # Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).
 SHARD_FILE_SUFFIXES = {"webdataset": ".tar", "data": ".parquet", "metadata": ".parquet", "shards": ".json"}

@@ -25,6 +25,7 @@ from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.lease import OutputLease
 from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.output_location import check_output_location
 from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
@@ -114,6 +115,7 @@ def run(
         check_scoring_source(spec.scoring)
     if spec.expansion is not None:
         check_expansion_source(spec.expansion)
+    check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:
         return _run_owned(spec, plan, output, lease, started, progress, overwrite, redo_changed)

@@ -23,6 +23,7 @@ from conftest import make_bucket, run_cli, write_prompt_files
 
 import imagemill
 from imagemill.errors import ImagemillError
+from imagemill.outcome import COMPLETE
 from imagemill.status import job_status
 
 ROWS = 8  # two shards of 4 rows
@@ -253,7 +254,7 @@ def test_glob_characters_in_the_output_path_are_taken_literally(ray_session, s3_
     assert set(_metadata(target).column("seed").to_pylist()).isdisjoint(
         _metadata(neighbour).column("seed").to_pylist()
     ), "the target holds its second job's images only"
-    assert job_status(target).complete
+    assert job_status(target).state == COMPLETE
 
 
 # --- point 11: a missing output bucket ------------------------------------------------------------
