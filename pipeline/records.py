@@ -32,7 +32,25 @@ MODEL_STAGES = ("text_encode", "denoise", "decode")  # the stages of `stage_seco
 # Scores are 100 × cosine similarity; CLIP ViT-L/14 gives real text-image pairs about 15..40, so bins
 # of one point show the shape without making the stats large (a histogram is stored sparse).
 SCORE_BIN_WIDTH = 1.0
+# Texts the stats carry for the report are cut to this many characters: a prompt may be any size (a
+# 1 MB prompt made a 1 MB report), and an error message may quote one.
+PROMPT_CHARS = 300
+EXAMPLES_PER_REASON = 2  # error messages kept per reason, in a shard's stats and in the report
 T = TypeVar("T")
+
+
+def capped(text: str | None, limit: int = PROMPT_CHARS) -> str | None:
+    """`text` cut to `limit` characters, with "…" where it was cut."""
+    return text if text is None or len(text) <= limit else text[:limit] + "…"
+
+
+def add_error_example(examples: dict[str, list[str]], error: str) -> None:
+    """Keep `error` (`reason: detail`, capped) among its reason's examples, up to EXAMPLES_PER_REASON
+    distinct ones."""
+    kept = examples.setdefault(error.split(":", 1)[0], [])
+    message = capped(error)
+    if len(kept) < EXAMPLES_PER_REASON and message not in kept:
+        kept.append(message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +189,7 @@ class ShardStats:
     filtered: int = 0  # done, but scored under scoring.threshold
     error: int
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, list[str]] = field(default_factory=dict)  # reason: a few messages, capped
     finished_at: str | None = None  # ISO 8601, UTC
     seconds: float = 0.0  # the whole shard call
     write_wait_seconds: float = 0.0  # after giving the model up: waiting for the writer threads, close()
