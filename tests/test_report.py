@@ -474,3 +474,35 @@ def test_a_huge_prompt_does_not_make_a_huge_report(tmp_path):
         "prompt"
     ].endswith("…")
     assert (tmp_path / "report.html").stat().st_size < 50_000
+
+
+def test_a_shards_stats_keep_capped_prompts_and_a_few_error_messages():
+    """What the actor writes for the report: sample prompts cut to PROMPT_CHARS, and per error reason
+    up to two distinct messages, each cut as well."""
+    from imagemill.shards import Shard
+    from imagemill.workers.rows import Row
+    from imagemill.workers.shard_records import ShardRun
+
+    def row(index: int, prompt, error: str | None = None) -> Row:
+        return Row(
+            index=index, input_row=index, row_id=f"r{index}", prompt=prompt, negative_prompt=None, seed=1,
+            width=8, height=8, num_inference_steps=1, guidance_scale=1.0, error=error,
+        )  # fmt: skip
+
+    run = ShardRun(shard=Shard("s", "in.parquet", "in", 0, 1, 0, 5), model="tiny")
+    long_error = "model_rejected: " + "z" * 1000
+    run.rows = [
+        row(0, "a cat " * 200_000),
+        row(1, None, "invalid_prompt: prompt is null"),
+        row(2, "", "invalid_prompt: prompt is empty"),
+        row(3, 5, "invalid_prompt: prompt is not a string"),
+        row(4, "ok", long_error),
+    ]
+    run.add_samples([(run.rows[0], np.zeros((8, 8, 3), dtype=np.uint8))])
+    stats = run.stats("cpu")
+    assert stats.samples[0].prompt == ("a cat " * 50) + "…"
+    assert stats.errors_by_reason == {"invalid_prompt": 3, "model_rejected": 1}
+    assert stats.error_examples == {
+        "invalid_prompt": ["invalid_prompt: prompt is null", "invalid_prompt: prompt is empty"],
+        "model_rejected": [long_error[:PROMPT_CHARS] + "…"],
+    }
