@@ -50,7 +50,7 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     output = OutputLayout(url.rstrip("/"), storage_options)
     record = output.read_json(JOB_RECORD)
     if record is None:
-        raise ImagemillError(f"no imagemill job found at {url} (it has no {JOB_RECORD})")
+        raise ImagemillError(not_started(output, url))
     shards = counted(record, committed_shards(output))  # not those of input files gone since
     totals = shard_totals(shards)
     return JobStatus(
@@ -61,4 +61,19 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
         ok=totals.ok,
         errors_by_reason=totals.errors_by_reason,
         filtered=totals.filtered,
+    )
+
+
+def not_started(output: OutputLayout, url: str) -> str:
+    """Why an output has no job record: a job submitted that has not started yet (`imagemill submit`
+    leaves `_submitted.json`), or no job at all."""
+    from imagemill.submit import SUBMITTED
+
+    submitted = output.read_json(SUBMITTED)
+    if submitted is None:
+        return f"no imagemill job found at {url} (it has no {JOB_RECORD})"
+    return (
+        f"job {submitted.get('name')} at {url}: submitted, not started (Ray job "
+        f"{submitted.get('submission_id')} at {submitted.get('address')}, {submitted.get('submitted_at')};"
+        f" `ray job status` there says where it is)"
     )
