@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 import imagemill.runner
-from imagemill.outcome import COMPLETE
 from imagemill import cli
+from imagemill.outcome import COMPLETE
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
