@@ -30,6 +30,7 @@ from imagemill.output import (
     LEASE_FILE,
     MARKERS,
     SHARD_FILE_SUFFIXES,
+    SUBMITTED,
     OutputLayout,
 )
 from imagemill.shards import ShardPlan
@@ -83,7 +84,7 @@ def _is_own_entry(folder: str, name: str, is_folder: bool, shard_ids: set[str]) 
         return not folder and name in OWN_FOLDERS
     name = temporary_target(name) or name
     if not folder:
-        return name in (*MARKERS, LEASE_FILE)
+        return name in (*MARKERS, LEASE_FILE, SUBMITTED)
     suffix = SHARD_FILE_SUFFIXES[folder]
     return name.endswith(suffix) and name.removesuffix(suffix) in shard_ids
 
@@ -127,29 +128,36 @@ def _shard_files(output: OutputLayout, shard_id: str, committed: bool) -> list[s
     return [path for path in named if path in own or path.rpartition("/")[0] == folder] + sorted(own)
 
 
-def _delete_previous_output(output: OutputLayout, planned: set[str]) -> None:
-    committed = set(output.committed_stats())
-    shard_ids = sorted(planned | committed)
+def delete_shards(output: OutputLayout, shard_ids: list[str], committed: set[str]) -> None:
+    """Delete these shards' files: their images (or tar or data file), then metadata, then stats, so
+    whatever an interrupted delete leaves is still named. `committed`: those whose metadata names
+    their files; the others lose every file of their image folder."""
     with ThreadPoolExecutor(max_workers=16) as pool:
         listed = pool.map(lambda shard_id: _shard_files(output, shard_id, shard_id in committed), shard_ids)
         files = [path for paths in listed for path in paths]
+    for batch in (
+        files,
+        [OutputLayout.metadata_path(shard_id) for shard_id in shard_ids],
+        [OutputLayout.stats_path(shard_id) for shard_id in shard_ids],
+    ):
+        remove_files(output.fs, [output.path(relative) for relative in batch])
+    for shard_id in shard_ids:
+        remove_folder_if_empty(output.fs, output.path(f"{IMAGE_FOLDER}/{shard_id}"))
+
+
+def _delete_previous_output(output: OutputLayout, planned: set[str]) -> None:
+    committed = set(output.committed_stats())
+    shard_ids = sorted(planned | committed)
     temporaries = [
         f"{folder}/{name}".lstrip("/")
         for folder in ("", "shards")
         for name in output.entries(folder)
         if temporary_target(name) and _is_own_entry(folder, name, False, set(shard_ids))
     ]
-    # Images first and the job record last: whatever an interrupted delete leaves is still named.
-    for batch in (
-        files,
-        [OutputLayout.metadata_path(shard_id) for shard_id in shard_ids],
-        [OutputLayout.stats_path(shard_id) for shard_id in shard_ids] + temporaries,
-        [name for name in MARKERS if name != JOB_RECORD],
-        [JOB_RECORD],
-    ):
+    delete_shards(output, shard_ids, committed)
+    # The job record last: whatever an interrupted delete leaves is still named.
+    for batch in (temporaries, [name for name in MARKERS if name != JOB_RECORD], [JOB_RECORD]):
         remove_files(output.fs, [output.path(relative) for relative in batch])
-    for shard_id in shard_ids:
-        remove_folder_if_empty(output.fs, output.path(f"{IMAGE_FOLDER}/{shard_id}"))
     for folder in OWN_FOLDERS:
         remove_folder_if_empty(output.fs, output.path(folder))
     log.info("deleted the previous job's output at %s (%d shards)", output.url, len(shard_ids))

@@ -72,12 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     submit = commands.add_parser("submit", help="run a job spec on a Ray cluster through the Ray Jobs API")
-    submit.add_argument("spec", help="job spec YAML file; its paths are read on the cluster")
+    submit.add_argument("spec", help="job spec YAML file; local inputs and models are sent with the job")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--date", type=_day, help="the date that fills {date} in the spec")
     submit.add_argument("--pip", action="append", default=[], help="a package for the job's environment")
     submit.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    submit.add_argument(
+        "--shared-path",
+        action="store_true",
+        help="the spec's local paths are storage every node mounts at the same place: use them as they are",
+    )
 
     tiny = commands.add_parser("make-tiny-model", help="write a small random-weight pipeline for tests/demos")
     tiny.add_argument("directory")
@@ -133,7 +138,13 @@ def _submit(args: argparse.Namespace) -> int:
     from imagemill.submit import submit
 
     job_id, state = submit(
-        args.spec, args.address, args.overrides, args.date, args.pip, wait=not args.no_wait
+        args.spec,
+        args.address,
+        args.overrides,
+        args.date,
+        args.pip,
+        wait=not args.no_wait,
+        shared_path=args.shared_path,
     )
     print(f"submitted {job_id}" if state is None else f"job {job_id}: {state}")
     return 0 if state in (None, "SUCCEEDED") else 1

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from imagemill.claim import delete_shards
 from imagemill.errors import ImagemillError
-from imagemill.output import IMAGE_FOLDERS, JOB_RECORD, OutputLayout
+from imagemill.output import JOB_RECORD, OutputLayout
 from imagemill.records import ShardStats
 from imagemill.shards import ShardPlan
 
@@ -56,16 +57,9 @@ def reconcile_inputs(
             f"input file {first}{more} changed since this job generated its rows (its Parquet footer "
             "differs); restore it, or run with --redo-changed to generate that file's rows again"
         )
-    for shard_id in sorted(redo):
-        _delete_shard(output, shard_id)
+    shard_ids = sorted(redo)
+    for shard_id in shard_ids:  # uncommitted first: a redo cut short leaves shards to redo, never gaps
+        output.remove(OutputLayout.stats_path(shard_id))
+    delete_shards(output, shard_ids, committed=set(shard_ids))
     log.warning("input changed: generating %d shards of %d files again", len(redo), len(changed))
     return redo
-
-
-def _delete_shard(output: OutputLayout, shard_id: str) -> None:
-    """Uncommit the shard first (its stats), then delete its metadata and images in every format."""
-    output.remove(OutputLayout.stats_path(shard_id))
-    output.remove(OutputLayout.metadata_path(shard_id))
-    output.remove(f"{IMAGE_FOLDERS['files']}/{shard_id}")
-    output.remove(OutputLayout.tar_path(shard_id))
-    output.remove(OutputLayout.data_path(shard_id))

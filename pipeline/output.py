@@ -38,6 +38,7 @@ REPORT_HTML = "report.html"
 MARKERS = (JOB_RECORD, SUCCESS_MARKER, REPORT_JSON, REPORT_HTML)  # the files at the root
 # The live run's lease (imagemill.lease): imagemill's own, but never deleted by --overwrite.
 LEASE_FILE = "_lease.json"
+SUBMITTED = "_submitted.json"  # `imagemill submit`'s note for `status`, until the job writes its record
 IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
 # Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).
 SHARD_FILE_SUFFIXES = {"webdataset": ".tar", "data": ".parquet", "metadata": ".parquet", "shards": ".json"}
@@ -73,6 +74,12 @@ def sample_key(shard_id: str, position: int) -> str:
     if "." in shard_id:
         shard_id = f"{shard_id.replace('.', '_')}~{hashlib.sha256(shard_id.encode()).hexdigest()[:8]}"
     return f"{shard_id}-{position:06d}"
+
+
+def _unreadable(path: str, problem: str, warn: bool) -> None:
+    """A record that does not read counts as absent (never a crash), with a warning."""
+    if warn:
+        log.warning("%s is unreadable (%s); treating it as absent", path, problem)
 
 
 class OutputLayout:
@@ -136,18 +143,18 @@ class OutputLayout:
         path = self.path(relative)
         try:
             data = retrying(lambda: self.fs.cat_file(path), f"reading {path}")
-            record = json.loads(data)
         except FileNotFoundError:
             return None
-        except (ValueError, IsADirectoryError) as exc:  # JSON and UTF-8 errors are ValueErrors
-            problem = f"{type(exc).__name__}: {exc}"
-        else:
-            if isinstance(record, dict):
-                return record
-            problem = f"it holds a JSON {type(record).__name__}, not an object"
-        if warn:
-            log.warning("%s is unreadable (%s); treating it as absent", path, problem)
-        return None
+        except IsADirectoryError:
+            return _unreadable(path, "it is a folder", warn)
+        # Only what was read is judged: a storage error (a bad endpoint, no credentials) is raised.
+        try:
+            record = json.loads(data)
+        except ValueError as exc:  # JSON and UTF-8 errors are ValueErrors
+            return _unreadable(path, f"{type(exc).__name__}: {exc}", warn)
+        if not isinstance(record, dict):
+            return _unreadable(path, f"it holds a JSON {type(record).__name__}, not an object", warn)
+        return record
 
     def read_job_record(self, warn: bool = True) -> dict[str, Any] | None:
         """The job record, or None where there is none or it is not a whole imagemill job record."""

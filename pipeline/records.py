@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyarrow as pa
 
-from imagemill.errors import ImagemillError
+log = logging.getLogger(__name__)
+
 
 if TYPE_CHECKING:
     from imagemill.output import OutputLayout
@@ -32,7 +34,25 @@ MODEL_STAGES = ("text_encode", "denoise", "decode")  # the stages of `stage_seco
 # Scores are 100 × cosine similarity; CLIP ViT-L/14 gives real text-image pairs about 15..40, so bins
 # of one point show the shape without making the stats large (a histogram is stored sparse).
 SCORE_BIN_WIDTH = 1.0
+# Texts the stats carry for the report are cut to this many characters: a prompt may be any size (a
+# 1 MB prompt made a 1 MB report), and an error message may quote one.
+PROMPT_CHARS = 300
+EXAMPLES_PER_REASON = 2  # error messages kept per reason, in a shard's stats and in the report
 T = TypeVar("T")
+
+
+def capped(text: str | None, limit: int = PROMPT_CHARS) -> str | None:
+    """`text` cut to `limit` characters, with "…" where it was cut."""
+    return text if text is None or len(text) <= limit else text[:limit] + "…"
+
+
+def add_error_example(examples: dict[str, list[str]], error: str) -> None:
+    """Keep `error` (`reason: detail`, capped) among its reason's examples, up to EXAMPLES_PER_REASON
+    distinct ones."""
+    kept = examples.setdefault(error.split(":", 1)[0], [])
+    message = capped(error)
+    if len(kept) < EXAMPLES_PER_REASON and message not in kept:
+        kept.append(message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +192,7 @@ class ShardStats:
     filtered: int = 0  # done, but scored under scoring.threshold
     error: int
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, list[str]] = field(default_factory=dict)  # reason: a few messages, capped
     finished_at: str | None = None  # ISO 8601, UTC
     seconds: float = 0.0  # the whole shard call
     write_wait_seconds: float = 0.0  # after giving the model up: waiting for the writer threads, close()
@@ -212,16 +233,17 @@ class ShardStats:
 
 
 def committed_shards(output: OutputLayout) -> dict[str, ShardStats]:
-    """The committed shards' stats, by shard id."""
+    """The committed shards' stats, by shard id. A stats file without its counts commits nothing: like
+    any record that does not read, its shard counts as not done (and is redone), with a warning."""
     committed = {}
     for shard_id, data in output.committed_stats().items():
         try:
             committed[shard_id] = ShardStats.from_json(data)
         except TypeError as exc:  # a required count is missing
             path = output.path(output.stats_path(shard_id))
-            raise ImagemillError(
-                f"{path} is not a shard record imagemill can read ({exc}); delete it to redo that shard"
-            ) from None
+            log.warning(
+                "%s is not a shard record imagemill can read (%s); its shard will be redone", path, exc
+            )
     return committed
 
 

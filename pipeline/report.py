@@ -18,15 +18,18 @@ from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
 from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
 from imagemill.records import (
+    EXAMPLES_PER_REASON,
     MODEL_STAGES,
     Sample,
     ShardStats,
+    capped,
     committed_shards,
     merge_clip_scores,
     shard_totals,
 )
 
 MAX_POINTS = 60  # time buckets in the throughput series, at most
+SECONDS_AXIS_UNTIL = 180  # jobs shorter than this get their time axis in seconds, longer ones minutes
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")
 # Each shard's `stage_seconds` (workers/stage_timer.py), and `expand_seconds` where prompts are expanded.
@@ -68,6 +71,7 @@ def build_report(
         "status": record.get("status"),
         "started_at": record.get("started_at"),
         "ended_at": record.get("ended_at"),
+        "duration_seconds": _seconds_between(record.get("started_at"), record.get("ended_at")),
         "counts": {
             "rows_total": record.get("rows_total"),
             "rows_done": totals.rows,
@@ -79,16 +83,33 @@ def build_report(
             "shards_failed": len(failed),
         },
         "errors_by_reason": totals.errors_by_reason,
+        "error_examples": error_examples(shards),
         "failed_shards": [
             {key: failure.get(key) for key in ("shard_id", "input_file", "attempts", "error")}
             for failure in failed
         ],
         "stage_seconds": stages,
         "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
-        "throughput": throughput(record.get("started_at"), shards),
+        "throughput": throughput(record.get("started_at"), shards, record.get("ended_at")),
         "clip_score": clip_score(record, shards),
         "samples": [_sample_entry(shard_id, sample) for shard_id, sample in samples],
     }
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not (start and end):
+        return None
+    return round(datetime.fromisoformat(end).timestamp() - datetime.fromisoformat(start).timestamp(), 3)
+
+
+def error_examples(shards: list[ShardStats]) -> dict[str, list[str]]:
+    """Up to EXAMPLES_PER_REASON distinct messages per error reason, from the shards in id order."""
+    examples: dict[str, list[str]] = {}
+    for stats in shards:
+        for reason, messages in stats.error_examples.items():
+            kept = examples.setdefault(reason, [])
+            kept += [m for m in messages if m not in kept][: EXAMPLES_PER_REASON - len(kept)]
+    return dict(sorted(examples.items()))
 
 
 def _stage_seconds(shards: list[ShardStats]) -> dict[str, float]:
@@ -125,8 +146,8 @@ def _expands_on_actor(record: dict[str, Any]) -> bool:
 
 def _sample_entry(shard_id: str, sample: Sample) -> dict[str, Any]:
     """A sample as report.json lists it; `expanded_prompt` only where prompt expansion made one."""
-    entry = {"id": sample.id, "prompt": sample.prompt, "seed": sample.seed, "shard_id": shard_id}
-    return entry | ({"expanded_prompt": sample.expanded_prompt} if sample.expanded_prompt else {})
+    entry = {"id": sample.id, "prompt": capped(sample.prompt), "seed": sample.seed, "shard_id": shard_id}
+    return entry | ({"expanded_prompt": capped(sample.expanded_prompt)} if sample.expanded_prompt else {})
 
 
 def clip_score(record: dict[str, Any], shards: list[ShardStats]) -> dict[str, Any] | None:
@@ -166,11 +187,15 @@ def pick_samples(shards: list[ShardStats], max_samples: int) -> list[tuple[str, 
     return [(shards[index].shard_id, usable[index][r]) for index, r in sorted(chosen)]
 
 
-def throughput(started_at: str | None, shards: list[ShardStats]) -> dict[str, Any]:
+def throughput(
+    started_at: str | None, shards: list[ShardStats], ended_at: str | None = None
+) -> dict[str, Any]:
     """Cumulative images and images/s per time bucket, from each shard's finish time and ok count.
 
     Time 0 is the job's start, or the earliest shard start if earlier (shards from a previous run).
-    The first point is (0 min, 0 images); each further point is the end of a bucket.
+    The first point is (0 min, 0 images); each further point is the end of a bucket. Beside the rate
+    over that span: the rate while generating (from the first shard's start to the last one's finish:
+    no planning, no model loading) and over the job's wall clock (its start to its end).
     """
     finished = sorted(
         (datetime.fromisoformat(stats.finished_at).timestamp(), stats.ok, stats.seconds)
@@ -179,6 +204,7 @@ def throughput(started_at: str | None, shards: list[ShardStats]) -> dict[str, An
     )
     if not finished:
         return {"start": started_at, "bucket_seconds": None, "images_per_second": 0.0, "points": []}
+    generating = finished[-1][0] - min(end - seconds for end, _, seconds in finished)
     start = min(end - seconds for end, _, seconds in finished)
     if started_at:
         start = min(start, datetime.fromisoformat(started_at).timestamp())
@@ -197,10 +223,15 @@ def throughput(started_at: str | None, shards: list[ShardStats]) -> dict[str, An
             }
         )
     total = points[-1]["images"]
+    wall_clock = _seconds_between(started_at, ended_at)
     return {
         "start": datetime.fromtimestamp(start, UTC).isoformat(),
         "bucket_seconds": bucket,
         "images_per_second": round(total / span, 3) if span > 0 else 0.0,
+        "generation_seconds": round(generating, 3),
+        "generation_images_per_second": round(total / generating, 3) if generating > 0 else 0.0,
+        "wall_clock_seconds": wall_clock,
+        "wall_clock_images_per_second": round(total / wall_clock, 3) if wall_clock else None,
         "points": points,
     }
 
@@ -218,7 +249,8 @@ h1 { margin: 0 0 4px; font-size: 22px; } h2 { font-size: 17px; margin: 28px 0 8p
 #contact-sheet { display: grid; grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)); gap: 8px; }
 #contact-sheet figure { margin: 0; background: #fff; border: 1px solid #ddd; padding: 4px;
   text-align: center; }
-#contact-sheet img { max-width: 96px; max-height: 96px; display: block; margin: 0 auto; }
+#contact-sheet img { width: 96px; height: 96px; object-fit: contain; display: block; margin: 0 auto;
+  image-rendering: pixelated; }
 #contact-sheet figcaption { font-size: 11px; color: #555; overflow: hidden; text-overflow: ellipsis;
   white-space: nowrap; }
 table { border-collapse: collapse; background: #fff; }
@@ -259,16 +291,17 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 <title>{_e(name)}: imagemill report</title><style>{CSS}</style></head>
 <body>
 <header id="job"><h1>{_e(name)} <span class="status status-{_slug(status)}">{_e(status)}</span></h1>
-<div>started {_e(report["started_at"] or "-")}, ended {_e(report["ended_at"] or "-")}</div>
+<div>{_e(_when(report))}</div>
 <div id="counts">{counts_html}</div></header>
 <section id="samples"><h2>Samples ({len(thumbnails)})</h2>
 <div id="contact-sheet">{figures or '<p class="none">none</p>'}</div></section>
-<section id="throughput"><h2>Throughput: {_e(report["throughput"]["images_per_second"])} images/s</h2>
+<section id="throughput"><h2>Throughput</h2>
+<p>{_e(_rates(report["throughput"]))}</p>
 {_chart(report["throughput"]["points"])}</section>
 <section id="clip-score"><h2>CLIP score (100 × cosine)</h2>
 {_score_chart(report["clip_score"])}</section>
 <section id="errors"><h2>Error rows by reason</h2>
-{_table(("reason", "rows"), list(report["errors_by_reason"].items()))}</section>
+{_table(("reason", "rows", "examples"), _error_rows(report))}</section>
 <section id="failures"><h2>Failed shards</h2>
 {_table(("shard", "file", "attempts", "error"), [tuple(f.values()) for f in report["failed_shards"]])}
 </section>
@@ -277,6 +310,53 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 {_table(("stage", "seconds"), [(STAGE_LABELS.get(s, s), v) for s, v in stages.items()])}</section>
 </body></html>
 """
+
+
+def _clock(stamp: str) -> str:
+    """An ISO stamp as a person reads it: to the second, in UTC."""
+    return f"{datetime.fromisoformat(stamp).astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `9 min 29 s`, `2 h 5 min`."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{seconds:.3g} s" if seconds < 10 else f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
+
+
+def _when(report: dict[str, Any]) -> str:
+    if not report["started_at"]:
+        return "not started"
+    ran = report["duration_seconds"]
+    return f"started {_clock(report['started_at'])}, " + (
+        f"ran {duration(ran)}" if ran is not None else "not ended"
+    )
+
+
+def _rates(series: dict[str, Any]) -> str:
+    if not series["points"]:
+        return "no shard finished yet"
+    text = (
+        f"{series['generation_images_per_second']:g} images/s while generating "
+        f"({duration(series['generation_seconds'])})"
+    )
+    if series["wall_clock_seconds"]:
+        text += (
+            f"; {series['wall_clock_images_per_second']:g} images/s over the whole job "
+            f"({duration(series['wall_clock_seconds'])})"
+        )
+    return text
+
+
+def _error_rows(report: dict[str, Any]) -> list[tuple[Any, ...]]:
+    examples = report["error_examples"]
+    return [
+        (reason, count, " | ".join(examples.get(reason, [])))
+        for reason, count in report["errors_by_reason"].items()
+    ]
 
 
 def _busy(share: float | None) -> str:
@@ -314,10 +394,14 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 def _chart(points: list[dict[str, Any]], width: int = 720, height: int = 260) -> str:
-    """Cumulative images against minutes since the start, as an inline SVG polyline."""
+    """Cumulative images against the time since the start (seconds for a short job, else minutes), as
+    an inline SVG polyline."""
     if not points:
         return '<p class="none">no shard finished yet</p>'
     left, right, top, bottom = 60, 20, 10, 40
+    in_seconds = points[-1]["minute"] * 60 < SECONDS_AXIS_UNTIL
+    unit, scale = ("seconds", 60) if in_seconds else ("minutes", 1)
+    points = [{**p, "minute": p["minute"] * scale} for p in points]  # x in the axis' unit
     max_x = points[-1]["minute"] or 1.0
     max_y = points[-1]["images"] or 1
     x = [left + p["minute"] / max_x * (width - left - right) for p in points]
@@ -336,7 +420,7 @@ def _chart(points: list[dict[str, Any]], width: int = 720, height: int = 260) ->
 <text x="{y_axis - 6}" y="{(top + x_axis) / 2 + 4}" text-anchor="end">{max_y / 2:g}</text>
 <text x="{y_axis - 6}" y="{top + 10}" text-anchor="end">{max_y}</text>
 <text class="x-label" x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle"
- >minutes since start</text>
+ >{unit} since start</text>
 <text class="y-label" transform="translate(14 {(top + x_axis) / 2}) rotate(-90)" text-anchor="middle"
  >images (cumulative)</text>
 </svg>"""

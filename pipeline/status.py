@@ -9,7 +9,7 @@ from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
 from imagemill.lease import LeaseView, read_lease
 from imagemill.outcome import job_state
-from imagemill.output import JOB_RECORD, OutputLayout
+from imagemill.output import JOB_RECORD, SUBMITTED, OutputLayout
 from imagemill.records import committed_shards, shard_totals
 
 
@@ -68,7 +68,7 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     output = OutputLayout(url.rstrip("/"), storage_options)
     record = output.read_job_record(warn=False)
     if record is None:
-        raise ImagemillError(f"no imagemill job found at {url} (it has no readable {JOB_RECORD})")
+        raise ImagemillError(not_started(output, url))
     shards = counted(record, committed_shards(output))  # not those of input files gone since
     totals = shard_totals(shards)
     return JobStatus(
@@ -80,4 +80,17 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
         errors_by_reason=totals.errors_by_reason,
         filtered=totals.filtered,
         lease=read_lease(output),
+    )
+
+
+def not_started(output: OutputLayout, url: str) -> str:
+    """Why an output has no job record: a job submitted that has not started yet (`imagemill submit`
+    leaves `_submitted.json`), or no job at all."""
+    submitted = output.read_json(SUBMITTED)
+    if submitted is None:
+        return f"no imagemill job found at {url} (it has no readable {JOB_RECORD})"
+    return (
+        f"job {submitted.get('name')} at {url}: submitted, not started (Ray job "
+        f"{submitted.get('submission_id')} at {submitted.get('address')}, {submitted.get('submitted_at')};"
+        f" `ray job status` there says where it is)"
     )

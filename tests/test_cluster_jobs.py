@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,13 +13,23 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
-from conftest import OBJECT_STORE_BYTES, check_output, isolated_cluster, run_cli, write_prompt_files
+from conftest import (
+    OBJECT_STORE_BYTES,
+    check_output,
+    isolated_cluster,
+    make_bucket,
+    run_cli,
+    write_prompt_files,
+)
 
-RAY = str(Path(sys.executable).parent / "ray")
 SECRET = "sk-imagemill-submitted-secret"
+TOKEN = "0123456789abcdef0123456789abcdef"  # the test cluster's authentication token
+REPO = Path(__file__).resolve().parent.parent
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # `ray start` records itself here
 AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                "runtime-env-agent-port", "ray-client-server-port")  # fmt: skip
@@ -47,29 +59,43 @@ def _answers(url: str) -> bool:
         return False
 
 
+@dataclass
+class Head:
+    """A cluster started by `ray start --head`: its dashboard on loopback and on the node's address."""
+
+    local: str  # http://127.0.0.1:PORT: the client's filesystem is the cluster's
+    remote: str  # http://NODE-IP:PORT: seen as a remote cluster, which gets local files uploaded
+
+
 @pytest.fixture
-def ray_head(tmp_path):
-    """A separate single-node cluster started the way users start one: `ray start --head`."""
-    dashboard = f"http://127.0.0.1:{(dashboard_port := _free_port())}"
+def ray_head(tmp_path, monkeypatch, s3_endpoint):
+    """A separate single-node cluster started the way users start one: `ray start --head` from a
+    virtualenv that is not activated (its bin/ not on PATH), with token authentication on."""
+    from ray.util import get_node_ip_address
+
+    dashboard_port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     recorded = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
-    # imagemill on the job's PATH; no token authentication between this test and its own cluster
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
-    }
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
+    # RAY_AUTH_MODE=token with the token in RAY_AUTH_TOKEN: `ray start` turns token authentication on
+    # (ray/_private/authentication), and the client (this test's imagemill submit) sends the token.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
-         f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}",
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={_free_port()}",
+         "--num-cpus=2", f"--dashboard-port={dashboard_port}", "--dashboard-host=0.0.0.0",
+         "--include-dashboard=true", f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}",
          # Free ports for what defaults to fixed ones, which the session Ray on this machine holds.
          *(f"--{name}={_free_port()}" for name in AGENT_PORTS)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "PATH": path}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
     try:
-        _wait_for(lambda: _answers(f"{dashboard}/api/version"), 120, "the Ray dashboard")
-        yield dashboard
+        local = f"http://127.0.0.1:{dashboard_port}"
+        _wait_for(lambda: _answers(f"{local}/api/version"), 120, "the Ray dashboard")
+        yield Head(local=local, remote=f"http://{get_node_ip_address()}:{dashboard_port}")
     finally:
         os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops its cluster on Ctrl-C
         try:
@@ -95,8 +121,8 @@ def test_submit_runs_a_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
     )
     secret = f"--set input.storage_options.secret_token={SECRET}"  # local fsspec takes any option
     done = run_cli(
-        "submit", str(job), "--address", ray_head, "--date", "2026-11-24", "--set", "workers.batch_size=2",
-        *secret.split(" "),
+        "submit", str(job), "--address", ray_head.local, "--date", "2026-11-24",
+        "--set", "workers.batch_size=2", *secret.split(" "),
     )  # fmt: skip
 
     assert done.returncode == 0, done.stdout + done.stderr
@@ -104,17 +130,102 @@ def test_submit_runs_a_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
     assert f"{rows} rows: {rows} ok, 0 error in 4/4 shards" in done.stdout, "the job's own log is followed"
     check_output(str(tmp_path / "out" / "2026-11-24"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
 
-    no_wait = run_cli("submit", str(job), "--address", ray_head, "--no-wait")
+    no_wait = run_cli("submit", str(job), "--address", ray_head.local, "--no-wait")
     assert no_wait.returncode == 0 and no_wait.stdout.startswith("submitted submitted-"), no_wait.stderr
 
     # Settings travel in the job's file: no --set value (a secret) on its command line or in its log.
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(ray_head)
+    client = JobSubmissionClient(ray_head.local, headers={"Authorization": f"Bearer {TOKEN}"})
     [submitted] = [info for info in client.list_jobs() if info.submission_id in done.stdout]
-    assert submitted.entrypoint == "imagemill run job.yaml --no-progress"
+    assert submitted.entrypoint.endswith(" -m imagemill.cli run job.yaml --no-progress")
     assert SECRET not in client.get_job_logs(submitted.submission_id)
     assert SECRET not in done.stdout + done.stderr
+
+
+def _demo_copy(folder: Path) -> Path:
+    """The shipped demo (jobs/demo.yaml unchanged, its prompts and model) in a folder of its own, so
+    its relative paths and its local output resolve there and not in this checkout."""
+    for name in ("demo.yaml", "demo_prompts.parquet"):
+        (folder / "jobs").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / "jobs" / name, folder / "jobs" / name)
+    shutil.copytree(REPO / "jobs" / "models" / "demo-shapes", folder / "jobs" / "models" / "demo-shapes")
+    return folder
+
+
+def _demo_ids() -> set[str]:
+    return set(pq.read_table(REPO / "jobs" / "demo_prompts.parquet", columns=["id"])["id"].to_pylist())
+
+
+def test_the_shipped_demo_submitted_as_is_succeeds_on_a_token_cluster(ray_head, tmp_path):
+    """README's command: `imagemill submit jobs/demo.yaml --address http://127.0.0.1:8265`. On this
+    machine the cluster shares the filesystem: the relative input, model and output mean the client's."""
+    demo = _demo_copy(tmp_path / "demo")
+    done = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, cwd=demo)
+    assert done.returncode == 0 and ": SUCCEEDED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    check_output(str(demo / "output" / "demo"), _demo_ids(), 32, 32)
+    assert len(list((demo / "output" / "demo" / "images").rglob("*.png"))) == 64
+
+    # Right after --no-wait, status says the job is submitted (this one never starts: its pip
+    # package does not exist, so Ray cannot set up its environment).
+    later = ["--set", "output.path=output/later", "--pip", str(tmp_path / "missing-0.0.0-py3-none-any.whl")]
+    no_wait = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, "--no-wait", *later, cwd=demo)
+    assert no_wait.returncode == 0 and no_wait.stdout.startswith("submitted demo-"), no_wait.stderr
+    status = run_cli("status", str(demo / "output" / "later"))
+    assert "job demo at " in status.stderr and ": submitted, not started (Ray job demo-" in status.stderr
+    assert "no imagemill job found" not in status.stderr
+
+
+def test_a_remote_cluster_gets_the_local_input_and_model_uploaded(ray_head, tmp_path):
+    """Through the node's address the cluster counts as remote: the demo's local prompts and model go
+    with the job (its working directory), and a local output is refused unless it is shared."""
+    demo = _demo_copy(tmp_path / "demo")
+    refused = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.remote, cwd=demo)
+    assert refused.returncode == 2
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"imagemill: error: output.path {demo / 'output' / 'demo'} is a local path")
+    ), refused.stderr
+    assert "--shared-path" in refused.stderr
+
+    output = f"{make_bucket('remote-demo')}/demo"
+    done = run_cli(
+        "submit", "jobs/demo.yaml", "--address", ray_head.remote, "--set", f"output.path={output}", cwd=demo
+    )
+    assert done.returncode == 0 and ": SUCCEEDED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    check_output(output, _demo_ids(), 32, 32)
+    import s3fs
+
+    record = json.loads(s3fs.S3FileSystem().cat_file(f"{output}/_job.json"))
+    for uploaded in (record["spec"]["input"]["path"], record["spec"]["model"]["source"]):
+        assert "/uploaded/" in uploaded and "_ray_pkg_" in uploaded, uploaded  # the job's copies
+
+
+def test_a_cluster_with_token_authentication_names_what_the_client_needs(ray_head, tmp_path, monkeypatch):
+    demo = _demo_copy(tmp_path / "demo")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    done = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, cwd=demo)
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"imagemill: error: cannot reach the Ray cluster at {ray_head.local}: "), line
+    assert "RAY_AUTH_MODE=token" in line and "RAY_AUTH_TOKEN" in line and "RAY_AUTH_TOKEN_PATH" in line
+
+
+def test_a_local_output_for_a_remote_cluster_is_refused_before_contacting_it(tmp_path, tiny_model):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: {{path: {tmp_path}}}\noutput: {{path: out}}\nmodel: {{source: {tiny_model}}}\n")
+    address = "http://ray-head.example.internal:8265"
+    refused = run_cli("submit", str(job), "--address", address, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"imagemill: error: output.path {tmp_path / 'out'} is a local path: the job on {address} would "
+        "write it on the node it runs on; use a URL (s3://...), or pass --shared-path if it is storage "
+        "mounted at the same place on every node"
+    )
+    shared = run_cli("submit", str(job), "--address", address, "--shared-path", cwd=tmp_path)
+    assert shared.returncode == 2 and "cannot reach the Ray cluster at" in shared.stderr, shared.stderr
 
 
 def test_submit_names_an_unreachable_cluster(tmp_path, tiny_model):

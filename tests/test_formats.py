@@ -14,7 +14,9 @@ from conftest import prompt_table, read_metadata
 from PIL import Image
 
 import imagemill
-from imagemill.output import sample_key
+from imagemill.output import OutputLayout, sample_key
+from imagemill.records import MetadataRow
+from imagemill.workers.writers import TarWriter
 
 SIZE = 32
 # Two input files of 6 rows, one shard each; "b.v2" puts a dot in a shard id, which WebDataset keys
@@ -178,3 +180,40 @@ def test_sample_keys_have_no_dots_and_stay_distinct():
     assert sample_key("a-rg00000-00002", 7) == "a-rg00000-00002-000007"
     dotted, cleaned = sample_key("b.v2-rg00000-00002", 5), sample_key("b_v2-rg00000-00002", 5)
     assert "." not in dotted and dotted.endswith("-000005") and dotted != cleaned
+
+
+def _tar_row(row_id: str, negative_prompt: str | None) -> MetadataRow:
+    return MetadataRow(
+        id=row_id, prompt=f"a prompt for {row_id}", prompt_truncated=False, negative_prompt=negative_prompt,
+        seed=1, num_inference_steps=2, guidance_scale=3.0, width=SIZE, height=SIZE, status="ok",
+        sha256="0" * 64, model="tiny", input_file="in.parquet", input_row=0,
+    )  # fmt: skip
+
+
+def test_webdataset_json_fields_keep_one_type_across_tars(tmp_path):
+    """`datasets` infers a WebDataset's features from the first tar's samples: a negative prompt that
+    no row of the first tar has and rows of a later tar have must still load, as a string throughout
+    ("" for none; the metadata Parquet keeps the null)."""
+    import datasets
+
+    output = OutputLayout(str(tmp_path / "out"))
+    png = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (10, 20, 30)).save(png, format="PNG")
+    tars = []
+    for shard_id, negative in (("first", None), ("second", "blurry")):
+        writer = TarWriter(output, shard_id, "png")
+        rows = [(i, _tar_row(f"{shard_id}-{i}", negative), png.getvalue()) for i in range(3)]
+        tars.append(tmp_path / f"{shard_id}.tar")
+        tars[-1].write_bytes(writer.build(rows))
+
+    dataset = datasets.load_dataset(
+        "webdataset", data_files=[str(tar) for tar in tars], split="train", cache_dir=str(tmp_path / "hf")
+    )
+    records = {record["json"]["id"]: record["json"] for record in dataset}
+    assert len(records) == 6
+    assert records["first-0"]["parameters"]["negative_prompt"] == ""
+    assert records["second-0"]["parameters"]["negative_prompt"] == "blurry"
+    assert (
+        records["first-0"]["expanded_prompt"] == ""
+        and records["second-0"]["prompt"] == "a prompt for second-0"
+    )

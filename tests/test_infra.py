@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import tomllib
 from datetime import date
 from functools import cache
@@ -17,6 +18,7 @@ import yaml
 
 import imagemill.runner
 from imagemill import cli
+from imagemill.outcome import COMPLETE
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -103,11 +105,12 @@ def run_entrypoint(entrypoint: str, monkeypatch) -> imagemill.JobSpec:
 
     class Finished:
         complete = True
+        state = COMPLETE
 
         def summary(self) -> str:
             return "stubbed"
 
-    def fake_run(spec, progress=True, overwrite=False):
+    def fake_run(spec, progress=True, **options):  # overwrite, redo_changed: the CLI's flags
         specs.append(spec)
         return Finished()
 
@@ -139,7 +142,34 @@ def test_dockerfile_pins_torch_from_the_cuda_index_and_keeps_the_image_ray():
     assert len(versions) == 1, f"torch pinned to several versions: {versions}"  # the constraint too
     # pip must not swap the base image's Ray for another version while installing imagemill
     ray_version = base_image_tag().split("-")[0]
-    assert any(f"ray=={ray_version}" in run for run in runs), f"no ray=={ray_version} constraint"
+    assert f"ray=={ray_version}\n" in (INFRA / "constraints.txt").read_text(), f"no ray=={ray_version} pin"
+
+
+def test_dockerfile_installs_the_locked_versions_of_the_tested_virtualenv():
+    """A tag rebuilds the same: every dependency imagemill installs is pinned in infra/constraints.txt,
+    the file is what infra/lock_constraints.py makes from this virtualenv, and pip installs with it."""
+    lines = [
+        line for line in (INFRA / "constraints.txt").read_text().splitlines() if not line.startswith("#")
+    ]
+    pins = dict(line.split("==") for line in lines)
+    assert all(re.fullmatch(r"[a-z0-9-]+==\d[\w.+!-]*", line) for line in lines), lines
+    with open(REPO / "pyproject.toml", "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    direct = {re.split(r"[\[<>=~; ]", d, maxsplit=1)[0].lower() for d in dependencies} - {"torch"}
+    assert direct | {"boto3", "torchao", "botocore"} <= set(pins), direct - set(pins)
+    assert "torch" not in pins  # the CUDA build, pinned in the Dockerfile from PyTorch's index
+
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("lock_constraints", INFRA / "lock_constraints.py")
+    lock = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(lock)
+    assert lock.main(["--check"]) == 0, "infra/constraints.txt is stale: run infra/lock_constraints.py"
+
+    copied = [shlex.split(args) for args in instructions("COPY")]
+    (target,) = [args[-1] for args in copied if "infra/constraints.txt" in args]
+    installs = [run for run in instructions("RUN") if "pip install" in run and " . " in f"{run} "]
+    assert installs and all(f"-c {target}" in run for run in installs), installs
 
 
 def test_dockerfile_installs_imagemill_after_copying_its_sources():
@@ -346,6 +376,62 @@ def test_cronjob_creates_a_dated_rayjob_that_imagemill_accepts(monkeypatch):
     assert dated["spec"] == {**rayjob()["spec"], "entrypoint": dated["spec"]["entrypoint"]}
     spec = run_entrypoint(dated["spec"]["entrypoint"], monkeypatch)
     assert NIGHT.isoformat() in spec.output.path, "the dated entrypoint does not fill {date}"
+
+
+def test_cronjob_deletes_the_old_dated_rayjobs_only(tmp_path):
+    """The CronJob's script, run by sh with a stand-in kubectl: it creates tonight's RayJob and deletes
+    the dated RayJobs but the newest KEEP_RAYJOBS (Kubernetes deletes their clusters with them)."""
+    pod = cronjob()["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    script = "\n".join(container["args"]).replace(mount["mountPath"], str(tmp_path))
+    (tmp_path / "rayjob.yaml").write_text((INFRA / "kuberay-rayjob.yaml").read_text())
+    old = [f"rayjob.ray.io/imagemill-nightly-2026-10-{day:02d}" for day in range(20, 32)]
+    kubectl = tmp_path / "bin" / "kubectl"
+    kubectl.parent.mkdir()
+    kubectl.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {tmp_path}/calls\n'
+        'case "$*" in\n'
+        '  "get rayjobs -o name") printf "%s\\n" rayjob.ray.io/imagemill-nightly rayjob.ray.io/other '
+        + " ".join(reversed(old))
+        + " ;;\n"
+        '  "get rayjob "*) exit 1 ;;\n'
+        '  "create -f -") cat > /dev/null ;;\n'
+        "esac\n"
+    )
+    kubectl.chmod(0o755)
+    keep = {item["name"]: item["value"] for item in container["env"]}["KEEP_RAYJOBS"]
+    env = {"PATH": f"{kubectl.parent}:/usr/bin:/bin", "KEEP_RAYJOBS": keep}
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert "create -f -" in calls
+    deleted = [call.removeprefix("delete ") for call in calls if call.startswith("delete")]
+    assert deleted == old[: len(old) - int(keep)]  # the oldest; never the undated or another RayJob
+
+    (role,) = [doc for doc in cron_documents() if doc["kind"] == "Role"]
+    verbs = {verb for rule in role["rules"] if "rayjobs" in rule["resources"] for verb in rule["verbs"]}
+    assert {"list", "delete"} <= verbs
+
+
+def test_cronjob_role_binding_names_the_namespace_it_is_applied_in():
+    (binding,) = [doc for doc in cron_documents() if doc["kind"] == "RoleBinding"]
+    (subject,) = binding["subjects"]
+    placeholder = subject["namespace"]
+    assert placeholder != "default" and not re.fullmatch(r"[a-z0-9-]+", placeholder), (
+        "a namespace name the API server would accept: it must be filled in when applied"
+    )
+    fill = f'sed "s/{placeholder}/$NS/" infra/nightly-cronjob.yaml | kubectl apply -n "$NS" -f -'
+    assert fill in (INFRA / "nightly-cronjob.yaml").read_text() and fill in (INFRA / "README.md").read_text()
+
+
+def test_launcher_dashboard_is_not_exposed_without_authentication():
+    """Ray 2.60 has no token authentication on launcher clusters: the dashboard (the Jobs API runs
+    any command) listens on the head's loopback, reached through `ray dashboard`'s SSH tunnel."""
+    commands = " ".join(launcher()["head_start_ray_commands"])
+    (host,) = re.findall(r"--dashboard-host[= ](\S+)", commands)
+    assert host == "127.0.0.1"
 
 
 def test_infra_readme_names_every_file():

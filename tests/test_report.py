@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from imagemill.output import JOB_RECORD, OutputLayout
-from imagemill.records import ClipScoreSummary
+from imagemill.records import PROMPT_CHARS, ClipScoreSummary
 from imagemill.report import write_report
 from imagemill.workers.encoding import thumbnail_data_uri
 
@@ -386,3 +386,123 @@ def test_browser_screenshot_shows_the_thumbnails(rendered):
     for colour in (RED, GREEN, BLUE):  # each solid thumbnail was decoded and painted
         close = (np.abs(pixels - np.array(colour)).max(axis=2) < 40).sum()
         assert close >= 0.8 * THUMB_SIDE * THUMB_SIDE, (colour, close)
+
+
+# --- read by a person ----------------------------------------------------------------------------------
+
+
+def test_times_read_as_a_clock_and_durations(tmp_path):
+    """No microsecond ISO stamps on the page: the start to the second, and how long it ran."""
+    started = START + timedelta(microseconds=123456)
+    extra = {"started_at": started.isoformat(), "ended_at": (started + timedelta(seconds=600)).isoformat()}
+    report = write_report(make_output(tmp_path, record_extra=extra))
+    assert report["duration_seconds"] == 600.0
+    header = (tmp_path / "report.html").read_text().split('id="job"', 1)[1].split("</header>", 1)[0]
+    assert "started 2025-01-01 00:00:00 UTC, ran 10 min 0 s" in header
+    assert "123456" not in header and "+00:00" not in header
+
+
+def test_throughput_over_the_generation_window_beside_the_wall_clock(tmp_path):
+    """The job ran 600 s; its shards generated from the first one's start (90 - 60 = 30 s) to the
+    last one's finish (599 s): 37 images over 569 s, beside 37 over the 600 s of the whole job."""
+    report = write_report(make_output(tmp_path))
+    series = report["throughput"]
+    assert series["generation_seconds"] == 569.0
+    assert series["generation_images_per_second"] == pytest.approx(37 / 569, abs=1e-3)
+    assert series["wall_clock_seconds"] == 600.0
+    assert series["wall_clock_images_per_second"] == pytest.approx(37 / 600, abs=1e-3)
+    section = (tmp_path / "report.html").read_text().split('id="throughput"', 1)[1].split("</section>", 1)[0]
+    assert "0.065 images/s while generating (9 min 29 s)" in section
+    assert "0.062 images/s over the whole job (10 min 0 s)" in section
+    assert "minutes since start" in section
+
+
+def test_a_short_job_has_its_time_axis_in_seconds(tmp_path):
+    shards = [
+        shard("a-rg0-1", 12, 10.0, 10, 10, {}, []),
+        shard("a-rg1-2", 25, 12.0, 10, 10, {}, []),
+        shard("b-rg0-1", 40, 14.0, 10, 10, {}, []),
+    ]
+    extra = {"ended_at": (START + timedelta(seconds=41)).isoformat(), "failed_shards": []}
+    report = write_report(make_output(tmp_path, shards, extra))
+    assert report["throughput"]["bucket_seconds"] == 1
+    section = (tmp_path / "report.html").read_text().split('id="throughput"', 1)[1].split("</section>", 1)[0]
+    assert "seconds since start" in section and "minutes since start" not in section
+    assert '<text x="700" y="234" text-anchor="end">40</text>' in section  # the axis ends at 40 s
+
+
+def test_small_thumbnails_are_enlarged_pixelated(tmp_path):
+    tiny = {"id": "t-0", "prompt": "a red circle", "seed": 1, "thumbnail": thumbnail_data_uri(
+        np.full((32, 32, 3), RED, dtype=np.uint8))}  # fmt: skip
+    write_report(make_output(tmp_path, [shard("a-rg0-1", 90, 60.0, 10, 10, {}, [tiny])]))
+    html = (tmp_path / "report.html").read_text()
+    rule = html.split("#contact-sheet img {", 1)[1].split("}", 1)[0]
+    assert "image-rendering: pixelated" in rule and "width: 96px" in rule and "height: 96px" in rule
+
+
+def test_error_reasons_come_with_example_messages(tmp_path):
+    examples = [
+        {"invalid_prompt": ["invalid_prompt: prompt is null"], "model_rejected": ["model_rejected: <size>"]},
+        {"invalid_prompt": ["invalid_prompt: prompt is empty", "invalid_prompt: prompt is not a string"]},
+    ]
+    counts = [{"invalid_prompt": 1, "model_rejected": 1}, {"invalid_prompt": 3}]
+    shards = [
+        {
+            **stats,
+            "ok": stats["rows"] - sum(errors.values()),
+            "errors_by_reason": errors,
+            "error_examples": found,
+        }
+        for stats, errors, found in zip(SHARDS[:2], counts, examples, strict=True)
+    ]
+    report = write_report(make_output(tmp_path, shards))
+    assert report["errors_by_reason"] == {"invalid_prompt": 4, "model_rejected": 1}
+    assert report["error_examples"] == {
+        "invalid_prompt": ["invalid_prompt: prompt is null", "invalid_prompt: prompt is empty"],
+        "model_rejected": ["model_rejected: <size>"],
+    }
+    section = (tmp_path / "report.html").read_text().split('id="errors"', 1)[1].split("</section>", 1)[0]
+    assert "<th>examples</th>" in section and "invalid_prompt: prompt is empty" in section
+    assert "model_rejected: &lt;size&gt;" in section
+
+
+def test_a_huge_prompt_does_not_make_a_huge_report(tmp_path):
+    huge = "a cat " * 200_000  # 1.2 MB
+    write_report(make_output(tmp_path, [shard("a-rg0-1", 90, 60.0, 10, 10, {}, [sample("h", huge, 1, RED)])]))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["samples"][0]["prompt"]) <= PROMPT_CHARS + 1 and report["samples"][0][
+        "prompt"
+    ].endswith("…")
+    assert (tmp_path / "report.html").stat().st_size < 50_000
+
+
+def test_a_shards_stats_keep_capped_prompts_and_a_few_error_messages():
+    """What the actor writes for the report: sample prompts cut to PROMPT_CHARS, and per error reason
+    up to two distinct messages, each cut as well."""
+    from imagemill.shards import Shard
+    from imagemill.workers.rows import Row
+    from imagemill.workers.shard_records import ShardRun
+
+    def row(index: int, prompt, error: str | None = None) -> Row:
+        return Row(
+            index=index, input_row=index, row_id=f"r{index}", prompt=prompt, negative_prompt=None, seed=1,
+            width=8, height=8, num_inference_steps=1, guidance_scale=1.0, error=error,
+        )  # fmt: skip
+
+    run = ShardRun(shard=Shard("s", "in.parquet", "in", 0, 1, 0, 5), model="tiny")
+    long_error = "model_rejected: " + "z" * 1000
+    run.rows = [
+        row(0, "a cat " * 200_000),
+        row(1, None, "invalid_prompt: prompt is null"),
+        row(2, "", "invalid_prompt: prompt is empty"),
+        row(3, 5, "invalid_prompt: prompt is not a string"),
+        row(4, "ok", long_error),
+    ]
+    run.add_samples([(run.rows[0], np.zeros((8, 8, 3), dtype=np.uint8))])
+    stats = run.stats("cpu")
+    assert stats.samples[0].prompt == ("a cat " * 50) + "…"
+    assert stats.errors_by_reason == {"invalid_prompt": 3, "model_rejected": 1}
+    assert stats.error_examples == {
+        "invalid_prompt": ["invalid_prompt: prompt is null", "invalid_prompt: prompt is empty"],
+        "model_rejected": [long_error[:PROMPT_CHARS] + "…"],
+    }

@@ -212,7 +212,7 @@ def test_a_submitted_job_carries_its_settings_in_a_file_not_on_its_command_line(
     written = write_job_spec(spec, tmp_path / "workdir")
 
     assert SECRET not in command and "--set" not in command and "--date" not in command
-    assert shlex.split(command)[:3] == ["imagemill", "run", "job.yaml"]
+    assert shlex.split(command)[-5:] == ["-m", "imagemill.cli", "run", "job.yaml", "--no-progress"]
     resolved = load_spec(written)
     assert resolved.input.storage_options == {"key": SECRET} and resolved.workers.batch_size == 2
     assert resolved.fingerprint() == spec.fingerprint()

@@ -21,6 +21,8 @@ from imagemill.errors import ImagemillError
 from imagemill.spec import ExpansionSpec, ModelSpec, ScoringSpec
 from imagemill.workers.model_source import fetch_model_dir
 
+CORRUPT = "Unable to load weights"  # how diffusers and transformers say a weights file did not read
+
 
 @dataclass
 class Pretrained:
@@ -75,7 +77,8 @@ class Pretrained:
         try:
             return load(*args, use_safetensors=self._use_safetensors, **kwargs)
         except OSError as exc:
-            if not self.safetensors_only or "safetensors" not in str(exc):
+            # A safetensors file that is there but does not read is another problem: say it as it is.
+            if not self.safetensors_only or "safetensors" not in str(exc) or CORRUPT in str(exc):
                 raise
             reason = " ".join(str(exc).split())[:300]
             raise ImagemillError(

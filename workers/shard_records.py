@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats
+from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats, add_error_example, capped
 from imagemill.shards import Shard
 from imagemill.workers.encoding import thumbnail_data_uri
 from imagemill.workers.rows import Row
@@ -87,8 +87,8 @@ class ShardRun:
             self.samples.append(
                 Sample(
                     id=row.row_id,
-                    prompt=row.prompt,
-                    expanded_prompt=row.expanded_prompt,
+                    prompt=capped(row.prompt),
+                    expanded_prompt=capped(row.expanded_prompt),
                     seed=row.seed,
                     thumbnail=thumbnail_data_uri(image),
                 )
@@ -104,6 +104,10 @@ class ShardRun:
         statuses = Counter(record.status for record in self.written.values())
         scores = [record.clip_score for record in self.written.values() if record.clip_score is not None]
         seconds = time.time() - self.started
+        examples: dict[str, list[str]] = {}
+        for row in self.rows:
+            if row.error:
+                add_error_example(examples, row.error)
         return ShardStats(
             shard_id=self.shard.shard_id,
             run_id=run_id,
@@ -113,6 +117,7 @@ class ShardRun:
             filtered=statuses["filtered"],
             error=len(self.rows) - len(self.written),
             errors_by_reason=dict(Counter(row.error.split(":", 1)[0] for row in self.rows if row.error)),
+            error_examples=examples,
             finished_at=datetime.now(UTC).isoformat(),
             seconds=round(seconds, 3),
             write_wait_seconds=round(self.write_wait_seconds, 3),

@@ -36,6 +36,10 @@ from imagemill.spec import IMAGE_EXTENSIONS, OutputSpec
 
 # Generation parameters grouped under "parameters" in a WebDataset sample's JSON.
 SAMPLE_PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale", "prompt_truncated", "model")
+# Text fields a row may leave empty. Readers that infer a schema from the first samples (`datasets`'
+# webdataset loader reads 5 of the first tar) would type a field null there and fail on a later tar's
+# string, so the JSON writes "" for none; the metadata Parquet, which has a schema, keeps the null.
+SAMPLE_TEXT_FIELDS = ("negative_prompt", "expanded_prompt")
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image storage
 _HF_DTYPES = {pa.string(): "string", pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64"}
@@ -154,6 +158,7 @@ class TarWriter(BufferedWriter):
             "status",
             "clip_score",
         )
+        row = replace(row, **{name: getattr(row, name) or "" for name in SAMPLE_TEXT_FIELDS})
         sample: dict[str, Any] = {name: getattr(row, name) for name in names}
         sample["parameters"] = {name: getattr(row, name) for name in SAMPLE_PARAMETERS}
         return json.dumps(sample, sort_keys=True, allow_nan=False).encode()
