@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.errors import ImagemillError
 from imagemill.expanders import start_expanders, stop_expanders
+from imagemill.placement import WorkerDemand, placeable_workers
 from imagemill.records import ShardStats
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 _NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 SHARDS_PER_ACTOR = 2
 GROWTH_CHECK_SECONDS = 5.0
+WAIT_LOG_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ def worker_count(spec: JobSpec, uses_gpu: bool) -> int:
     if uses_gpu:
         return max(1, int(resources.get("GPU", 0)))
     return max(1, int(resources.get("CPU", 1) // spec.workers.num_cpus_per_worker))
+
+
+def ray_logs_dir() -> str:
+    """The session log folder of the Ray node the driver runs on, where actors' output stays."""
+    node = ray._private.worker.global_worker.node
+    return node.get_logs_dir_path() if node is not None else "the Ray session's logs folder"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -83,6 +91,7 @@ class ShardScheduler:
             "max_concurrency": SHARDS_PER_ACTOR,
         }
         self.uses_gpu = uses_gpu
+        self.demand = WorkerDemand(spec.workers.num_cpus_per_worker, self.actor_options["num_gpus"])
         self.num_workers = worker_count(spec, uses_gpu)
         self.replacements_left = 2 * self.num_workers + 2
         self.actors_started = 0
@@ -94,8 +103,10 @@ class ShardScheduler:
         self.failures: list[ShardFailure] = []
         self.alive: list[Any] = []  # actors that loaded the model and take shards
         self.tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}  # process_shard calls → (actor, shard)
-        self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of replacement actors → the actor
+        self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of actors not yet in the pool → the actor
         self.next_growth_check = 0.0
+        self.next_wait_log = 0.0
+        self.loaded_once = False  # until an actor loads the model, a load error ends the job
 
     def _new_actor(self) -> Any:
         """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
@@ -103,20 +114,32 @@ class ShardScheduler:
         name = f"imagemill:{self.spec.name}:{self.run_token}:{self.actors_started}"
         return self.actor_class.options(name=name, **self.actor_options).remote(self.spec, self.expanders)
 
-    def _start_workers(self) -> list[Any]:
-        """Start the pool and wait until every actor has loaded the model, so load errors surface early."""
+    def _start_workers(self) -> None:
+        """Start the pool: the actors that can be placed (imagemill.placement) join it one by one
+        as they load the model (`_join`), so work starts as soon as the first one is ready."""
         self.expanders = start_expanders(self.spec, f"imagemill:{self.spec.name}:{self.run_token}", _one_line)
-        actors = [self._new_actor() for _ in range(self.num_workers)]
-        try:
-            ray.get([actor.ready.remote() for actor in actors])
-        except (RayActorError, RayTaskError) as exc:
-            for actor in actors:
-                ray.kill(actor)
-            stop_expanders(self.expanders)
-            raise ImagemillError(
-                f"workers could not load model {self.spec.model.source}: {_one_line(exc)}"
-            ) from None
-        return actors
+        for _ in range(placeable_workers(self.demand, self.num_workers)):
+            self._start_actor()
+
+    def _load_failed(self, exc: BaseException) -> None:
+        """No actor has loaded the model and one could not: stop the job in one line."""
+        for actor in self.starting.values():
+            ray.kill(actor)
+        stop_expanders(self.expanders)
+        raise ImagemillError(
+            f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
+            f"(the actors' output is in Ray's logs: {ray_logs_dir()})"
+        ) from None
+
+    def _log_waiting(self) -> None:
+        """While no actor has been placed, say so every WAIT_LOG_SECONDS instead of hanging silently."""
+        if self.alive or not self.starting or time.monotonic() < self.next_wait_log:
+            return
+        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
+        log.info(
+            "waiting for %s to be placed and load the model (`ray status` shows pending demands)",
+            self.demand.describe(len(self.starting)),
+        )
 
     def run(self, shards: list[Shard], on_done: Callable[[ShardStats], None]) -> list[ShardFailure]:
         """Process every shard; returns the shards that failed all their attempts.
@@ -125,12 +148,14 @@ class ShardScheduler:
         placed (its node is gone and no other has room) never holds shards: the others finish them.
         """
         self.queue.extend(shards)
-        self.alive = self._start_workers()
+        self._start_workers()
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
+        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
         self._feed_all()
         while self.tasks or (self.queue and self.starting):
             ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
             self._grow_with_cluster()
+            self._log_waiting()
             if not ready:
                 continue
             [ref] = ready
@@ -157,13 +182,16 @@ class ShardScheduler:
                 self.tasks[actor.process_shard.remote(shard)] = (actor, shard)
 
     def _join(self, ref: ray.ObjectRef) -> None:
-        """A replacement actor answered `ready`: it joins the pool, or, if it failed to load, another
-        replacement is started."""
+        """An actor answered `ready`: it joins the pool; if it failed to load, the job stops when no
+        actor has loaded yet (the model does not load), else another replacement is started."""
         actor = self.starting.pop(ref)
         try:
             ray.get(ref)
             self.alive.append(actor)
+            self.loaded_once = True
         except (RayActorError, RayTaskError) as exc:
+            if not self.loaded_once:
+                self._load_failed(exc)
             log.warning("a replacement worker failed to start: %s", _one_line(exc))
             self._start_replacement()
 
