@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -38,12 +37,11 @@ class WorkerDemand:
         return f"{count} workers × ({self.num_cpus:g} CPU{gpus})"
 
     def fits_on(self, resources: dict[str, float]) -> int:
-        """How many of these actors a node with `resources` holds."""
-        counts = [resources.get("CPU", 0) // self.num_cpus if self.num_cpus else math.inf]
+        """How many of these actors a node with `resources` holds (num_cpus is above 0: spec.py)."""
+        counts = [resources.get("CPU", 0) // self.num_cpus]
         if self.num_gpus:
             counts.append(resources.get("GPU", 0) // self.num_gpus)
-        held = min(counts)
-        return int(held) if held != math.inf else 1_000_000
+        return int(min(counts))
 
 
 def _node_resources() -> list[dict[str, float]]:

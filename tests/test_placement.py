@@ -44,12 +44,22 @@ def _job(tmp_path, workers: str, model: str = "{kind: noop}") -> str:
     return str(job)
 
 
-def test_more_workers_than_fit_run_every_shard_on_those_that_do(tmp_path):
+@pytest.mark.parametrize("can_grow", [False, True])
+def test_more_workers_than_fit_run_every_shard_on_those_that_do(tmp_path, can_grow):
+    """Without an autoscaler, only the workers that fit are started; with one (IMAGEMILL_WAIT_FOR_RESOURCES
+    stands in for it), all are asked for and the job runs on those placed while the third stays pending."""
     rows = write_prompt_files(str(tmp_path / "prompts"), n_files=2, rows_per_file=20, row_group_size=10)
-    done = _run_on_two_cpus(_job(tmp_path, "{num_cpus_per_worker: 1, batch_size: 5}"), "--num-workers", "3")
+    job = _job(tmp_path, "{num_cpus_per_worker: 1, batch_size: 5}")
+    done = _run_on_two_cpus(
+        job, "--num-workers", "3", **({"IMAGEMILL_WAIT_FOR_RESOURCES": "1"} if can_grow else {})
+    )
     assert done.returncode == 0, done.stderr
-    [line] = [line for line in done.stderr.splitlines() if "cannot be placed" in line]
-    assert "1 of 3 workers cannot be placed (the cluster has 2 CPU, no autoscaler); running on 2" in line
+    placed = [line for line in done.stderr.splitlines() if "cannot be placed" in line]
+    if can_grow:
+        assert not placed and "3 workers × (1 CPU) asked for, 2 fit now" in done.stderr, done.stderr
+    else:
+        [line] = placed
+        assert "1 of 3 workers cannot be placed (the cluster has 2 CPU, no autoscaler); running on 2" in line
     assert f"{rows} rows: {rows} ok, 0 error in 4/4 shards" in done.stdout
     check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 16, 16)
 
