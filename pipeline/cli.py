@@ -12,6 +12,7 @@ import sys
 from datetime import date
 from typing import Any
 
+from imagemill.console import quiet_console
 from imagemill.errors import ImagemillError
 from imagemill.redaction import Unexpected
 from imagemill.testing import FAMILIES
@@ -52,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     for flag, (field, kind, text) in COMMON_FLAGS.items():
         run.add_argument(flag, type=kind, help=f"{text} [{field}]")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: a progress line every 30 s (the default when stderr is not a terminal)",
+    )
     run.add_argument("--date", type=_day, help="the date that fills {date} in the spec (default: today, UTC)")
     run.add_argument(
         "--overwrite",
@@ -123,10 +128,11 @@ def _run(args: argparse.Namespace) -> int:
     from imagemill.redaction import hiding, redact, storage_option_values
     from imagemill.runner import run
     from imagemill.spec import load_spec
+    from imagemill.user_errors import as_user_errors
 
     spec = load_spec(args.spec, _overrides(args), day=args.date)
     secrets = storage_option_values(spec)
-    with hiding(secrets):
+    with hiding(secrets), as_user_errors():
         result = run(
             spec, progress=not args.no_progress, overwrite=args.overwrite, redo_changed=args.redo_changed
         )
@@ -162,9 +168,10 @@ def _status(args: argparse.Namespace) -> int:
     from imagemill.redaction import hiding, values_in
     from imagemill.spec import parse_overrides
     from imagemill.status import job_status
+    from imagemill.user_errors import as_user_errors
 
     options = dict(parse_overrides(args.storage_option, storage_options=True))
-    with hiding(values_in(options)):
+    with hiding(values_in(options)), as_user_errors():
         report = job_status(args.output, options)
     print(report.text())
     return 0 if report.state == COMPLETE else 1
@@ -172,6 +179,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_console()
     args = _parser().parse_args(argv)
     handlers = {"run": _run, "submit": _submit, "make-tiny-model": _make_tiny_model, "status": _status}
     try:

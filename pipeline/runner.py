@@ -17,8 +17,6 @@ from importlib import metadata
 from typing import Any
 
 import ray
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from imagemill.claim import claim_output
 from imagemill.inputs import FOOTERS, reconcile_inputs
@@ -26,6 +24,7 @@ from imagemill.lease import OutputLease
 from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
 from imagemill.output_location import check_output_location
+from imagemill.progress import progress_display
 from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
@@ -50,6 +49,7 @@ class JobResult:
     seconds: float
     failures: list[ShardFailure] = field(default_factory=list)
     filtered: int = 0  # rows done but scored below scoring.threshold
+    rows_run: int = 0  # images made by this run (the rate counts these)
 
     @property
     def complete(self) -> bool:
@@ -61,13 +61,19 @@ class JobResult:
         rows_done = self.ok + self.filtered + self.errors
         return job_state(self.shards_done, self.shards_total, rows_done, self.ok + self.filtered)
 
+    def _timing(self) -> str:
+        """This run's time and rate, or that it had nothing to do (a rate would then be noise)."""
+        if self.shards_run == 0 and not self.failures and self.complete:
+            return f"nothing to do: all {self.shards_total} shards were already done"
+        rate = self.rows_run / self.seconds if self.seconds else 0.0
+        return f"{self.seconds:.1f} s ({rate:.1f} images/s)"
+
     def summary(self) -> str:
-        rate = self.ok / self.seconds if self.seconds else 0.0
         filtered = f"{self.filtered} filtered, " if self.filtered else ""
         lines = [
             f"{self.rows_total} rows: {self.ok} ok, {filtered}{self.errors} error "
             f"in {self.shards_done}/{self.shards_total} shards ({self.shards_run} run now), "
-            f"{self.seconds:.1f} s ({rate:.1f} images/s) → {self.output}"
+            f"{self._timing()} → {self.output}"
         ]
         lines += [
             f"  error rows, {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())
@@ -96,7 +102,9 @@ def _versions() -> dict[str, str]:
 def _connect_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start a local one."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+        # Actors' output stays in Ray's logs (errors name the folder); Ray's own INFO lines stay off.
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def run(
@@ -138,6 +146,7 @@ def _run_owned(
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
     committed_before = len(committed)
+    done_before = set(committed)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
     failures = [
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
@@ -167,19 +176,13 @@ def _run_owned(
 
     if todo:
         _connect_ray()
-        bar = tqdm(
-            total=rows_total,
-            initial=sum(stats.rows for stats in committed.values()),
-            unit="img",
-            desc=spec.name,
-            disable=not progress,
-            mininterval=1.0,
-            smoothing=0.1,
+        display = progress_display(
+            spec.name, rows_total, sum(stats.rows for stats in committed.values()), shards_total, progress
         )
 
         def on_done(stats: ShardStats) -> None:
             committed[stats.shard_id] = stats
-            bar.update(stats.rows)
+            shown.update(stats.rows, len(committed))
             filtered = f", {stats.filtered} filtered" if spec.scoring else ""
             log.info(
                 "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
@@ -198,7 +201,7 @@ def _run_owned(
                 shards_total,
             )
 
-        with bar, logging_redirect_tqdm():
+        with display as shown:
             failures += ShardScheduler(spec, lease.run_id, on_ready=start_record).run(todo, on_done)
     else:
         start_record()
@@ -216,6 +219,7 @@ def _run_owned(
         seconds=time.time() - started,
         failures=failures,
         filtered=totals.filtered,
+        rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
     )
     record.update(
         ended_at=datetime.now(UTC).isoformat(),

@@ -23,6 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.errors import ImagemillError
 from imagemill.expanders import start_expanders, stop_expanders
+from imagemill.placement import WorkerDemand, placeable_workers
 from imagemill.records import ShardStats
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 _NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 SHARDS_PER_ACTOR = 2
 GROWTH_CHECK_SECONDS = 5.0
+WAIT_LOG_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,12 @@ def worker_count(spec: JobSpec, uses_gpu: bool) -> int:
     return max(1, int(resources.get("CPU", 1) // spec.workers.num_cpus_per_worker))
 
 
+def ray_logs_dir() -> str:
+    """The session log folder of the Ray node the driver runs on, where actors' output stays."""
+    node = ray._private.worker.global_worker.node
+    return node.get_logs_dir_path() if node is not None else "the Ray session's logs folder"
+
+
 def _one_line(exc: BaseException) -> str:
     """The underlying error of a Ray exception, without Ray's traceback: 'OSError: no file ...'."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
@@ -75,10 +83,9 @@ def _save_load_error(exc: BaseException, run_id: str) -> str:
     The user sees one line; the actor, which keeps the error for `ready()` instead of crashing, has
     printed nothing (a crashing actor's traceback and SIGABRT notice would bury that line).
     """
-    node = getattr(ray._private.worker, "_global_node", None)
-    folder = node.get_logs_dir_path() if node is not None else None
-    if folder is None or not os.path.isdir(folder):
-        return "Ray's session log folder"
+    folder = ray_logs_dir()
+    if not os.path.isdir(folder):
+        return folder
     path = os.path.join(folder, f"imagemill-{run_id}-model-load.log")
     with open(path, "w") as f:
         f.write(str(exc))
@@ -104,6 +111,7 @@ class ShardScheduler:
             "max_concurrency": SHARDS_PER_ACTOR,
         }
         self.uses_gpu = uses_gpu
+        self.demand = WorkerDemand(spec.workers.num_cpus_per_worker, self.actor_options["num_gpus"])
         self.num_workers = worker_count(spec, uses_gpu)
         self.replacements_left = 2 * self.num_workers + 2
         self.actors_started = 0
@@ -115,8 +123,10 @@ class ShardScheduler:
         self.failures: list[ShardFailure] = []
         self.alive: list[Any] = []  # actors that loaded the model and take shards
         self.tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}  # process_shard calls → (actor, shard)
-        self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of replacement actors → the actor
+        self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of actors not yet in the pool → the actor
         self.next_growth_check = 0.0
+        self.next_wait_log = 0.0
+        self.loaded_once = False  # until an actor loads the model, a load error ends the job
 
     def _new_actor(self) -> Any:
         """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
@@ -126,22 +136,32 @@ class ShardScheduler:
             self.spec, self.expanders, self.run_id
         )
 
-    def _start_workers(self) -> list[Any]:
-        """Start the pool and wait until every actor has loaded the model, so load errors surface early."""
+    def _start_workers(self) -> None:
+        """Start the pool: the actors that can be placed (imagemill.placement) join it one by one
+        as they load the model (`_join`), so work starts as soon as the first one is ready."""
         self.expanders = start_expanders(self.spec, f"imagemill:{self.spec.name}:{self.run_token}", _one_line)
-        actors = [self._new_actor() for _ in range(self.num_workers)]
-        try:
-            ray.get([actor.ready.remote() for actor in actors])
-        except (RayActorError, RayTaskError) as exc:
-            for actor in actors:
-                ray.kill(actor)
-            stop_expanders(self.expanders)
-            raise ImagemillError(
-                f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
-                f"(full traceback: {_save_load_error(exc, self.run_id)})"
-            ) from None
-        self.on_ready()
-        return actors
+        for _ in range(placeable_workers(self.demand, self.num_workers)):
+            self._start_actor()
+
+    def _load_failed(self, exc: BaseException) -> None:
+        """No actor has loaded the model and one could not: stop the job in one line."""
+        for actor in self.starting.values():
+            ray.kill(actor)
+        stop_expanders(self.expanders)
+        raise ImagemillError(
+            f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
+            f"(full traceback: {_save_load_error(exc, self.run_id)})"
+        ) from None
+
+    def _log_waiting(self) -> None:
+        """While no actor has been placed, say so every WAIT_LOG_SECONDS instead of hanging silently."""
+        if self.alive or not self.starting or time.monotonic() < self.next_wait_log:
+            return
+        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
+        log.info(
+            "waiting for %s to be placed and load the model (`ray status` shows pending demands)",
+            self.demand.describe(len(self.starting)),
+        )
 
     def run(self, shards: list[Shard], on_done: Callable[[ShardStats], None]) -> list[ShardFailure]:
         """Process every shard; returns the shards that failed all their attempts.
@@ -150,12 +170,14 @@ class ShardScheduler:
         placed (its node is gone and no other has room) never holds shards: the others finish them.
         """
         self.queue.extend(shards)
-        self.alive = self._start_workers()
+        self._start_workers()
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
+        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
         self._feed_all()
         while self.tasks or (self.queue and self.starting):
             ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
             self._grow_with_cluster()
+            self._log_waiting()
             if not ready:
                 continue
             [ref] = ready
@@ -182,16 +204,22 @@ class ShardScheduler:
                 self.tasks[actor.process_shard.remote(shard)] = (actor, shard)
 
     def _join(self, ref: ray.ObjectRef) -> None:
-        """A replacement actor answered `ready`: it joins the pool, or, if it failed to load, another
-        replacement is started."""
+        """An actor answered `ready`: it joins the pool; if it failed to load, the job stops when no
+        actor has loaded yet (the model does not load), else another replacement is started."""
         actor = self.starting.pop(ref)
         try:
             ray.get(ref)
-            self.alive.append(actor)
         except (RayActorError, RayTaskError) as exc:
-            log.warning("a replacement worker failed to start: %s", _one_line(exc))
             ray.kill(actor)  # one that could not load its model is still alive
+            if not self.loaded_once:
+                self._load_failed(exc)
+            log.warning("a replacement worker failed to start: %s", _one_line(exc))
             self._start_replacement()
+            return
+        if not self.loaded_once:
+            self.loaded_once = True
+            self.on_ready()  # the job record is written now: a model that never loads leaves none
+        self.alive.append(actor)
 
     def _finish(self, ref: ray.ObjectRef, on_done: Callable[[ShardStats], None]) -> None:
         """A shard call returned: its stats go to `on_done`; a failed shard is retried, and a dead
