@@ -24,10 +24,11 @@ from imagemill.errors import ImagemillError
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.pieces import serving_pieces
 from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
-from imagemill.shards import plan_shards
+from imagemill.shards import plan_shards, resume_whole_group_shards
 from imagemill.spec import JobSpec
 from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
 
@@ -146,6 +147,7 @@ def run(
     _claim_output(spec, output, overwrite)
     stored = committed_shards(output)
     redone = reconcile_inputs(output, plan, stored, redo_changed)
+    plan = resume_whole_group_shards(plan, set(stored) - redone)
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
     committed_before = len(committed)
@@ -204,8 +206,8 @@ def run(
                 shards_total,
             )
 
-        with bar, logging_redirect_tqdm():
-            failures += ShardScheduler(spec).run(todo, on_done)
+        with bar, logging_redirect_tqdm(), serving_pieces(spec, todo) as served:
+            failures += ShardScheduler(spec).run(served, on_done)
 
     totals = shard_totals(committed.values())
     result = JobResult(
