@@ -100,4 +100,8 @@ def read_piece(shard: Shard) -> pa.Table:
     if server is None:
         server = _servers[shard.piece_server] = ray.get_actor(shard.piece_server)
     call = server.piece.remote(shard.file_url, shard.row_group_start, shard.row_offset, shard.num_rows)
-    return pa.ipc.open_stream(ray.get(call)).read_all()
+    try:
+        data = ray.get(call)
+    except ray.exceptions.RayActorError as exc:  # else the driver would take this worker for dead
+        raise RuntimeError(f"the piece server died and could not be restarted: {exc}") from None
+    return pa.ipc.open_stream(data).read_all()
