@@ -24,11 +24,12 @@ from imagemill.lease import OutputLease
 from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
 from imagemill.output_location import check_output_location
+from imagemill.pieces import serving_pieces
 from imagemill.progress import progress_display
 from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
-from imagemill.shards import ShardPlan, plan_shards
+from imagemill.shards import ShardPlan, plan_shards, resume_whole_group_shards
 from imagemill.spec import JobSpec
 from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
 
@@ -143,6 +144,7 @@ def _run_owned(
     claim_output(spec, output, plan, overwrite)
     stored = committed_shards(output)
     redone = reconcile_inputs(output, plan, stored, redo_changed)
+    plan = resume_whole_group_shards(plan, set(stored) - redone)
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
     committed_before = len(committed)
@@ -201,8 +203,9 @@ def _run_owned(
                 shards_total,
             )
 
-        with display as shown:
-            failures += ShardScheduler(spec, lease.run_id, on_ready=start_record).run(todo, on_done)
+        with display as shown, serving_pieces(spec, todo) as served:
+            scheduler = ShardScheduler(spec, lease.run_id, on_ready=start_record)
+            failures += scheduler.run(served, on_done)
     else:
         start_record()
 

@@ -1,9 +1,11 @@
-"""Shard planning on the driver: input files → shards of Parquet row groups, from the footers alone.
+"""Shard planning on the driver: input files → shards of about rows_per_shard rows, from the footers alone.
 
-A shard is a descriptor (file, row-group range), never data: the driver reads only Parquet footers,
-so planning costs the same for a thousand rows or a billion. Shard ids and derived row ids come from
-the input file's path relative to the input root, so they stay the same from one run to the next and
-new files added to the input get new ids while old ones keep theirs.
+A shard is a descriptor, never data: either whole row groups (file, row-group range) or, for a row
+group larger than `rows_per_shard`, a row range of that one row group (a piece; its rows are read
+once per run for all its pieces, workers/row_group_pieces.py). The driver reads only Parquet
+footers, so planning costs the same for a thousand rows or a billion. Shard ids and derived row ids
+come from the input file's path relative to the input root, so they stay the same from one run to
+the next and new files added to the input get new ids while old ones keep theirs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +24,7 @@ from imagemill.storage import filesystem
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+PARQUET_MAGIC = b"PAR1"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class Shard:
     row_group_end: int  # exclusive
     first_row: int  # index in the file of the shard's first row
     num_rows: int
+    # A piece: the shard is num_rows rows of row group row_group_start from this row of it on.
+    # None: the shard is its row groups, whole.
+    row_offset: int | None = None
+    # The named actor that serves a piece's rows in this run (set by the driver when the run starts).
+    piece_server: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ class ShardPlan:
     files: list[str]
     unreadable: list[UnreadableFile]
     footers: dict[str, str] = field(default_factory=dict)  # readable file URL → footer_digest
+    # Files with a row group cut into pieces → the whole-row-group shards imagemill cut them into
+    # before pieces existed; an output that committed one of those resumes that file with them.
+    whole_group_shards: dict[str, list[Shard]] = field(default_factory=dict)
 
     @property
     def total_rows(self) -> int:
@@ -65,11 +76,20 @@ def file_key(relative_path: str) -> str:
     return f"{safe}-{hashlib.sha256(relative_path.encode()).hexdigest()[:8]}"
 
 
+def _is_parquet(fs, path: str) -> bool:
+    """A file a glob takes: named *.parquet, or starting with Parquet's magic bytes (README.txt and
+    _SUCCESS markers next to the data are not)."""
+    if path.endswith(".parquet"):
+        return True
+    with fs.open(path, "rb", cache_type="none") as f:
+        return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+
+
 def list_input_files(spec: InputSpec) -> tuple[list[str], str]:
     """The Parquet files named by a file, a folder or a glob, sorted, and the root they are relative to."""
     fs, path = filesystem(spec.path, spec.storage_options)
     if _GLOB_CHARS.search(path):
-        files = [f for f in fs.glob(path) if fs.isfile(f)]
+        files = [f for f in fs.glob(path) if fs.isfile(f) and _is_parquet(fs, f)]
         root = _GLOB_CHARS.split(path, maxsplit=1)[0].rpartition("/")[0]
     elif fs.isdir(path):
         files = [f for f in fs.find(path) if f.endswith(".parquet")]
@@ -80,7 +100,10 @@ def list_input_files(spec: InputSpec) -> tuple[list[str], str]:
     else:
         raise ImagemillError(f"input path does not exist: {spec.path}")
     if not files:
-        raise ImagemillError(f"no Parquet files found at {spec.path} (a folder is searched for *.parquet)")
+        raise ImagemillError(
+            f"no Parquet files found at {spec.path} (a folder is searched for *.parquet; a glob takes "
+            "*.parquet files and files that start with Parquet's PAR1 magic)"
+        )
     return sorted(files), root
 
 
@@ -101,40 +124,82 @@ def footer_digest(metadata: pq.FileMetaData) -> str:
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
-def _check_columns(spec: InputSpec, url: str, metadata: pq.FileMetaData) -> None:
+def _missing_prompt_column(spec: InputSpec, url: str, metadata: pq.FileMetaData) -> str | None:
+    """Why the file cannot give prompts, in one line naming it and the column, or None when it can."""
     columns = metadata.schema.names
-    if spec.prompt_column not in columns:
-        raise ImagemillError(
-            f"prompt column '{spec.prompt_column}' not found in {url}; columns found: {', '.join(columns)}. "
-            "Set input.prompt_column to the column that holds the prompts."
+    if spec.prompt_column in columns:
+        return None
+    return (
+        f"prompt column '{spec.prompt_column}' not found in {url}; columns found: {', '.join(columns)}. "
+        "Set input.prompt_column to the column that holds the prompts."
+    )
+
+
+def _shard(url: str, key: str, groups: tuple[int, int], first_row: int, num_rows: int) -> Shard:
+    """Whole row groups [start, end): id `<file>-rg<start>-<end>`, as every imagemill has named them."""
+    start, end = groups
+    return Shard(f"{key}-rg{start:05d}-{end:05d}", url, key, start, end, first_row, num_rows)
+
+
+def _piece_starts(group_rows: int, rows_per_shard: int) -> list[int]:
+    """Where the pieces of a row group begin: every rows_per_shard rows, the last piece taking the
+    remainder when that would be under half a shard. One start: the row group stays whole."""
+    starts = list(range(0, group_rows, rows_per_shard))
+    if len(starts) > 1 and group_rows - starts[-1] < rows_per_shard / 2:
+        starts.pop()
+    return starts
+
+
+def _pieces(
+    url: str, key: str, group: int, first_row: int, starts: list[int], group_rows: int
+) -> list[Shard]:
+    """A row group cut at `starts`. Ids `<file>-rg<group>-r<first>-<end>` count rows within the row
+    group, so they never meet a whole-row-group id."""
+    ends = [*starts[1:], group_rows]
+    return [
+        Shard(
+            shard_id=f"{key}-rg{group:05d}-r{start:09d}-{end:09d}",
+            file_url=url,
+            file_key=key,
+            row_group_start=group,
+            row_group_end=group + 1,
+            first_row=first_row + start,
+            num_rows=end - start,
+            row_offset=start,
         )
+        for start, end in zip(starts, ends, strict=True)
+    ]
 
 
-def _shards_of_file(url: str, key: str, metadata: pq.FileMetaData, rows_per_shard: int) -> list[Shard]:
+def _shards_of_file(
+    url: str, key: str, metadata: pq.FileMetaData, rows_per_shard: int, cut: bool = True
+) -> list[Shard]:
+    """Row groups gathered into shards of at least rows_per_shard rows (the last one may be smaller).
+    With `cut`, a row group larger than that ends the gathering before it and is cut into pieces."""
     shards: list[Shard] = []
     start, first_row, rows = 0, 0, 0
     for index in range(metadata.num_row_groups):
-        rows += metadata.row_group(index).num_rows
+        group_rows = metadata.row_group(index).num_rows
+        starts = _piece_starts(group_rows, rows_per_shard) if cut else [0]
+        if len(starts) > 1:
+            if rows:
+                shards.append(_shard(url, key, (start, index), first_row, rows))
+            shards += _pieces(url, key, index, first_row + rows, starts, group_rows)
+            start, first_row, rows = index + 1, first_row + rows + group_rows, 0
+            continue
+        rows += group_rows
         is_last = index == metadata.num_row_groups - 1
         if rows >= rows_per_shard or (is_last and rows > 0):
-            end = index + 1
-            shards.append(
-                Shard(
-                    shard_id=f"{key}-rg{start:05d}-{end:05d}",
-                    file_url=url,
-                    file_key=key,
-                    row_group_start=start,
-                    row_group_end=end,
-                    first_row=first_row,
-                    num_rows=rows,
-                )
-            )
-            start, first_row, rows = end, first_row + rows, 0
+            shards.append(_shard(url, key, (start, index + 1), first_row, rows))
+            start, first_row, rows = index + 1, first_row + rows, 0
     return shards
 
 
 def plan_shards(spec: InputSpec) -> ShardPlan:
-    """List the input, check every file's columns, and cut it into shards of about rows_per_shard rows."""
+    """List the input, check every file's columns, and cut it into shards of about rows_per_shard rows.
+
+    A file without the prompt column fails alone, like a corrupt one; when no readable file has it,
+    the setting is wrong and the job stops, naming the first file."""
     fs, _ = filesystem(spec.path, spec.storage_options)
     files, root = list_input_files(spec)
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -143,14 +208,42 @@ def plan_shards(spec: InputSpec) -> ShardPlan:
     urls = []
     unreadable: list[UnreadableFile] = []
     digests: dict[str, str] = {}
+    whole: dict[str, list[Shard]] = {}
+    no_prompts: list[str] = []
     for path, metadata in zip(files, footers, strict=True):
         url = fs.unstrip_protocol(path)
         urls.append(url)
         key = file_key(path[len(root) :].lstrip("/") if root else path)
-        if isinstance(metadata, str):
-            unreadable.append(UnreadableFile(f"{key}-unreadable", url, metadata))
+        problem = metadata if isinstance(metadata, str) else _missing_prompt_column(spec, url, metadata)
+        if problem is not None:
+            unreadable.append(UnreadableFile(f"{key}-unreadable", url, problem))
+            if not isinstance(metadata, str):
+                no_prompts.append(problem)
             continue
-        _check_columns(spec, url, metadata)
         digests[url] = footer_digest(metadata)
-        shards.extend(_shards_of_file(url, key, metadata, spec.rows_per_shard))
-    return ShardPlan(shards=shards, files=urls, unreadable=unreadable, footers=digests)
+        file_shards = _shards_of_file(url, key, metadata, spec.rows_per_shard)
+        if any(shard.row_offset is not None for shard in file_shards):
+            whole[url] = _shards_of_file(url, key, metadata, spec.rows_per_shard, cut=False)
+        shards.extend(file_shards)
+    if no_prompts and not digests:
+        raise ImagemillError(no_prompts[0])
+    return ShardPlan(
+        shards=shards, files=urls, unreadable=unreadable, footers=digests, whole_group_shards=whole
+    )
+
+
+def resume_whole_group_shards(plan: ShardPlan, committed: set[str]) -> ShardPlan:
+    """The plan with each file that has a committed whole-row-group shard the plan no longer makes
+    (an output made before row groups were cut into pieces) planned as then, so it resumes as it began."""
+    planned = {shard.shard_id for shard in plan.shards}
+    old = {
+        url: shards
+        for url, shards in plan.whole_group_shards.items()
+        if any(s.shard_id in committed and s.shard_id not in planned for s in shards)
+    }
+    if not old:
+        return plan
+    shards = [s for s in plan.shards if s.file_url not in old] + [s for v in old.values() for s in v]
+    order = {url: index for index, url in enumerate(plan.files)}
+    shards.sort(key=lambda s: (order[s.file_url], s.first_row))
+    return replace(plan, shards=shards)

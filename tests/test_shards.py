@@ -12,7 +12,7 @@ import pytest
 from conftest import prompt_table
 
 from imagemill.errors import ImagemillError
-from imagemill.shards import file_key, plan_shards
+from imagemill.shards import file_key, plan_shards, resume_whole_group_shards
 from imagemill.spec import InputSpec
 
 
@@ -58,12 +58,55 @@ def test_row_groups_are_grouped_into_shards_of_about_rows_per_shard(three_files,
         assert ranges(s for s in result.shards if s.file_url == url) == expected
 
 
-def test_a_row_group_larger_than_rows_per_shard_is_its_own_shard(tmp_path):
-    write_parquet(tmp_path / "big.parquet", n_rows=25, row_group_size=10)
+def pieces(shards) -> list[tuple[int, int | None, int, int]]:
+    return [(s.row_group_start, s.row_offset, s.first_row, s.num_rows) for s in shards]
 
-    result = plan(tmp_path, rows_per_shard=4)
 
-    assert ranges(result.shards) == [(0, 1, 0, 10), (1, 2, 10, 10), (2, 3, 20, 5)]
+def test_a_row_group_larger_than_rows_per_shard_is_cut_into_pieces(tmp_path):
+    """pandas' to_parquet writes one row group: 64 rows with rows_per_shard 16 are 4 shards."""
+    path = tmp_path / "one.parquet"
+    prompt_table(64).to_pandas().to_parquet(path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+
+    result = plan(tmp_path, rows_per_shard=16)
+
+    assert pieces(result.shards) == [(0, 0, 0, 16), (0, 16, 16, 16), (0, 32, 32, 16), (0, 48, 48, 16)]
+    assert shard_ids(result) == [
+        "one-rg00000-r000000000-000000016",
+        "one-rg00000-r000000016-000000032",
+        "one-rg00000-r000000032-000000048",
+        "one-rg00000-r000000048-000000064",
+    ]
+    assert result.total_rows == 64
+
+
+def test_small_row_groups_are_gathered_around_a_large_one_and_a_small_remainder_joins_the_last_piece(
+    tmp_path,
+):
+    table = prompt_table(45)
+    path = tmp_path / "mixed.parquet"
+    with pq.ParquetWriter(path, table.schema) as writer:
+        for start, length in [(0, 3), (3, 3), (6, 33), (39, 3), (42, 3)]:  # 33 rows: 10, 10, 13
+            writer.write_table(table.slice(start, length))
+
+    result = plan(tmp_path, rows_per_shard=10)
+
+    assert pieces(result.shards) == [
+        (0, None, 0, 6),
+        (2, 0, 6, 10),
+        (2, 10, 16, 10),
+        (2, 20, 26, 13),
+        (3, None, 39, 6),
+    ]
+    assert [s.row_group_end for s in result.shards] == [2, 3, 3, 3, 5]
+    rows = [row for s in result.shards for row in range(s.first_row, s.first_row + s.num_rows)]
+    assert rows == list(range(45))
+
+
+def test_a_row_group_under_one_and_a_half_shards_stays_whole(tmp_path):
+    write_parquet(tmp_path / "f.parquet", n_rows=14, row_group_size=14)
+
+    assert ranges(plan(tmp_path, rows_per_shard=10).shards) == [(0, 1, 0, 14)]
 
 
 def test_total_rows_equals_rows_written(three_files):
@@ -71,13 +114,19 @@ def test_total_rows_equals_rows_written(three_files):
 
 
 @pytest.mark.parametrize("rows_per_shard", [1, 10, 15, 20, 1000])
-def test_shards_cover_every_row_group_exactly_once(three_files, rows_per_shard):
+def test_shards_cover_every_row_exactly_once(three_files, rows_per_shard):
     result = plan(three_files, rows_per_shard)
 
     for url in result.files:
         file_shards = [s for s in result.shards if s.file_url == url]
-        covered = [rg for s in file_shards for rg in range(s.row_group_start, s.row_group_end)]
-        assert covered == list(range(3))
+        whole = [
+            rg
+            for s in file_shards
+            if s.row_offset is None
+            for rg in range(s.row_group_start, s.row_group_end)
+        ]
+        cut = [s.row_group_start for s in file_shards if s.row_offset is not None]
+        assert sorted({*whole, *cut}) == list(range(3)) and not set(whole) & set(cut)
         rows = [row for s in file_shards for row in range(s.first_row, s.first_row + s.num_rows)]
         assert rows == list(range(25))
 
@@ -151,6 +200,23 @@ def test_input_can_be_a_glob(three_files):
     assert shard_ids(result) == folder_ids  # the same ids as when the folder is given
 
 
+def test_a_glob_takes_only_parquet_files(three_files):
+    """Named *.parquet or starting with PAR1: not the README or the _SUCCESS marker next to the data."""
+    (three_files / "README.txt").write_text("prompts for the nightly job")
+    (three_files / "_SUCCESS").write_bytes(b"")
+    (three_files / "part-3").write_bytes((three_files / "part-0.parquet").read_bytes())  # no suffix
+
+    result = plan(three_files / "*", 10)
+
+    assert sorted(Path(url).name for url in result.files) == [
+        "part-0.parquet",
+        "part-1.parquet",
+        "part-2.parquet",
+        "part-3",
+    ]
+    assert result.unreadable == [] and result.total_rows == 100
+
+
 def test_files_with_the_same_name_in_sub_folders_get_distinct_keys_and_ids(tmp_path):
     for folder in ("a", "b", "a_b"):
         write_parquet(tmp_path / folder / "part.parquet", n_rows=3, row_group_size=10)
@@ -197,6 +263,20 @@ def test_other_prompt_column_can_be_configured(tmp_path):
     assert plan(tmp_path, prompt_column="text").total_rows == 2
 
 
+def test_a_file_missing_the_prompt_column_fails_alone(three_files):
+    write_parquet(
+        three_files / "captions.parquet", n_rows=1, row_group_size=10, table=pa.table({"caption": ["x"]})
+    )
+
+    result = plan(three_files, 10)
+
+    (unreadable,) = result.unreadable
+    assert unreadable.shard_id == "captions-unreadable"
+    assert "captions.parquet" in unreadable.error and "'prompt'" in unreadable.error
+    assert "\n" not in unreadable.error
+    assert result.total_rows == 75 and len(result.shards) == 9
+
+
 def test_corrupt_parquet_file_is_named_and_does_not_stop_the_others(three_files):
     (three_files / "x.parquet").write_bytes(b"this is not a parquet file at all")
 
@@ -238,3 +318,24 @@ def test_a_file_is_identified_by_its_footer_the_same_after_an_identical_rewrite(
     pq.write_table(prompt_table(8, start=1), path, row_group_size=4)
     after = plan_shards(InputSpec(path=str(tmp_path))).footers
     assert after.keys() == before.keys() == {path.as_uri()} and after != before
+
+
+# --- resuming outputs cut by row groups only -----------------------------------------------------------
+
+
+def test_a_file_with_a_committed_whole_row_group_shard_resumes_with_its_whole_row_group_shards(tmp_path):
+    """An output made before row groups were cut: a committed `-rg<a>-<b>` shard keeps its file's old cut."""
+    write_parquet(tmp_path / "old.parquet", n_rows=64, row_group_size=32)
+    write_parquet(tmp_path / "new.parquet", n_rows=64, row_group_size=32)
+    fresh = plan(tmp_path, rows_per_shard=16)
+    assert len(fresh.shards) == 8 and all(s.row_offset is not None for s in fresh.shards)
+
+    resumed = resume_whole_group_shards(fresh, committed={"old-rg00000-00001"})
+
+    assert [s.shard_id for s in resumed.shards if s.file_key == "old"] == [
+        "old-rg00000-00001",
+        "old-rg00001-00002",
+    ]
+    assert [s.shard_id for s in resumed.shards if s.file_key == "new"] == shard_ids(fresh)[:4]
+    assert resumed.total_rows == fresh.total_rows == 128
+    assert resume_whole_group_shards(fresh, committed=set(shard_ids(fresh)[4:6])) == fresh

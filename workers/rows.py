@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from imagemill.shards import Shard
 from imagemill.spec import GenerationSpec, InputSpec, generation_problem
-from imagemill.storage import filesystem, retrying
 from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.pieces import read_piece, read_row_groups
 from imagemill.workers.seeds import MAX_SEED, derive_seed
 
 # Optional input columns that override the job's generation defaults row by row.
@@ -50,19 +49,17 @@ class Row:
         return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale)
 
 
+def input_columns(spec: InputSpec) -> list[str]:
+    """The input columns imagemill uses, where a file has them."""
+    return list(dict.fromkeys([spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS]))
+
+
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
-    """The shard's row groups, with only the columns imagemill uses."""
-    fs, path = filesystem(shard.file_url, spec.storage_options)
-
-    def read() -> pa.Table:
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            present = set(parquet.schema_arrow.names)
-            wanted = [spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS]
-            columns = [name for name in dict.fromkeys(wanted) if name in present]
-            return parquet.read_row_groups(range(shard.row_group_start, shard.row_group_end), columns=columns)
-
-    return retrying(read, f"reading {shard.file_url}")
+    """The shard's rows, with only the columns imagemill uses: its row groups, or its piece of one."""
+    if shard.row_offset is not None:
+        return read_piece(shard)
+    groups = range(shard.row_group_start, shard.row_group_end)
+    return read_row_groups(shard.file_url, groups, spec, input_columns(spec))
 
 
 def _is_int(value: Any) -> bool:
