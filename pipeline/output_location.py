@@ -33,7 +33,17 @@ def check_output_location(spec: JobSpec, plan: ShardPlan) -> None:
     fs, path = filesystem(spec.output.path, spec.output.storage_options)
     _refuse_everything_folders(spec.output.path, fs, path)
     _refuse_missing_bucket(spec.output.path, fs, path)
+    _refuse_a_file(spec.output.path, fs, path)
     _refuse_the_input(spec, fs, path, plan)
+
+
+def _refuse_a_file(url: str, fs: AbstractFileSystem, path: str) -> None:
+    """A local output that is a file: said before the lease tries to write into it as a folder."""
+    if is_local(fs) and os.path.isfile(path):
+        raise ImagemillError(
+            f"{url} is a file where a folder must be; output.path must name a folder (or a URL prefix), "
+            "not a file"
+        )
 
 
 def _refuse_everything_folders(url: str, fs: AbstractFileSystem, path: str) -> None:

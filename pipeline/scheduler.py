@@ -208,7 +208,7 @@ class ShardScheduler:
         actor has loaded yet (the model does not load), else another replacement is started."""
         actor = self.starting.pop(ref)
         try:
-            ray.get(ref)
+            ready = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
             ray.kill(actor)  # one that could not load its model is still alive
             if not self.loaded_once:
@@ -220,6 +220,7 @@ class ShardScheduler:
             self.loaded_once = True
             self.on_ready()  # the job record is written now: a model that never loads leaves none
         self.alive.append(actor)
+        log.info("a worker is ready on %s (%d of %d)", ready["device"], len(self.alive), self.num_workers)
 
     def _finish(self, ref: ray.ObjectRef, on_done: Callable[[ShardStats], None]) -> None:
         """A shard call returned: its stats go to `on_done`; a failed shard is retried, and a dead

@@ -94,10 +94,10 @@ def test_a_lost_node_loses_and_duplicates_nothing(tmp_path, tiny_model, monkeypa
                 env={**os.environ, "RAY_ADDRESS": cluster.address},
             )
         started = time.monotonic()
-        _wait_for(
-            lambda: _committed(output) or driver.poll() is not None,
+        _wait_for(  # work starts with the first ready actor: wait for all three, and a commit
+            lambda: ("(3 of 3)" in log_path.read_text() and _committed(output)) or driver.poll() is not None,
             deadline - time.monotonic(),
-            "a first committed shard",
+            "three ready workers and a first committed shard",
         )
         assert driver.poll() is None, log_path.read_text()
         done_before = len(_committed(output))
@@ -153,10 +153,14 @@ def test_a_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, tiny
         except BaseException as exc:
             outcome["error"] = exc
 
-    caplog.set_level(logging.WARNING, logger="imagemill.scheduler")
+    caplog.set_level(logging.INFO, logger="imagemill.scheduler")
     thread = threading.Thread(target=job, name="imagemill-job", daemon=True)
     thread.start()
-    _wait_for(lambda: _committed(output) or not thread.is_alive(), 120, "a first committed shard")
+    _wait_for(  # work starts with the first ready actor: wait for both, and a commit
+        lambda: ("(2 of 2)" in caplog.text and _committed(output)) or not thread.is_alive(),
+        120,
+        "two ready workers and a first committed shard",
+    )
     assert thread.is_alive(), outcome
     actors = _wait_for(lambda: sorted(_shard_worker_pids() - earlier), 10, "the job's actor processes")
     assert len(actors) == 2, actors

@@ -110,6 +110,7 @@ def make_output(folder: Path, shards=SHARDS, record_extra=None) -> OutputLayout:
     record = {
         "name": "nightly <b>&",
         "spec": {"name": "nightly <b>&"},
+        "fingerprint": {},
         "versions": {"python": "3.11"},
         "started_at": START.isoformat(),
         "ended_at": (START + timedelta(seconds=600)).isoformat(),
