@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from datetime import date
 from typing import Any
@@ -177,10 +178,21 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if report.state == COMPLETE else 1
 
 
+INTERRUPTED_LINE = "imagemill: interrupted; run the same command again to resume"
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM ends the process through SystemExit, so the run can record how it ended: as Ray's own
+    driver handler does once Ray is started."""
+    raise SystemExit(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_console()
     args = _parser().parse_args(argv)
+    # SIGTERM (`ray job stop`, a pod deleted) ends a run as Ctrl-C does: its record says it was interrupted.
+    signal.signal(signal.SIGTERM, _terminate)
     handlers = {"run": _run, "submit": _submit, "make-tiny-model": _make_tiny_model, "status": _status}
     try:
         return handlers[args.command](args)
@@ -191,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("imagemill: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        return 128 + signal.SIGINT
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

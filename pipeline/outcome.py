@@ -11,6 +11,8 @@ from __future__ import annotations
 COMPLETE = "complete"
 INCOMPLETE = "incomplete"  # shards left to run or failed: running the same command again retries them
 NOTHING_GENERATED = "failed: no row generated"
+# Stopped by Ctrl-C or SIGTERM (`ray job stop`, a pod's deletion): the record says when; a re-run resumes.
+INTERRUPTED = "interrupted"
 
 
 def job_state(shards_done: int, shards_total: int, rows_done: int, generated: int) -> str:

@@ -76,6 +76,12 @@ def sample_key(shard_id: str, position: int) -> str:
     return f"{shard_id}-{position:06d}"
 
 
+def _per_shard_file(folder: str) -> staticmethod:
+    """The path of a shard's one file in `folder`: `<folder>/<shard_id><suffix>`."""
+    suffix = SHARD_FILE_SUFFIXES[folder]
+    return staticmethod(lambda shard_id: f"{folder}/{shard_id}{suffix}")
+
+
 def _unreadable(path: str, problem: str, warn: bool) -> None:
     """A record that does not read counts as absent (never a crash), with a warning."""
     if warn:
@@ -94,21 +100,11 @@ class OutputLayout:
     def image_path(shard_id: str, row_id: str, extension: str) -> str:
         return f"images/{shard_id}/{image_name(row_id)}.{extension}"
 
-    @staticmethod
-    def tar_path(shard_id: str) -> str:
-        return f"webdataset/{shard_id}.tar"
-
-    @staticmethod
-    def data_path(shard_id: str) -> str:
-        return f"data/{shard_id}.parquet"
-
-    @staticmethod
-    def metadata_path(shard_id: str) -> str:
-        return f"metadata/{shard_id}.parquet"
-
-    @staticmethod
-    def stats_path(shard_id: str) -> str:
-        return f"shards/{shard_id}.json"
+    # One file per shard in each of these folders, named by SHARD_FILE_SUFFIXES.
+    tar_path = _per_shard_file("webdataset")
+    data_path = _per_shard_file("data")
+    metadata_path = _per_shard_file("metadata")
+    stats_path = _per_shard_file("shards")
 
     def prepare_shard(self, shard_id: str, output_format: str = "files") -> None:
         """Create the folders a shard writes into (object stores need none; local disks do)."""

@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -21,7 +22,7 @@ import ray
 from imagemill.claim import claim_output
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.lease import OutputLease
-from imagemill.outcome import COMPLETE, NOTHING_GENERATED, job_state
+from imagemill.outcome import COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
 from imagemill.output_location import check_output_location
 from imagemill.pieces import serving_pieces
@@ -29,7 +30,7 @@ from imagemill.progress import progress_display
 from imagemill.records import ShardStats, committed_shards, shard_totals
 from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
-from imagemill.shards import ShardPlan, plan_shards, resume_whole_group_shards
+from imagemill.shards import Shard, ShardPlan, plan_shards, resume_whole_group_shards
 from imagemill.spec import JobSpec
 from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
 
@@ -147,7 +148,6 @@ def _run_owned(
     plan = resume_whole_group_shards(plan, set(stored) - redone)
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
-    committed_before = len(committed)
     done_before = set(committed)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
     failures = [
@@ -170,12 +170,41 @@ def _run_owned(
         "run_id": lease.run_id,
     }
 
+    record_written = False
+
     def start_record() -> None:
         """Written once the workers have loaded the model: a job whose model does not load leaves
         the output as it was, so a corrected spec may run there without --overwrite."""
+        nonlocal record_written
         output.write_json(JOB_RECORD, record)
         output.remove(SUCCESS_MARKER)
+        record_written = True  # from now on an interrupted run says so in the record
 
+    try:
+        _schedule(spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`, a pod deleted) exits
+        if record_written:
+            _end_record(output, lease, record, committed, failures, INTERRUPTED)
+        raise
+    result = _result(spec, committed, failures, shards_total, rows_total, started, done_before)
+    _end_record(output, lease, record, committed, failures, result.state)
+    if result.state == COMPLETE:
+        output.write_bytes(SUCCESS_MARKER, b"")
+    return result
+
+
+def _schedule(
+    spec: JobSpec,
+    todo: list[Shard],
+    committed: dict[str, ShardStats],
+    failures: list[ShardFailure],
+    shards_total: int,
+    rows_total: int,
+    lease: OutputLease,
+    start_record: Callable[[], None],
+    progress: bool,
+) -> None:
+    """Run the shards left on the actor pool, adding each one's stats to `committed` as it commits."""
     if todo:
         _connect_ray()
         display = progress_display(
@@ -209,12 +238,22 @@ def _run_owned(
     else:
         start_record()
 
+
+def _result(
+    spec: JobSpec,
+    committed: dict[str, ShardStats],
+    failures: list[ShardFailure],
+    shards_total: int,
+    rows_total: int,
+    started: float,
+    done_before: set[str],
+) -> JobResult:
     totals = shard_totals(committed.values())
-    result = JobResult(
+    return JobResult(
         output=spec.output.path,
         shards_total=shards_total,
         shards_done=len(committed),
-        shards_run=len(committed) - committed_before,
+        shards_run=len(set(committed) - done_before),
         rows_total=rows_total,
         ok=totals.ok,
         errors=totals.errors,
@@ -224,19 +263,28 @@ def _run_owned(
         filtered=totals.filtered,
         rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
     )
+
+
+def _end_record(
+    output: OutputLayout,
+    lease: OutputLease,
+    record: dict[str, Any],
+    committed: dict[str, ShardStats],
+    failures: list[ShardFailure],
+    state: str,
+) -> None:
+    """The job record's closing counts and how the run ended, then the report from them."""
+    totals = shard_totals(committed.values())
     record.update(
         ended_at=datetime.now(UTC).isoformat(),
-        status=result.state,
-        shards_done=result.shards_done,
-        rows_ok=result.ok,
-        rows_filtered=result.filtered,
-        rows_error=result.errors,
-        errors_by_reason=result.errors_by_reason,
+        status=state,
+        shards_done=len(committed),
+        rows_ok=totals.ok,
+        rows_filtered=totals.filtered,
+        rows_error=totals.errors,
+        errors_by_reason=totals.errors_by_reason,
         failed_shards=[vars(failure) for failure in failures],
     )
     lease.confirm()
     output.write_json(JOB_RECORD, record)
     write_report(output)
-    if result.state == COMPLETE:
-        output.write_bytes(SUCCESS_MARKER, b"")
-    return result

@@ -13,6 +13,7 @@ from imagemill.errors import ImagemillError
 from imagemill.testing.tiny_model import make_tiny_autoencoder
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.generators.diffusion.speed import SpeedOptions
+from imagemill.workers.loading import Pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADER = ROOT / "workers" / "loading.py"
@@ -43,7 +44,8 @@ def test_tiny_vae_with_only_pickled_weights_is_refused_under_safetensors_only(ti
 
 def test_tiny_vae_with_pickled_weights_loads_when_the_user_opts_in(tiny_model, pickled_tiny_vae):
     options = SpeedOptions(tiny_vae=pickled_tiny_vae)
-    generator = DiffusersGenerator(tiny_model, "float32", "cpu", safetensors_only=False, speed=options)
+    trusted = Pretrained(tiny_model, "model.source", safetensors_only=False)
+    generator = DiffusersGenerator(trusted, "float32", "cpu", speed=options)
     assert isinstance(generator.pipe.vae, AutoencoderTiny)
 
 

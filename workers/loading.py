@@ -35,6 +35,11 @@ class Pretrained:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
+    def model(cls, source: Pretrained | str) -> Pretrained:
+        """The model a generator is given: as it is, or a plain source under the default rule."""
+        return source if isinstance(source, Pretrained) else cls(source, "model.source")
+
+    @classmethod
     def of(cls, section: ModelSpec | ScoringSpec | ExpansionSpec, name: str) -> Pretrained:
         """The source of spec section `name` (model, scoring, expansion)."""
         return cls(

@@ -9,8 +9,6 @@ each row's randomness from a CPU generator seeded with the row's seed alone.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from imagemill.spec import JobSpec
@@ -24,18 +22,17 @@ class JanusGenerator:
 
     def __init__(
         self,
-        source: str,
+        source: Pretrained | str,
         dtype: str,
         device: str,
-        safetensors_only: bool = True,
-        storage_options: dict[str, Any] | None = None,
     ):
-        """`source`: hub id, local directory or URL (read with `storage_options`) of a Janus model."""
+        """`source`: the Janus model (a hub id, local directory or URL, or a `Pretrained` with its
+        storage options and safetensors rule)."""
         # transformers is imported here, not at the top, so that the driver never pays for importing it.
         import transformers
 
         quiet_model_libraries()
-        model = Pretrained(source, "model.source", safetensors_only, storage_options=storage_options or {})
+        model = Pretrained.model(source)
         self.model = model.weights(transformers.JanusForConditionalGeneration, dtype=getattr(torch, dtype))
         self.model.to(device).eval()
         self.processor = model.files(transformers.JanusProcessor)
@@ -63,7 +60,7 @@ class JanusGenerator:
     @classmethod
     def from_spec(cls, spec: JobSpec, device: str) -> JanusGenerator:
         model = spec.model
-        return cls(model.source, model.dtype, device, model.safetensors_only, model.storage_options)
+        return cls(Pretrained.of(model, "model"), model.dtype, device)
 
     def _prompt_tokens(self, prompts: list[str]) -> list[list[tuple[int, int]]]:
         """Each prompt's token character spans, as the tokenizer sees the text alone."""

@@ -35,9 +35,10 @@ def _encode_sd(pipe: Any, texts: list[str], device: str, negative: bool) -> Embe
     return {"prompt_embeds": embeds}
 
 
-def _encode_pooled(pipe: Any, texts: list[str], device: str, negative: bool) -> Embeddings:
-    """SDXL and SD3: every encoder gets the same text; the last CLIP's (SD3: both) pooled output too."""
-    embeds, _, pooled, _ = _accepted(
+def _encode_same_text(pipe: Any, texts: list[str], device: str) -> Any:
+    """`encode_prompt` of the families with several encoders and a pooled output (SDXL, SD3, FLUX):
+    every encoder gets the same text (prompt_2/prompt_3 None), one image per text, no guidance pairs."""
+    return _accepted(
         pipe.encode_prompt,
         prompt=texts,
         prompt_2=None,
@@ -47,17 +48,17 @@ def _encode_pooled(pipe: Any, texts: list[str], device: str, negative: bool) -> 
         do_classifier_free_guidance=False,
         max_sequence_length=call_default(pipe, "max_sequence_length"),
     )
+
+
+def _encode_pooled(pipe: Any, texts: list[str], device: str, negative: bool) -> Embeddings:
+    """SDXL and SD3: the last CLIP's (SD3: both) pooled output beside the states."""
+    embeds, _, pooled, _ = _encode_same_text(pipe, texts, device)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
 def _encode_flux(pipe: Any, texts: list[str], device: str, negative: bool) -> Embeddings:
-    embeds, pooled, _ = pipe.encode_prompt(
-        prompt=texts,
-        prompt_2=None,
-        device=device,
-        num_images_per_prompt=1,
-        max_sequence_length=call_default(pipe, "max_sequence_length"),
-    )
+    """FLUX: T5 states and CLIP's pooled output (it returns no negatives: no true CFG)."""
+    embeds, pooled, _ = _encode_same_text(pipe, texts, device)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 

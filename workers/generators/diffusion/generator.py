@@ -23,22 +23,20 @@ from imagemill.workers.text_cache import Embeddings, TextEmbeddingCache
 class DiffusersGenerator:
     def __init__(
         self,
-        source: str,
+        source: Pretrained | str,
         dtype: str,
         device: str,
-        safetensors_only: bool = True,
         speed: SpeedOptions | None = None,
         loras: Sequence[LoraSpec] = (),
         quantization: str = "none",
-        storage_options: dict[str, Any] | None = None,
     ):
-        """`source` (and each LoRA's, and speed.tiny_vae) is a hub id, local directory or URL, read with
-        `storage_options`; `safetensors_only` holds for all of them."""
+        """`source`: the pipeline (a hub id, local directory or URL, or a `Pretrained` with its storage
+        options and safetensors rule, which hold for each LoRA and speed.tiny_vae too)."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
 
         quiet_model_libraries()
-        model = Pretrained(source, "model.source", safetensors_only, storage_options=storage_options or {})
+        model = Pretrained.model(source)
         self.pipe = model.weights(diffusers.DiffusionPipeline, dtype=getattr(torch, dtype))
         load_loras(self.pipe, loras, model)
         self.pipe.to(device)
@@ -71,14 +69,12 @@ class DiffusersGenerator:
         """The job's model with its LoRAs, quantisation and speed options."""
         model = spec.model
         return cls(
-            model.source,
+            Pretrained.of(model, "model"),
             model.dtype,
             device,
-            model.safetensors_only,
             speed=SpeedOptions.from_spec(spec),
             loras=model.lora,
             quantization=model.quantization,
-            storage_options=model.storage_options,
         )
 
     def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
