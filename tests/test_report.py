@@ -500,7 +500,7 @@ def test_a_shards_stats_keep_capped_prompts_and_a_few_error_messages():
         row(4, "ok", long_error),
     ]
     run.add_samples([(run.rows[0], np.zeros((8, 8, 3), dtype=np.uint8))])
-    stats = run.stats("cpu")
+    stats = run.stats("cpu", None)
     assert stats.samples[0].prompt == ("a cat " * 50) + "…"
     assert stats.errors_by_reason == {"invalid_prompt": 3, "model_rejected": 1}
     assert stats.error_examples == {
