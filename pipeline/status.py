@@ -10,7 +10,7 @@ from imagemill.inputs import counted
 from imagemill.lease import LeaseView, read_lease
 from imagemill.outcome import job_state
 from imagemill.output import JOB_RECORD, SUBMITTED, OutputLayout
-from imagemill.records import committed_shards, shard_totals
+from imagemill.records import ShardTotals, committed_shards, shard_totals
 
 
 @dataclass
@@ -18,11 +18,24 @@ class JobStatus:
     output: str
     record: dict[str, Any]
     shards_done: int
-    rows_done: int
-    ok: int
-    errors_by_reason: dict[str, int]
-    filtered: int = 0
+    totals: ShardTotals  # summed over the shards that count
     lease: LeaseView | None = None  # the run holding the output now, if any
+
+    @property
+    def rows_done(self) -> int:
+        return self.totals.rows
+
+    @property
+    def ok(self) -> int:
+        return self.totals.ok
+
+    @property
+    def filtered(self) -> int:
+        return self.totals.filtered
+
+    @property
+    def errors_by_reason(self) -> dict[str, int]:
+        return self.totals.errors_by_reason
 
     @property
     def state(self) -> str:
@@ -70,17 +83,7 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     if record is None:
         raise ImagemillError(not_started(output, url))
     shards = counted(record, committed_shards(output))  # not those of input files gone since
-    totals = shard_totals(shards)
-    return JobStatus(
-        output=url,
-        record=record,
-        shards_done=len(shards),
-        rows_done=totals.rows,
-        ok=totals.ok,
-        errors_by_reason=totals.errors_by_reason,
-        filtered=totals.filtered,
-        lease=read_lease(output),
-    )
+    return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output))
 
 
 def not_started(output: OutputLayout, url: str) -> str:
