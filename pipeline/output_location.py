@@ -33,8 +33,8 @@ def check_output_location(spec: JobSpec, plan: ShardPlan) -> None:
     fs, path = filesystem(spec.output.path, spec.output.storage_options)
     _refuse_everything_folders(spec.output.path, fs, path)
     _refuse_missing_bucket(spec.output.path, fs, path)
+    _refuse_the_input(spec, fs, path, plan)  # first: an output that is the input file is said as such
     _refuse_a_file(spec.output.path, fs, path)
-    _refuse_the_input(spec, fs, path, plan)
 
 
 def _refuse_a_file(url: str, fs: AbstractFileSystem, path: str) -> None:
