@@ -108,6 +108,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="fsspec storage option for the output, e.g. endpoint_url=... (repeatable)",
     )
+    verify = commands.add_parser(
+        "verify", help="check images' parameters, C2PA manifests and watermark; exit 1 if any fails"
+    )
+    verify.add_argument("paths", nargs="+", help="image files, folders, tars or data Parquet (local or URL)")
+    verify.add_argument("--watermark", metavar="PAYLOAD", help="look for this payload (text, or 0x + hex)")
+    verify.add_argument(
+        "--watermark-method", default="dwtDctSvd", choices=("dwtDctSvd", "dwtDct"), help="as output.watermark"
+    )
+    verify.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -178,6 +187,19 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if report.state == COMPLETE else 1
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from imagemill.redaction import hiding, values_in
+    from imagemill.spec import parse_overrides
+    from imagemill.user_errors import as_user_errors
+    from imagemill.verify import verify
+
+    options = dict(parse_overrides(args.storage_option, storage_options=True))
+    with hiding(values_in(options)), as_user_errors():
+        report = verify(args.paths, options, args.watermark, args.watermark_method)
+    print(report.text())
+    return 1 if report.failed else 0
+
+
 INTERRUPTED_LINE = "imagemill: interrupted; run the same command again to resume"
 
 
@@ -193,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # SIGTERM (`ray job stop`, a pod deleted) ends a run as Ctrl-C does: its record says it was interrupted.
     signal.signal(signal.SIGTERM, _terminate)
-    handlers = {"run": _run, "submit": _submit, "make-tiny-model": _make_tiny_model, "status": _status}
+    handlers = {
+        "run": _run,
+        "submit": _submit,
+        "make-tiny-model": _make_tiny_model,
+        "status": _status,
+        "verify": _verify,
+    }
     try:
         return handlers[args.command](args)
     except ImagemillError as exc:

@@ -29,7 +29,7 @@ class Unexpected(Exception):
 
 def storage_option_values(spec: JobSpec) -> list[str]:
     """Every storage option's value in the spec, nested ones included, as text."""
-    sections = (spec.input, spec.output, spec.model, spec.scoring, spec.expansion)
+    sections = (spec.input, spec.output, spec.model, spec.scoring, spec.expansion, spec.output.c2pa)
     return values_in([section.storage_options for section in sections if section is not None])
 
 

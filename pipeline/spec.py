@@ -26,6 +26,7 @@ from pydantic import (
 
 from imagemill.errors import ImagemillError
 from imagemill.workers.generators.registry import KIND_NAMES, KINDS
+from imagemill.workers.provenance.payload import MAX_WATERMARK_BITS, payload_bits, watermark_size_problem
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
@@ -87,6 +88,38 @@ class InputSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
+class WatermarkSpec(_Section):
+    """An invisible watermark (the invisible-watermark library) in every image's pixels."""
+
+    payload: str = Field(
+        description="Text (UTF-8) or hex with a 0x prefix: at most "
+        f"{MAX_WATERMARK_BITS} bits (8 text bytes, 16 hex digits)."
+    )
+    method: Literal["dwtDctSvd", "dwtDct"] = Field(
+        "dwtDctSvd",
+        description="dwtDctSvd survives a JPEG q90 re-encode (measured); dwtDct (SDXL's) is 3x faster "
+        "but loses bits on textured images.",
+    )
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_fits(cls, value: str) -> str:
+        payload_bits(value)  # raises ValueError naming the limit
+        return value
+
+
+class C2paSpec(_Section):
+    """C2PA manifests signed with the user's certificate chain and key (read by the actors only)."""
+
+    cert: str = Field(description="PEM certificate chain (signer first), a local path or fsspec URL.")
+    key: str = Field(description="PEM private key of the signing certificate, a local path or fsspec URL.")
+    alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = Field(
+        "es256", description="The signature algorithm, matching the key."
+    )
+    timestamp_url: str | None = Field(None, description="An RFC 3161 time-stamp authority, or none.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+
 class OutputSpec(_Section):
     path: str = Field(description="Output root; local path or any fsspec URL.")
     format: OutputFormat = Field(
@@ -102,6 +135,21 @@ class OutputSpec(_Section):
         description="Write into a folder that already holds files imagemill did not write (they are never "
         "deleted); without it, a new job's output must be a new or empty folder.",
     )
+    embed_parameters: bool = Field(
+        True, description="Generation parameters (A1111 `parameters` + JSON) and IPTC AI labels in each file."
+    )
+    watermark: WatermarkSpec | None = None
+    c2pa: C2paSpec | None = None
+
+    def provenance_fingerprint(self) -> dict[str, Any]:
+        """What goes into each file besides its pixels' encoding. Absent when off, as outputs made before
+        it have none; C2PA's certificate and key are who signs (renewed certificates resume), not what."""
+        fingerprint: dict[str, Any] = {"embed_parameters": True} if self.embed_parameters else {}
+        if self.watermark is not None:
+            fingerprint["watermark"] = self.watermark.model_dump()
+        if self.c2pa is not None:
+            fingerprint["c2pa"] = {"alg": self.c2pa.alg}
+        return fingerprint
 
     @field_validator("path")
     @classmethod
@@ -271,6 +319,14 @@ class JobSpec(_Section):
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
 
     @model_validator(mode="after")
+    def _watermark_fits_the_images(self) -> JobSpec:
+        if self.output.watermark is not None:
+            problem = watermark_size_problem(self.generation.width, self.generation.height)
+            if problem:
+                raise ValueError(f"output.watermark: {problem}")
+        return self
+
+    @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
         if KINDS[self.model.kind].needs_model and not self.model.source.strip():
             raise ValueError("model.source is required: a hub id, a local directory or a URL")
@@ -314,6 +370,7 @@ class JobSpec(_Section):
         output = self.output.model_dump(include={"format", "image_format", "quality"})
         if output["format"] == "files":
             del output["format"]  # absent means files: outputs made before formats existed still resume
+        output.update(self.output.provenance_fingerprint())
         model = self.model.model_dump(include={"source", "kind", "dtype", "quantization", "lora"})
         if model["quantization"] == "none":
             del model["quantization"]  # absent means none: outputs made before quantisation still resume
@@ -344,6 +401,8 @@ class JobSpec(_Section):
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage option hidden: safe for logs and the job record."""
         data = self.model_dump()
+        if data["output"]["c2pa"]:  # where the signing key is stays out of every record
+            data["output"]["c2pa"] = {"alg": self.output.c2pa.alg, "cert": "<redacted>", "key": "<redacted>"}
         for section in ("input", "output", "model", "scoring", "expansion"):
             if data[section] and data[section]["storage_options"]:
                 data[section]["storage_options"] = "<redacted>"
@@ -472,6 +531,9 @@ def build_spec(
     for lora in spec.model.lora:
         if _looks_like_local_path(lora.source):
             lora.source = _absolute(lora.source)
+    if spec.output.c2pa is not None:  # read by the actors, which may run elsewhere
+        c2pa = spec.output.c2pa
+        c2pa.cert, c2pa.key = (path if _is_url(path) else _absolute(path) for path in (c2pa.cert, c2pa.key))
     if spec.speed.tiny_vae and _looks_like_local_path(spec.speed.tiny_vae):
         spec.speed.tiny_vae = _absolute(spec.speed.tiny_vae)
     return spec

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 
-def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
-    """Encode an (H, W, 3) uint8 array; `quality` applies to JPEG and WebP only."""
+def encode_image(pixels: np.ndarray, image_format: str, quality: int, **options: Any) -> bytes:
+    """Encode an (H, W, 3) uint8 array; `quality` applies to JPEG and WebP only; `options`: Pillow's
+    metadata arguments (pnginfo, exif, xmp; workers/provenance/parameters.py)."""
     image = Image.fromarray(pixels, mode="RGB")
     buffer = io.BytesIO()
     if image_format == "png":
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", **options)
     elif image_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality)
+        image.save(buffer, format="JPEG", quality=quality, **options)
     elif image_format == "webp":
-        image.save(buffer, format="WEBP", quality=quality)
+        image.save(buffer, format="WEBP", quality=quality, **options)
     else:
         raise ValueError(f"unknown image format {image_format!r}; use png, jpeg or webp")
     return buffer.getvalue()

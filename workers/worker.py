@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,10 @@ from imagemill.output import OutputLayout
 from imagemill.records import MetadataRow, ShardStats, metadata_table
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
-from imagemill.workers.encoding import encode_image
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
+from imagemill.workers.provenance.encoder import ImageEncoder
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 from imagemill.workers.shard_records import ShardRun
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
@@ -72,6 +73,7 @@ class ShardWorker:
     def _load(self, spec: JobSpec, expanders: list[Any] | None) -> None:
         self.device = pick_device(spec.model.device)
         self.generator = make_generator(spec, self.device)
+        self.encoder = ImageEncoder.for_job(spec, self.generator)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
         self.expanders = expanders or []
         self.expander = (
@@ -225,9 +227,10 @@ class ShardWorker:
     ) -> MetadataRow:
         """On a writer thread: encode one done row's image and hand it to the writer; returns the
         row's metadata."""
-        with run.timer.timing("image_encode"):
-            data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
-        record = run.row(row, status, sha256=hashlib.sha256(data).hexdigest(), clip_score=score)
+        record = run.row(row, status, clip_score=score)
+        with run.timer.timing("image_encode"):  # watermark, encode with parameters, C2PA signature
+            data = self.encoder.encode(pixels, record)
+        record = replace(record, sha256=hashlib.sha256(data).hexdigest())
         with run.timer.timing("upload"):
             return writer.add(row.index, record, data)
 

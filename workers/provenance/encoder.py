@@ -1,0 +1,78 @@
+"""Everything that goes into an image file, in order: watermark (pixels) → encode with parameters →
+C2PA signature (bytes). The worker hashes and writes what comes out, so the metadata's `sha256` is the
+hash of the bytes written. Runs on the writer threads; its time is the shard's `image_encode`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from imagemill.records import MetadataRow
+from imagemill.spec import IMAGE_EXTENSIONS, JobSpec, OutputSpec
+from imagemill.workers.encoding import encode_image
+from imagemill.workers.generators.registry import KINDS
+from imagemill.workers.loading import Pretrained
+from imagemill.workers.provenance.c2pa_signing import C2paSigner
+from imagemill.workers.provenance.model_hash import model_hash
+from imagemill.workers.provenance.parameters import ModelFacts, metadata_json, save_options
+from imagemill.workers.provenance.watermark import add_watermark
+
+
+def _scheduler(spec: JobSpec, generator: Any) -> str | None:
+    """model.scheduler where the spec sets one, else the class of the pipeline's scheduler."""
+    chosen = getattr(spec.model, "scheduler", None)
+    if chosen:
+        return str(chosen)
+    scheduler = getattr(getattr(generator, "pipe", None), "scheduler", None)
+    return type(scheduler).__name__ if scheduler is not None else None
+
+
+def model_facts(spec: JobSpec, generator: Any) -> ModelFacts:
+    """What the files say about the model and the job's provenance settings; the model's hash is read
+    here, once per actor."""
+    provenance: dict[str, Any] = {}
+    if spec.output.watermark is not None:
+        provenance["watermark"] = spec.output.watermark.model_dump()
+    if spec.output.c2pa is not None:
+        provenance["c2pa"] = True
+    has_files = KINDS[spec.model.kind].needs_model
+    return ModelFacts(
+        model_hash=model_hash(Pretrained.of(spec.model, "model").local) if has_files else None,
+        scheduler=_scheduler(spec, generator),
+        loras=[lora.model_dump() for lora in spec.model.lora],
+        software=f"imagemill {metadata.version('imagemill')}",
+        provenance=provenance,
+    )
+
+
+@dataclass
+class ImageEncoder:
+    """One per actor: turns a row's uint8 pixels into the bytes of its file."""
+
+    output: OutputSpec
+    facts: ModelFacts | None  # None when neither parameters nor C2PA need them
+    signer: C2paSigner | None
+
+    @classmethod
+    def for_job(cls, spec: JobSpec, generator: Any) -> ImageEncoder:
+        out = spec.output
+        needs_facts = out.embed_parameters or out.c2pa is not None
+        return cls(
+            out,
+            model_facts(spec, generator) if needs_facts else None,
+            C2paSigner(out.c2pa) if out.c2pa is not None else None,
+        )
+
+    def encode(self, pixels: np.ndarray, row: MetadataRow) -> bytes:
+        out = self.output
+        if out.watermark is not None:
+            pixels = add_watermark(pixels, out.watermark.payload, out.watermark.method)
+        options = save_options(row, self.facts, out.image_format) if out.embed_parameters else {}
+        data = encode_image(pixels, out.image_format, out.quality, **options)
+        if self.signer is not None:
+            title = f"{row.id}.{IMAGE_EXTENSIONS[out.image_format]}"
+            data = self.signer.sign(data, out.image_format, title, metadata_json(row, self.facts))
+        return data
