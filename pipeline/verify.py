@@ -86,6 +86,10 @@ def check_image(name: str, data: bytes, watermark: str | None = None, method: st
     """Check one image's bytes; `watermark`: a payload to look for (else the one its parameters name)."""
     check = FileCheck(name)
     kind = image_format(data)
+    if kind is not None:  # the manifest's hash of the bytes holds whether or not they still decode
+        check.c2pa, failures = c2pa_state(data, kind)
+        if check.c2pa == "Invalid":
+            check.problems.append(f"C2PA manifest does not validate: {', '.join(failures) or 'invalid'}")
     try:
         image = Image.open(io.BytesIO(data))
         pixels = np.asarray(image.convert("RGB"))
@@ -94,12 +98,8 @@ def check_image(name: str, data: bytes, watermark: str | None = None, method: st
         return check
     check.parameters = embedded_parameters(image)
     declared = check.parameters or {}
-    if kind is not None:
-        check.c2pa, failures = c2pa_state(data, kind)
-        if check.c2pa == "Invalid":
-            check.problems.append(f"C2PA manifest does not validate: {', '.join(failures) or 'invalid'}")
-        elif check.c2pa is None and declared.get("c2pa"):
-            check.problems.append("no C2PA manifest, though its parameters say it was signed")
+    if check.c2pa is None and declared.get("c2pa"):
+        check.problems.append("no C2PA manifest, though its parameters say it was signed")
     if watermark is None and isinstance(declared.get("watermark"), dict):
         watermark, method = declared["watermark"].get("payload"), declared["watermark"].get("method", method)
     if watermark:
