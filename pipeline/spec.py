@@ -26,7 +26,6 @@ from pydantic import (
 
 from imagemill.errors import ImagemillError
 from imagemill.workers.generators.registry import KIND_NAMES, KINDS
-from imagemill.workers.provenance.payload import MAX_WATERMARK_BITS, payload_bits, watermark_size_problem
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
@@ -49,6 +48,38 @@ MAX_STEPS = 1000
 # diffusers takes any guidance and makes black images far past the useful range (7.5 for SD, 3.5 for
 # FLUX's distilled guidance, 5 for Janus); 0 is what turbo models use (no classifier-free guidance).
 MAX_GUIDANCE = 100
+
+
+# The watermark's payload and the size it needs, for the spec and the actors (workers/provenance) alike.
+MAX_WATERMARK_BITS = 64  # measured: 64 bits read back with at most 2 wrong from 256² images after JPEG q90
+MIN_WATERMARK_PIXELS = 256 * 256  # invisible-watermark refuses smaller images
+ALLOWED_BIT_ERRORS_PER = 16  # found: at most one wrong bit in 16 (workers/provenance/watermark.py)
+
+
+def payload_bits(payload: str) -> list[int]:
+    """The bits of a payload: `0x` + hex digits, or text as UTF-8. ValueError when it is empty, is not
+    hex after `0x`, or is longer than MAX_WATERMARK_BITS."""
+    if payload[:2].lower() == "0x":
+        try:
+            data = bytes.fromhex(payload[2:])
+        except ValueError:
+            raise ValueError(f"{payload!r} starts with 0x but is not an even number of hex digits") from None
+    else:
+        data = payload.encode("utf-8")
+    bits = [(byte >> (7 - i)) & 1 for byte in data for i in range(8)]
+    if not bits or len(bits) > MAX_WATERMARK_BITS:
+        raise ValueError(
+            f"the payload must be 1 to {MAX_WATERMARK_BITS} bits (8 bytes of text, or 0x and 16 hex "
+            f"digits), got {len(bits)}"
+        )
+    return bits
+
+
+def watermark_size_problem(width: int, height: int) -> str | None:
+    """Why a width x height image cannot carry the watermark, or None when it can."""
+    if width * height < MIN_WATERMARK_PIXELS:
+        return f"needs images of at least {MIN_WATERMARK_PIXELS} pixels (256x256), got {width}x{height}"
+    return None
 
 
 def _is_int(value: Any) -> bool:

@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from imagemill.errors import ImagemillError
+from imagemill.spec import payload_bits
 from imagemill.storage import filesystem
 from imagemill.workers.provenance.c2pa_signing import MIME_TYPES
 from imagemill.workers.provenance.parameters import IMAGE_DESCRIPTION
-from imagemill.workers.provenance.payload import payload_bits
 from imagemill.workers.provenance.watermark import is_found, wrong_bits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

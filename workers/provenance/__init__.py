@@ -1,0 +1,1 @@
+"""What goes into an image file besides its pixels' encoding: parameters, watermark, C2PA (encoder.py)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imagemill.workers.provenance.payload import ALLOWED_BIT_ERRORS_PER, payload_bits, watermark_size_problem
+from imagemill.spec import ALLOWED_BIT_ERRORS_PER, payload_bits, watermark_size_problem
 
 
 def _bgr(pixels: np.ndarray) -> np.ndarray:
