@@ -30,6 +30,7 @@ from PIL import Image
 from imagemill.errors import ImagemillError
 from imagemill.spec import payload_bits
 from imagemill.storage import filesystem
+from imagemill.workers.provenance import optional_library
 from imagemill.workers.provenance.c2pa_signing import MIME_TYPES
 from imagemill.workers.provenance.parameters import IMAGE_DESCRIPTION
 from imagemill.workers.provenance.watermark import is_found, wrong_bits
@@ -68,8 +69,7 @@ def embedded_parameters(image: Image.Image) -> dict[str, Any] | None:
 
 def c2pa_state(data: bytes, kind: str) -> tuple[str | None, list[str]]:
     """The manifest's validation state (None when there is none) and its failure codes."""
-    import c2pa
-
+    c2pa = optional_library("c2pa", "imagemill verify")
     try:
         with c2pa.Reader(MIME_TYPES[kind], io.BytesIO(data)) as reader:
             state = reader.get_validation_state()

@@ -1,1 +1,17 @@
 """What goes into an image file besides its pixels' encoding: parameters, watermark, C2PA (encoder.py)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from imagemill.errors import ImagemillError
+
+
+def optional_library(module: str, setting: str) -> ModuleType:
+    """`module` of the `provenance` extra, imported on first use; one line naming `setting` when the extra
+    is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImagemillError(f"{setting} needs pip install 'imagemill[provenance]' ({module})") from None

@@ -21,6 +21,7 @@ from typing import Any
 from imagemill.errors import ImagemillError
 from imagemill.spec import C2paSpec
 from imagemill.storage import filesystem
+from imagemill.workers.provenance import optional_library
 from imagemill.workers.provenance.parameters import TRAINED_ALGORITHMIC_MEDIA
 
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -67,9 +68,7 @@ class C2paSigner:
     every writer thread (each sign makes its own c2pa Signer and Builder)."""
 
     def __init__(self, spec: C2paSpec):
-        import c2pa
-
-        self._c2pa = c2pa
+        self._c2pa = optional_library("c2pa", "output.c2pa")
         self._cert = _read(spec.cert, spec.storage_options, "output.c2pa.cert")
         self._key = _read(spec.key, spec.storage_options, "output.c2pa.key")
         self._alg = spec.alg

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from imagemill.spec import ALLOWED_BIT_ERRORS_PER, payload_bits, watermark_size_problem
+from imagemill.workers.provenance import optional_library
 
 
 def _bgr(pixels: np.ndarray) -> np.ndarray:
@@ -25,12 +26,10 @@ def _bgr(pixels: np.ndarray) -> np.ndarray:
 
 def add_watermark(pixels: np.ndarray, payload: str, method: str) -> np.ndarray:
     """`pixels` (H, W, 3) uint8 RGB with the payload embedded. ValueError for an image too small."""
-    from imwatermark import WatermarkEncoder
-
     problem = watermark_size_problem(pixels.shape[1], pixels.shape[0])
     if problem:
         raise ValueError(f"output.watermark {problem}")
-    encoder = WatermarkEncoder()
+    encoder = optional_library("imwatermark", "output.watermark").WatermarkEncoder()
     encoder.set_watermark("bits", payload_bits(payload))
     marked = encoder.encode(_bgr(pixels), method)
     return _bgr(np.clip(np.rint(marked), 0, 255).astype(np.uint8))
@@ -38,12 +37,11 @@ def add_watermark(pixels: np.ndarray, payload: str, method: str) -> np.ndarray:
 
 def wrong_bits(pixels: np.ndarray, payload: str, method: str) -> int | None:
     """How many of the payload's bits read back wrong from `pixels`; None for an image too small."""
-    from imwatermark import WatermarkDecoder
-
     if watermark_size_problem(pixels.shape[1], pixels.shape[0]):
         return None
     expected = np.array(payload_bits(payload), dtype=bool)
-    found = np.asarray(WatermarkDecoder("bits", len(expected)).decode(_bgr(pixels), method), dtype=bool)
+    decoder = optional_library("imwatermark", "--watermark").WatermarkDecoder("bits", len(expected))
+    found = np.asarray(decoder.decode(_bgr(pixels), method), dtype=bool)
     return int(np.count_nonzero(found != expected))
 
 
