@@ -3,7 +3,7 @@
 Signing is the last step before the bytes are hashed and written: any re-encode after it would strip
 the manifest. The manifest holds the AI-generated assertion (`c2pa.actions`: `c2pa.created` with IPTC
 digitalSourceType trainedAlgorithmicMedia) and `org.imagemill.parameters` (the image's metadata JSON:
-prompt, seed, model and its hash, ...). c2pa's own thumbnail is off: it would add 3-200x the image.
+prompt, seed, model and its hash, ...). c2pa's own thumbnail is off: measured, it made a 12 KB PNG 288 KB.
 
 The certificate and key are read by the actor (local path or fsspec URL with the section's storage
 options), kept in memory, and never logged or recorded; errors name the setting, not the path or its
