@@ -269,7 +269,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
         ("rows done", counts["rows_done"], ""),
         ("ok rows (images)", counts["rows_ok"], "ok"),
         ("filtered rows", counts["rows_filtered"], ""),
-        ("flagged rows (safety)", counts.get("rows_flagged", 0), ""),
+        ("flagged rows (safety)", counts["rows_flagged"], ""),
         ("error rows", counts["rows_error"], "error"),
         ("shards done", f"{counts['shards_done']} / {counts['shards_total']}", ""),
         ("failed shards", counts["shards_failed"], "error" if counts["shards_failed"] else ""),

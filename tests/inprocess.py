@@ -8,8 +8,10 @@ images are the bytes a Ray run of the same spec writes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,6 +42,17 @@ def _schedule_in_process(
     start_record()
     for shard in todo:
         committed[shard.shard_id] = worker.process_shard(shard)
+
+
+def output_hashes(output: Path) -> dict[str, str]:
+    """sha256 of every image and metadata file of a local `files` output, by path: equal for two runs
+    that wrote the same bytes."""
+    return {
+        str(path.relative_to(output)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for folder in ("images", "metadata")
+        for path in sorted((output / folder).rglob("*"))
+        if path.is_file()
+    }
 
 
 def run_in_process(spec: imagemill.JobSpec, **options: Any) -> imagemill.JobResult:

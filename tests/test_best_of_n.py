@@ -7,7 +7,6 @@ byte-identical on resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import as_pixels, prompt_table, read_metadata
+from inprocess import output_hashes as _files
 from inprocess import run_in_process
 from PIL import Image
 
@@ -28,13 +28,6 @@ ROWS = 6
 CANDIDATES = 3
 GENERATION = {"width": SIZE, "height": SIZE, "num_inference_steps": 2, "guidance_scale": 7.5}
 SCORE_TOLERANCE = 0.3  # torch's bicubic resize against PIL's, and batch-size last bits (see test_scoring)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    from imagemill.testing.tiny_model import make_tiny_clip
-
-    return str(make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +45,6 @@ def _data(prompts_dir: Path, output: Path, tiny_model: str, tiny_clip: str | Non
         "generation": {**GENERATION, "seed": 11, "candidates": CANDIDATES, **generation},
         "workers": {"num_workers": 1, "batch_size": 4},  # 9 draws a shard: chunks mix rows
         "scoring": {"source": tiny_clip} if tiny_clip else None,
-    }
-
-
-def _files(output: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(output)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for folder in ("images", "metadata")
-        for path in sorted((output / folder).rglob("*"))
-        if path.is_file()
     }
 
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import prompt_table, read_metadata
+from inprocess import output_hashes as _files
 from inprocess import run_in_process
 from PIL import Image
 
@@ -31,11 +32,8 @@ ROWS = 8
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_model) -> dict[str, str]:
-    from imagemill.testing.tiny_model import make_tiny_clip
-
-    folder = tmp_path_factory.mktemp("models")
-    return {"sd": tiny_model, "clip": str(make_tiny_clip(folder / "tiny-clip"))}
+def models(tiny_model, tiny_clip) -> dict[str, str]:
+    return {"sd": tiny_model, "clip": tiny_clip}
 
 
 @pytest.fixture(scope="module")
@@ -198,16 +196,6 @@ def test_retry_draws_again_from_derived_seeds_and_records_the_seed_used(retried,
     stats = [json.loads(path.read_text()) for path in (retried / "shards").glob("*.json")]
     total = sum(len(json.loads(row["rejected_draws"] or "[]")) for row in rows.values())
     assert sum(s["redraws"] for s in stats) == total and sum(s["rejected_candidates"] for s in stats) == 0
-
-
-def _files(output: Path) -> dict[str, str]:
-    """sha256 of every image and metadata file under the output."""
-    return {
-        str(path.relative_to(output)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for folder in ("images", "metadata")
-        for path in sorted((output / folder).rglob("*"))
-        if path.is_file()
-    }
 
 
 def test_retry_through_ray_writes_the_same_bytes_and_resumes_byte_identical(
