@@ -1,8 +1,9 @@
 """Every pretrained component an actor loads, loaded under one policy.
 
-The diffusers pipeline, the tiny VAE, LoRA weights, Janus, the CLIP scorer and the prompt-expansion
-LM are all loaded through a `Pretrained` (tests/test_loading.py fails on a `from_pretrained(` or
-`load_lora_weights(` anywhere else in the runtime code), so two rules hold for each alike:
+The diffusers pipeline, the tiny VAE, LoRA weights, Janus, the CLIP scorer, the safety checker and
+the prompt-expansion LM are all loaded through a `Pretrained` (tests/test_loading.py fails on a
+`from_pretrained(` or `load_lora_weights(` anywhere else in the runtime code), so two rules hold for
+each alike:
 
 - where its files are: a URL is copied once to this node's cache (model_source.fetch_model_dir, which
   refuses keys that would land outside it); a local directory or hub id is used as it is;
