@@ -235,3 +235,20 @@ def test_a_checker_without_the_scorers_tower_computes_its_own_embeddings(
     scores = [row["safety_score"] for row in rows.values()]
     assert all(row["clip_score"] is None for row in rows.values()) and len(set(scores)) == ROWS
     assert scores != [probe.cosine[row_id] for row_id in rows]  # another tower, other embeddings
+
+
+def test_the_checker_reuses_the_scorers_embeddings_only_for_the_same_tower(tmp_path, models, checker):
+    """Same weights and image processor: the scorer's embeddings give the checker's own verdicts."""
+    from imagemill.spec import SafetySpec, ScoringSpec
+    from imagemill.workers.stages.safety import SafetyChecker
+    from imagemill.workers.stages.scoring import ClipScorer
+
+    scorer = ClipScorer(ScoringSpec(source=models["clip"]), "cpu")
+    shared = SafetyChecker(SafetySpec(source=checker), "cpu", scorer)
+    other = _checker(tmp_path, models["clip"], 0.0, share_tower=False)
+    assert shared.reuses_scorer and not SafetyChecker(SafetySpec(source=other), "cpu", scorer).reuses_scorer
+    images = torch.randint(
+        0, 256, (3, SIZE, SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    reused = shared.check(images, scorer.image_embeddings(images))
+    assert [v.score for v in reused] == pytest.approx([v.score for v in shared.check(images)], abs=1e-6)
