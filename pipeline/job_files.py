@@ -6,7 +6,7 @@ client. A job on a cluster runs elsewhere, so `imagemill submit` decides for eac
 - shared: the cluster is on this machine (a loopback address whose head node has one of this
   machine's addresses: not an SSH tunnel's local port), or the user says the paths are shared storage
   mounted at the same place on every node (`--shared-path`): used as they are.
-- otherwise a local input or model (scoring and expansion models, LoRAs and the tiny VAE too) is
+- otherwise a local input or model (scoring, safety and expansion models, LoRAs and the tiny VAE too) is
   copied into the job's working directory, which Ray uploads (its package limit is 512 MiB), and its
   path in the uploaded job.yaml becomes relative to that directory, where the job runs. More than
   UPLOAD_LIMIT_BYTES is refused with the fix.
@@ -80,6 +80,8 @@ def _local_sources(spec: JobSpec) -> Iterator[tuple[str, str, object, str]]:
         candidates.append(("scoring.source", "scoring", spec.scoring, "source"))
     if spec.expansion is not None:
         candidates.append(("expansion.source", "expansion", spec.expansion, "source"))
+    if spec.safety is not None:
+        candidates.append(("safety.source", "safety", spec.safety, "source"))
     candidates.append(("speed.tiny_vae", "tiny-vae", spec.speed, "tiny_vae"))
     for setting, folder, holder, attribute in candidates:
         if _is_local(getattr(holder, attribute)):

@@ -16,7 +16,8 @@ INTERRUPTED = "interrupted"
 
 
 def job_state(shards_done: int, shards_total: int, rows_done: int, generated: int) -> str:
-    """`generated`: rows done with an image made (ok, or filtered by its score)."""
+    """`generated`: rows done with an image drawn (ok, filtered by its score, flagged by the safety
+    classifier)."""
     if shards_done < shards_total:
         return INCOMPLETE
     if rows_done and not generated:

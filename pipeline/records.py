@@ -73,7 +73,7 @@ class MetadataRow:
     guidance_scale: float | None
     width: int | None
     height: int | None
-    status: str  # ok | filtered | error
+    status: str  # ok | filtered | flagged (safety:) | error
     error: str | None = None  # `reason: detail`, for status=error
     path: str | None = None  # where the image is, relative to the output; null when none was written
     sha256: str | None = None  # of the encoded image
@@ -81,6 +81,13 @@ class MetadataRow:
     input_file: str
     input_row: int
     clip_score: float | None = None  # null when scoring is off or the row errored
+    # safety: (workers/stages/safety.py) the highest concept margin (> 0: flagged) and the flagged concepts
+    safety_score: float | None = None
+    safety_concepts: str | None = None  # comma-separated, e.g. "concept_3,special_0"; null when none
+    draw: int | None = None  # which draw of the row `seed` is (0: the row's own; workers/selection.py)
+    rejected_draws: str | None = (
+        None  # JSON list of the draws not kept: {draw, seed, clip_score, safety_score}
+    )
     key: str | None = None  # webdataset: the sample's key in its shard's tar
 
     def columns(self) -> dict[str, Any]:
@@ -190,6 +197,7 @@ class ShardStats:
     rows: int
     ok: int
     filtered: int = 0  # done, but scored under scoring.threshold
+    flagged: int = 0  # done, but flagged by the safety classifier (kept, blurred or dropped)
     error: int
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     error_examples: dict[str, list[str]] = field(default_factory=dict)  # reason: a few messages, capped
@@ -205,6 +213,8 @@ class ShardStats:
     clip_score: ClipScoreSummary | None = None
     expand_seconds: float | None = None  # prompt expansion only, as the next one
     expansion_unchanged: int | None = None
+    redraws: int = 0  # images drawn beyond one per row: best-of-N candidates and safety retries
+    rejected_candidates: int = 0  # candidates drawn and not kept (best-of-N; not filtering)
 
     @property
     def read_seconds(self) -> float:
@@ -256,6 +266,8 @@ class ShardTotals:
     errors: int
     errors_by_reason: dict[str, int]
     filtered: int = 0  # scored below scoring.threshold: done, like ok rows, but not errors
+    flagged: int = 0  # flagged by the safety classifier: done, counted apart
+    rejected_candidates: int = 0  # best-of-N candidates not kept
 
 
 def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
@@ -269,4 +281,6 @@ def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
         errors=sum(stats.error for stats in shards),
         errors_by_reason=dict(sorted(reasons.items())),
         filtered=sum(stats.filtered for stats in shards),
+        flagged=sum(stats.flagged for stats in shards),
+        rejected_candidates=sum(stats.rejected_candidates for stats in shards),
     )

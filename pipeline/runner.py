@@ -32,7 +32,12 @@ from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import Shard, ShardPlan, plan_shards, resume_whole_group_shards
 from imagemill.spec import JobSpec
-from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
+from imagemill.workers.model_source import (
+    check_expansion_source,
+    check_model_source,
+    check_safety_source,
+    check_scoring_source,
+)
 
 log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("imagemill", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs")
@@ -51,6 +56,7 @@ class JobResult:
     seconds: float
     failures: list[ShardFailure] = field(default_factory=list)
     filtered: int = 0  # rows done but scored below scoring.threshold
+    flagged: int = 0  # rows done but flagged by the safety classifier
     rows_run: int = 0  # images made by this run (the rate counts these)
 
     @property
@@ -60,8 +66,8 @@ class JobResult:
     @property
     def state(self) -> str:
         """complete, incomplete or failed (imagemill.outcome); only complete is a success."""
-        rows_done = self.ok + self.filtered + self.errors
-        return job_state(self.shards_done, self.shards_total, rows_done, self.ok + self.filtered)
+        generated = self.ok + self.filtered + self.flagged
+        return job_state(self.shards_done, self.shards_total, generated + self.errors, generated)
 
     def _timing(self) -> str:
         """This run's time and rate, or that it had nothing to do (a rate would then be noise)."""
@@ -72,8 +78,9 @@ class JobResult:
 
     def summary(self) -> str:
         filtered = f"{self.filtered} filtered, " if self.filtered else ""
+        flagged = f"{self.flagged} flagged, " if self.flagged else ""
         lines = [
-            f"{self.rows_total} rows: {self.ok} ok, {filtered}{self.errors} error "
+            f"{self.rows_total} rows: {self.ok} ok, {filtered}{flagged}{self.errors} error "
             f"in {self.shards_done}/{self.shards_total} shards ({self.shards_run} run now), "
             f"{self._timing()} → {self.output}"
         ]
@@ -125,6 +132,8 @@ def run(
         check_scoring_source(spec.scoring)
     if spec.expansion is not None:
         check_expansion_source(spec.expansion)
+    if spec.safety is not None:
+        check_safety_source(spec.safety)
     check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:
@@ -215,6 +224,7 @@ def _schedule(
             committed[stats.shard_id] = stats
             shown.update(stats.rows, len(committed))
             filtered = f", {stats.filtered} filtered" if spec.scoring else ""
+            filtered += f", {stats.flagged} flagged" if spec.safety else ""
             log.info(
                 "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
                 "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
@@ -261,6 +271,7 @@ def _result(
         seconds=time.time() - started,
         failures=failures,
         filtered=totals.filtered,
+        flagged=totals.flagged,
         rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
     )
 
@@ -281,6 +292,7 @@ def _end_record(
         shards_done=len(committed),
         rows_ok=totals.ok,
         rows_filtered=totals.filtered,
+        rows_flagged=totals.flagged,
         rows_error=totals.errors,
         errors_by_reason=totals.errors_by_reason,
         failed_shards=[vars(failure) for failure in failures],

@@ -41,6 +41,8 @@ EXPANSION_RUNTIME_FIELDS = {
     "num_gpus",
     "num_cpus",
 }
+# Absent from the fingerprint without best-of-N: outputs made before it existed still resume.
+BEST_OF_N_FIELDS = {"candidates", "select_by"}
 # Limits of the generation parameters, for a job's defaults (GenerationSpec) and each row's own values
 # (workers/rows.py) alike: a default every row would fail on is refused before anything runs.
 MAX_SIDE = 4096  # larger images are refused instead of exhausting the accelerator's memory
@@ -48,6 +50,8 @@ MAX_STEPS = 1000
 # diffusers takes any guidance and makes black images far past the useful range (7.5 for SD, 3.5 for
 # FLUX's distilled guidance, 5 for Janus); 0 is what turbo models use (no classifier-free guidance).
 MAX_GUIDANCE = 100
+# What generation.select_by may name: a score the job computes for every image (scoring:'s CLIP score).
+SELECTORS = ("clip_score",)
 
 
 # The watermark's payload and the size it needs, for the spec and the actors (workers/provenance) alike.
@@ -242,6 +246,43 @@ class ScoringSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
+class SafetyRetrySpec(_Section):
+    """`safety.policy: retry`: how many new seeds a flagged image gets, and what happens after."""
+
+    attempts: int = Field(2, gt=0, le=16, description="New draws (seeds) tried after the first is flagged.")
+    then: Literal["drop", "blur", "keep"] = Field(
+        "drop", description="What happens to a row still flagged after its last attempt."
+    )
+
+
+class SafetySpec(_Section):
+    """A safety classifier run on each image on the actor, before the copy back (workers/stages/safety.py)."""
+
+    source: str = Field(
+        description="A diffusers StableDiffusionSafetyChecker directory (config.json, safetensors weights, "
+        "preprocessor_config.json), hub id or URL, found as model.source is."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    safetensors_only: bool = True
+    policy: Literal["keep", "blur", "drop", "retry"] = Field(
+        "blur",
+        description="A flagged image is written and marked (keep), written blurred (blur), not written "
+        "(drop), or drawn again with a new seed (retry).",
+    )
+    retry: SafetyRetrySpec = Field(default_factory=SafetyRetrySpec)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    @property
+    def draws(self) -> int:
+        """Rounds of drawing a row may get: 1, or 1 + retry.attempts with policy retry."""
+        return 1 + self.retry.attempts if self.policy == "retry" else 1
+
+    @property
+    def final_policy(self) -> str:
+        """What happens to an image flagged on its row's last round: keep, blur or drop."""
+        return self.retry.then if self.policy == "retry" else self.policy
+
+
 class SpeedSpec(_Section):
     """How a diffusers model runs (workers/generators/diffusion/speed.py); each may change output bytes
     a little."""
@@ -273,6 +314,25 @@ class GenerationSpec(_Section):
     images_per_prompt: int = Field(
         1, gt=0, le=1000, description="Images per input row, each with its own id (<id>_<k>) and seed."
     )
+    candidates: int = Field(
+        1,
+        gt=0,
+        le=64,
+        description="Best-of-N: images drawn per row (seeds derived per candidate); the best is kept.",
+    )
+    select_by: str = Field(
+        SELECTORS[0], description=f"What picks the best candidate: {', '.join(SELECTORS)} (needs `scoring:`)."
+    )
+
+    @field_validator("select_by")
+    @classmethod
+    def _selector_exists(cls, value: str) -> str:
+        if value not in SELECTORS:
+            raise ValueError(
+                f"{value!r} is not a selector imagemill has: the only one is {', '.join(SELECTORS)} "
+                "(the scoring: section's CLIP score); an aesthetic selector would need an aesthetic model"
+            )
+        return value
 
     @field_validator("width", "height", "num_inference_steps", "guidance_scale", mode="before")
     @classmethod
@@ -348,6 +408,16 @@ class JobSpec(_Section):
         None, description="Optional prompt expansion by a language model."
     )
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
+    safety: SafetySpec | None = Field(None, description="Optional safety classifier and its policy.")
+
+    @model_validator(mode="after")
+    def _candidates_need_their_score(self) -> JobSpec:
+        if self.generation.candidates > 1 and self.scoring is None:
+            raise ValueError(
+                f"generation.candidates: {self.generation.candidates} picks by "
+                f"{self.generation.select_by}, which needs a scoring: section (a CLIP model)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _watermark_fits_the_images(self) -> JobSpec:
@@ -411,13 +481,17 @@ class JobSpec(_Section):
             "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
             "output": output,
             "model": model,
-            "generation": self.generation.model_dump(),
+            "generation": self.generation.model_dump(
+                exclude=BEST_OF_N_FIELDS if self.generation.candidates == 1 else set()
+            ),
             "batch_size": self.workers.batch_size,
         }
         if self.scoring is not None:  # absent when off, for the same reason
             fingerprint["scoring"] = self.scoring.model_dump(exclude={"storage_options", "safetensors_only"})
         if self.expansion is not None:  # absent without expansion: outputs made before it still resume
             fingerprint["expansion"] = self.expansion.model_dump(exclude=EXPANSION_RUNTIME_FIELDS)
+        if self.safety is not None:  # absent when off: outputs made before it still resume
+            fingerprint["safety"] = self.safety.model_dump(exclude={"storage_options", "safetensors_only"})
         speed = self.speed.model_dump(exclude_defaults=True)
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed
@@ -434,7 +508,7 @@ class JobSpec(_Section):
         data = self.model_dump()
         if data["output"]["c2pa"]:  # where the signing key is stays out of every record
             data["output"]["c2pa"] = {"alg": self.output.c2pa.alg, "cert": "<redacted>", "key": "<redacted>"}
-        for section in ("input", "output", "model", "scoring", "expansion"):
+        for section in ("input", "output", "model", "scoring", "expansion", "safety"):
             if data[section] and data[section]["storage_options"]:
                 data[section]["storage_options"] = "<redacted>"
         return data
@@ -556,7 +630,7 @@ def build_spec(
         raise ImagemillError(f"{origin} is invalid: {problems}") from None
     spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
-    for model in (spec.model, spec.scoring, spec.expansion):
+    for model in (spec.model, spec.scoring, spec.expansion, spec.safety):
         if model is not None and model.source and _looks_like_local_path(model.source):
             model.source = _absolute(model.source)
     for lora in spec.model.lora:

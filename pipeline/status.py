@@ -40,7 +40,7 @@ class JobStatus:
     @property
     def state(self) -> str:
         """What the counts say (imagemill.outcome), as the runner decides it: only complete succeeded."""
-        generated = self.ok + self.filtered
+        generated = self.ok + self.filtered + self.totals.flagged
         return job_state(self.shards_done, self.record["shards_total"], self.rows_done, generated)
 
     def text(self) -> str:
@@ -51,6 +51,7 @@ class JobStatus:
             f"shards: {self.shards_done}/{self.record['shards_total']} done",
             f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, "
             + (f"{self.filtered} filtered, " if self.filtered else "")
+            + (f"{self.totals.flagged} flagged, " if self.totals.flagged else "")
             + f"{errors} error",
         ]
         lines += [f"  {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())]

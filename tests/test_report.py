@@ -151,6 +151,8 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
         "rows_done": 40,
         "rows_ok": 37,
         "rows_filtered": 0,
+        "rows_flagged": 0,
+        "candidates_rejected": 0,
         "rows_error": 3,
         "shards_total": 5,
         "shards_done": 4,

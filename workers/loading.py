@@ -1,8 +1,9 @@
 """Every pretrained component an actor loads, loaded under one policy.
 
-The diffusers pipeline, the tiny VAE, LoRA weights, Janus, the CLIP scorer and the prompt-expansion
-LM are all loaded through a `Pretrained` (tests/test_loading.py fails on a `from_pretrained(` or
-`load_lora_weights(` anywhere else in the runtime code), so two rules hold for each alike:
+The diffusers pipeline, the tiny VAE, LoRA weights, Janus, the CLIP scorer, the safety checker and
+the prompt-expansion LM are all loaded through a `Pretrained` (tests/test_loading.py fails on a
+`from_pretrained(` or `load_lora_weights(` anywhere else in the runtime code), so two rules hold for
+each alike:
 
 - where its files are: a URL is copied once to this node's cache (model_source.fetch_model_dir, which
   refuses keys that would land outside it); a local directory or hub id is used as it is;
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import ExpansionSpec, ModelSpec, ScoringSpec
+from imagemill.spec import ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
 from imagemill.workers.model_source import fetch_model_dir
 
 CORRUPT = "Unable to load weights"  # how diffusers and transformers say a weights file did not read
@@ -40,8 +41,8 @@ class Pretrained:
         return source if isinstance(source, Pretrained) else cls(source, "model.source")
 
     @classmethod
-    def of(cls, section: ModelSpec | ScoringSpec | ExpansionSpec, name: str) -> Pretrained:
-        """The source of spec section `name` (model, scoring, expansion)."""
+    def of(cls, section: ModelSpec | ScoringSpec | ExpansionSpec | SafetySpec, name: str) -> Pretrained:
+        """The source of spec section `name` (model, scoring, expansion, safety)."""
         return cls(
             section.source,
             f"{name}.source",

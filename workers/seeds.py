@@ -16,3 +16,10 @@ def derive_seed(job_seed: int, row_id: str) -> int:
 def expansion_seed(job_seed: int, variant_id: str) -> int:
     """The seed of a prompt expansion: apart from the image seeds, so the two draws are independent."""
     return derive_seed(job_seed, f"expansion/{variant_id}")
+
+
+def draw_seed(row_seed: int, draw: int) -> int:
+    """The seed of a row's `draw`-th image: draw 0 is the row's own seed; later draws (best-of-N
+    candidates, safety retries: workers/selection.py) get one derived from (row seed, draw) alone, so
+    they are the same on every run and resume whatever else the batch holds."""
+    return row_seed if draw == 0 else derive_seed(row_seed, f"draw/{draw}")

@@ -1,7 +1,8 @@
 """What one shard call builds up, and the records made from it: metadata rows and the shard's stats.
 
 A `ShardWorker` runs two `process_shard` calls at once, so each keeps its own `ShardRun`: the rows it
-read, the metadata rows of the rows done so far (ok, or filtered by their CLIP score), the sample
+read, the metadata rows of the rows done so far (ok, filtered by their CLIP score, flagged by the
+safety checker) with the draws they were chosen from (selection.py), the sample
 thumbnails, the stage timer and timeline. From it come the shard's metadata rows (an error row for
 every row not done) and its `ShardStats`, the types declared in imagemill.records.
 """
@@ -12,7 +13,7 @@ import resource
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +23,7 @@ from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats,
 from imagemill.shards import Shard
 from imagemill.workers.encoding import thumbnail_data_uri
 from imagemill.workers.rows import Row
+from imagemill.workers.selection import Drawn
 from imagemill.workers.stage_timer import StageTimer
 from imagemill.workers.stages.expansion import ShardExpansion
 
@@ -54,6 +56,8 @@ class ShardRun:
     pending: deque[list[tuple[Row, Future[MetadataRow]]]] = field(default_factory=deque)  # being written
     truncated: set[int] = field(default_factory=set)
     samples: list[Sample] = field(default_factory=list)
+    redraws: int = 0  # images drawn beyond one per done row (best-of-N candidates, safety retries)
+    rejected_candidates: int = 0  # unflagged draws not kept: they lost on score
     write_wait_seconds: float = 0.0  # after the model turn: the last writes and the writer's close()
 
     def collect(self, batch: list[tuple[Row, Future[MetadataRow]]]) -> None:
@@ -81,8 +85,29 @@ class ShardRun:
             **columns,
         )
 
-    def add_samples(self, kept: list[tuple[Row, np.ndarray]]) -> None:
-        """Keep thumbnails of the first written images, up to SAMPLES_PER_SHARD."""
+    def drawn_row(self, row: Row, drawn: Drawn, **columns: Any) -> MetadataRow:
+        """A done row's metadata: the seed of the draw kept, its scores, and the draws not kept."""
+        kept = drawn.kept
+        verdict = kept.verdict
+        return replace(
+            self.row(row, drawn.status, clip_score=kept.clip_score, **columns),
+            seed=kept.seed,
+            draw=kept.draw,
+            safety_score=verdict.score if verdict else None,
+            safety_concepts=(",".join(verdict.concepts) or None) if verdict else None,
+            rejected_draws=drawn.rejected_json,
+        )
+
+    def count_draws(self, drawn: list[Drawn]) -> None:
+        """Add a batch's draws not kept to the shard's counts."""
+        for row_drawn in drawn:
+            self.redraws += len(row_drawn.rejected)
+            self.rejected_candidates += sum(not draw.flagged for draw in row_drawn.rejected)
+
+    def add_samples(self, shown: list[tuple[Row, np.ndarray | None]]) -> None:
+        """Keep thumbnails of the first images written, up to SAMPLES_PER_SHARD; a flagged image's
+        thumbnail is blurred (selection.Drawn.shown)."""
+        kept = [(row, image) for row, image in shown if image is not None]
         for row, image in kept[: SAMPLES_PER_SHARD - len(self.samples)]:
             self.samples.append(
                 Sample(
@@ -115,6 +140,7 @@ class ShardRun:
             rows=len(self.rows),
             ok=statuses["ok"],
             filtered=statuses["filtered"],
+            flagged=statuses["flagged"],
             error=len(self.rows) - len(self.written),
             errors_by_reason=dict(Counter(row.error.split(":", 1)[0] for row in self.rows if row.error)),
             error_examples=examples,
@@ -130,4 +156,6 @@ class ShardRun:
             clip_score=ClipScoreSummary.of(scores),
             expand_seconds=round(self.expansion.seconds, 3) if self.expansion else None,
             expansion_unchanged=self.expansion.unchanged if self.expansion else None,
+            redraws=self.redraws,
+            rejected_candidates=self.rejected_candidates,
         )

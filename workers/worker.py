@@ -1,12 +1,12 @@
 """The Ray actor: loads the model once, then turns shard after shard into images, metadata and stats.
 
 Everything a shard produces is written from here straight to the output location; the driver gets
-back only the shard's stats. A shard's life is `process_shard`: read → expand → generate → score →
-write → commit. Images go through the shard's `ShardWriter` (one per output format, see writers.py),
-then the metadata Parquet is written, then the stats file: its presence is the commit. Two shard calls
-run at once, taking the model in turn (model_turns.py), so the next shard is read while the current
-one generates; the stats split each shard's time by stage (stage_timer.py). The records themselves
-(metadata rows, stats) are built in shard_records.py.
+back only the shard's stats. A shard's life is `process_shard`: read → expand → generate, score and
+check (selection.py) → write → commit. Images go through the shard's `ShardWriter` (one per output
+format, see writers.py), then the metadata Parquet is written, then the stats file: its presence is
+the commit. Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard
+is read while the current one generates; the stats split each shard's time by stage (stage_timer.py).
+The records themselves (metadata rows, stats) are built in shard_records.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from imagemill.lease import check_owner
@@ -33,9 +32,11 @@ from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.provenance.encoder import ImageEncoder
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
+from imagemill.workers.selection import Drawn, Selection
 from imagemill.workers.shard_records import ShardRun
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
+from imagemill.workers.stages.safety import SafetyChecker
 from imagemill.workers.stages.scoring import ClipScorer
 from imagemill.workers.writers import ShardWriter, open_writer, parquet_bytes
 
@@ -75,6 +76,8 @@ class ShardWorker:
         self.generator = make_generator(spec, self.device)
         self.encoder = ImageEncoder.for_job(spec, self.generator)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
+        checker = SafetyChecker(spec.safety, self.device, self.scorer) if spec.safety else None
+        self.selection = Selection(spec, self.generator, self.scorer, checker)
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
@@ -139,22 +142,18 @@ class ShardWorker:
                 run.expansion.fill(batch)
             drawn = self._draw(run, batch)
             if drawn is not None:
-                self._write(run, writer, batch, *drawn)
+                self._write(run, writer, batch, drawn)
 
-    def _draw(self, run: ShardRun, batch: list[Row]) -> tuple[np.ndarray, list[float | None]] | None:
-        """The batch's images, as uint8 on the CPU, and their scores, taken on the model's device before
-        the copy back. None when the pipeline's own checks refused the batch's parameters: its rows
-        become `model_rejected` errors."""
+    def _draw(self, run: ShardRun, batch: list[Row]) -> list[Drawn] | None:
+        """The batch's images, as uint8 on the CPU, with their scores and safety verdicts taken on the
+        model's device before the copy back (selection.py: candidates and retries drawn too). None when
+        the pipeline's own checks refused the batch's parameters: its rows become `model_rejected`
+        errors."""
         with self._model_time(run):
-            prompts = [row.text for row in batch]
-            cut = self.generator.truncated(prompts)
+            cut = self.generator.truncated([row.text for row in batch])
             run.truncated.update(row.index for row, truncated in zip(batch, cut, strict=True) if truncated)
             try:
-                images = self.generator.generate(
-                    prompts, [row.negative_prompt for row in batch], [row.seed for row in batch], batch[0].key
-                )
-                scores = self._score(images, prompts)  # `prompts`: the texts the images were drawn from
-                return images.cpu().numpy(), scores
+                return self.selection.draw(batch)
             except ValueError as exc:
                 for row in batch:
                     row.error = f"model_rejected: {exc}"
@@ -175,61 +174,28 @@ class ShardWorker:
                 run.timer.add(stage, spent)
             run.timer.add("denoise", seconds - sum(inner.values()))
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> list[float | None]:
-        """Each image's CLIP score with the text it was generated from, computed on the
-        images where the generator left them (its device); None for every row when scoring is off."""
-        if self.scorer is None:
-            return [None] * len(prompts)
-        return self.scorer.score(images, prompts)
-
-    def _status(self, score: float | None) -> str:
-        """`filtered` for a score under scoring.threshold, else `ok`."""
-        threshold = self.spec.scoring.threshold if self.spec.scoring else None
-        return "filtered" if score is not None and threshold is not None and score < threshold else "ok"
-
-    def _dropped(self, status: str) -> bool:
-        """Whether a row of this status gets no image (scoring.on_low_score: drop)."""
-        return status == "filtered" and self.spec.scoring.on_low_score == "drop"
-
-    def _write(
-        self,
-        run: ShardRun,
-        writer: ShardWriter,
-        batch: list[Row],
-        pixels: np.ndarray,
-        scores: list[float | None],
-    ) -> None:
+    def _write(self, run: ShardRun, writer: ShardWriter, batch: list[Row], drawn: list[Drawn]) -> None:
         """Hand the batch's images to the writer threads, at most BATCHES_IN_FLIGHT batches behind the
-        model; a dropped row gets its metadata row only."""
-        statuses = [self._status(score) for score in scores]
-        kept = zip(batch, pixels, statuses, strict=True)
-        run.add_samples([(row, image) for row, image, status in kept if not self._dropped(status)])
+        model; a row without an image to write (dropped) gets its metadata row only."""
+        run.add_samples([(row, row_drawn.shown) for row, row_drawn in zip(batch, drawn, strict=True)])
+        run.count_draws(drawn)
         in_flight = []
-        for row, image, score, status in zip(batch, pixels, scores, statuses, strict=True):
-            if self._dropped(status):
-                run.written[row.index] = run.row(row, status, clip_score=score)
+        for row, row_drawn in zip(batch, drawn, strict=True):
+            if row_drawn.pixels is None:
+                run.written[row.index] = run.drawn_row(row, row_drawn)
             else:
-                future = self.writers.submit(self._write_image, writer, run, row, image, score, status)
-                in_flight.append((row, future))
+                in_flight.append((row, self.writers.submit(self._write_image, writer, run, row, row_drawn)))
         run.pending.append(in_flight)
         if len(run.pending) > BATCHES_IN_FLIGHT:
             with run.timer.timing("idle"):  # write backpressure: the model waits for the writers
                 run.collect(run.pending.popleft())
 
-    def _write_image(
-        self,
-        writer: ShardWriter,
-        run: ShardRun,
-        row: Row,
-        pixels: np.ndarray,
-        score: float | None,
-        status: str,
-    ) -> MetadataRow:
+    def _write_image(self, writer: ShardWriter, run: ShardRun, row: Row, drawn: Drawn) -> MetadataRow:
         """On a writer thread: encode one done row's image and hand it to the writer; returns the
         row's metadata."""
-        record = run.row(row, status, clip_score=score)
+        record = run.drawn_row(row, drawn)
         with run.timer.timing("image_encode"):  # watermark, encode with parameters, C2PA signature
-            data = self.encoder.encode(pixels, record)
+            data = self.encoder.encode(drawn.pixels, record)
         record = replace(record, sha256=hashlib.sha256(data).hexdigest())
         with run.timer.timing("upload"):
             return writer.add(row.index, record, data)

@@ -39,7 +39,7 @@ SAMPLE_PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale",
 # Text fields a row may leave empty. Readers that infer a schema from the first samples (`datasets`'
 # webdataset loader reads 5 of the first tar) would type a field null there and fail on a later tar's
 # string, so the JSON writes "" for none; the metadata Parquet, which has a schema, keeps the null.
-SAMPLE_TEXT_FIELDS = ("negative_prompt", "expanded_prompt")
+SAMPLE_TEXT_FIELDS = ("negative_prompt", "expanded_prompt", "safety_concepts", "rejected_draws")
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image storage
 _HF_DTYPES = {pa.string(): "string", pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64"}

@@ -5,11 +5,10 @@ score = 100 × cosine(image embedding, text embedding), in [-100, 100]. This is 
 cosine keeps the whole distribution visible, so a threshold can be chosen from it. CLIP ViT-L/14 gives
 matching text-image pairs about 25..35 on this scale.
 
-The images are scored where the generator left them, on the actor's device, before the copy back:
-resized (shortest edge, bicubic with antialiasing, rounded to 8 bits as the image processor's own
-8-bit resize does), centre-cropped and normalised with torch ops, as the model's image processor
-config (`preprocessor_config.json`) says. No image goes through PIL or leaves the device for this.
-Text embeddings are cached per distinct text (`TextEmbeddingCache`).
+The images are scored where the generator left them, on the actor's device, before the copy back
+(their model input is made as clip_input.py says). Text embeddings are cached per distinct text
+(`TextEmbeddingCache`). The image embeddings are kept as `image_embeddings` and given to the safety
+checker, which uses them instead of computing its own when its CLIP vision tower is this one.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from imagemill.spec import ScoringSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
+from imagemill.workers.stages.clip_input import ClipImageInput
 from imagemill.workers.text_cache import TextEmbeddingCache
 
 
@@ -35,11 +35,7 @@ class ClipScorer:
         self.model.to(device).eval()
         self.tokenizer = source.files(AutoTokenizer)
         # The processor class only reads the numbers from the config; the transforms are ours, below.
-        processor = source.files(CLIPImageProcessorPil)
-        self.shortest_edge: int = processor.size["shortest_edge"]
-        self.crop: tuple[int, int] = (processor.crop_size["height"], processor.crop_size["width"])
-        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+        self.image_input = ClipImageInput.of(source.files(CLIPImageProcessorPil))
         self.max_length: int = self.model.config.text_config.max_position_embeddings
         self.texts = TextEmbeddingCache(self._encode_texts)
 
@@ -50,23 +46,18 @@ class ClipScorer:
         ).to(self.device)
         return {"text": F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)}
 
-    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, 3) uint8 images → the (N, 3, crop_h, crop_w) model input, on the images' device."""
-        pixels = images.permute(0, 3, 1, 2).float()
-        height, width = pixels.shape[-2:]
-        short, long = min(height, width), max(height, width)
-        new_long = int(self.shortest_edge * long / short)  # the image processor's own rounding
-        size = (self.shortest_edge, new_long) if height <= width else (new_long, self.shortest_edge)
-        if size != (height, width):
-            pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-            pixels = pixels.round().clamp(0, 255)
-        top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
-        pixels = pixels[..., top : top + self.crop[0], left : left + self.crop[1]]
-        return ((pixels / 255 - self.mean) / self.std).to(self.model.dtype)
+    @torch.inference_mode()
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The (N, projection_dim) CLIP image embeddings of (N, H, W, 3) uint8 images, not normalised."""
+        pixels = self.image_input(images, self.model.dtype)
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
+
+    def score(self, images: torch.Tensor, texts: list[str]) -> list[float]:
+        """The score of each (N, H, W, 3) uint8 image against its text (see the module docstring)."""
+        return self.score_embeddings(self.image_embeddings(images), texts)
 
     @torch.inference_mode()
-    def score(self, images: torch.Tensor, texts: list[str]) -> list[float]:
-        """The score of each image against its text (see the module docstring for the scale)."""
-        features = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output
-        cosine = (F.normalize(features.float(), dim=-1) * self.texts(texts)["text"]).sum(dim=-1)
+    def score_embeddings(self, embeddings: torch.Tensor, texts: list[str]) -> list[float]:
+        """The scores of images given by their `image_embeddings`."""
+        cosine = (F.normalize(embeddings.float(), dim=-1) * self.texts(texts)["text"]).sum(dim=-1)
         return (100 * cosine).tolist()
