@@ -179,7 +179,8 @@ def test_retry_draws_again_from_derived_seeds_and_records_the_seed_used(retried,
         assert row["seed"] == draw_seed(row_seed, row["draw"])
         if row_id not in probe.flagged:
             assert (row["status"], row["draw"], row["rejected_draws"]) == ("ok", 0, None)
-            assert row["sha256"] == first[row_id]["sha256"]
+            # the same image; the bytes differ where the embedded parameters carry this job's safety_score
+            assert np.array_equal(_pixels(retried, row), _pixels(probe.output, first[row_id]))
             continue
         rejected = json.loads(row["rejected_draws"])
         assert [draw["draw"] for draw in rejected] == [n for n in range(3) if n != row["draw"]][
