@@ -332,8 +332,9 @@ def _stages_report(profile: str, settings: dict, result: dict) -> str:
 
 
 def write_benchmarks(section: str) -> None:
-    """Put `section` into BENCHMARKS.md, replacing the section with the same heading (its first line)."""
-    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+    """Put `section` into BENCHMARKS.md, replacing the section with the same heading (its first line);
+    into the file $BENCHMARKS_FILE names instead, when set (bench/gpu.sh: a copy that comes back)."""
+    path = Path(os.environ.get("BENCHMARKS_FILE") or Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in bench/.\n\n"
     heading = section.splitlines()[0]
     if heading in text:

@@ -27,7 +27,8 @@ from imagemill.output import OutputLayout
 from imagemill.records import MetadataRow, ShardStats, metadata_table
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
-from imagemill.workers.encoding import encode_image
+from imagemill.workers.device_jpeg import DeviceJpeg
+from imagemill.workers.encoding import encoded
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
@@ -80,6 +81,7 @@ class ShardWorker:
             else None
         )
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
+        self.device_jpeg = DeviceJpeg.for_job(self.device, spec.output.image_format, spec.output.quality)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
         self.turns = ModelTurns()
 
@@ -139,10 +141,12 @@ class ShardWorker:
             if drawn is not None:
                 self._write(run, writer, batch, *drawn)
 
-    def _draw(self, run: ShardRun, batch: list[Row]) -> tuple[np.ndarray, list[float | None]] | None:
-        """The batch's images, as uint8 on the CPU, and their scores, taken on the model's device before
-        the copy back. None when the pipeline's own checks refused the batch's parameters: its rows
-        become `model_rejected` errors."""
+    def _draw(
+        self, run: ShardRun, batch: list[Row]
+    ) -> tuple[np.ndarray | list[bytes], list[float | None]] | None:
+        """The batch's images, as uint8 on the CPU (or as JPEG bytes encoded on the GPU: device_jpeg.py),
+        and their scores, taken on the model's device before the copy back. None when the pipeline's own
+        checks refused the batch's parameters: its rows become `model_rejected` errors."""
         with self._model_time(run):
             prompts = [row.text for row in batch]
             cut = self.generator.truncated(prompts)
@@ -152,11 +156,14 @@ class ShardWorker:
                     prompts, [row.negative_prompt for row in batch], [row.seed for row in batch], batch[0].key
                 )
                 scores = self._score(images, prompts)  # `prompts`: the texts the images were drawn from
-                return images.cpu().numpy(), scores
             except ValueError as exc:
                 for row in batch:
                     row.error = f"model_rejected: {exc}"
                 return None
+            if self.device_jpeg is None:
+                return images.cpu().numpy(), scores
+        with run.timer.timing("image_encode"):
+            return self.device_jpeg.encode(images), scores
 
     @contextmanager
     def _model_time(self, run: ShardRun) -> Iterator[None]:
@@ -194,7 +201,7 @@ class ShardWorker:
         run: ShardRun,
         writer: ShardWriter,
         batch: list[Row],
-        pixels: np.ndarray,
+        pixels: np.ndarray | list[bytes],
         scores: list[float | None],
     ) -> None:
         """Hand the batch's images to the writer threads, at most BATCHES_IN_FLIGHT batches behind the
@@ -219,14 +226,14 @@ class ShardWorker:
         writer: ShardWriter,
         run: ShardRun,
         row: Row,
-        pixels: np.ndarray,
+        pixels: np.ndarray | bytes,
         score: float | None,
         status: str,
     ) -> MetadataRow:
-        """On a writer thread: encode one done row's image and hand it to the writer; returns the
-        row's metadata."""
+        """On a writer thread: encode one done row's image (unless the GPU did) and hand it to the
+        writer; returns the row's metadata."""
         with run.timer.timing("image_encode"):
-            data = encode_image(pixels, self.spec.output.image_format, self.spec.output.quality)
+            data = encoded(pixels, self.spec.output.image_format, self.spec.output.quality)
         record = run.row(row, status, sha256=hashlib.sha256(data).hexdigest(), clip_score=score)
         with run.timer.timing("upload"):
             return writer.add(row.index, record, data)

@@ -1,0 +1,77 @@
+"""JPEG encoded on the GPU (workers/device_jpeg.py): runs where CUDA and torchvision are (bench/gpu.sh
+runs it on a lent GPU); skipped elsewhere, as CI has neither."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import imagemill
+from imagemill.workers.device_jpeg import DeviceJpeg
+from imagemill.workers.encoding import encode_image
+
+
+def _torchvision() -> bool:
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:  # absent, or built for another torch (these CPU machines)
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _torchvision()), reason="needs CUDA and torchvision (nvJPEG)"
+)
+
+
+def test_a_cuda_jpeg_job_is_encoded_on_the_gpu_and_decodes_to_the_images(tmp_path, tiny_model):
+    from imagemill.testing.in_process import load_worker, run_shards
+
+    prompts = tmp_path / "in"
+    prompts.mkdir()
+    table = pa.table({"id": [f"r{i}" for i in range(6)], "prompt": [f"a cat {i}" for i in range(6)]})
+    pq.write_table(table, prompts / "p.parquet")
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(prompts), "rows_per_shard": 8},
+            "output": {"path": str(tmp_path / "out"), "image_format": "jpeg", "quality": 90},
+            "model": {"source": tiny_model, "device": "cuda"},
+            "generation": {"width": 64, "height": 64, "num_inference_steps": 2},
+            "workers": {"batch_size": 4},
+        }
+    )
+    worker = load_worker(spec)
+    assert worker.device_jpeg is not None
+    [stats] = run_shards(worker)
+    assert stats.ok == 6
+    metadata = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
+    generated = worker.generator.generate(
+        [f"a cat {i}" for i in range(4)], [None] * 4, [row["seed"] for row in metadata[:4]], _key(spec)
+    )
+    for row, pixels in zip(metadata[:4], generated.cpu().numpy(), strict=True):
+        data = (tmp_path / "out" / row["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert data[:2] == b"\xff\xd8", "a JPEG file"
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+        assert np.abs(decoded - pixels).mean() < 6, "the file holds this row's image"
+        assert data != encode_image(pixels, "jpeg", 90), "nvJPEG's bytes, not Pillow's"
+
+
+def _key(spec):
+    from imagemill.workers.rows import BatchKey
+
+    g = spec.generation
+    return BatchKey(g.width, g.height, g.num_inference_steps, g.guidance_scale)
+
+
+def test_png_or_cpu_jobs_keep_the_writer_threads_encoding():
+    assert DeviceJpeg.for_job("cuda", "png", 90) is None
+    assert DeviceJpeg.for_job("cpu", "jpeg", 90) is None
+    assert DeviceJpeg.for_job("cuda:0", "jpeg", 90) is not None
