@@ -24,6 +24,10 @@ if ! $PYTHON -c "import diffusers, pydantic" 2>/dev/null; then  # the GPU machin
         && $PYTHON -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target $SITE . \
         || { echo "installing the wheels failed"; exit 1; }
     export PYTHONPATH=$SITE
+    if ! $PYTHON -c "from transformers import CLIPImageProcessorPil" 2>/dev/null; then
+        $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
+            bench/.wheels/fallback/*.whl || { echo "installing transformers failed"; exit 1; }
+    fi
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BENCHMARKS_FILE=$OUT/BENCHMARKS.md
 cp BENCHMARKS.md "$BENCHMARKS_FILE"
