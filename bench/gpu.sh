@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 if [ "${1:-}" = "--dry-run" ]; then
     PROFILE=cpu ROWS=8 WORKER_ROWS=16 QUANT_ROWS=16 IMAGES=2 SLOWER=10  # time limits x10: a shared CPU
 else
-    PROFILE=gpu ROWS=128 WORKER_ROWS=512 QUANT_ROWS=64 IMAGES=24 SLOWER=1
+    PROFILE=gpu ROWS=64 WORKER_ROWS=256 QUANT_ROWS=32 IMAGES=16 SLOWER=1
 fi
 if ! $PYTHON -c "import diffusers, pydantic" 2>/dev/null; then  # the GPU machine: install the wheels
     SITE=/tmp/imagemill-site
@@ -46,12 +46,12 @@ step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, log i
 
 $PYTHON -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee -a "$LOG"
-step "gpu jpeg test" 120 $PYTHON -m pytest -x -q -p no:cacheprovider tests/test_device_jpeg.py
+step "gpu jpeg test" 100 $PYTHON -m pytest -x -q -p no:cacheprovider tests/test_device_jpeg.py
 cd bench
 step "encode ceiling" 90 $PYTHON encode_ceiling.py --images $IMAGES
-step "worker vs bare" 150 $PYTHON worker_loop.py --profile $PROFILE --rows $WORKER_ROWS --repeats 1
+step "worker vs bare" 200 $PYTHON worker_loop.py --profile $PROFILE --rows $WORKER_ROWS --repeats 1
 step "speed options" 180 $PYTHON speed_options.py --profile $PROFILE --rows $ROWS --repeats 1
-step "quantisation" 90 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
+step "quantisation" 100 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^\| |^## " "$BENCHMARKS_FILE" | grep -A30 -E "gpu profile|Encode ceiling" | head -60
