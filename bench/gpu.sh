@@ -5,6 +5,7 @@
 #
 #     bash bench/gpu.sh              # on the GPU machine; then copy $OUT/BENCHMARKS.md over BENCHMARKS.md
 #     bash bench/gpu.sh --dry-run    # here, on the CPU: the same steps with the tiny model, a few rows
+#     ONLY="speed options|quantisation" bash bench/gpu.sh    # only the steps named
 #
 # Each step's figures go into $OUT/BENCHMARKS.md (a copy of this tree's) as soon as it ends, and its
 # output into $OUT/gpu.log, so a run stopped at its time limit still returns what it measured. A
@@ -16,7 +17,7 @@ PYTHON=${PYTHON:-python3}
 if [ "${1:-}" = "--dry-run" ]; then
     PROFILE=cpu ROWS=8 WORKER_ROWS=16 QUANT_ROWS=16 IMAGES=2 SLOWER=10  # time limits x10: a shared CPU
 else
-    PROFILE=gpu ROWS=64 WORKER_ROWS=256 QUANT_ROWS=32 IMAGES=16 SLOWER=1
+    PROFILE=gpu ROWS=64 WORKER_ROWS=128 QUANT_ROWS=32 IMAGES=16 SLOWER=1
 fi
 if ! $PYTHON -c "import diffusers, pydantic" 2>/dev/null; then  # the GPU machine: install the wheels
     SITE=/tmp/imagemill-site
@@ -37,6 +38,7 @@ SUMMARY=()
 step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, log it, note how it ended
     local name=$1 limit=$2 started=$SECONDS
     shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ ^($ONLY)$ ]]; then return; fi  # ONLY="a|b": these steps
     echo "=== $name: $*" | tee -a "$LOG"
     timeout $((limit * SLOWER)) "$@" >>"$LOG" 2>&1
     local rc=$?

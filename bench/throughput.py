@@ -248,11 +248,16 @@ def _child(
             ],
             capture_output=True,
             text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": _pythonpath()},
         )
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _pythonpath() -> str:
+    """bench/ first, then what the caller's path held (bench/gpu.sh: the wheels installed there)."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
 def _machine() -> str:
