@@ -26,11 +26,12 @@ def _torchvision() -> bool:
     return True
 
 
-pytestmark = pytest.mark.skipif(
+needs_nvjpeg = pytest.mark.skipif(
     not (torch.cuda.is_available() and _torchvision()), reason="needs CUDA and torchvision (nvJPEG)"
 )
 
 
+@needs_nvjpeg
 def test_a_cuda_jpeg_job_is_encoded_on_the_gpu_and_decodes_to_the_images(tmp_path, tiny_model):
     from imagemill.testing.in_process import load_worker, run_shards
 
@@ -81,4 +82,23 @@ def _key(spec):
 def test_png_or_cpu_jobs_keep_the_writer_threads_encoding():
     assert DeviceJpeg.for_job("cuda", "png", 90) is None
     assert DeviceJpeg.for_job("cpu", "jpeg", 90) is None
+
+
+@needs_nvjpeg
+def test_jpeg_on_any_cuda_device_is_encoded_there():
     assert DeviceJpeg.for_job("cuda:0", "jpeg", 90) is not None
+
+
+def test_the_report_thumbnail_of_an_image_encoded_on_the_gpu_shows_it():
+    """The worker hands GPU-encoded rows to the report's samples as bytes; the thumbnail decodes them."""
+    import base64
+
+    from imagemill.workers.encoding import thumbnail_data_uri
+
+    pixels = np.zeros((128, 128, 3), np.uint8)
+    pixels[:, 64:] = (200, 30, 30)  # black left half, red right half
+    uri = thumbnail_data_uri(encode_image(pixels, "jpeg", 90))
+    thumbnail = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert thumbnail.size == (96, 96)
+    left, right = np.asarray(thumbnail)[48, 10], np.asarray(thumbnail)[48, 85]
+    assert left.max() < 30 and right[0] > 170 > 60 > right[1]
