@@ -137,7 +137,8 @@ def report(profile: str, settings: dict, repeats: int, results: dict[str, dict],
             "",
             f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}, "
             f"torch {torch.__version__}.",
-            f"Reproduce: `python bench/quantization.py --profile {profile} --repeats {repeats}`",
+            f"Reproduce: `python bench/quantization.py --profile {profile} --rows {settings['images']} "
+            f"--repeats {repeats}`",
             "",
             f"Settings: {settings['images']} prompts, batch {settings['batch_size']}, "
             f"{settings['size']}² px, "
@@ -161,10 +162,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, help="prompts per variant (default: the profile's)")
     parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
     args = parser.parse_args()
-    settings = PROFILES[args.profile]
+    settings = {**PROFILES[args.profile], **({"images": args.rows} if args.rows else {})}
     device = "cuda" if args.profile == "gpu" else "cpu"
     model = build_model(args.profile, Path(args.models))
     clip = build_clip(args.profile, Path(args.models))

@@ -119,7 +119,8 @@ def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dic
         f"## Speed options, {profile} profile",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}.",
-        f"Reproduce: `python bench/speed_options.py --profile {profile} --repeats {repeats}`",
+        f"Reproduce: `python bench/speed_options.py --profile {profile} --rows {settings['rows']} "
+        f"--repeats {repeats}`",
         "",
         f"Settings: {settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
         f"{settings['steps']} steps, guidance {settings['guidance']}, {settings['dtype']} unless changed; "
@@ -144,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, help="prompts per variant (default: the profile's)")
     parser.add_argument(
         "--only", nargs="*", choices=VARIANTS, help="variants to run (baseline is always run)"
     )
@@ -152,7 +154,7 @@ def main() -> None:
         "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
     )
     args = parser.parse_args()
-    settings = PROFILES[args.profile]
+    settings = {**PROFILES[args.profile], **({"rows": args.rows} if args.rows else {})}
     model = build_model(args.profile, Path(args.models))
     tiny_vae = _tiny_vae(args.profile, Path(args.models))
     names = ["baseline", *(name for name in args.only or VARIANTS if name != "baseline")]

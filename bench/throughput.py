@@ -248,11 +248,16 @@ def _child(
             ],
             capture_output=True,
             text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": _pythonpath()},
         )
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _pythonpath() -> str:
+    """bench/ first, then what the caller's path held (bench/gpu.sh: the wheels installed there)."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
 def _machine() -> str:
@@ -332,8 +337,9 @@ def _stages_report(profile: str, settings: dict, result: dict) -> str:
 
 
 def write_benchmarks(section: str) -> None:
-    """Put `section` into BENCHMARKS.md, replacing the section with the same heading (its first line)."""
-    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+    """Put `section` into BENCHMARKS.md, replacing the section with the same heading (its first line);
+    into the file $BENCHMARKS_FILE names instead, when set (bench/gpu.sh: a copy that comes back)."""
+    path = Path(os.environ.get("BENCHMARKS_FILE") or Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in bench/.\n\n"
     heading = section.splitlines()[0]
     if heading in text:

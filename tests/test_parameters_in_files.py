@@ -19,6 +19,7 @@ from PIL import Image
 
 import imagemill
 from imagemill.records import MetadataRow
+from imagemill.workers.encoding import encode_image
 from imagemill.workers.provenance.encoder import ImageEncoder
 from imagemill.workers.provenance.model_hash import directory_hash
 from imagemill.workers.provenance.parameters import (
@@ -181,3 +182,26 @@ def test_model_hash_covers_every_file_of_the_directory(tmp_path):
     assert directory_hash(copy) == first, "the same files elsewhere have the same hash"
     (model / "unet" / "weights.safetensors").write_bytes(b"weightz")  # same size, other values
     assert directory_hash(model) != first
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="needs exiftool (libimage-exiftool-perl)")
+def test_jpeg_bytes_encoded_elsewhere_get_the_same_parameters_and_keep_their_image(tmp_path):
+    """nvJPEG's bytes (device_jpeg.py) reach the encoder already encoded: the parameters are added as
+    segments, read back as from a Pillow-encoded file, and the image data is untouched. A bare Pillow
+    JPEG stands in for nvJPEG's here (no GPU)."""
+    row = _row(max(PROMPTS.values(), key=len))
+    pixels = np.asarray(Image.radial_gradient("L").resize((row.width, row.height)).convert("RGB"))
+    bare = encode_image(pixels, "jpeg", 90)
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": "/in"},
+            "output": {"path": "/out", "image_format": "jpeg"},
+            "model": {"source": "/m"},
+        }
+    )
+    data = ImageEncoder(spec.output, FACTS, None).encode(bare, row)
+    _expect(row, *_pillow_texts(data))
+    tags = _exiftool(data, tmp_path, "jpeg")
+    assert tags["XMP-iptcExt:DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
+    _expect(row, tags["ExifIFD:UserComment"], json.loads(tags["IFD0:ImageDescription"]))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(Image.open(io.BytesIO(bare))))

@@ -26,9 +26,14 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int, **options:
     return buffer.getvalue()
 
 
-def thumbnail_data_uri(pixels: np.ndarray, max_side: int = 96) -> str:
-    """A small JPEG as a data: URI, so that a report can show samples without reading any image."""
-    image = Image.fromarray(pixels, mode="RGB")
+def thumbnail_data_uri(pixels: np.ndarray | bytes, max_side: int = 96) -> str:
+    """A small JPEG as a data: URI, so that a report can show samples without reading any image;
+    `pixels` may be an encoded image (JPEG encoded on the GPU)."""
+    image = (
+        Image.open(io.BytesIO(pixels)).convert("RGB")
+        if isinstance(pixels, bytes)
+        else Image.fromarray(pixels, mode="RGB")
+    )
     image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)

@@ -18,7 +18,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from imagemill.shards import Shard
 from imagemill.spec import InputSpec
@@ -95,7 +94,10 @@ _servers: dict[str, Any] = {}  # this process's handles, by actor name
 
 
 def read_piece(shard: Shard) -> pa.Table:
-    """A piece's rows, from the run's PieceServer (its name is on the shard)."""
+    """A piece's rows, from the run's PieceServer (its name is on the shard). Ray is imported here:
+    a shard worker run in-process, without Ray (bench/gpu.sh), reads whole row groups only."""
+    import ray
+
     server = _servers.get(shard.piece_server)
     if server is None:
         server = _servers[shard.piece_server] = ray.get_actor(shard.piece_server)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from imagemill.spec import JobSpec
+from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import draw_seed
@@ -31,13 +32,14 @@ from imagemill.workers.stages.scoring import ClipScorer
 
 @dataclass
 class Draw:
-    """One image drawn for a row; `pixels` (uint8, on the CPU) only while it may be the one kept."""
+    """One image drawn for a row; `pixels` (uint8 on the CPU, or JPEG bytes encoded on the GPU) only while
+    it may be the one kept."""
 
     draw: int
     seed: int
     clip_score: float | None
     verdict: Verdict | None
-    pixels: np.ndarray | None = None
+    pixels: np.ndarray | bytes | None = None
 
     @property
     def flagged(self) -> bool:
@@ -64,7 +66,7 @@ class Drawn:
 
     kept: Draw
     status: str  # ok | filtered | flagged
-    pixels: np.ndarray | None  # as written: blurred where the policy says so
+    pixels: np.ndarray | bytes | None  # as written: blurred where the policy says so
     shown: np.ndarray | None  # the report's thumbnail: blurred whenever flagged; None when not written
     rejected: list[Draw] = field(default_factory=list)  # the row's other draws, in draw order
 
@@ -80,7 +82,7 @@ class _RowDraws:
     best: Draw | None = None  # unflagged
     best_flagged: Draw | None = None
 
-    def add(self, draw: Draw, pixels: np.ndarray) -> None:
+    def add(self, draw: Draw, pixels: np.ndarray | bytes) -> None:
         self.draws.append(draw)
         if draw.flagged:
             if draw.beats(self.best_flagged):
@@ -89,7 +91,7 @@ class _RowDraws:
             self.best = _holding(draw, pixels, self.best)
 
 
-def _holding(draw: Draw, pixels: np.ndarray, replaced: Draw | None) -> Draw:
+def _holding(draw: Draw, pixels: np.ndarray | bytes, replaced: Draw | None) -> Draw:
     """`draw`, now holding its pixels; the draw it replaces lets its pixels go."""
     if replaced is not None:
         replaced.pixels = None
@@ -101,9 +103,15 @@ class Selection:
     """Draws, scores, checks and chooses the images of one batch of rows at a time, on one actor."""
 
     def __init__(
-        self, spec: JobSpec, generator: Generator, scorer: ClipScorer | None, checker: SafetyChecker | None
+        self,
+        spec: JobSpec,
+        generator: Generator,
+        scorer: ClipScorer | None,
+        checker: SafetyChecker | None,
+        device_jpeg: DeviceJpeg | None = None,
     ):
         self.generator, self.scorer, self.checker = generator, scorer, checker
+        self.device_jpeg = device_jpeg  # set only when no draw's pixels are needed on the CPU
         self.candidates = spec.generation.candidates
         self.rounds = spec.safety.draws if spec.safety else 1
         self.flagged_policy = spec.safety.final_policy if spec.safety else "keep"
@@ -133,7 +141,8 @@ class Selection:
         embeddings = self.scorer.image_embeddings(images) if self.scorer else None
         scores = self.scorer.score_embeddings(embeddings, texts) if self.scorer else [None] * len(rows)
         verdicts = self.checker.check(images, embeddings) if self.checker else [None] * len(rows)
-        pixels = images.cpu().numpy()  # the copy back
+        # the copy back: uint8 pixels, or the JPEG bytes nvJPEG made of them on the device
+        pixels = images.cpu().numpy() if self.device_jpeg is None else self.device_jpeg.encode(images)
         for (state, number), seed, score, verdict, image in zip(
             chunk, seeds, scores, verdicts, pixels, strict=True
         ):

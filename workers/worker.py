@@ -27,6 +27,7 @@ from imagemill.output import OutputLayout
 from imagemill.records import MetadataRow, ShardStats, metadata_table
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
+from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
@@ -77,7 +78,9 @@ class ShardWorker:
         self.encoder = ImageEncoder.for_job(spec, self.generator)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
         checker = SafetyChecker(spec.safety, self.device, self.scorer) if spec.safety else None
-        self.selection = Selection(spec, self.generator, self.scorer, checker)
+        self.selection = Selection(
+            spec, self.generator, self.scorer, checker, DeviceJpeg.for_job(spec, self.device)
+        )
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
@@ -145,10 +148,10 @@ class ShardWorker:
                 self._write(run, writer, batch, drawn)
 
     def _draw(self, run: ShardRun, batch: list[Row]) -> list[Drawn] | None:
-        """The batch's images, as uint8 on the CPU, with their scores and safety verdicts taken on the
-        model's device before the copy back (selection.py: candidates and retries drawn too). None when
-        the pipeline's own checks refused the batch's parameters: its rows become `model_rejected`
-        errors."""
+        """The batch's images, as uint8 on the CPU (or JPEG bytes encoded on the GPU), with their scores
+        and safety verdicts taken on the model's device before the copy back (selection.py: candidates
+        and retries drawn too). None when the pipeline's own checks refused the batch's parameters: its
+        rows become `model_rejected` errors."""
         with self._model_time(run):
             cut = self.generator.truncated([row.text for row in batch])
             run.truncated.update(row.index for row, truncated in zip(batch, cut, strict=True) if truncated)

@@ -17,7 +17,12 @@ from imagemill.workers.generators.registry import KINDS
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.provenance.c2pa_signing import C2paSigner
 from imagemill.workers.provenance.model_hash import model_hash
-from imagemill.workers.provenance.parameters import ModelFacts, metadata_json, save_options
+from imagemill.workers.provenance.parameters import (
+    ModelFacts,
+    jpeg_with_metadata,
+    metadata_json,
+    save_options,
+)
 from imagemill.workers.provenance.watermark import add_watermark
 
 
@@ -66,12 +71,17 @@ class ImageEncoder:
             C2paSigner(out.c2pa) if out.c2pa is not None else None,
         )
 
-    def encode(self, pixels: np.ndarray, row: MetadataRow) -> bytes:
+    def encode(self, pixels: np.ndarray | bytes, row: MetadataRow) -> bytes:
+        """`pixels`: uint8 (H, W, 3), or JPEG bytes encoded on the GPU (device_jpeg.py, which runs only
+        without a watermark), to which the parameters are added as they are."""
         out = self.output
-        if out.watermark is not None:
-            pixels = add_watermark(pixels, out.watermark.payload, out.watermark.method)
         options = save_options(row, self.facts, out.image_format) if out.embed_parameters else {}
-        data = encode_image(pixels, out.image_format, out.quality, **options)
+        if isinstance(pixels, bytes):
+            data = jpeg_with_metadata(pixels, options.get("exif"), options.get("xmp"))
+        else:
+            if out.watermark is not None:
+                pixels = add_watermark(pixels, out.watermark.payload, out.watermark.method)
+            data = encode_image(pixels, out.image_format, out.quality, **options)
         if self.signer is not None:
             title = f"{row.id}.{IMAGE_EXTENSIONS[out.image_format]}"
             data = self.signer.sign(data, out.image_format, title, metadata_json(row, self.facts))

@@ -146,3 +146,21 @@ def save_options(row: MetadataRow, facts: ModelFacts, image_format: str) -> dict
             )
         longest = max(len(getattr(row, name) or "") for name in PROMPT_FIELDS)
         limit = (longest if limit is None else limit) // 2
+
+
+XMP_NAMESPACE = b"http://ns.adobe.com/xap/1.0/\0"
+
+
+def jpeg_with_metadata(data: bytes, exif: bytes | None = None, xmp: bytes | None = None) -> bytes:
+    """JPEG bytes encoded elsewhere (nvJPEG on the GPU) with EXIF and XMP added as APP1 segments right
+    after the start-of-image marker, where Pillow's own `save(exif=, xmp=)` puts them, without decoding or
+    re-encoding the image."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not JPEG bytes: no start-of-image marker")
+    segments = b""
+    for payload in (exif, None if xmp is None else XMP_NAMESPACE + xmp):
+        if payload:
+            if len(payload) + 2 > 0xFFFF:
+                raise ValueError(f"a JPEG segment holds at most 65533 bytes, got {len(payload)}")
+            segments += b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    return data[:2] + segments + data[2:]

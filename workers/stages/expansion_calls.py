@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Any
-
-import ray
+from typing import TYPE_CHECKING, Any
 
 from imagemill.workers.stages.expansion import PromptExpander
+
+if TYPE_CHECKING:  # Ray is imported where the pool is used: a worker without a pool runs without Ray
+    import ray
 
 Batch = tuple[list[str], list[int]]  # prompts and their expansion seeds
 
@@ -45,6 +46,8 @@ class OnPool:
 
     @staticmethod
     def wait(handle: ray.ObjectRef) -> list[str]:
+        import ray
+
         try:
             return ray.get(handle)
         except ray.exceptions.RayActorError as exc:  # else the driver would take this worker for dead

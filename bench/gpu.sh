@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU profile in one command, on a machine with one CUDA GPU and no Ray (see bench/gpu_wheels.sh
+# for the wheels it installs there): the GPU JPEG test, the shard worker in-process beside the bare
+# loop (PNG, and JPEG through nvJPEG), each speed option, quantisation, and the encode ceiling.
+#
+#     bash bench/gpu.sh              # on the GPU machine; then copy $OUT/BENCHMARKS.md over BENCHMARKS.md
+#     bash bench/gpu.sh --dry-run    # here, on the CPU: the same steps with the tiny model, a few rows
+#     ONLY="speed options|quantisation" bash bench/gpu.sh    # only the steps named
+#
+# Each step's figures go into $OUT/BENCHMARKS.md (a copy of this tree's) as soon as it ends, and its
+# output into $OUT/gpu.log, so a run stopped at its time limit still returns what it measured. A
+# failing step is reported and the next one runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+PYTHON=${PYTHON:-python3}
+if [ "${1:-}" = "--dry-run" ]; then
+    PROFILE=cpu ROWS=8 WORKER_ROWS=16 QUANT_ROWS=16 IMAGES=2 SLOWER=10  # time limits x10: a shared CPU
+else
+    PROFILE=gpu ROWS=64 WORKER_ROWS=128 QUANT_ROWS=32 IMAGES=16 SLOWER=1
+fi
+if ! $PYTHON -c "import diffusers, pydantic" 2>/dev/null; then  # the GPU machine: install the wheels
+    SITE=/tmp/imagemill-site
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE bench/.wheels/*.whl \
+        && $PYTHON -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target $SITE . \
+        || { echo "installing the wheels failed"; exit 1; }
+    export PYTHONPATH=$SITE
+    if ! $PYTHON -c "from transformers import CLIPImageProcessorPil" 2>/dev/null; then
+        $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
+            bench/.wheels/fallback/*.whl || { echo "installing transformers failed"; exit 1; }
+    fi
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BENCHMARKS_FILE=$OUT/BENCHMARKS.md
+cp BENCHMARKS.md "$BENCHMARKS_FILE"
+LOG=$OUT/gpu.log
+SUMMARY=()
+
+step() {  # step NAME SECONDS COMMAND...: run one step under a time limit, log it, note how it ended
+    local name=$1 limit=$2 started=$SECONDS
+    shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ ^($ONLY)$ ]]; then return; fi  # ONLY="a|b": these steps
+    echo "=== $name: $*" | tee -a "$LOG"
+    timeout $((limit * SLOWER)) "$@" >>"$LOG" 2>&1
+    local rc=$?
+    SUMMARY+=("$name: exit $rc, $((SECONDS - started)) s")
+    echo "--- $name: exit $rc, $((SECONDS - started)) s" | tee -a "$LOG"
+}
+
+$PYTHON -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee -a "$LOG"
+step "gpu jpeg test" 100 $PYTHON -m pytest -x -q -p no:cacheprovider tests/test_device_jpeg.py
+cd bench
+step "encode ceiling" 90 $PYTHON encode_ceiling.py --images $IMAGES
+step "worker vs bare" 200 $PYTHON worker_loop.py --profile $PROFILE --rows $WORKER_ROWS --repeats 1
+step "speed options" 180 $PYTHON speed_options.py --profile $PROFILE --rows $ROWS --repeats 1
+step "quantisation" 100 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
+echo "=== summary"
+printf '%s\n' "${SUMMARY[@]}"
+grep -E "^\| |^## " "$BENCHMARKS_FILE" | grep -A30 -E "gpu profile|Encode ceiling" | head -60

@@ -1,0 +1,48 @@
+"""JPEG encoding on the GPU (nvJPEG through torchvision), before the copy back.
+
+A few-step model on a fast GPU makes 30-60 images/s, more than the CPU cores beside it can encode
+with Pillow. On CUDA with `output.image_format: jpeg`, the worker encodes each batch where the images
+already are, so only compressed bytes cross PCIe and no writer thread encodes. nvJPEG's bytes differ
+from Pillow's (another encoder; both decode to nearly the same pixels), so a job's JPEGs depend on
+whether this path ran: it runs exactly when the device is CUDA and torchvision imports, which the
+job's `model.device` and the node's install decide, and only when nothing needs the pixels on the CPU
+(no watermark, no safety filter). The parameters are added to nvJPEG's bytes as EXIF and XMP segments
+(provenance/parameters.py), so the file says what a Pillow-encoded one says. torchvision is an
+optional extra (`gpu-jpeg`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imagemill.spec import JobSpec
+
+
+class DeviceJpeg:
+    """Batched nvJPEG encoding of uint8 (N, H, W, 3) images on a CUDA device."""
+
+    def __init__(self, quality: int):
+        from torchvision.io import encode_jpeg  # optional: only CUDA nodes with the gpu-jpeg extra
+
+        self.encode_jpeg = encode_jpeg
+        self.quality = quality
+
+    @classmethod
+    def for_job(cls, spec: JobSpec, device: str) -> DeviceJpeg | None:
+        """The encoder when this job's images are JPEG on a CUDA device with torchvision and nothing
+        needs the pixels on the CPU (a watermark is added to pixels; a safety filter may blur them);
+        else None (the writer threads encode with Pillow)."""
+        out = spec.output
+        if out.image_format != "jpeg" or not device.startswith("cuda"):
+            return None
+        if out.watermark is not None or spec.safety is not None:
+            return None
+        try:
+            return cls(out.quality)
+        except ImportError:
+            return None
+
+    def encode(self, images: torch.Tensor) -> list[bytes]:
+        """Each image's JPEG bytes; one nvJPEG call for the batch, then one small copy per image."""
+        planar = list(images.permute(0, 3, 1, 2).contiguous().unbind(0))  # nvJPEG takes (3, H, W)
+        return [data.cpu().numpy().tobytes() for data in self.encode_jpeg(planar, quality=self.quality)]
