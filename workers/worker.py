@@ -118,6 +118,8 @@ class ShardWorker:
             n_variants = self.spec.expansion.n_variants if self.spec.expansion else 1
             run.rows = prepare_rows(table, run.shard, self.spec.input, self.spec.generation, n_variants)
             run.carried = carried_of(table, run.rows, run.shard, self.spec.input)
+            label = self.spec.label_column()  # with carry_columns "*", absent from an input without it
+            run.label_column = label if label in run.carried.table.column_names else None
         run.timeline["read"] = [run.started, time.time()]
 
     def _start_expansion(self, rows: list[Row]) -> ShardExpansion | None:
