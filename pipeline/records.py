@@ -83,6 +83,7 @@ class MetadataRow:
     input_file: str
     input_row: int
     clip_score: float | None = None  # null when scoring is off or the row errored
+    scheduler: str | None = None  # diffusers: the sampler's class (and model.scheduler's overrides)
     key: str | None = None  # webdataset: the sample's key in its shard's tar
 
     def columns(self) -> dict[str, Any]:

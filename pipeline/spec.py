@@ -150,6 +150,17 @@ class LoraSpec(_Section):
     scale: float = Field(1.0, description="How strongly the LoRA applies (its adapter weight).")
 
 
+class SchedulerSpec(_Section):
+    """A diffusers scheduler to sample with instead of the pipeline's own; the driver checks the name
+    and settings before the job starts (workers/generators/diffusion/schedulers.py)."""
+
+    name: str = Field(description="A diffusers scheduler class, e.g. EulerAncestralDiscreteScheduler.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings over the pipeline's scheduler config, e.g. use_karras_sigmas: true.",
+    )
+
+
 class ModelSpec(_Section):
     source: str = Field("", description="Hub id, local directory, or fsspec URL of a directory.")
     kind: Literal[KIND_NAMES] = Field(  # the kinds of workers/generators/registry.py
@@ -171,6 +182,9 @@ class ModelSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     lora: list[LoraSpec] = Field(
         default_factory=list, description="LoRA adapters, all active together; URLs use storage_options."
+    )
+    scheduler: SchedulerSpec | None = Field(
+        None, description="The diffusers scheduler (sampler) to use; default: the pipeline's own."
     )
 
 
@@ -307,14 +321,15 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _diffusers_options_need_a_diffusers_model(self) -> JobSpec:
-        """LoRA, quantisation and speed options act on a diffusers pipeline; elsewhere they would be
-        silently ignored, so they are refused."""
+        """LoRA, quantisation, the scheduler and speed options act on a diffusers pipeline; elsewhere
+        they would be silently ignored, so they are refused."""
         if not KINDS[self.model.kind].diffusers_options:
             used = [
                 name
                 for name, is_set in (
                     ("model.lora", bool(self.model.lora)),
                     ("model.quantization", self.model.quantization != "none"),
+                    ("model.scheduler", self.model.scheduler is not None),
                     ("speed", bool(self.speed.model_dump(exclude_defaults=True))),
                 )
                 if is_set
@@ -343,11 +358,15 @@ class JobSpec(_Section):
         output = self.output.model_dump(include={"format", "image_format", "quality"})
         if output["format"] == "files":
             del output["format"]  # absent means files: outputs made before formats existed still resume
-        model = self.model.model_dump(include={"source", "kind", "dtype", "quantization", "lora"})
+        model = self.model.model_dump(
+            include={"source", "kind", "dtype", "quantization", "lora", "scheduler"}
+        )
         if model["quantization"] == "none":
             del model["quantization"]  # absent means none: outputs made before quantisation still resume
         if not model["lora"]:
             del model["lora"]  # absent means none: outputs made before LoRA support still resume
+        if model["scheduler"] is None:
+            del model["scheduler"]  # absent means the pipeline's own, as before schedulers could be set
         # carried columns and the label: absent when unset, so outputs made before them still resume
         carried = self.input.model_dump(include={"carry_columns", "label_column"}, exclude_defaults=True)
         fingerprint = {

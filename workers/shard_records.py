@@ -47,6 +47,7 @@ class ShardRun:
 
     shard: Shard
     model: str  # model.source, in every metadata row
+    scheduler: str | None = None  # the generator's sampler, in every metadata row (diffusers only)
     started: float = field(default_factory=time.time)
     rows: list[Row] = field(default_factory=list)
     carried: Carried = field(default_factory=Carried.none)  # the rows' carried input columns
@@ -79,6 +80,7 @@ class ShardRun:
             height=_as(int, row.height),
             expanded_prompt=row.expanded_prompt,
             model=self.model,
+            scheduler=self.scheduler,
             input_file=self.shard.file_url,
             input_row=row.input_row,
             status=status,

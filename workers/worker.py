@@ -97,7 +97,7 @@ class ShardWorker:
         and writes its metadata and commit. Everything per shard lives in this call's `ShardRun`; the
         actor's shared parts are the model (held in turn), the writer thread pool and the output.
         """
-        run = ShardRun(shard, self.spec.model.source)
+        run = ShardRun(shard, self.spec.model.source, getattr(self.generator, "scheduler_name", None))
         with self.turns.ticket() as turn:
             self._read(run)
             run.expansion = self._start_expansion(run.rows)  # a pool starts now, before this turn
