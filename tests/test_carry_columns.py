@@ -150,10 +150,12 @@ def test_parquet_format_rows_carry_the_columns_for_datasets_and_ray_data(outputs
         source = images[record["id"]]
         assert {name: record[name] for name in CARRIED} == {name: source[name] for name in CARRIED}
 
+    expected = {row_id: s["label"] for row_id, s in images.items()}
     data = ray_session.data.read_parquet(files)
     assert data.schema().names[-3:] == CARRIED
-    rows = data.take_all()
-    assert {row["id"]: row["label"] for row in rows} == {row_id: s["label"] for row_id, s in images.items()}
+    assert {row["id"]: row["label"] for row in data.take_all()} == expected
+    metadata = ray_session.data.read_parquet(str(Path(specs["files"].output.path) / "metadata"))
+    assert {row["id"]: row["label"] for row in metadata.take_all()} == expected
 
 
 def test_star_carries_every_column_the_job_does_not_use(tmp_path):
