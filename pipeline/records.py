@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyarrow as pa
 
+from imagemill.labels import merge_labels
+
 log = logging.getLogger(__name__)
 
 
@@ -88,6 +90,7 @@ class MetadataRow:
     rejected_draws: str | None = (
         None  # JSON list of the draws not kept: {draw, seed, clip_score, safety_score}
     )
+    scheduler: str | None = None  # diffusers: the sampler's class (and model.scheduler's overrides)
     key: str | None = None  # webdataset: the sample's key in its shard's tar
 
     def columns(self) -> dict[str, Any]:
@@ -185,6 +188,7 @@ class Sample:
     seed: int | None = None
     thumbnail: str = ""  # a data: URI
     expanded_prompt: str | None = None
+    label: str | None = None  # its label (imagemill.labels.label_key), when the job has a label column
 
 
 @dataclass(kw_only=True)
@@ -215,6 +219,7 @@ class ShardStats:
     expansion_unchanged: int | None = None
     redraws: int = 0  # images drawn beyond one per row: best-of-N candidates and safety retries
     rejected_candidates: int = 0  # candidates drawn and not kept (best-of-N; not filtering)
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # label: ok/filtered/error rows
 
     @property
     def read_seconds(self) -> float:
@@ -236,8 +241,8 @@ class ShardStats:
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
-        for name in ("expand_seconds", "expansion_unchanged"):
-            if record[name] is None:
+        for name in ("expand_seconds", "expansion_unchanged", "labels"):
+            if record[name] is None or record[name] == {}:  # absent: as files without them
                 del record[name]
         return record
 
@@ -268,6 +273,7 @@ class ShardTotals:
     filtered: int = 0  # scored below scoring.threshold: done, like ok rows, but not errors
     flagged: int = 0  # flagged by the safety classifier: done, counted apart
     rejected_candidates: int = 0  # best-of-N candidates not kept
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # imagemill.labels.merge_labels
 
 
 def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
@@ -283,4 +289,5 @@ def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
         filtered=sum(stats.filtered for stats in shards),
         flagged=sum(stats.flagged for stats in shards),
         rejected_candidates=sum(stats.rejected_candidates for stats in shards),
+        labels=merge_labels(stats.labels for stats in shards),
     )

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from imagemill.carry import Carried
+from imagemill.labels import LABELS_SHOWN, count_labels, label_key
 from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats, add_error_example, capped
 from imagemill.shards import Shard
 from imagemill.workers.encoding import thumbnail_data_uri
@@ -47,8 +49,11 @@ class ShardRun:
 
     shard: Shard
     model: str  # model.source, in every metadata row
+    scheduler: str | None = None  # the generator's sampler, in every metadata row (diffusers only)
     started: float = field(default_factory=time.time)
     rows: list[Row] = field(default_factory=list)
+    carried: Carried = field(default_factory=Carried.none)  # the rows' carried input columns
+    label_column: str | None = None  # the carried column counted per label (imagemill.labels)
     expansion: ShardExpansion | None = None
     timer: StageTimer = field(default_factory=StageTimer)
     timeline: dict[str, list[float]] = field(default_factory=dict)  # stage: [start, end], Unix seconds
@@ -79,6 +84,7 @@ class ShardRun:
             height=_as(int, row.height),
             expanded_prompt=row.expanded_prompt,
             model=self.model,
+            scheduler=self.scheduler,
             input_file=self.shard.file_url,
             input_row=row.input_row,
             status=status,
@@ -104,11 +110,24 @@ class ShardRun:
             self.redraws += len(row_drawn.rejected)
             self.rejected_candidates += sum(not draw.flagged for draw in row_drawn.rejected)
 
-    def add_samples(self, shown: list[tuple[Row, np.ndarray | None]]) -> None:
-        """Keep thumbnails of the first images written, up to SAMPLES_PER_SHARD; a flagged image's
-        thumbnail is blurred (selection.Drawn.shown)."""
+    def label(self, row: Row) -> str | None:
+        """The row's label as counted (imagemill.labels), or None when the job has no label column."""
+        if self.label_column is None:
+            return None
+        return label_key(self.carried.value(self.label_column, row.index))
+
+    def add_samples(self, shown: list[tuple[Row, np.ndarray | bytes | None]]) -> None:
+        """Keep thumbnails of the first written images, up to SAMPLES_PER_SHARD, and of the first
+        image of each label, up to LABELS_SHOWN labels, so that the report can show every label; a
+        flagged image's thumbnail is blurred (selection.Drawn.shown)."""
         kept = [(row, image) for row, image in shown if image is not None]
-        for row, image in kept[: SAMPLES_PER_SHARD - len(self.samples)]:
+        labels = {sample.label for sample in self.samples}
+        for row, image in kept:
+            label = self.label(row)
+            new_label = label is not None and label not in labels and len(labels) < LABELS_SHOWN
+            if len(self.samples) >= SAMPLES_PER_SHARD and not new_label:
+                continue
+            labels.add(label)
             self.samples.append(
                 Sample(
                     id=row.row_id,
@@ -116,6 +135,7 @@ class ShardRun:
                     expanded_prompt=capped(row.expanded_prompt),
                     seed=row.seed,
                     thumbnail=thumbnail_data_uri(image),
+                    label=label,
                 )
             )
 
@@ -158,4 +178,12 @@ class ShardRun:
             expansion_unchanged=self.expansion.unchanged if self.expansion else None,
             redraws=self.redraws,
             rejected_candidates=self.rejected_candidates,
+            labels=self._label_counts(),
         )
+
+    def _label_counts(self) -> dict[str, dict[str, int]]:
+        """Rows per label and status (a row not done is an error); empty without a label column."""
+        if self.label_column is None:
+            return {}
+        done = {index: record.status for index, record in self.written.items()}
+        return count_labels((self.label(row), done.get(row.index, "error")) for row in self.rows)

@@ -26,15 +26,6 @@ from imagemill.workers.provenance.parameters import (
 from imagemill.workers.provenance.watermark import add_watermark
 
 
-def _scheduler(spec: JobSpec, generator: Any) -> str | None:
-    """model.scheduler where the spec sets one, else the class of the pipeline's scheduler."""
-    chosen = getattr(spec.model, "scheduler", None)
-    if chosen:
-        return str(chosen)
-    scheduler = getattr(getattr(generator, "pipe", None), "scheduler", None)
-    return type(scheduler).__name__ if scheduler is not None else None
-
-
 def model_facts(spec: JobSpec, generator: Any) -> ModelFacts:
     """What the files say about the model and the job's provenance settings; the model's hash is read
     here, once per actor."""
@@ -46,7 +37,9 @@ def model_facts(spec: JobSpec, generator: Any) -> ModelFacts:
     has_files = KINDS[spec.model.kind].needs_model
     return ModelFacts(
         model_hash=model_hash(Pretrained.of(spec.model, "model").local) if has_files else None,
-        scheduler=_scheduler(spec, generator),
+        scheduler=getattr(
+            generator, "scheduler_name", None
+        ),  # diffusers: the sampler as the metadata names it
         loras=[lora.model_dump() for lora in spec.model.lora],
         software=f"imagemill {metadata.version('imagemill')}",
         provenance=provenance,

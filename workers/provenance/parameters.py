@@ -42,7 +42,7 @@ class ModelFacts:
     """What the files say about the model beyond the metadata row, found once per actor."""
 
     model_hash: str | None  # model_hash.py; None where the model has no files (noop)
-    scheduler: str | None  # model.scheduler, or the pipeline's scheduler class
+    scheduler: str | None  # the sampler as the metadata's `scheduler` column names it (diffusers only)
     loras: list[dict[str, Any]]  # source, weight_name, scale per LoRA
     software: str  # "imagemill <version>"
     provenance: dict[str, Any]  # the watermark payload and method, whether C2PA signs: for `verify`
