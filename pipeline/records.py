@@ -81,6 +81,13 @@ class MetadataRow:
     input_file: str
     input_row: int
     clip_score: float | None = None  # null when scoring is off or the row errored
+    # Image-to-image (input.image_column): the source as its column gave a path (null for bytes: the
+    # row's input_file and input_row name it), the strength used, and the output's SSIM and PSNR (dB)
+    # against the source resized to the output's size. All null for text-to-image rows.
+    source_image: str | None = None
+    strength: float | None = None
+    ssim: float | None = None
+    psnr: float | None = None
     key: str | None = None  # webdataset: the sample's key in its shard's tar
 
     def columns(self) -> dict[str, Any]:

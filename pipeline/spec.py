@@ -41,6 +41,8 @@ EXPANSION_RUNTIME_FIELDS = {
     "num_gpus",
     "num_cpus",
 }
+# Image-to-image generation settings: in the fingerprint only for a job with input.image_column.
+IMAGE_TO_IMAGE_GENERATION_FIELDS = {"strength", "resize"}
 # Limits of the generation parameters, for a job's defaults (GenerationSpec) and each row's own values
 # (workers/rows.py) alike: a default every row would fail on is refused before anything runs.
 MAX_SIDE = 4096  # larger images are refused instead of exhausting the accelerator's memory
@@ -48,6 +50,8 @@ MAX_STEPS = 1000
 # diffusers takes any guidance and makes black images far past the useful range (7.5 for SD, 3.5 for
 # FLUX's distilled guidance, 5 for Janus); 0 is what turbo models use (no classifier-free guidance).
 MAX_GUIDANCE = 100
+# Sources with more pixels are invalid_image rows (Pillow itself only warns from 89M, refuses from 179M).
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 def _is_int(value: Any) -> bool:
@@ -63,6 +67,10 @@ def generation_problem(name: str, value: Any) -> str | None:
         isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_GUIDANCE
     ):  # NaN fails the comparison too
         return f"guidance_scale must be a number in 0..{MAX_GUIDANCE}, got {value!r}"
+    if name == "strength" and not (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
+    ):
+        return f"strength must be a number in (0, 1], got {value!r}"
     if name in ("width", "height") and not (_is_int(value) and 0 < value <= MAX_SIDE and value % 8 == 0):
         return f"{name} must be a multiple of 8 in 8..{MAX_SIDE}, got {value!r}"
     return None
@@ -85,6 +93,17 @@ class InputSpec(_Section):
         1024, gt=0, description="Row groups are grouped into shards of about this many rows."
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    image_column: str | None = Field(
+        None,
+        description="Image-to-image: the column holding each row's source image, as bytes or as a path "
+        "relative to the input file's folder (see workers/source_images.py).",
+    )
+    allow_absolute_image_paths: bool = Field(
+        False, description="Also open source paths that are absolute or URLs (any bucket, any protocol)."
+    )
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="Source images with more pixels are invalid_image rows."
+    )
 
 
 class OutputSpec(_Section):
@@ -194,6 +213,26 @@ class GenerationSpec(_Section):
     images_per_prompt: int = Field(
         1, gt=0, le=1000, description="Images per input row, each with its own id (<id>_<k>) and seed."
     )
+    strength: float | list[float] = Field(
+        0.8,
+        description="Image-to-image: how far from its source an image may go; [low, high]: drawn per row "
+        "from the row's seed (to 0.01). A `strength` input column overrides it per row.",
+    )
+    resize: Literal["center_crop", "pad", "stretch"] = Field(
+        "center_crop", description="Image-to-image: how a source is brought to the row's width and height."
+    )
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _strength_meets_the_row_rule(cls, value: Any) -> Any:
+        """A number or a [low, high] range of numbers, each meeting the row rule."""
+        ends = value if isinstance(value, list) else [value]
+        problem = next(filter(None, (generation_problem("strength", end) for end in ends)), None)
+        if problem:
+            raise ValueError(problem)
+        if isinstance(value, list) and (len(value) != 2 or value[0] > value[1]):
+            raise ValueError(f"a strength range is [low, high] with low <= high, got {value!r}")
+        return value
 
     @field_validator("width", "height", "num_inference_steps", "guidance_scale", mode="before")
     @classmethod
@@ -297,6 +336,13 @@ class JobSpec(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _image_column_needs_diffusers(self) -> JobSpec:
+        """Image-to-image drives a diffusers image-to-image pipeline; other kinds would ignore the sources."""
+        if self.input.image_column is not None and self.model.kind != "diffusers":
+            raise ValueError(f"input.image_column needs model.kind: diffusers, not {self.model.kind}")
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_is_plain(cls, value: str) -> str:
@@ -323,13 +369,19 @@ class JobSpec(_Section):
             "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
             "output": output,
             "model": model,
-            "generation": self.generation.model_dump(),
+            "generation": self.generation.model_dump(exclude=IMAGE_TO_IMAGE_GENERATION_FIELDS),
             "batch_size": self.workers.batch_size,
         }
         if self.scoring is not None:  # absent when off, for the same reason
             fingerprint["scoring"] = self.scoring.model_dump(exclude={"storage_options", "safetensors_only"})
         if self.expansion is not None:  # absent without expansion: outputs made before it still resume
             fingerprint["expansion"] = self.expansion.model_dump(exclude=EXPANSION_RUNTIME_FIELDS)
+        if self.input.image_column is not None:  # absent without it: outputs made before it still resume
+            sources = {"image_column", "allow_absolute_image_paths", "max_image_pixels"}
+            fingerprint["image_to_image"] = {
+                **self.input.model_dump(include=sources),
+                **self.generation.model_dump(include=IMAGE_TO_IMAGE_GENERATION_FIELDS),
+            }
         speed = self.speed.model_dump(exclude_defaults=True)
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed

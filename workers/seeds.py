@@ -16,3 +16,13 @@ def derive_seed(job_seed: int, row_id: str) -> int:
 def expansion_seed(job_seed: int, variant_id: str) -> int:
     """The seed of a prompt expansion: apart from the image seeds, so the two draws are independent."""
     return derive_seed(job_seed, f"expansion/{variant_id}")
+
+
+STRENGTH_STEP = 0.01  # drawn strengths are multiples of this, so rows drawing the same one batch together
+
+
+def drawn_strength(row_seed: int, low: float, high: float) -> float:
+    """A strength in [low, high] drawn from the row's seed alone (the same on every run), to STRENGTH_STEP."""
+    fraction = derive_seed(row_seed, "strength") / MAX_SEED
+    drawn = round(round((low + (high - low) * fraction) / STRENGTH_STEP) * STRENGTH_STEP, 10)
+    return min(max(drawn, low), high)

@@ -53,6 +53,7 @@ class ShardRun:
     written: dict[int, MetadataRow] = field(default_factory=dict)  # done (ok, filtered) rows
     pending: deque[list[tuple[Row, Future[MetadataRow]]]] = field(default_factory=deque)  # being written
     truncated: set[int] = field(default_factory=set)
+    similarity: dict[int, tuple[float, float]] = field(default_factory=dict)  # image-to-image: SSIM, PSNR
     samples: list[Sample] = field(default_factory=list)
     write_wait_seconds: float = 0.0  # after the model turn: the last writes and the writer's close()
 
@@ -78,6 +79,10 @@ class ShardRun:
             input_file=self.shard.file_url,
             input_row=row.input_row,
             status=status,
+            source_image=row.source if isinstance(row.source, str) else None,
+            strength=_as(float, row.strength),
+            ssim=self.similarity.get(row.index, (None, None))[0],
+            psnr=self.similarity.get(row.index, (None, None))[1],
             **columns,
         )
 

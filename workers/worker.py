@@ -30,9 +30,11 @@ from imagemill.spec import JobSpec
 from imagemill.workers.encoding import encode_image
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.generators.registry import kind_info
+from imagemill.workers.image_similarity import similarity
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 from imagemill.workers.shard_records import ShardRun
+from imagemill.workers.source_images import load_sources
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
 from imagemill.workers.stages.scoring import ClipScorer
@@ -116,6 +118,8 @@ class ShardWorker:
             table = read_shard(run.shard, self.spec.input)
             n_variants = self.spec.expansion.n_variants if self.spec.expansion else 1
             run.rows = prepare_rows(table, run.shard, self.spec.input, self.spec.generation, n_variants)
+            if self.spec.input.image_column:
+                load_sources(run.rows, run.shard.file_url, self.spec.input, self.spec.generation.resize)
         run.timeline["read"] = [run.started, time.time()]
 
     def _start_expansion(self, rows: list[Row]) -> ShardExpansion | None:
@@ -147,16 +151,34 @@ class ShardWorker:
             prompts = [row.text for row in batch]
             cut = self.generator.truncated(prompts)
             run.truncated.update(row.index for row, truncated in zip(batch, cut, strict=True) if truncated)
+            sources = self._sources(batch)
             try:
                 images = self.generator.generate(
-                    prompts, [row.negative_prompt for row in batch], [row.seed for row in batch], batch[0].key
+                    prompts,
+                    [row.negative_prompt for row in batch],
+                    [row.seed for row in batch],
+                    batch[0].key,
+                    **({} if sources is None else {"sources": sources}),
                 )
+                if sources is not None:
+                    measured = similarity(sources, images)
+                    run.similarity.update(zip([row.index for row in batch], measured, strict=True))
                 scores = self._score(images, prompts)  # `prompts`: the texts the images were drawn from
                 return images.cpu().numpy(), scores
             except ValueError as exc:
                 for row in batch:
                     row.error = f"model_rejected: {exc}"
                 return None
+
+    def _sources(self, batch: list[Row]) -> torch.Tensor | None:
+        """Image-to-image: the batch's source images on the device, (N, H, W, 3) uint8, released from
+        the rows; None for text-to-image."""
+        if not self.spec.input.image_column:
+            return None
+        pixels = np.stack([row.source_pixels for row in batch])
+        for row in batch:
+            row.source_pixels = None
+        return torch.from_numpy(pixels).to(self.device)
 
     @contextmanager
     def _model_time(self, run: ShardRun) -> Iterator[None]:
