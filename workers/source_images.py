@@ -76,6 +76,8 @@ class SourceReader:
         """The source's bytes: the value itself, or the file it names."""
         if isinstance(value, bytes):
             return value
+        if value is None:
+            raise InvalidImage("the image column is null")
         if not isinstance(value, str):
             raise InvalidImage(f"the image column holds a {type(value).__name__}, not bytes or a path")
         url = self.location(value)
