@@ -7,6 +7,8 @@ import io
 import json
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -289,3 +291,26 @@ def test_a_family_without_an_image_to_image_pipeline_is_refused_in_one_line(tmp_
     with pytest.raises(ImagemillError, match=refused) as e:
         DiffusersGenerator(str(model), "float32", "cpu", image_to_image=True)
     assert "\n" not in str(e.value)
+
+
+def test_an_input_without_the_image_column_is_refused_in_one_line_at_planning(tmp_path):
+    table = pa.table({"id": ["a"], "prompt": ["a red circle"], "picture": [b"x"]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    spec = _spec(str(tmp_path / "p.parquet"), str(tmp_path / "out"))
+    with pytest.raises(ImagemillError, match=r"image column 'image' not found in .*p\.parquet; .*picture\. "
+                       r"Set input\.image_column"):  # fmt: skip
+        plan_shards(spec.input)
+
+
+def test_the_readme_command_redraws_the_shipped_sources(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    assert "python -m imagemill.demo.sources jobs/img2img" in readme
+    done = subprocess.run(
+        [sys.executable, "-m", "imagemill.demo.sources", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    shipped = REPO / "jobs" / "img2img"
+    assert pq.read_table(tmp_path / "sources.parquet").equals(pq.read_table(shipped / "sources.parquet"))
+    for path in (shipped / "images").iterdir():
+        redrawn = Image.open(tmp_path / "images" / path.name)
+        assert np.array_equal(np.array(Image.open(path)), np.array(redrawn)), path.name
