@@ -76,6 +76,17 @@ def generation_problem(name: str, value: Any) -> str | None:
     return None
 
 
+def denoising_problem(num_inference_steps: Any, strength: Any) -> str | None:
+    """Why an image-to-image row would run no denoising step, or None. SD-family pipelines run
+    int(steps × strength) of the steps (and fail on none); one rule for every family keeps it simple."""
+    if int(num_inference_steps * strength) < 1:
+        return (
+            f"strength {strength} x num_inference_steps {num_inference_steps} runs no denoising step; "
+            "raise either so that their product is at least 1"
+        )
+    return None
+
+
 class _Section(BaseModel):
     # strict: `true` is no batch size and "8" no width; no NaN or infinity, which JSON records cannot hold
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -339,8 +350,16 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _image_column_needs_diffusers(self) -> JobSpec:
         """Image-to-image drives a diffusers image-to-image pipeline; other kinds would ignore the sources."""
-        if self.input.image_column is not None and self.model.kind != "diffusers":
+        if self.input.image_column is None:
+            return self
+        if self.model.kind != "diffusers":
             raise ValueError(f"input.image_column needs model.kind: diffusers, not {self.model.kind}")
+        strength = self.generation.strength
+        problem = denoising_problem(
+            self.generation.num_inference_steps, strength[0] if isinstance(strength, list) else strength
+        )
+        if problem:
+            raise ValueError(f"generation: {problem}")
         return self
 
     @field_validator("name")

@@ -146,6 +146,8 @@ def test_strength_is_part_of_the_fingerprint_only_for_image_to_image():
         _spec("p.parquet", "/tmp/o", strength=[0.8, 0.2])
     with pytest.raises(ImagemillError, match=r"strength must be a number in \(0, 1\]"):
         _spec("p.parquet", "/tmp/o", strength=0)
+    with pytest.raises(ImagemillError, match=r"strength 0.05 x num_inference_steps 10 runs no denoising"):
+        _spec("p.parquet", "/tmp/o", strength=[0.05, 0.5])
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +186,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         "absolute": (str(root / "outside.png"), 0.5, other_prompt),
         "file-url": (f"file://{root / 'outside.png'}", 0.5, other_prompt),
         "null": (None, 0.5, other_prompt),
+        "no-step": ("images/red-circle.png", 0.09, other_prompt),  # 10 steps x 0.09: none to run
     }
     # A column holds one type: path rows (strings, and the null) in one file, bytes rows in another.
     for name, kind in (("paths", pa.string()), ("bytes", pa.binary())):
@@ -233,6 +236,7 @@ def test_every_bad_source_is_an_invalid_image_row_and_the_rest_of_the_shard_is_d
         assert row["status"] == "error" and row["error"].startswith("invalid_image: "), row
         assert re.search(detail, row["error"]), row["error"]
         assert row["path"] is None and row["ssim"] is None
+    assert rows["no-step"]["error"].startswith("invalid_parameter: strength 0.09 x num_inference_steps 10")
     done = {row_id for row_id, row in rows.items() if row["status"] == "ok"}
     assert done == {"near-zero", "bytes-source", "full-red", "full-blue"}
     assert rows["traversal"]["source_image"] == "../outside.png"  # the source as the column gave it

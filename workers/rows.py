@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from imagemill.shards import Shard
-from imagemill.spec import GenerationSpec, InputSpec, generation_problem
+from imagemill.spec import GenerationSpec, InputSpec, denoising_problem, generation_problem
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.pieces import read_piece, read_row_groups
 from imagemill.workers.seeds import MAX_SEED, derive_seed, drawn_strength
@@ -91,6 +91,8 @@ def _row_error(row: Row) -> str | None:
         problem = generation_problem(name, getattr(row, name))
         if problem:
             return f"invalid_parameter: {problem}"
+    if row.strength is not None and (problem := denoising_problem(row.num_inference_steps, row.strength)):
+        return f"invalid_parameter: {problem}"
     return None
 
 
