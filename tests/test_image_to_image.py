@@ -150,6 +150,38 @@ def test_strength_is_part_of_the_fingerprint_only_for_image_to_image():
         _spec("p.parquet", "/tmp/o", strength=[0.05, 0.5])
 
 
+def test_strength_per_row_from_its_column_the_job_or_a_range_drawn_from_its_seed():
+    from imagemill.shards import Shard
+    from imagemill.spec import GenerationSpec, InputSpec
+    from imagemill.workers.rows import make_batches, prepare_rows
+
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(40)],
+            "prompt": ["a red circle"] * 40,
+            "image": ["a.png"] * 40,
+            "strength": [0.25, 1.5, None, 0.04] + [None] * 36,
+        }
+    )
+    shard = Shard("s", "/data/p.parquet", "p", 0, 1, 0, 40)
+    spec = InputSpec(path="/data", image_column="image")
+
+    def prepare(strength):
+        defaults = GenerationSpec(width=32, height=32, num_inference_steps=10, strength=strength)
+        return prepare_rows(table, shard, spec, defaults)
+
+    rows = prepare([0.3, 0.7])
+    assert rows[0].strength == 0.25 and rows[0].error is None  # the column's value
+    assert rows[1].error == "invalid_parameter: strength must be a number in (0, 1], got 1.5"
+    assert rows[3].error.startswith("invalid_parameter: strength 0.04 x num_inference_steps 10 runs no")
+    drawn = [row.strength for row in rows[2:3] + rows[4:]]
+    assert all(0.3 <= value <= 0.7 and value == round(value, 2) for value in drawn) and len(set(drawn)) > 5
+    assert drawn == [row.strength for row in prepare([0.3, 0.7])[2:3] + prepare([0.3, 0.7])[4:]]
+    assert all(len({row.strength for row in batch}) == 1 for batch in make_batches(rows, 8))
+    assert {row.strength for row in prepare(0.6)[4:]} == {0.6}
+    assert prepare_rows(table, shard, InputSpec(path="/data"), GenerationSpec())[0].strength is None
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     """One shard on the demo model: good sources at strengths near 0 and 1, and every kind of bad one."""

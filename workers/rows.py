@@ -21,7 +21,7 @@ from imagemill.workers.seeds import MAX_SEED, derive_seed, drawn_strength
 PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height")
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "width", "height")
 # Checked with the rule the job's defaults meet (imagemill.spec.generation_problem), in this order.
-RULED_PARAMETERS = ("num_inference_steps", "guidance_scale", "width", "height", "strength")
+RULED_PARAMETERS = ("num_inference_steps", "guidance_scale", "width", "height")
 
 
 @dataclass
@@ -86,13 +86,15 @@ def _row_error(row: Row) -> str | None:
     if not _is_int(row.seed) or not 0 <= row.seed <= MAX_SEED:
         return f"invalid_parameter: seed must be an integer in [0, 2**63-1], got {row.seed!r}"
     for name in RULED_PARAMETERS:
-        if name == "strength" and row.strength is None:  # text-to-image
-            continue
         problem = generation_problem(name, getattr(row, name))
         if problem:
             return f"invalid_parameter: {problem}"
-    if row.strength is not None and (problem := denoising_problem(row.num_inference_steps, row.strength)):
-        return f"invalid_parameter: {problem}"
+    if row.strength is not None:  # image-to-image
+        problem = generation_problem("strength", row.strength) or denoising_problem(
+            row.num_inference_steps, row.strength
+        )
+        if problem:
+            return f"invalid_parameter: {problem}"
     return None
 
 
