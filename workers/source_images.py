@@ -4,17 +4,19 @@ A source is the row's `input.image_column` value: image bytes, or a path. Every 
 input's owner (or whoever can write its bucket), so the worst value is planned for:
 
 - A relative path is read from the input file's folder, with the input's storage options, and must
-  stay inside it: `../../etc/passwd` (or `a/../../b`) is refused. An absolute path or a URL
-  (`/etc/passwd`, `s3://other-bucket/x`, `file:///…` from an s3 input) is refused unless
-  `input.allow_absolute_image_paths`; then it is opened with the input's storage options where its
-  protocol is the input's, and with none elsewhere (an s3 credential never goes to another protocol).
+  stay inside it: `../../etc/passwd` (or `a/../../b`) is refused, and so is `::` (fsspec's
+  chaining). An absolute path or a URL (`/etc/passwd`, `s3://other-bucket/x`, `file:///…` from an
+  s3 input) is refused unless `input.allow_absolute_image_paths`; then it is opened with the
+  input's storage options where its protocol is the input's, and with none elsewhere (an s3
+  credential never goes to another protocol).
 - Files over MAX_SOURCE_BYTES are not read whole; images over `input.max_image_pixels` are refused
   from their header, before any pixel is decoded (Pillow's own limit only warns below 2x its cap).
 - Only the common raster formats are decoded (`FORMATS`): Pillow would otherwise hand EPS files to
   Ghostscript.
 - CMYK, 16-bit and float, and images with alpha (or a transparent palette) are refused rather than
   converted: how to flatten alpha or map CMYK is the user's choice, and a silent conversion would
-  change the picture. 8-bit grey, black-and-white and opaque palette images become RGB, which loses nothing.
+  change the picture. 8-bit grey, black-and-white and opaque palette images become RGB, which loses
+  nothing.
 
 A source that fails any of these makes its row an `invalid_image` error; the shard goes on.
 """
@@ -60,6 +62,8 @@ class SourceReader:
             raise InvalidImage("the image path is empty")
         if "\x00" in value:
             raise InvalidImage("the image path holds a NUL character")
+        if "::" in value:  # fsspec would read it as a chain of filesystems, and open another file
+            raise InvalidImage(f"{value!r} holds '::' (fsspec URL chaining); rename the file")
         if "://" in value or value.startswith(("/", "\\")):
             if not self.spec.allow_absolute_image_paths:
                 raise InvalidImage(
