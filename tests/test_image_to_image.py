@@ -283,7 +283,7 @@ def test_strength_near_zero_returns_the_source_and_strength_one_ignores_it(demo_
     near, from_bytes = rows["near-zero"], rows["bytes-source"]
     assert near["strength"] == 0.05 and near["ssim"] >= 0.9 and from_bytes["ssim"] >= 0.9
     source = fit(Image.fromarray(_drawn(GREEN_CIRCLE)), 64, 64, "center_crop")
-    recorded = ssim(*(torch.from_numpy(a)[None] for a in (source, _output_pixels(output, near))))
+    recorded = ssim(*(torch.from_numpy(np.array(a))[None] for a in (source, _output_pixels(output, near))))
     assert recorded.item() == pytest.approx(near["ssim"], abs=1e-4)  # what the metadata says is true
     red, blue = rows["full-red"], rows["full-blue"]
     assert red["ssim"] < 0.6 and blue["ssim"] < 0.6
