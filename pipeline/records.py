@@ -91,6 +91,13 @@ class MetadataRow:
         None  # JSON list of the draws not kept: {draw, seed, clip_score, safety_score}
     )
     scheduler: str | None = None  # diffusers: the sampler's class (and model.scheduler's overrides)
+    # Image-to-image (input.image_column): the source as its column gave a path (null for bytes: the
+    # row's input_file and input_row name it), the strength used, and the output's SSIM and PSNR (dB)
+    # against the source resized to the output's size. All null for text-to-image rows.
+    source_image: str | None = None
+    strength: float | None = None
+    ssim: float | None = None
+    psnr: float | None = None
     key: str | None = None  # webdataset: the sample's key in its shard's tar
 
     def columns(self) -> dict[str, Any]:

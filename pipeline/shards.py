@@ -128,12 +128,16 @@ def footer_digest(metadata: pq.FileMetaData) -> str:
 def _missing_prompt_column(spec: InputSpec, url: str, metadata: pq.FileMetaData) -> str | None:
     """Why the file cannot give prompts, in one line naming it and the column, or None when it can."""
     columns = metadata.schema.names
-    if spec.prompt_column in columns:
-        return None
-    return (
-        f"prompt column '{spec.prompt_column}' not found in {url}; columns found: {', '.join(columns)}. "
-        "Set input.prompt_column to the column that holds the prompts."
-    )
+    for setting, column, holds in (
+        ("prompt_column", spec.prompt_column, "the prompts"),
+        ("image_column", spec.image_column, "the source images"),
+    ):
+        if column is not None and column not in columns:
+            return (
+                f"{setting.split('_')[0]} column '{column}' not found in {url}; columns found: "
+                f"{', '.join(columns)}. Set input.{setting} to the column that holds {holds}."
+            )
+    return None
 
 
 def _shard(url: str, key: str, groups: tuple[int, int], first_row: int, num_rows: int) -> Shard:

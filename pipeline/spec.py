@@ -43,6 +43,8 @@ EXPANSION_RUNTIME_FIELDS = {
 }
 # Absent from the fingerprint without best-of-N: outputs made before it existed still resume.
 BEST_OF_N_FIELDS = {"candidates", "select_by"}
+# Image-to-image generation settings: in the fingerprint only for a job with input.image_column.
+IMAGE_TO_IMAGE_GENERATION_FIELDS = {"strength", "resize"}
 # Limits of the generation parameters, for a job's defaults (GenerationSpec) and each row's own values
 # (workers/rows.py) alike: a default every row would fail on is refused before anything runs.
 MAX_SIDE = 4096  # larger images are refused instead of exhausting the accelerator's memory
@@ -86,6 +88,10 @@ def watermark_size_problem(width: int, height: int) -> str | None:
     return None
 
 
+# Sources with more pixels are invalid_image rows (Pillow itself only warns from 89M, refuses from 179M).
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -99,8 +105,23 @@ def generation_problem(name: str, value: Any) -> str | None:
         isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_GUIDANCE
     ):  # NaN fails the comparison too
         return f"guidance_scale must be a number in 0..{MAX_GUIDANCE}, got {value!r}"
+    if name == "strength" and not (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
+    ):
+        return f"strength must be a number in (0, 1], got {value!r}"
     if name in ("width", "height") and not (_is_int(value) and 0 < value <= MAX_SIDE and value % 8 == 0):
         return f"{name} must be a multiple of 8 in 8..{MAX_SIDE}, got {value!r}"
+    return None
+
+
+def denoising_problem(num_inference_steps: Any, strength: Any) -> str | None:
+    """Why an image-to-image row would run no denoising step, or None. SD-family pipelines run
+    int(steps × strength) of the steps (and fail on none); one rule for every family keeps it simple."""
+    if int(num_inference_steps * strength) < 1:
+        return (
+            f"strength {strength} x num_inference_steps {num_inference_steps} runs no denoising step; "
+            "raise either so that their product is at least 1"
+        )
     return None
 
 
@@ -182,6 +203,17 @@ class C2paSpec(_Section):
     )
     timestamp_url: str | None = Field(None, description="An RFC 3161 time-stamp authority, or none.")
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    image_column: str | None = Field(
+        None,
+        description="Image-to-image: the column holding each row's source image, as bytes or as a path "
+        "relative to the input file's folder (see workers/source_images.py).",
+    )
+    allow_absolute_image_paths: bool = Field(
+        False, description="Also open source paths that are absolute or URLs (any bucket, any protocol)."
+    )
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="Source images with more pixels are invalid_image rows."
+    )
 
 
 class OutputSpec(_Section):
@@ -377,6 +409,27 @@ class GenerationSpec(_Section):
             )
         return value
 
+    strength: float | list[float] = Field(
+        0.8,
+        description="Image-to-image: how far from its source an image may go; [low, high]: drawn per row "
+        "from the row's seed (to 0.01). A `strength` input column overrides it per row.",
+    )
+    resize: Literal["center_crop", "pad", "stretch"] = Field(
+        "center_crop", description="Image-to-image: how a source is brought to the row's width and height."
+    )
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _strength_meets_the_row_rule(cls, value: Any) -> Any:
+        """A number or a [low, high] range of numbers, each meeting the row rule."""
+        ends = value if isinstance(value, list) else [value]
+        problem = next(filter(None, (generation_problem("strength", end) for end in ends)), None)
+        if problem:
+            raise ValueError(problem)
+        if isinstance(value, list) and (len(value) != 2 or value[0] > value[1]):
+            raise ValueError(f"a strength range is [low, high] with low <= high, got {value!r}")
+        return value
+
     @field_validator("width", "height", "num_inference_steps", "guidance_scale", mode="before")
     @classmethod
     def _meets_the_row_rule(cls, value: Any, info: ValidationInfo) -> Any:
@@ -498,6 +551,21 @@ class JobSpec(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _image_column_needs_diffusers(self) -> JobSpec:
+        """Image-to-image drives a diffusers image-to-image pipeline; other kinds would ignore the sources."""
+        if self.input.image_column is None:
+            return self
+        if self.model.kind != "diffusers":
+            raise ValueError(f"input.image_column needs model.kind: diffusers, not {self.model.kind}")
+        strength = self.generation.strength
+        problem = denoising_problem(
+            self.generation.num_inference_steps, strength[0] if isinstance(strength, list) else strength
+        )
+        if problem:
+            raise ValueError(f"generation: {problem}")
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_is_plain(cls, value: str) -> str:
@@ -533,7 +601,8 @@ class JobSpec(_Section):
             "output": output,
             "model": model,
             "generation": self.generation.model_dump(
-                exclude=BEST_OF_N_FIELDS if self.generation.candidates == 1 else set()
+                exclude=IMAGE_TO_IMAGE_GENERATION_FIELDS
+                | (BEST_OF_N_FIELDS if self.generation.candidates == 1 else set())
             ),
             "batch_size": self.workers.batch_size,
         }
@@ -543,6 +612,12 @@ class JobSpec(_Section):
             fingerprint["expansion"] = self.expansion.model_dump(exclude=EXPANSION_RUNTIME_FIELDS)
         if self.safety is not None:  # absent when off: outputs made before it still resume
             fingerprint["safety"] = self.safety.model_dump(exclude={"storage_options", "safetensors_only"})
+        if self.input.image_column is not None:  # absent without it: outputs made before it still resume
+            sources = {"image_column", "allow_absolute_image_paths", "max_image_pixels"}
+            fingerprint["image_to_image"] = {
+                **self.input.model_dump(include=sources),
+                **self.generation.model_dump(include=IMAGE_TO_IMAGE_GENERATION_FIELDS),
+            }
         speed = self.speed.model_dump(exclude_defaults=True)
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed

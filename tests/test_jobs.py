@@ -18,7 +18,8 @@ FAST = ["--set", "generation.num_inference_steps=1", "--no-progress"]
 
 def test_every_spec_in_jobs_is_valid():
     specs = sorted((REPO / "jobs").glob("*.yaml"))
-    assert {spec.name for spec in specs} >= {"demo.yaml", "augment.yaml", "nightly.yaml"}
+    shipped = {"demo.yaml", "augment.yaml", "nightly.yaml", "augment_img2img.yaml"}
+    assert {spec.name for spec in specs} >= shipped
     for spec in specs:
         imagemill.load_spec(spec)
 
@@ -50,6 +51,23 @@ def test_augment_job_makes_several_images_per_prompt_with_their_own_ids_and_seed
     assert {row["prompt"] for row in rows if row["id"].startswith("a_")} == {"a cat"}
     assert all(row["path"].endswith(".jpg") for row in rows)
     assert "12 rows: 12 ok, 0 error" in done.stdout
+
+
+def test_image_to_image_job_redraws_the_shipped_sources(ray_address, tmp_path):
+    """As the README runs it: the shipped sources (jobs/img2img) and the demo model (only fewer steps)."""
+    output = tmp_path / "augment_img2img"
+    done = run_cli(
+        "run", "jobs/augment_img2img.yaml", "--output", str(output), *FAST,
+        "--set", "generation.num_inference_steps=2",  # 1 x a strength under 1 runs no step: refused
+        ray_address=ray_address, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    sources = sorted(path.stem for path in (REPO / "jobs" / "img2img" / "images").glob("*.png"))
+    assert len(sources) == 6
+    check_output(str(output), {f"{name}_{k}" for name in sources for k in range(4)}, 32, 32)
+    rows = read_metadata(str(output)).to_pylist()
+    assert all(0.5 <= row["strength"] <= 0.9 and row["ssim"] is not None for row in rows)
+    assert {row["source_image"] for row in rows} == {f"images/{name}.png" for name in sources}
 
 
 @pytest.fixture

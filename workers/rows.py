@@ -8,14 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from imagemill.carry import Carried, carried_columns
 from imagemill.shards import Shard
-from imagemill.spec import GenerationSpec, InputSpec, generation_problem
+from imagemill.spec import GenerationSpec, InputSpec, denoising_problem, generation_problem
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.pieces import read_piece, read_row_groups
-from imagemill.workers.seeds import MAX_SEED, derive_seed
+from imagemill.workers.seeds import MAX_SEED, derive_seed, drawn_strength
 
 # Optional input columns that override the job's generation defaults row by row.
 PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height")
@@ -39,6 +40,11 @@ class Row:
     error: str | None = None
     variant_id: str = ""  # the id its prompt expansion is made for: the row id less any `_<k>` image suffix
     expanded_prompt: str | None = None  # what the language model made of `prompt`, when expansion is on
+    # Image-to-image only (input.image_column; None otherwise): the column's value, the row's strength,
+    # and the source at the row's size, (height, width, 3) uint8, once read (workers/source_images.py).
+    source: Any = None
+    strength: Any = None
+    source_pixels: np.ndarray | None = None
 
     @property
     def text(self) -> Any:
@@ -47,12 +53,13 @@ class Row:
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale, self.strength)
 
 
 def input_columns(spec: InputSpec) -> list[str]:
     """The input columns imagemill uses, where a file has them."""
-    return list(dict.fromkeys([spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS]))
+    image = [spec.image_column, "strength"] if spec.image_column else []
+    return list(dict.fromkeys([spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS, *image]))
 
 
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
@@ -87,6 +94,12 @@ def _row_error(row: Row) -> str | None:
         return f"invalid_parameter: seed must be an integer in [0, 2**63-1], got {row.seed!r}"
     for name in RULED_PARAMETERS:
         problem = generation_problem(name, getattr(row, name))
+        if problem:
+            return f"invalid_parameter: {problem}"
+    if row.strength is not None:  # image-to-image
+        problem = generation_problem("strength", row.strength) or denoising_problem(
+            row.num_inference_steps, row.strength
+        )
         if problem:
             return f"invalid_parameter: {problem}"
     return None
@@ -148,6 +161,9 @@ def prepare_rows(
                 guidance_scale=value("guidance_scale", defaults.guidance_scale),
                 variant_id=variant_id,
             )
+            if input_spec.image_column:
+                row.source = column(input_spec.image_column)[index]
+                row.strength = _strength(value("strength", None), defaults.strength, seed)
             row.error = _row_error(row)
             if row_id in seen_ids:
                 row.error = (
@@ -156,6 +172,14 @@ def prepare_rows(
             seen_ids.add(row_id)
             rows.append(row)
     return rows
+
+
+def _strength(given: Any, default: float | list[float], seed: Any) -> Any:
+    """The row's strength: its `strength` column's value, the job's, or one drawn from the job's range
+    with the row's seed."""
+    if given is not None or not isinstance(default, list):
+        return default if given is None else given
+    return drawn_strength(seed, *default) if _is_int(seed) else default[0]
 
 
 def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:

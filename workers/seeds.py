@@ -23,3 +23,13 @@ def draw_seed(row_seed: int, draw: int) -> int:
     candidates, safety retries: workers/selection.py) get one derived from (row seed, draw) alone, so
     they are the same on every run and resume whatever else the batch holds."""
     return row_seed if draw == 0 else derive_seed(row_seed, f"draw/{draw}")
+
+
+STRENGTH_STEP = 0.01  # drawn strengths are multiples of this, so rows drawing the same one batch together
+
+
+def drawn_strength(row_seed: int, low: float, high: float) -> float:
+    """A strength in [low, high] drawn from the row's seed alone (the same on every run), to STRENGTH_STEP."""
+    fraction = derive_seed(row_seed, "strength") / MAX_SEED
+    drawn = round(round((low + (high - low) * fraction) / STRENGTH_STEP) * STRENGTH_STEP, 10)
+    return min(max(drawn, low), high)

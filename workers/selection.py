@@ -24,6 +24,7 @@ import torch
 from imagemill.spec import JobSpec
 from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.generators.contract import Generator
+from imagemill.workers.image_similarity import similarity
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import draw_seed
 from imagemill.workers.stages.safety import SafetyChecker, Verdict, blur
@@ -39,6 +40,7 @@ class Draw:
     seed: int
     clip_score: float | None
     verdict: Verdict | None
+    similarity: tuple[float, float] | None = None  # image-to-image: SSIM and PSNR against the source
     pixels: np.ndarray | bytes | None = None
 
     @property
@@ -106,12 +108,15 @@ class Selection:
         self,
         spec: JobSpec,
         generator: Generator,
+        device: str,
         scorer: ClipScorer | None,
         checker: SafetyChecker | None,
         device_jpeg: DeviceJpeg | None = None,
     ):
         self.generator, self.scorer, self.checker = generator, scorer, checker
         self.device_jpeg = device_jpeg  # set only when no draw's pixels are needed on the CPU
+        self.device = device
+        self.image_to_image = spec.input.image_column is not None
         self.candidates = spec.generation.candidates
         self.rounds = spec.safety.draws if spec.safety else 1
         self.flagged_policy = spec.safety.final_policy if spec.safety else "keep"
@@ -131,22 +136,35 @@ class Selection:
             drawing = [state for state in drawing if state.best is None]
             if not drawing:
                 break
+        for state in states:
+            state.row.source_pixels = None  # drawn: the source is no longer needed
         return [self._chosen(state) for state in states]
+
+    def _sources(self, rows: list[Row]) -> torch.Tensor | None:
+        """Image-to-image: the rows' source images on the device, (N, H, W, 3) uint8; None for
+        text-to-image."""
+        if not self.image_to_image:
+            return None
+        return torch.from_numpy(np.stack([row.source_pixels for row in rows])).to(self.device)
 
     def _draw_chunk(self, chunk: list[tuple[_RowDraws, int]]) -> None:
         rows = [state.row for state, _ in chunk]
         seeds = [draw_seed(row.seed, number) for row, (_, number) in zip(rows, chunk, strict=True)]
         texts = [row.text for row in rows]
-        images = self.generator.generate(texts, [row.negative_prompt for row in rows], seeds, rows[0].key)
+        sources = self._sources(rows)
+        negatives = [row.negative_prompt for row in rows]
+        with_sources = {} if sources is None else {"sources": sources}
+        images = self.generator.generate(texts, negatives, seeds, rows[0].key, **with_sources)
+        similarities = similarity(sources, images) if sources is not None else [None] * len(rows)
         embeddings = self.scorer.image_embeddings(images) if self.scorer else None
         scores = self.scorer.score_embeddings(embeddings, texts) if self.scorer else [None] * len(rows)
         verdicts = self.checker.check(images, embeddings) if self.checker else [None] * len(rows)
         # the copy back: uint8 pixels, or the JPEG bytes nvJPEG made of them on the device
         pixels = images.cpu().numpy() if self.device_jpeg is None else self.device_jpeg.encode(images)
-        for (state, number), seed, score, verdict, image in zip(
-            chunk, seeds, scores, verdicts, pixels, strict=True
+        for (state, number), seed, score, verdict, similar, image in zip(
+            chunk, seeds, scores, verdicts, similarities, pixels, strict=True
         ):
-            state.add(Draw(number, seed, score, verdict), image)
+            state.add(Draw(number, seed, score, verdict, similar), image)
 
     def _chosen(self, state: _RowDraws) -> Drawn:
         kept = state.best or state.best_flagged

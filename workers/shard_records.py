@@ -88,6 +88,8 @@ class ShardRun:
             input_file=self.shard.file_url,
             input_row=row.input_row,
             status=status,
+            source_image=row.source if isinstance(row.source, str) else None,
+            strength=_as(float, row.strength),
             **columns,
         )
 
@@ -102,6 +104,8 @@ class ShardRun:
             safety_score=verdict.score if verdict else None,
             safety_concepts=(",".join(verdict.concepts) or None) if verdict else None,
             rejected_draws=drawn.rejected_json,
+            ssim=kept.similarity[0] if kept.similarity else None,
+            psnr=kept.similarity[1] if kept.similarity else None,
         )
 
     def count_draws(self, drawn: list[Drawn]) -> None:

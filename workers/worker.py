@@ -36,6 +36,7 @@ from imagemill.workers.provenance.encoder import ImageEncoder
 from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, read_shard
 from imagemill.workers.selection import Drawn, Selection
 from imagemill.workers.shard_records import ShardRun
+from imagemill.workers.source_images import load_sources
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
 from imagemill.workers.stages.safety import SafetyChecker
@@ -128,6 +129,8 @@ class ShardWorker:
             run.carried = carried_of(table, run.rows, run.shard, self.spec.input)
             label = self.spec.label_column()  # with carry_columns "*", absent from an input without it
             run.label_column = label if label in run.carried.table.column_names else None
+            if self.spec.input.image_column:
+                load_sources(run.rows, run.shard.file_url, self.spec.input, self.spec.generation.resize)
         run.timeline["read"] = [run.started, time.time()]
 
     def _start_expansion(self, rows: list[Row]) -> ShardExpansion | None:

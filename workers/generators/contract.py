@@ -25,6 +25,7 @@ class BatchKey:
     height: int
     num_inference_steps: int
     guidance_scale: float
+    strength: float | None = None  # image-to-image: the pipeline takes one strength per call
 
 
 @runtime_checkable
@@ -51,5 +52,7 @@ class Generator(Protocol):
     ) -> torch.Tensor:
         """One image per prompt, as an (N, key.height, key.width, 3) uint8 tensor on the model's device,
         each drawn from its row's seed alone (None: no negative prompt for that row). A batch the model
-        cannot make raises ValueError, which makes its rows `model_rejected` errors."""
+        cannot make raises ValueError, which makes its rows `model_rejected` errors. Image-to-image
+        (diffusers only; the spec refuses it for other kinds) passes `sources=`, the rows' source
+        images as (N, H, W, 3) uint8 on the device, with `key.strength`."""
         ...

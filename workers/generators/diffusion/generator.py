@@ -12,6 +12,7 @@ from imagemill.spec import JobSpec, LoraSpec, SchedulerSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.families import call_default, family_of
+from imagemill.workers.generators.diffusion.image_to_image import image_to_image_pipeline, source_images
 from imagemill.workers.generators.diffusion.lora import load_loras
 from imagemill.workers.generators.diffusion.quantization import quantize_denoiser
 from imagemill.workers.generators.diffusion.schedulers import describe, swap_scheduler
@@ -31,10 +32,12 @@ class DiffusersGenerator:
         loras: Sequence[LoraSpec] = (),
         quantization: str = "none",
         scheduler: SchedulerSpec | None = None,
+        image_to_image: bool = False,
     ):
         """`source`: the pipeline (a hub id, local directory or URL, or a `Pretrained` with its storage
         options and safetensors rule, which hold for each LoRA and speed.tiny_vae too); `scheduler`:
-        the sampler to use instead of the pipeline's own (schedulers.py)."""
+        the sampler to use instead of the pipeline's own (schedulers.py); `image_to_image`: also build
+        the family's image-to-image pipeline, for `generate(sources=...)`."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
 
@@ -55,11 +58,9 @@ class DiffusersGenerator:
         self.stage_timer = StageTimer(device)  # text encode and decode time, taken by the worker per batch
         time_pipeline_stages(self.pipe, self.stage_timer)
         self.family = family_of(self.pipe)
-        call = inspect.signature(self.pipe.__call__).parameters.values()
-        # None: __call__ takes **kwargs, so every argument is passed on.
-        self.accepted: set[str] | None = (
-            None if any(p.kind is p.VAR_KEYWORD for p in call) else {p.name for p in call}
-        )
+        self.accepted = _accepted_arguments(self.pipe)
+        self.img2img = image_to_image_pipeline(self.pipe) if image_to_image else None
+        self.img2img_accepted = _accepted_arguments(self.img2img) if self.img2img is not None else None
         # SDXL's unconditional branch for "no negative prompt" is zeros, not the encoded empty string.
         self.zero_absent_negative = bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", False))
         # (is negative, text) → that text's embeddings. Families encode a negative prompt as a prompt
@@ -83,6 +84,7 @@ class DiffusersGenerator:
             loras=model.lora,
             quantization=model.quantization,
             scheduler=model.scheduler,
+            image_to_image=spec.input.image_column is not None,
         )
 
     def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
@@ -123,7 +125,12 @@ class DiffusersGenerator:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
+        self,
+        prompts: list[str],
+        negative_prompts: list[str | None],
+        seeds: list[int],
+        key: BatchKey,
+        sources: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images as an (N, H, W, 3) uint8 tensor on the model's device, one per prompt.
 
@@ -134,12 +141,17 @@ class DiffusersGenerator:
         batch. Text arguments are those of the family (see families.py). Pixels become uint8 on the
         device, so the copy back moves a quarter of the bytes; the worker makes that copy, after any
         step that wants the images on the device.
+
+        `sources` (image-to-image): the rows' source images, (N, H, W, 3) uint8 at the batch's size,
+        drawn with the image-to-image pipeline at `key.strength`.
         """
         count = len(prompts)
         if self.speed.compile_batch:  # static shapes for the compiled denoiser
             prompts, negative_prompts, seeds = (
                 pad(values, self.speed.compile_batch) for values in (prompts, negative_prompts, seeds)
             )
+            if sources is not None:
+                sources = torch.cat([sources, sources[-1:].expand(len(prompts) - count, -1, -1, -1)])
         self._check_size(key)
         arguments: dict[str, Any] = {
             "num_inference_steps": key.num_inference_steps,
@@ -161,9 +173,13 @@ class DiffusersGenerator:
             if self.family.uses_negatives and key.guidance_scale > 1:
                 negatives = self.embeddings([(True, negative) for negative in negative_prompts])
                 arguments.update({f"negative_{name}": rows for name, rows in negatives.items()})
-        if self.accepted is not None:
-            arguments = {name: value for name, value in arguments.items() if name in self.accepted}
-        images = self.pipe(**arguments).images
+        pipe, accepted = self.pipe, self.accepted
+        if sources is not None:
+            pipe, accepted = self.img2img, self.img2img_accepted
+            arguments.update(image=source_images(sources, self.pipe.vae.dtype), strength=key.strength)
+        if accepted is not None:
+            arguments = {name: value for name, value in arguments.items() if name in accepted}
+        images = pipe(**arguments).images
         if images.shape[-2:] != (key.height, key.width):
             raise ValueError(
                 f"{type(self.pipe).__name__} made {images.shape[-1]}x{images.shape[-2]} images "
@@ -171,3 +187,9 @@ class DiffusersGenerator:
             )
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
         return pixels.permute(0, 2, 3, 1)[:count]
+
+
+def _accepted_arguments(pipe: Any) -> set[str] | None:
+    """The names `pipe.__call__` takes; None when it takes **kwargs, so every argument is passed on."""
+    call = inspect.signature(pipe.__call__).parameters.values()
+    return None if any(p.kind is p.VAR_KEYWORD for p in call) else {p.name for p in call}

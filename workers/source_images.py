@@ -1,0 +1,173 @@
+"""Image-to-image sources: each row's source image found, read, checked and brought to the row's size.
+
+A source is the row's `input.image_column` value: image bytes, or a path. Every value comes from the
+input's owner (or whoever can write its bucket), so the worst value is planned for:
+
+- A relative path is read from the input file's folder, with the input's storage options, and must
+  stay inside it: `../../etc/passwd` (or `a/../../b`) is refused, and so is `::` (fsspec's
+  chaining). An absolute path or a URL (`/etc/passwd`, `s3://other-bucket/x`, `file:///…` from an
+  s3 input) is refused unless `input.allow_absolute_image_paths`; then it is opened with the
+  input's storage options where its protocol is the input's, and with none elsewhere (an s3
+  credential never goes to another protocol).
+- Files over MAX_SOURCE_BYTES are not read whole; images over `input.max_image_pixels` are refused
+  from their header, before any pixel is decoded (Pillow's own limit only warns below 2x its cap).
+- Only the common raster formats are decoded (`FORMATS`): Pillow would otherwise hand EPS files to
+  Ghostscript.
+- CMYK, 16-bit and float, and images with alpha (or a transparent palette) are refused rather than
+  converted: how to flatten alpha or map CMYK is the user's choice, and a silent conversion would
+  change the picture. 8-bit grey, black-and-white and opaque palette images become RGB, which loses
+  nothing.
+
+A source that fails any of these makes its row an `invalid_image` error; the shard goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from imagemill.spec import InputSpec
+from imagemill.storage import filesystem, retrying
+
+if TYPE_CHECKING:
+    from imagemill.workers.rows import Row
+
+MAX_SOURCE_BYTES = 64 * 1024 * 1024
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+READ_THREADS = 8  # sources are small reads: overlap their latency (object stores)
+RESAMPLING = Image.Resampling.LANCZOS
+PAD_COLOUR = (0, 0, 0)
+
+
+class InvalidImage(Exception):
+    """Why a source cannot be used, in one line (the row's error detail)."""
+
+
+class SourceReader:
+    """Reads the sources of one input file's rows: bytes as given, paths under the file's folder."""
+
+    def __init__(self, input_file: str, spec: InputSpec):
+        self.spec = spec
+        self.folder = input_file.rsplit("/", 1)[0]
+        self.protocol = _protocol(input_file)
+
+    def location(self, value: str) -> str:
+        """The URL or path `value` names, under the policy of the module docstring."""
+        if not value.strip():
+            raise InvalidImage("the image path is empty")
+        if "\x00" in value:
+            raise InvalidImage("the image path holds a NUL character")
+        if "::" in value:  # fsspec would read it as a chain of filesystems, and open another file
+            raise InvalidImage(f"{value!r} holds '::' (fsspec URL chaining); rename the file")
+        if "://" in value or value.startswith(("/", "\\")):
+            if not self.spec.allow_absolute_image_paths:
+                raise InvalidImage(
+                    f"{value!r} is absolute or a URL; paths are relative to the input file's folder "
+                    "(set input.allow_absolute_image_paths to allow others)"
+                )
+            return value
+        relative = posixpath.normpath(value.replace("\\", "/"))
+        if relative == ".." or relative.startswith("../"):
+            raise InvalidImage(f"{value!r} leaves the input file's folder")
+        return f"{self.folder}/{relative}"
+
+    def read(self, value: Any) -> bytes:
+        """The source's bytes: the value itself, or the file it names."""
+        if isinstance(value, bytes):
+            return value
+        if value is None:
+            raise InvalidImage("the image column is null")
+        if not isinstance(value, str):
+            raise InvalidImage(f"the image column holds a {type(value).__name__}, not bytes or a path")
+        url = self.location(value)
+        options = self.spec.storage_options if _protocol(url) == self.protocol else {}
+        try:
+            fs, path = filesystem(url, options)
+
+            def read() -> bytes:
+                with fs.open(path, "rb") as f:
+                    return f.read(MAX_SOURCE_BYTES + 1)
+
+            data = retrying(read, f"reading {value}")
+        except FileNotFoundError:
+            raise InvalidImage(f"{value!r} not found") from None
+        except (OSError, ValueError, ImportError) as exc:
+            raise InvalidImage(f"{value!r} could not be read ({type(exc).__name__})") from None
+        if len(data) > MAX_SOURCE_BYTES:
+            raise InvalidImage(f"{value!r} is larger than {MAX_SOURCE_BYTES // 2**20} MiB")
+        return data
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """The source as an RGB image, or InvalidImage saying why it cannot be one."""
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.UnidentifiedImageError:
+        raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)})") from None
+    except Image.DecompressionBombError:
+        raise InvalidImage(f"more pixels than input.max_image_pixels ({max_pixels})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidImage(f"{width}x{height} is more pixels than input.max_image_pixels ({max_pixels})")
+    mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        raise InvalidImage(f"the image has an alpha channel ({mode}); flatten it to RGB first")
+    if mode not in ("RGB", "L", "P", "1"):
+        raise InvalidImage(f"image mode {mode} (CMYK, 16-bit or float) is not 8-bit RGB or grey")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"the image does not decode: {str(exc)[:120]}") from None
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
+    """The image at width x height as (height, width, 3) uint8: `center_crop` scales it to cover the
+    size and crops the middle, `pad` scales it to fit and pads with black, `stretch` ignores its
+    aspect ratio."""
+    size = (width, height)
+    if resize == "center_crop":
+        image = ImageOps.fit(image, size, RESAMPLING)
+    elif resize == "pad":
+        image = ImageOps.pad(image, size, RESAMPLING, color=PAD_COLOUR)
+    else:
+        image = image.resize(size, RESAMPLING)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_sources(rows: list[Row], input_file: str, spec: InputSpec, resize: str) -> None:
+    """Give each valid row its source pixels at its size; a bad source makes the row `invalid_image`.
+
+    Images of one input row (images_per_prompt, variants) share its source, read once."""
+    reader = SourceReader(input_file, spec)
+    wanted = [row for row in rows if row.error is None]
+
+    def load(row: Row) -> np.ndarray | str:
+        try:
+            image = decode(reader.read(row.source), spec.max_image_pixels)
+            return fit(image, row.width, row.height, resize)
+        except InvalidImage as exc:
+            return f"invalid_image: {exc}"
+
+    by_input_row: dict[tuple[int, int, int], Row] = {}
+    for row in wanted:
+        by_input_row.setdefault((row.input_row, row.width, row.height), row)
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="imagemill-sources") as pool:
+        loaded = dict(zip(by_input_row, pool.map(load, by_input_row.values()), strict=True))
+    for row in wanted:
+        result = loaded[(row.input_row, row.width, row.height)]
+        if isinstance(result, str):
+            row.error = result
+        else:
+            row.source_pixels = result
