@@ -153,6 +153,17 @@ class InputSpec(_Section):
         description="The carried column whose values are the labels counted per label; default: `label` "
         "when a column of that name is carried.",
     )
+    image_column: str | None = Field(
+        None,
+        description="Image-to-image: the column holding each row's source image, as bytes or as a path "
+        "relative to the input file's folder (see workers/source_images.py).",
+    )
+    allow_absolute_image_paths: bool = Field(
+        False, description="Also open source paths that are absolute or URLs (any bucket, any protocol)."
+    )
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="Source images with more pixels are invalid_image rows."
+    )
 
     @model_validator(mode="after")
     def _label_is_carried(self) -> InputSpec:
@@ -203,17 +214,6 @@ class C2paSpec(_Section):
     )
     timestamp_url: str | None = Field(None, description="An RFC 3161 time-stamp authority, or none.")
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
-    image_column: str | None = Field(
-        None,
-        description="Image-to-image: the column holding each row's source image, as bytes or as a path "
-        "relative to the input file's folder (see workers/source_images.py).",
-    )
-    allow_absolute_image_paths: bool = Field(
-        False, description="Also open source paths that are absolute or URLs (any bucket, any protocol)."
-    )
-    max_image_pixels: int = Field(
-        DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="Source images with more pixels are invalid_image rows."
-    )
 
 
 class OutputSpec(_Section):

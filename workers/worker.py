@@ -80,9 +80,8 @@ class ShardWorker:
         self.encoder = ImageEncoder.for_job(spec, self.generator)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
         checker = SafetyChecker(spec.safety, self.device, self.scorer) if spec.safety else None
-        self.selection = Selection(
-            spec, self.generator, self.scorer, checker, DeviceJpeg.for_job(spec, self.device)
-        )
+        device_jpeg = DeviceJpeg.for_job(spec, self.device)
+        self.selection = Selection(spec, self.generator, self.device, self.scorer, checker, device_jpeg)
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
