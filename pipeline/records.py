@@ -205,6 +205,11 @@ class ShardStats:
     clip_score: ClipScoreSummary | None = None
     expand_seconds: float | None = None  # prompt expansion only, as the next one
     expansion_unchanged: int | None = None
+    # imagemill.cost: the device time the shard held (GPU- or CPU-seconds, as device_kind says), priced
+    device_seconds: float | None = None
+    device_kind: str | None = None
+    accelerator_type: str | None = None  # as Ray names it (H100, A10G); None on CPU or when unknown
+    cost_usd: float | None = None  # None without a price for its device
 
     @property
     def read_seconds(self) -> float:

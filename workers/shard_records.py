@@ -20,6 +20,7 @@ import numpy as np
 
 from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats, add_error_example, capped
 from imagemill.shards import Shard
+from imagemill.workers.device_use import DeviceUse
 from imagemill.workers.encoding import thumbnail_data_uri
 from imagemill.workers.rows import Row
 from imagemill.workers.stage_timer import StageTimer
@@ -55,6 +56,7 @@ class ShardRun:
     truncated: set[int] = field(default_factory=set)
     samples: list[Sample] = field(default_factory=list)
     write_wait_seconds: float = 0.0  # after the model turn: the last writes and the writer's close()
+    held_seconds: float = 0.0  # the device reserved for this shard: its model turn and the wait for it
 
     def collect(self, batch: list[tuple[Row, Future[MetadataRow]]]) -> None:
         """Wait for a batch's writes; keep its rows' metadata."""
@@ -98,9 +100,9 @@ class ShardRun:
         """Every row's metadata, in shard order: a row not done is an error row."""
         return [self.written.get(row.index) or self.row(row, "error", error=row.error) for row in self.rows]
 
-    def stats(self, device: str, run_id: str | None) -> ShardStats:
+    def stats(self, device: str, run_id: str | None, device_use: DeviceUse) -> ShardStats:
         """The shard's stats, its commit record; the time taken runs to now. `run_id`: the run that
-        holds the output's lease (imagemill.lease)."""
+        holds the output's lease (imagemill.lease); `device_use`: what its device time costs."""
         statuses = Counter(record.status for record in self.written.values())
         scores = [record.clip_score for record in self.written.values() if record.clip_score is not None]
         seconds = time.time() - self.started
@@ -130,4 +132,5 @@ class ShardRun:
             clip_score=ClipScoreSummary.of(scores),
             expand_seconds=round(self.expansion.seconds, 3) if self.expansion else None,
             expansion_unchanged=self.expansion.unchanged if self.expansion else None,
+            **device_use.charge(self.held_seconds),
         )
