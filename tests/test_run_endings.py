@@ -21,7 +21,7 @@ name: endings
 input: {{path: {input}, rows_per_shard: 4}}
 output: {{path: {output}}}
 model: {{source: {model}}}
-generation: {{width: 32, height: 32, num_inference_steps: 2, guidance_scale: 3.0}}
+generation: {{width: 32, height: 32, num_inference_steps: 4, guidance_scale: 3.0}}
 workers: {{num_workers: 1, batch_size: 4}}
 """
 
@@ -29,7 +29,7 @@ workers: {{num_workers: 1, batch_size: 4}}
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_run_says_it_was_interrupted_and_a_rerun_finishes(ray_address, tmp_path, tiny_model, stop):
     prompts, out = tmp_path / "prompts", tmp_path / "out"
-    rows = write_prompt_files(str(prompts), n_files=2, rows_per_file=16, row_group_size=4)
+    rows = write_prompt_files(str(prompts), n_files=2, rows_per_file=32, row_group_size=4)
     job = tmp_path / "job.yaml"
     job.write_text(JOB.format(input=prompts, output=out, model=tiny_model))
     run = subprocess.Popen(
