@@ -1,7 +1,8 @@
 """`imagemill` on the command line: a thin layer over the Python API.
 
 Problems the user can fix end as one line on stderr and exit status 2; a job that ran but left
-shards failed, or generated no image at all, exits 1; a complete job exits 0.
+shards failed, or generated no image at all, exits 1; a complete job exits 0; one its budget stopped
+(workers.max_gpu_hours, max_cost_usd) exits 3.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from imagemill.outcome import COMPLETE
+    from imagemill.budget import BUDGET_EXIT_STATUS
+    from imagemill.outcome import BUDGET_REACHED, COMPLETE
     from imagemill.redaction import hiding, redact, storage_option_values
     from imagemill.runner import run
     from imagemill.spec import load_spec
@@ -147,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
             spec, progress=not args.no_progress, overwrite=args.overwrite, redo_changed=args.redo_changed
         )
     print(redact(result.summary(), secrets))  # failed shards' errors come from the storage libraries
-    return 0 if result.state == COMPLETE else 1
+    return {COMPLETE: 0, BUDGET_REACHED: BUDGET_EXIT_STATUS}.get(result.state, 1)
 
 
 def _submit(args: argparse.Namespace) -> int:

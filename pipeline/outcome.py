@@ -13,6 +13,8 @@ INCOMPLETE = "incomplete"  # shards left to run or failed: running the same comm
 NOTHING_GENERATED = "failed: no row generated"
 # Stopped by Ctrl-C or SIGTERM (`ray job stop`, a pod's deletion): the record says when; a re-run resumes.
 INTERRUPTED = "interrupted"
+# workers.max_gpu_hours / max_cost_usd reached with shards left (imagemill.budget): raise it and re-run.
+BUDGET_REACHED = "stopped: budget reached"
 
 
 def job_state(shards_done: int, shards_total: int, rows_done: int, generated: int) -> str:

@@ -227,6 +227,11 @@ class ShardStats:
     redraws: int = 0  # images drawn beyond one per row: best-of-N candidates and safety retries
     rejected_candidates: int = 0  # candidates drawn and not kept (best-of-N; not filtering)
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # label: ok/filtered/error rows
+    # imagemill.cost: the device time the shard held (GPU- or CPU-seconds, as device_kind says), priced
+    device_seconds: float | None = None
+    device_kind: str | None = None
+    accelerator_type: str | None = None  # as Ray names it (H100, A10G); None on CPU or when unknown
+    cost_usd: float | None = None  # None without a price for its device
 
     @property
     def read_seconds(self) -> float:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from imagemill.cost import job_cost
 from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
 from imagemill.labels import LABELS_SHOWN, STATUSES
@@ -93,6 +94,7 @@ def build_report(
             for failure in failed
         ],
         "stage_seconds": stages,
+        "cost": job_cost(shards).to_json(),
         "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
         "throughput": throughput(record.get("started_at"), shards, record.get("ended_at")),
         "clip_score": clip_score(record, shards),
@@ -274,6 +276,19 @@ svg text { font-size: 11px; fill: #444; }
 """
 
 
+def _cost_tiles(cost: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """The device time and, with a price, the cost and $ per 1,000 images (imagemill.cost)."""
+    if not cost or not cost["device_seconds"]:
+        return []
+    kinds = "/".join(cost["device_kinds"]) or "device"
+    tiles = [(f"{kinds}-hours", f"{cost['device_seconds'] / 3600:.4g}", "")]
+    if cost["cost_usd"] is not None:
+        tiles.append(("cost", f"${cost['cost_usd']:.4f}", ""))
+    if cost["usd_per_1000_images"] is not None:
+        tiles.append(("$ / 1,000 images", f"${cost['usd_per_1000_images']:.4f}", ""))
+    return tiles
+
+
 def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
     counts = report["counts"]
     tiles = [
@@ -285,6 +300,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
         ("error rows", counts["rows_error"], "error"),
         ("shards done", f"{counts['shards_done']} / {counts['shards_total']}", ""),
         ("failed shards", counts["shards_failed"], "error" if counts["shards_failed"] else ""),
+        *_cost_tiles(report.get("cost")),
     ]
     counts_html = "".join(
         f'<div class="{kind}" id="count-{_slug(label)}"><span class="value">{_e(value)}</span>'

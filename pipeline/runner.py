@@ -19,10 +19,12 @@ from typing import Any
 
 import ray
 
+from imagemill.budget import Budget
 from imagemill.claim import claim_output
+from imagemill.cost import JobCost, job_cost
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.lease import OutputLease
-from imagemill.outcome import COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
+from imagemill.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
 from imagemill.output import JOB_RECORD, SUCCESS_MARKER, OutputLayout
 from imagemill.output_location import check_output_location
 from imagemill.pieces import serving_pieces
@@ -59,6 +61,8 @@ class JobResult:
     filtered: int = 0  # rows done but scored below scoring.threshold
     flagged: int = 0  # rows done but flagged by the safety classifier
     rows_run: int = 0  # images made by this run (the rate counts these)
+    cost: JobCost | None = None  # device time and cost over the committed shards (imagemill.cost)
+    budget_stop: str | None = None  # the limit that stopped the job with shards left (imagemill.budget)
 
     @property
     def complete(self) -> bool:
@@ -66,7 +70,9 @@ class JobResult:
 
     @property
     def state(self) -> str:
-        """complete, incomplete or failed (imagemill.outcome); only complete is a success."""
+        """complete, incomplete, budget reached or failed (imagemill.outcome); only complete is a success."""
+        if self.budget_stop and not self.complete:
+            return BUDGET_REACHED
         generated = self.ok + self.filtered + self.flagged
         return job_state(self.shards_done, self.shards_total, generated + self.errors, generated)
 
@@ -92,8 +98,16 @@ class JobResult:
             f"  FAILED shard {f.shard_id} ({f.input_file}) after {f.attempts} tries: {f.error}"
             for f in self.failures
         ]
+        if self.cost is not None and self.cost.cost_usd is not None:
+            lines.append(f"  cost: {self.cost.text()}")
         if self.failures:
             lines.append("  run the same command again to retry the failed shards; committed shards are kept")
+        if self.state == BUDGET_REACHED:
+            setting = self.budget_stop.split("=", 1)[0]
+            lines.append(
+                f"  {BUDGET_REACHED}: {self.budget_stop}, {self.shards_total - self.shards_done} shards not "
+                f"done; raise it (--set {setting}=...) and run the same command again to resume"
+            )
         if self.state == NOTHING_GENERATED:
             lines.append(f"  {NOTHING_GENERATED}: every row is an error (reasons above); the job failed")
         return "\n".join(lines)
@@ -160,6 +174,7 @@ def _run_owned(
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
     done_before = set(committed)
+    budget = Budget(spec.workers, committed)  # counts the shards this run commits as they come
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
     failures = [
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
@@ -192,12 +207,15 @@ def _run_owned(
         record_written = True  # from now on an interrupted run says so in the record
 
     try:
-        _schedule(spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress)
+        _schedule(
+            spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress, budget
+        )
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`, a pod deleted) exits
         if record_written:
             _end_record(output, lease, record, committed, failures, INTERRUPTED)
         raise
     result = _result(spec, committed, failures, shards_total, rows_total, started, done_before)
+    result.budget_stop = budget.reached()
     _end_record(output, lease, record, committed, failures, result.state)
     if result.state == COMPLETE:
         output.write_bytes(SUCCESS_MARKER, b"")
@@ -214,9 +232,11 @@ def _schedule(
     lease: OutputLease,
     start_record: Callable[[], None],
     progress: bool,
+    budget: Budget,
 ) -> None:
-    """Run the shards left on the actor pool, adding each one's stats to `committed` as it commits."""
-    if todo:
+    """Run the shards left on the actor pool, adding each one's stats to `committed` as it commits;
+    none when the budget was reached by earlier runs."""
+    if todo and not budget.reached():
         _connect_ray()
         display = progress_display(
             spec.name, rows_total, sum(stats.rows for stats in committed.values()), shards_total, progress
@@ -245,7 +265,7 @@ def _schedule(
             )
 
         with display as shown, serving_pieces(spec, todo) as served:
-            scheduler = ShardScheduler(spec, lease.run_id, on_ready=start_record)
+            scheduler = ShardScheduler(spec, lease.run_id, on_ready=start_record, budget=budget)
             failures += scheduler.run(served, on_done)
     else:
         start_record()
@@ -274,6 +294,7 @@ def _result(
         failures=failures,
         filtered=totals.filtered,
         flagged=totals.flagged,
+        cost=job_cost(committed.values()),
         rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
     )
 
@@ -298,6 +319,7 @@ def _end_record(
         rows_error=totals.errors,
         errors_by_reason=totals.errors_by_reason,
         failed_shards=[vars(failure) for failure in failures],
+        cost=job_cost(committed.values()).to_json(),
     )
     lease.confirm()
     output.write_json(JOB_RECORD, record)

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from imagemill.budget import Budget
 from imagemill.errors import ImagemillError
 from imagemill.expanders import start_expanders, stop_expanders
 from imagemill.placement import WorkerDemand, placeable_workers
@@ -95,10 +96,14 @@ def _save_load_error(exc: BaseException, run_id: str) -> str:
 class ShardScheduler:
     """The actor pool of one job run: `run` is called once; its state is kept on the scheduler."""
 
-    def __init__(self, spec: JobSpec, run_id: str, on_ready: Callable[[], None]):
+    def __init__(
+        self, spec: JobSpec, run_id: str, on_ready: Callable[[], None], budget: Budget | None = None
+    ):
         """`run_id`: the run that holds the output's lease, checked by actors before each commit;
-        `on_ready`: called once the first workers have loaded the model, before any shard starts."""
+        `on_ready`: called once the first workers have loaded the model, before any shard starts;
+        `budget`: once it is reached no new shard is handed out (imagemill.budget)."""
         self.spec = spec
+        self.budget = budget
         self.run_id = run_id
         self.on_ready = on_ready
         uses_gpu = _uses_gpu(spec)
@@ -174,7 +179,7 @@ class ShardScheduler:
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
         self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
         self._feed_all()
-        while self.tasks or (self.queue and self.starting):
+        while self.tasks or (self._to_hand_out() and self.starting):
             ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
             self._grow_with_cluster()
             self._log_waiting()
@@ -186,7 +191,7 @@ class ShardScheduler:
             else:
                 self._finish(ref, on_done)
             self._feed_all()
-            if self.queue and not self.alive and not self.starting:
+            if self._to_hand_out() and not self.alive and not self.starting:
                 raise ImagemillError(
                     f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
                     "were not run. Run the same command again to resume."
@@ -196,10 +201,17 @@ class ShardScheduler:
         stop_expanders(self.expanders)
         return self.failures
 
+    def _to_hand_out(self) -> bool:
+        """Whether shards are queued and the budget, if any, is not reached."""
+        return bool(self.queue) and not (self.budget and self.budget.reached())
+
     def _feed_all(self) -> None:
-        """Keep every live actor SHARDS_PER_ACTOR shards deep while shards are queued."""
+        """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out."""
         for actor in self.alive:
-            while self.queue and sum(1 for a, _ in self.tasks.values() if a is actor) < SHARDS_PER_ACTOR:
+            while (
+                self._to_hand_out()
+                and sum(1 for a, _ in self.tasks.values() if a is actor) < SHARDS_PER_ACTOR
+            ):
                 shard = self.queue.popleft()
                 self.tasks[actor.process_shard.remote(shard)] = (actor, shard)
 
@@ -264,7 +276,7 @@ class ShardScheduler:
             return
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
         room = worker_count(self.spec, self.uses_gpu) - len(self.alive) - len(self.starting)
-        if self.queue and room > 0:
+        if self._to_hand_out() and room > 0:
             log.info("the cluster grew: starting %d more workers", room)
             for _ in range(room):
                 self._start_actor()

@@ -446,6 +446,26 @@ class WorkersSpec(_Section):
     batch_size: int = Field(8, gt=0)
     num_cpus_per_worker: float = Field(1, gt=0)
     max_shard_attempts: int = Field(3, gt=0)
+    # Budgets over all runs of the output (imagemill.budget): no new shard once reached. Not in the
+    # fingerprint, so a resume may raise them.
+    max_gpu_hours: float | None = Field(None, gt=0, description="device-hours: GPU-, or CPU-hours on CPU")
+    max_cost_usd: float | None = Field(None, gt=0, description="needs cost.gpu_hour_usd")
+
+
+class CostSpec(_Section):
+    """Prices of device time (imagemill.cost); they change no output byte, so not in the fingerprint."""
+
+    gpu_hour_usd: float | dict[str, float] | None = Field(
+        None, description="USD per device-hour, or per Ray accelerator type: {H100: 3.0, CPU: 0.05}"
+    )
+
+    @field_validator("gpu_hour_usd")
+    @classmethod
+    def _not_negative(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        prices = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(price < 0 for price in prices):
+            raise ValueError("prices must be 0 or more")
+        return value
 
 
 class ExpansionSpec(_Section):
@@ -505,6 +525,7 @@ class JobSpec(_Section):
     )
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     safety: SafetySpec | None = Field(None, description="Optional safety classifier and its policy.")
+    cost: CostSpec = Field(default_factory=CostSpec)
 
     @model_validator(mode="after")
     def _candidates_need_their_score(self) -> JobSpec:
@@ -521,6 +542,12 @@ class JobSpec(_Section):
             problem = watermark_size_problem(self.generation.width, self.generation.height)
             if problem:
                 raise ValueError(f"output.watermark: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _cost_budget_needs_a_price(self) -> JobSpec:
+        if self.workers.max_cost_usd is not None and self.cost.gpu_hour_usd is None:
+            raise ValueError("workers.max_cost_usd needs cost.gpu_hour_usd, the price it is counted in")
         return self
 
     @model_validator(mode="after")

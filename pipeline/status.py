@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from imagemill.cost import JobCost, job_cost
 from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
 from imagemill.labels import label_lines
@@ -21,6 +22,7 @@ class JobStatus:
     shards_done: int
     totals: ShardTotals  # summed over the shards that count
     lease: LeaseView | None = None  # the run holding the output now, if any
+    cost: JobCost | None = None  # device time and cost over the same shards (imagemill.cost)
 
     @property
     def rows_done(self) -> int:
@@ -56,6 +58,8 @@ class JobStatus:
             + f"{errors} error",
         ]
         lines += [f"  {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())]
+        if self.cost is not None and self.cost.device_seconds:
+            lines.append(f"cost:   {self.cost.text()}")
         lines += [
             f"  failed shard {failure['shard_id']}: {failure['error']}"
             for failure in self.record.get("failed_shards", [])
@@ -87,7 +91,7 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     if record is None:
         raise ImagemillError(not_started(output, url))
     shards = counted(record, committed_shards(output))  # not those of input files gone since
-    return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output))
+    return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output), job_cost(shards))
 
 
 def not_started(output: OutputLayout, url: str) -> str:

@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 ATTEMPTS = 5
 FIRST_BACKOFF_SECONDS = 0.5
+# Overrides FIRST_BACKOFF_SECONDS (the others double it), for tests of storage faults that need not wait.
+BACKOFF_ENV = "IMAGEMILL_STORAGE_BACKOFF"
 # Errors that another try cannot fix.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}\.tmp")  # write_file_atomically's temporary names
@@ -58,7 +60,7 @@ def retrying(action: Callable[[], T], what: str) -> T:
         except OSError as exc:
             if attempt == ATTEMPTS:
                 raise
-            delay = FIRST_BACKOFF_SECONDS * 2 ** (attempt - 1)
+            delay = float(os.environ.get(BACKOFF_ENV, FIRST_BACKOFF_SECONDS)) * 2 ** (attempt - 1)
             log.warning(
                 "%s failed (%s: %s); try %d of %d in %.1f s",
                 what,

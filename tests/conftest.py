@@ -1,7 +1,8 @@
 """Shared fixtures: a real S3 endpoint on loopback, a local Ray, the tiny model, prompt Parquet files.
 
 The environment is set before Ray starts, so Ray's worker processes inherit it: HF_HUB_OFFLINE=1 (no
-hub here), the AWS variables pointing s3fs at the moto server, and a node cache in a temp folder.
+hub here), the AWS variables pointing s3fs at the moto server, a node cache in a temp folder, and short
+storage retry backoffs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("IMAGEMILL_CACHE_DIR", tempfile.mkdtemp(prefix="imagemill-cache-"))
+# Storage retries back off from 0.05 s, not 0.5 s: the fault tests' retries need not wait (set before
+# Ray starts, so the actors see it too).
+os.environ.setdefault("IMAGEMILL_STORAGE_BACKOFF", "0.05")
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402

@@ -29,6 +29,7 @@ from conftest import (
 
 SECRET = "sk-imagemill-submitted-secret"
 TOKEN = "0123456789abcdef0123456789abcdef"  # the test cluster's authentication token
+TOKEN_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
 REPO = Path(__file__).resolve().parent.parent
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # `ray start` records itself here
 AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -67,10 +68,11 @@ class Head:
     remote: str  # http://NODE-IP:PORT: seen as a remote cluster, which gets local files uploaded
 
 
-@pytest.fixture
-def ray_head(tmp_path, monkeypatch, s3_endpoint):
+@pytest.fixture(scope="module")
+def _head(s3_endpoint):
     """A separate single-node cluster started the way users start one: `ray start --head` from a
-    virtualenv that is not activated (its bin/ not on PATH), with token authentication on."""
+    virtualenv that is not activated (its bin/ not on PATH), with token authentication on. One for the
+    module: starting and stopping a cluster is most of what a test of it costs."""
     from ray.util import get_node_ip_address
 
     dashboard_port = _free_port()
@@ -79,17 +81,15 @@ def ray_head(tmp_path, monkeypatch, s3_endpoint):
     venv_bin = str(Path(sys.executable).parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
     # RAY_AUTH_MODE=token with the token in RAY_AUTH_TOKEN: `ray start` turns token authentication on
-    # (ray/_private/authentication), and the client (this test's imagemill submit) sends the token.
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    # (ray/_private/authentication); `ray_head` gives the client (each test's imagemill submit) the token.
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN_PATH"}
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={_free_port()}",
          "--num-cpus=2", f"--dashboard-port={dashboard_port}", "--dashboard-host=0.0.0.0",
          "--include-dashboard=true", f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}",
          # Free ports for what defaults to fixed ones, which the session Ray on this machine holds.
          *(f"--{name}={_free_port()}" for name in AGENT_PORTS)],
-        env={**os.environ, "PATH": path}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**environ, "PATH": path, **TOKEN_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     try:
@@ -106,6 +106,15 @@ def ray_head(tmp_path, monkeypatch, s3_endpoint):
             CURRENT_CLUSTER.unlink(missing_ok=True)  # plain ray.init() calls must not join a dead cluster
         else:
             CURRENT_CLUSTER.write_text(recorded)
+
+
+@pytest.fixture
+def ray_head(_head, monkeypatch) -> Head:
+    """The module's token cluster, with this test's client holding the token."""
+    for name, value in TOKEN_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    return _head
 
 
 def test_submit_runs_a_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
@@ -141,20 +150,25 @@ def test_submit_runs_a_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
     assert submitted.entrypoint.endswith(" -m imagemill.cli run job.yaml --no-progress")
     assert SECRET not in client.get_job_logs(submitted.submission_id)
     assert SECRET not in done.stdout + done.stderr
+    client.stop_job(no_wait.stdout.split()[1])  # the module's next tests share the cluster
 
 
-def _demo_copy(folder: Path) -> Path:
+def _demo_copy(folder: Path, rows: int | None = None) -> Path:
     """The shipped demo (jobs/demo.yaml unchanged, its prompts and model) in a folder of its own, so
-    its relative paths and its local output resolve there and not in this checkout."""
+    its relative paths and its local output resolve there and not in this checkout; `rows`: only the
+    first so many prompts, for a test whose point is not the demo's output."""
     for name in ("demo.yaml", "demo_prompts.parquet"):
         (folder / "jobs").mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / "jobs" / name, folder / "jobs" / name)
+    if rows is not None:
+        prompts = folder / "jobs" / "demo_prompts.parquet"
+        pq.write_table(pq.read_table(prompts).slice(0, rows), prompts)
     shutil.copytree(REPO / "jobs" / "models" / "demo-shapes", folder / "jobs" / "models" / "demo-shapes")
     return folder
 
 
-def _demo_ids() -> set[str]:
-    return set(pq.read_table(REPO / "jobs" / "demo_prompts.parquet", columns=["id"])["id"].to_pylist())
+def _demo_ids(folder: Path = REPO) -> set[str]:
+    return set(pq.read_table(folder / "jobs" / "demo_prompts.parquet", columns=["id"])["id"].to_pylist())
 
 
 def test_the_shipped_demo_submitted_as_is_succeeds_on_a_token_cluster(ray_head, tmp_path):
@@ -179,7 +193,7 @@ def test_the_shipped_demo_submitted_as_is_succeeds_on_a_token_cluster(ray_head, 
 def test_a_remote_cluster_gets_the_local_input_and_model_uploaded(ray_head, tmp_path):
     """Through the node's address the cluster counts as remote: the demo's local prompts and model go
     with the job (its working directory), and a local output is refused unless it is shared."""
-    demo = _demo_copy(tmp_path / "demo")
+    demo = _demo_copy(tmp_path / "demo", rows=16)
     refused = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.remote, cwd=demo)
     assert refused.returncode == 2
     assert (
@@ -194,7 +208,7 @@ def test_a_remote_cluster_gets_the_local_input_and_model_uploaded(ray_head, tmp_
         "submit", "jobs/demo.yaml", "--address", ray_head.remote, "--set", f"output.path={output}", cwd=demo
     )
     assert done.returncode == 0 and ": SUCCEEDED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
-    check_output(output, _demo_ids(), 32, 32)
+    check_output(output, _demo_ids(demo), 32, 32)
     import s3fs
 
     record = json.loads(s3fs.S3FileSystem().cat_file(f"{output}/_job.json"))
@@ -203,7 +217,7 @@ def test_a_remote_cluster_gets_the_local_input_and_model_uploaded(ray_head, tmp_
 
 
 def test_a_cluster_with_token_authentication_names_what_the_client_needs(ray_head, tmp_path, monkeypatch):
-    demo = _demo_copy(tmp_path / "demo")
+    demo = _demo_copy(tmp_path / "demo", rows=16)
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_MODE")
     done = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, cwd=demo)

@@ -22,7 +22,7 @@ from imagemill.errors import ImagemillError
 from imagemill.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, check_owner
 from imagemill.output import OutputLayout
 
-TIMEOUT = 4.0  # seconds without a heartbeat before a lease is stale, for every driver these tests start
+TIMEOUT = 2.0  # seconds without a heartbeat before a lease is stale, for every driver these tests start
 
 JOB = """\
 name: lease-test
@@ -153,18 +153,27 @@ def _commits(url: str) -> int:
     return len(fs.glob(f"{root}/shards/*.json"))
 
 
+@pytest.fixture(scope="module")
+def unbroken(ray_address, tmp_path_factory, tiny_model) -> tuple[str, set[str], dict[str, str]]:
+    """The prompts, their ids and the images of an unbroken run, which the runs below must match (one
+    for the module: the local and the S3 case compare with the same images)."""
+    folder = tmp_path_factory.mktemp("unbroken")
+    prompts = str(folder / "prompts")
+    rows = write_prompt_files(prompts, n_files=4, rows_per_file=32, row_group_size=4)
+    ids = {f"row-{i:05d}" for i in range(rows)}
+    job = _job(folder, prompts, str(folder / "out"), tiny_model)
+    assert run_cli("run", str(job), "--no-progress", ray_address=ray_address).returncode == 0
+    return prompts, ids, check_output(str(folder / "out"), ids, 32, 32)
+
+
 def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over(
-    ray_address, tmp_path, tiny_model, output_url, monkeypatch
+    ray_address, tmp_path, tiny_model, output_url, monkeypatch, unbroken
 ):
     # The owner is paused (SIGSTOP) while the others knock: its lease must stay fresh meanwhile, so the
     # timeout is long here; a dead owner on this machine is taken over at once whatever the timeout.
     monkeypatch.setenv(TIMEOUT_ENV, "300")  # run_cli and Popen pass the environment on
-    prompts = str(tmp_path / "prompts")
-    rows = write_prompt_files(prompts, n_files=4, rows_per_file=32, row_group_size=4)
-    ids = {f"row-{i:05d}" for i in range(rows)}
-    unbroken = _job(tmp_path, prompts, str(tmp_path / "unbroken"), tiny_model, "unbroken.yaml")
-    assert run_cli("run", str(unbroken), "--no-progress", ray_address=ray_address).returncode == 0
-    expected = check_output(str(tmp_path / "unbroken"), ids, 32, 32)
+    prompts, ids, expected = unbroken
+    rows = len(ids)
 
     job = _job(tmp_path, prompts, output_url, tiny_model)
     owner = subprocess.Popen(

@@ -1,8 +1,8 @@
 """Workers that cannot be placed: the job runs on those that fit, or stops in one line naming the
 setting, instead of waiting silently for resources a cluster without an autoscaler never gets.
 
-Each driver starts its own Ray with 2 CPUs and no GPU (a subprocess: ray.init, then the CLI), so the
-cluster's size is known whatever machine runs the tests.
+Each driver is a subprocess joining the module's own cluster: one node of 2 CPUs and no GPU, beside a
+head that takes no actors, so the cluster's size is known whatever machine runs the tests.
 """
 
 from __future__ import annotations
@@ -12,24 +12,27 @@ import subprocess
 import sys
 
 import pytest
-from conftest import check_output, write_prompt_files
-
-DRIVER = (
-    "import sys, ray; from imagemill.cli import main; "
-    "ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=100 * 1024 * 1024); "
-    "sys.exit(main(sys.argv[1:]))"
-)
+from conftest import OBJECT_STORE_BYTES, check_output, isolated_cluster, write_prompt_files
 
 
-def _run_on_two_cpus(*args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [sys.executable, "-c", DRIVER, "run", *args, "--no-progress"],
-        capture_output=True,
-        text=True,
-        env={**environ, **env},
-        timeout=600,
-    )
+@pytest.fixture(scope="module")
+def two_cpus() -> str:
+    """The address of a cluster of one 2-CPU node without GPUs, and no autoscaler; one for the module."""
+    with pytest.MonkeyPatch.context() as monkeypatch, isolated_cluster(monkeypatch) as cluster:
+        cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE_BYTES)
+        cluster.wait_for_nodes()
+        yield cluster.address
+
+
+def _driver(two_cpus: str, *args: str, **env: str) -> tuple[list[str], dict[str, str]]:
+    """`imagemill run ARGS` joining the two-CPU cluster: its command and its environment, plus `env`."""
+    command = [sys.executable, "-m", "imagemill.cli", "run", *args]
+    return command, {**os.environ, "RAY_ADDRESS": two_cpus, **env}
+
+
+def _run_on_two_cpus(two_cpus: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    command, environ = _driver(two_cpus, *args, "--no-progress", **env)
+    return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=600)
 
 
 def _job(tmp_path, workers: str, model: str = "{kind: noop}") -> str:
@@ -45,13 +48,13 @@ def _job(tmp_path, workers: str, model: str = "{kind: noop}") -> str:
 
 
 @pytest.mark.parametrize("can_grow", [False, True])
-def test_more_workers_than_fit_run_every_shard_on_those_that_do(tmp_path, can_grow):
+def test_more_workers_than_fit_run_every_shard_on_those_that_do(two_cpus, tmp_path, can_grow):
     """Without an autoscaler, only the workers that fit are started; with one (IMAGEMILL_WAIT_FOR_RESOURCES
     stands in for it), all are asked for and the job runs on those placed while the third stays pending."""
     rows = write_prompt_files(str(tmp_path / "prompts"), n_files=2, rows_per_file=20, row_group_size=10)
     job = _job(tmp_path, "{num_cpus_per_worker: 1, batch_size: 5}")
     done = _run_on_two_cpus(
-        job, "--num-workers", "3", **({"IMAGEMILL_WAIT_FOR_RESOURCES": "1"} if can_grow else {})
+        two_cpus, job, "--num-workers", "3", **({"IMAGEMILL_WAIT_FOR_RESOURCES": "1"} if can_grow else {})
     )
     assert done.returncode == 0, done.stderr
     placed = [line for line in done.stderr.splitlines() if "cannot be placed" in line]
@@ -71,9 +74,9 @@ def test_more_workers_than_fit_run_every_shard_on_those_that_do(tmp_path, can_gr
         ("{num_cpus_per_worker: 3}", "{kind: noop}", "change workers.num_cpus_per_worker (at most 2 here)"),
     ],
 )
-def test_workers_that_fit_nowhere_stop_the_job_in_one_line(tmp_path, workers, model, setting):
+def test_workers_that_fit_nowhere_stop_the_job_in_one_line(two_cpus, tmp_path, workers, model, setting):
     write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=10, row_group_size=10)
-    done = _run_on_two_cpus(_job(tmp_path, workers, model))
+    done = _run_on_two_cpus(two_cpus, _job(tmp_path, workers, model))
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("imagemill: error:")]
     assert len(errors) == 1 and "no worker can be placed" in errors[0] and setting in errors[0], done.stderr
@@ -81,17 +84,13 @@ def test_workers_that_fit_nowhere_stop_the_job_in_one_line(tmp_path, workers, mo
     assert "Traceback" not in done.stderr
 
 
-def test_a_cluster_that_can_grow_is_waited_for_visibly(tmp_path):
+def test_a_cluster_that_can_grow_is_waited_for_visibly(two_cpus, tmp_path):
     """IMAGEMILL_WAIT_FOR_RESOURCES (or a running autoscaler): the GPU workers are waited for, logged."""
     write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=10, row_group_size=10)
-    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     job = _job(tmp_path, "{num_workers: 2}", "{kind: noop, device: cuda}")
+    command, environ = _driver(two_cpus, job, IMAGEMILL_WAIT_FOR_RESOURCES="1")
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, "run", job],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**environ, "IMAGEMILL_WAIT_FOR_RESOURCES": "1"},
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environ
     )
     try:
         for line in driver.stderr:

@@ -483,6 +483,7 @@ def test_a_shards_stats_keep_capped_prompts_and_a_few_error_messages():
     """What the actor writes for the report: sample prompts cut to PROMPT_CHARS, and per error reason
     up to two distinct messages, each cut as well."""
     from imagemill.shards import Shard
+    from imagemill.workers.device_use import DeviceUse
     from imagemill.workers.rows import Row
     from imagemill.workers.shard_records import ShardRun
 
@@ -502,7 +503,7 @@ def test_a_shards_stats_keep_capped_prompts_and_a_few_error_messages():
         row(4, "ok", long_error),
     ]
     run.add_samples([(run.rows[0], np.zeros((8, 8, 3), dtype=np.uint8))])
-    stats = run.stats("cpu", None)
+    stats = run.stats("cpu", None, DeviceUse("CPU", None, 1.0, None))
     assert stats.samples[0].prompt == ("a cat " * 50) + "…"
     assert stats.errors_by_reason == {"invalid_prompt": 3, "model_rejected": 1}
     assert stats.error_examples == {

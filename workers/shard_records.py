@@ -23,6 +23,7 @@ from imagemill.carry import Carried
 from imagemill.labels import LABELS_SHOWN, count_labels, label_key
 from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats, add_error_example, capped
 from imagemill.shards import Shard
+from imagemill.workers.device_use import DeviceUse
 from imagemill.workers.encoding import thumbnail_data_uri
 from imagemill.workers.rows import Row
 from imagemill.workers.selection import Drawn
@@ -64,6 +65,7 @@ class ShardRun:
     redraws: int = 0  # images drawn beyond one per done row (best-of-N candidates, safety retries)
     rejected_candidates: int = 0  # unflagged draws not kept: they lost on score
     write_wait_seconds: float = 0.0  # after the model turn: the last writes and the writer's close()
+    held_seconds: float = 0.0  # the device reserved for this shard: its model turn and the wait for it
 
     def collect(self, batch: list[tuple[Row, Future[MetadataRow]]]) -> None:
         """Wait for a batch's writes; keep its rows' metadata."""
@@ -147,9 +149,9 @@ class ShardRun:
         """Every row's metadata, in shard order: a row not done is an error row."""
         return [self.written.get(row.index) or self.row(row, "error", error=row.error) for row in self.rows]
 
-    def stats(self, device: str, run_id: str | None) -> ShardStats:
+    def stats(self, device: str, run_id: str | None, device_use: DeviceUse) -> ShardStats:
         """The shard's stats, its commit record; the time taken runs to now. `run_id`: the run that
-        holds the output's lease (imagemill.lease)."""
+        holds the output's lease (imagemill.lease); `device_use`: what its device time costs."""
         statuses = Counter(record.status for record in self.written.values())
         scores = [record.clip_score for record in self.written.values() if record.clip_score is not None]
         seconds = time.time() - self.started
@@ -183,6 +185,7 @@ class ShardRun:
             redraws=self.redraws,
             rejected_candidates=self.rejected_candidates,
             labels=self._label_counts(),
+            **device_use.charge(self.held_seconds),
         )
 
     def _label_counts(self) -> dict[str, dict[str, int]]:

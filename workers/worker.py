@@ -29,6 +29,7 @@ from imagemill.records import MetadataRow, ShardStats, metadata_table
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
 from imagemill.workers.device_jpeg import DeviceJpeg
+from imagemill.workers.device_use import device_use
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
@@ -76,6 +77,7 @@ class ShardWorker:
 
     def _load(self, spec: JobSpec, expanders: list[Any] | None) -> None:
         self.device = pick_device(spec.model.device)
+        self.device_use = device_use(self.device, spec)
         self.generator = make_generator(spec, self.device)
         self.encoder = ImageEncoder.for_job(spec, self.generator)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
@@ -115,6 +117,7 @@ class ShardWorker:
                 model_started = time.time()
                 self._generate(run, writer)
                 run.timeline["model"] = [model_started, time.time()]
+                run.held_seconds = turn.idle_seconds + run.timeline["model"][1] - model_started
         self._finish_writes(run, writer)
         self._write_metadata(run, writer)
         return self._commit(run)
@@ -226,7 +229,7 @@ class ShardWorker:
 
     def _commit(self, run: ShardRun) -> ShardStats:
         """Write the shard's stats, last: its commit."""
-        stats = run.stats(self.device, self.run_id)
+        stats = run.stats(self.device, self.run_id, self.device_use)
         if self.run_id is not None:
             check_owner(self.output, self.run_id)  # a run that lost the output commits nothing
         self.output.write_json(OutputLayout.stats_path(run.shard.shard_id), stats.to_json())
