@@ -15,6 +15,7 @@ import imagemill
 from imagemill.carry import Carried
 from imagemill.records import MetadataRow, ShardStats, shard_totals
 from imagemill.shards import Shard
+from imagemill.workers.device_use import DeviceUse
 from imagemill.workers.rows import Row
 from imagemill.workers.shard_records import ShardRun
 
@@ -95,7 +96,7 @@ def test_a_shards_stats_count_filtered_rows_per_label_and_keep_a_sample_of_each(
         )  # fmt: skip
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     run.add_samples([(run.rows[i], image) for i in (0, 1, 2, 3, 5)])
-    stats = run.stats("cpu", None)
+    stats = run.stats("cpu", None, DeviceUse("CPU", None, 1.0, None))
     assert stats.labels == {
         "7": {"ok": 1, "filtered": 1, "error": 0},
         "8": {"ok": 2, "filtered": 0, "error": 0},
