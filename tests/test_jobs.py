@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import check_output, read_metadata, run_cli
+from PIL import Image
 
 import imagemill
 
@@ -71,11 +72,16 @@ def test_image_to_image_job_redraws_the_shipped_sources(ray_address, tmp_path):
 
 
 @pytest.fixture
-def nightly_bucket(s3_endpoint, tiny_model):
-    """The bucket that jobs/nightly.yaml names, on the S3 endpoint, with a model in it."""
+def nightly_bucket(s3_endpoint, tiny_model, tiny_clip, tmp_path):
+    """The bucket that jobs/nightly.yaml names, on the S3 endpoint, with a model and a safety checker
+    (one that flags nothing: a cosine never exceeds 1) in it."""
+    from imagemill.testing.tiny_safety import make_tiny_safety_checker
+
     fs = fsspec.filesystem("s3")
     fs.mkdir("imagemill-nightly")
     fs.put(tiny_model, "imagemill-nightly/models/pipeline", recursive=True)
+    checker = make_tiny_safety_checker(tmp_path / "checker", tiny_clip, threshold=1.0)
+    fs.put(str(checker), "imagemill-nightly/models/safety-checker", recursive=True)
     yield fs
     fs.rm("imagemill-nightly", recursive=True)
 
@@ -111,3 +117,9 @@ def test_nightly_job_writes_each_night_to_its_own_prefix_and_only_new_input_is_n
     assert "4 rows: 4 ok, 0 error in 2/2 shards (1 run now)" in night("2026-11-24").stdout
     record = fs.cat_file("imagemill-nightly/images/2026-11-24/_job.json").decode()
     assert '"name": "nightly-2026-11-24"' in record
+    # publishable: every row checked by the safety filter, every file carrying its parameters
+    rows = read_metadata("s3://imagemill-nightly/images/2026-11-24").to_pylist()
+    assert all(row["safety_score"] is not None and row["status"] == "ok" for row in rows)
+    with fs.open(f"imagemill-nightly/images/2026-11-24/{rows[0]['path']}", "rb") as image_file:
+        xmp = Image.open(image_file).info.get("xmp", b"")
+    assert b"trainedAlgorithmicMedia" in (xmp if isinstance(xmp, bytes) else xmp.encode())
