@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from imagemill.claim import claim_output
+from imagemill.evaluation import evaluate
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.lease import OutputLease
 from imagemill.outcome import COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
@@ -32,7 +33,12 @@ from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import Shard, ShardPlan, plan_shards, resume_whole_group_shards
 from imagemill.spec import JobSpec
-from imagemill.workers.model_source import check_expansion_source, check_model_source, check_scoring_source
+from imagemill.workers.model_source import (
+    check_evaluation_source,
+    check_expansion_source,
+    check_model_source,
+    check_scoring_source,
+)
 
 log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("imagemill", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs")
@@ -125,6 +131,8 @@ def run(
         check_scoring_source(spec.scoring)
     if spec.expansion is not None:
         check_expansion_source(spec.expansion)
+    if spec.evaluation is not None:
+        check_evaluation_source(spec.evaluation)
     check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:
@@ -187,6 +195,8 @@ def _run_owned(
             _end_record(output, lease, record, committed, failures, INTERRUPTED)
         raise
     result = _result(spec, committed, failures, shards_total, rows_total, started, done_before)
+    if spec.evaluation is not None and committed:
+        record["evaluation"] = evaluate(spec, output, committed)
     _end_record(output, lease, record, committed, failures, result.state)
     if result.state == COMPLETE:
         output.write_bytes(SUCCESS_MARKER, b"")

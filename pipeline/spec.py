@@ -163,6 +163,34 @@ class ScoringSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
+class EvaluationSpec(_Section):
+    """Dataset evaluation (workers/stages/evaluation.py, imagemill.evaluation): every written image is
+    embedded by a feature model on the actor; the driver merges the shards' feature statistics into
+    FID/KID against a reference, diversity and near-duplicates."""
+
+    source: str = Field(
+        description="The feature model: a transformers CLIPModel directory (with preprocessor_config.json), "
+        "hub id or URL, found as model.source is; its image embeddings are the features."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    safetensors_only: bool = True
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    reference: str | None = Field(
+        None,
+        description="Real images to compare with: a folder of image files, a Parquet file or folder with an "
+        "`image` column, or precomputed statistics in clean-fid's .npz layout (mu, sigma; no KID then).",
+    )
+    reference_storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    kid_sample: int = Field(1000, gt=1, description="Embeddings per side in KID's seeded sample.")
+    diversity_sample: int = Field(
+        500, gt=1, description="Embeddings per label in the diversity's seeded sample."
+    )
+    duplicate_threshold: float = Field(
+        0.98, gt=0, le=1, description="Cosine similarity at or above which two images are near-duplicates."
+    )
+    seed: int = Field(0, description="Seeds the KID and diversity samples.")
+
+
 class SpeedSpec(_Section):
     """How a diffusers model runs (workers/generators/diffusion/speed.py); each may change output bytes
     a little."""
@@ -269,6 +297,9 @@ class JobSpec(_Section):
         None, description="Optional prompt expansion by a language model."
     )
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Optional dataset evaluation: features, FID/KID, diversity, near-duplicates."
+    )
 
     @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
@@ -330,6 +361,10 @@ class JobSpec(_Section):
             fingerprint["scoring"] = self.scoring.model_dump(exclude={"storage_options", "safetensors_only"})
         if self.expansion is not None:  # absent without expansion: outputs made before it still resume
             fingerprint["expansion"] = self.expansion.model_dump(exclude=EXPANSION_RUNTIME_FIELDS)
+        if self.evaluation is not None:  # absent when off: outputs made before it still resume
+            fingerprint["evaluation"] = self.evaluation.model_dump(
+                exclude={"storage_options", "safetensors_only", "reference_storage_options"}
+            )
         speed = self.speed.model_dump(exclude_defaults=True)
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed
@@ -344,9 +379,11 @@ class JobSpec(_Section):
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage option hidden: safe for logs and the job record."""
         data = self.model_dump()
-        for section in ("input", "output", "model", "scoring", "expansion"):
+        for section in ("input", "output", "model", "scoring", "expansion", "evaluation"):
             if data[section] and data[section]["storage_options"]:
                 data[section]["storage_options"] = "<redacted>"
+        if data["evaluation"] and data["evaluation"]["reference_storage_options"]:
+            data["evaluation"]["reference_storage_options"] = "<redacted>"
         return data
 
 
@@ -472,6 +509,11 @@ def build_spec(
     for lora in spec.model.lora:
         if _looks_like_local_path(lora.source):
             lora.source = _absolute(lora.source)
+    if spec.evaluation is not None:
+        for name in ("source", "reference"):
+            value = getattr(spec.evaluation, name)
+            if value and _looks_like_local_path(value):
+                setattr(spec.evaluation, name, _absolute(value))
     if spec.speed.tiny_vae and _looks_like_local_path(spec.speed.tiny_vae):
         spec.speed.tiny_vae = _absolute(spec.speed.tiny_vae)
     return spec

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import ExpansionSpec, ModelSpec, ScoringSpec
+from imagemill.spec import EvaluationSpec, ExpansionSpec, ModelSpec, ScoringSpec
 from imagemill.workers.model_source import fetch_model_dir
 
 CORRUPT = "Unable to load weights"  # how diffusers and transformers say a weights file did not read
@@ -40,8 +40,8 @@ class Pretrained:
         return source if isinstance(source, Pretrained) else cls(source, "model.source")
 
     @classmethod
-    def of(cls, section: ModelSpec | ScoringSpec | ExpansionSpec, name: str) -> Pretrained:
-        """The source of spec section `name` (model, scoring, expansion)."""
+    def of(cls, section: ModelSpec | ScoringSpec | ExpansionSpec | EvaluationSpec, name: str) -> Pretrained:
+        """The source of spec section `name` (model, scoring, expansion, evaluation)."""
         return cls(
             section.source,
             f"{name}.source",

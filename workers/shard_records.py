@@ -54,6 +54,7 @@ class ShardRun:
     pending: deque[list[tuple[Row, Future[MetadataRow]]]] = field(default_factory=deque)  # being written
     truncated: set[int] = field(default_factory=set)
     samples: list[Sample] = field(default_factory=list)
+    embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # `evaluation:` features by row index
     write_wait_seconds: float = 0.0  # after the model turn: the last writes and the writer's close()
 
     def collect(self, batch: list[tuple[Row, Future[MetadataRow]]]) -> None:

@@ -33,6 +33,7 @@ from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
 from imagemill.workers.shard_records import ShardRun
+from imagemill.workers.stages.evaluation import FeatureModel, write_features
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
 from imagemill.workers.stages.scoring import ClipScorer
@@ -73,6 +74,7 @@ class ShardWorker:
         self.device = pick_device(spec.model.device)
         self.generator = make_generator(spec, self.device)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
+        self.features = FeatureModel(spec.evaluation, self.device) if spec.evaluation else None
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
@@ -108,6 +110,7 @@ class ShardWorker:
                 run.timeline["model"] = [model_started, time.time()]
         self._finish_writes(run, writer)
         self._write_metadata(run, writer)
+        self._write_features(run)
         return self._commit(run)
 
     def _read(self, run: ShardRun) -> None:
@@ -152,6 +155,9 @@ class ShardWorker:
                     prompts, [row.negative_prompt for row in batch], [row.seed for row in batch], batch[0].key
                 )
                 scores = self._score(images, prompts)  # `prompts`: the texts the images were drawn from
+                if self.features is not None:  # embedded where the generator left them, like the score
+                    embedded = self.features.embed(images)
+                    run.embeddings.update(zip([row.index for row in batch], embedded, strict=True))
                 return images.cpu().numpy(), scores
             except ValueError as exc:
                 for row in batch:
@@ -243,6 +249,15 @@ class ShardWorker:
     def _write_metadata(self, run: ShardRun, writer: ShardWriter) -> None:
         table = metadata_table(run.metadata_rows(), writer.format_columns)
         self.output.write_bytes(OutputLayout.metadata_path(run.shard.shard_id), parquet_bytes(table))
+
+    def _write_features(self, run: ShardRun) -> None:
+        """With `evaluation:`, the embeddings and feature sums of the rows whose image was written."""
+        if self.features is None:
+            return
+        kept = [row for row in run.rows if getattr(run.written.get(row.index), "path", None)]
+        embeddings = np.array([run.embeddings[row.index] for row in kept]).reshape(-1, self.features.dim)
+        labels = [None] * len(kept)
+        write_features(self.output, run.shard.shard_id, [row.row_id for row in kept], labels, embeddings)
 
     def _commit(self, run: ShardRun) -> ShardStats:
         """Write the shard's stats, last: its commit."""

@@ -5,10 +5,8 @@ score = 100 × cosine(image embedding, text embedding), in [-100, 100]. This is 
 cosine keeps the whole distribution visible, so a threshold can be chosen from it. CLIP ViT-L/14 gives
 matching text-image pairs about 25..35 on this scale.
 
-The images are scored where the generator left them, on the actor's device, before the copy back:
-resized (shortest edge, bicubic with antialiasing, rounded to 8 bits as the image processor's own
-8-bit resize does), centre-cropped and normalised with torch ops, as the model's image processor
-config (`preprocessor_config.json`) says. No image goes through PIL or leaves the device for this.
+The images are scored where the generator left them, on the actor's device, before the copy back,
+prepared by `ClipPixels` (the image processor config's transform as torch ops; clip_pixels.py).
 Text embeddings are cached per distinct text (`TextEmbeddingCache`).
 """
 
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from imagemill.spec import ScoringSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
+from imagemill.workers.stages.clip_pixels import ClipPixels
 from imagemill.workers.text_cache import TextEmbeddingCache
 
 
@@ -34,12 +33,8 @@ class ClipScorer:
         self.model = source.weights(CLIPModel, dtype=getattr(torch, spec.dtype))
         self.model.to(device).eval()
         self.tokenizer = source.files(AutoTokenizer)
-        # The processor class only reads the numbers from the config; the transforms are ours, below.
-        processor = source.files(CLIPImageProcessorPil)
-        self.shortest_edge: int = processor.size["shortest_edge"]
-        self.crop: tuple[int, int] = (processor.crop_size["height"], processor.crop_size["width"])
-        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+        # The processor class only reads the numbers from the config; the transforms are ours.
+        self.pixel_values = ClipPixels(source.files(CLIPImageProcessorPil), device, self.model.dtype)
         self.max_length: int = self.model.config.text_config.max_position_embeddings
         self.texts = TextEmbeddingCache(self._encode_texts)
 
@@ -49,20 +44,6 @@ class ClipScorer:
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         return {"text": F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)}
-
-    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, 3) uint8 images → the (N, 3, crop_h, crop_w) model input, on the images' device."""
-        pixels = images.permute(0, 3, 1, 2).float()
-        height, width = pixels.shape[-2:]
-        short, long = min(height, width), max(height, width)
-        new_long = int(self.shortest_edge * long / short)  # the image processor's own rounding
-        size = (self.shortest_edge, new_long) if height <= width else (new_long, self.shortest_edge)
-        if size != (height, width):
-            pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-            pixels = pixels.round().clamp(0, 255)
-        top, left = (size[0] - self.crop[0]) // 2, (size[1] - self.crop[1]) // 2
-        pixels = pixels[..., top : top + self.crop[0], left : left + self.crop[1]]
-        return ((pixels / 255 - self.mean) / self.std).to(self.model.dtype)
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor, texts: list[str]) -> list[float]:
