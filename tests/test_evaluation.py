@@ -7,7 +7,6 @@ what they write and what the driver's post-pass makes of it.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from conftest import read_metadata
 from PIL import Image
 
 import imagemill
+from imagemill.embedding_passes import read_shard_embeddings
 from imagemill.evaluation import evaluate, merged_feature_sums
 from imagemill.features import JOB_WIDE, FeatureSums
 from imagemill.output import OutputLayout
@@ -84,7 +84,8 @@ def _run_shards(spec: imagemill.JobSpec, actors: int = 2) -> dict:
 def _written_images(output: str) -> torch.Tensor:
     """The job's images as written, (N, 3, H, W) uint8, in id order."""
     rows = sorted(read_metadata(output).to_pylist(), key=lambda row: row["id"])
-    pixels = [np.asarray(Image.open(Path(output) / row["path"]).convert("RGB")) for row in rows if row["path"]]
+    paths = [Path(output) / row["path"] for row in rows if row["path"]]
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
 
 
@@ -100,19 +101,31 @@ class _Features(torch.nn.Module):
         return torch.from_numpy(self.model.embed(images.permute(0, 2, 3, 1)))
 
 
-def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(
-    tmp_path, tiny_model, tiny_clip, reference_dir
-):
+PLANTED = ((17, 3), (11, 5), (20, 5))  # (copy, original): the same seed and prompt under another id
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_model, tiny_clip, reference_dir) -> tuple[imagemill.JobSpec, dict, dict]:
+    """24 rows in three shards over two in-process actors, with duplicates planted across shards; the
+    spec, the committed shards' stats and the post-pass's result."""
+    folder = tmp_path_factory.mktemp("job")
+    prompts = [f"a {colour} thing {i}" for i, colour in enumerate(["blue", "green", "red"] * 8)]
+    seeds = list(range(100, 100 + ROWS))
+    for copy, original in PLANTED:
+        prompts[copy], seeds[copy] = prompts[original], seeds[original]
+    evaluation = {"source": tiny_clip, "reference": str(reference_dir), "duplicate_threshold": 0.999}
+    spec = _spec(_prompts(folder, prompts, seeds), folder / "out", tiny_model, evaluation)
+    committed = _run_shards(spec)
+    assert len(committed) == 3
+    return spec, committed, evaluate(spec, OutputLayout(spec.output.path), committed)
+
+
+def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(job, reference_dir):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    inputs = _prompts(tmp_path, [f"a red circle number {i}" for i in range(ROWS)])
-    spec = _spec(inputs, tmp_path / "out", tiny_model, {"source": tiny_clip, "reference": str(reference_dir)})
-    committed = _run_shards(spec)
+    spec, committed, result = job
     output = OutputLayout(spec.output.path)
-    assert len(committed) == 3
-    result = evaluate(spec, output, committed)
-
     fake = _written_images(spec.output.path)
     real = torch.from_numpy(
         np.stack([np.asarray(Image.open(path)) for path in sorted(reference_dir.iterdir())])
@@ -143,22 +156,37 @@ def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(
     assert (Path(spec.output.path) / "_reference_features.parquet").is_file()
 
 
-def test_near_duplicates_are_the_planted_ones(tmp_path, tiny_model, tiny_clip):
-    """Rows 3/17 and 5/11/20 share a seed and a prompt (under different ids, in different shards): they
-    are marked, grouped together, and nothing else is."""
-    prompts = [f"a {colour} thing {i}" for i, colour in enumerate(["blue", "green", "red"] * 8)]
-    seeds = list(range(100, 100 + ROWS))
-    for copy, original in ((17, 3), (11, 5), (20, 5)):
-        prompts[copy], seeds[copy] = prompts[original], seeds[original]
-    inputs = _prompts(tmp_path, prompts, seeds)
-    spec = _spec(
-        inputs, tmp_path / "out", tiny_model, {"source": tiny_clip, "duplicate_threshold": 0.999}
-    )
-    committed = _run_shards(spec, actors=1)
-    result = evaluate(spec, OutputLayout(spec.output.path), committed)["near_duplicates"]
+def test_near_duplicates_are_the_planted_ones(job):
+    """Rows 3/17 and 5/11/20 share a seed and a prompt (under other ids, in other shards): they are
+    marked and grouped together, and nothing else is."""
+    spec, committed, result = job
     table = pq.read_table(Path(spec.output.path) / "duplicates.parquet").to_pylist()
-    groups = {}
+    groups: dict[int, set[str]] = {}
     for row in table:
         groups.setdefault(row["group"], set()).add(row["id"])
     assert sorted(groups.values(), key=min) == [{"row-003", "row-017"}, {"row-005", "row-011", "row-020"}]
-    assert (result["images"], result["groups"]) == (5, 2)
+    assert (result["near_duplicates"]["images"], result["near_duplicates"]["groups"]) == (5, 2)
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet"])
+def test_every_format_gets_embeddings_of_its_written_rows_and_overwrite_deletes_them(
+    tmp_path, tiny_clip, output_format
+):
+    """Features are taken before the writer, so each format's shards have their embeddings (the
+    no-model generator keeps this cheap); a shard's deletion (--overwrite, --redo-changed) takes them."""
+    from imagemill.claim import delete_shards
+
+    inputs = _prompts(tmp_path, [f"prompt {i}" if i != 4 else " " for i in range(12)])
+    spec = _spec(inputs, tmp_path / "out", "unused", {"source": tiny_clip}, format=output_format)
+    spec.model.kind = "noop"
+    committed = _run_shards(spec, actors=1)
+    output = OutputLayout(spec.output.path)
+    ok_ids = {row["id"] for row in read_metadata(spec.output.path).to_pylist() if row["status"] == "ok"}
+    assert len(ok_ids) == 11  # the blank prompt is an error row: no image, no embedding
+    embedded = [ids for _, ids, _, _ in read_shard_embeddings(output, sorted(committed))]
+    assert sorted(id_ for ids in embedded for id_ in ids) == sorted(ok_ids)
+    assert merged_feature_sums(output, list(committed))[JOB_WIDE].count == 11
+
+    delete_shards(output, sorted(committed), set(committed))
+    for folder in ("embeddings", "feature_stats"):
+        assert not list((Path(spec.output.path) / folder).iterdir())
