@@ -101,11 +101,10 @@ def _compare(
     if not len(a) or not len(b):
         return
     cosines = torch.from_numpy(a).to(device) @ torch.from_numpy(b).to(device).T
+    hits = cosines >= threshold
     if a_shard == b_shard:
-        cosines = torch.triu(cosines, diagonal=1) - torch.tril(
-            torch.full_like(cosines, 2.0)
-        )  # each pair once
-    for i, j in (cosines >= threshold).nonzero().tolist():
+        hits = hits.triu(diagonal=1)  # each pair once, no image with itself
+    for i, j in hits.nonzero().tolist():
         groups.join((a_shard, i), a_ids[i], (b_shard, j), b_ids[j], float(cosines[i, j]))
 
 

@@ -7,20 +7,21 @@ what they write and what the driver's post-pass makes of it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import read_metadata
+from conftest import make_bucket, read_metadata, write_prompt_files
 from PIL import Image
 
 import imagemill
 from imagemill.embedding_passes import read_shard_embeddings
 from imagemill.evaluation import evaluate, merged_feature_sums
 from imagemill.features import JOB_WIDE, FeatureSums
-from imagemill.output import OutputLayout
+from imagemill.output import DUPLICATES, REFERENCE_FEATURES, OutputLayout
 from imagemill.shards import plan_shards
 from imagemill.workers.stages.evaluation import FeatureModel
 from imagemill.workers.worker import ShardWorker
@@ -58,10 +59,12 @@ def _prompts(folder: Path, prompts: list[str], seeds: list[int] | None = None) -
     return folder
 
 
-def _spec(inputs: Path, output: Path, model: str, evaluation: dict, **output_extra) -> imagemill.JobSpec:
+def _spec(
+    inputs: Path | str, output: Path | str, model: str, evaluation: dict, **output_extra
+) -> imagemill.JobSpec:
     return imagemill.build_spec(
         {
-            "name": output.name,
+            "name": "evaluation",
             "input": {"path": str(inputs), "rows_per_shard": 8},
             "output": {"path": str(output), **output_extra},
             "model": {"source": model},
@@ -190,3 +193,33 @@ def test_every_format_gets_embeddings_of_its_written_rows_and_overwrite_deletes_
     delete_shards(output, sorted(committed), set(committed))
     for folder in ("embeddings", "feature_stats"):
         assert not list((Path(spec.output.path) / folder).iterdir())
+
+
+def test_a_job_on_s3_reports_its_dataset_and_a_rerun_reuses_the_post_pass(
+    ray_session, tmp_path, tiny_model, tiny_clip, reference_dir
+):
+    """Through Ray, on S3, in the webdataset format: `_job.json` and the report carry the dataset's
+    numbers, every shard has its embeddings, and running the finished job again reuses the
+    near-duplicates file and the reference's cached features instead of recomputing them."""
+    import s3fs
+
+    bucket = make_bucket("evaluation-e2e")
+    write_prompt_files(f"{bucket}/prompts", n_files=1, rows_per_file=12, row_group_size=6)
+    evaluation = {"source": tiny_clip, "reference": str(reference_dir)}
+    spec = _spec(f"{bucket}/prompts", f"{bucket}/out", tiny_model, evaluation, format="webdataset")
+    spec.workers.num_workers = 2
+    assert imagemill.run(spec, progress=False).ok == 12
+    fs = s3fs.S3FileSystem()
+    out = spec.output.path.removeprefix("s3://")
+    record = json.loads(fs.cat_file(f"{out}/_job.json"))["evaluation"]
+    assert record["images"] == 12 and record["fid"]["all"] > 0 and record["kid"] is not None
+    assert 0 < record["diversity"]["all"] <= 2
+    assert json.loads(fs.cat_file(f"{out}/report.json"))["dataset"] == record
+    assert 'id="dataset"' in fs.cat_file(f"{out}/report.html").decode()
+    assert len(fs.ls(f"{out}/embeddings")) == len(fs.ls(f"{out}/feature_stats")) == 2
+    made = {name: fs.info(f"{out}/{name}")["LastModified"] for name in (DUPLICATES, REFERENCE_FEATURES)}
+
+    assert imagemill.run(spec, progress=False).shards_run == 0
+    fs.invalidate_cache()
+    assert json.loads(fs.cat_file(f"{out}/_job.json"))["evaluation"] == record
+    assert {name: fs.info(f"{out}/{name}")["LastModified"] for name in made} == made
