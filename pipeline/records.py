@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyarrow as pa
 
+from imagemill.labels import merge_labels
+
 log = logging.getLogger(__name__)
 
 
@@ -81,6 +83,7 @@ class MetadataRow:
     input_file: str
     input_row: int
     clip_score: float | None = None  # null when scoring is off or the row errored
+    scheduler: str | None = None  # diffusers: the sampler's class (and model.scheduler's overrides)
     key: str | None = None  # webdataset: the sample's key in its shard's tar
 
     def columns(self) -> dict[str, Any]:
@@ -178,6 +181,7 @@ class Sample:
     seed: int | None = None
     thumbnail: str = ""  # a data: URI
     expanded_prompt: str | None = None
+    label: str | None = None  # its label (imagemill.labels.label_key), when the job has a label column
 
 
 @dataclass(kw_only=True)
@@ -205,6 +209,7 @@ class ShardStats:
     clip_score: ClipScoreSummary | None = None
     expand_seconds: float | None = None  # prompt expansion only, as the next one
     expansion_unchanged: int | None = None
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # label: ok/filtered/error rows
 
     @property
     def read_seconds(self) -> float:
@@ -226,8 +231,8 @@ class ShardStats:
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
-        for name in ("expand_seconds", "expansion_unchanged"):
-            if record[name] is None:
+        for name in ("expand_seconds", "expansion_unchanged", "labels"):
+            if record[name] is None or record[name] == {}:  # absent: as files without them
                 del record[name]
         return record
 
@@ -256,6 +261,7 @@ class ShardTotals:
     errors: int
     errors_by_reason: dict[str, int]
     filtered: int = 0  # scored below scoring.threshold: done, like ok rows, but not errors
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # imagemill.labels.merge_labels
 
 
 def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
@@ -269,4 +275,5 @@ def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
         errors=sum(stats.error for stats in shards),
         errors_by_reason=dict(sorted(reasons.items())),
         filtered=sum(stats.filtered for stats in shards),
+        labels=merge_labels(stats.labels for stats in shards),
     )

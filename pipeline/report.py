@@ -16,6 +16,7 @@ from typing import Any
 
 from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
+from imagemill.labels import LABELS_SHOWN, STATUSES
 from imagemill.output import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
 from imagemill.records import (
     EXAMPLES_PER_REASON,
@@ -32,6 +33,7 @@ from imagemill.report_dataset import dataset_tables
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 SECONDS_AXIS_UNTIL = 180  # jobs shorter than this get their time axis in seconds, longer ones minutes
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+SAMPLE_HOVER = ("id", "label", "seed", "prompt", "expanded_prompt")  # a thumbnail's title, where present
 _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")
 # Each shard's `stage_seconds` (workers/stage_timer.py), and `expand_seconds` where prompts are expanded.
 STAGE_LABELS = {
@@ -93,6 +95,7 @@ def build_report(
         "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
         "throughput": throughput(record.get("started_at"), shards, record.get("ended_at")),
         "clip_score": clip_score(record, shards),
+        "labels": totals.labels,
         "samples": [_sample_entry(shard_id, sample) for shard_id, sample in samples],
         "dataset": record.get("evaluation"),  # imagemill.evaluation's numbers; None without evaluation:
     }
@@ -149,6 +152,7 @@ def _expands_on_actor(record: dict[str, Any]) -> bool:
 def _sample_entry(shard_id: str, sample: Sample) -> dict[str, Any]:
     """A sample as report.json lists it; `expanded_prompt` only where prompt expansion made one."""
     entry = {"id": sample.id, "prompt": capped(sample.prompt), "seed": sample.seed, "shard_id": shard_id}
+    entry |= {"label": sample.label} if sample.label is not None else {}
     return entry | ({"expanded_prompt": capped(sample.expanded_prompt)} if sample.expanded_prompt else {})
 
 
@@ -167,19 +171,27 @@ def clip_score(record: dict[str, Any], shards: list[ShardStats]) -> dict[str, An
 
 
 def pick_samples(shards: list[ShardStats], max_samples: int) -> list[tuple[str, Sample]]:
-    """Up to `max_samples` (shard id, sample), spread evenly over the shards (in shard id order).
+    """Up to `max_samples` (shard id, sample), spread evenly over the shards (in shard id order), and
+    first one of each label (up to LABELS_SHOWN labels, beyond `max_samples` if need be).
 
     Round r takes the r-th sample of every shard, or of evenly spaced shards where fewer places are
     left than shards have one. The result is in shard order; it depends on the stats alone.
     """
     usable = [[s for s in stats.samples if _THUMBNAIL.fullmatch(str(s.thumbnail))] for stats in shards]
+    per_label: dict[str, tuple[int, int]] = {}  # label: its first sample, as (shard index, position)
+    for index, samples in enumerate(usable):
+        for r, sample in enumerate(samples):
+            if sample.label is not None and sample.label not in per_label:
+                per_label[sample.label] = (index, r)
+    labelled = {per_label[label] for label in sorted(per_label)[:LABELS_SHOWN]}
     rounds: list[list[tuple[int, int]]] = []
     for index, samples in enumerate(usable):
         for r in range(len(samples)):
             if r == len(rounds):
                 rounds.append([])
-            rounds[r].append((index, r))
-    chosen: list[tuple[int, int]] = []
+            if (index, r) not in labelled:
+                rounds[r].append((index, r))
+    chosen: list[tuple[int, int]] = list(labelled)
     for candidates in rounds:
         left = max_samples - len(chosen)
         if left <= 0:
@@ -280,7 +292,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
     )
     figures = "".join(
         f'<figure><img src="{_e(uri)}" alt="{_e(s["id"])}" '
-        f'title="{_e(" · ".join(str(s[k]) for k in ("id", "seed", "prompt", "expanded_prompt") if k in s))}">'
+        f'title="{_e(" · ".join(str(s[k]) for k in SAMPLE_HOVER if k in s))}">'
         f"<figcaption>{_e(s['id'])}</figcaption></figure>"
         for s, uri in zip(report["samples"], thumbnails, strict=True)
     )
@@ -297,6 +309,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 <div id="counts">{counts_html}</div></header>
 <section id="samples"><h2>Samples ({len(thumbnails)})</h2>
 <div id="contact-sheet">{figures or '<p class="none">none</p>'}</div></section>
+{_labels_section(report["labels"])}
 <section id="throughput"><h2>Throughput</h2>
 <p>{_e(_rates(report["throughput"]))}</p>
 {_chart(report["throughput"]["points"])}</section>
@@ -369,6 +382,17 @@ def _dataset(dataset: dict[str, Any] | None) -> str:
         return ""
     body = "".join(f"<h3>{_e(caption)}</h3>{_table(header, rows)}" for caption, header, rows in tables)
     return f'<section id="dataset"><h2>Dataset</h2>{body}</section>'
+
+
+def _labels_section(labels: dict[str, dict[str, int]]) -> str:
+    """Rows per label (up to LABELS_SHOWN, then how many more); nothing for a job without labels."""
+    if not labels:
+        return ""
+    rows = [(label, *(counts[status] for status in STATUSES)) for label, counts in labels.items()]
+    more = len(rows) - LABELS_SHOWN
+    note = f'<p class="none">… and {more} more labels (all in report.json)</p>' if more > 0 else ""
+    table = _table(("label", *STATUSES), rows[:LABELS_SHOWN])
+    return f'<section id="labels"><h2>Rows by label</h2>\n{table}{note}</section>'
 
 
 def _busy(share: float | None) -> str:

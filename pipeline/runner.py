@@ -33,6 +33,7 @@ from imagemill.report import write_report
 from imagemill.scheduler import ShardFailure, ShardScheduler
 from imagemill.shards import Shard, ShardPlan, plan_shards, resume_whole_group_shards
 from imagemill.spec import JobSpec
+from imagemill.workers.generators.diffusion.schedulers import check_scheduler
 from imagemill.workers.model_source import (
     check_evaluation_source,
     check_expansion_source,
@@ -127,6 +128,7 @@ def run(
     started = time.time()
     plan = plan_shards(spec.input)
     check_model_source(spec.model)
+    check_scheduler(spec.model.scheduler)
     if spec.scoring is not None:
         check_scoring_source(spec.scoring)
     if spec.expansion is not None:

@@ -85,6 +85,35 @@ class InputSpec(_Section):
         1024, gt=0, description="Row groups are grouped into shards of about this many rows."
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    carry_columns: list[str] | Literal["*"] = Field(
+        default_factory=list,
+        description="Input columns copied, with their Arrow types, into the metadata, the WebDataset JSON "
+        'and the parquet format\'s rows; "*": every column but the prompt and id columns and names the '
+        "outputs already have (imagemill.carry).",
+    )
+    label_column: str | None = Field(
+        None,
+        description="The carried column whose values are the labels counted per label; default: `label` "
+        "when a column of that name is carried.",
+    )
+
+    @model_validator(mode="after")
+    def _label_is_carried(self) -> InputSpec:
+        columns = self.carry_columns
+        if columns != "*" and len(set(columns)) != len(columns):
+            raise ValueError("carry_columns names a column twice")
+        if self.label_column is not None and columns != "*" and self.label_column not in columns:
+            raise ValueError(
+                f"label_column '{self.label_column}' is not carried: add it to input.carry_columns"
+            )
+        return self
+
+    def label(self) -> str | None:
+        """The label column (input.label_column, or `label` when a column of that name is carried;
+        with "*", when the input has one)."""
+        if self.label_column is not None:
+            return self.label_column
+        return "label" if self.carry_columns == "*" or "label" in self.carry_columns else None
 
 
 class OutputSpec(_Section):
@@ -121,6 +150,17 @@ class LoraSpec(_Section):
     scale: float = Field(1.0, description="How strongly the LoRA applies (its adapter weight).")
 
 
+class SchedulerSpec(_Section):
+    """A diffusers scheduler to sample with instead of the pipeline's own; the driver checks the name
+    and settings before the job starts (workers/generators/diffusion/schedulers.py)."""
+
+    name: str = Field(description="A diffusers scheduler class, e.g. EulerAncestralDiscreteScheduler.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings over the pipeline's scheduler config, e.g. use_karras_sigmas: true.",
+    )
+
+
 class ModelSpec(_Section):
     source: str = Field("", description="Hub id, local directory, or fsspec URL of a directory.")
     kind: Literal[KIND_NAMES] = Field(  # the kinds of workers/generators/registry.py
@@ -142,6 +182,9 @@ class ModelSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     lora: list[LoraSpec] = Field(
         default_factory=list, description="LoRA adapters, all active together; URLs use storage_options."
+    )
+    scheduler: SchedulerSpec | None = Field(
+        None, description="The diffusers scheduler (sampler) to use; default: the pipeline's own."
     )
 
 
@@ -309,14 +352,15 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _diffusers_options_need_a_diffusers_model(self) -> JobSpec:
-        """LoRA, quantisation and speed options act on a diffusers pipeline; elsewhere they would be
-        silently ignored, so they are refused."""
+        """LoRA, quantisation, the scheduler and speed options act on a diffusers pipeline; elsewhere
+        they would be silently ignored, so they are refused."""
         if not KINDS[self.model.kind].diffusers_options:
             used = [
                 name
                 for name, is_set in (
                     ("model.lora", bool(self.model.lora)),
                     ("model.quantization", self.model.quantization != "none"),
+                    ("model.scheduler", self.model.scheduler is not None),
                     ("speed", bool(self.speed.model_dump(exclude_defaults=True))),
                 )
                 if is_set
@@ -345,13 +389,20 @@ class JobSpec(_Section):
         output = self.output.model_dump(include={"format", "image_format", "quality"})
         if output["format"] == "files":
             del output["format"]  # absent means files: outputs made before formats existed still resume
-        model = self.model.model_dump(include={"source", "kind", "dtype", "quantization", "lora"})
+        model = self.model.model_dump(
+            include={"source", "kind", "dtype", "quantization", "lora", "scheduler"}
+        )
         if model["quantization"] == "none":
             del model["quantization"]  # absent means none: outputs made before quantisation still resume
         if not model["lora"]:
             del model["lora"]  # absent means none: outputs made before LoRA support still resume
+        if model["scheduler"] is None:
+            del model["scheduler"]  # absent means the pipeline's own, as before schedulers could be set
+        # carried columns and the label: absent when unset, so outputs made before them still resume
+        carried = self.input.model_dump(include={"carry_columns", "label_column"}, exclude_defaults=True)
         fingerprint = {
-            "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
+            "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"})
+            | carried,
             "output": output,
             "model": model,
             "generation": self.generation.model_dump(),
@@ -369,6 +420,10 @@ class JobSpec(_Section):
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed
         return fingerprint
+
+    def label_column(self) -> str | None:
+        """The column per-label features read labels from: the one place that decides it."""
+        return self.input.label()
 
     @property
     def images_per_row(self) -> int:

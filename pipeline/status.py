@@ -7,6 +7,7 @@ from typing import Any
 
 from imagemill.errors import ImagemillError
 from imagemill.inputs import counted
+from imagemill.labels import label_lines
 from imagemill.lease import LeaseView, read_lease
 from imagemill.outcome import job_state
 from imagemill.output import JOB_RECORD, SUBMITTED, OutputLayout
@@ -58,6 +59,8 @@ class JobStatus:
             f"  failed shard {failure['shard_id']}: {failure['error']}"
             for failure in self.record.get("failed_shards", [])
         ]
+        if self.totals.labels:
+            lines += ["labels:", *(f"  {line}" for line in label_lines(self.totals.labels))]
         return "\n".join(lines)
 
     def _state(self) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from imagemill.carry import Carried
+from imagemill.labels import LABELS_SHOWN, count_labels, label_key
 from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats, add_error_example, capped
 from imagemill.shards import Shard
 from imagemill.workers.encoding import thumbnail_data_uri
@@ -45,8 +47,11 @@ class ShardRun:
 
     shard: Shard
     model: str  # model.source, in every metadata row
+    scheduler: str | None = None  # the generator's sampler, in every metadata row (diffusers only)
     started: float = field(default_factory=time.time)
     rows: list[Row] = field(default_factory=list)
+    carried: Carried = field(default_factory=Carried.none)  # the rows' carried input columns
+    label_column: str | None = None  # the carried column counted per label (imagemill.labels)
     expansion: ShardExpansion | None = None
     timer: StageTimer = field(default_factory=StageTimer)
     timeline: dict[str, list[float]] = field(default_factory=dict)  # stage: [start, end], Unix seconds
@@ -76,15 +81,29 @@ class ShardRun:
             height=_as(int, row.height),
             expanded_prompt=row.expanded_prompt,
             model=self.model,
+            scheduler=self.scheduler,
             input_file=self.shard.file_url,
             input_row=row.input_row,
             status=status,
             **columns,
         )
 
+    def label(self, row: Row) -> str | None:
+        """The row's label as counted (imagemill.labels), or None when the job has no label column."""
+        if self.label_column is None:
+            return None
+        return label_key(self.carried.value(self.label_column, row.index))
+
     def add_samples(self, kept: list[tuple[Row, np.ndarray]]) -> None:
-        """Keep thumbnails of the first written images, up to SAMPLES_PER_SHARD."""
-        for row, image in kept[: SAMPLES_PER_SHARD - len(self.samples)]:
+        """Keep thumbnails of the first written images, up to SAMPLES_PER_SHARD, and of the first
+        image of each label, up to LABELS_SHOWN labels, so that the report can show every label."""
+        labels = {sample.label for sample in self.samples}
+        for row, image in kept:
+            label = self.label(row)
+            new_label = label is not None and label not in labels and len(labels) < LABELS_SHOWN
+            if len(self.samples) >= SAMPLES_PER_SHARD and not new_label:
+                continue
+            labels.add(label)
             self.samples.append(
                 Sample(
                     id=row.row_id,
@@ -92,6 +111,7 @@ class ShardRun:
                     expanded_prompt=capped(row.expanded_prompt),
                     seed=row.seed,
                     thumbnail=thumbnail_data_uri(image),
+                    label=label,
                 )
             )
 
@@ -131,4 +151,12 @@ class ShardRun:
             clip_score=ClipScoreSummary.of(scores),
             expand_seconds=round(self.expansion.seconds, 3) if self.expansion else None,
             expansion_unchanged=self.expansion.unchanged if self.expansion else None,
+            labels=self._label_counts(),
         )
+
+    def _label_counts(self) -> dict[str, dict[str, int]]:
+        """Rows per label and status (a row not done is an error); empty without a label column."""
+        if self.label_column is None:
+            return {}
+        done = {index: record.status for index, record in self.written.items()}
+        return count_labels((self.label(row), done.get(row.index, "error")) for row in self.rows)

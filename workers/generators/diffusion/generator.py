@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
-from imagemill.spec import JobSpec, LoraSpec
+from imagemill.spec import JobSpec, LoraSpec, SchedulerSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.families import call_default, family_of
 from imagemill.workers.generators.diffusion.lora import load_loras
 from imagemill.workers.generators.diffusion.quantization import quantize_denoiser
+from imagemill.workers.generators.diffusion.schedulers import describe, swap_scheduler
 from imagemill.workers.generators.diffusion.speed import SpeedOptions, apply_speed_options, pad, warm_up
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stage_timer import StageTimer, time_pipeline_stages
@@ -29,9 +30,11 @@ class DiffusersGenerator:
         speed: SpeedOptions | None = None,
         loras: Sequence[LoraSpec] = (),
         quantization: str = "none",
+        scheduler: SchedulerSpec | None = None,
     ):
         """`source`: the pipeline (a hub id, local directory or URL, or a `Pretrained` with its storage
-        options and safetensors rule, which hold for each LoRA and speed.tiny_vae too)."""
+        options and safetensors rule, which hold for each LoRA and speed.tiny_vae too); `scheduler`:
+        the sampler to use instead of the pipeline's own (schedulers.py)."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
 
@@ -39,6 +42,10 @@ class DiffusersGenerator:
         model = Pretrained.model(source)
         self.pipe = model.weights(diffusers.DiffusionPipeline, dtype=getattr(torch, dtype))
         load_loras(self.pipe, loras, model)
+        overrides = scheduler.config if scheduler else {}
+        if scheduler is not None:
+            swap_scheduler(self.pipe, scheduler.name, overrides)
+        self.scheduler_name = describe(self.pipe, overrides)  # the metadata's `scheduler`
         self.pipe.to(device)
         quantize_denoiser(self.pipe, quantization, device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -75,6 +82,7 @@ class DiffusersGenerator:
             speed=SpeedOptions.from_spec(spec),
             loras=model.lora,
             quantization=model.quantization,
+            scheduler=model.scheduler,
         )
 
     def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
