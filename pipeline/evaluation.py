@@ -2,9 +2,12 @@
 job record and the report show about the dataset as a whole.
 
 - FID against the reference from the merged feature sums (imagemill.features): no embedding file read;
-- KID from a seeded sample of `kid_sample` embeddings per side (embedding files streamed);
+- KID from a seeded sample of `kid_sample` embeddings per side (embedding files streamed), and per
+  label from the label's diversity sample;
 - diversity: the mean pairwise cosine distance of a seeded sample of `diversity_sample` embeddings,
-  job-wide and per label;
+  job-wide and per label (the `label` of the embeddings files: the job's label column);
+
+Per label, a label's images are compared with the whole reference (the reference has no labels).
 - near-duplicates (imagemill.near_duplicates), reused when nothing changed.
 
 Inception Score needs a classifier head; the CLIP feature model has none, so it is reported as null.
@@ -79,27 +82,32 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
     }
     if settings.reference is not None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        result.update(
-            _against_reference(load_reference(settings, output, device), sums, kid_sample, settings.seed)
-        )
+        reference = load_reference(settings, output, device)
+        samples = {**diversity, JOB_WIDE: kid_sample}
+        result.update(_against_reference(reference, sums, samples, settings.seed))
     return result
 
 
 def _against_reference(
-    reference: Reference, sums: dict[str | None, FeatureSums], kid_sample: SeededSample, seed: int
+    reference: Reference,
+    sums: dict[str | None, FeatureSums],
+    samples: dict[str | None, SeededSample],
+    seed: int,
 ) -> dict[str, Any]:
-    """FID per label (and job-wide) and the job-wide KID, against the reference."""
+    """FID and KID, job-wide and per label, against the reference; KID only from the reference's
+    features (precomputed statistics have none), with two or more images on each side."""
     fid = {
         label: frechet_distance(*label_sums.mean_cov(), reference.mean, reference.cov)
         for label, label_sums in sums.items()
         if label_sums.count >= 2
     }
-    kid = None
-    if reference.features is not None and len(kid_sample) >= 2:
-        real = SeededSample(kid_sample.size, seed)
-        real.offer(REFERENCE_SHARD, reference.features)
-        kid = kernel_inception_distance(kid_sample.vectors(), real.vectors())
-    return {"fid": _per_label(fid), "kid": kid}
+    kid = {}
+    for label, sample in samples.items():
+        if reference.features is not None and len(sample) >= 2:
+            real = SeededSample(sample.size, seed)
+            real.offer(REFERENCE_SHARD, reference.features)
+            kid[label] = kernel_inception_distance(sample.vectors(), real.vectors())
+    return {"fid": _per_label(fid), "kid": _per_label(kid)}
 
 
 def _per_label(values: dict[str | None, Any]) -> dict[str, Any]:

@@ -23,12 +23,11 @@ def dataset_tables(dataset: dict[str, Any] | None) -> list[Table]:
     """The section's tables; none when the job has no evaluation."""
     if not dataset:
         return []
-    kid = dataset.get("kid")
+    kid = dict(_labelled(dataset.get("kid")))
     tables: list[Table] = []
     if "fid" in dataset:
         rows = [
-            (label, _rounded(fid), _rounded(kid, 6) if label == "all images" else "–")
-            for label, fid in _labelled(dataset["fid"])
+            (label, _rounded(fid), _rounded(kid.get(label), 6)) for label, fid in _labelled(dataset["fid"])
         ]
         rows.append(
             ("Inception Score", _rounded(dataset.get("inception_score")), "(needs a classifier head)")

@@ -49,23 +49,32 @@ def reference_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _prompts(folder: Path, prompts: list[str], seeds: list[int] | None = None) -> Path:
+def _prompts(
+    folder: Path, prompts: list[str], seeds: list[int] | None = None, labels: list[str] | None = None
+) -> Path:
     import pyarrow as pa
 
     columns = {"id": [f"row-{i:03d}" for i in range(len(prompts))], "prompt": prompts}
     if seeds is not None:
         columns["seed"] = seeds
+    if labels is not None:
+        columns["label"] = labels
     pq.write_table(pa.table(columns), folder / "prompts.parquet", row_group_size=8)
     return folder
 
 
 def _spec(
-    inputs: Path | str, output: Path | str, model: str, evaluation: dict, **output_extra
+    inputs: Path | str,
+    output: Path | str,
+    model: str,
+    evaluation: dict,
+    carry_columns: list[str] | None = None,
+    **output_extra,
 ) -> imagemill.JobSpec:
     return imagemill.build_spec(
         {
             "name": "evaluation",
-            "input": {"path": str(inputs), "rows_per_shard": 8},
+            "input": {"path": str(inputs), "rows_per_shard": 8, "carry_columns": carry_columns or []},
             "output": {"path": str(output), **output_extra},
             "model": {"source": model},
             "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2, "seed": 3},
@@ -112,12 +121,14 @@ def job(tmp_path_factory, tiny_model, tiny_clip, reference_dir) -> tuple[imagemi
     """24 rows in three shards over two in-process actors, with duplicates planted across shards; the
     spec, the committed shards' stats and the post-pass's result."""
     folder = tmp_path_factory.mktemp("job")
-    prompts = [f"a {colour} thing {i}" for i, colour in enumerate(["blue", "green", "red"] * 8)]
+    colours = ["blue", "green", "red"] * 8
+    prompts = [f"a {colour} thing {i}" for i, colour in enumerate(colours)]
     seeds = list(range(100, 100 + ROWS))
     for copy, original in PLANTED:
         prompts[copy], seeds[copy] = prompts[original], seeds[original]
     evaluation = {"source": tiny_clip, "reference": str(reference_dir), "duplicate_threshold": 0.999}
-    spec = _spec(_prompts(folder, prompts, seeds), folder / "out", tiny_model, evaluation)
+    inputs = _prompts(folder, prompts, seeds, colours)
+    spec = _spec(inputs, folder / "out", tiny_model, evaluation, carry_columns=["label"])
     committed = _run_shards(spec)
     assert len(committed) == 3
     return spec, committed, evaluate(spec, OutputLayout(spec.output.path), committed)
@@ -138,10 +149,22 @@ def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(job, refere
     # The shards' merged sums are those of one pass over every written image.
     one_pass = FeatureSums.empty(features.num_features)
     one_pass.add(features(fake).numpy())
-    merged = merged_feature_sums(output, list(committed))[JOB_WIDE]
-    assert merged.count == one_pass.count == ROWS
-    for got, want in zip(merged.mean_cov(), one_pass.mean_cov(), strict=True):
+    merged = merged_feature_sums(output, list(committed))
+    assert merged[JOB_WIDE].count == one_pass.count == ROWS
+    for got, want in zip(merged[JOB_WIDE].mean_cov(), one_pass.mean_cov(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # Per label too: the label column (colour) cycles, so every shard holds every label.
+    colours = [
+        row["label"] for row in sorted(read_metadata(spec.output.path).to_pylist(), key=lambda r: r["id"])
+    ]
+    for colour in ("blue", "green", "red"):
+        label_pass = FeatureSums.empty(features.num_features)
+        label_pass.add(features(fake[[c == colour for c in colours]]).numpy())
+        assert merged[colour].count == label_pass.count == ROWS // 3
+        np.testing.assert_allclose(merged[colour].sum, label_pass.sum, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(merged[colour].outer, label_pass.outer, rtol=1e-5, atol=1e-6)
+    assert set(result["fid"]["per_label"]) == set(result["kid"]["per_label"]) == {"blue", "green", "red"}
+    assert set(result["diversity"]["per_label"]) == {"blue", "green", "red"}
 
     fid = FrechetInceptionDistance(feature=features)
     kid = KernelInceptionDistance(feature=features, subsets=1, subset_size=ROWS)
@@ -151,7 +174,7 @@ def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(job, refere
     want_fid = float(fid.compute())
     want_kid = float(kid.compute()[0])
     assert result["fid"]["all"] == pytest.approx(want_fid, rel=1e-3)
-    assert result["kid"] == pytest.approx(want_kid, rel=1e-3)
+    assert result["kid"]["all"] == pytest.approx(want_kid, rel=1e-3)
     assert want_kid > 0.01  # generated and real images differ: the comparison is not of zeros
     assert result["inception_score"] is None  # a CLIP tower has no classifier head
     assert result["images"] == ROWS
@@ -212,10 +235,11 @@ def test_a_job_on_s3_reports_its_dataset_and_a_rerun_reuses_the_post_pass(
     fs = s3fs.S3FileSystem()
     out = spec.output.path.removeprefix("s3://")
     record = json.loads(fs.cat_file(f"{out}/_job.json"))["evaluation"]
-    assert record["images"] == 12 and record["fid"]["all"] > 0 and record["kid"] is not None
+    assert record["images"] == 12 and record["fid"]["all"] > 0 and record["kid"]["all"] is not None
     assert 0 < record["diversity"]["all"] <= 2
     assert json.loads(fs.cat_file(f"{out}/report.json"))["dataset"] == record
     assert 'id="dataset"' in fs.cat_file(f"{out}/report.html").decode()
+    fs.invalidate_cache()
     assert len(fs.ls(f"{out}/embeddings")) == len(fs.ls(f"{out}/feature_stats")) == 2
     made = {name: fs.info(f"{out}/{name}")["LastModified"] for name in (DUPLICATES, REFERENCE_FEATURES)}
 

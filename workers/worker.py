@@ -262,7 +262,7 @@ class ShardWorker:
             return
         kept = [row for row in run.rows if getattr(run.written.get(row.index), "path", None)]
         embeddings = np.array([run.embeddings[row.index] for row in kept]).reshape(-1, self.features.dim)
-        labels = [None] * len(kept)
+        labels = [run.label(row) for row in kept]
         write_features(self.output, run.shard.shard_id, [row.row_id for row in kept], labels, embeddings)
 
     def _commit(self, run: ShardRun) -> ShardStats:
