@@ -123,6 +123,14 @@ def tiny_model(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd"))
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny random-weight CLIPModel directory (scoring, evaluation)."""
+    from imagemill.testing.tiny_model import make_tiny_clip
+
+    return str(make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))
+
+
 def make_bucket(name: str) -> str:
     import s3fs
 

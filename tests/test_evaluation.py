@@ -31,13 +31,6 @@ ROWS = 24  # three shards of 8; as many reference images, so KID's sample is all
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    from imagemill.testing.tiny_model import make_tiny_clip
-
-    return str(make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))
-
-
-@pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory) -> Path:
     """24 'real' images: the demo world's drawn shapes."""
     from imagemill.demo.shapes import draw, scenes

@@ -33,13 +33,6 @@ SCORE_TOLERANCE = 0.3
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    from imagemill.testing.tiny_model import make_tiny_clip
-
-    return str(make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))
-
-
-@pytest.fixture(scope="module")
 def prompts_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prompts")
     pq.write_table(prompt_table(ROWS), folder / "a.parquet", row_group_size=6)  # two shards of 6 rows
