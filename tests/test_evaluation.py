@@ -220,7 +220,7 @@ def test_a_job_on_s3_reports_its_dataset_and_a_rerun_reuses_the_post_pass(
     import s3fs
 
     bucket = make_bucket("evaluation-e2e")
-    write_prompt_files(f"{bucket}/prompts", n_files=1, rows_per_file=12, row_group_size=6)
+    write_prompt_files(f"{bucket}/prompts", n_files=1, rows_per_file=12, row_group_size=4)
     evaluation = {"source": tiny_clip, "reference": str(reference_dir)}
     spec = _spec(f"{bucket}/prompts", f"{bucket}/out", tiny_model, evaluation, format="webdataset")
     spec.workers.num_workers = 2
@@ -233,7 +233,8 @@ def test_a_job_on_s3_reports_its_dataset_and_a_rerun_reuses_the_post_pass(
     assert json.loads(fs.cat_file(f"{out}/report.json"))["dataset"] == record
     assert 'id="dataset"' in fs.cat_file(f"{out}/report.html").decode()
     fs.invalidate_cache()
-    assert len(fs.ls(f"{out}/embeddings")) == len(fs.ls(f"{out}/feature_stats")) == 2
+    shards = len(fs.ls(f"{out}/shards"))
+    assert shards == 2 and len(fs.ls(f"{out}/embeddings")) == len(fs.ls(f"{out}/feature_stats")) == shards
     made = {name: fs.info(f"{out}/{name}")["LastModified"] for name in (DUPLICATES, REFERENCE_FEATURES)}
 
     assert imagemill.run(spec, progress=False).shards_run == 0
