@@ -6,7 +6,7 @@ unless `output.allow_existing` says to write beside it; an output made by a job 
 is refused unless `--overwrite`, which then deletes exactly that job's files:
 
 - each committed shard's files its metadata names (its images, or its tar or data file), then its
-  metadata, then its stats;
+  embeddings and feature stats (`evaluation:`), then its metadata, then its stats;
 - for a shard of this job that is not committed (one cut short), everything in `images/<shard_id>/`,
   its tar and data file, its metadata and any stats file: the shard id is imagemill's name for it;
 - the job record, `_SUCCESS` and the report;
@@ -137,6 +137,11 @@ def delete_shards(output: OutputLayout, shard_ids: list[str], committed: set[str
         files = [path for paths in listed for path in paths]
     for batch in (
         files,
+        [
+            path(shard_id)
+            for path in (OutputLayout.embeddings_path, OutputLayout.feature_stats_path)
+            for shard_id in shard_ids
+        ],
         [OutputLayout.metadata_path(shard_id) for shard_id in shard_ids],
         [OutputLayout.stats_path(shard_id) for shard_id in shard_ids],
     ):

@@ -7,6 +7,10 @@
       webdataset/<shard_id>.tar     format `webdataset`: <key>.<ext> + <key>.json per ok row (sample_key)
       data/<shard_id>.parquet       format `parquet`: ok rows with an `image` column, readable by `datasets`
       metadata/<shard_id>.parquet   one row per input row: id, prompt, seed, status, error, path, ...
+      embeddings/<shard_id>.parquet     `evaluation:` only: each written image's embedding (features.py)
+      feature_stats/<shard_id>.parquet  `evaluation:` only: the shard's feature sums, for FID (features.py)
+      duplicates.parquet, _reference_features.parquet   `evaluation:` only: near-duplicates, the
+                                    reference's features (imagemill.evaluation)
       shards/<shard_id>.json        the shard's stats; written last, so its presence commits the shard
 
 Whatever the format, a shard's images are written first, then its metadata, then its stats.
@@ -35,13 +39,29 @@ JOB_RECORD = "_job.json"
 SUCCESS_MARKER = "_SUCCESS"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
-MARKERS = (JOB_RECORD, SUCCESS_MARKER, REPORT_JSON, REPORT_HTML)  # the files at the root
+DUPLICATES = "duplicates.parquet"  # the evaluation's near-duplicates (imagemill.near_duplicates)
+REFERENCE_FEATURES = "_reference_features.parquet"  # the evaluation's reference, embedded once
+MARKERS = (
+    JOB_RECORD,
+    SUCCESS_MARKER,
+    REPORT_JSON,
+    REPORT_HTML,
+    DUPLICATES,
+    REFERENCE_FEATURES,
+)  # at the root
 # The live run's lease (imagemill.lease): imagemill's own, but never deleted by --overwrite.
 LEASE_FILE = "_lease.json"
 SUBMITTED = "_submitted.json"  # `imagemill submit`'s note for `status`, until the job writes its record
 IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
 # Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).
-SHARD_FILE_SUFFIXES = {"webdataset": ".tar", "data": ".parquet", "metadata": ".parquet", "shards": ".json"}
+SHARD_FILE_SUFFIXES = {
+    "webdataset": ".tar",
+    "data": ".parquet",
+    "metadata": ".parquet",
+    "embeddings": ".parquet",
+    "feature_stats": ".parquet",
+    "shards": ".json",
+}
 # What `status`, the report and a resume read from the job record.
 JOB_RECORD_KEYS = ("name", "status", "started_at", "shards_total", "rows_total", "fingerprint")
 
@@ -104,6 +124,8 @@ class OutputLayout:
     tar_path = _per_shard_file("webdataset")
     data_path = _per_shard_file("data")
     metadata_path = _per_shard_file("metadata")
+    embeddings_path = _per_shard_file("embeddings")
+    feature_stats_path = _per_shard_file("feature_stats")
     stats_path = _per_shard_file("shards")
 
     def prepare_shard(self, shard_id: str, output_format: str = "files") -> None:

@@ -126,5 +126,7 @@ def _glob_reaches(pattern: str, input_fs: AbstractFileSystem, output: str, plan:
             OutputLayout.data_path(shard_id),
             OutputLayout.tar_path(shard_id),
             OutputLayout.stats_path(shard_id),
+            OutputLayout.embeddings_path(shard_id),
+            OutputLayout.feature_stats_path(shard_id),
         ]
     return any(matches(f"{output}/{relative}") for relative in written)

@@ -29,8 +29,20 @@ class Unexpected(Exception):
 
 def storage_option_values(spec: JobSpec) -> list[str]:
     """Every storage option's value in the spec, nested ones included, as text."""
-    sections = (spec.input, spec.output, spec.model, spec.scoring, spec.expansion, spec.output.c2pa)
-    return values_in([section.storage_options for section in sections if section is not None])
+    sections = (
+        spec.input,
+        spec.output,
+        spec.model,
+        spec.scoring,
+        spec.expansion,
+        spec.safety,
+        spec.evaluation,
+    )
+    sections += (spec.output.c2pa,)
+    options = [section.storage_options for section in sections if section is not None]
+    if spec.evaluation is not None:
+        options.append(spec.evaluation.reference_storage_options)
+    return values_in(options)
 
 
 def values_in(options: Any) -> list[str]:

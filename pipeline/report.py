@@ -29,6 +29,7 @@ from imagemill.records import (
     merge_clip_scores,
     shard_totals,
 )
+from imagemill.report_dataset import dataset_tables
 
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 SECONDS_AXIS_UNTIL = 180  # jobs shorter than this get their time axis in seconds, longer ones minutes
@@ -100,6 +101,7 @@ def build_report(
         "clip_score": clip_score(record, shards),
         "labels": totals.labels,
         "samples": [_sample_entry(shard_id, sample) for shard_id, sample in samples],
+        "dataset": record.get("evaluation"),  # imagemill.evaluation's numbers; None without evaluation:
     }
 
 
@@ -337,6 +339,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 <section id="failures"><h2>Failed shards</h2>
 {_table(("shard", "file", "attempts", "error"), [tuple(f.values()) for f in report["failed_shards"]])}
 </section>
+{_dataset(report.get("dataset"))}
 <section id="stages"><h2>Time by stage (seconds, summed over shards)</h2>
 <p id="model-busy">{_busy(report["model_busy_share"])}</p>
 {_table(("stage", "seconds"), [(STAGE_LABELS.get(s, s), v) for s, v in stages.items()])}</section>
@@ -389,6 +392,15 @@ def _error_rows(report: dict[str, Any]) -> list[tuple[Any, ...]]:
         (reason, count, " | ".join(examples.get(reason, [])))
         for reason, count in report["errors_by_reason"].items()
     ]
+
+
+def _dataset(dataset: dict[str, Any] | None) -> str:
+    """The dataset section (report_dataset.py), absent for a job without evaluation."""
+    tables = dataset_tables(dataset)
+    if not tables:
+        return ""
+    body = "".join(f"<h3>{_e(caption)}</h3>{_table(header, rows)}" for caption, header, rows in tables)
+    return f'<section id="dataset"><h2>Dataset</h2>{body}</section>'
 
 
 def _labels_section(labels: dict[str, dict[str, int]]) -> str:

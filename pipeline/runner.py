@@ -22,6 +22,7 @@ import ray
 from imagemill.budget import Budget
 from imagemill.claim import claim_output
 from imagemill.cost import JobCost, job_cost
+from imagemill.evaluation import evaluate
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.lease import OutputLease
 from imagemill.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
@@ -36,6 +37,7 @@ from imagemill.shards import Shard, ShardPlan, plan_shards, resume_whole_group_s
 from imagemill.spec import JobSpec
 from imagemill.workers.generators.diffusion.schedulers import check_scheduler
 from imagemill.workers.model_source import (
+    check_evaluation_source,
     check_expansion_source,
     check_model_source,
     check_safety_source,
@@ -150,6 +152,8 @@ def run(
         check_expansion_source(spec.expansion)
     if spec.safety is not None:
         check_safety_source(spec.safety)
+    if spec.evaluation is not None:
+        check_evaluation_source(spec.evaluation)
     check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:
@@ -216,6 +220,8 @@ def _run_owned(
         raise
     result = _result(spec, committed, failures, shards_total, rows_total, started, done_before)
     result.budget_stop = budget.reached()
+    if spec.evaluation is not None and committed:
+        record["evaluation"] = evaluate(spec, output, committed)
     _end_record(output, lease, record, committed, failures, result.state)
     if result.state == COMPLETE:
         output.write_bytes(SUCCESS_MARKER, b"")

@@ -358,6 +358,34 @@ class SafetySpec(_Section):
         return self.retry.then if self.policy == "retry" else self.policy
 
 
+class EvaluationSpec(_Section):
+    """Dataset evaluation (workers/stages/evaluation.py, imagemill.evaluation): every written image is
+    embedded by a feature model on the actor; the driver merges the shards' feature statistics into
+    FID/KID against a reference, diversity and near-duplicates."""
+
+    source: str = Field(
+        description="The feature model: a transformers CLIPModel directory (with preprocessor_config.json), "
+        "hub id or URL, found as model.source is; its image embeddings are the features."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    safetensors_only: bool = True
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    reference: str | None = Field(
+        None,
+        description="Real images to compare with: a folder of image files, a Parquet file or folder with an "
+        "`image` column, or precomputed statistics in clean-fid's .npz layout (mu, sigma; no KID then).",
+    )
+    reference_storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    kid_sample: int = Field(1000, gt=1, description="Embeddings per side in KID's seeded sample.")
+    diversity_sample: int = Field(
+        500, gt=1, description="Embeddings per label in the diversity's seeded sample."
+    )
+    duplicate_threshold: float = Field(
+        0.98, gt=0, le=1, description="Cosine similarity at or above which two images are near-duplicates."
+    )
+    seed: int = Field(0, description="Seeds the KID and diversity samples.")
+
+
 class SpeedSpec(_Section):
     """How a diffusers model runs (workers/generators/diffusion/speed.py); each may change output bytes
     a little."""
@@ -526,6 +554,9 @@ class JobSpec(_Section):
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     safety: SafetySpec | None = Field(None, description="Optional safety classifier and its policy.")
     cost: CostSpec = Field(default_factory=CostSpec)
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Optional dataset evaluation: features, FID/KID, diversity, near-duplicates."
+    )
 
     @model_validator(mode="after")
     def _candidates_need_their_score(self) -> JobSpec:
@@ -645,6 +676,10 @@ class JobSpec(_Section):
                 **self.input.model_dump(include=sources),
                 **self.generation.model_dump(include=IMAGE_TO_IMAGE_GENERATION_FIELDS),
             }
+        if self.evaluation is not None:  # absent when off: outputs made before it still resume
+            fingerprint["evaluation"] = self.evaluation.model_dump(
+                exclude={"storage_options", "safetensors_only", "reference_storage_options"}
+            )
         speed = self.speed.model_dump(exclude_defaults=True)
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed
@@ -665,9 +700,11 @@ class JobSpec(_Section):
         data = self.model_dump()
         if data["output"]["c2pa"]:  # where the signing key is stays out of every record
             data["output"]["c2pa"] = {"alg": self.output.c2pa.alg, "cert": "<redacted>", "key": "<redacted>"}
-        for section in ("input", "output", "model", "scoring", "expansion", "safety"):
+        for section in ("input", "output", "model", "scoring", "expansion", "safety", "evaluation"):
             if data[section] and data[section]["storage_options"]:
                 data[section]["storage_options"] = "<redacted>"
+        if data["evaluation"] and data["evaluation"]["reference_storage_options"]:
+            data["evaluation"]["reference_storage_options"] = "<redacted>"
         return data
 
 
@@ -796,6 +833,11 @@ def build_spec(
     if spec.output.c2pa is not None:  # read by the actors, which may run elsewhere
         c2pa = spec.output.c2pa
         c2pa.cert, c2pa.key = (path if _is_url(path) else _absolute(path) for path in (c2pa.cert, c2pa.key))
+    if spec.evaluation is not None:
+        for name in ("source", "reference"):
+            value = getattr(spec.evaluation, name)
+            if value and _looks_like_local_path(value):
+                setattr(spec.evaluation, name, _absolute(value))
     if spec.speed.tiny_vae and _looks_like_local_path(spec.speed.tiny_vae):
         spec.speed.tiny_vae = _absolute(spec.speed.tiny_vae)
     return spec

@@ -129,7 +129,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
-    """A tiny random CLIPModel (imagemill.testing.tiny_model.make_tiny_clip), for scoring and safety."""
+    """A tiny random CLIPModel (imagemill.testing.tiny_model.make_tiny_clip): scoring, safety, evaluation."""
     from imagemill.testing.tiny_model import make_tiny_clip
 
     return str(make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))

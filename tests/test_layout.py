@@ -25,6 +25,7 @@ SHARED_CONTRACT = {
     "carry",
     "labels",
     "cost",
+    "features",
 }
 DRIVER_ONLY = {"runner", "scheduler", "cli", "submit", "status", "report", "expanders", "contact_sheet"}
 FORBIDDEN_IN_ACTORS = {"tqdm"}

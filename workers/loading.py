@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
+from imagemill.spec import EvaluationSpec, ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
 from imagemill.workers.model_source import fetch_model_dir
 
 CORRUPT = "Unable to load weights"  # how diffusers and transformers say a weights file did not read
@@ -41,8 +41,10 @@ class Pretrained:
         return source if isinstance(source, Pretrained) else cls(source, "model.source")
 
     @classmethod
-    def of(cls, section: ModelSpec | ScoringSpec | ExpansionSpec | SafetySpec, name: str) -> Pretrained:
-        """The source of spec section `name` (model, scoring, expansion, safety)."""
+    def of(
+        cls, section: ModelSpec | ScoringSpec | ExpansionSpec | SafetySpec | EvaluationSpec, name: str
+    ) -> Pretrained:
+        """The source of spec section `name` (model, scoring, expansion, safety, evaluation)."""
         return cls(
             section.source,
             f"{name}.source",

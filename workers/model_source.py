@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
+from imagemill.spec import EvaluationSpec, ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
 from imagemill.storage import filesystem, join
 
 # By model.kind: the file save_pretrained writes at the top of a model directory, and what that is.
@@ -54,6 +54,13 @@ def check_safety_source(spec: SafetySpec) -> None:
     """The same check for the safety classifier: a StableDiffusionSafetyChecker directory."""
     _check_source(
         spec.source, spec.storage_options, MODEL_CONFIG, "a StableDiffusionSafetyChecker", section="safety"
+    )
+
+
+def check_evaluation_source(spec: EvaluationSpec) -> None:
+    """The same check for the evaluation's feature model: a transformers CLIPModel directory."""
+    _check_source(
+        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="evaluation"
     )
 
 

@@ -27,6 +27,7 @@ from imagemill.workers.generators.contract import Generator
 from imagemill.workers.image_similarity import similarity
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import draw_seed
+from imagemill.workers.stages.evaluation import FeatureModel
 from imagemill.workers.stages.safety import SafetyChecker, Verdict, blur
 from imagemill.workers.stages.scoring import ClipScorer
 
@@ -41,6 +42,7 @@ class Draw:
     clip_score: float | None
     verdict: Verdict | None
     similarity: tuple[float, float] | None = None  # image-to-image: SSIM and PSNR against the source
+    features: np.ndarray | None = None  # evaluation: the feature model's embedding (float32, CPU)
     pixels: np.ndarray | bytes | None = None
 
     @property
@@ -111,9 +113,11 @@ class Selection:
         device: str,
         scorer: ClipScorer | None,
         checker: SafetyChecker | None,
+        features: FeatureModel | None = None,
         device_jpeg: DeviceJpeg | None = None,
     ):
         self.generator, self.scorer, self.checker = generator, scorer, checker
+        self.features = features  # evaluation: each draw's embedding by the feature model
         self.device_jpeg = device_jpeg  # set only when no draw's pixels are needed on the CPU
         self.device = device
         self.image_to_image = spec.input.image_column is not None
@@ -159,12 +163,13 @@ class Selection:
         embeddings = self.scorer.image_embeddings(images) if self.scorer else None
         scores = self.scorer.score_embeddings(embeddings, texts) if self.scorer else [None] * len(rows)
         verdicts = self.checker.check(images, embeddings) if self.checker else [None] * len(rows)
+        features = self.features.embed(images) if self.features else [None] * len(rows)
         # the copy back: uint8 pixels, or the JPEG bytes nvJPEG made of them on the device
         pixels = images.cpu().numpy() if self.device_jpeg is None else self.device_jpeg.encode(images)
-        for (state, number), seed, score, verdict, similar, image in zip(
-            chunk, seeds, scores, verdicts, similarities, pixels, strict=True
+        for (state, number), seed, score, verdict, similar, embedded, image in zip(
+            chunk, seeds, scores, verdicts, similarities, features, pixels, strict=True
         ):
-            state.add(Draw(number, seed, score, verdict, similar), image)
+            state.add(Draw(number, seed, score, verdict, similar, embedded), image)
 
     def _chosen(self, state: _RowDraws) -> Drawn:
         kept = state.best or state.best_flagged

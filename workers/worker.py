@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from imagemill.carry import Carried, append_columns
@@ -38,6 +39,7 @@ from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, 
 from imagemill.workers.selection import Drawn, Selection
 from imagemill.workers.shard_records import ShardRun
 from imagemill.workers.source_images import load_sources
+from imagemill.workers.stages.evaluation import FeatureModel, write_features
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
 from imagemill.workers.stages.safety import SafetyChecker
@@ -82,8 +84,11 @@ class ShardWorker:
         self.encoder = ImageEncoder.for_job(spec, self.generator)
         self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
         checker = SafetyChecker(spec.safety, self.device, self.scorer) if spec.safety else None
+        features = FeatureModel(spec.evaluation, self.device) if spec.evaluation else None
         device_jpeg = DeviceJpeg.for_job(spec, self.device)
-        self.selection = Selection(spec, self.generator, self.device, self.scorer, checker, device_jpeg)
+        self.selection = Selection(
+            spec, self.generator, self.device, self.scorer, checker, features, device_jpeg
+        )
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
@@ -120,6 +125,7 @@ class ShardWorker:
                 run.held_seconds = turn.idle_seconds + run.timeline["model"][1] - model_started
         self._finish_writes(run, writer)
         self._write_metadata(run, writer)
+        self._write_features(run)
         return self._commit(run)
 
     def _read(self, run: ShardRun) -> None:
@@ -196,6 +202,8 @@ class ShardWorker:
             if row_drawn.pixels is None:
                 run.written[row.index] = run.drawn_row(row, row_drawn)
             else:
+                if row_drawn.kept.features is not None:  # evaluation: the written image's embedding
+                    run.embeddings[row.index] = row_drawn.kept.features
                 in_flight.append((row, self.writers.submit(self._write_image, writer, run, row, row_drawn)))
         run.pending.append(in_flight)
         if len(run.pending) > BATCHES_IN_FLIGHT:
@@ -226,6 +234,17 @@ class ShardWorker:
         carried = run.carried.take(range(len(rows)))
         table = append_columns(metadata_table(rows, writer.format_columns), carried)
         self.output.write_bytes(OutputLayout.metadata_path(run.shard.shard_id), parquet_bytes(table))
+
+    def _write_features(self, run: ShardRun) -> None:
+        """With `evaluation:`, the embeddings and feature sums of the rows whose image was written."""
+        if self.selection.features is None:
+            return
+        kept = [row for row in run.rows if getattr(run.written.get(row.index), "path", None)]
+        embeddings = np.array([run.embeddings[row.index] for row in kept]).reshape(
+            -1, self.selection.features.dim
+        )
+        labels = [run.label(row) for row in kept]
+        write_features(self.output, run.shard.shard_id, [row.row_id for row in kept], labels, embeddings)
 
     def _commit(self, run: ShardRun) -> ShardStats:
         """Write the shard's stats, last: its commit."""

@@ -1,0 +1,161 @@
+"""Near-duplicates within a job: images whose embeddings' cosine similarity is at least
+`evaluation.duplicate_threshold`, each marked with the group it belongs to (`duplicates.parquet`).
+
+Exact and streamed: the shards' embedding files are taken in blocks of about BLOCK_ROWS rows, and each
+block is compared with itself and with every later shard, read one file at a time, as one matrix
+product (torch, on the GPU where the driver has one). The driver holds one block, one shard and their
+similarity matrix, never the job's embeddings; pairs above the threshold join groups (union-find over
+the marked rows only). A group is numbered by its first member in shard order.
+
+`duplicates.parquet` has one row per marked image (id, shard_id, position, group, nearest: the id of
+its most similar image, cosine: their similarity); its schema metadata records what it was computed
+from (the committed shards and the threshold), so a re-run with nothing new reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from imagemill.distribution_metrics import unit_rows
+from imagemill.embedding_passes import read_shard_embeddings
+from imagemill.output import DUPLICATES, OutputLayout
+from imagemill.workers.writers import parquet_bytes
+
+BLOCK_ROWS = 4096
+EXAMPLE_PAIRS = 5  # pairs shown in the report
+Key = tuple[str, int]  # (shard id, position)
+
+
+class _Groups:
+    """Union-find over the rows that have a near-duplicate, with each row's nearest match."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Key, Key] = {}
+        self.ids: dict[Key, str] = {}
+        self.nearest: dict[Key, tuple[float, str]] = {}
+
+    def root(self, key: Key) -> Key:
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def join(self, a: Key, a_id: str, b: Key, b_id: str, cosine: float) -> None:
+        for key, own, other in ((a, a_id, b_id), (b, b_id, a_id)):
+            self.parent.setdefault(key, key)
+            self.ids[key] = own
+            if cosine > self.nearest.get(key, (-2.0, ""))[0]:
+                self.nearest[key] = (cosine, other)
+        ra, rb = self.root(a), self.root(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the root is the group's first member
+
+    def table(self) -> pa.Table:
+        keys = sorted(self.parent)
+        numbers: dict[Key, int] = {}
+        for key in keys:
+            numbers.setdefault(self.root(key), len(numbers))
+        return pa.table(
+            {
+                "id": pa.array([self.ids[key] for key in keys], pa.string()),
+                "shard_id": pa.array([key[0] for key in keys], pa.string()),
+                "position": pa.array([key[1] for key in keys], pa.int64()),
+                "group": pa.array([numbers[self.root(key)] for key in keys], pa.int64()),
+                "nearest": pa.array([self.nearest[key][1] for key in keys], pa.string()),
+                "cosine": pa.array([round(self.nearest[key][0], 6) for key in keys], pa.float64()),
+            }
+        )
+
+
+def _blocks(
+    output: OutputLayout, shard_ids: list[str]
+) -> Iterator[tuple[int, list[tuple[str, list[str], np.ndarray]]]]:
+    """(index of the block's first shard, its shards' (shard id, ids, unit embeddings)), about
+    BLOCK_ROWS rows at a time."""
+    block: list[tuple[str, list[str], np.ndarray]] = []
+    start = 0
+    for index, shard_id in enumerate(shard_ids):
+        for _, ids, _, vectors in read_shard_embeddings(output, [shard_id]):
+            block.append((shard_id, ids, unit_rows(vectors)))
+        if sum(len(ids) for _, ids, _ in block) >= BLOCK_ROWS or index == len(shard_ids) - 1:
+            if block:
+                yield start, block
+            block, start = [], index + 1
+
+
+def _compare(
+    groups: _Groups,
+    left: tuple[str, list[str], np.ndarray],
+    right: tuple[str, list[str], np.ndarray],
+    threshold: float,
+    device: str,
+) -> None:
+    (a_shard, a_ids, a), (b_shard, b_ids, b) = left, right
+    if not len(a) or not len(b):
+        return
+    cosines = torch.from_numpy(a).to(device) @ torch.from_numpy(b).to(device).T
+    hits = cosines >= threshold
+    if a_shard == b_shard:
+        hits = hits.triu(diagonal=1)  # each pair once, no image with itself
+    for i, j in hits.nonzero().tolist():
+        groups.join((a_shard, i), a_ids[i], (b_shard, j), b_ids[j], float(cosines[i, j]))
+
+
+def find_duplicates(output: OutputLayout, shard_ids: list[str], threshold: float) -> pa.Table:
+    """The marked images of these shards (see the module docstring)."""
+    shard_ids = sorted(shard_ids)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    groups = _Groups()
+    for start, block in _blocks(output, shard_ids):
+        in_block = {shard_id for shard_id, _, _ in block}
+        for index, left in enumerate(block):
+            for right in block[index:]:
+                _compare(groups, left, right, threshold, device)
+        later = [shard_id for shard_id in shard_ids[start:] if shard_id not in in_block]
+        for shard_id, ids, _, vectors in read_shard_embeddings(output, later):
+            for left in block:
+                _compare(groups, left, (shard_id, ids, unit_rows(vectors)), threshold, device)
+    return groups.table()
+
+
+def near_duplicates(
+    output: OutputLayout, basis: dict[str, Any], shard_ids: list[str], threshold: float
+) -> dict[str, Any]:
+    """The job's near-duplicates summary, from `duplicates.parquet` when it was made from the same
+    `basis` (the committed shards and the settings), else computed and written now."""
+    stamp = json.dumps(basis, sort_keys=True).encode()
+    table = _stored(output, stamp)
+    if table is None:
+        table = find_duplicates(output, shard_ids, threshold)
+        table = table.replace_schema_metadata({b"imagemill": stamp})
+        output.write_bytes(DUPLICATES, parquet_bytes(table))
+    rows = table.to_pylist()
+    firsts = {}
+    for row in rows:
+        firsts.setdefault(row["group"], row)
+    return {
+        "threshold": threshold,
+        "file": DUPLICATES,
+        "images": len(rows),
+        "groups": len(firsts),
+        "examples": [
+            {"id": row["id"], "nearest": row["nearest"], "cosine": row["cosine"]}
+            for row in list(firsts.values())[:EXAMPLE_PAIRS]
+        ],
+    }
+
+
+def _stored(output: OutputLayout, stamp: bytes) -> pa.Table | None:
+    try:
+        with output.fs.open(output.path(DUPLICATES), "rb") as f:
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        return None
+    return table if (table.schema.metadata or {}).get(b"imagemill") == stamp else None

@@ -1,0 +1,52 @@
+"""The report's "dataset" section (`evaluation:`): what imagemill.evaluation put in `_job.json`, as
+the tables the page shows. Numbers are rounded here, for reading; report.json keeps them whole."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Table = tuple[str, tuple[str, ...], list[tuple[Any, ...]]]  # (caption, header, rows)
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | str:
+    return "–" if value is None else round(value, digits)
+
+
+def _labelled(values: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """("all images", job-wide value), then (label, value) per label."""
+    if not values:
+        return []
+    return [("all images", values.get("all")), *sorted((values.get("per_label") or {}).items())]
+
+
+def dataset_tables(dataset: dict[str, Any] | None) -> list[Table]:
+    """The section's tables; none when the job has no evaluation."""
+    if not dataset:
+        return []
+    kid = dict(_labelled(dataset.get("kid")))
+    tables: list[Table] = []
+    if "fid" in dataset:
+        rows = [
+            (label, _rounded(fid), _rounded(kid.get(label), 6)) for label, fid in _labelled(dataset["fid"])
+        ]
+        rows.append(
+            ("Inception Score", _rounded(dataset.get("inception_score")), "(needs a classifier head)")
+        )
+        tables.append(("Distance to the reference", ("images", "FID", "KID"), rows))
+    tables.append(
+        (
+            "Diversity: mean pairwise cosine distance of a seeded sample (higher is more varied)",
+            ("images", "diversity"),
+            [(label, _rounded(value)) for label, value in _labelled(dataset.get("diversity"))],
+        )
+    )
+    duplicates = dataset.get("near_duplicates") or {}
+    tables.append(
+        (
+            f"Near-duplicates (cosine ≥ {duplicates.get('threshold')}): {duplicates.get('images', 0)} images "
+            f"in {duplicates.get('groups', 0)} groups, listed in {duplicates.get('file')}",
+            ("image", "most similar image", "cosine"),
+            [(pair["id"], pair["nearest"], pair["cosine"]) for pair in duplicates.get("examples", [])],
+        )
+    )
+    return tables

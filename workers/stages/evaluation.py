@@ -1,0 +1,59 @@
+"""The evaluation's feature model (`evaluation:`): each image's embedding, on the actor's device, in the
+same batch pass as the CLIP score and before the copy back, so later passes read no image.
+
+The features are a CLIP model's projected image embeddings (`CLIPModel.get_image_features`, loaded
+through `loading.Pretrained`), with the image processor config's transform as torch ops
+(`clip_input.ClipImageInput`, shared with the scorer and the safety checker). A CLIP tower has no
+classifier head, so no Inception Score comes from it. `write_features` writes a shard's embeddings and
+feature sums (imagemill.features) before its commit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from imagemill.features import JOB_WIDE, FeatureSums, embeddings_table, sums_table
+from imagemill.output import OutputLayout
+from imagemill.spec import EvaluationSpec
+from imagemill.workers.console import quiet_model_libraries
+from imagemill.workers.loading import Pretrained
+from imagemill.workers.stages.clip_input import ClipImageInput
+from imagemill.workers.writers import parquet_bytes
+
+
+class FeatureModel:
+    def __init__(self, spec: EvaluationSpec, device: str):
+        # transformers is imported here so the driver never pays for importing it.
+        from transformers import CLIPImageProcessorPil, CLIPModel
+
+        quiet_model_libraries()
+        source = Pretrained.of(spec, "evaluation")
+        self.model = source.weights(CLIPModel, dtype=getattr(torch, spec.dtype))
+        self.model.to(device).eval()
+        self.image_input = ClipImageInput.of(source.files(CLIPImageProcessorPil))
+        self.dim: int = self.model.config.projection_dim
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """(N, H, W, 3) uint8 images, on any device → their (N, dim) float32 embeddings, on the CPU."""
+        pixels = self.image_input(images, self.model.dtype)
+        features = self.model.get_image_features(pixel_values=pixels).pooler_output
+        return features.float().cpu().numpy()
+
+
+def write_features(
+    output: OutputLayout, shard_id: str, ids: list[str], labels: list[str | None], features: np.ndarray
+) -> None:
+    """A shard's embeddings file and feature-sums file (job-wide and per label), written whole."""
+    sums = {JOB_WIDE: FeatureSums.empty(features.shape[1])}
+    sums[JOB_WIDE].add(features)
+    for label in sorted({label for label in labels if label is not None}):
+        sums[label] = FeatureSums.empty(features.shape[1])
+        sums[label].add(features[[index for index, value in enumerate(labels) if value == label]])
+    for path, table in (
+        (OutputLayout.embeddings_path(shard_id), embeddings_table(ids, labels, features)),
+        (OutputLayout.feature_stats_path(shard_id), sums_table(sums)),
+    ):
+        output.fs.makedirs(output.path(path.rpartition("/")[0]), exist_ok=True)
+        output.write_bytes(path, parquet_bytes(table))
