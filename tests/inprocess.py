@@ -33,14 +33,17 @@ def _one_thread() -> Iterator[None]:
 
 
 def _schedule_in_process(
-    spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress
+    spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress, budget
 ):
-    """runner._schedule's contract, served by one ShardWorker in this process, shard after shard."""
+    """runner._schedule's contract, served by one ShardWorker in this process, shard after shard, none
+    handed out once the budget is reached (as the scheduler does)."""
     worker = ShardWorker(spec, run_id=lease.run_id)
     if worker.load_error is not None:
         raise worker.load_error
     start_record()
     for shard in todo:
+        if budget.reached():
+            break
         committed[shard.shard_id] = worker.process_shard(shard)
 
 
