@@ -460,10 +460,7 @@ def build_spec(
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ImagemillError(f"{origin} is invalid: {problems}") from None
+        raise ImagemillError.invalid(origin, exc) from None
     spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
     for model in (spec.model, spec.scoring, spec.expansion):
