@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imagemill.carry import check_carried
 from imagemill.errors import ImagemillError
 from imagemill.spec import InputSpec
 from imagemill.storage import filesystem
@@ -210,6 +211,7 @@ def plan_shards(spec: InputSpec) -> ShardPlan:
     digests: dict[str, str] = {}
     whole: dict[str, list[Shard]] = {}
     no_prompts: list[str] = []
+    schemas: list[tuple[str, pa.Schema]] = []  # of the files with prompts, for the carried columns
     for path, metadata in zip(files, footers, strict=True):
         url = fs.unstrip_protocol(path)
         urls.append(url)
@@ -221,12 +223,14 @@ def plan_shards(spec: InputSpec) -> ShardPlan:
                 no_prompts.append(problem)
             continue
         digests[url] = footer_digest(metadata)
+        schemas.append((url, metadata.schema.to_arrow_schema()))
         file_shards = _shards_of_file(url, key, metadata, spec.rows_per_shard)
         if any(shard.row_offset is not None for shard in file_shards):
             whole[url] = _shards_of_file(url, key, metadata, spec.rows_per_shard, cut=False)
         shards.extend(file_shards)
     if no_prompts and not digests:
         raise ImagemillError(no_prompts[0])
+    check_carried(spec, schemas)
     return ShardPlan(
         shards=shards, files=urls, unreadable=unreadable, footers=digests, whole_group_shards=whole
     )

@@ -85,6 +85,35 @@ class InputSpec(_Section):
         1024, gt=0, description="Row groups are grouped into shards of about this many rows."
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    carry_columns: list[str] | Literal["*"] = Field(
+        default_factory=list,
+        description="Input columns copied, with their Arrow types, into the metadata, the WebDataset JSON "
+        'and the parquet format\'s rows; "*": every column but the prompt and id columns and names the '
+        "outputs already have (imagemill.carry).",
+    )
+    label_column: str | None = Field(
+        None,
+        description="The carried column whose values are the labels counted per label; default: `label` "
+        "when a column of that name is carried.",
+    )
+
+    @model_validator(mode="after")
+    def _label_is_carried(self) -> InputSpec:
+        columns = self.carry_columns
+        if columns != "*" and len(set(columns)) != len(columns):
+            raise ValueError("carry_columns names a column twice")
+        if self.label_column is not None and columns != "*" and self.label_column not in columns:
+            raise ValueError(
+                f"label_column '{self.label_column}' is not carried: add it to input.carry_columns"
+            )
+        return self
+
+    def label(self) -> str | None:
+        """The label column (input.label_column, or `label` when a column of that name is carried;
+        with "*", when the input has one)."""
+        if self.label_column is not None:
+            return self.label_column
+        return "label" if self.carry_columns == "*" or "label" in self.carry_columns else None
 
 
 class OutputSpec(_Section):
@@ -319,8 +348,11 @@ class JobSpec(_Section):
             del model["quantization"]  # absent means none: outputs made before quantisation still resume
         if not model["lora"]:
             del model["lora"]  # absent means none: outputs made before LoRA support still resume
+        # carried columns and the label: absent when unset, so outputs made before them still resume
+        carried = self.input.model_dump(include={"carry_columns", "label_column"}, exclude_defaults=True)
         fingerprint = {
-            "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"}),
+            "input": self.input.model_dump(include={"path", "prompt_column", "id_column", "rows_per_shard"})
+            | carried,
             "output": output,
             "model": model,
             "generation": self.generation.model_dump(),
@@ -334,6 +366,10 @@ class JobSpec(_Section):
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed
         return fingerprint
+
+    def label_column(self) -> str | None:
+        """The column per-label features read labels from: the one place that decides it."""
+        return self.input.label()
 
     @property
     def images_per_row(self) -> int:

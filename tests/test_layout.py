@@ -14,7 +14,7 @@ FOLDERS = {"imagemill": ROOT / "pipeline", "imagemill.workers": ROOT / "workers"
 
 # What actor code (imagemill.workers.*) may import from the driver's package: the contract both sides
 # share. The driver's runner, scheduler, CLI and the rest, the test/demo builders, and tqdm are not.
-SHARED_CONTRACT = {"spec", "errors", "storage", "shards", "output", "records", "lease"}
+SHARED_CONTRACT = {"spec", "errors", "storage", "shards", "output", "records", "lease", "carry"}
 DRIVER_ONLY = {"runner", "scheduler", "cli", "submit", "status", "report", "expanders", "contact_sheet"}
 FORBIDDEN_IN_ACTORS = {"tqdm"}
 # The registry of model kinds belongs to the contract too: the spec takes `model.kind` from it. It

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from imagemill.carry import carried_columns
 from imagemill.shards import Shard
 from imagemill.spec import InputSpec
 from imagemill.storage import filesystem, retrying
@@ -28,15 +29,18 @@ GroupKey = tuple[str, int]  # (file URL, row group)
 
 
 def read_row_groups(file_url: str, groups: Iterable[int], spec: InputSpec, wanted: list[str]) -> pa.Table:
-    """The row groups of a file, with the `wanted` columns it has (in that order)."""
+    """The row groups of a file, with the `wanted` columns it has (in that order), then the carried ones
+    (imagemill.carry)."""
     fs, path = filesystem(file_url, spec.storage_options)
 
     def read() -> pa.Table:
         # No fsspec read-ahead: pyarrow asks for exactly the column chunks it needs.
         with fs.open(path, "rb", cache_type="none") as f:
             parquet = pq.ParquetFile(f)
-            present = set(parquet.schema_arrow.names)
-            columns = [name for name in dict.fromkeys(wanted) if name in present]
+            names = parquet.schema_arrow.names
+            present = set(names)
+            wanted_here = [*wanted, *carried_columns(spec, names)]
+            columns = [name for name in dict.fromkeys(wanted_here) if name in present]
             return parquet.read_row_groups(list(groups), columns=columns)
 
     return retrying(read, f"reading {file_url}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from imagemill.carry import Carried, carried_columns
 from imagemill.shards import Shard
 from imagemill.spec import GenerationSpec, InputSpec, generation_problem
 from imagemill.workers.generators.contract import BatchKey
@@ -60,6 +61,12 @@ def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
         return read_piece(shard)
     groups = range(shard.row_group_start, shard.row_group_end)
     return read_row_groups(shard.file_url, groups, spec, input_columns(spec))
+
+
+def carried_of(table: pa.Table, rows: list[Row], shard: Shard, spec: InputSpec) -> Carried:
+    """The shard's carried columns (imagemill.carry), and for each of `rows` its input row."""
+    columns = carried_columns(spec, table.column_names)
+    return Carried(table.select(columns), [row.input_row - shard.first_row for row in rows])
 
 
 def _is_int(value: Any) -> bool:

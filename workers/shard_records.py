@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from imagemill.carry import Carried
 from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats, add_error_example, capped
 from imagemill.shards import Shard
 from imagemill.workers.encoding import thumbnail_data_uri
@@ -47,6 +48,7 @@ class ShardRun:
     model: str  # model.source, in every metadata row
     started: float = field(default_factory=time.time)
     rows: list[Row] = field(default_factory=list)
+    carried: Carried = field(default_factory=Carried.none)  # the rows' carried input columns
     expansion: ShardExpansion | None = None
     timer: StageTimer = field(default_factory=StageTimer)
     timeline: dict[str, list[float]] = field(default_factory=dict)  # stage: [start, end], Unix seconds

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from imagemill.carry import Carried, append_columns
 from imagemill.lease import check_owner
 from imagemill.output import OutputLayout
 from imagemill.records import MetadataRow, ShardStats, metadata_table
@@ -31,7 +32,7 @@ from imagemill.workers.encoding import encode_image
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
-from imagemill.workers.rows import Row, make_batches, prepare_rows, read_shard
+from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, read_shard
 from imagemill.workers.shard_records import ShardRun
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
@@ -100,7 +101,7 @@ class ShardWorker:
         with self.turns.ticket() as turn:
             self._read(run)
             run.expansion = self._start_expansion(run.rows)  # a pool starts now, before this turn
-            writer = self._open_writer(shard)
+            writer = self._open_writer(shard, run.carried)
             with turn:
                 run.timer.add("idle", turn.idle_seconds)
                 model_started = time.time()
@@ -116,6 +117,7 @@ class ShardWorker:
             table = read_shard(run.shard, self.spec.input)
             n_variants = self.spec.expansion.n_variants if self.spec.expansion else 1
             run.rows = prepare_rows(table, run.shard, self.spec.input, self.spec.generation, n_variants)
+            run.carried = carried_of(table, run.rows, run.shard, self.spec.input)
         run.timeline["read"] = [run.started, time.time()]
 
     def _start_expansion(self, rows: list[Row]) -> ShardExpansion | None:
@@ -125,9 +127,9 @@ class ShardWorker:
         calls = OnActor(self.expander) if self.expander is not None else OnPool(self.expanders)
         return ShardExpansion(rows, self.spec.expansion, self.spec.generation.seed, calls.submit, calls.wait)
 
-    def _open_writer(self, shard: Shard) -> ShardWriter:
+    def _open_writer(self, shard: Shard, carried: Carried) -> ShardWriter:
         self.output.prepare_shard(shard.shard_id, self.spec.output.format)
-        return open_writer(self.spec.output, self.output, shard.shard_id)
+        return open_writer(self.spec.output, self.output, shard.shard_id, carried)
 
     def _generate(self, run: ShardRun, writer: ShardWriter) -> None:
         """The generate loop, run while holding the model: each batch is expanded, drawn and scored,
@@ -241,7 +243,9 @@ class ShardWorker:
         run.write_wait_seconds = time.time() - tick
 
     def _write_metadata(self, run: ShardRun, writer: ShardWriter) -> None:
-        table = metadata_table(run.metadata_rows(), writer.format_columns)
+        rows = run.metadata_rows()
+        carried = run.carried.take(range(len(rows)))
+        table = append_columns(metadata_table(rows, writer.format_columns), carried)
         self.output.write_bytes(OutputLayout.metadata_path(run.shard.shard_id), parquet_bytes(table))
 
     def _commit(self, run: ShardRun) -> ShardStats:

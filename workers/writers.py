@@ -24,12 +24,14 @@ import io
 import json
 import tarfile
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imagemill.carry import Carried, append_columns
 from imagemill.output import OutputLayout, image_name, sample_key
 from imagemill.records import METADATA_SCHEMA, MetadataRow
 from imagemill.spec import IMAGE_EXTENSIONS, OutputSpec
@@ -71,10 +73,11 @@ class ShardWriter:
 
     format_columns: tuple[str, ...] = ()  # records.FORMAT_COLUMNS this format adds to the metadata Parquet
 
-    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
+    def __init__(self, output: OutputLayout, shard_id: str, extension: str, carried: Carried | None = None):
         self.output = output
         self.shard_id = shard_id
         self.extension = extension
+        self.carried = carried or Carried.none()  # the input columns carried into the buffered formats
 
     def add(self, position: int, row: MetadataRow, data: bytes) -> MetadataRow:
         """Store the image of the row at `position` in the shard, whose metadata is `row` (sha256
@@ -103,10 +106,11 @@ class BufferedWriter(ShardWriter):
     `input.rows_per_shard` to hold less.
     """
 
-    path: str
+    path_of: Callable[[str], str]  # the shard's file, from its id
 
-    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
-        super().__init__(output, shard_id, extension)
+    def __init__(self, output: OutputLayout, shard_id: str, extension: str, carried: Carried | None = None):
+        super().__init__(output, shard_id, extension, carried)
+        self.path = self.path_of(shard_id)
         self._rows: dict[int, tuple[MetadataRow, bytes]] = {}
         self._lock = threading.Lock()
 
@@ -138,17 +142,18 @@ class TarWriter(BufferedWriter):
 
     format_columns = ("key",)
 
-    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
-        super().__init__(output, shard_id, extension)
-        self.path = OutputLayout.tar_path(shard_id)
+    path_of = staticmethod(OutputLayout.tar_path)
 
     def locate(self, position: int, row: MetadataRow) -> MetadataRow:
         return replace(row, path=self.path, key=sample_key(self.shard_id, position))
 
-    @staticmethod
-    def sample_json(row: MetadataRow) -> bytes:
+    def sample_json(self, position: int, row: MetadataRow) -> bytes:
+        """The sample's JSON: the row's fields, its parameters, where it came from in the input
+        (`input_file`, `input_row`), its key, and the carried input columns."""
         names = (
             "id",
+            "input_file",
+            "input_row",
             "prompt",
             "expanded_prompt",
             "seed",
@@ -161,6 +166,8 @@ class TarWriter(BufferedWriter):
         row = replace(row, **{name: getattr(row, name) or "" for name in SAMPLE_TEXT_FIELDS})
         sample: dict[str, Any] = {name: getattr(row, name) for name in names}
         sample["parameters"] = {name: getattr(row, name) for name in SAMPLE_PARAMETERS}
+        sample["key"] = sample_key(self.shard_id, position)
+        sample |= self.carried.json_values(position)
         return json.dumps(sample, sort_keys=True, allow_nan=False).encode()
 
     def build(self, rows: list[tuple[int, MetadataRow, bytes]]) -> bytes:
@@ -170,7 +177,7 @@ class TarWriter(BufferedWriter):
                 key = sample_key(self.shard_id, position)
                 for name, content in (
                     (f"{key}.{self.extension}", data),
-                    (f"{key}.json", self.sample_json(row)),
+                    (f"{key}.json", self.sample_json(position, row)),
                 ):
                     member = tarfile.TarInfo(name)  # fixed mtime, owner and mode: the same bytes every run
                     member.size, member.mtime, member.mode = len(content), 0, 0o644
@@ -184,16 +191,15 @@ class ParquetWriter(BufferedWriter):
     """`parquet`: `data/<shard_id>.parquet`, one row per ok row, the image in `image` (bytes and a
     name), readable as is by `datasets.load_dataset("parquet", ...)` and `ray.data.read_parquet`."""
 
-    def __init__(self, output: OutputLayout, shard_id: str, extension: str):
-        super().__init__(output, shard_id, extension)
-        self.path = OutputLayout.data_path(shard_id)
+    path_of = staticmethod(OutputLayout.data_path)
 
     def build(self, rows: list[tuple[int, MetadataRow, bytes]]) -> bytes:
         records = [
             {**row.columns(), "image": {"bytes": data, "path": f"{image_name(row.id)}.{self.extension}"}}
             for _, row, data in rows
         ]
-        return parquet_bytes(pa.Table.from_pylist(records, schema=DATA_SCHEMA))
+        table = pa.Table.from_pylist(records, schema=DATA_SCHEMA)
+        return parquet_bytes(append_columns(table, self.carried.take(position for position, _, _ in rows)))
 
 
 WRITERS: dict[str, type[ShardWriter]] = {
@@ -203,6 +209,8 @@ WRITERS: dict[str, type[ShardWriter]] = {
 }
 
 
-def open_writer(spec: OutputSpec, output: OutputLayout, shard_id: str) -> ShardWriter:
-    """The writer for `spec.format`, for one shard."""
-    return WRITERS[spec.format](output, shard_id, IMAGE_EXTENSIONS[spec.image_format])
+def open_writer(
+    spec: OutputSpec, output: OutputLayout, shard_id: str, carried: Carried | None = None
+) -> ShardWriter:
+    """The writer for `spec.format`, for one shard; `carried`: the shard's carried input columns."""
+    return WRITERS[spec.format](output, shard_id, IMAGE_EXTENSIONS[spec.image_format], carried)
