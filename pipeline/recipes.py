@@ -28,10 +28,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagemill.errors import ImagemillError
+from imagemill.spec import read_yaml_mapping
 from imagemill.storage import filesystem, retrying, write_file_atomically
 
 CLASS_SLOT = "class"
@@ -250,15 +250,7 @@ def parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
 
 def load_recipe(path: str) -> Recipe:
     """A recipe YAML file, validated; any problem is one line naming the file and the key."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ImagemillError(f"recipe not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ImagemillError(f"recipe {path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise ImagemillError(f"recipe {path} must be a YAML mapping with classes and templates")
+    data = read_yaml_mapping(path, "recipe", "classes and templates")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import read_metadata, run_cli
 from test_readme_commands import readme_blocks, readme_section
 
 from imagemill.demo.classifier import augmentation_figures, webdataset_samples
@@ -54,6 +54,11 @@ def test_the_readme_recipe_writes_the_shipped_prompts_and_its_python_reads_the_l
     assert done.returncode == 0, done.stderr
     assert "batch (64, 3, 32, 32) labels [0]" in done.stdout  # the first tar holds the circles
     assert "450 samples; first: circle 0" in done.stdout
+    rows = read_metadata(str(workdir / "output" / "shapes")).to_pylist()
+    ids = {f"{name}-{k}_{j}" for name in SHAPES for k in range(75) for j in range(2)}
+    assert {row["id"] for row in rows} == ids, "each prompt twice, as <id>_0 and <id>_1"
+    assert len({row["seed"] for row in rows}) == 450 and {row["status"] for row in rows} == {"ok"}
+    assert all(row["label"] == SHAPES.index(row["class_name"]) for row in rows), "labels carried"
 
 
 @pytest.mark.slow
