@@ -42,6 +42,8 @@ SLOT_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 # Up to this many combinations a class's shuffle is a permutation of all of them; above it (a recipe
 # of many long slot lists), distinct combinations are drawn one by one, so memory follows the quota.
 PERMUTATION_LIMIT = 1_000_000
+# The rows are built in memory; a recipe asking for more is a typo or wants to be split into several.
+MAX_ROWS = 10_000_000
 # Pinned so that the same recipe writes the same bytes (pyarrow's defaults may change between releases).
 WRITER_OPTIONS: dict[str, Any] = {
     "version": "2.6",
@@ -215,9 +217,16 @@ def recipe_table(recipe: Recipe) -> pa.Table:
     columns: dict[str, list[Any]] = {name: [] for name in (*FIXED_COLUMNS, *recipe.slots)}
     with_category = any(c.category for c in recipe.classes)
     categories: list[str | None] = []
-    for label, cls in enumerate(recipe.classes):
-        combinations = _Combinations(recipe, cls)
-        quota = cls.quota or recipe.quota or combinations.count
+    every = [_Combinations(recipe, cls) for cls in recipe.classes]
+    quotas = [
+        cls.quota or recipe.quota or each.count for cls, each in zip(recipe.classes, every, strict=True)
+    ]
+    if sum(quotas) > MAX_ROWS:
+        raise ImagemillError(
+            f"recipe: its quotas make {sum(quotas):,} rows, more than {MAX_ROWS:,}: write several files "
+            "from recipes of fewer classes (a job reads them all from one folder)"
+        )
+    for label, (cls, combinations, quota) in enumerate(zip(recipe.classes, every, quotas, strict=True)):
         if quota > combinations.count and not recipe.allow_repeats:
             raise ImagemillError(
                 f"recipe: class '{cls.name}' asks for {quota} rows but its templates, words and slots make "

@@ -120,6 +120,12 @@ def test_a_quota_above_the_combinations_is_refused_unless_repeats_are_allowed(tm
     assert sum(prompts.values()) == 15 and set(prompts.values()) == {2, 3}, "all twice before a third"
 
 
+def test_a_recipe_of_too_many_rows_is_refused_before_any_is_made(tmp_path):
+    recipe = {**RECIPE, "allow_repeats": True, "quota": 4_000_000}
+    with pytest.raises(ImagemillError, match=r"its quotas make 12,000,000 rows, more than 10,000,000"):
+        _write(tmp_path, recipe)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
