@@ -100,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
         help="which pipeline family to build (default: sd)",
     )
 
+    prompts = commands.add_parser("prompts", help="write a prompts Parquet file from a dataset recipe (YAML)")
+    prompts.add_argument("recipe", help="recipe YAML: classes, templates, slots, quota, sampling, seed")
+    prompts.add_argument("out", help="the Parquet file to write (local or URL)")
+    prompts.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    prompts.add_argument(
+        "--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec option for OUT"
+    )
+
     status = commands.add_parser("status", help="progress and counts of a job, read from its output")
     status.add_argument("output", help="the job's output root (local or URL)")
     status.add_argument(
@@ -175,6 +183,20 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts(args: argparse.Namespace) -> int:
+    from imagemill.recipes import write_prompts
+    from imagemill.redaction import hiding, values_in
+    from imagemill.spec import parse_overrides
+    from imagemill.user_errors import as_user_errors
+
+    options = dict(parse_overrides(args.storage_option, storage_options=True))
+    with hiding(values_in(options)), as_user_errors():
+        table = write_prompts(args.recipe, args.out, args.overwrite, options)
+    classes = len(set(table["class_name"].to_pylist()))
+    print(f"{table.num_rows} prompts of {classes} classes written to {args.out}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from imagemill.outcome import COMPLETE
     from imagemill.redaction import hiding, values_in
@@ -221,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "submit": _submit,
         "make-tiny-model": _make_tiny_model,
+        "prompts": _prompts,
         "status": _status,
         "verify": _verify,
     }

@@ -818,10 +818,7 @@ def build_spec(
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ImagemillError(f"{origin} is invalid: {problems}") from None
+        raise ImagemillError.invalid(origin, exc) from None
     spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
     for model in (spec.model, spec.scoring, spec.expansion, spec.safety):
@@ -843,16 +840,22 @@ def build_spec(
     return spec
 
 
-def load_spec(
-    path: str | os.PathLike, overrides: list[tuple[str, Any]] = (), day: date | None = None
-) -> JobSpec:
+def read_yaml_mapping(path: str | os.PathLike, what: str, holding: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a job spec, a recipe); any problem is one line naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ImagemillError(f"job spec not found: {path}") from None
+        raise ImagemillError(f"{what} not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ImagemillError(f"job spec {path} is not valid YAML: {exc}") from None
+        raise ImagemillError(f"{what} {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ImagemillError(f"job spec {path} must be a YAML mapping with input, output and model sections")
+        raise ImagemillError(f"{what} {path} must be a YAML mapping with {holding}")
+    return data
+
+
+def load_spec(
+    path: str | os.PathLike, overrides: list[tuple[str, Any]] = (), day: date | None = None
+) -> JobSpec:
+    data = read_yaml_mapping(path, "job spec", "input, output and model sections")
     return build_spec(data, overrides, origin=f"job spec {path}", day=day)

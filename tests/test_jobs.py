@@ -1,4 +1,5 @@
-"""Every ready spec in jobs/ runs, as a user would run it (only the model and sizes made small)."""
+"""Every ready spec in jobs/ runs, as a user would run it (only the model and sizes made small);
+jobs/augment.yaml runs in tests/test_augmentation.py, as the README's augmentation section runs it."""
 
 from __future__ import annotations
 
@@ -32,26 +33,6 @@ def test_demo_job(ray_address, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     check_output(str(tmp_path / "demo"), {f"demo-{i:03d}" for i in range(64)}, 32, 32)
-
-
-def test_augment_job_makes_several_images_per_prompt_with_their_own_ids_and_seeds(
-    ray_address, tmp_path, tiny_model
-):
-    pq.write_table(
-        pa.table({"id": ["a", "b", "c"], "prompt": ["a cat", "a dog", "a boat"]}), tmp_path / "p.parquet"
-    )
-    done = run_cli(
-        "run", "jobs/augment.yaml", "--model", tiny_model, "--input", str(tmp_path / "p.parquet"),
-        "--output", str(tmp_path / "augment"), *FAST, ray_address=ray_address, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    ids = {f"{base}_{k}" for base in "abc" for k in range(4)}
-    hashes = check_output(str(tmp_path / "augment"), ids, 64, 64)
-    rows = read_metadata(str(tmp_path / "augment")).to_pylist()
-    assert len({row["seed"] for row in rows}) == 12 and len(set(hashes.values())) == 12
-    assert {row["prompt"] for row in rows if row["id"].startswith("a_")} == {"a cat"}
-    assert all(row["path"].endswith(".jpg") for row in rows)
-    assert "12 rows: 12 ok, 0 error" in done.stdout
 
 
 def test_image_to_image_job_redraws_the_shipped_sources(ray_address, tmp_path):

@@ -1,5 +1,6 @@
 """The README's other commands, run as a user types them (the demo job and the tests are run elsewhere):
-the demo model's trainer (with fewer steps), the contact sheet, and `imagemill make-tiny-model`.
+the demo model's trainer (with fewer steps), the contact sheet, and `imagemill make-tiny-model`
+(`readme_section` and `readme_blocks` give other tests a section's commands and code as written).
 They live in imagemill.demo and imagemill.testing since the layout moved them out of the actors'
 folder; these runs show the commands still work from there."""
 
@@ -22,6 +23,27 @@ def _readme_command(pattern: str) -> list[str]:
     match = re.search(pattern, README)
     assert match, f"the README no longer shows a command matching {pattern!r}"
     return match.group(0).split()
+
+
+def readme_section(title: str) -> str:
+    """The README's section headed `title`, up to the next heading of its level or above (lines in
+    code blocks, such as `# comments`, are no headings)."""
+    lines = README.splitlines(keepends=True)
+    heading = re.compile(rf"(#+) {re.escape(title)}\n")
+    first = next((i for i, line in enumerate(lines) if heading.fullmatch(line)), None)
+    assert first is not None, f"the README has no section {title!r}"
+    level, fenced, body = len(heading.fullmatch(lines[first]).group(1)), False, []
+    for line in lines[first + 1 :]:
+        fenced ^= line.startswith("```")
+        if not fenced and re.match(rf"#{{1,{level}}} ", line):
+            break
+        body.append(line)
+    return "".join(body)
+
+
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The fenced code blocks of `language` in a README section, as written."""
+    return re.findall(rf"^```{language}\n(.*?)^```", section, re.M | re.S)
 
 
 def test_the_demo_trainer_writes_a_pipeline_the_demo_job_can_load(tmp_path):
