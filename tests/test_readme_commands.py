@@ -98,3 +98,20 @@ def test_the_contact_sheet_is_drawn_from_a_jobs_output(ray_session, tmp_path, ti
     assert done.returncode == 0, done.stderr
     with Image.open(sheet) as image:
         assert image.format == "PNG" and image.width >= 6 * 32
+
+
+def test_the_nightly_section_spec_loads_and_uses_every_publishing_feature():
+    """The README's publishable nightly spec is a valid job spec with the safety filter, parameters,
+    watermark, C2PA, a budget and prices; jobs/nightly.yaml has the safety filter and parameters."""
+    import yaml
+
+    from imagemill.spec import build_spec, load_spec
+
+    [block] = readme_blocks(readme_section("A publishable nightly job"), "yaml")
+    spec = build_spec(yaml.safe_load(block.replace("{date}", "2026-11-29")))
+    assert spec.safety is not None and spec.safety.policy == "retry"
+    out = spec.output
+    assert out.embed_parameters and out.watermark is not None and out.c2pa is not None
+    assert spec.workers.max_gpu_hours and spec.cost.gpu_hour_usd
+    shipped = load_spec(Path(__file__).resolve().parent.parent / "jobs" / "nightly.yaml")
+    assert shipped.safety is not None and shipped.output.embed_parameters
