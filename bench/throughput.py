@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -351,6 +352,19 @@ def write_benchmarks(section: str) -> None:
     path.write_text(text)
 
 
+def run_rounds(names: Iterable[str], repeats: int, run_one: Callable[[str], dict]) -> dict[str, list[dict]]:
+    """Each variant once per round, the rounds one after another, so that the machine's load drifts
+    over all variants alike; the runs by variant."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in runs:
+            runs[name].append(run_one(name))
+            print(
+                f"round {round_ + 1}: {name} {runs[name][-1]['images_per_second']:.2f} images/s", flush=True
+            )
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
@@ -371,13 +385,7 @@ def main() -> None:
         print(section)
         write_benchmarks(section)
         return
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    for round_ in range(args.repeats):
-        for name in VARIANTS:
-            runs[name].append(_child(name, args.profile, model))
-            print(
-                f"round {round_ + 1}: {name} {runs[name][-1]['images_per_second']:.2f} images/s", flush=True
-            )
+    runs = run_rounds(VARIANTS, args.repeats, lambda name: _child(name, args.profile, model))
     section = _report(args.profile, settings, args.repeats, runs)
     print(section)
     write_benchmarks(section)

@@ -22,7 +22,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from throughput import PROFILES, _child, _machine, _write_input, build_model, run_bare, write_benchmarks
+from throughput import (
+    PROFILES,
+    _child,
+    _machine,
+    _write_input,
+    build_model,
+    run_bare,
+    run_rounds,
+    write_benchmarks,
+)
 
 FORMATS = {"imagemill png": "png", "imagemill jpeg": "jpeg"}
 
@@ -113,13 +122,11 @@ def main() -> None:
         return
     model = build_model(args.profile, Path(args.models))
     more = ("--rows", str(settings["rows"]))
-    runs: dict[str, list[dict]] = {name: [] for name in ("bare", *FORMATS)}
-    for round_ in range(args.repeats):
-        for name in runs:
-            runs[name].append(_child(name, args.profile, model, script=__file__, more=more))
-            print(
-                f"round {round_ + 1}: {name} {runs[name][-1]['images_per_second']:.2f} images/s", flush=True
-            )
+    runs = run_rounds(
+        ("bare", *FORMATS),
+        args.repeats,
+        lambda name: _child(name, args.profile, model, script=__file__, more=more),
+    )
     section = report(args.profile, settings, args.repeats, runs)
     print(section)
     write_benchmarks(section)
