@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
@@ -19,12 +20,23 @@ from imagemill.errors import ImagemillError
 from imagemill.redaction import Unexpected
 from imagemill.testing import FAMILIES
 
+
+def _batch_size(text: str) -> int | str:
+    """A number, or `auto` (imagemill.workers.batch_fit)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got '{text}'") from None
+
+
 # Flags for the fields set most often; every other field is reachable with --set section.field=value.
-COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
+COMMON_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--input": ("input.path", str, "Parquet file, folder or glob (local or URL)"),
     "--output": ("output.path", str, "output root (local or URL)"),
     "--model": ("model.source", str, "hub id, local directory or URL of a diffusers pipeline"),
-    "--batch-size": ("workers.batch_size", int, "images generated per model call"),
+    "--batch-size": ("workers.batch_size", _batch_size, "images per model call, or auto (fits the GPU)"),
     "--num-workers": ("workers.num_workers", int, "actors to start (default: one per GPU, or per CPU)"),
     "--image-format": ("output.image_format", str, "png, jpeg or webp"),
     "--quality": ("output.quality", int, "JPEG/WebP quality, 1-100"),

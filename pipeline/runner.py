@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from imagemill.auto_batch import with_recorded_batch_size
 from imagemill.budget import Budget
 from imagemill.claim import claim_output
 from imagemill.cost import JobCost, job_cost
@@ -171,6 +172,7 @@ def _run_owned(
     redo_changed: bool,
 ) -> JobResult:
     """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe)."""
+    spec = with_recorded_batch_size(spec, output, overwrite)
     claim_output(spec, output, plan, overwrite)
     stored = committed_shards(output)
     redone = reconcile_inputs(output, plan, stored, redo_changed)
@@ -202,10 +204,12 @@ def _run_owned(
 
     record_written = False
 
-    def start_record() -> None:
+    def start_record(resolved: JobSpec) -> None:
         """Written once the workers have loaded the model: a job whose model does not load leaves
-        the output as it was, so a corrected spec may run there without --overwrite."""
+        the output as it was, so a corrected spec may run there without --overwrite. `resolved`: the
+        spec as the run uses it (`workers.batch_size: auto` fixed by the first actor)."""
         nonlocal record_written
+        record["fingerprint"] = resolved.fingerprint()
         output.write_json(JOB_RECORD, record)
         output.remove(SUCCESS_MARKER)
         record_written = True  # from now on an interrupted run says so in the record
@@ -236,7 +240,7 @@ def _schedule(
     shards_total: int,
     rows_total: int,
     lease: OutputLease,
-    start_record: Callable[[], None],
+    start_record: Callable[[JobSpec], None],
     progress: bool,
     budget: Budget,
 ) -> None:
@@ -274,7 +278,7 @@ def _schedule(
             scheduler = ShardScheduler(spec, lease.run_id, on_ready=start_record, budget=budget)
             failures += scheduler.run(served, on_done)
     else:
-        start_record()
+        start_record(spec)
 
 
 def _result(

@@ -97,10 +97,15 @@ class ShardScheduler:
     """The actor pool of one job run: `run` is called once; its state is kept on the scheduler."""
 
     def __init__(
-        self, spec: JobSpec, run_id: str, on_ready: Callable[[], None], budget: Budget | None = None
+        self,
+        spec: JobSpec,
+        run_id: str,
+        on_ready: Callable[[JobSpec], None],
+        budget: Budget | None = None,
     ):
         """`run_id`: the run that holds the output's lease, checked by actors before each commit;
-        `on_ready`: called once the first workers have loaded the model, before any shard starts;
+        `on_ready`: called once the first workers have loaded the model, before any shard starts,
+        with the spec the run uses (`workers.batch_size: auto` resolved by the first actor);
         `budget`: once it is reached no new shard is handed out (imagemill.budget)."""
         self.spec = spec
         self.budget = budget
@@ -228,9 +233,21 @@ class ShardScheduler:
             log.warning("a replacement worker failed to start: %s", _one_line(exc))
             self._start_replacement()
             return
+        if self.spec.workers.batch_size == "auto":  # the first actor's probe fixes the job's value
+            self.spec = self.spec.with_batch_size(ready["batch_size"])  # later actors probe nothing
+        elif ready["batch_size"] != self.spec.workers.batch_size:
+            ray.kill(actor)  # probed in parallel and found another size: one given the job's value instead
+            log.info(
+                "a worker found batch size %d fits, not %d: starting one with %d",
+                ready["batch_size"],
+                self.spec.workers.batch_size,
+                self.spec.workers.batch_size,
+            )
+            self._start_actor()
+            return
         if not self.loaded_once:
             self.loaded_once = True
-            self.on_ready()  # the job record is written now: a model that never loads leaves none
+            self.on_ready(self.spec)  # the job record is written now: a model that never loads leaves none
         self.alive.append(actor)
         log.info("a worker is ready on %s (%d of %d)", ready["device"], len(self.alive), self.num_workers)
 

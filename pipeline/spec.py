@@ -471,13 +471,23 @@ class WorkersSpec(_Section):
     num_workers: int | None = Field(
         None, gt=0, description="Actors to start; default: one per GPU, or one per CPU without GPUs."
     )
-    batch_size: int = Field(8, gt=0)
+    # "auto": the largest power of two that fits the device, found by the first actor to load and
+    # recorded in the job's fingerprint (imagemill.workers.batch_fit, imagemill.auto_batch).
+    batch_size: int | Literal["auto"] = 8
     num_cpus_per_worker: float = Field(1, gt=0)
     max_shard_attempts: int = Field(3, gt=0)
     # Budgets over all runs of the output (imagemill.budget): no new shard once reached. Not in the
     # fingerprint, so a resume may raise them.
     max_gpu_hours: float | None = Field(None, gt=0, description="device-hours: GPU-, or CPU-hours on CPU")
     max_cost_usd: float | None = Field(None, gt=0, description="needs cost.gpu_hour_usd")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_is_a_count_or_auto(cls, value: Any) -> Any:
+        """One message for both halves of the union, instead of pydantic's two."""
+        if value != "auto" and not (type(value) is int and value > 0):
+            raise ValueError(f"must be a whole number above 0, or auto; got {value!r}")
+        return value
 
 
 class CostSpec(_Section):
@@ -579,6 +589,15 @@ class JobSpec(_Section):
     def _cost_budget_needs_a_price(self) -> JobSpec:
         if self.workers.max_cost_usd is not None and self.cost.gpu_hour_usd is None:
             raise ValueError("workers.max_cost_usd needs cost.gpu_hour_usd, the price it is counted in")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_batch_is_not_compiled(self) -> JobSpec:
+        if self.workers.batch_size == "auto" and self.speed.compile:
+            raise ValueError(
+                "workers.batch_size: auto cannot go with speed.compile, which compiles for one batch "
+                "size at load: set workers.batch_size to a number"
+            )
         return self
 
     @model_validator(mode="after")
@@ -684,6 +703,10 @@ class JobSpec(_Section):
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed
         return fingerprint
+
+    def with_batch_size(self, batch_size: int) -> JobSpec:
+        """This spec with `workers.batch_size` resolved (from `auto`) to a number."""
+        return self.model_copy(update={"workers": self.workers.model_copy(update={"batch_size": batch_size})})
 
     def label_column(self) -> str | None:
         """The column per-label features read labels from: the one place that decides it."""

@@ -40,7 +40,7 @@ def _schedule_in_process(
     worker = ShardWorker(spec, run_id=lease.run_id)
     if worker.load_error is not None:
         raise worker.load_error
-    start_record()
+    start_record(worker.spec)
     for shard in todo:
         if budget.reached():
             break

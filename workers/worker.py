@@ -29,6 +29,7 @@ from imagemill.output import OutputLayout
 from imagemill.records import MetadataRow, ShardStats, metadata_table
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
+from imagemill.workers.batch_fit import resolve_batch_size
 from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.device_use import device_use
 from imagemill.workers.generators.contract import Generator
@@ -86,14 +87,16 @@ class ShardWorker:
         checker = SafetyChecker(spec.safety, self.device, self.scorer) if spec.safety else None
         features = FeatureModel(spec.evaluation, self.device) if spec.evaluation else None
         device_jpeg = DeviceJpeg.for_job(spec, self.device)
-        self.selection = Selection(
-            spec, self.generator, self.device, self.scorer, checker, features, device_jpeg
-        )
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
             if spec.expansion is not None and spec.expansion.placement == "actor"
             else None
+        )
+        # `auto` → a number, probed with every other model of the job already on the device
+        spec = self.spec = resolve_batch_size(spec, self.generator, self.device)
+        self.selection = Selection(
+            spec, self.generator, self.device, self.scorer, checker, features, device_jpeg
         )
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
@@ -102,7 +105,12 @@ class ShardWorker:
     def ready(self) -> dict[str, Any]:
         if self.load_error is not None:
             raise self.load_error
-        return {"device": self.device, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
+        return {
+            "device": self.device,
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "batch_size": self.spec.workers.batch_size,
+        }
 
     def process_shard(self, shard: Shard) -> ShardStats:
         """Read, expand, generate, score, write and commit one shard; returns its stats.
