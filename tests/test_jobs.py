@@ -19,11 +19,17 @@ FAST = ["--set", "generation.num_inference_steps=1", "--no-progress"]
 
 
 def test_every_spec_in_jobs_is_valid():
-    specs = sorted((REPO / "jobs").glob("*.yaml"))
-    shipped = {"demo.yaml", "augment.yaml", "nightly.yaml", "augment_img2img.yaml"}
-    assert {spec.name for spec in specs} >= shipped
-    for spec in specs:
-        imagemill.load_spec(spec)
+    """Every YAML file in jobs/ is a valid job spec, or (named *_recipe.yaml) a valid dataset recipe."""
+    from imagemill.recipes import load_recipe
+
+    files = sorted((REPO / "jobs").glob("*.yaml"))
+    shipped = {"demo.yaml", "augment.yaml", "nightly.yaml", "augment_img2img.yaml", "augment_recipe.yaml"}
+    assert {path.name for path in files} >= shipped
+    for path in files:
+        if path.name.endswith("_recipe.yaml"):
+            load_recipe(str(path))
+        else:
+            imagemill.load_spec(path)
 
 
 def test_demo_job(ray_address, tmp_path):
