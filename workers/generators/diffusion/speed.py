@@ -10,6 +10,7 @@
   shard's last, short batch does not compile again. Another width, height, or guidance on/off
   compiles once more.
 - `tiny_vae`: an `AutoencoderTiny` (TAESD family) replaces the VAE for decoding.
+- `cache`: step caching through diffusers' hooks (caching.py), registered before the compile.
 
 Each may change the output bytes slightly, so each is in the job's fingerprint when set.
 """
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import JobSpec
+from imagemill.spec import CacheSpec, JobSpec
 from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.generators.diffusion.caching import enable_step_cache
 from imagemill.workers.loading import Pretrained
 
 
@@ -35,6 +37,7 @@ class SpeedOptions:
     compile_backend: str = "inductor"
     warm_up: BatchKey | None = None  # the batch shape compiled at load time
     tiny_vae: str | None = None  # hub id, local directory or URL; loaded under the model's rules
+    cache: CacheSpec | None = None  # step caching; None: every step computed in full
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> SpeedOptions:
@@ -47,6 +50,7 @@ class SpeedOptions:
             compile_backend=speed.compile_backend,
             warm_up=warm_up if speed.compile else None,
             tiny_vae=speed.tiny_vae,
+            cache=speed.cache,
         )
 
 
@@ -78,6 +82,7 @@ def apply_speed_options(pipe: Any, options: SpeedOptions, model: Pretrained) -> 
     memory format is set, and the denoiser is compiled last."""
     if options.tiny_vae:
         _use_tiny_vae(pipe, model.beside(options.tiny_vae, "speed.tiny_vae"))
+    enable_step_cache(pipe, options.cache)
     if options.attention == "sdpa" and not options.channels_last and not options.compile_batch:
         return  # the defaults: any pipeline class loads, with or without a UNet or transformer
     models = [_denoiser(pipe), *([pipe.vae] if getattr(pipe, "vae", None) is not None else [])]
