@@ -78,3 +78,13 @@ def test_cache_is_in_the_fingerprint_and_takes_only_its_kinds_settings(tmp_path)
     assert spec.fingerprint()["speed"] == {"cache": {"kind": "taylorseer", "interval": 3}}
     with pytest.raises(ImagemillError, match="threshold do not apply to kind: pyramid"):
         imagemill.build_spec({**base, "speed": {"cache": {"kind": "pyramid", "threshold": 0.1}}})
+
+
+def test_cache_with_image_to_image_is_refused_in_one_line(tiny_flux):
+    """FLUX's image-to-image pipeline marks no timestep or cache context for the hooks to read."""
+    with pytest.raises(
+        ImagemillError, match=r"^speed.cache \(first_block\) is not supported for FluxImg2Img"
+    ):
+        DiffusersGenerator(
+            tiny_flux, "float32", "cpu", speed=SpeedOptions(cache=CACHES["first_block"]), image_to_image=True
+        )
