@@ -53,6 +53,7 @@ cd bench
 step "encode ceiling" 90 $PYTHON encode_ceiling.py --images $IMAGES
 step "worker vs bare" 200 $PYTHON worker_loop.py --profile $PROFILE --rows $WORKER_ROWS --repeats 1
 step "speed options" 180 $PYTHON speed_options.py --profile $PROFILE --rows $ROWS --repeats 1
+step "step caching" 120 $PYTHON step_cache.py --profile $PROFILE --rows $ROWS --repeats 1
 step "quantisation" 100 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"

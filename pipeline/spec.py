@@ -43,6 +43,15 @@ EXPANSION_RUNTIME_FIELDS = {
 }
 # Absent from the fingerprint without best-of-N: outputs made before it existed still resume.
 BEST_OF_N_FIELDS = {"candidates", "select_by"}
+# speed: fields that change where compiled code is kept, not the output: out of the fingerprint
+SPEED_RUNTIME_FIELDS = {"compile_cache", "compile_cache_storage_options"}
+# speed.cache: the settings each kind takes
+CACHE_KIND_SETTINGS = {
+    "first_block": {"threshold"},
+    "faster_cache": {"skip_range"},
+    "pyramid": {"skip_range"},
+    "taylorseer": {"interval", "warm_up_steps"},
+}
 # Image-to-image generation settings: in the fingerprint only for a job with input.image_column.
 IMAGE_TO_IMAGE_GENERATION_FIELDS = {"strength", "resize"}
 # Limits of the generation parameters, for a job's defaults (GenerationSpec) and each row's own values
@@ -386,6 +395,29 @@ class EvaluationSpec(_Section):
     seed: int = Field(0, description="Seeds the KID and diversity samples.")
 
 
+class CacheSpec(_Section):
+    """`speed.cache`: diffusers' step caching on the denoiser (workers/generators/diffusion/caching.py)."""
+
+    kind: Literal["first_block", "faster_cache", "pyramid", "taylorseer"]
+    threshold: float = Field(
+        0.05, gt=0, description="first_block: other blocks skipped while the first one's output changes less."
+    )
+    skip_range: int = Field(
+        2, ge=2, description="pyramid, faster_cache: attention computed every N steps, reused between."
+    )
+    interval: int = Field(
+        2, ge=2, description="taylorseer: a full step every N steps, Taylor predictions between."
+    )
+    warm_up_steps: int = Field(2, ge=1, description="taylorseer: full steps before predicting.")
+
+    @model_validator(mode="after")
+    def _settings_of_the_kind(self) -> CacheSpec:
+        stray = self.model_fields_set - {"kind"} - CACHE_KIND_SETTINGS[self.kind]
+        if stray:
+            raise ValueError(f"{', '.join(sorted(stray))} do not apply to kind: {self.kind}")
+        return self
+
+
 class SpeedSpec(_Section):
     """How a diffusers model runs (workers/generators/diffusion/speed.py); each may change output bytes
     a little."""
@@ -403,6 +435,19 @@ class SpeedSpec(_Section):
     tiny_vae: str | None = Field(
         None, description="AutoencoderTiny (TAESD) hub id, local dir or URL that replaces the VAE decoder."
     )
+    cache: CacheSpec | None = Field(None, description="Step caching of the denoiser (FLUX transformers).")
+    compile_cache: str | None = Field(
+        None,
+        description="Folder or URL where compiled denoisers are kept, per model, torch, device and shape; "
+        "later actors load them instead of compiling.",
+    )
+    compile_cache_storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    @model_validator(mode="after")
+    def _compile_cache_needs_compile(self) -> SpeedSpec:
+        if self.compile_cache and not self.compile:
+            raise ValueError("compile_cache keeps compiled code: it needs compile: true")
+        return self
 
 
 class GenerationSpec(_Section):
@@ -699,7 +744,8 @@ class JobSpec(_Section):
             fingerprint["evaluation"] = self.evaluation.model_dump(
                 exclude={"storage_options", "safetensors_only", "reference_storage_options"}
             )
-        speed = self.speed.model_dump(exclude_defaults=True)
+        # where compiled code is kept changes how fast an actor starts, not what it makes
+        speed = self.speed.model_dump(exclude_defaults=True, exclude=SPEED_RUNTIME_FIELDS)
         if speed:  # absent means defaults: outputs made before speed options existed still resume
             fingerprint["speed"] = speed
         return fingerprint
@@ -726,6 +772,8 @@ class JobSpec(_Section):
         for section in ("input", "output", "model", "scoring", "expansion", "safety", "evaluation"):
             if data[section] and data[section]["storage_options"]:
                 data[section]["storage_options"] = "<redacted>"
+        if data["speed"]["compile_cache_storage_options"]:
+            data["speed"]["compile_cache_storage_options"] = "<redacted>"
         if data["evaluation"] and data["evaluation"]["reference_storage_options"]:
             data["evaluation"]["reference_storage_options"] = "<redacted>"
         return data
@@ -860,6 +908,8 @@ def build_spec(
                 setattr(spec.evaluation, name, _absolute(value))
     if spec.speed.tiny_vae and _looks_like_local_path(spec.speed.tiny_vae):
         spec.speed.tiny_vae = _absolute(spec.speed.tiny_vae)
+    if spec.speed.compile_cache:  # read and written by the actors
+        spec.speed.compile_cache = _absolute(spec.speed.compile_cache)
     return spec
 
 

@@ -11,6 +11,7 @@ import torch
 from imagemill.spec import JobSpec, LoraSpec, SchedulerSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.generators.diffusion.caching import check_cache_support, fresh_cache_state
 from imagemill.workers.generators.diffusion.families import call_default, family_of
 from imagemill.workers.generators.diffusion.image_to_image import image_to_image_pipeline, source_images
 from imagemill.workers.generators.diffusion.lora import load_loras
@@ -60,6 +61,8 @@ class DiffusersGenerator:
         self.family = family_of(self.pipe)
         self.accepted = _accepted_arguments(self.pipe)
         self.img2img = image_to_image_pipeline(self.pipe) if image_to_image else None
+        if self.img2img is not None:
+            check_cache_support(self.img2img, speed.cache)
         self.img2img_accepted = _accepted_arguments(self.img2img) if self.img2img is not None else None
         # SDXL's unconditional branch for "no negative prompt" is zeros, not the encoded empty string.
         self.zero_absent_negative = bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", False))
@@ -179,6 +182,8 @@ class DiffusersGenerator:
             arguments.update(image=source_images(sources, self.pipe.vae.dtype), strength=key.strength)
         if accepted is not None:
             arguments = {name: value for name, value in arguments.items() if name in accepted}
+        if self.speed.cache is not None:
+            fresh_cache_state(self.pipe)
         images = pipe(**arguments).images
         if images.shape[-2:] != (key.height, key.width):
             raise ValueError(

@@ -10,20 +10,25 @@
   shard's last, short batch does not compile again. Another width, height, or guidance on/off
   compiles once more.
 - `tiny_vae`: an `AutoencoderTiny` (TAESD family) replaces the VAE for decoding.
+- `cache`: step caching through diffusers' hooks (caching.py), registered before the compile.
+- `compile_cache`: where the warm-up's compiled code is loaded from, or saved to (compile_cache.py).
 
 Each may change the output bytes slightly, so each is in the job's fingerprint when set.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from imagemill.errors import ImagemillError
-from imagemill.spec import JobSpec
+from imagemill.spec import CacheSpec, JobSpec
 from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.generators.diffusion.caching import enable_step_cache
+from imagemill.workers.generators.diffusion.compile_cache import CompileCache, load_compiled, save_compiled
 from imagemill.workers.loading import Pretrained
 
 
@@ -35,6 +40,8 @@ class SpeedOptions:
     compile_backend: str = "inductor"
     warm_up: BatchKey | None = None  # the batch shape compiled at load time
     tiny_vae: str | None = None  # hub id, local directory or URL; loaded under the model's rules
+    cache: CacheSpec | None = None  # step caching; None: every step computed in full
+    compile_cache: CompileCache | None = None  # where compiled code is kept; None: compiled by each actor
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> SpeedOptions:
@@ -47,7 +54,27 @@ class SpeedOptions:
             compile_backend=speed.compile_backend,
             warm_up=warm_up if speed.compile else None,
             tiny_vae=speed.tiny_vae,
+            cache=speed.cache,
+            compile_cache=_compile_cache(spec),
         )
+
+
+def _compile_cache(spec: JobSpec) -> CompileCache | None:
+    """`speed.compile_cache` with what the job compiles: the fingerprint's model and speed parts and
+    the batch size (the static batch shape)."""
+    if not spec.speed.compile_cache:
+        return None
+    fingerprint = spec.fingerprint()
+    compiled = {
+        "model": fingerprint["model"],
+        "speed": fingerprint["speed"],
+        "batch_size": spec.workers.batch_size,
+    }
+    return CompileCache(
+        spec.speed.compile_cache,
+        spec.speed.compile_cache_storage_options,
+        json.dumps(compiled, sort_keys=True),
+    )
 
 
 def _denoiser(pipe: Any) -> torch.nn.Module:
@@ -78,6 +105,7 @@ def apply_speed_options(pipe: Any, options: SpeedOptions, model: Pretrained) -> 
     memory format is set, and the denoiser is compiled last."""
     if options.tiny_vae:
         _use_tiny_vae(pipe, model.beside(options.tiny_vae, "speed.tiny_vae"))
+    enable_step_cache(pipe, options.cache)
     if options.attention == "sdpa" and not options.channels_last and not options.compile_batch:
         return  # the defaults: any pipeline class loads, with or without a UNet or transformer
     models = [_denoiser(pipe), *([pipe.vae] if getattr(pipe, "vae", None) is not None else [])]
@@ -103,6 +131,12 @@ def pad(values: list[Any], size: int) -> list[Any]:
 
 
 def warm_up(generator: Any, options: SpeedOptions) -> None:
-    """Compile the denoiser for the job's default batch shape now, at load time, not in the first shard."""
-    if options.warm_up is not None:
-        generator.generate(["warm-up"], [None], [0], options.warm_up)
+    """Compile the denoiser for the job's default batch shape now, at load time, not in the first shard;
+    from the compile cache's saved code when it has this key, which is saved there when it had not."""
+    if options.warm_up is None:
+        return
+    cache, device = options.compile_cache, generator.device
+    loaded = cache is not None and load_compiled(cache, options.warm_up, device)
+    generator.generate(["warm-up"], [None], [0], options.warm_up)
+    if cache is not None and not loaded:
+        save_compiled(cache, options.warm_up, device)
