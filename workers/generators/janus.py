@@ -32,7 +32,7 @@ class JanusGenerator:
         import transformers
 
         quiet_model_libraries()
-        model = Pretrained.model(source)
+        model = self.model_source = Pretrained.model(source)  # its files resolved once (provenance)
         self.model = model.weights(transformers.JanusForConditionalGeneration, dtype=getattr(torch, dtype))
         self.model.to(device).eval()
         self.processor = model.files(transformers.JanusProcessor)

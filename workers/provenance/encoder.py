@@ -14,7 +14,6 @@ from imagemill.records import MetadataRow
 from imagemill.spec import IMAGE_EXTENSIONS, JobSpec, OutputSpec
 from imagemill.workers.encoding import encode_image
 from imagemill.workers.generators.registry import KINDS
-from imagemill.workers.loading import Pretrained
 from imagemill.workers.provenance.c2pa_signing import C2paSigner
 from imagemill.workers.provenance.model_hash import model_hash
 from imagemill.workers.provenance.parameters import (
@@ -36,7 +35,8 @@ def model_facts(spec: JobSpec, generator: Any) -> ModelFacts:
         provenance["c2pa"] = True
     has_files = KINDS[spec.model.kind].needs_model
     return ModelFacts(
-        model_hash=model_hash(Pretrained.of(spec.model, "model").local) if has_files else None,
+        # the generator's own copy of the files: a URL is resolved (listed, fetched) once per actor
+        model_hash=model_hash(generator.model_source.local) if has_files else None,
         scheduler=getattr(
             generator, "scheduler_name", None
         ),  # diffusers: the sampler as the metadata names it

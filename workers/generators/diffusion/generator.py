@@ -43,7 +43,7 @@ class DiffusersGenerator:
         import diffusers
 
         quiet_model_libraries()
-        model = Pretrained.model(source)
+        model = self.model_source = Pretrained.model(source)  # its files resolved once (provenance)
         self.pipe = model.weights(diffusers.DiffusionPipeline, dtype=getattr(torch, dtype))
         load_loras(self.pipe, loras, model)
         overrides = scheduler.config if scheduler else {}
