@@ -121,8 +121,8 @@ def test_a_quota_above_the_combinations_is_refused_unless_repeats_are_allowed(tm
 
 
 def test_a_recipe_of_too_many_rows_is_refused_before_any_is_made(tmp_path):
-    recipe = {**RECIPE, "allow_repeats": True, "quota": 4_000_000}
-    with pytest.raises(ImagemillError, match=r"its quotas make 12,000,000 rows, more than 10,000,000"):
+    recipe = {**RECIPE, "allow_repeats": True, "quota": 6_000_000}  # square keeps its own quota, 7
+    with pytest.raises(ImagemillError, match=r"its quotas make 12,000,007 rows, more than 10,000,000"):
         _write(tmp_path, recipe)
 
 
