@@ -1,5 +1,10 @@
 """An actor reads its next shard while the model works on the current one, and hands the model from
-shard to shard one at a time, in the order the calls came; each shard's stats say where time went."""
+shard to shard one at a time, in the order the calls took their tickets; each shard's stats say where
+time went.
+
+The two calls the actor holds run on two threads, and Ray does not order a threaded actor's calls, so
+which of the first two shards takes the first ticket is up to the threads: the end-to-end test checks
+overlap and one holder at a time, and the ticket order is checked on ModelTurns itself."""
 
 from __future__ import annotations
 
@@ -37,7 +42,6 @@ def test_next_shard_is_read_while_the_model_works_and_stages_are_recorded(
         OutputLayout(str(tmp_path / "out")).committed_stats().values(), key=lambda s: s["shard_id"]
     )
     by_turn = sorted(shards, key=lambda stats: stats["timeline"]["model"][0])
-    assert [s["shard_id"] for s in by_turn] == [s["shard_id"] for s in shards], "model taken in shard order"
     first, second = by_turn[:2]  # both sent at the start: the actor holds two calls from then on
     assert second["timeline"]["read"][0] < first["timeline"]["model"][1], "shard 2 was read during shard 1's"
     for current, following in zip(by_turn, by_turn[1:], strict=False):
