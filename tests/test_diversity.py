@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import read_metadata
 from inprocess import run_in_process
 
@@ -135,3 +136,19 @@ def test_the_feature_model_is_part_of_the_fingerprint(tmp_path, tiny_clip):
     assert pixels.fingerprint() != clip.fingerprint()
     # the default (clip) stays out, so outputs made before `features` existed still resume
     assert "features" not in clip.fingerprint()["evaluation"]
+
+
+def test_pixel_features_compare_structure_not_brightness():
+    """A shape brightened by a constant is the same picture; the same shape elsewhere is not."""
+    from imagemill.distribution_metrics import unit_rows
+    from imagemill.spec import EvaluationSpec
+    from imagemill.workers.stages.evaluation import FeatureModel
+
+    image = np.full((64, 48, 3), 60, np.uint8)
+    image[8:24, 8:24] = (200, 30, 30)
+    moved = np.roll(image, 24, axis=0)
+    model = FeatureModel(EvaluationSpec(features="pixels"), "cpu")
+    features = unit_rows(model.embed(torch.from_numpy(np.stack([image, image + 40, moved]))))
+    assert features.shape == (3, model.dim) == (3, 3 * 16 * 16)
+    assert features[0] @ features[1] == pytest.approx(1, abs=1e-5)
+    assert features[0] @ features[2] < 0.5
