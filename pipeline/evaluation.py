@@ -8,7 +8,8 @@ job record and the report show about the dataset as a whole.
   job-wide and per label (the `label` of the embeddings files: the job's label column);
 
 Per label, a label's images are compared with the whole reference (the reference has no labels).
-- near-duplicates (imagemill.near_duplicates), reused when nothing changed.
+- near-duplicates (imagemill.near_duplicates), reused when nothing changed;
+- the CLIP score distribution per label (imagemill.score_distribution), when the job is scored.
 
 Inception Score needs a classifier head; the CLIP feature model has none, so it is reported as null.
 """
@@ -32,6 +33,7 @@ from imagemill.near_duplicates import near_duplicates
 from imagemill.output import OutputLayout
 from imagemill.records import ShardStats
 from imagemill.reference import Reference, load_reference
+from imagemill.score_distribution import clip_score_distribution
 from imagemill.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
         ),
         "inception_score": None,
     }
+    scores = clip_score_distribution(output, shard_ids, spec.label_column())
+    result["clip_score"] = _per_label(scores) if scores else None  # None: scoring is off
     if settings.reference is not None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         reference = load_reference(settings, output, device)

@@ -40,6 +40,18 @@ def dataset_tables(dataset: dict[str, Any] | None) -> list[Table]:
             [(label, _rounded(value)) for label, value in _labelled(dataset.get("diversity"))],
         )
     )
+    if dataset.get("clip_score"):  # scored jobs only (imagemill.score_distribution)
+        quantities = ("mean", "p10", "p50", "p90")
+        tables.append(
+            (
+                "CLIP score (how well each image matches its prompt) per label",
+                ("images", "count", *quantities),
+                [
+                    (label, scores["count"], *(_rounded(scores[q]) for q in quantities))
+                    for label, scores in _labelled(dataset["clip_score"])
+                ],
+            )
+        )
     duplicates = dataset.get("near_duplicates") or {}
     tables.append(
         (

@@ -372,9 +372,16 @@ class EvaluationSpec(_Section):
     embedded by a feature model on the actor; the driver merges the shards' feature statistics into
     FID/KID against a reference, diversity and near-duplicates."""
 
-    source: str = Field(
-        description="The feature model: a transformers CLIPModel directory (with preprocessor_config.json), "
-        "hub id or URL, found as model.source is; its image embeddings are the features."
+    features: Literal["clip", "pixels"] = Field(
+        "clip",
+        description="clip: a CLIP model's image embeddings (needs `source`); pixels: each image downscaled "
+        "to 16x16, centred, needs no weights (diversity and near-duplicates where no trained feature model "
+        "exists; its FID/KID are not comparable to published FID).",
+    )
+    source: str | None = Field(
+        None,
+        description="features: clip: a transformers CLIPModel directory (with preprocessor_config.json), "
+        "hub id or URL, found as model.source is; its image embeddings are the features.",
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     safetensors_only: bool = True
@@ -393,6 +400,14 @@ class EvaluationSpec(_Section):
         0.98, gt=0, le=1, description="Cosine similarity at or above which two images are near-duplicates."
     )
     seed: int = Field(0, description="Seeds the KID and diversity samples.")
+
+    @model_validator(mode="after")
+    def _source_of_the_features(self) -> EvaluationSpec:
+        if self.features == "clip" and self.source is None:
+            raise ValueError("features: clip needs evaluation.source (a CLIPModel), or set features: pixels")
+        if self.features == "pixels" and self.source is not None:
+            raise ValueError("evaluation.source does not apply to features: pixels (no weights): remove it")
+        return self
 
 
 class CacheSpec(_Section):
@@ -743,6 +758,7 @@ class JobSpec(_Section):
         if self.evaluation is not None:  # absent when off: outputs made before it still resume
             fingerprint["evaluation"] = self.evaluation.model_dump(
                 exclude={"storage_options", "safetensors_only", "reference_storage_options"}
+                | ({"features"} if self.evaluation.features == "clip" else set())  # clip: as before it
             )
         # where compiled code is kept changes how fast an actor starts, not what it makes
         speed = self.speed.model_dump(exclude_defaults=True, exclude=SPEED_RUNTIME_FIELDS)

@@ -58,7 +58,10 @@ def check_safety_source(spec: SafetySpec) -> None:
 
 
 def check_evaluation_source(spec: EvaluationSpec) -> None:
-    """The same check for the evaluation's feature model: a transformers CLIPModel directory."""
+    """The same check for the evaluation's feature model: a transformers CLIPModel directory (pixel
+    features have none to check)."""
+    if spec.source is None:
+        return
     _check_source(
         spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="evaluation"
     )

@@ -1,14 +1,20 @@
 """The evaluation's feature model (`evaluation:`): each image's embedding, on the actor's device, in the
 same batch pass as the CLIP score and before the copy back, so later passes read no image.
 
-The features are a CLIP model's projected image embeddings (`CLIPModel.get_image_features`, loaded
-through `loading.Pretrained`), with the image processor config's transform as torch ops
-(`clip_input.ClipImageInput`, shared with the scorer and the safety checker). A CLIP tower has no
-classifier head, so no Inception Score comes from it. `write_features` writes a shard's embeddings and
-feature sums (imagemill.features) before its commit.
+`evaluation.features` picks the kind (FEATURE_KINDS):
+- clip: a CLIP model's projected image embeddings (`CLIPModel.get_image_features`, loaded through
+  `loading.Pretrained`), with the image processor config's transform as torch ops
+  (`clip_input.ClipImageInput`, shared with the scorer and the safety checker). A CLIP tower has no
+  classifier head, so no Inception Score comes from it.
+- pixels: the image itself, small (PixelFeatures): needs no weights, so diversity and near-duplicates
+  work where no trained feature model exists (the demo model's world, smoke tests).
+`write_features` writes a shard's embeddings and feature sums (imagemill.features) before its commit.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,7 +28,13 @@ from imagemill.workers.stages.clip_input import ClipImageInput
 from imagemill.workers.writers import parquet_bytes
 
 
-class FeatureModel:
+class Features(Protocol):
+    dim: int
+
+    def embed(self, images: torch.Tensor) -> np.ndarray: ...
+
+
+class ClipFeatures:
     def __init__(self, spec: EvaluationSpec, device: str):
         # transformers is imported here so the driver never pays for importing it.
         from transformers import CLIPImageProcessorPil, CLIPModel
@@ -40,6 +52,44 @@ class FeatureModel:
         pixels = self.image_input(images, self.model.dtype)
         features = self.model.get_image_features(pixel_values=pixels).pooler_output
         return features.float().cpu().numpy()
+
+
+class PixelFeatures:
+    """The image downscaled to SIDE x SIDE RGB by area averaging (antialiased, so the embedding follows
+    the picture's layout rather than single pixels), flattened, and centred on its own mean so that
+    cosine distance compares structure, not overall brightness. A plain-coloured image is the zero
+    vector (distance 1 to everything)."""
+
+    SIDE = 16
+
+    def __init__(self, spec: EvaluationSpec, device: str):
+        self.dim: int = 3 * self.SIDE * self.SIDE
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """(N, H, W, 3) uint8 images, on any device → their (N, dim) float32 embeddings, on the CPU."""
+        pixels = images.permute(0, 3, 1, 2).float() / 255
+        small = torch.nn.functional.interpolate(pixels, size=(self.SIDE, self.SIDE), mode="area")
+        flat = small.reshape(len(images), -1)
+        return (flat - flat.mean(dim=1, keepdim=True)).cpu().numpy()
+
+
+FEATURE_KINDS: dict[str, Callable[[EvaluationSpec, str], Features]] = {
+    "clip": ClipFeatures,
+    "pixels": PixelFeatures,
+}
+
+
+class FeatureModel:
+    """The feature model `evaluation.features` names, as the actor and the reference's embedding use it."""
+
+    def __init__(self, spec: EvaluationSpec, device: str):
+        self.features = FEATURE_KINDS[spec.features](spec, device)
+        self.dim: int = self.features.dim
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """(N, H, W, 3) uint8 images, on any device → their (N, dim) float32 embeddings, on the CPU."""
+        return self.features.embed(images)
 
 
 def write_features(
