@@ -64,8 +64,9 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
             rows = [i for i, value in enumerate(labels) if label is None or value == label]
             diversity.setdefault(label, SeededSample(settings.diversity_sample, settings.seed))
             diversity[label].offer(shard_id, vectors[rows])
+    images = sums[JOB_WIDE].count if JOB_WIDE in sums else 0
     result: dict[str, Any] = {
-        "images": sums[JOB_WIDE].count if JOB_WIDE in sums else 0,
+        "images": images,
         "diversity": _per_label(
             {label: mean_pairwise_cosine_distance(s.vectors()) for label, s in diversity.items()}
         ),
@@ -77,6 +78,7 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
             },
             shard_ids,
             settings.duplicate_threshold,
+            images,
         ),
         "inception_score": None,
     }
