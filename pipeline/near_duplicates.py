@@ -21,21 +21,19 @@ from (the committed shards and the threshold), so a re-run with nothing new reus
 
 from __future__ import annotations
 
-import json
 from bisect import bisect_right
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from imagemill.distribution_metrics import unit_rows
 from imagemill.embedding_passes import read_shard_embeddings
 from imagemill.output import DUPLICATES, OutputLayout
 from imagemill.similarity_search import FaissIndex, Method, close_pairs, search_method
-from imagemill.workers.writers import parquet_bytes
+from imagemill.stamped import read_stamped, write_stamped
 
 BLOCK_ROWS = 4096
 EXAMPLE_PAIRS = 5  # pairs shown in the report
@@ -164,12 +162,10 @@ def near_duplicates(
 ) -> dict[str, Any]:
     """The job's near-duplicates summary, from `duplicates.parquet` when it was made from the same
     `basis` (the committed shards and the settings), else computed and written now."""
-    stamp = json.dumps(basis, sort_keys=True).encode()
-    table = _stored(output, stamp)
+    table = read_stamped(output, DUPLICATES, basis)
     if table is None:
         table = find_duplicates(output, shard_ids, threshold, search_method(images))
-        table = table.replace_schema_metadata({b"imagemill": stamp})
-        output.write_bytes(DUPLICATES, parquet_bytes(table))
+        write_stamped(output, DUPLICATES, table, basis)
     rows = table.to_pylist()
     firsts = {}
     for row in rows:
@@ -184,12 +180,3 @@ def near_duplicates(
             for row in list(firsts.values())[:EXAMPLE_PAIRS]
         ],
     }
-
-
-def _stored(output: OutputLayout, stamp: bytes) -> pa.Table | None:
-    try:
-        with output.fs.open(output.path(DUPLICATES), "rb") as f:
-            table = pq.read_table(f)
-    except FileNotFoundError:
-        return None
-    return table if (table.schema.metadata or {}).get(b"imagemill") == stamp else None
