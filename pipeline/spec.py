@@ -411,9 +411,10 @@ class EvaluationSpec(_Section):
     def _reference_of_images(self) -> EvaluationSpec:
         for name in ("leakage", "reference_label_column"):
             if getattr(self, name) and (self.reference is None or self.reference.endswith(".npz")):
+                given = "precomputed statistics (.npz)" if self.reference else "no reference"
                 raise ValueError(
-                    f"{name} needs a reference of images (a folder or Parquet), not "
-                    f"{'precomputed statistics' if self.reference else 'none'}: set evaluation.reference"
+                    f"{name} needs a reference of images, not {given}: set evaluation.reference to a "
+                    "folder of images or Parquet files with an `image` column"
                 )
         return self
 
