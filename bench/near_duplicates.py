@@ -2,6 +2,7 @@
 
     python bench/near_duplicates.py                         # 2,500, 5,000 and 10,000 images; BENCHMARKS.md
     python bench/near_duplicates.py --images 10000 40000    # any sizes
+    python bench/near_duplicates.py --method faiss          # the faiss index (a CPU driver's large jobs)
 
 For each size it writes embedding files as actors do (768-d CLIP-L-sized float16 embeddings, 250 per
 shard, random directions, with 1% of the images planted as copies of another image plus noise far
@@ -36,7 +37,7 @@ from imagemill.output import OutputLayout
 output, shards = OutputLayout(sys.argv[1]), json.loads(sys.argv[2])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
-table = find_duplicates(output, shards, float(sys.argv[3]))
+table = find_duplicates(output, shards, float(sys.argv[3]), sys.argv[4])
 seconds = time.perf_counter() - start
 pairs = sorted(tuple(sorted((row["id"], row["nearest"]))) for row in table.to_pylist())
 print(json.dumps({"seconds": seconds, "rss_before_mb": before,
@@ -74,11 +75,11 @@ def write_job(root: Path, images: int, seed: int = 0) -> tuple[list[str], set[tu
     return shard_ids, planted
 
 
-def measure(images: int) -> dict:
+def measure(images: int, method: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         shard_ids, planted = write_job(Path(folder), images)
         result = subprocess.run(
-            [sys.executable, "-c", CHILD, folder, json.dumps(shard_ids), str(THRESHOLD)],
+            [sys.executable, "-c", CHILD, folder, json.dumps(shard_ids), str(THRESHOLD), method],
             capture_output=True,
             text=True,
             check=True,
@@ -91,21 +92,32 @@ def measure(images: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, nargs="+", default=[2500, 5000, 10000])
+    parser.add_argument("--method", choices=["torch", "faiss"], default="torch")
     args = parser.parse_args()
-    rows = [measure(images) for images in args.images]
+    rows = [measure(images, args.method) for images in args.images]
+    # imported after measuring: a child's peak RSS starts from this process's (it carries across exec)
+    from imagemill.similarity_search import FAISS_MIN_IMAGES
+
     table = "\n".join(
         f"| {r['images']:,} | {r['planted']} | {'yes' if r['exact'] else 'NO'} | {r['seconds']:.2f} | "
         f"{1000 * r['seconds'] / r['images']:.3f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         for r in rows
     )
-    command = f"python bench/near_duplicates.py --images {' '.join(map(str, args.images))}"
+    command = (
+        f"python bench/near_duplicates.py --images {' '.join(map(str, args.images))} --method {args.method}"
+    )
+    way = {
+        "torch": "Exact blockwise cosine (torch on the CPU)",
+        "faiss": "An exact faiss index (IndexFlatIP, range search; what a CPU driver uses from "
+        f"{FAISS_MIN_IMAGES:,} images)",
+    }[args.method]
     write_benchmarks(
-        f"""## Near-duplicates, cpu
+        f"""## Near-duplicates, cpu{", faiss index" if args.method == "faiss" else ""}
 
 Measured {datetime.now(UTC):%Y-%m-%d} on {platform.processor() or platform.machine()}, no GPU, Python \
 {platform.python_version()}. Reproduce: `{command}`
 
-Exact blockwise cosine (torch on the CPU) over {DIM}-d float16 embedding files of {PER_SHARD} images each,
+{way} over {DIM}-d float16 embedding files of {PER_SHARD} images each,
 threshold {THRESHOLD}; 1% of the images planted as noisy copies. RSS in MB of the driver process running
 the pass (before: after imports; peak: the process's maximum).
 

@@ -6,10 +6,12 @@ job record and the report show about the dataset as a whole.
   label from the label's diversity sample;
 - diversity: the mean pairwise cosine distance of a seeded sample of `diversity_sample` embeddings,
   job-wide and per label (the `label` of the embeddings files: the job's label column);
-
-Per label, a label's images are compared with the whole reference (the reference has no labels).
-- near-duplicates (imagemill.near_duplicates), reused when nothing changed;
+- near-duplicates (imagemill.near_duplicates), and with `leakage` the images close to a reference
+  image (imagemill.leakage), each reused when nothing changed;
 - the CLIP score distribution per label (imagemill.score_distribution), when the job is scored.
+
+Per label, a label's images are compared with that label's reference images where the reference is
+labelled (`reference_label_column`; a label with fewer than 2 has no FID/KID), else the whole reference.
 
 Inception Score needs a classifier head; the CLIP feature model has none, so it is reported as null.
 """
@@ -29,6 +31,7 @@ from imagemill.distribution_metrics import (
 )
 from imagemill.embedding_passes import SeededSample, read_shard_embeddings
 from imagemill.features import JOB_WIDE, FeatureSums, merge_sums, sums_from_table
+from imagemill.leakage import leakage
 from imagemill.near_duplicates import near_duplicates
 from imagemill.output import OutputLayout
 from imagemill.records import ShardStats
@@ -66,19 +69,19 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
             rows = [i for i, value in enumerate(labels) if label is None or value == label]
             diversity.setdefault(label, SeededSample(settings.diversity_sample, settings.seed))
             diversity[label].offer(shard_id, vectors[rows])
+    images = sums[JOB_WIDE].count if JOB_WIDE in sums else 0
+    shards = {shard_id: stats.finished_at for shard_id, stats in committed.items()}
     result: dict[str, Any] = {
-        "images": sums[JOB_WIDE].count if JOB_WIDE in sums else 0,
+        "images": images,
         "diversity": _per_label(
             {label: mean_pairwise_cosine_distance(s.vectors()) for label, s in diversity.items()}
         ),
         "near_duplicates": near_duplicates(
             output,
-            {
-                "shards": {shard_id: stats.finished_at for shard_id, stats in committed.items()},
-                "threshold": settings.duplicate_threshold,
-            },
+            {"shards": shards, "threshold": settings.duplicate_threshold},
             shard_ids,
             settings.duplicate_threshold,
+            images,
         ),
         "inception_score": None,
     }
@@ -89,6 +92,15 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
         reference = load_reference(settings, output, device)
         samples = {**diversity, JOB_WIDE: kid_sample}
         result.update(_against_reference(reference, sums, samples, settings.seed))
+        if settings.leakage:
+            basis = {
+                "shards": shards,
+                "threshold": settings.duplicate_threshold,
+                "reference": settings.reference,
+            }
+            result["leakage"] = leakage(
+                output, basis, shard_ids, reference, settings.duplicate_threshold, images
+            )
     return result
 
 
@@ -98,18 +110,21 @@ def _against_reference(
     samples: dict[str | None, SeededSample],
     seed: int,
 ) -> dict[str, Any]:
-    """FID and KID, job-wide and per label, against the reference; KID only from the reference's
-    features (precomputed statistics have none), with two or more images on each side."""
+    """FID and KID, job-wide and per label, against the reference (a label's own where it is labelled);
+    KID only from the reference's features (precomputed statistics have none), with two or more images
+    on each side."""
+    references = {label: reference.of_label(label) for label in sums.keys() | samples.keys()}
     fid = {
-        label: frechet_distance(*label_sums.mean_cov(), reference.mean, reference.cov)
+        label: frechet_distance(*label_sums.mean_cov(), real.mean, real.cov)
         for label, label_sums in sums.items()
-        if label_sums.count >= 2
+        if label_sums.count >= 2 and (real := references[label]) is not None
     }
     kid = {}
     for label, sample in samples.items():
-        if reference.features is not None and len(sample) >= 2:
+        real_features = getattr(references[label], "features", None)
+        if real_features is not None and len(sample) >= 2:
             real = SeededSample(sample.size, seed)
-            real.offer(REFERENCE_SHARD, reference.features)
+            real.offer(REFERENCE_SHARD, real_features)
             kid[label] = kernel_inception_distance(sample.vectors(), real.vectors())
     return {"fid": _per_label(fid), "kid": _per_label(kid)}
 

@@ -41,6 +41,7 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 DUPLICATES = "duplicates.parquet"  # the evaluation's near-duplicates (imagemill.near_duplicates)
 REFERENCE_FEATURES = "_reference_features.parquet"  # the evaluation's reference, embedded once
+LEAKAGE = "leakage.parquet"  # generated images close to a reference image (imagemill.leakage)
 MARKERS = (
     JOB_RECORD,
     SUCCESS_MARKER,
@@ -48,6 +49,7 @@ MARKERS = (
     REPORT_HTML,
     DUPLICATES,
     REFERENCE_FEATURES,
+    LEAKAGE,
 )  # at the root
 # The live run's lease (imagemill.lease): imagemill's own, but never deleted by --overwrite.
 LEASE_FILE = "_lease.json"

@@ -2,8 +2,11 @@
 
 Either real images (a folder of image files, or Parquet files with an `image` column: Hugging Face's
 `{bytes, path}` struct or plain bytes), embedded once on the driver with the job's feature model and
-cached in the output as `_reference_features.parquet` (float32, the embeddings file layout), or
-precomputed statistics in clean-fid's `.npz` layout (`mu`, `sigma`), which give FID but no KID.
+cached in the output as `_reference_features.parquet` (float32, the embeddings file layout: `id` is
+the image's file relative to the reference, `label` its `evaluation.reference_label_column` value,
+plus `row`, its row in a Parquet file), or precomputed statistics in clean-fid's `.npz` layout (`mu`,
+`sigma`), which give FID but no KID, per-label numbers or leakage. The cache records the reference and
+label column it was made from; another one is embedded again.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -21,8 +25,8 @@ from imagemill.errors import ImagemillError
 from imagemill.features import FeatureSums, embedding_matrix, embeddings_table
 from imagemill.output import REFERENCE_FEATURES, OutputLayout
 from imagemill.spec import EvaluationSpec
+from imagemill.stamped import read_stamped, write_stamped
 from imagemill.storage import filesystem
-from imagemill.workers.writers import parquet_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 EMBED_BATCH = 32
@@ -33,6 +37,24 @@ class Reference:
     mean: np.ndarray
     cov: np.ndarray
     features: np.ndarray | None  # every reference embedding, for KID; None from precomputed statistics
+    images: pa.Table | None = None  # per embedding: id (its file), row (in a Parquet file), label
+
+    def of_label(self, label: str | None) -> Reference | None:
+        """The reference a label's images are compared with: its own images where the reference is
+        labelled (None with fewer than 2), else the whole reference."""
+        if label is None or self.images is None or self.features is None:
+            return self
+        labels = self.images.column("label").to_pylist()
+        if labels == [None] * len(labels):  # no label column: every label against the whole reference
+            return self
+        rows = [i for i, value in enumerate(labels) if value == label]
+        return _from_features(self.features[rows], self.images.take(rows)) if len(rows) >= 2 else None
+
+
+def _from_features(features: np.ndarray, images: pa.Table) -> Reference:
+    sums = FeatureSums.empty(features.shape[1])
+    sums.add(features)
+    return Reference(*sums.mean_cov(), features, images)
 
 
 def load_reference(spec: EvaluationSpec, output: OutputLayout, device: str) -> Reference:
@@ -41,22 +63,19 @@ def load_reference(spec: EvaluationSpec, output: OutputLayout, device: str) -> R
     fs, path = filesystem(spec.reference, spec.reference_storage_options)
     if path.endswith(".npz"):
         return _clean_fid_statistics(fs, path, spec.reference)
-    try:
-        with output.fs.open(output.path(REFERENCE_FEATURES), "rb") as f:
-            features = embedding_matrix(pq.read_table(f))
-    except FileNotFoundError:
-        features = _embed(spec, _images(fs, path, spec.reference), device)
-        table = embeddings_table(
-            [str(i) for i in range(len(features))], [None] * len(features), features, np.float32
-        )
-        output.write_bytes(REFERENCE_FEATURES, parquet_bytes(table))
-    if len(features) < 2:
+    basis = {"reference": spec.reference, "label_column": spec.reference_label_column}
+    table = read_stamped(output, REFERENCE_FEATURES, basis)
+    if table is None:
+        names, rows, labels, images = _images(fs, path, spec.reference, spec.reference_label_column)
+        features = _embed(spec, images, device)
+        table = embeddings_table(names, labels, features, np.float32)
+        table = table.append_column("row", pa.array(rows, pa.int64()))
+        table = write_stamped(output, REFERENCE_FEATURES, table, basis)
+    if table.num_rows < 2:
         raise ImagemillError(
-            f"evaluation.reference {spec.reference} holds {len(features)} images; FID needs 2 or more"
+            f"evaluation.reference {spec.reference} holds {table.num_rows} images; FID needs 2 or more"
         )
-    sums = FeatureSums.empty(features.shape[1])
-    sums.add(features)
-    return Reference(*sums.mean_cov(), features)
+    return _from_features(embedding_matrix(table), table.select(["id", "row", "label"]))
 
 
 def _clean_fid_statistics(fs, path: str, shown: str) -> Reference:
@@ -71,12 +90,15 @@ def _clean_fid_statistics(fs, path: str, shown: str) -> Reference:
         ) from None
 
 
-def _images(fs, path: str, shown: str) -> Iterator[np.ndarray]:
-    """The reference's images as (H, W, 3) uint8, in name order."""
+def _images(
+    fs, path: str, shown: str, label_column: str | None
+) -> tuple[list[str], list[int | None], list[str | None], Iterator[np.ndarray]]:
+    """The reference's images in name order: each one's file (relative to the reference), row in a
+    Parquet file (None for an image file) and label, filled in as the images, (H, W, 3) uint8, are read."""
     if fs.isfile(path):
-        files = [path]
+        files, root = [path], path.rpartition("/")[0]
     elif fs.isdir(path):
-        files = sorted(fs.find(path))
+        files, root = sorted(fs.find(path)), path.rstrip("/")
     else:
         raise ImagemillError(f"evaluation.reference {shown} does not exist")
     parquet = [name for name in files if name.endswith(".parquet")]
@@ -86,16 +108,39 @@ def _images(fs, path: str, shown: str) -> Iterator[np.ndarray]:
             f"evaluation.reference {shown} holds no image files ({', '.join(IMAGE_SUFFIXES)}) and no "
             "Parquet files with an `image` column"
         )
-    for name in images:
-        yield _decode(fs.cat_file(name), name)
-    for name in parquet:
-        with fs.open(name, "rb") as f:
-            reader = pq.ParquetFile(f)
-            if "image" not in reader.schema_arrow.names:
-                raise ImagemillError(f"evaluation.reference: {name} has no `image` column")
-            for batch in reader.iter_batches(batch_size=EMBED_BATCH, columns=["image"]):
-                for value in batch.column("image").to_pylist():
-                    yield _decode(value["bytes"] if isinstance(value, dict) else value, name)
+    if label_column is not None and images:
+        raise ImagemillError(
+            f"evaluation.reference_label_column: {images[0]} is an image file, which has no labels; "
+            "give the labelled reference as Parquet files only"
+        )
+    names: list[str] = []
+    rows: list[int | None] = []
+    labels: list[str | None] = []
+
+    def read() -> Iterator[np.ndarray]:
+        for name in images:
+            names.append(name[len(root) :].lstrip("/"))
+            rows.append(None)
+            labels.append(None)
+            yield _decode(fs.cat_file(name), name)
+        for name in parquet:
+            with fs.open(name, "rb") as f:
+                reader = pq.ParquetFile(f)
+                columns = ["image", *([label_column] if label_column else [])]
+                missing = [column for column in columns if column not in reader.schema_arrow.names]
+                if missing:
+                    raise ImagemillError(f"evaluation.reference: {name} has no `{missing[0]}` column")
+                row = 0
+                for batch in reader.iter_batches(batch_size=EMBED_BATCH, columns=columns):
+                    values = batch.column(label_column).to_pylist() if label_column else None
+                    for index, value in enumerate(batch.column("image").to_pylist()):
+                        names.append(name[len(root) :].lstrip("/"))
+                        rows.append(row)
+                        labels.append(None if values is None or values[index] is None else str(values[index]))
+                        row += 1
+                        yield _decode(value["bytes"] if isinstance(value, dict) else value, name)
+
+    return names, rows, labels, read()
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:

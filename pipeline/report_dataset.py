@@ -61,4 +61,23 @@ def dataset_tables(dataset: dict[str, Any] | None) -> list[Table]:
             [(pair["id"], pair["nearest"], pair["cosine"]) for pair in duplicates.get("examples", [])],
         )
     )
-    return tables
+    return tables + _leakage_tables(dataset.get("leakage"))
+
+
+def _leakage_tables(leakage: dict[str, Any] | None) -> list[Table]:
+    """Generated images close to a reference image, with example pairs; none without `leakage`."""
+    if leakage is None:
+        return []
+    caption = (
+        f"Leakage (cosine ≥ {leakage['threshold']} to a reference image): {leakage['images']} images, "
+        f"listed in {leakage['file']}"
+    )
+    rows = [
+        (
+            pair["id"],
+            pair["reference"] + ("" if pair["reference_row"] is None else f" row {pair['reference_row']}"),
+            pair["cosine"],
+        )
+        for pair in leakage["examples"]
+    ]
+    return [(caption, ("image", "reference image", "cosine"), rows)]

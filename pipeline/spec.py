@@ -367,6 +367,9 @@ class SafetySpec(_Section):
         return self.retry.then if self.policy == "retry" else self.policy
 
 
+EVALUATION_LATER_FIELDS = ("leakage", "reference_label_column")
+
+
 class EvaluationSpec(_Section):
     """Dataset evaluation (workers/stages/evaluation.py, imagemill.evaluation): every written image is
     embedded by a feature model on the actor; the driver merges the shards' feature statistics into
@@ -400,6 +403,27 @@ class EvaluationSpec(_Section):
         0.98, gt=0, le=1, description="Cosine similarity at or above which two images are near-duplicates."
     )
     seed: int = Field(0, description="Seeds the KID and diversity samples.")
+    leakage: bool = Field(
+        False,
+        description="Mark generated images at or above duplicate_threshold cosine to a reference image "
+        "(leakage.parquet); needs a reference of images.",
+    )
+    reference_label_column: str | None = Field(
+        None,
+        description="The reference Parquet's label column: per-label FID/KID then compare a label's images "
+        "with that label's reference images.",
+    )
+
+    @model_validator(mode="after")
+    def _reference_of_images(self) -> EvaluationSpec:
+        for name in ("leakage", "reference_label_column"):
+            if getattr(self, name) and (self.reference is None or self.reference.endswith(".npz")):
+                given = "precomputed statistics (.npz)" if self.reference else "no reference"
+                raise ValueError(
+                    f"{name} needs a reference of images, not {given}: set evaluation.reference to a "
+                    "folder of images or Parquet files with an `image` column"
+                )
+        return self
 
     @model_validator(mode="after")
     def _source_of_the_features(self) -> EvaluationSpec:
@@ -758,8 +782,9 @@ class JobSpec(_Section):
         if self.evaluation is not None:  # absent when off: outputs made before it still resume
             fingerprint["evaluation"] = self.evaluation.model_dump(
                 exclude={"storage_options", "safetensors_only", "reference_storage_options"}
-                | ({"features"} if self.evaluation.features == "clip" else set())  # clip: as before it
-            )
+                | {name for name in EVALUATION_LATER_FIELDS if not getattr(self.evaluation, name)}
+                | ({"features"} if self.evaluation.features == "clip" else set())
+            )  # the fields added later absent at their defaults: outputs made before them still resume
         # where compiled code is kept changes how fast an actor starts, not what it makes
         speed = self.speed.model_dump(exclude_defaults=True, exclude=SPEED_RUNTIME_FIELDS)
         if speed:  # absent means defaults: outputs made before speed options existed still resume
