@@ -85,7 +85,7 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
         ),
         "inception_score": None,
     }
-    scores = clip_score_distribution(output, shard_ids, spec.label_column())
+    scores = clip_score_distribution(output, shard_ids, spec.label_column()) if spec.scoring else {}
     result["clip_score"] = _per_label(scores) if scores else None  # None: scoring is off
     if settings.reference is not None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
