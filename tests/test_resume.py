@@ -44,10 +44,10 @@ def _wait_for_commits(output: Path, count: int, driver: subprocess.Popen, timeou
         time.sleep(0.05)
 
 
-def test_driver_killed_ten_times_then_rerun_gives_every_row_once_and_the_same_bytes(
+def test_driver_killed_five_times_then_rerun_gives_every_row_once_and_the_same_bytes(
     ray_address, tmp_path, tiny_model
 ):
-    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=9, rows_per_file=96, row_group_size=8)
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=6, rows_per_file=64, row_group_size=8)
     shards = rows // 16
     ids = {f"row-{i:05d}" for i in range(rows)}
     unbroken = _write_job(tmp_path / "unbroken.yaml", tmp_path / "prompts", tmp_path / "unbroken", tiny_model)
@@ -58,7 +58,7 @@ def test_driver_killed_ten_times_then_rerun_gives_every_row_once_and_the_same_by
     command = [sys.executable, "-m", "imagemill.cli", "run", str(job), "--no-progress"]
     rng = random.Random(20261124)
     kills = []
-    for _ in range(10):
+    for _ in range(5):
         driver = subprocess.Popen(
             command, env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=DEVNULL, stderr=DEVNULL
         )
@@ -74,7 +74,7 @@ def test_driver_killed_ten_times_then_rerun_gives_every_row_once_and_the_same_by
         driver.wait()
         assert driver.returncode == -9, f"the job finished before it was killed: make it longer {kills}"
         kills.append((more, _commits(tmp_path / "out")))
-    assert sum(1 for more, _ in kills if more) >= 3, kills
+    assert sum(1 for more, _ in kills if more) >= 3, kills  # 4 of the 5 with this seed
     assert kills[-1][1] < shards, f"every shard was done before the last kill: make the job longer {kills}"
 
     done = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
