@@ -21,9 +21,10 @@ from test_evaluation import _prompts, _run_shards, _spec, _written_images
 import imagemill
 from imagemill.errors import ImagemillError
 from imagemill.evaluation import evaluate, merged_feature_sums
-from imagemill.features import JOB_WIDE
+from imagemill.features import JOB_WIDE, FeatureSums, merge_sums, sums_from_table, sums_table
 from imagemill.inception_score import ClassSums
 from imagemill.output import OutputLayout
+from imagemill.report_dataset import dataset_tables
 from imagemill.spec import EvaluationSpec
 from imagemill.workers.model_source import check_evaluation_source
 from imagemill.workers.stages.inception import InceptionV3, load_inception
@@ -77,9 +78,11 @@ class _Features(torch.nn.Module):
             return self.network(images)[self.output]
 
 
-def _job(folder: Path, weights_source: str, labels: list[str] | None, **evaluation) -> imagemill.JobSpec:
-    """8 rows in two row groups, so two shards without a piece server."""
-    inputs = _prompts(folder, [f"colour {i}" for i in range(len(SEEDS))], SEEDS, labels)
+def _job(
+    folder: Path, weights_source: str, seeds: list[int], labels: list[str] | None, **evaluation
+) -> imagemill.JobSpec:
+    """A row per seed, in shards of 4 rows (row groups of 4, so no piece server)."""
+    inputs = _prompts(folder, [f"colour {i}" for i in range(len(seeds))], seeds, labels)
     pq.write_table(pq.read_table(inputs / "prompts.parquet"), inputs / "prompts.parquet", row_group_size=4)
     spec = _spec(
         inputs,
@@ -94,8 +97,9 @@ def _job(folder: Path, weights_source: str, labels: list[str] | None, **evaluati
 
 
 def test_fid_from_a_pth_matches_torchmetrics_on_the_same_network(tmp_path, weights):
-    """torch-fidelity's .pth, in its folder, with safetensors_only: false; the reference: the first
-    four colours again, darker."""
+    """torch-fidelity's .pth, in its folder, with safetensors_only: false; four images (FID at 2048
+    dimensions costs two 2048x2048 eigenvalue problems, ours and torchmetrics', whatever the count);
+    the reference: the same colours, darker."""
     from PIL import Image
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -104,18 +108,14 @@ def test_fid_from_a_pth_matches_torchmetrics_on_the_same_network(tmp_path, weigh
     for index, seed in enumerate(SEEDS[:4]):
         colour = [(seed >> shift & 255) // 2 for shift in (16, 8, 0)]
         Image.new("RGB", (32, 32), tuple(colour)).save(reference / f"real-{index}.png")
-    spec = _job(tmp_path, str(weights), None, safetensors_only=False, reference=str(reference))
+    spec = _job(tmp_path, str(weights), SEEDS[:4], None, safetensors_only=False, reference=str(reference))
     committed = _run_shards(spec, actors=1)
     result = evaluate(spec, OutputLayout(spec.output.path), committed)
 
     fid = FrechetInceptionDistance(feature=_Features(_network(weights), 0))
     fid.update(_written_images(spec.output.path), real=False)
-    fid.update(
-        torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in sorted(reference.iterdir())])).permute(
-            0, 3, 1, 2
-        ),
-        real=True,
-    )
+    real = np.stack([np.asarray(Image.open(path)) for path in sorted(reference.iterdir())])
+    fid.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
     want = float(fid.compute())
     assert want > 1  # the two sets differ: the comparison is not of zeros
     assert result["fid"]["all"] == pytest.approx(want, rel=1e-3)
@@ -126,7 +126,7 @@ def test_inception_score_matches_torchmetrics_per_label_and_merges_across_shards
     from torchmetrics.image.inception import InceptionScore
 
     labels = ["warm", "cool"] * 4
-    spec = _job(tmp_path, str(weights / "safetensors"), labels)
+    spec = _job(tmp_path, str(weights / "safetensors"), SEEDS, labels)
     committed = _run_shards(spec, actors=2)
     assert len(committed) == 2
     output = OutputLayout(spec.output.path)
@@ -135,29 +135,29 @@ def test_inception_score_matches_torchmetrics_per_label_and_merges_across_shards
     written_labels = [
         row["label"] for row in sorted(read_metadata(spec.output.path).to_pylist(), key=lambda r: r["id"])
     ]
-    network = _network(weights)
-
-    def torchmetrics_is(selected: torch.Tensor) -> float:
-        metric = InceptionScore(feature=_Features(network, 1), splits=1)
-        metric.update(selected)
-        return float(metric.compute()[0])
-
-    want = torchmetrics_is(images)
+    network = _Features(_network(weights), 1)
+    metric = InceptionScore(feature=network, splits=1)
+    metric.update(images)
+    want = float(metric.compute()[0])
     assert want > 1.2  # confident, varied classes: not the uniform-softmax score of 1
     assert result["inception_score"]["splits"] == 1
     assert result["inception_score"]["all"] == pytest.approx(want, rel=1e-3)
-    for label in ("warm", "cool"):
-        chosen = images[[value == label for value in written_labels]]
-        assert result["inception_score"]["per_label"][label] == pytest.approx(
-            torchmetrics_is(chosen), rel=1e-3
-        )
+    logits = network(images)
+    for label in ("warm", "cool"):  # torchmetrics on the label's logits (the network runs once)
+        metric = InceptionScore(feature=torch.nn.Identity(), splits=1)
+        metric.update(logits[[value == label for value in written_labels]])
+        got = result["inception_score"]["per_label"][label]
+        assert got == pytest.approx(float(metric.compute()[0]), rel=1e-3)
 
     # The shards' sums, merged, are one pass's over every image.
     merged = merged_feature_sums(output, list(committed))[JOB_WIDE].classes
-    one_pass = ClassSums.of_logits(network(images)[1].numpy())
+    one_pass = ClassSums.of_logits(logits.numpy())
     assert merged is not None and merged.count == one_pass.count == len(SEEDS)
     np.testing.assert_allclose(merged.probability, one_pass.probability, rtol=1e-5)
     assert merged.p_log_p == pytest.approx(one_pass.p_log_p, rel=1e-5)
+    # The report shows it per label, and says how it was computed.
+    table = next(rows for caption, _, rows in dataset_tables(result) if caption.startswith("Inception Score"))
+    assert [label for label, _ in table] == ["all images", "cool", "warm"]
 
 
 def test_wrong_weights_and_pickles_under_safetensors_only_are_refused_in_one_line(tmp_path, weights):
@@ -182,3 +182,22 @@ def test_wrong_weights_and_pickles_under_safetensors_only_are_refused_in_one_lin
     assert "does not read as a state dict" in refusal(tmp_path / "not-weights.pth", safetensors_only=False)
     with pytest.raises(ImagemillError, match="does not exist"):  # on the driver, before any actor starts
         check_evaluation_source(EvaluationSpec(features="inception", source=str(tmp_path / "absent.pth")))
+
+
+def test_feature_stats_without_class_sums_still_read_and_give_no_partial_score():
+    """A shard committed by a job without a classifier head (or before IS existed) has no class
+    columns: it reads, and a job mixing it with scored shards reports no IS rather than a wrong one."""
+    rng = np.random.default_rng(0)
+    plain, scored = FeatureSums.empty(3), FeatureSums.empty(3)
+    plain.add(rng.normal(size=(4, 3)))
+    scored.add(rng.normal(size=(4, 3)))
+    scored.classes = ClassSums.of_logits(rng.normal(size=(4, 5)))
+    old = sums_from_table(sums_table({JOB_WIDE: plain}))
+    assert "class_probability" not in sums_table({JOB_WIDE: plain}).column_names
+    assert old[JOB_WIDE].classes is None and old[JOB_WIDE].inception_score() is None
+    new = sums_from_table(sums_table({JOB_WIDE: scored}))
+    assert new[JOB_WIDE].inception_score() == pytest.approx(scored.classes.inception_score())
+    assert merge_sums([old, new])[JOB_WIDE].inception_score() is None
+    assert merge_sums([new, new])[JOB_WIDE].inception_score() == pytest.approx(
+        scored.classes.inception_score()
+    )
