@@ -13,7 +13,9 @@ job record and the report show about the dataset as a whole.
 Per label, a label's images are compared with that label's reference images where the reference is
 labelled (`reference_label_column`; a label with fewer than 2 has no FID/KID), else the whole reference.
 
-Inception Score needs a classifier head; the CLIP feature model has none, so it is reported as null.
+The Inception Score needs a classifier head: with `features: inception` it comes from the merged class
+sums (imagemill.inception_score; over all images at once, splits=1), job-wide and per label; with
+CLIP or pixel features it is null.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from imagemill.distribution_metrics import (
 )
 from imagemill.embedding_passes import SeededSample, read_shard_embeddings
 from imagemill.features import JOB_WIDE, FeatureSums, merge_sums, sums_from_table
+from imagemill.inception_score import SPLITS
 from imagemill.leakage import leakage
 from imagemill.near_duplicates import near_duplicates
 from imagemill.output import OutputLayout
@@ -83,7 +86,7 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
             settings.duplicate_threshold,
             images,
         ),
-        "inception_score": None,
+        "inception_score": _inception_scores(sums),
     }
     scores = clip_score_distribution(output, shard_ids, spec.label_column()) if spec.scoring else {}
     result["clip_score"] = _per_label(scores) if scores else None  # None: scoring is off
@@ -127,6 +130,15 @@ def _against_reference(
             real.offer(REFERENCE_SHARD, real_features)
             kid[label] = kernel_inception_distance(sample.vectors(), real.vectors())
     return {"fid": _per_label(fid), "kid": _per_label(kid)}
+
+
+def _inception_scores(sums: dict[str | None, FeatureSums]) -> dict[str, Any] | None:
+    """IS job-wide and per label, over all their images at once; None without a classifier head (or
+    when some committed shard has no class sums)."""
+    scores = {label: label_sums.inception_score() for label, label_sums in sums.items()}
+    if scores.get(JOB_WIDE) is None:
+        return None
+    return {**_per_label(scores), "splits": SPLITS}
 
 
 def _per_label(values: dict[str | None, Any]) -> dict[str, Any]:

@@ -9,6 +9,9 @@ reads them (the `evaluation:` section; workers/stages/evaluation.py embeds, imag
   across shards, so the driver gets the job's mean and covariance (FID) without reading any
   embedding file. A 768-d sum of outer products is 590k numbers, so it is a file of its own rather
   than part of the shard's JSON stats; it is written before the commit, so a committed shard has it.
+  With a classifier head (`features: inception`) it also holds the Inception Score's sums
+  (imagemill.inception_score): `class_probability` and `p_log_p`, columns absent otherwise (older
+  files read as without them).
 
 Both are Parquet (written by `parquet_bytes`): byte-identical for the same features on every run.
 """
@@ -21,6 +24,8 @@ from typing import Self
 import numpy as np
 import pyarrow as pa
 
+from imagemill.inception_score import ClassSums
+
 
 @dataclass
 class FeatureSums:
@@ -29,6 +34,7 @@ class FeatureSums:
     count: int
     sum: np.ndarray  # (d,)
     outer: np.ndarray  # (d, d)
+    classes: ClassSums | None = None  # the Inception Score's sums, with a classifier head
 
     @classmethod
     def empty(cls, dim: int) -> Self:
@@ -45,6 +51,15 @@ class FeatureSums:
         self.count += other.count
         self.sum += other.sum
         self.outer += other.outer
+        if other.classes is not None:
+            if self.classes is None:
+                self.classes = ClassSums(0, np.zeros_like(other.classes.probability), 0.0)
+            self.classes.merge(other.classes)
+
+    def inception_score(self) -> float | None:
+        """IS over these images; None unless every one of them has its class sums."""
+        complete = self.classes is not None and self.classes.count == self.count
+        return self.classes.inception_score() if complete else None  # type: ignore[union-attr]
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """The mean and the unbiased covariance (n - 1), as clean-fid and torchmetrics compute them."""
@@ -59,14 +74,19 @@ JOB_WIDE: str | None = None  # the label key of the job-wide sums
 def sums_table(sums: dict[str | None, FeatureSums]) -> pa.Table:
     """A shard's `feature_stats` file: one row per label (null: job-wide), in label order."""
     keys = sorted(sums, key=lambda label: (label is not None, label or ""))
-    return pa.table(
-        {
-            "label": pa.array(keys, pa.string()),
-            "count": pa.array([sums[key].count for key in keys], pa.int64()),
-            "sum": pa.array([sums[key].sum.tolist() for key in keys], pa.list_(pa.float64())),
-            "outer": pa.array([sums[key].outer.ravel().tolist() for key in keys], pa.list_(pa.float64())),
-        }
-    )
+    columns = {
+        "label": pa.array(keys, pa.string()),
+        "count": pa.array([sums[key].count for key in keys], pa.int64()),
+        "sum": pa.array([sums[key].sum.tolist() for key in keys], pa.list_(pa.float64())),
+        "outer": pa.array([sums[key].outer.ravel().tolist() for key in keys], pa.list_(pa.float64())),
+    }
+    classes = [sums[key].classes for key in keys]
+    if any(classes):
+        columns["class_probability"] = pa.array(
+            [c.probability.tolist() if c else None for c in classes], pa.list_(pa.float64())
+        )
+        columns["p_log_p"] = pa.array([c.p_log_p if c else None for c in classes], pa.float64())
+    return pa.table(columns)
 
 
 def sums_from_table(table: pa.Table) -> dict[str | None, FeatureSums]:
@@ -75,7 +95,11 @@ def sums_from_table(table: pa.Table) -> dict[str | None, FeatureSums]:
     for row in table.to_pylist():
         total = np.asarray(row["sum"], dtype=np.float64)
         outer = np.asarray(row["outer"], dtype=np.float64).reshape(len(total), len(total))
-        sums[row["label"]] = FeatureSums(row["count"], total, outer)
+        classes = None
+        if row.get("class_probability") is not None:
+            probability = np.asarray(row["class_probability"], dtype=np.float64)
+            classes = ClassSums(row["count"], probability, row["p_log_p"])
+        sums[row["label"]] = FeatureSums(row["count"], total, outer, classes)
     return sums
 
 

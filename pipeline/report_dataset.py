@@ -29,10 +29,15 @@ def dataset_tables(dataset: dict[str, Any] | None) -> list[Table]:
         rows = [
             (label, _rounded(fid), _rounded(kid.get(label), 6)) for label, fid in _labelled(dataset["fid"])
         ]
-        rows.append(
-            ("Inception Score", _rounded(dataset.get("inception_score")), "(needs a classifier head)")
-        )
         tables.append(("Distance to the reference", ("images", "FID", "KID"), rows))
+    if dataset.get("inception_score"):  # features: inception only (a classifier head)
+        tables.append(
+            (
+                "Inception Score over all images at once (splits=1; higher is more confident and varied)",
+                ("images", "IS"),
+                [(label, _rounded(value)) for label, value in _labelled(dataset["inception_score"])],
+            )
+        )
     tables.append(
         (
             "Diversity: mean pairwise cosine distance of a seeded sample (higher is more varied)",

@@ -375,16 +375,19 @@ class EvaluationSpec(_Section):
     embedded by a feature model on the actor; the driver merges the shards' feature statistics into
     FID/KID against a reference, diversity and near-duplicates."""
 
-    features: Literal["clip", "pixels"] = Field(
+    features: Literal["clip", "pixels", "inception"] = Field(
         "clip",
         description="clip: a CLIP model's image embeddings (needs `source`); pixels: each image downscaled "
         "to 16x16, centred, needs no weights (diversity and near-duplicates where no trained feature model "
-        "exists; its FID/KID are not comparable to published FID).",
+        "exists; its FID/KID are not comparable to published FID); inception: the FID Inception-v3's 2048 "
+        "pool features (needs `source`), and the Inception Score.",
     )
     source: str | None = Field(
         None,
         description="features: clip: a transformers CLIPModel directory (with preprocessor_config.json), "
-        "hub id or URL, found as model.source is; its image embeddings are the features.",
+        "hub id or URL, found as model.source is; its image embeddings are the features. features: "
+        "inception: torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or that state dict as "
+        ".safetensors), or a folder holding it; a path or URL, never downloaded from elsewhere.",
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     safetensors_only: bool = True
@@ -429,6 +432,8 @@ class EvaluationSpec(_Section):
     def _source_of_the_features(self) -> EvaluationSpec:
         if self.features == "clip" and self.source is None:
             raise ValueError("features: clip needs evaluation.source (a CLIPModel), or set features: pixels")
+        if self.features == "inception" and self.source is None:
+            raise ValueError("features: inception needs evaluation.source (the Inception-v3 weights file)")
         if self.features == "pixels" and self.source is not None:
             raise ValueError("evaluation.source does not apply to features: pixels (no weights): remove it")
         return self

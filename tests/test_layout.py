@@ -26,6 +26,7 @@ SHARED_CONTRACT = {
     "labels",
     "cost",
     "features",
+    "inception_score",
 }
 DRIVER_ONLY = {"runner", "scheduler", "cli", "submit", "status", "report", "expanders", "contact_sheet"}
 FORBIDDEN_IN_ACTORS = {"tqdm"}

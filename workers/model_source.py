@@ -59,8 +59,13 @@ def check_safety_source(spec: SafetySpec) -> None:
 
 def check_evaluation_source(spec: EvaluationSpec) -> None:
     """The same check for the evaluation's feature model: a transformers CLIPModel directory (pixel
-    features have none to check)."""
+    features have none to check), or the Inception-v3 weights file."""
     if spec.source is None:
+        return
+    if spec.features == "inception":
+        from imagemill.workers.stages.inception import weights_file
+
+        weights_file(spec)
         return
     _check_source(
         spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="evaluation"

@@ -252,7 +252,8 @@ class ShardWorker:
             -1, self.selection.features.dim
         )
         labels = [run.label(row) for row in kept]
-        write_features(self.output, run.shard.shard_id, [row.row_id for row in kept], labels, embeddings)
+        ids = [row.row_id for row in kept]
+        write_features(self.output, run.shard.shard_id, ids, labels, embeddings, self.selection.features)
 
     def _commit(self, run: ShardRun) -> ShardStats:
         """Write the shard's stats, last: its commit."""

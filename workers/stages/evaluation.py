@@ -8,6 +8,8 @@ same batch pass as the CLIP score and before the copy back, so later passes read
   classifier head, so no Inception Score comes from it.
 - pixels: the image itself, small (PixelFeatures): needs no weights, so diversity and near-duplicates
   work where no trained feature model exists (the demo model's world, smoke tests).
+- inception: the FID Inception-v3's pool features (stages/inception.py); its classifier head gives
+  each shard the Inception Score's sums (imagemill.inception_score).
 `write_features` writes a shard's embeddings and feature sums (imagemill.features) before its commit.
 """
 
@@ -20,11 +22,13 @@ import numpy as np
 import torch
 
 from imagemill.features import JOB_WIDE, FeatureSums, embeddings_table, sums_table
+from imagemill.inception_score import ClassSums
 from imagemill.output import OutputLayout
 from imagemill.spec import EvaluationSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput
+from imagemill.workers.stages.inception import InceptionFeatures
 from imagemill.workers.writers import parquet_bytes
 
 
@@ -77,6 +81,7 @@ class PixelFeatures:
 FEATURE_KINDS: dict[str, Callable[[EvaluationSpec, str], Features]] = {
     "clip": ClipFeatures,
     "pixels": PixelFeatures,
+    "inception": InceptionFeatures,
 }
 
 
@@ -91,16 +96,32 @@ class FeatureModel:
         """(N, H, W, 3) uint8 images, on any device → their (N, dim) float32 embeddings, on the CPU."""
         return self.features.embed(images)
 
+    def class_logits(self, features: np.ndarray) -> np.ndarray | None:
+        """The classifier head's logits of `embed`'s features (the Inception Score's); None without one."""
+        head = getattr(self.features, "class_logits", None)
+        return None if head is None else head(features)
+
 
 def write_features(
-    output: OutputLayout, shard_id: str, ids: list[str], labels: list[str | None], features: np.ndarray
+    output: OutputLayout,
+    shard_id: str,
+    ids: list[str],
+    labels: list[str | None],
+    features: np.ndarray,
+    model: FeatureModel,
 ) -> None:
-    """A shard's embeddings file and feature-sums file (job-wide and per label), written whole."""
-    sums = {JOB_WIDE: FeatureSums.empty(features.shape[1])}
-    sums[JOB_WIDE].add(features)
+    """A shard's embeddings file and feature-sums file (job-wide and per label, with the Inception
+    Score's sums when the model has a classifier head), written whole."""
+    logits = model.class_logits(features)
+    groups = {JOB_WIDE: list(range(len(ids)))}
     for label in sorted({label for label in labels if label is not None}):
+        groups[label] = [index for index, value in enumerate(labels) if value == label]
+    sums = {}
+    for label, rows in groups.items():
         sums[label] = FeatureSums.empty(features.shape[1])
-        sums[label].add(features[[index for index, value in enumerate(labels) if value == label]])
+        sums[label].add(features[rows])
+        if logits is not None:
+            sums[label].classes = ClassSums.of_logits(logits[rows])
     for path, table in (
         (OutputLayout.embeddings_path(shard_id), embeddings_table(ids, labels, features)),
         (OutputLayout.feature_stats_path(shard_id), sums_table(sums)),

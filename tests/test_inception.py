@@ -1,0 +1,203 @@
+"""`evaluation.features: inception`: the FID Inception-v3 from a weights file, FID and the Inception
+Score compared with torchmetrics on the same images and network, IS merged across shards, and the
+weights files refused.
+
+The weights are random, made here in torch-fidelity's state-dict layout (the real file is 92 MB and
+never downloaded); the images come from the no-model generator (a solid colour per seed), run by
+in-process shard workers, so the cost is the network's: a handful of images at 299x299.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import read_metadata
+from test_evaluation import _prompts, _run_shards, _spec, _written_images
+
+import imagemill
+from imagemill.errors import ImagemillError
+from imagemill.evaluation import evaluate, merged_feature_sums
+from imagemill.features import JOB_WIDE, FeatureSums, merge_sums, sums_from_table, sums_table
+from imagemill.inception_score import ClassSums
+from imagemill.output import OutputLayout
+from imagemill.report_dataset import dataset_tables
+from imagemill.spec import EvaluationSpec
+from imagemill.workers.model_source import check_evaluation_source
+from imagemill.workers.stages.inception import InceptionV3, load_inception
+
+PTH = "weights-inception-2015-12-05-6726825d.pth"
+FC_SCALE = 0.003
+SEEDS = [0xD03010, 0x20A0F0, 0xF0E040, 0x101010, 0x80F080, 0xC040C0, 0x406080, 0xF08000]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A folder with random FID Inception-v3 weights as torch-fidelity's .pth and as safetensors.
+    At random initialisation the activations fade layer by layer and every image gets the same
+    features, so the batch norms' running statistics are taken from one batch of images (as training
+    would leave them) and the classifier is scaled so that colours get confident, different classes."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = InceptionV3()
+    calibration = torch.tensor(SEEDS[::2])[:, None] >> torch.tensor([16, 8, 0]) & 255
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = 1.0  # the batch's statistics, as they are
+        model.train().features(calibration[:, :, None, None].expand(-1, -1, 32, 32).to(torch.uint8))
+        model.fc.weight.mul_(FC_SCALE)
+    folder = tmp_path_factory.mktemp("inception")
+    state = model.state_dict()
+    torch.save(state, folder / PTH)
+    (folder / "safetensors").mkdir()
+    save_file(
+        {key: value.contiguous() for key, value in state.items()}, folder / "safetensors" / "fid.safetensors"
+    )
+    return folder
+
+
+def _network(weights: Path) -> InceptionV3:
+    return load_inception(EvaluationSpec(features="inception", source=str(weights / "safetensors")), "cpu")
+
+
+class _Features(torch.nn.Module):
+    """The network as torchmetrics takes a custom feature model: (N, 3, H, W) uint8 → (N, d)."""
+
+    def __init__(self, network: InceptionV3, output: int):
+        super().__init__()
+        self.network, self.output = network, output
+        self.num_features = 2048 if output == 0 else 1008
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.network(images)[self.output]
+
+
+def _job(
+    folder: Path, weights_source: str, seeds: list[int], labels: list[str] | None, **evaluation
+) -> imagemill.JobSpec:
+    """A row per seed, in shards of 4 rows (row groups of 4, so no piece server)."""
+    inputs = _prompts(folder, [f"colour {i}" for i in range(len(seeds))], seeds, labels)
+    pq.write_table(pq.read_table(inputs / "prompts.parquet"), inputs / "prompts.parquet", row_group_size=4)
+    spec = _spec(
+        inputs,
+        folder / "out",
+        "unused",
+        {"features": "inception", "source": weights_source, **evaluation},
+        carry_columns=["label"] if labels else None,
+    )
+    spec.model.kind = "noop"
+    spec.input.rows_per_shard = 4
+    return spec
+
+
+def test_fid_from_a_pth_matches_torchmetrics_on_the_same_network(tmp_path, weights):
+    """torch-fidelity's .pth, in its folder, with safetensors_only: false; four images (FID at 2048
+    dimensions costs two 2048x2048 eigenvalue problems, ours and torchmetrics', whatever the count);
+    the reference: the same colours, darker."""
+    from PIL import Image
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for index, seed in enumerate(SEEDS[:4]):
+        colour = [(seed >> shift & 255) // 2 for shift in (16, 8, 0)]
+        Image.new("RGB", (32, 32), tuple(colour)).save(reference / f"real-{index}.png")
+    spec = _job(tmp_path, str(weights), SEEDS[:4], None, safetensors_only=False, reference=str(reference))
+    committed = _run_shards(spec, actors=1)
+    result = evaluate(spec, OutputLayout(spec.output.path), committed)
+
+    fid = FrechetInceptionDistance(feature=_Features(_network(weights), 0))
+    fid.update(_written_images(spec.output.path), real=False)
+    real = np.stack([np.asarray(Image.open(path)) for path in sorted(reference.iterdir())])
+    fid.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
+    want = float(fid.compute())
+    assert want > 1  # the two sets differ: the comparison is not of zeros
+    assert result["fid"]["all"] == pytest.approx(want, rel=1e-3)
+
+
+def test_inception_score_matches_torchmetrics_per_label_and_merges_across_shards(tmp_path, weights):
+    """Two shards on two actors, two labels; the safetensors file (the default safetensors_only)."""
+    from torchmetrics.image.inception import InceptionScore
+
+    labels = ["warm", "cool"] * 4
+    spec = _job(tmp_path, str(weights / "safetensors"), SEEDS, labels)
+    committed = _run_shards(spec, actors=2)
+    assert len(committed) == 2
+    output = OutputLayout(spec.output.path)
+    result = evaluate(spec, output, committed)
+    images = _written_images(spec.output.path)
+    written_labels = [
+        row["label"] for row in sorted(read_metadata(spec.output.path).to_pylist(), key=lambda r: r["id"])
+    ]
+    network = _Features(_network(weights), 1)
+    metric = InceptionScore(feature=network, splits=1)
+    metric.update(images)
+    want = float(metric.compute()[0])
+    assert want > 1.2  # confident, varied classes: not the uniform-softmax score of 1
+    assert result["inception_score"]["splits"] == 1
+    assert result["inception_score"]["all"] == pytest.approx(want, rel=1e-3)
+    logits = network(images)
+    for label in ("warm", "cool"):  # torchmetrics on the label's logits (the network runs once)
+        metric = InceptionScore(feature=torch.nn.Identity(), splits=1)
+        metric.update(logits[[value == label for value in written_labels]])
+        got = result["inception_score"]["per_label"][label]
+        assert got == pytest.approx(float(metric.compute()[0]), rel=1e-3)
+
+    # The shards' sums, merged, are one pass's over every image.
+    merged = merged_feature_sums(output, list(committed))[JOB_WIDE].classes
+    one_pass = ClassSums.of_logits(logits.numpy())
+    assert merged is not None and merged.count == one_pass.count == len(SEEDS)
+    np.testing.assert_allclose(merged.probability, one_pass.probability, rtol=1e-5)
+    assert merged.p_log_p == pytest.approx(one_pass.p_log_p, rel=1e-5)
+    # The report shows it per label, and says how it was computed.
+    table = next(rows for caption, _, rows in dataset_tables(result) if caption.startswith("Inception Score"))
+    assert [label for label, _ in table] == ["all images", "cool", "warm"]
+
+
+def test_wrong_weights_and_pickles_under_safetensors_only_are_refused_in_one_line(tmp_path, weights):
+    state = torch.load(weights / PTH, weights_only=True)
+
+    def refusal(source: Path, **settings) -> str:
+        with pytest.raises(ImagemillError) as caught:
+            load_inception(EvaluationSpec(features="inception", source=str(source), **settings), "cpu")
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    assert "safetensors_only: true refuses pickles" in refusal(weights / PTH)
+    assert "safetensors_only: true refuses pickles" in refusal(weights)  # the folder's .pth alike
+    renamed = {key.replace("Mixed_7c.", "Mixed_8c."): value for key, value in state.items()}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    message = refusal(tmp_path / "renamed.pth", safetensors_only=False)
+    assert "renamed.pth" in message and "lacks key Mixed_7c.branch1x1.bn.bias" in message
+    del state["fc.bias"]
+    torch.save({**state, "aux.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    assert "lacks key fc.bias" in refusal(tmp_path / "extra.pth", safetensors_only=False)
+    (tmp_path / "not-weights.pth").write_bytes(b"not a pickle")
+    assert "does not read as a state dict" in refusal(tmp_path / "not-weights.pth", safetensors_only=False)
+    with pytest.raises(ImagemillError, match="does not exist"):  # on the driver, before any actor starts
+        check_evaluation_source(EvaluationSpec(features="inception", source=str(tmp_path / "absent.pth")))
+
+
+def test_feature_stats_without_class_sums_still_read_and_give_no_partial_score():
+    """A shard committed by a job without a classifier head (or before IS existed) has no class
+    columns: it reads, and a job mixing it with scored shards reports no IS rather than a wrong one."""
+    rng = np.random.default_rng(0)
+    plain, scored = FeatureSums.empty(3), FeatureSums.empty(3)
+    plain.add(rng.normal(size=(4, 3)))
+    scored.add(rng.normal(size=(4, 3)))
+    scored.classes = ClassSums.of_logits(rng.normal(size=(4, 5)))
+    old = sums_from_table(sums_table({JOB_WIDE: plain}))
+    assert "class_probability" not in sums_table({JOB_WIDE: plain}).column_names
+    assert old[JOB_WIDE].classes is None and old[JOB_WIDE].inception_score() is None
+    new = sums_from_table(sums_table({JOB_WIDE: scored}))
+    assert new[JOB_WIDE].inception_score() == pytest.approx(scored.classes.inception_score())
+    assert merge_sums([old, new])[JOB_WIDE].inception_score() is None
+    assert merge_sums([new, new])[JOB_WIDE].inception_score() == pytest.approx(
+        scored.classes.inception_score()
+    )
