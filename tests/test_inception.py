@@ -1,6 +1,6 @@
-"""`evaluation.features: inception`: the FID Inception-v3 from a weights file, FID and the Inception
-Score compared with torchmetrics on the same images and network, IS merged across shards, and the
-weights files refused.
+"""`evaluation.features: inception`: the FID Inception-v3 from a weights file; the job's feature sums
+and Inception Score compared with the network and torchmetrics on the same images, IS merged across
+shards, and wrong weights files refused.
 
 The weights are random, made here in torch-fidelity's state-dict layout (the real file is 92 MB and
 never downloaded); the images come from the no-model generator (a solid colour per seed), run by
@@ -79,11 +79,17 @@ class _Features(torch.nn.Module):
 
 
 def _job(
-    folder: Path, weights_source: str, seeds: list[int], labels: list[str] | None, **evaluation
+    folder: Path,
+    weights_source: str,
+    seeds: list[int],
+    labels: list[str] | None,
+    rows_per_group: int,
+    **evaluation,
 ) -> imagemill.JobSpec:
-    """A row per seed, in shards of 4 rows (row groups of 4, so no piece server)."""
+    """A row per seed, in shards of `rows_per_group` rows (whole row groups, so no piece server)."""
     inputs = _prompts(folder, [f"colour {i}" for i in range(len(seeds))], seeds, labels)
-    pq.write_table(pq.read_table(inputs / "prompts.parquet"), inputs / "prompts.parquet", row_group_size=4)
+    table = pq.read_table(inputs / "prompts.parquet")
+    pq.write_table(table, inputs / "prompts.parquet", row_group_size=rows_per_group)
     spec = _spec(
         inputs,
         folder / "out",
@@ -92,41 +98,31 @@ def _job(
         carry_columns=["label"] if labels else None,
     )
     spec.model.kind = "noop"
-    spec.input.rows_per_shard = 4
+    spec.input.rows_per_shard = rows_per_group
     return spec
 
 
-def test_fid_from_a_pth_matches_torchmetrics_on_the_same_network(tmp_path, weights):
-    """torch-fidelity's .pth, in its folder, with safetensors_only: false; four images (FID at 2048
-    dimensions costs two 2048x2048 eigenvalue problems, ours and torchmetrics', whatever the count);
-    the reference: the same colours, darker."""
-    from PIL import Image
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    for index, seed in enumerate(SEEDS[:4]):
-        colour = [(seed >> shift & 255) // 2 for shift in (16, 8, 0)]
-        Image.new("RGB", (32, 32), tuple(colour)).save(reference / f"real-{index}.png")
-    spec = _job(tmp_path, str(weights), SEEDS[:4], None, safetensors_only=False, reference=str(reference))
-    committed = _run_shards(spec, actors=1)
-    result = evaluate(spec, OutputLayout(spec.output.path), committed)
-
-    fid = FrechetInceptionDistance(feature=_Features(_network(weights), 0))
-    fid.update(_written_images(spec.output.path), real=False)
-    real = np.stack([np.asarray(Image.open(path)) for path in sorted(reference.iterdir())])
-    fid.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
-    want = float(fid.compute())
-    assert want > 1  # the two sets differ: the comparison is not of zeros
-    assert result["fid"]["all"] == pytest.approx(want, rel=1e-3)
+def test_a_pth_loads_the_same_network_as_its_safetensors(weights):
+    """torch-fidelity's .pth (file or folder) with safetensors_only: false, read by
+    torch.load(weights_only=True), is the network its safetensors copy gives."""
+    pth = load_inception(
+        EvaluationSpec(features="inception", source=str(weights), safetensors_only=False), "cpu"
+    )
+    reference = _network(weights).state_dict()
+    assert pth.state_dict().keys() == reference.keys()
+    assert all(torch.equal(value, reference[key]) for key, value in pth.state_dict().items())
 
 
-def test_inception_score_matches_torchmetrics_per_label_and_merges_across_shards(tmp_path, weights):
-    """Two shards on two actors, two labels; the safetensors file (the default safetensors_only)."""
+def test_features_and_inception_score_match_torchmetrics_per_label_and_merge_across_shards(tmp_path, weights):
+    """Two shards of two images on two actors, two labels; the safetensors file (the default
+    safetensors_only). The job's merged feature sums are those of the network's pool features (FID
+    and KID come from them; their formulas are checked against torchmetrics in test_evaluation.py),
+    and its Inception Score is torchmetrics' on the network's logits, overall and per label. Few
+    images: each costs a 299x299 Inception pass on the CPU."""
     from torchmetrics.image.inception import InceptionScore
 
-    labels = ["warm", "cool"] * 4
-    spec = _job(tmp_path, str(weights / "safetensors"), SEEDS, labels)
+    labels = ["warm", "cool"] * 2
+    spec = _job(tmp_path, str(weights / "safetensors"), SEEDS[:4], labels, rows_per_group=2)
     committed = _run_shards(spec, actors=2)
     assert len(committed) == 2
     output = OutputLayout(spec.output.path)
@@ -135,26 +131,33 @@ def test_inception_score_matches_torchmetrics_per_label_and_merges_across_shards
     written_labels = [
         row["label"] for row in sorted(read_metadata(spec.output.path).to_pylist(), key=lambda r: r["id"])
     ]
-    network = _Features(_network(weights), 1)
-    metric = InceptionScore(feature=network, splits=1)
-    metric.update(images)
-    want = float(metric.compute()[0])
+    with torch.no_grad():
+        features, logits = _network(weights)(images)  # the network runs once here
+
+    merged = merged_feature_sums(output, list(committed))[JOB_WIDE]
+    assert merged.count == len(images)
+    np.testing.assert_allclose(merged.mean_cov()[0], features.double().mean(0).numpy(), rtol=1e-4, atol=1e-6)
+
+    def inception_score(rows: torch.Tensor) -> float:
+        metric = InceptionScore(feature=torch.nn.Identity(), splits=1)
+        metric.update(rows)
+        return float(metric.compute()[0])
+
+    want = inception_score(logits)
     assert want > 1.2  # confident, varied classes: not the uniform-softmax score of 1
     assert result["inception_score"]["splits"] == 1
     assert result["inception_score"]["all"] == pytest.approx(want, rel=1e-3)
-    logits = network(images)
-    for label in ("warm", "cool"):  # torchmetrics on the label's logits (the network runs once)
-        metric = InceptionScore(feature=torch.nn.Identity(), splits=1)
-        metric.update(logits[[value == label for value in written_labels]])
+    for label in ("warm", "cool"):
         got = result["inception_score"]["per_label"][label]
-        assert got == pytest.approx(float(metric.compute()[0]), rel=1e-3)
+        assert got == pytest.approx(
+            inception_score(logits[[value == label for value in written_labels]]), rel=1e-3
+        )
 
     # The shards' sums, merged, are one pass's over every image.
-    merged = merged_feature_sums(output, list(committed))[JOB_WIDE].classes
     one_pass = ClassSums.of_logits(logits.numpy())
-    assert merged is not None and merged.count == one_pass.count == len(SEEDS)
-    np.testing.assert_allclose(merged.probability, one_pass.probability, rtol=1e-5)
-    assert merged.p_log_p == pytest.approx(one_pass.p_log_p, rel=1e-5)
+    assert merged.classes is not None and merged.classes.count == one_pass.count == len(images)
+    np.testing.assert_allclose(merged.classes.probability, one_pass.probability, rtol=1e-5)
+    assert merged.classes.p_log_p == pytest.approx(one_pass.p_log_p, rel=1e-5)
     # The report shows it per label, and says how it was computed.
     table = next(rows for caption, _, rows in dataset_tables(result) if caption.startswith("Inception Score"))
     assert [label for label, _ in table] == ["all images", "cool", "warm"]
