@@ -29,7 +29,7 @@ name: lease-test
 input: {{path: {input}, rows_per_shard: 4}}
 output: {{path: {output}}}
 model: {{source: {model}}}
-generation: {{width: 32, height: 32, num_inference_steps: 4, guidance_scale: 3.0}}
+generation: {{width: 32, height: 32, num_inference_steps: 2, guidance_scale: 3.0}}
 workers: {{num_workers: 1, batch_size: 4}}
 """
 
@@ -159,7 +159,7 @@ def unbroken(ray_address, tmp_path_factory, tiny_model) -> tuple[str, set[str], 
     for the module: the local and the S3 case compare with the same images)."""
     folder = tmp_path_factory.mktemp("unbroken")
     prompts = str(folder / "prompts")
-    rows = write_prompt_files(prompts, n_files=4, rows_per_file=32, row_group_size=4)
+    rows = write_prompt_files(prompts, n_files=2, rows_per_file=32, row_group_size=4)
     ids = {f"row-{i:05d}" for i in range(rows)}
     job = _job(folder, prompts, str(folder / "out"), tiny_model)
     assert run_cli("run", str(job), "--no-progress", ray_address=ray_address).returncode == 0
