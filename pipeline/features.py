@@ -77,8 +77,8 @@ def sums_table(sums: dict[str | None, FeatureSums]) -> pa.Table:
     columns = {
         "label": pa.array(keys, pa.string()),
         "count": pa.array([sums[key].count for key in keys], pa.int64()),
-        "sum": pa.array([sums[key].sum.tolist() for key in keys], pa.list_(pa.float64())),
-        "outer": pa.array([sums[key].outer.ravel().tolist() for key in keys], pa.list_(pa.float64())),
+        "sum": _float_lists([sums[key].sum for key in keys]),
+        "outer": _float_lists([sums[key].outer.ravel() for key in keys]),
     }
     classes = [sums[key].classes for key in keys]
     if any(classes):
@@ -89,17 +89,36 @@ def sums_table(sums: dict[str | None, FeatureSums]) -> pa.Table:
     return pa.table(columns)
 
 
+def _float_lists(rows: list[np.ndarray]) -> pa.ListArray:
+    """float64 list cells from numpy rows without a Python float per value (an Inception-sized
+    outer-product sum is 4M values per label)."""
+    offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int32)
+    values = np.concatenate(rows).astype(np.float64) if rows else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _float_rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """`_float_lists` read back: each cell as a float64 array (None for a null cell)."""
+    cells = column.combine_chunks()
+    return [np.asarray(cell.values, dtype=np.float64) if cell.is_valid else None for cell in cells]
+
+
 def sums_from_table(table: pa.Table) -> dict[str | None, FeatureSums]:
     """What `sums_table` wrote."""
     sums = {}
-    for row in table.to_pylist():
-        total = np.asarray(row["sum"], dtype=np.float64)
-        outer = np.asarray(row["outer"], dtype=np.float64).reshape(len(total), len(total))
+    names = table.column_names
+    totals, outers = _float_rows(table.column("sum")), _float_rows(table.column("outer"))
+    probabilities = _float_rows(table.column("class_probability")) if "class_probability" in names else None
+    p_log_p = table.column("p_log_p").to_pylist() if "p_log_p" in names else None
+    for index, (label, count) in enumerate(
+        zip(table.column("label").to_pylist(), table.column("count").to_pylist(), strict=True)
+    ):
+        total = totals[index]
+        outer = outers[index].reshape(len(total), len(total))
         classes = None
-        if row.get("class_probability") is not None:
-            probability = np.asarray(row["class_probability"], dtype=np.float64)
-            classes = ClassSums(row["count"], probability, row["p_log_p"])
-        sums[row["label"]] = FeatureSums(row["count"], total, outer, classes)
+        if probabilities is not None and probabilities[index] is not None:
+            classes = ClassSums(count, probabilities[index], p_log_p[index])
+        sums[label] = FeatureSums(count, total, outer, classes)
     return sums
 
 

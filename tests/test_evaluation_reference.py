@@ -125,7 +125,8 @@ def test_a_labelled_reference_gives_each_label_its_own_fid_and_kid(tmp_path, tin
     for number, (shape, pixels) in enumerate(fake_pixels.items()):  # one shard per label
         shard_id = f"shard-{number}"
         ids = [f"{shape}-{i}" for i in range(PER_LABEL)]
-        write_features(output, shard_id, ids, [shape] * PER_LABEL, model.embed(torch.from_numpy(pixels)))
+        features = model.embed(torch.from_numpy(pixels))
+        write_features(output, shard_id, ids, [shape] * PER_LABEL, features, model)
         committed[shard_id] = ShardStats(
             shard_id=shard_id, rows=PER_LABEL, ok=PER_LABEL, error=0, finished_at="t"
         )
