@@ -49,25 +49,24 @@ def _spec(model_url: str, proxy: S3FaultProxy, tmp_path, workers: int) -> dict:
     }
 
 
-def test_model_is_downloaded_once_per_node_however_many_actors_load_it_there(
+def test_model_is_downloaded_once_per_node_with_two_actors_on_each(
     monkeypatch, s3_endpoint, tiny_model, tmp_path
 ):
-    """A node of two actors and a node of one: three actors resolve the model, two downloads (one per
-    node) happen."""
+    """Two nodes of two actors: four actors resolve the model, two downloads (one per node) happen."""
     bucket = make_bucket("fetch-two-nodes")
     model_url, weights = _put_model(tiny_model, bucket)
     rows = write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=16, row_group_size=4)
     with isolated_cluster(monkeypatch) as cluster, S3FaultProxy(s3_endpoint) as proxy:
-        for node, cpus in (("node-a", 2), ("node-b", 1)):  # each its own model cache, as machines have
+        for node in ("node-a", "node-b"):  # each node its own model cache, as separate machines have
             cache = {"IMAGEMILL_CACHE_DIR": str(tmp_path / node)}
-            cluster.add_node(num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, env_vars=cache)
+            cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE_BYTES, env_vars=cache)
         spec_file = tmp_path / "job.yaml"
-        spec_file.write_text(yaml.safe_dump(_spec(model_url, proxy, tmp_path, workers=3)))
+        spec_file.write_text(yaml.safe_dump(_spec(model_url, proxy, tmp_path, workers=4)))
         done = run_cli("run", str(spec_file), "--no-progress", ray_address=cluster.address)
         gets, listings = _counts(proxy, bucket, weights)
     assert done.returncode == 0, done.stderr
     assert f"{rows} rows: {rows} ok" in done.stdout
-    assert listings == 3, "each of the three actors resolves the model"
+    assert listings == 4, "each of the four actors resolves the model"
     assert gets == dict.fromkeys(weights, 2), "the weights are downloaded once on each node"
     assert all(list((tmp_path / node).glob("models/*/unet/*.safetensors")) for node in ("node-a", "node-b"))
 
