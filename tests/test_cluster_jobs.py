@@ -126,7 +126,7 @@ def test_submit_runs_a_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
         f"output:\n  path: {tmp_path / 'out' / '{date}'}\n"
         f"model: {{source: {tiny_model}}}\n"
         "generation: {width: 32, height: 32, num_inference_steps: 1}\n"
-        "workers: {num_workers: 2, batch_size: 4}\n"
+        "workers: {num_workers: 1, batch_size: 4}\n"
     )
     secret = f"--set input.storage_options.secret_token={SECRET}"  # local fsspec takes any option
     done = run_cli(
@@ -204,9 +204,8 @@ def test_a_remote_cluster_gets_the_local_input_and_model_uploaded(ray_head, tmp_
     assert "--shared-path" in refused.stderr
 
     output = f"{make_bucket('remote-demo')}/demo"
-    done = run_cli(
-        "submit", "jobs/demo.yaml", "--address", ray_head.remote, "--set", f"output.path={output}", cwd=demo
-    )
+    settings = ["--set", f"output.path={output}", "--set", "workers.num_workers=1"]  # 16 rows: one shard
+    done = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.remote, *settings, cwd=demo)
     assert done.returncode == 0 and ": SUCCEEDED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     check_output(output, _demo_ids(demo), 32, 32)
     import s3fs

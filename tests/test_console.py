@@ -88,7 +88,7 @@ def test_a_logged_run_has_progress_lines_and_a_rerun_says_nothing_to_do(ray_addr
         f"output: {{path: {tmp_path / 'out'}}}\n"
         "model: {kind: noop}\n"
         "generation: {width: 16, height: 16}\n"
-        "workers: {num_workers: 2, batch_size: 5}\n"
+        "workers: {num_workers: 1, batch_size: 5}\n"
     )
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     log_path = tmp_path / "run.log"

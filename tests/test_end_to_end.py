@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import check_output, make_bucket, prompt_table, read_metadata, run_cli, write_prompt_files
+from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
@@ -77,22 +78,27 @@ def test_images_do_not_depend_on_actor_count_or_shard_order(ray_session, tmp_pat
     pq.write_table(table, input_dir / "a.parquet", row_group_size=4)
     pq.write_table(prompt_table(6, start=100, with_ids=False), input_dir / "b.parquet", row_group_size=3)
 
-    def hashes(name: str, batch_size: int, workers: int, rows_per_shard: int) -> dict[str, str]:
+    def hashes(
+        name: str, batch_size: int, workers: int, rows_per_shard: int, in_process: bool = False
+    ) -> dict[str, str]:
         spec = _local_job(tmp_path, tiny_model, input_dir, name, batch_size, workers, rows_per_shard)
-        imagemill.run(spec, progress=False)
+        if in_process:
+            run_in_process(spec)
+        else:
+            imagemill.run(spec, progress=False)
         rows = read_metadata(spec.output.path).to_pylist()
         assert all(row["status"] == "ok" for row in rows)
         return {row["id"]: row["sha256"] for row in rows}
 
-    # Batches are cut from each shard alone, so one actor taking the shards in order and three
-    # actors taking them in whatever order they finish run the same batches: the same bytes. A
-    # different batch_size or rows_per_shard changes the batches, and with them the last bits of the
-    # computation (see "Determinism" in docs/ARCHITECTURE.md); that is not claimed here.
-    reference = hashes("one-actor", batch_size=3, workers=1, rows_per_shard=4)
-    assert hashes("three-actors", batch_size=3, workers=3, rows_per_shard=4) == reference
+    # Batches are cut from each shard alone, so one worker taking the shards in order (in this
+    # process) and two actors taking them in whatever order they finish run the same batches: the
+    # same bytes. A different batch_size or rows_per_shard changes the batches, and with them the last
+    # bits of the computation (see "Determinism" in docs/ARCHITECTURE.md); that is not claimed here.
+    reference = hashes("one-worker", batch_size=3, workers=1, rows_per_shard=4, in_process=True)
+    assert hashes("two-actors", batch_size=3, workers=2, rows_per_shard=4) == reference
 
     assert len(reference) == 20 and len(set(reference.values())) == 20, "each row must get its own image"
-    rows = {row["id"]: row for row in read_metadata(str(tmp_path / "one-actor")).to_pylist()}
+    rows = {row["id"]: row for row in read_metadata(str(tmp_path / "one-worker")).to_pylist()}
     assert rows["row-00013"]["seed"] == 12345
     assert rows["row-00001"]["width"] == 48 and rows["row-00000"]["width"] == 64
     assert rows["row-00000"]["negative_prompt"] == "blurry"
@@ -109,7 +115,7 @@ def test_cli_runs_a_job_on_local_disk_and_a_rerun_resumes(tmp_path, tiny_model):
         "model: {source: placeholder}\n"
         "generation: {width: 32, height: 32, num_inference_steps: 2}\n"
     )
-    args = ["run", str(spec_file), "--model", tiny_model, "--batch-size", "4", "--num-workers", "2"]
+    args = ["run", str(spec_file), "--model", tiny_model, "--batch-size", "4", "--num-workers", "1"]
     args += ["--image-format", "jpeg", "--set", "generation.guidance_scale=3.0", "--no-progress"]
     done = run_cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -173,7 +179,7 @@ def test_noop_generator_runs_the_whole_pipeline_without_a_model(ray_session, tmp
             "output": {"path": str(tmp_path / "out")},
             "model": {"kind": "noop"},
             "generation": {"width": 16, "height": 8},
-            "workers": {"num_workers": 2, "batch_size": 10},
+            "workers": {"num_workers": 1, "batch_size": 10},
         }
     )
     assert imagemill.run(spec, progress=False).ok == rows

@@ -33,9 +33,11 @@ def test_every_spec_in_jobs_is_valid():
 
 
 def test_demo_job(ray_address, tmp_path):
-    """As the README runs it, with the demo model shipped in jobs/models (only fewer steps)."""
+    """As the README runs it, with the demo model shipped in jobs/models (only fewer steps, and one
+    worker: its two run in test_cluster_jobs.py, submitted as is)."""
     done = run_cli(
-        "run", "jobs/demo.yaml", "--output", str(tmp_path / "demo"), *FAST, ray_address=ray_address, cwd=REPO,
+        "run", "jobs/demo.yaml", "--output", str(tmp_path / "demo"), *FAST, "--num-workers", "1",
+        ray_address=ray_address, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     check_output(str(tmp_path / "demo"), {f"demo-{i:03d}" for i in range(64)}, 32, 32)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from conftest import run_cli, write_prompt_files
+from inprocess import run_in_process
 from PIL import Image
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -71,7 +72,8 @@ def test_make_tiny_model_writes_a_pipeline(tmp_path):
     assert (tmp_path / "tiny" / "model_index.json").is_file()
 
 
-def test_the_contact_sheet_is_drawn_from_a_jobs_output(ray_session, tmp_path, tiny_model):
+def test_the_contact_sheet_is_drawn_from_a_jobs_output(tmp_path, tiny_model):
+    """The job's output comes from the in-process runner: the sheet reads an output, not Ray."""
     import imagemill
 
     prompts = tmp_path / "prompts"
@@ -86,7 +88,7 @@ def test_the_contact_sheet_is_drawn_from_a_jobs_output(ray_session, tmp_path, ti
             "workers": {"num_workers": 1, "batch_size": 6},
         }
     )
-    assert imagemill.run(spec, progress=False).ok == 6
+    assert run_in_process(spec).ok == 6
     command = _readme_command(r"python -m imagemill\.contact_sheet output/demo \S+\.png")
     sheet = tmp_path / "sheet.png"
     done = subprocess.run(
