@@ -84,7 +84,7 @@ def test_bad_rows_and_files_are_reported_and_everything_else_is_generated(ray_ad
         f"output: {{path: {output}, storage_options: {{secret_token: {SECRET}}}}}\n"
         f"model: {{source: {tiny_model}}}\n"
         "generation: {width: 32, height: 32, num_inference_steps: 1}\n"
-        "workers: {num_workers: 2, batch_size: 4}\n"
+        "workers: {num_workers: 1, batch_size: 4}\n"
     )
     done = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
 

@@ -1,4 +1,7 @@
-"""Output formats: each one written by a real job and read back by its own consumer library."""
+"""Output formats: each one written by a real job and read back by its own consumer library.
+
+The jobs run in process (tests/inprocess.py: the real driver and ShardWorker, no actors): what a format
+writes is the worker's and the driver's doing, and the bytes are those a Ray run writes."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import prompt_table, read_metadata
+from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
@@ -52,14 +56,14 @@ def _spec(tmp_path: Path, tiny_model: str, output_format: str | None) -> imagemi
             "output": output,
             "model": {"source": tiny_model},
             "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 1, "seed": 3},
-            "workers": {"num_workers": 2, "batch_size": 4},
+            "workers": {"num_workers": 1, "batch_size": 4},
         }
     )
 
 
 def _run_and_check_metadata(spec: imagemill.JobSpec, prompts: dict[str, str | None]) -> dict[str, dict]:
     """Runs the job; checks the accounting and the error row; returns the ok rows' metadata by id."""
-    result = imagemill.run(spec, progress=False)
+    result = run_in_process(spec)
     assert result.complete and result.shards_total == len(SHARDS)
     assert (result.ok, result.errors) == (len(prompts) - 1, 1)
     rows = {row["id"]: row for row in read_metadata(spec.output.path).to_pylist()}
@@ -86,12 +90,12 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 def _check_resume_changes_nothing(spec: imagemill.JobSpec, folders: list[str]) -> None:
     out = Path(spec.output.path)
     before = {folder: _snapshot(out / folder) for folder in folders}
-    again = imagemill.run(spec, progress=False)
+    again = run_in_process(spec)
     assert again.complete and again.shards_run == 0
     assert {folder: _snapshot(out / folder) for folder in folders} == before
 
 
-def test_webdataset_tars_read_back_with_webdataset(ray_session, tmp_path, tiny_model):
+def test_webdataset_tars_read_back_with_webdataset(tmp_path, tiny_model):
     import webdataset
 
     prompts = _write_input(tmp_path / "prompts")

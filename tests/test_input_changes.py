@@ -1,5 +1,8 @@
 """Input files that change between runs of a job: a rewritten file is refused (or redone on request),
-a removed one stops counting, a new one is new work (issue #13 point 5)."""
+a removed one stops counting, a new one is new work (issue #13 point 5).
+
+Each job's first run, which only sets the scene, runs in process (tests/inprocess.py: the real driver and
+worker without actors); the runs whose exit code and lines are checked go through the CLI and Ray."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import read_metadata, run_cli
+from inprocess import run_in_process
+
+import imagemill
 
 
 def _write(path, ids: list[str]) -> None:
@@ -24,11 +30,15 @@ def _job(tmp_path) -> str:
     return str(job)
 
 
+def _first_run(job: str) -> None:
+    assert run_in_process(imagemill.load_spec(job)).complete
+
+
 def test_a_removed_input_file_is_reported_and_no_longer_counted(ray_address, tmp_path):
     job = _job(tmp_path)
     _write(tmp_path / "prompts" / "a.parquet", ["a1", "a2", "a3", "a4"])
     _write(tmp_path / "prompts" / "b.parquet", ["b1", "b2", "b3", "b4"])
-    assert run_cli("run", job, "--no-progress", ray_address=ray_address).returncode == 0
+    _first_run(job)
 
     (tmp_path / "prompts" / "b.parquet").unlink()
     again = run_cli("run", job, "--no-progress", ray_address=ray_address)
@@ -48,7 +58,7 @@ def test_a_rewritten_input_file_is_refused_and_redone_on_request(ray_address, tm
     job = _job(tmp_path)
     _write(tmp_path / "prompts" / "a.parquet", ["a1", "a2", "a3", "a4"])
     _write(tmp_path / "prompts" / "b.parquet", ["b1", "b2", "b3", "b4"])
-    assert run_cli("run", job, "--no-progress", ray_address=ray_address).returncode == 0
+    _first_run(job)
     kept = (tmp_path / "out" / "shards" / "a-rg00000-00001.json").stat().st_mtime_ns
 
     _write(tmp_path / "prompts" / "b.parquet", ["new1", "new2", "new3", "new4"])  # same name and size
@@ -69,4 +79,4 @@ def test_a_rewritten_input_file_is_refused_and_redone_on_request(ray_address, tm
     assert set(footers) == {(tmp_path / "prompts" / name).as_uri() for name in ("a.parquet", "b.parquet")}
 
     # The same command once more: nothing changed, nothing to do.
-    assert "(0 run now)" in run_cli("run", job, "--no-progress", ray_address=ray_address).stdout
+    assert "(0 run now)" in run_in_process(imagemill.load_spec(job)).summary()

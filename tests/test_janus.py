@@ -1,4 +1,6 @@
-"""model.kind: janus end to end through Ray, with a tiny random-weight Janus model built offline."""
+"""model.kind: janus end to end, with a tiny random-weight Janus model built offline: a job in process
+(tests/inprocess.py: the real driver and worker, an actor's bytes), then the same rows through the CLI
+and Ray with the model on S3."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import check_output, make_bucket, read_metadata, run_cli
+from inprocess import run_in_process
 
 import imagemill
 from imagemill.testing.tiny_janus import IMAGE_SIZE, make_tiny_janus
@@ -54,7 +57,7 @@ def _write_rows(path, rows: list[tuple], **columns: pa.Array) -> None:
     pq.write_table(table, path)
 
 
-def test_janus_job_end_to_end(ray_session, ray_address, tmp_path, tiny_janus):
+def test_janus_job_end_to_end(ray_address, tmp_path, tiny_janus):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     _write_rows(prompts / "a.parquet", ROWS)
@@ -69,7 +72,7 @@ def test_janus_job_end_to_end(ray_session, ray_address, tmp_path, tiny_janus):
             "workers": {"num_workers": 1, "batch_size": 2},
         }
     )
-    assert imagemill.run(spec, progress=False).ok == len(ROWS)
+    assert run_in_process(spec).ok == len(ROWS)
     first = check_output(str(tmp_path / "first"), {row[0] for row in ROWS}, IMAGE_SIZE, IMAGE_SIZE)
 
     # A row's image tokens depend on its prompt and seed alone: the same row in another batch of the

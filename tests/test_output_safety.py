@@ -2,7 +2,8 @@
 
 Issue #13 points 1, 2, 4, 6 and 11, each through the Python API or the CLI, on local disk (and for
 glob characters and buckets, on the S3 endpoint too). The jobs use the no-op generator: these tests are
-about the output folder, not the images.
+about the output folder, not the images. Python API jobs run in process (tests/inprocess.py: the real
+driver and worker without actors): what they write and delete is the driver's and the worker's doing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_bucket, run_cli, write_prompt_files
+from inprocess import run_in_process
 
 import imagemill
 from imagemill.errors import ImagemillError
@@ -122,7 +124,7 @@ USER_FILES = {
 }
 
 
-def test_overwrite_deletes_the_previous_jobs_files_and_nothing_else(ray_session, tmp_path):
+def test_overwrite_deletes_the_previous_jobs_files_and_nothing_else(tmp_path):
     prompts = _prompts(tmp_path)
     out = tmp_path / "out"
     for relative, data in USER_FILES.items():
@@ -133,12 +135,12 @@ def test_overwrite_deletes_the_previous_jobs_files_and_nothing_else(ray_session,
     # A first run into a folder holding the user's files is refused, and writes nothing.
     refusal = r"already holds files imagemill did not write.*--allow-existing"
     with pytest.raises(ImagemillError, match=refusal):
-        imagemill.run(_spec(prompts, out), progress=False)
+        run_in_process(_spec(prompts, out))
     assert _tree(str(out)) == user
 
-    assert imagemill.run(_spec(prompts, out, allow_existing=True), progress=False).complete
+    assert run_in_process(_spec(prompts, out, allow_existing=True)).complete
     for output_format in ("parquet", "webdataset", "files"):
-        result = imagemill.run(_spec(prompts, out, output_format), progress=False, overwrite=True)
+        result = run_in_process(_spec(prompts, out, output_format), overwrite=True)
         assert result.complete and result.shards_run == 2
         assert set(_tree(str(out))) == set(user) | _imagemill_files(str(out)), output_format
         assert {path: _tree(str(out))[path] for path in user} == user
@@ -148,7 +150,7 @@ def test_overwrite_deletes_the_previous_jobs_files_and_nothing_else(ray_session,
     shard_id = sorted(p.stem for p in (out / "shards").glob("*-rg*.json"))[0]
     (out / "shards" / f"{shard_id}.json").unlink()
     (out / "images" / shard_id / "row-99999.png").write_bytes(b"half an attempt")
-    assert imagemill.run(_spec(prompts, out, seed=1), progress=False, overwrite=True).complete
+    assert run_in_process(_spec(prompts, out, seed=1), overwrite=True).complete
     assert set(_tree(str(out))) == set(user) | _imagemill_files(str(out))
     assert not (out / "webdataset").exists(), "a folder left empty is removed"
     assert (out / "data").is_dir() and (out / "images" / "holiday.jpg").read_bytes() == b"a photo"
@@ -180,9 +182,7 @@ def test_a_first_run_into_a_folder_with_other_files_is_refused_in_one_line(tmp_p
         ("{prompts}/./sub/..", "the input folder"),
     ],
 )
-def test_outputs_that_would_mix_with_other_files_are_refused(
-    ray_session, tmp_path, monkeypatch, output, expected
-):
+def test_outputs_that_would_mix_with_other_files_are_refused(tmp_path, monkeypatch, output, expected):
     """The root folder, the home folder, an empty path and the input folder are never an output."""
     prompts = _prompts(tmp_path)
     home = tmp_path / "home"
@@ -193,7 +193,7 @@ def test_outputs_that_would_mix_with_other_files_are_refused(
     before = _tree(str(tmp_path))
 
     with pytest.raises(ImagemillError, match=expected):
-        imagemill.run(_spec(prompts, path), progress=False)
+        run_in_process(_spec(prompts, path))
     assert _tree(str(tmp_path)) == before
 
 
@@ -215,17 +215,17 @@ def test_an_output_inside_the_input_folder_is_refused_in_one_line(tmp_path):
     assert not (prompts / "out").exists()
 
 
-def test_an_input_glob_that_would_match_the_output_is_refused(ray_session, tmp_path):
+def test_an_input_glob_that_would_match_the_output_is_refused(tmp_path):
     prompts = _prompts(tmp_path)
     with pytest.raises(ImagemillError, match=r"input glob .* matches files the job writes"):
-        imagemill.run(_spec(f"{prompts}/**/*.parquet", prompts / "out"), progress=False)
+        run_in_process(_spec(f"{prompts}/**/*.parquet", prompts / "out"))
     assert not (prompts / "out").exists()
     with pytest.raises(ImagemillError, match="is the input file"):
-        imagemill.run(_spec(prompts / "part-000.parquet", prompts / "part-000.parquet"), progress=False)
+        run_in_process(_spec(prompts / "part-000.parquet", prompts / "part-000.parquet"))
 
     # A glob that cannot reach the output is fine, and its re-runs never read the job's own files.
     for _ in range(2):
-        result = imagemill.run(_spec(f"{prompts}/*.parquet", prompts / "out"), progress=False)
+        result = run_in_process(_spec(f"{prompts}/*.parquet", prompts / "out"))
         assert result.complete and result.rows_total == ROWS
     assert _metadata(str(prompts / "out")).num_rows == ROWS
 
@@ -234,19 +234,19 @@ def test_an_input_glob_that_would_match_the_output_is_refused(ray_session, tmp_p
 
 
 @pytest.mark.parametrize("store", ["local", "s3"])
-def test_glob_characters_in_the_output_path_are_taken_literally(ray_session, s3_endpoint, tmp_path, store):
+def test_glob_characters_in_the_output_path_are_taken_literally(s3_endpoint, tmp_path, store):
     """`run[12]` is a folder named run[12]: its --overwrite, resume, report and status touch it alone."""
     prompts = _prompts(tmp_path)
     base = str(tmp_path) if store == "local" else f"{make_bucket(f'globs-{uuid.uuid4().hex[:8]}')}/e2e"
     neighbour, target = f"{base}/run1", f"{base}/run[12]"
     # One shard there, two here: a target that read the neighbour's records would not resume.
-    assert imagemill.run(_spec(prompts, neighbour, rows_per_shard=8), progress=False).complete
+    assert run_in_process(_spec(prompts, neighbour, rows_per_shard=8)).complete
     untouched = _tree(neighbour)
 
-    assert imagemill.run(_spec(prompts, target), progress=False).complete
-    again = imagemill.run(_spec(prompts, target, seed=1), progress=False, overwrite=True)
+    assert run_in_process(_spec(prompts, target)).complete
+    again = run_in_process(_spec(prompts, target, seed=1), overwrite=True)
     assert again.complete and again.shards_run == 2
-    resumed = imagemill.run(_spec(prompts, target, seed=1), progress=False)
+    resumed = run_in_process(_spec(prompts, target, seed=1))
     assert resumed.complete and resumed.shards_run == 0
 
     assert _tree(neighbour) == untouched
@@ -301,10 +301,10 @@ def test_a_record_write_that_fails_half_way_leaves_the_previous_record(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["_job.json"]
 
 
-def test_unreadable_records_count_as_absent_not_as_a_crash(ray_session, tmp_path):
+def test_unreadable_records_count_as_absent_not_as_a_crash(tmp_path):
     prompts = _prompts(tmp_path)
     out = tmp_path / "out"
-    assert imagemill.run(_spec(prompts, out), progress=False).complete
+    assert run_in_process(_spec(prompts, out)).complete
     stats = sorted((out / "shards").glob("*.json"))
     full_record = (out / "_job.json").read_bytes()
     (out / "_job.json").write_bytes(full_record[:40])  # the disk filled during its write
@@ -313,24 +313,24 @@ def test_unreadable_records_count_as_absent_not_as_a_crash(ray_session, tmp_path
     status = run_cli("status", str(out))
     _one_line_error(status, "no readable _job.json")
 
-    result = imagemill.run(_spec(prompts, out), progress=False)
+    result = run_in_process(_spec(prompts, out))
     assert result.complete and result.shards_run == 1, "the shard with the empty stats file is redone"
     assert json.loads((out / "_job.json").read_text())["status"] == "complete"
 
     # Files that are not a shard's stats, in shards/, are nobody's commit.
     (out / "shards" / "foreign.json").write_text('{"not": "a shard"}')
     (out / "shards" / "list.json").write_text("[]")
-    assert imagemill.run(_spec(prompts, out), progress=False).shards_run == 0
+    assert run_in_process(_spec(prompts, out)).shards_run == 0
 
     for record in ("[]", '{"name": "only a name"}'):
         # No job record: the folder counts as new, and it holds those two files imagemill did not write.
         (out / "_job.json").write_text(record)
         with pytest.raises(ImagemillError, match=r"shards/foreign\.json, shards/list\.json"):
-            imagemill.run(_spec(prompts, out), progress=False)
-        assert imagemill.run(_spec(prompts, out, allow_existing=True), progress=False).shards_run == 0
+            run_in_process(_spec(prompts, out))
+        assert run_in_process(_spec(prompts, out, allow_existing=True)).shards_run == 0
         (out / "_job.json").write_text(record)
         changed = _spec(prompts, out, seed=2, allow_existing=True)
-        assert imagemill.run(changed, progress=False, overwrite=True).shards_run == 2
+        assert run_in_process(changed, overwrite=True).shards_run == 2
     assert (out / "shards" / "foreign.json").exists() and (out / "shards" / "list.json").exists()
     assert _metadata(str(out)).num_rows == ROWS
     status = run_cli("status", str(out))

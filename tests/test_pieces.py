@@ -8,6 +8,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import check_output, prompt_table, read_metadata
+from inprocess import run_in_process
 
 import imagemill
 import imagemill.shards
@@ -64,7 +65,7 @@ def test_a_pandas_file_of_one_row_group_is_cut_into_shards_for_both_actors(ray_s
     assert rows == {f"row-{i:05d}": i for i in range(64)}
 
     grouped = job(tmp_path, tiny_model, tmp_path / "grouped", "row-groups")
-    imagemill.run(grouped, progress=False)
+    run_in_process(grouped)  # the same bytes as through Ray (tests/inprocess.py)
     assert check_output(grouped.output.path, ids, 64, 64) == pieces
 
 
@@ -87,23 +88,22 @@ def test_the_piece_server_reads_a_row_group_once_for_all_its_pieces_and_then_for
     assert server.stats() == {"groups_read": 2, "groups_held": 0}
 
 
-def test_an_output_cut_by_row_groups_only_resumes_with_its_shards(
-    ray_session, tmp_path, tiny_model, monkeypatch
-):
+def test_an_output_cut_by_row_groups_only_resumes_with_its_shards(tmp_path, tiny_model, monkeypatch):
     """An output made before row groups were cut: its committed whole-row-group shards are kept and
-    the rest of that file is generated with the same cut, not again in pieces."""
+    the rest of that file is generated with the same cut, not again in pieces (planning and resume
+    are the driver's: run in process)."""
     (tmp_path / "prompts").mkdir()
     pq.write_table(prompt_table(32), tmp_path / "prompts" / "a.parquet", row_group_size=16)
     spec = job(tmp_path, tiny_model, tmp_path / "prompts", "old-cut", rows_per_shard=8)
     with monkeypatch.context() as patch:  # imagemill before pieces: a row group was never cut
         patch.setattr(imagemill.shards, "_piece_starts", lambda group_rows, rows_per_shard: [0])
-        imagemill.run(spec, progress=False)
+        run_in_process(spec)
     out = tmp_path / "old-cut"
     (out / "shards" / "a-rg00001-00002.json").unlink()  # as if killed before this shard committed
     shutil.rmtree(out / "images" / "a-rg00001-00002")
     hashes_before = {r["id"]: r["sha256"] for r in read_metadata(str(out)).to_pylist()}
 
-    result = imagemill.run(spec, progress=False)
+    result = run_in_process(spec)
 
     assert (result.shards_total, result.shards_run, result.ok) == (2, 1, 32)
     assert sorted(committed_shards(OutputLayout(str(out)))) == ["a-rg00000-00001", "a-rg00001-00002"]
@@ -111,9 +111,7 @@ def test_an_output_cut_by_row_groups_only_resumes_with_its_shards(
     assert check_output(str(out), {f"row-{i:05d}" for i in range(32)}, 64, 64) == hashes_before
 
 
-def test_a_glob_skips_other_files_and_a_file_without_the_prompt_column_fails_alone(
-    ray_session, tmp_path, tiny_model
-):
+def test_a_glob_skips_other_files_and_a_file_without_the_prompt_column_fails_alone(tmp_path, tiny_model):
     folder = tmp_path / "data"
     folder.mkdir()
     pq.write_table(prompt_table(8), folder / "good.parquet", row_group_size=4)
@@ -121,7 +119,7 @@ def test_a_glob_skips_other_files_and_a_file_without_the_prompt_column_fails_alo
     (folder / "README.txt").write_text("nightly prompts")
     (folder / "_SUCCESS").write_bytes(b"")
 
-    result = imagemill.run(job(tmp_path, tiny_model, f"{folder}/*", "glob", rows_per_shard=4), progress=False)
+    result = run_in_process(job(tmp_path, tiny_model, f"{folder}/*", "glob", rows_per_shard=4))
 
     assert (result.ok, result.shards_total, result.shards_done) == (8, 3, 2)
     (failure,) = result.failures

@@ -1,4 +1,7 @@
-"""Prompt expansion by a tiny random-weight causal LM: loaded by the real path, run through Ray, resumed."""
+"""Prompt expansion by a tiny random-weight causal LM: loaded by the real path, run through Ray, resumed.
+
+The reference job runs in process (tests/inprocess.py: the real driver and ShardWorker, the bytes an
+actor writes); the expander pool and the killed and resumed CLI jobs, compared with it, go through Ray."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from subprocess import DEVNULL
 import pyarrow as pa
 import pytest
 from conftest import check_output, read_metadata, run_cli, write_prompt_files
+from inprocess import run_in_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import imagemill
@@ -63,10 +67,11 @@ def job(tmp_path_factory, tiny_model, tiny_lm) -> Path:
     return path
 
 
-def _run(job: Path, output: Path, *overrides: str) -> imagemill.JobResult:
-    """The job run in this process (the session's Ray), to `output`, with `--set` style overrides."""
+def _run(job: Path, output: Path, *overrides: str, in_process: bool = False) -> imagemill.JobResult:
+    """The job run from this process (through the session's Ray, or `in_process` without actors), to
+    `output`, with `--set` style overrides."""
     spec = imagemill.load_spec(job, parse_overrides([f"output.path={output}", *overrides]))
-    result = imagemill.run(spec, progress=False)
+    result = run_in_process(spec) if in_process else imagemill.run(spec, progress=False)
     assert result.complete and (result.ok, result.errors) == (ROWS * VARIANTS * IMAGES, 0)
     return result
 
@@ -83,10 +88,10 @@ def _ids() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(job, ray_session) -> Path:
-    """The job run once, unbroken, with expansion on the ShardWorkers (placement: actor)."""
+def reference(job) -> Path:
+    """The job run once, unbroken, with expansion on the ShardWorker (placement: actor)."""
     output = job.parent / "reference"
-    _run(job, output)
+    _run(job, output, in_process=True)
     return output
 
 
@@ -112,7 +117,9 @@ def test_variants_have_stable_derived_ids_their_own_expansion_and_seeds(referenc
     )
 
 
-def test_an_expander_pool_gives_the_same_prompts_and_images_as_expansion_on_the_workers(job, reference):
+def test_an_expander_pool_gives_the_same_prompts_and_images_as_expansion_on_the_workers(
+    job, reference, ray_session
+):
     """Placement decides where expansion runs, not what it writes: the same batches on the same device."""
     output = job.parent / "pool"
     _run(job, output, "expansion.placement=pool")

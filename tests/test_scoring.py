@@ -1,6 +1,8 @@
 """The CLIP score (scoring:) end to end: a tiny random CLIP model scores the tiny SD model's images on the
 actor; the score column, the reference computed by hand, filtering (keep and drop), exactly-once
-accounting, resume, and the score distribution in the report.
+accounting, resume, and the score distribution in the report. The scored job and the first run of
+`drop` go through Ray's actors; the rest run in process (tests/inprocess.py: same driver and worker, same
+bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import check_output, prompt_table, read_metadata
+from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
@@ -122,7 +125,7 @@ def test_score_column_matches_clip_computed_by_hand_on_the_written_images(scored
 
 
 def test_keep_marks_low_scores_filtered_and_writes_their_images(
-    scored, ray_session, tmp_path, prompts_dir, tiny_model, tiny_clip
+    scored, tmp_path, prompts_dir, tiny_model, tiny_clip
 ):
     reference, threshold, low = _median_split(scored)
     # The same input plus a file whose only row has no prompt: an error row, in its own shard, so
@@ -138,7 +141,7 @@ def test_keep_marks_low_scores_filtered_and_writes_their_images(
         {"source": tiny_clip, "threshold": threshold, "on_low_score": "keep"},
         format="parquet",
     )
-    result = imagemill.run(spec, progress=False)
+    result = run_in_process(spec)
     assert (result.ok, result.filtered, result.errors) == (ROWS - len(low), len(low), 1)
     assert f"{len(low)} filtered, 1 error" in result.summary()
 
@@ -191,7 +194,7 @@ def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
     shards = sorted((out / "shards").glob("*.json"))
     kept_shard = {path: path.stat().st_mtime_ns for path in (out / "metadata").glob("*.parquet")}
     shards[0].unlink()
-    again = imagemill.run(spec, progress=False)
+    again = run_in_process(spec)
     assert again.shards_run == 1 and counts in again.summary()
     unchanged = [path for path, mtime in kept_shard.items() if path.stat().st_mtime_ns == mtime]
     assert [path.stem for path in unchanged] == [shards[1].stem]
