@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from throughput import _machine, write_benchmarks
+from throughput import _machine, no_write_argument, publish
 
 import imagemill
 from imagemill.demo.classifier import EPOCHS, augmentation_figures, webdataset_samples
@@ -84,14 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-prompt", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
+    no_write_argument(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imagemill-augmentation-") as work:
         figures, seconds = measure(args.images_per_prompt, args.epochs, Path(work))
     section = report(args.images_per_prompt, args.epochs, figures, seconds)
-    print(section)
-    if not args.no_write:
-        write_benchmarks(section)
+    publish(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from throughput import _machine, build_model, prompts, write_benchmarks
+from throughput import (
+    MODELS_DIR,
+    _machine,
+    build_model,
+    no_write_argument,
+    prompts,
+    publish,
+)
 
 SETTINGS = {"batch_size": 4, "size": 64, "steps": 4, "guidance": 5.0}
 VARIANTS = ("no compile_cache", "first actor", "later actor")
@@ -70,8 +77,8 @@ def _spawn(model: Path, compile_cache: Path | None, work: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
-    parser.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md alone")
+    parser.add_argument("--models", default=MODELS_DIR)
+    no_write_argument(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -106,9 +113,7 @@ def main() -> None:
         ratio = median[name] / median["no compile_cache"]
         lines.append(f"| {name} | {median[name]:.1f} | {ratio:.2f} | {rounds} |")
     section = "\n".join([*lines, ""])
-    print(section)
-    if not args.no_write:
-        write_benchmarks(section)
+    publish(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 from PIL import Image
-from throughput import _machine, write_benchmarks
+from throughput import _machine, publish
 
 SIZES = (512, 1024)
 # name → Pillow format and options; imagemill writes the defaults (PNG level 6, WebP method 4).
@@ -146,8 +146,7 @@ def main() -> None:
             "",
         ]
     )
-    print(section)
-    write_benchmarks(section)
+    publish(section)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,18 @@ import argparse
 import json
 import math
 import statistics
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from throughput import PROFILES, _child, _machine, build_model, run_imagemill, write_benchmarks
+from throughput import (
+    MODELS_DIR,
+    PROFILES,
+    _child,
+    _machine,
+    build_model,
+    publish,
+    run_imagemill,
+)
 
 PROFILE = "cpu"
 LM = {"hidden_size": 128, "num_layers": 4}  # a few hundred thousand parameters: small next to the UNet
@@ -90,7 +97,7 @@ def _report(repeats: int, runs: dict[str, list[dict]], lm_parameters: int) -> st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
+    parser.add_argument("--models", default=MODELS_DIR)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=[PROFILE], default=PROFILE, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -117,8 +124,7 @@ def main() -> None:
         names = weights.keys()
         lm_parameters = sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
     section = _report(args.repeats, runs, lm_parameters)
-    print(section)
-    write_benchmarks(section)
+    publish(section)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from throughput import write_benchmarks
+from throughput import publish
 
 ROWS_PER_FILE = 100_000
 BENCH = Path(__file__).resolve().parent
@@ -146,8 +146,7 @@ def main() -> None:
     command = "python bench/memory.py --rows " + " ".join(map(str, args.rows))
     if args.one_row_group:
         section = one_row_group_section(results, command + " --one-row-group")
-        print(section)
-        write_benchmarks(section)
+        publish(section)
         return
     section = "\n".join(
         [
@@ -167,8 +166,7 @@ def main() -> None:
             "",
         ]
     )
-    print(section)
-    write_benchmarks(section)
+    publish(section)
 
 
 if __name__ == "__main__":

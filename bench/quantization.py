@@ -19,13 +19,19 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from throughput import _machine, build_model, prompts, write_benchmarks
+from throughput import (
+    _machine,
+    build_model,
+    no_write_argument,
+    prompts,
+    publish,
+    variant_arguments,
+)
 
 from imagemill.spec import ScoringSpec
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
@@ -160,11 +166,8 @@ def report(profile: str, settings: dict, repeats: int, results: dict[str, dict],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=PROFILES, default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", type=int, help="prompts per variant (default: the profile's)")
-    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
-    parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
+    variant_arguments(parser, PROFILES)
+    no_write_argument(parser)
     args = parser.parse_args()
     settings = {**PROFILES[args.profile], **({"images": args.rows} if args.rows else {})}
     device = "cuda" if args.profile == "gpu" else "cpu"
@@ -173,9 +176,7 @@ def main() -> None:
     section = report(
         args.profile, settings, args.repeats, measure(settings, model, clip, device, args.repeats), device
     )
-    print(section)
-    if not args.no_write:
-        write_benchmarks(section)
+    publish(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

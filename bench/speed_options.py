@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from throughput import _machine, build_model, prompts, write_benchmarks
+from throughput import (
+    _machine,
+    build_model,
+    no_write_argument,
+    prompts,
+    publish,
+    variant_arguments,
+)
 
 PROFILES = {
     "cpu": {"rows": 48, "batch_size": 8, "size": 64, "steps": 4, "guidance": 5.0, "dtype": "float32"},
@@ -143,16 +149,11 @@ def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=PROFILES, default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", type=int, help="prompts per variant (default: the profile's)")
+    variant_arguments(parser, PROFILES)
     parser.add_argument(
         "--only", nargs="*", choices=VARIANTS, help="variants to run (baseline is always run)"
     )
-    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
-    parser.add_argument(
-        "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
-    )
+    no_write_argument(parser)
     args = parser.parse_args()
     settings = {**PROFILES[args.profile], **({"rows": args.rows} if args.rows else {})}
     model = build_model(args.profile, Path(args.models))
@@ -160,9 +161,7 @@ def main() -> None:
     names = ["baseline", *(name for name in args.only or VARIANTS if name != "baseline")]
     runs = measure(settings, names, model, tiny_vae, args.repeats)
     section = _report(args.profile, settings, args.repeats, runs)
-    print(section)
-    if not args.no_write:
-        write_benchmarks(section)
+    publish(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from throughput import _machine, prompts, write_benchmarks
+from throughput import _machine, no_write_argument, prompts, publish, variant_arguments
 
 PROFILES = {
     "cpu": {"rows": 16, "batch_size": 4, "size": 64, "steps": 12, "layers": (2, 4), "dtype": "float32"},
@@ -70,11 +69,8 @@ def main() -> None:
     from imagemill.workers.rows import BatchKey
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=PROFILES, default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", type=int, help="prompts per variant (default: the profile's)")
-    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
-    parser.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md alone")
+    variant_arguments(parser, PROFILES)
+    no_write_argument(parser)
     args = parser.parse_args()
     settings = {**PROFILES[args.profile], **({"rows": args.rows} if args.rows else {})}
     model = build_flux(args.profile, Path(args.models))
@@ -132,9 +128,7 @@ def main() -> None:
         ratio = median[name] / median["none"]
         lines.append(f"| {name} | {median[name]:.2f} | {ratio:.2f} | {change.mean():.2f} | {psnr} |")
     section = "\n".join([*lines, ""])
-    print(section)
-    if not args.no_write:
-        write_benchmarks(section)
+    publish(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -337,6 +337,30 @@ def _stages_report(profile: str, settings: dict, result: dict) -> str:
     return "\n".join(lines)
 
 
+MODELS_DIR = str(Path(tempfile.gettempdir()) / "imagemill-bench-models")  # built models, kept between runs
+
+
+def variant_arguments(parser: argparse.ArgumentParser, profiles: Iterable[str], repeats: int = 3) -> None:
+    """The options of a script that runs variants of one profile's model side by side."""
+    parser.add_argument("--profile", choices=profiles, default="cpu")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--rows", type=int, help="prompts per variant (default: the profile's)")
+    parser.add_argument("--models", default=MODELS_DIR)
+
+
+def no_write_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone"
+    )
+
+
+def publish(section: str, write: bool = True) -> None:
+    """Print `section` and, unless `write` is false (--no-write), put it into BENCHMARKS.md."""
+    print(section)
+    if write:
+        write_benchmarks(section)
+
+
 def write_benchmarks(section: str) -> None:
     """Put `section` into BENCHMARKS.md, replacing the section with the same heading (its first line);
     into the file $BENCHMARKS_FILE names instead, when set (bench/gpu.sh: a copy that comes back)."""
@@ -369,7 +393,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=PROFILES, default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
+    parser.add_argument("--models", default=MODELS_DIR)
     parser.add_argument("--stages", action="store_true", help="run (b) once; write its stage breakdown")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -382,13 +406,10 @@ def main() -> None:
     model = build_model(args.profile, Path(args.models))
     if args.stages:
         section = _stages_report(args.profile, settings, _child("imagemill", args.profile, model))
-        print(section)
-        write_benchmarks(section)
+        publish(section)
         return
     runs = run_rounds(VARIANTS, args.repeats, lambda name: _child(name, args.profile, model))
-    section = _report(args.profile, settings, args.repeats, runs)
-    print(section)
-    write_benchmarks(section)
+    publish(_report(args.profile, settings, args.repeats, runs))
 
 
 if __name__ == "__main__":

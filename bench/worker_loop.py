@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,9 +27,10 @@ from throughput import (
     _machine,
     _write_input,
     build_model,
+    publish,
     run_bare,
     run_rounds,
-    write_benchmarks,
+    variant_arguments,
 )
 
 FORMATS = {"imagemill png": "png", "imagemill jpeg": "jpeg"}
@@ -108,10 +108,7 @@ def report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=PROFILES, default="cpu")
-    parser.add_argument("--rows", type=int, help="prompts per variant (default: the profile's)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "imagemill-bench-models"))
+    variant_arguments(parser, PROFILES, repeats=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -128,8 +125,7 @@ def main() -> None:
         lambda name: _child(name, args.profile, model, script=__file__, more=more),
     )
     section = report(args.profile, settings, args.repeats, runs)
-    print(section)
-    write_benchmarks(section)
+    publish(section)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from encode_ceiling import GPU_RATES, textured
-from throughput import _machine, write_benchmarks
+from throughput import _machine, publish
 
 import imagemill
 import imagemill.workers.worker as worker_module
@@ -225,8 +225,7 @@ def main() -> None:
             "",
         ]
     )
-    print(section)
-    write_benchmarks(section)
+    publish(section)
 
 
 def _row(
