@@ -15,7 +15,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.errors import ImagemillError
 from imagemill.spec import JobSpec
-from imagemill.workers.stages.expansion import PromptExpander
+from imagemill.workers.actors import PromptExpanderActor
 
 RESTARTS = 3
 
@@ -36,7 +36,7 @@ def start_expanders(
         num_gpus=expansion.num_gpus,
         max_restarts=RESTARTS,
         max_task_retries=RESTARTS,
-    )(PromptExpander)
+    )(PromptExpanderActor)
     expanders = [
         actor_class.options(name=f"{name_prefix}:expander:{n + 1}").remote(expansion, device)
         for n in range(expansion.num_workers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from imagemill.auto_batch import with_recorded_batch_size
 from imagemill.budget import Budget
 from imagemill.claim import claim_output
 from imagemill.cost import JobCost, job_cost
-from imagemill.evaluation import evaluate
 from imagemill.inputs import FOOTERS, reconcile_inputs
 from imagemill.lease import OutputLease
 from imagemill.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
@@ -219,12 +219,18 @@ def _run_owned(
             spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress, budget
         )
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`, a pod deleted) exits
+        # Ray's native SIGTERM handler arms a 3 s SIGALRM abort before Python's handler runs (Ray
+        # #64830): an end slower than that (the record and report on a slow store) died as SIGABRT.
+        signal.alarm(0)
         if record_written:
             _end_record(output, lease, record, committed, failures, INTERRUPTED)
         raise
     result = _result(spec, committed, failures, shards_total, rows_total, started, done_before)
     result.budget_stop = budget.reached()
     if spec.evaluation is not None and committed:
+        # Imported here: the post-pass needs torch, which would add 2 s to every `imagemill` start.
+        from imagemill.evaluation import evaluate
+
         record["evaluation"] = evaluate(spec, output, committed)
     _end_record(output, lease, record, committed, failures, result.state)
     if result.state == COMPLETE:

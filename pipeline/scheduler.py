@@ -28,7 +28,7 @@ from imagemill.placement import WorkerDemand, placeable_workers
 from imagemill.records import ShardStats
 from imagemill.shards import Shard
 from imagemill.spec import JobSpec
-from imagemill.workers.worker import ShardWorker
+from imagemill.workers.actors import ShardWorkerActor
 
 log = logging.getLogger(__name__)
 _NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
@@ -112,7 +112,7 @@ class ShardScheduler:
         self.run_id = run_id
         self.on_ready = on_ready
         uses_gpu = _uses_gpu(spec)
-        self.actor_class = ray.remote(ShardWorker)
+        self.actor_class = ray.remote(ShardWorkerActor)
         self.actor_options = {
             "num_cpus": spec.workers.num_cpus_per_worker,
             "num_gpus": 1 if uses_gpu else 0,

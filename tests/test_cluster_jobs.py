@@ -97,7 +97,9 @@ def _head(s3_endpoint):
         _wait_for(lambda: _answers(f"{local}/api/version"), 120, "the Ray dashboard")
         yield Head(local=local, remote=f"http://{get_node_ip_address()}:{dashboard_port}")
     finally:
-        os.killpg(head.pid, signal.SIGINT)  # `ray start --block` stops its cluster on Ctrl-C
+        # As `ray stop` does: SIGTERM to each of the cluster's processes (the head's process group).
+        # Not Ctrl-C: a suite run in the background starts its children with SIGINT ignored.
+        os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:

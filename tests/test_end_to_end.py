@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import fsspec
 import pyarrow as pa
@@ -187,3 +190,32 @@ def test_noop_generator_runs_the_whole_pipeline_without_a_model(ray_session, tmp
     row = read_metadata(str(tmp_path / "out")).to_pylist()[0]
     pixels = Image.open(tmp_path / "out" / row["path"]).getcolors()
     assert pixels == [(16 * 8, (row["seed"] >> 16 & 255, row["seed"] >> 8 & 255, row["seed"] & 255))]
+
+
+def test_the_driver_runs_a_job_without_importing_torch(ray_address, tmp_path):
+    """The driver handles shard descriptors and stats: `imagemill run` never imports torch or the model
+    libraries (seconds of every start, and a head node needs none). Only the actors do, once they
+    run (workers/actors.py); an `evaluation:` post-pass is the one exception."""
+    write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=8, row_group_size=4)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"input: {{path: {tmp_path / 'prompts'}, rows_per_shard: 4}}\noutput: {{path: {tmp_path / 'out'}}}\n"
+        "model: {kind: noop}\ngeneration: {width: 16, height: 16}\nworkers: {num_workers: 1}\n"
+    )
+    script = (
+        "import atexit, runpy, sys\n"
+        "heavy = ('torch', 'diffusers', 'transformers')\n"
+        "atexit.register(lambda: print('loaded:', *sorted(m for m in sys.modules if m in heavy)))\n"
+        f"sys.argv = ['imagemill', 'run', {str(job)!r}, '--no-progress']\n"
+        "runpy.run_module('imagemill.cli', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "8 rows: 8 ok, 0 error" in done.stdout, done.stdout
+    assert done.stdout.splitlines()[-1] == "loaded:", done.stdout

@@ -177,23 +177,28 @@ def test_a_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, tiny
     check_output(output, _ids(rows), 32, 32)
 
 
-def _s3_spec(name: str, bucket: str, tiny_model: str, storage_options: dict) -> dict:
+def _s3_spec(name: str, bucket: str, storage_options: dict) -> dict:
+    """A job whose faults are the storage's: the model's `noop` kind (no model to load, seconds saved
+    per actor), one actor to meet them."""
     return {
         "name": name,
         "input": {"path": f"{bucket}/prompts", "rows_per_shard": 4, "storage_options": storage_options},
         "output": {"path": f"{bucket}/out", "storage_options": storage_options},
-        "model": {"source": tiny_model},
+        "model": {"kind": "noop"},
         "generation": SMALL,
-        "workers": {"num_workers": 1, "batch_size": 4},  # the faults are the storage's: one actor meets them
+        "workers": {"num_workers": 1, "batch_size": 4},
     }
 
 
-def test_transient_s3_errors_lose_and_duplicate_nothing(ray_session, s3_endpoint, tiny_model):
+def test_transient_s3_errors_lose_and_duplicate_nothing(ray_session, s3_endpoint):
     """Input and output through a proxy that answers every 4th request with 503 SlowDown."""
     bucket = make_bucket(_unique("faults-flaky"))
-    rows = write_prompt_files(f"{bucket}/prompts", n_files=2, rows_per_file=16, row_group_size=4)
+    rows = write_prompt_files(f"{bucket}/prompts", n_files=2, rows_per_file=8, row_group_size=4)
     with S3FaultProxy(s3_endpoint, fail_every=4) as proxy:
-        spec = imagemill.build_spec(_s3_spec("flaky-s3", bucket, tiny_model, {"endpoint_url": proxy.url}))
+        # One try per client call: the 503s are met by imagemill's own retries, not botocore's (whose
+        # backoff of up to seconds per retry made this test slow, and would hide a call left unretried).
+        options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        spec = imagemill.build_spec(_s3_spec("flaky-s3", bucket, options))
         result = imagemill.run(spec, progress=False)
     assert proxy.failures > 0 and proxy.slowdowns == proxy.failures
     assert {"GET", "PUT"} <= set(proxy.failed_by_method), proxy.failed_by_method
@@ -202,9 +207,7 @@ def test_transient_s3_errors_lose_and_duplicate_nothing(ray_session, s3_endpoint
     check_output(f"{bucket}/out", _ids(rows), 32, 32)  # read through the real endpoint
 
 
-def test_a_broken_input_file_fails_its_shards_and_a_rerun_finishes(
-    ray_address, s3_endpoint, tiny_model, tmp_path
-):
+def test_a_broken_input_file_fails_its_shards_and_a_rerun_finishes(ray_address, s3_endpoint, tmp_path):
     """An input file that always answers 500: exit 1 naming it, the other file's shards are committed;
     once the file reads again, the same command finishes the job: exit 0, nothing lost or doubled."""
     name = _unique("faults-broken-input")
@@ -212,9 +215,7 @@ def test_a_broken_input_file_fails_its_shards_and_a_rerun_finishes(
     rows = write_prompt_files(f"{bucket}/prompts", n_files=2, rows_per_file=8, row_group_size=4)
     fs = fsspec.filesystem("s3")
     with S3FaultProxy(s3_endpoint, broken_paths={f"{name}/prompts/part-001.parquet"}) as proxy:
-        job = _write_job(
-            tmp_path / "job.yaml", _s3_spec("broken-input", bucket, tiny_model, {"endpoint_url": proxy.url})
-        )
+        job = _write_job(tmp_path / "job.yaml", _s3_spec("broken-input", bucket, {"endpoint_url": proxy.url}))
         args = ["run", job, "--set", "workers.max_shard_attempts=2", "--no-progress"]
         failed = run_cli(*args, ray_address=ray_address, timeout=150)
         assert failed.returncode == 1, failed.stdout + failed.stderr
@@ -232,9 +233,7 @@ def test_a_broken_input_file_fails_its_shards_and_a_rerun_finishes(
     check_output(f"{bucket}/out", _ids(rows), 32, 32)
 
 
-def test_a_shard_whose_commit_keeps_failing_is_retried_then_resumed(
-    ray_address, s3_endpoint, tiny_model, tmp_path
-):
+def test_a_shard_whose_commit_keeps_failing_is_retried_then_resumed(ray_address, s3_endpoint, tmp_path):
     """The commit (stats file) of one shard always answers 500, after its images and metadata were
     written: the shard is tried max_shard_attempts times and reported; the rerun redoes it, and its
     second set of files replaces the first: still exactly one row and one image per id."""
@@ -246,7 +245,7 @@ def test_a_shard_whose_commit_keeps_failing_is_retried_then_resumed(
     with S3FaultProxy(s3_endpoint, broken_paths={f"{name}/out/shards/{stuck}.json"}) as proxy:
         # One try per client call, so the 500s are met by imagemill's own retries (0.5+1+2+4 s).
         options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}
-        job = _write_job(tmp_path / "job.yaml", _s3_spec("broken-commit", bucket, tiny_model, options))
+        job = _write_job(tmp_path / "job.yaml", _s3_spec("broken-commit", bucket, options))
         args = ["run", job, "--set", "workers.max_shard_attempts=2", "--no-progress"]
         failed = run_cli(*args, ray_address=ray_address, timeout=150)
         assert failed.returncode == 1, failed.stdout + failed.stderr

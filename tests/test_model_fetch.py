@@ -55,7 +55,9 @@ def test_model_is_downloaded_once_per_node_with_two_actors_on_each(
     """Two nodes of two actors: four actors resolve the model, two downloads (one per node) happen."""
     bucket = make_bucket("fetch-two-nodes")
     model_url, weights = _put_model(tiny_model, bucket)
-    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=16, row_group_size=4)
+    # Work starts with the first ready actor and the job's end stops the rest: the job must outlast
+    # the slowest actor's load (32 shards: seconds for two actors alone).
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=128, row_group_size=4)
     with isolated_cluster(monkeypatch) as cluster, S3FaultProxy(s3_endpoint) as proxy:
         for node in ("node-a", "node-b"):  # each node its own model cache, as separate machines have
             cache = {"IMAGEMILL_CACHE_DIR": str(tmp_path / node)}
@@ -66,6 +68,7 @@ def test_model_is_downloaded_once_per_node_with_two_actors_on_each(
         gets, listings = _counts(proxy, bucket, weights)
     assert done.returncode == 0, done.stderr
     assert f"{rows} rows: {rows} ok" in done.stdout
+    assert "(4 of 4)" in done.stderr, f"an actor was still loading when the job ended: {done.stderr}"
     assert listings == 4, "each of the four actors resolves the model"
     assert gets == dict.fromkeys(weights, 2), "the weights are downloaded once on each node"
     assert all(list((tmp_path / node).glob("models/*/unet/*.safetensors")) for node in ("node-a", "node-b"))

@@ -1,4 +1,7 @@
-"""A killed job is simply run again: nothing lost, nothing twice, the same bytes as an unbroken run."""
+"""A killed job is simply run again: nothing lost, nothing twice, the same bytes as an unbroken run.
+
+The killed drivers and the re-run are real drivers on Ray; the unbroken reference, and the claim and
+resume rules after them, run the real driver with its shards in process (tests/inprocess.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from subprocess import DEVNULL
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import check_output, prompt_table, read_metadata, run_cli, write_prompt_files
+from inprocess import run_in_process
 
 import imagemill
 from imagemill.errors import ImagemillError
@@ -51,7 +56,7 @@ def test_driver_killed_five_times_then_rerun_gives_every_row_once_and_the_same_b
     shards = rows // 16
     ids = {f"row-{i:05d}" for i in range(rows)}
     unbroken = _write_job(tmp_path / "unbroken.yaml", tmp_path / "prompts", tmp_path / "unbroken", tiny_model)
-    assert run_cli("run", str(unbroken), "--no-progress", ray_address=ray_address).returncode == 0
+    assert run_in_process(imagemill.build_spec(yaml.safe_load(unbroken.read_text()))).complete
     expected = check_output(str(tmp_path / "unbroken"), ids, 32, 32)
 
     job = _write_job(tmp_path / "job.yaml", tmp_path / "prompts", tmp_path / "out", tiny_model)
@@ -95,13 +100,13 @@ def _spec(tmp_path: Path, model: str, **generation):
     )
 
 
-def test_a_changed_spec_is_refused_unless_overwrite(ray_session, tmp_path, tiny_model):
+def test_a_changed_spec_is_refused_unless_overwrite(tmp_path, tiny_model):
     write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=8, row_group_size=4)
-    assert imagemill.run(_spec(tmp_path, tiny_model), progress=False).complete
+    assert run_in_process(_spec(tmp_path, tiny_model)).complete
 
     changed = _spec(tmp_path, tiny_model, width=40, seed=5)
     with pytest.raises(ImagemillError, match=r"generation\.seed, generation\.width changed.*--overwrite"):
-        imagemill.run(changed, progress=False)
+        run_in_process(changed)
     assert set(read_metadata(str(tmp_path / "out")).column("width").to_pylist()) == {32}
 
     # The CLI says the same in one line, and exits 2.
@@ -112,17 +117,17 @@ def test_a_changed_spec_is_refused_unless_overwrite(ray_session, tmp_path, tiny_
     assert refused.stderr.strip().count("\n") == 0 and "--overwrite" in refused.stderr
 
     # Settings that do not decide the output may change: workers, retries, storage options.
-    assert imagemill.run(_spec(tmp_path, tiny_model), progress=False).shards_run == 0
+    assert run_in_process(_spec(tmp_path, tiny_model)).shards_run == 0
 
-    result = imagemill.run(changed, progress=False, overwrite=True)
+    result = run_in_process(changed, overwrite=True)
     assert result.complete and result.shards_run == 2
     check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(8)}, 40, 32)
 
 
-def test_new_input_files_are_the_only_new_work(ray_session, tmp_path, tiny_model):
+def test_new_input_files_are_the_only_new_work(tmp_path, tiny_model):
     """The nightly case: a finished job's input folder gets a new file; only its rows are generated."""
     write_prompt_files(str(tmp_path / "prompts"), n_files=2, rows_per_file=8, row_group_size=4)
-    first = imagemill.run(_spec(tmp_path, tiny_model), progress=False)
+    first = run_in_process(_spec(tmp_path, tiny_model))
     assert first.complete and first.shards_run == 4
     out = tmp_path / "out"
     # The shards' files (images, metadata, commit records); the job record and report are per run.
@@ -131,7 +136,7 @@ def test_new_input_files_are_the_only_new_work(ray_session, tmp_path, tiny_model
     }
 
     pq.write_table(prompt_table(8, start=100), tmp_path / "prompts" / "part-new.parquet", row_group_size=4)
-    second = imagemill.run(_spec(tmp_path, tiny_model), progress=False)
+    second = run_in_process(_spec(tmp_path, tiny_model))
 
     assert second.complete and second.shards_run == 2 and second.rows_total == 24
     ids = {f"row-{i:05d}" for i in [*range(16), *range(100, 108)]}

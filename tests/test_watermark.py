@@ -11,7 +11,6 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 import imagemill
 from imagemill.errors import ImagemillError
@@ -20,6 +19,18 @@ from imagemill.workers.provenance.watermark import add_watermark
 
 PAYLOAD = "imgmill"  # 56 bits
 N_IMAGES = 20
+
+
+def gaussian_filter(values: np.ndarray, sigma: float) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter's defaults (mirrored edges, radius 4σ) in numpy: scipy is not
+    installed for this alone, as diffusers imports it whenever present (a second per actor start)."""
+    radius = int(4 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    for axis in (0, 1):
+        padded = np.pad(values, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], "symmetric")
+        values = np.apply_along_axis(np.convolve, axis, padded, kernel, "valid")
+    return values
 
 
 def textured(index: int, side: int = 256) -> np.ndarray:

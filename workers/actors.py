@@ -1,0 +1,47 @@
+"""The classes the driver starts as Ray actors: shells that import the actor runtime only once they
+run inside the actor's process.
+
+Ray pickles an actor class by reference, so the driver must import the class it starts. Were that
+`ShardWorker` itself, every driver (`imagemill run`, a submitted job's entrypoint) would import torch
+and the model libraries first: seconds of start-up on a machine that never runs a model. The driver
+imports this module; the actor imports `worker.py` (or `stages/expansion.py`) when it is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagemill.records import ShardStats
+from imagemill.shards import Shard
+from imagemill.spec import ExpansionSpec, JobSpec
+
+
+class ShardWorkerActor:
+    """`ShardWorker` (worker.py) as the scheduler's actor: `ready` once the model is loaded, then
+    `process_shard` for each shard handed out."""
+
+    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None, run_id: str | None = None):
+        from imagemill.workers.worker import ShardWorker
+
+        self.worker = ShardWorker(spec, expanders, run_id)
+
+    def ready(self) -> dict[str, Any]:
+        return self.worker.ready()
+
+    def process_shard(self, shard: Shard) -> ShardStats:
+        return self.worker.process_shard(shard)
+
+
+class PromptExpanderActor:
+    """`PromptExpander` (stages/expansion.py) as an actor of the expander pool (`placement: pool`)."""
+
+    def __init__(self, spec: ExpansionSpec, device: str):
+        from imagemill.workers.stages.expansion import PromptExpander
+
+        self.expander = PromptExpander(spec, device)
+
+    def ready(self) -> str:
+        return self.expander.ready()
+
+    def expand(self, prompts: list[str], seeds: list[int]) -> list[str]:
+        return self.expander.expand(prompts, seeds)
