@@ -140,12 +140,16 @@ class OutputLayout:
         path = self.path(relative)
         retrying(lambda: self.fs.pipe_file(path, data), f"writing {path}")
 
-    def write_json(self, relative: str, record: dict[str, Any]) -> None:
-        """Write a record whole or not at all: a full disk must not leave half a record behind."""
-        self.fs.makedirs(self.root, exist_ok=True)
+    def write_whole(self, relative: str, data: bytes) -> None:
+        """Write a file whole or not at all, for the files a later run reads back or a user opens (the
+        records, the report, the evaluation's derived files): a full disk or a killed driver must not
+        leave half of one behind. A shard's files need not: its commit comes after them."""
         path = self.path(relative)
-        data = json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode()
+        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
         retrying(lambda: write_file_atomically(self.fs, path, data), f"writing {path}")
+
+    def write_json(self, relative: str, record: dict[str, Any]) -> None:
+        self.write_whole(relative, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
 
     def remove(self, relative: str) -> None:
         remove_files(self.fs, [self.path(relative)])

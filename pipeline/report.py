@@ -60,7 +60,7 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
     report = build_report(record, shards, samples)
     thumbnails = [sample.thumbnail for _, sample in samples]
     output.write_json(REPORT_JSON, report)
-    output.write_bytes(REPORT_HTML, render_html(report, thumbnails).encode())
+    output.write_whole(REPORT_HTML, render_html(report, thumbnails).encode())
     return report
 
 

@@ -183,6 +183,11 @@ def test_wrong_weights_and_pickles_under_safetensors_only_are_refused_in_one_lin
     assert "lacks key fc.bias" in refusal(tmp_path / "extra.pth", safetensors_only=False)
     (tmp_path / "not-weights.pth").write_bytes(b"not a pickle")
     assert "does not read as a state dict" in refusal(tmp_path / "not-weights.pth", safetensors_only=False)
+    # A folder is taken only when it holds one weights file: which of several is meant is not guessed.
+    several = refusal(tmp_path, safetensors_only=False)
+    assert "holds several .pth files (extra.pth, not-weights.pth, renamed.pth)" in several, several
+    (tmp_path / "empty").mkdir()
+    assert "holds no Inception-v3 weights file" in refusal(tmp_path / "empty")
     with pytest.raises(ImagemillError, match="does not exist"):  # on the driver, before any actor starts
         check_evaluation_source(EvaluationSpec(features="inception", source=str(tmp_path / "absent.pth")))
 

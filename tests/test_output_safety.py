@@ -26,6 +26,8 @@ from inprocess import run_in_process
 import imagemill
 from imagemill.errors import ImagemillError
 from imagemill.outcome import COMPLETE
+from imagemill.output import OutputLayout
+from imagemill.stamped import read_stamped, write_stamped
 from imagemill.status import job_status
 
 ROWS = 8  # two shards of 4 rows
@@ -299,6 +301,43 @@ def test_a_record_write_that_fails_half_way_leaves_the_previous_record(tmp_path)
     assert done.stdout.strip() == "OSError", done.stdout + done.stderr
     assert json.loads((out / "_job.json").read_text()) == {"name": "before"}
     assert sorted(p.name for p in out.iterdir()) == ["_job.json"]
+
+
+DERIVED_FILE_TOO_BIG = """\
+import resource, signal, sys
+import pyarrow as pa
+from imagemill.output import OutputLayout
+from imagemill.stamped import write_stamped
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+try:
+    write_stamped(OutputLayout(sys.argv[1]), "duplicates.parquet", pa.table({"a": range(10_000)}), {"n": 2})
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_the_evaluation_files_survive_a_full_disk_and_one_cut_short_is_made_again(tmp_path, caplog):
+    """duplicates.parquet and the other derived files are reused by a re-run that has the same basis: a
+    full disk during their write must leave the previous file whole, and a file that does not read
+    (cut short before writes were whole) must be made again, not end every re-run in a Parquet error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    layout = OutputLayout(str(out))
+    before = write_stamped(layout, "duplicates.parquet", pa.table({"a": [1, 2]}), {"n": 1})
+
+    done = subprocess.run(
+        [sys.executable, "-c", DERIVED_FILE_TOO_BIG, str(out)], capture_output=True, text=True, timeout=120
+    )
+
+    assert done.stdout.strip() == "OSError", done.stdout + done.stderr
+    assert read_stamped(layout, "duplicates.parquet", {"n": 1}) == before
+    assert read_stamped(layout, "duplicates.parquet", {"n": 2}) is None
+    assert sorted(p.name for p in out.iterdir()) == ["duplicates.parquet"]
+
+    (out / "duplicates.parquet").write_bytes((out / "duplicates.parquet").read_bytes()[:100])
+    assert read_stamped(layout, "duplicates.parquet", {"n": 1}) is None
+    assert "duplicates.parquet does not read as Parquet" in caplog.text
 
 
 def test_unreadable_records_count_as_absent_not_as_a_crash(tmp_path):
