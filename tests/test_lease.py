@@ -4,6 +4,7 @@ over once its owner is dead, and a model that does not load leaves the output fr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -171,7 +172,7 @@ def unbroken(tmp_path_factory, tiny_model) -> tuple[str, set[str], dict[str, str
 
 
 def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over(
-    ray_address, tmp_path, tiny_model, output_url, monkeypatch, unbroken
+    ray_address, tmp_path, tiny_model, output_url, monkeypatch, unbroken, caplog
 ):
     # The owner is paused (SIGSTOP) while the others knock: its lease must stay fresh meanwhile, so the
     # timeout is long here; a dead owner on this machine is taken over at once whatever the timeout.
@@ -216,12 +217,13 @@ def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over
     assert _lease_record(output_url)["run_id"] == lease["run_id"]
 
     # On the owner's machine a dead driver is seen at once; elsewhere it takes TIMEOUT (test below).
+    # The run that takes over is the real driver with its shards in process (tests/inprocess.py).
     status = run_cli("status", output_url)
     assert re.search(r": stopped \(last seen \d+ s ago\)", status.stdout), status.stdout
-    done = run_cli("run", str(job), "--no-progress", ray_address=ray_address)
-    assert done.returncode == 0, done.stderr
-    assert f"took over {output_url} from run {lease['run_id']}" in done.stderr, done.stderr
-    assert "its process is gone" in done.stderr
+    caplog.set_level(logging.WARNING, logger="imagemill.lease")
+    assert run_in_process(imagemill.build_spec(yaml.safe_load(job.read_text()))).complete
+    assert f"took over {output_url} from run {lease['run_id']}" in caplog.text, caplog.text
+    assert "its process is gone" in caplog.text
     assert check_output(output_url, ids, 32, 32) == expected
     assert _lease_record(output_url) is None
 
@@ -252,7 +254,8 @@ def test_a_model_that_does_not_load_says_so_in_one_line_and_leaves_the_output_fr
     assert "Unable to load weights" in Path(log_file).read_text()
     assert _lease_record(str(tmp_path / "out")) is None
 
-    # The corrected spec (another model) runs into the same output without --overwrite.
-    fixed = run_cli("run", str(job), "--no-progress", "--model", tiny_model, ray_address=ray_address)
-    assert fixed.returncode == 0, fixed.stderr
+    # The corrected spec (another model) runs into the same output without --overwrite (the real
+    # driver, its shards in process).
+    fixed = _job(tmp_path, prompts, str(tmp_path / "out"), tiny_model, name="fixed.yaml")
+    assert run_in_process(imagemill.build_spec(yaml.safe_load(fixed.read_text()))).complete
     check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
