@@ -7,7 +7,6 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from conftest import read_metadata, run_cli
 from inprocess import run_in_process
 
@@ -151,7 +150,7 @@ def test_bad_rows_and_files_are_reported_and_everything_else_is_generated(ray_ad
     pq.write_table(
         pa.table({"id": ["late"], "prompt": ["a late prompt"]}), tmp_path / "prompts" / "corrupt.parquet"
     )
-    again = run_in_process(imagemill.build_spec(yaml.safe_load(job.read_text())))  # the real driver
+    again = run_in_process(imagemill.load_spec(job))  # the real driver
     assert again.complete and again.shards_run == 1, again.summary()
     assert (again.rows_total, again.ok, again.errors) == (rows + 1, ok + 1, errors)
 
@@ -180,6 +179,5 @@ def test_pickled_weights_are_refused_unless_the_user_opts_in(ray_address, tmp_pa
     assert "model.safetensors_only: false" in verdict, "the setting that allows them is named"
 
     # Allowed, the job runs (the real driver, its shards in process: the refusal above was the actor's).
-    allowed = yaml.safe_load(job.read_text())
-    allowed["model"]["safetensors_only"] = False
-    assert run_in_process(imagemill.build_spec(allowed)).ok == 2
+    allowed = imagemill.load_spec(job, [("model.safetensors_only", False)])
+    assert run_in_process(allowed).ok == 2

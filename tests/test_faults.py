@@ -233,7 +233,7 @@ def test_a_broken_input_file_fails_its_shards_and_a_rerun_finishes(ray_address, 
         assert not fs.exists(f"{name}/out/_SUCCESS")
 
         proxy.broken_paths.clear()  # the re-run: the real driver, its shards in process
-        again = run_in_process(imagemill.build_spec(yaml.safe_load(Path(job).read_text())))
+        again = run_in_process(imagemill.load_spec(job))
         assert again.complete and not again.failures, again.summary()
     check_output(f"{bucket}/out", _ids(rows), 32, 32)
 
@@ -263,7 +263,7 @@ def test_a_shard_whose_commit_keeps_failing_is_retried_then_resumed(ray_address,
         assert not fs.exists(f"{name}/out/_SUCCESS")
 
         proxy.broken_paths.clear()  # the re-run: the real driver, its shards in process
-        again = run_in_process(imagemill.build_spec(yaml.safe_load(Path(job).read_text())))
+        again = run_in_process(imagemill.load_spec(job))
         assert again.complete and not again.failures, again.summary()
     check_output(f"{bucket}/out", _ids(rows), 32, 32)
     stats = json.loads(fs.cat_file(f"{name}/out/shards/{stuck}.json"))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import yaml
 from conftest import check_output, make_bucket, run_cli, write_prompt_files
 from inprocess import run_in_process
 
@@ -167,7 +166,7 @@ def unbroken(tmp_path_factory, tiny_model) -> tuple[str, set[str], dict[str, str
     rows = write_prompt_files(prompts, n_files=2, rows_per_file=32, row_group_size=4)
     ids = {f"row-{i:05d}" for i in range(rows)}
     job = _job(folder, prompts, str(folder / "out"), tiny_model)
-    assert run_in_process(imagemill.build_spec(yaml.safe_load(job.read_text()))).complete
+    assert run_in_process(imagemill.load_spec(job)).complete
     return prompts, ids, check_output(str(folder / "out"), ids, 32, 32)
 
 
@@ -221,7 +220,7 @@ def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over
     status = run_cli("status", output_url)
     assert re.search(r": stopped \(last seen \d+ s ago\)", status.stdout), status.stdout
     caplog.set_level(logging.WARNING, logger="imagemill.lease")
-    assert run_in_process(imagemill.build_spec(yaml.safe_load(job.read_text()))).complete
+    assert run_in_process(imagemill.load_spec(job)).complete
     assert f"took over {output_url} from run {lease['run_id']}" in caplog.text, caplog.text
     assert "its process is gone" in caplog.text
     assert check_output(output_url, ids, 32, 32) == expected
@@ -257,5 +256,5 @@ def test_a_model_that_does_not_load_says_so_in_one_line_and_leaves_the_output_fr
     # The corrected spec (another model) runs into the same output without --overwrite (the real
     # driver, its shards in process).
     fixed = _job(tmp_path, prompts, str(tmp_path / "out"), tiny_model, name="fixed.yaml")
-    assert run_in_process(imagemill.build_spec(yaml.safe_load(fixed.read_text()))).complete
+    assert run_in_process(imagemill.load_spec(fixed)).complete
     check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)

@@ -15,7 +15,6 @@ from subprocess import DEVNULL
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from conftest import check_output, prompt_table, read_metadata, run_cli, write_prompt_files
 from inprocess import run_in_process
 
@@ -58,7 +57,7 @@ def test_driver_killed_five_times_then_rerun_gives_every_row_once_and_the_same_b
     ids = {f"row-{i:05d}" for i in range(rows)}
     noop = "{kind: noop}"
     unbroken = _write_job(tmp_path / "unbroken.yaml", tmp_path / "prompts", tmp_path / "unbroken", noop)
-    assert run_in_process(imagemill.build_spec(yaml.safe_load(unbroken.read_text()))).complete
+    assert run_in_process(imagemill.load_spec(unbroken)).complete
     expected = check_output(str(tmp_path / "unbroken"), ids, 32, 32)
 
     job = _write_job(tmp_path / "job.yaml", tmp_path / "prompts", tmp_path / "out", noop)

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from conftest import run_cli, write_prompt_files
 from inprocess import run_in_process
 
@@ -103,7 +102,7 @@ def test_a_stopped_run_says_it_was_interrupted_and_reruns_resume_then_finish(
     assert done_by_run[0] < done_by_run[1], f"the second run resumed, adding shards: {done_by_run}"
 
     # The last run, which finishes the job: the real driver with its shards in process.
-    again = run_in_process(imagemill.build_spec(yaml.safe_load(job.read_text())))
+    again = run_in_process(imagemill.load_spec(job))
     assert again.complete and 0 < again.shards_run <= shards - done_by_run[1], again.summary()
     assert json.loads((out / "_job.json").read_text())["status"] == "complete"
     assert _commits(out) == shards
