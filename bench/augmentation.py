@@ -22,7 +22,7 @@ from throughput import _machine, no_write_argument, publish
 
 import imagemill
 from imagemill.demo.classifier import EPOCHS, augmentation_figures, webdataset_samples
-from imagemill.recipes import write_prompts
+from imagemill.prompts.recipes import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {

@@ -36,8 +36,8 @@ DRIVER = """
 import json, os, resource, sys, time
 import ray
 import imagemill
-from imagemill.output import OutputLayout
-from imagemill.records import committed_shards
+from imagemill.core.layout import OutputLayout
+from imagemill.core.records import committed_shards
 log = os.environ.get("COUNTING_FS_LOG")
 if log:  # count the bytes read from the input in every process (bench/counting_fs.py)
     sys.path.insert(0, sys.argv[2])

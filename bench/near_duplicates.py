@@ -1,4 +1,5 @@
-"""Near-duplicate detection's cost and the driver's memory as the job grows (imagemill.near_duplicates).
+"""Near-duplicate detection's cost and the driver's memory as the job grows
+(imagemill.evaluation.near_duplicates).
 
     python bench/near_duplicates.py                         # 2,500, 5,000 and 10,000 images; BENCHMARKS.md
     python bench/near_duplicates.py --images 10000 40000    # any sizes
@@ -32,8 +33,8 @@ PLANTED_SHARE = 0.01
 THRESHOLD = 0.98
 CHILD = """
 import json, resource, sys, time
-from imagemill.near_duplicates import find_duplicates
-from imagemill.output import OutputLayout
+from imagemill.evaluation.near_duplicates import find_duplicates
+from imagemill.core.layout import OutputLayout
 output, shards = OutputLayout(sys.argv[1]), json.loads(sys.argv[2])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
@@ -48,9 +49,8 @@ print(json.dumps({"seconds": seconds, "rss_before_mb": before,
 
 def write_job(root: Path, images: int, seed: int = 0) -> tuple[list[str], set[tuple[str, str]]]:
     """Embedding files of `images` rows; returns the shard ids and the planted (original, copy) pairs."""
-    from imagemill.features import embeddings_table
-    from imagemill.output import OutputLayout
-    from imagemill.workers.writers import parquet_bytes
+    from imagemill.core.features import embeddings_table
+    from imagemill.core.layout import OutputLayout, parquet_bytes
 
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((images, DIM)).astype(np.float32)
@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(images, args.method) for images in args.images]
     # imported after measuring: a child's peak RSS starts from this process's (it carries across exec)
-    from imagemill.similarity_search import FAISS_MIN_IMAGES
+    from imagemill.evaluation.similarity_search import FAISS_MIN_IMAGES
 
     table = "\n".join(
         f"| {r['images']:,} | {r['planted']} | {'yes' if r['exact'] else 'NO'} | {r['seconds']:.2f} | "

@@ -33,7 +33,7 @@ from throughput import (
     variant_arguments,
 )
 
-from imagemill.spec import ScoringSpec
+from imagemill.core.spec import ScoringSpec
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
 from imagemill.workers.stages.scoring import ClipScorer

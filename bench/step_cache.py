@@ -63,7 +63,7 @@ def build_flux(profile: str, folder: Path) -> Path:
 
 
 def main() -> None:
-    from imagemill.spec import CacheSpec
+    from imagemill.core.spec import CacheSpec
     from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
     from imagemill.workers.generators.diffusion.speed import SpeedOptions
     from imagemill.workers.rows import BatchKey

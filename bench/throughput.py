@@ -131,8 +131,8 @@ def run_imagemill(settings: dict, model: Path, work: Path, extra: dict | None = 
     import ray
 
     import imagemill
-    from imagemill.output import OutputLayout
-    from imagemill.records import committed_shards
+    from imagemill.core.layout import OutputLayout
+    from imagemill.core.records import committed_shards
     from imagemill.workers.stage_timer import STAGES
 
     ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # as (c): room for Ray's own tasks

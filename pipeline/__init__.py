@@ -18,17 +18,17 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from imagemill.errors import ImagemillError
-    from imagemill.runner import JobResult, run
-    from imagemill.spec import JobSpec, build_spec, load_spec
+    from imagemill.core.errors import ImagemillError
+    from imagemill.core.spec import JobSpec, build_spec, load_spec
+    from imagemill.execution.runner import JobResult, run
 
 _HOMES = {
-    "ImagemillError": "imagemill.errors",
-    "JobResult": "imagemill.runner",
-    "run": "imagemill.runner",
-    "JobSpec": "imagemill.spec",
-    "build_spec": "imagemill.spec",
-    "load_spec": "imagemill.spec",
+    "ImagemillError": "imagemill.core.errors",
+    "JobResult": "imagemill.execution.runner",
+    "run": "imagemill.execution.runner",
+    "JobSpec": "imagemill.core.spec",
+    "build_spec": "imagemill.core.spec",
+    "load_spec": "imagemill.core.spec",
 }
 __all__ = ["ImagemillError", "JobResult", "JobSpec", "build_spec", "load_spec", "run"]
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import imagemill
-import imagemill.runner
+import imagemill.execution.runner
 from imagemill.workers.worker import ShardWorker
 
 
@@ -61,5 +61,5 @@ def output_hashes(output: Path) -> dict[str, str]:
 def run_in_process(spec: imagemill.JobSpec, **options: Any) -> imagemill.JobResult:
     """`imagemill.run(spec, **options)` without Ray (see the module docstring)."""
     with pytest.MonkeyPatch.context() as patch, _one_thread():
-        patch.setattr(imagemill.runner, "_schedule", _schedule_in_process)
+        patch.setattr(imagemill.execution.runner, "_schedule", _schedule_in_process)
         return imagemill.run(spec, progress=False, **options)

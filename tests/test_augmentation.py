@@ -22,7 +22,7 @@ from test_readme_commands import readme_blocks, readme_section
 
 from imagemill.demo.classifier import augmentation_figures, webdataset_samples
 from imagemill.demo.shapes import SHAPES
-from imagemill.recipes import Recipe, recipe_table
+from imagemill.prompts.recipes import Recipe, recipe_table
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = readme_section("Building an augmentation dataset")

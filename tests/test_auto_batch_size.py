@@ -12,7 +12,7 @@ from conftest import write_prompt_files
 from inprocess import output_hashes, run_in_process
 
 import imagemill
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 from imagemill.workers.batch_fit import CPU_BATCH_SIZE, MAX_AUTO_BATCH, largest_fitting_batch
 from imagemill.workers.generators.contract import BatchKey
 

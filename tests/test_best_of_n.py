@@ -20,7 +20,7 @@ from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 from imagemill.workers.seeds import draw_seed
 
 SIZE = 32

@@ -19,11 +19,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from PIL import Image, PngImagePlugin
 
 import imagemill
-from imagemill.cli import main
-from imagemill.errors import ImagemillError
-from imagemill.shards import plan_shards
-from imagemill.verify import verify
-from imagemill.workers.provenance.c2pa_signing import PARAMETERS_LABEL
+from imagemill.cli.commands import main
+from imagemill.core.errors import ImagemillError
+from imagemill.planning.shards import plan_shards
+from imagemill.provenance.c2pa_signing import PARAMETERS_LABEL
+from imagemill.provenance.verify import verify
 from imagemill.workers.worker import ShardWorker
 from tests.conftest import read_metadata
 
@@ -182,7 +182,7 @@ def test_key_and_certificate_stay_out_of_records(signed_output, signing_files):
 
 
 def test_a_key_that_does_not_read_is_one_line_naming_the_setting(tmp_path, signing_files):
-    from imagemill.workers.provenance.c2pa_signing import C2paSigner
+    from imagemill.provenance.c2pa_signing import C2paSigner
 
     cert, _ = signing_files
     spec = imagemill.build_spec(

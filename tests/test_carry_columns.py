@@ -12,8 +12,8 @@ import pytest
 from conftest import read_metadata
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.shards import plan_shards
+from imagemill.core.errors import ImagemillError
+from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
 
 SIZE = 32

@@ -10,11 +10,11 @@ import yaml
 from conftest import write_prompt_files
 
 import imagemill
-from imagemill.budget import BUDGET_EXIT_STATUS, Budget
-from imagemill.cost import CPU, GPU, hourly_price, job_cost
-from imagemill.errors import ImagemillError
-from imagemill.records import ShardStats
-from imagemill.shards import plan_shards
+from imagemill.core.cost import CPU, GPU, hourly_price, job_cost
+from imagemill.core.errors import ImagemillError
+from imagemill.core.records import ShardStats
+from imagemill.execution.budget import BUDGET_EXIT_STATUS, Budget
+from imagemill.planning.shards import plan_shards
 
 PRICES = {"H100": 3.0, "A10G": 1.0, "CPU": 0.05}
 
@@ -114,7 +114,7 @@ def test_a_job_stopped_by_its_budget_exits_3_and_resumes_when_it_is_raised(ray_s
     """Acceptance 5, through Ray and the CLI: a tiny max_gpu_hours stops handing out shards after the
     first ones; the same budget again does no more (it counts all runs of the output); raised, the
     job resumes and completes, and _job.json's cost is the sum of its shards'."""
-    from imagemill.cli import main
+    from imagemill.cli.commands import main
 
     write_prompt_files(str(tmp_path / "in"), 1, 6, 6)
     spec = tmp_path / "job.yaml"

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import imagemill
+from imagemill.core.images import encode_image
 from imagemill.workers.device_jpeg import DeviceJpeg
-from imagemill.workers.encoding import encode_image
 
 
 def _torchvision() -> bool:
@@ -106,7 +106,7 @@ def test_the_report_thumbnail_of_an_image_encoded_on_the_gpu_shows_it():
     """The worker hands GPU-encoded rows to the report's samples as bytes; the thumbnail decodes them."""
     import base64
 
-    from imagemill.workers.encoding import thumbnail_data_uri
+    from imagemill.core.images import thumbnail_data_uri
 
     pixels = np.zeros((128, 128, 3), np.uint8)
     pixels[:, 64:] = (200, 30, 30)  # black left half, red right half

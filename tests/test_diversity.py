@@ -21,7 +21,7 @@ from conftest import read_metadata
 from inprocess import run_in_process
 
 import imagemill
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = str(REPO / "jobs" / "models" / "demo-shapes")
@@ -140,8 +140,8 @@ def test_the_feature_model_is_part_of_the_fingerprint(tmp_path, tiny_clip):
 
 def test_pixel_features_compare_structure_not_brightness():
     """A shape brightened by a constant is the same picture; the same shape elsewhere is not."""
-    from imagemill.distribution_metrics import unit_rows
-    from imagemill.spec import EvaluationSpec
+    from imagemill.core.spec import EvaluationSpec
+    from imagemill.evaluation.distribution_metrics import unit_rows
     from imagemill.workers.stages.evaluation import FeatureModel
 
     image = np.full((64, 48, 3), 60, np.uint8)

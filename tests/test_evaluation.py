@@ -18,11 +18,11 @@ from conftest import make_bucket, read_metadata, write_prompt_files
 from PIL import Image
 
 import imagemill
-from imagemill.embedding_passes import read_shard_embeddings
-from imagemill.evaluation import evaluate, merged_feature_sums
-from imagemill.features import JOB_WIDE, FeatureSums
-from imagemill.output import DUPLICATES, REFERENCE_FEATURES, OutputLayout
-from imagemill.shards import plan_shards
+from imagemill.core.features import JOB_WIDE, FeatureSums
+from imagemill.core.layout import DUPLICATES, REFERENCE_FEATURES, OutputLayout
+from imagemill.evaluation.embedding_passes import read_shard_embeddings
+from imagemill.evaluation.post_pass import evaluate, merged_feature_sums
+from imagemill.planning.shards import plan_shards
 from imagemill.workers.stages.evaluation import FeatureModel
 from imagemill.workers.worker import ShardWorker
 
@@ -193,7 +193,7 @@ def test_every_format_gets_embeddings_of_its_written_rows_and_overwrite_deletes_
 ):
     """Features are taken before the writer, so each format's shards have their embeddings (the
     no-model generator keeps this cheap); a shard's deletion (--overwrite, --redo-changed) takes them."""
-    from imagemill.claim import delete_shards
+    from imagemill.output.claim import delete_shards
 
     inputs = _prompts(tmp_path, [f"prompt {i}" if i != 4 else " " for i in range(12)])
     spec = _spec(inputs, tmp_path / "out", "unused", {"source": tiny_clip}, format=output_format)

@@ -17,13 +17,13 @@ from PIL import Image
 from test_evaluation import _Features, _prompts, _run_shards, _spec
 
 import imagemill
+from imagemill.core.errors import ImagemillError
+from imagemill.core.layout import LEAKAGE, OutputLayout
+from imagemill.core.records import ShardStats
 from imagemill.demo.shapes import draw, scenes
-from imagemill.errors import ImagemillError
-from imagemill.evaluation import evaluate
-from imagemill.output import LEAKAGE, OutputLayout
-from imagemill.records import ShardStats
-from imagemill.reference import load_reference
-from imagemill.report_dataset import dataset_tables
+from imagemill.evaluation.post_pass import evaluate
+from imagemill.evaluation.reference import load_reference
+from imagemill.reporting.report_dataset import dataset_tables
 from imagemill.workers.stages.evaluation import FeatureModel, write_features
 
 

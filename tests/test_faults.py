@@ -92,7 +92,16 @@ def test_a_lost_node_loses_and_duplicates_nothing(tmp_path, tiny_model, monkeypa
         cluster.wait_for_nodes()
         with open(log_path, "w") as log:
             driver = subprocess.Popen(
-                [sys.executable, "-m", "imagemill.cli", "run", job, "--num-workers", "3", "--no-progress"],
+                [
+                    sys.executable,
+                    "-m",
+                    "imagemill.cli",
+                    "run",
+                    job,
+                    "--num-workers",
+                    "3",
+                    "--no-progress",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "RAY_ADDRESS": cluster.address},
@@ -158,7 +167,7 @@ def test_a_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, tiny
         except BaseException as exc:
             outcome["error"] = exc
 
-    caplog.set_level(logging.INFO, logger="imagemill.scheduler")
+    caplog.set_level(logging.INFO, logger="imagemill.execution.scheduler")
     thread = threading.Thread(target=job, name="imagemill-job", daemon=True)
     thread.start()
     _wait_for(  # work starts with the first ready actor: wait for both, and a commit

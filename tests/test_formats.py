@@ -18,8 +18,8 @@ from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
-from imagemill.output import OutputLayout, sample_key
-from imagemill.records import MetadataRow
+from imagemill.core.layout import OutputLayout, sample_key
+from imagemill.core.records import MetadataRow
 from imagemill.workers.writers import TarWriter
 
 SIZE = 32

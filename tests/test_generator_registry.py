@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.spec import ModelSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.kinds import KIND_NAMES, KINDS, kind_info
+from imagemill.core.model_source import check_model_source
+from imagemill.core.spec import ModelSpec
 from imagemill.testing.tiny_janus import IMAGE_SIZE, make_tiny_janus
 from imagemill.workers.generators.contract import BatchKey, Generator
-from imagemill.workers.generators.registry import KIND_NAMES, KINDS, kind_info
-from imagemill.workers.model_source import check_model_source
 from imagemill.workers.worker import make_generator
 
 
@@ -88,7 +88,7 @@ def test_an_unknown_kind_is_refused_in_one_line_listing_the_known_ones(tmp_path)
 def test_the_registry_and_the_spec_import_no_model_library():
     """The driver imports the spec, and the spec the registry: neither may pull in torch or diffusers."""
     code = (
-        "import sys, imagemill.spec, imagemill.workers.generators.registry as r, "
+        "import sys, imagemill.core.spec, imagemill.core.kinds as r, "
         "imagemill.workers.generators.contract as c;"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers'}))"
     )

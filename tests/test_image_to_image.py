@@ -22,10 +22,10 @@ from conftest import make_bucket, read_metadata
 from PIL import Image
 
 import imagemill
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import build_spec
 from imagemill.demo.shapes import Scene, caption, draw
-from imagemill.errors import ImagemillError
-from imagemill.shards import plan_shards
-from imagemill.spec import build_spec
+from imagemill.planning.shards import plan_shards
 from imagemill.workers.image_similarity import psnr, ssim
 from imagemill.workers.source_images import SourceReader, fit
 from imagemill.workers.worker import ShardWorker
@@ -120,7 +120,7 @@ def test_resize_policies(resize, kept):
 
 def test_source_paths_stay_under_the_input_folder_unless_absolute_paths_are_allowed():
     base = {"path": "s3://bucket/inputs/prompts.parquet", "image_column": "image"}
-    reader = SourceReader("s3://bucket/inputs/prompts.parquet", imagemill.spec.InputSpec(**base))
+    reader = SourceReader("s3://bucket/inputs/prompts.parquet", imagemill.core.spec.InputSpec(**base))
     assert reader.location("images/a.png") == "s3://bucket/inputs/images/a.png"
     assert reader.location("./images/../b.png") == "s3://bucket/inputs/b.png"
     for hostile in ["../../etc/passwd", "a/../../b.png", "..", "/etc/passwd", "file:///etc/passwd",
@@ -128,7 +128,9 @@ def test_source_paths_stay_under_the_input_folder_unless_absolute_paths_are_allo
         with pytest.raises(Exception, match="input file's folder|absolute|empty|NUL|chaining") as caught:
             reader.location(hostile)
         assert type(caught.value).__name__ == "InvalidImage"
-    allowed = SourceReader(base["path"], imagemill.spec.InputSpec(**base, allow_absolute_image_paths=True))
+    allowed = SourceReader(
+        base["path"], imagemill.core.spec.InputSpec(**base, allow_absolute_image_paths=True)
+    )
     assert allowed.location("s3://other-bucket/x.png") == "s3://other-bucket/x.png"
     with pytest.raises(Exception, match="leaves the input file's folder"):
         allowed.location("../../etc/passwd")  # relative paths stay under the folder even then
@@ -151,8 +153,8 @@ def test_strength_is_part_of_the_fingerprint_only_for_image_to_image():
 
 
 def test_strength_per_row_from_its_column_the_job_or_a_range_drawn_from_its_seed():
-    from imagemill.shards import Shard
-    from imagemill.spec import GenerationSpec, InputSpec
+    from imagemill.core.shard import Shard
+    from imagemill.core.spec import GenerationSpec, InputSpec
     from imagemill.workers.rows import make_batches, prepare_rows
 
     table = pa.table(

@@ -19,14 +19,14 @@ from conftest import read_metadata
 from test_evaluation import _prompts, _run_shards, _spec, _written_images
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.evaluation import evaluate, merged_feature_sums
-from imagemill.features import JOB_WIDE, FeatureSums, merge_sums, sums_from_table, sums_table
-from imagemill.inception_score import ClassSums
-from imagemill.output import OutputLayout
-from imagemill.report_dataset import dataset_tables
-from imagemill.spec import EvaluationSpec
-from imagemill.workers.model_source import check_evaluation_source
+from imagemill.core.errors import ImagemillError
+from imagemill.core.features import JOB_WIDE, FeatureSums, merge_sums, sums_from_table, sums_table
+from imagemill.core.inception_score import ClassSums
+from imagemill.core.layout import OutputLayout
+from imagemill.core.model_source import check_evaluation_source
+from imagemill.core.spec import EvaluationSpec
+from imagemill.evaluation.post_pass import evaluate, merged_feature_sums
+from imagemill.reporting.report_dataset import dataset_tables
 from imagemill.workers.stages.inception import InceptionV3, load_inception
 
 PTH = "weights-inception-2015-12-05-6726825d.pth"

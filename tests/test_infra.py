@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-import imagemill.runner
-from imagemill import cli
-from imagemill.outcome import COMPLETE
+import imagemill.execution.runner
+from imagemill.cli import commands as cli
+from imagemill.reporting.outcome import COMPLETE
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -114,7 +114,7 @@ def run_entrypoint(entrypoint: str, monkeypatch) -> imagemill.JobSpec:
         specs.append(spec)
         return Finished()
 
-    monkeypatch.setattr(imagemill.runner, "run", fake_run)
+    monkeypatch.setattr(imagemill.execution.runner, "run", fake_run)
     assert cli.main(argv[1:]) == 0, f"imagemill refused the entrypoint: {entrypoint}"
     (spec,) = specs
     return spec

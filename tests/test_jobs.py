@@ -20,7 +20,7 @@ FAST = ["--set", "generation.num_inference_steps=1", "--no-progress"]
 
 def test_every_spec_in_jobs_is_valid():
     """Every YAML file in jobs/ is a valid job spec, or (named *_recipe.yaml) a valid dataset recipe."""
-    from imagemill.recipes import load_recipe
+    from imagemill.prompts.recipes import load_recipe
 
     files = sorted((REPO / "jobs").glob("*.yaml"))
     shipped = {"demo.yaml", "augment.yaml", "nightly.yaml", "augment_img2img.yaml", "augment_recipe.yaml"}

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 from conftest import run_cli
 
 import imagemill
-from imagemill.carry import Carried
-from imagemill.records import MetadataRow, ShardStats, shard_totals
-from imagemill.shards import Shard
+from imagemill.core.carry import Carried
+from imagemill.core.records import MetadataRow, ShardStats, shard_totals
+from imagemill.core.shard import Shard
 from imagemill.workers.device_use import DeviceUse
 from imagemill.workers.rows import Row
 from imagemill.workers.shard_records import ShardRun

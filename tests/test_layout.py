@@ -1,38 +1,23 @@
-"""The house rules a reviewer would otherwise check by hand: every package folder ships in the wheel,
-and imports point one way (actor code may use the shared contract, never the driver's machinery)."""
+"""The house rules a reviewer would otherwise check by hand: every package folder ships in the wheel, and
+imports point one way. The map is pyproject.toml's import-linter contracts, run by infra/lint_imports.py
+(in CI through this file); these tests show the contracts hold on the code and fail on a planted import."""
 
 from __future__ import annotations
 
-import ast
+import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"imagemill": ROOT / "pipeline", "imagemill.workers": ROOT / "workers"}
+import pytest
 
-# What actor code (imagemill.workers.*) may import from the driver's package: the contract both sides
-# share. The driver's runner, scheduler, CLI and the rest, the test/demo builders, and tqdm are not.
-SHARED_CONTRACT = {
-    "spec",
-    "errors",
-    "storage",
-    "shards",
-    "output",
-    "records",
-    "lease",
-    "carry",
-    "labels",
-    "cost",
-    "features",
-    "inception_score",
-}
-DRIVER_ONLY = {"runner", "scheduler", "cli", "submit", "status", "report", "expanders", "contact_sheet"}
-FORBIDDEN_IN_ACTORS = {"tqdm"}
-# The registry of model kinds belongs to the contract too: the spec takes `model.kind` from it. It
-# names its generators as strings and imports nothing heavy (tests/test_generator_registry.py).
-REGISTRY = "imagemill.workers.generators.registry"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "infra"))
+from lint_imports import lint  # noqa: E402
+
+FOLDERS = {"imagemill": ROOT / "pipeline", "imagemill.workers": ROOT / "workers"}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def package_folders() -> dict[str, Path]:
@@ -46,85 +31,46 @@ def package_folders() -> dict[str, Path]:
 
 
 def test_every_package_folder_is_in_the_wheel():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     missing = sorted(set(package_folders()) - listed)
     assert not missing, f"add these packages to [tool.setuptools] packages in pyproject.toml: {missing}"
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every import a file runs (absolute imports; this project uses no others)."""
-    tree = ast.parse(path.read_text(), str(path))
-    typing_only = {  # imports under `if TYPE_CHECKING:` never run
-        id(inner)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
-        for inner in ast.walk(node)
-    }
-    found = []
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "imagemill":  # `from imagemill import scheduler` names a module
-                found += [(node.lineno, f"imagemill.{alias.name}") for alias in node.names]
-            else:
-                found.append((node.lineno, node.module))
-    return found
+def test_every_driver_room_is_in_the_import_map():
+    """A new room under pipeline/ must be placed in the layers contract (or be a builder), so the map in
+    pyproject.toml (and ARCHITECTURE.md's, which names the same rooms) cannot fall behind the tree."""
+    layers = next(c for c in PYPROJECT["tool"]["importlinter"]["contracts"] if c["type"] == "layers")
+    placed = {name.strip() for layer in layers["layers"] for name in layer.split("|")}
+    rooms = {p.name for p in (ROOT / "pipeline").iterdir() if (p / "__init__.py").exists()}
+    assert rooms - {"testing", "demo"} | {"workers"} == placed
+    architecture = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    assert [room for room in sorted(rooms) if f"`pipeline/{room}/`" not in architecture] == []
 
 
-def import_violations(folder: Path) -> list[str]:
-    """Imports in actor code (`folder`, the workers/ tree) that the import-direction rule forbids."""
-    violations = []
-    for path in sorted(folder.rglob("*.py")):
-        for line, module in imported_modules(path):
-            parts = module.split(".")
-            where = f"{path.relative_to(folder.parent)}:{line} imports {module}"
-            driver_side = parts[0] == "imagemill" and len(parts) > 1 and parts[1] != "workers"
-            if parts[0] in FORBIDDEN_IN_ACTORS or (driver_side and parts[1] not in SHARED_CONTRACT):
-                violations.append(where)
-    return sorted(set(violations))
+def test_the_import_contracts_hold():
+    result = lint()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
 
 
-def test_actor_code_imports_only_the_shared_contract():
-    violations = import_violations(FOLDERS["imagemill.workers"])
-    assert not violations, (
-        "actor code may import only "
-        + ", ".join(sorted(SHARED_CONTRACT))
-        + (f" from the driver side: {violations}")
-    )
-
-
-def test_the_shared_contract_does_not_import_the_driver():
-    """The shared contract is imported by actors: it imports nothing of imagemill but itself."""
-    paths = [FOLDERS["imagemill"] / f"{name}.py" for name in sorted(SHARED_CONTRACT)]
-    for path in [*paths, FOLDERS["imagemill.workers"] / "generators" / "registry.py"]:
-        bad = [
-            module
-            for _, module in imported_modules(path)
-            if module.split(".")[0] in FORBIDDEN_IN_ACTORS
-            or (
-                module.startswith("imagemill.")
-                and module.split(".")[1] not in SHARED_CONTRACT
-                and module != REGISTRY
-            )
-        ]
-        assert not bad, f"{path.name} is shared with actors but imports {bad}"
-
-
-def test_the_rule_catches_a_violating_import(tmp_path):
-    """The check itself: a file in actor code importing the runner, or tqdm, is reported."""
-    actors = tmp_path / "workers"
-    (actors / "generators").mkdir(parents=True)
-    (actors / "generators" / "fine.py").write_text("from imagemill.spec import JobSpec\nimport torch\n")
-    (actors / "generators" / "bad.py").write_text("from imagemill.runner import run\n")
-    (actors / "bar.py").write_text("import tqdm\nfrom imagemill import scheduler\n")
-    assert import_violations(actors) == [
-        "workers/bar.py:1 imports tqdm",
-        "workers/bar.py:2 imports imagemill.scheduler",
-        "workers/generators/bad.py:1 imports imagemill.runner",
-    ]
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("workers/stages/planted.py", "from imagemill.output.claim import claim_output", "Rooms import downwards"),
+        ("pipeline/core/planted.py", "import imagemill.planning.shards", "Rooms import downwards"),
+        ("pipeline/execution/planted.py", "from imagemill.workers.worker import ShardWorker", "actor shells"),
+        ("pipeline/reporting/planted.py", "def f():\n    import imagemill.testing", "test and demo builders"),
+        ("workers/planted.py", "import tqdm", "never import tqdm"),
+    ],
+)
+def test_a_planted_violating_import_breaks_a_contract(tmp_path, module, line, contract):
+    for folder in ("pipeline", "workers"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / module).write_text(line + "\n")
+    result = lint(tmp_path)
+    assert result.returncode == 1
+    broken = [line for line in result.stdout.splitlines() if " BROKEN" in line]
+    assert len(broken) == 1 and contract in broken[0], result.stdout
 
 
 def actor_modules() -> list[str]:
@@ -138,8 +84,9 @@ def actor_modules() -> list[str]:
 
 
 def test_importing_actor_code_loads_no_driver_module():
-    """What an actor process really loads: importing its runtime imports none of the driver's modules
-    (the lazy `imagemill` package keeps `imagemill.run` from dragging in the runner and Ray's client)."""
+    """What an actor process really loads (the contracts read imports; this runs them): importing its
+    runtime loads only the shared rooms (the lazy `imagemill` package keeps `imagemill.run` from dragging
+    in the runner and Ray's client)."""
     every = ", ".join(repr(m) for m in actor_modules())
     script = (
         "import importlib, sys\n"
@@ -151,7 +98,5 @@ def test_importing_actor_code_loads_no_driver_module():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.split()
     assert "imagemill.workers.worker" in loaded
-    driver = sorted(
-        m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in DRIVER_ONLY | {"testing", "demo"}
-    )
-    assert not driver, f"importing actor code loaded driver or builder modules: {driver}"
+    rooms = {m.split(".")[1] for m in loaded if m.count(".") >= 1}
+    assert rooms <= {"workers", "core", "provenance"}, f"actor code loaded driver or builder rooms: {rooms}"

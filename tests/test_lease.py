@@ -21,9 +21,9 @@ from conftest import check_output, make_bucket, run_cli, write_prompt_files
 from inprocess import run_in_process
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, check_owner
-from imagemill.output import OutputLayout
+from imagemill.core.errors import ImagemillError
+from imagemill.core.layout import OutputLayout
+from imagemill.core.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, check_owner
 
 TIMEOUT = 2.0  # seconds without a heartbeat before a lease is stale, for every driver these tests start
 
@@ -219,7 +219,7 @@ def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over
     # The run that takes over is the real driver with its shards in process (tests/inprocess.py).
     status = run_cli("status", output_url)
     assert re.search(r": stopped \(last seen \d+ s ago\)", status.stdout), status.stdout
-    caplog.set_level(logging.WARNING, logger="imagemill.lease")
+    caplog.set_level(logging.WARNING, logger="imagemill.core.lease")
     assert run_in_process(imagemill.load_spec(job)).complete
     assert f"took over {output_url} from run {lease['run_id']}" in caplog.text, caplog.text
     assert "its process is gone" in caplog.text

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from diffusers import AutoencoderTiny
 
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 from imagemill.testing.tiny_model import make_tiny_autoencoder
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.generators.diffusion.speed import SpeedOptions

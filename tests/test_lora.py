@@ -15,8 +15,8 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.spec import LoraSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import LoraSpec
 from imagemill.testing.tiny_model import tiny_unet
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 

@@ -13,7 +13,7 @@ from conftest import OBJECT_STORE_BYTES, isolated_cluster, make_bucket, run_cli,
 from s3_fault_proxy import S3FaultProxy
 
 import imagemill
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 from imagemill.workers.worker import make_generator
 
 GENERATION = {"width": 32, "height": 32, "num_inference_steps": 1}

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from imagemill import near_duplicates
-from imagemill.features import embeddings_table
-from imagemill.near_duplicates import find_duplicates
-from imagemill.output import OutputLayout
-from imagemill.similarity_search import FAISS_MIN_IMAGES, search_method
-from imagemill.workers.writers import parquet_bytes
+from imagemill.core.features import embeddings_table
+from imagemill.core.layout import OutputLayout, parquet_bytes
+from imagemill.evaluation.near_duplicates import find_duplicates
+from imagemill.evaluation.post_pass import near_duplicates
+from imagemill.evaluation.similarity_search import FAISS_MIN_IMAGES, search_method
 
 THRESHOLD = 0.98
 DIM = 64

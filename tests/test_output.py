@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from imagemill.output import OutputLayout, image_name
+from imagemill.core.layout import OutputLayout, image_name
 
 DEMO_PROMPTS = Path(__file__).parent.parent / "jobs" / "demo_prompts.parquet"
 

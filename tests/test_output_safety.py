@@ -24,11 +24,11 @@ from conftest import make_bucket, run_cli, write_prompt_files
 from inprocess import run_in_process
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.outcome import COMPLETE
-from imagemill.output import OutputLayout
-from imagemill.stamped import read_stamped, write_stamped
-from imagemill.status import job_status
+from imagemill.core.errors import ImagemillError
+from imagemill.core.layout import OutputLayout
+from imagemill.evaluation.stamped import read_stamped, write_stamped
+from imagemill.reporting.outcome import COMPLETE
+from imagemill.reporting.status import job_status
 
 ROWS = 8  # two shards of 4 rows
 IMAGEMILL_MARKERS = {"_job.json", "_SUCCESS", "report.json", "report.html"}
@@ -278,7 +278,7 @@ def test_a_missing_output_bucket_is_named_and_never_created(ray_address, s3_endp
 
 FILE_TOO_BIG = """\
 import resource, signal, sys
-from imagemill.output import OutputLayout
+from imagemill.core.layout import OutputLayout
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
 resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 try:
@@ -306,8 +306,8 @@ def test_a_record_write_that_fails_half_way_leaves_the_previous_record(tmp_path)
 DERIVED_FILE_TOO_BIG = """\
 import resource, signal, sys
 import pyarrow as pa
-from imagemill.output import OutputLayout
-from imagemill.stamped import write_stamped
+from imagemill.core.layout import OutputLayout
+from imagemill.evaluation.stamped import write_stamped
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
 try:

@@ -15,7 +15,7 @@ import time
 from conftest import write_prompt_files
 
 import imagemill
-from imagemill.output import OutputLayout
+from imagemill.core.layout import OutputLayout
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.stage_timer import STAGES
 
@@ -34,7 +34,7 @@ def test_next_shard_is_read_while_the_model_works_and_stages_are_recorded(
             "workers": {"num_workers": 1, "batch_size": 4},
         }
     )
-    caplog.set_level(logging.INFO, logger="imagemill.runner")
+    caplog.set_level(logging.INFO, logger="imagemill.execution.runner")
     result = imagemill.run(spec, progress=False)
     assert result.complete and result.ok == 36
 

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 import imagemill
-from imagemill.records import MetadataRow
-from imagemill.workers.encoding import encode_image
-from imagemill.workers.provenance.encoder import ImageEncoder
-from imagemill.workers.provenance.model_hash import directory_hash
-from imagemill.workers.provenance.parameters import (
+from imagemill.core.images import encode_image
+from imagemill.core.records import MetadataRow
+from imagemill.provenance.encoder import ImageEncoder
+from imagemill.provenance.model_hash import directory_hash
+from imagemill.provenance.parameters import (
     EXIF_IFD,
     TRAINED_ALGORITHMIC_MEDIA,
     USER_COMMENT,

@@ -11,11 +11,11 @@ from conftest import check_output, prompt_table, read_metadata
 from inprocess import run_in_process
 
 import imagemill
-import imagemill.shards
-from imagemill.output import OutputLayout
-from imagemill.records import committed_shards
-from imagemill.shards import plan_shards
-from imagemill.spec import InputSpec
+import imagemill.planning.shards
+from imagemill.core.layout import OutputLayout
+from imagemill.core.records import committed_shards
+from imagemill.core.spec import InputSpec
+from imagemill.planning.shards import plan_shards
 from imagemill.workers.pieces import PieceServer
 from imagemill.workers.rows import input_columns
 
@@ -96,7 +96,7 @@ def test_an_output_cut_by_row_groups_only_resumes_with_its_shards(tmp_path, tiny
     pq.write_table(prompt_table(32), tmp_path / "prompts" / "a.parquet", row_group_size=16)
     spec = job(tmp_path, tiny_model, tmp_path / "prompts", "old-cut", rows_per_shard=8)
     with monkeypatch.context() as patch:  # imagemill before pieces: a row group was never cut
-        patch.setattr(imagemill.shards, "_piece_starts", lambda group_rows, rows_per_shard: [0])
+        patch.setattr(imagemill.planning.shards, "_piece_starts", lambda group_rows, rows_per_shard: [0])
         run_in_process(spec)
     out = tmp_path / "old-cut"
     (out / "shards" / "a-rg00001-00002.json").unlink()  # as if killed before this shard committed

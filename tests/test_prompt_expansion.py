@@ -20,10 +20,10 @@ from inprocess import run_in_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.shards import Shard
-from imagemill.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
-from imagemill.workers.model_source import check_expansion_source
+from imagemill.core.errors import ImagemillError
+from imagemill.core.model_source import check_expansion_source
+from imagemill.core.shard import Shard
+from imagemill.core.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
 from imagemill.workers.rows import prepare_rows
 from imagemill.workers.stages.expansion import PromptExpander, expansion_batches
 

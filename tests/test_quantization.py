@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import imagemill
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey
 

@@ -107,7 +107,7 @@ def test_the_nightly_section_spec_loads_and_uses_every_publishing_feature():
     watermark, C2PA, a budget and prices; jobs/nightly.yaml has the safety filter and parameters."""
     import yaml
 
-    from imagemill.spec import build_spec, load_spec
+    from imagemill.core.spec import build_spec, load_spec
 
     [block] = readme_blocks(readme_section("A publishable nightly job"), "yaml")
     spec = build_spec(yaml.safe_load(block.replace("{date}", "2026-11-29")))

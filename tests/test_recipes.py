@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import make_bucket
 
-from imagemill.cli import main
-from imagemill.errors import ImagemillError
-from imagemill.recipes import write_prompts
+from imagemill.cli.commands import main
+from imagemill.core.errors import ImagemillError
+from imagemill.prompts.recipes import write_prompts
 
 RECIPE = {
     "classes": [

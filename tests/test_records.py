@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 from conftest import write_prompt_files
 
 import imagemill
-from imagemill.output import OutputLayout
-from imagemill.records import METADATA_SCHEMA, ClipScoreSummary, MetadataRow, ShardStats, metadata_table
-from imagemill.report import write_report
-from imagemill.shards import plan_shards
-from imagemill.status import job_status
+from imagemill.core.layout import OutputLayout
+from imagemill.core.records import METADATA_SCHEMA, ClipScoreSummary, MetadataRow, ShardStats, metadata_table
+from imagemill.planning.shards import plan_shards
+from imagemill.reporting.report import write_report
+from imagemill.reporting.status import job_status
 
 DROPPED = ("read_seconds", "generate_seconds")  # they only repeated stage_seconds
 

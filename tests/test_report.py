@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagemill.output import JOB_RECORD, OutputLayout
-from imagemill.records import PROMPT_CHARS, ClipScoreSummary
-from imagemill.report import write_report
-from imagemill.workers.encoding import thumbnail_data_uri
+from imagemill.core.images import thumbnail_data_uri
+from imagemill.core.layout import JOB_RECORD, OutputLayout
+from imagemill.core.records import PROMPT_CHARS, ClipScoreSummary
+from imagemill.reporting.report import write_report
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
 HOSTILE_PROMPT = "<script>alert(1)</script> a \"quoted\" & 'single' cat"
@@ -482,7 +482,7 @@ def test_a_huge_prompt_does_not_make_a_huge_report(tmp_path):
 def test_a_shards_stats_keep_capped_prompts_and_a_few_error_messages():
     """What the actor writes for the report: sample prompts cut to PROMPT_CHARS, and per error reason
     up to two distinct messages, each cut as well."""
-    from imagemill.shards import Shard
+    from imagemill.core.shard import Shard
     from imagemill.workers.device_use import DeviceUse
     from imagemill.workers.rows import Row
     from imagemill.workers.shard_records import ShardRun

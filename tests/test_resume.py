@@ -19,7 +19,7 @@ from conftest import check_output, prompt_table, read_metadata, run_cli, write_p
 from inprocess import run_in_process
 
 import imagemill
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 
 JOB = """\
 name: resume-test

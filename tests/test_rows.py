@@ -8,8 +8,8 @@ import random
 import pyarrow as pa
 import pytest
 
-from imagemill.shards import Shard
-from imagemill.spec import GenerationSpec, InputSpec
+from imagemill.core.shard import Shard
+from imagemill.core.spec import GenerationSpec, InputSpec
 from imagemill.workers.rows import BatchKey, make_batches, prepare_rows
 from imagemill.workers.seeds import MAX_SEED, derive_seed
 

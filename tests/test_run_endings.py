@@ -33,11 +33,11 @@ workers: {{num_workers: 1, batch_size: 4}}
 # terminal even where the suite runs in the background (which starts children with SIGINT ignored).
 SLOW_END = """\
 import runpy, signal, sys, time
-import imagemill.runner
+import imagemill.execution.runner
 
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-end_record = imagemill.runner._end_record
+end_record = imagemill.execution.runner._end_record
 
 
 def slow_end_record(*args, **kwargs):
@@ -45,7 +45,7 @@ def slow_end_record(*args, **kwargs):
     return end_record(*args, **kwargs)
 
 
-imagemill.runner._end_record = slow_end_record
+imagemill.execution.runner._end_record = slow_end_record
 sys.argv = ["imagemill", *sys.argv[1:]]
 runpy.run_module("imagemill.cli", run_name="__main__")
 """

@@ -21,9 +21,9 @@ from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.status import job_status
-from imagemill.workers.encoding import thumbnail_data_uri
+from imagemill.core.errors import ImagemillError
+from imagemill.core.images import thumbnail_data_uri
+from imagemill.reporting.status import job_status
 from imagemill.workers.seeds import draw_seed
 from imagemill.workers.stages.safety import blur
 
@@ -240,7 +240,7 @@ def test_a_checker_without_the_scorers_tower_computes_its_own_embeddings(
 
 def test_the_checker_reuses_the_scorers_embeddings_only_for_the_same_tower(tmp_path, models, checker):
     """Same weights and image processor: the scorer's embeddings give the checker's own verdicts."""
-    from imagemill.spec import SafetySpec, ScoringSpec
+    from imagemill.core.spec import SafetySpec, ScoringSpec
     from imagemill.workers.stages.safety import SafetyChecker
     from imagemill.workers.stages.scoring import ClipScorer
 

@@ -10,10 +10,10 @@ import pytest
 from conftest import prompt_table, read_metadata
 
 import imagemill
-from imagemill.claim import claim_output
-from imagemill.errors import ImagemillError
-from imagemill.output import JOB_RECORD, OutputLayout
-from imagemill.shards import plan_shards
+from imagemill.core.errors import ImagemillError
+from imagemill.core.layout import JOB_RECORD, OutputLayout
+from imagemill.output.claim import claim_output
+from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
 
 STEPS = 4

@@ -25,8 +25,8 @@ from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.status import job_status
+from imagemill.core.errors import ImagemillError
+from imagemill.reporting.status import job_status
 
 SIZE = 64  # the tiny CLIP takes 32 pixels: the scorer resizes
 ROWS = 12
@@ -169,7 +169,7 @@ def test_drop_writes_no_image_counts_once_and_a_resume_redoes_nothing(
         {"source": tiny_clip, "threshold": threshold, "on_low_score": "drop"},
     )
     counts = f"{ROWS - len(low)} ok, {len(low)} filtered, 0 error"
-    caplog.set_level(logging.INFO, logger="imagemill.runner")
+    caplog.set_level(logging.INFO, logger="imagemill.execution.runner")
     assert f"{ROWS} rows: {counts}" in imagemill.run(spec, progress=False).summary()
     per_shard = [int(n) for n in re.findall(r"shard \S+ done: \d+ rows, \d+ ok, (\d+) filtered", caplog.text)]
     assert sum(per_shard) == len(low), caplog.text  # each shard's INFO line counts its filtered rows

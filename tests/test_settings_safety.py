@@ -14,10 +14,10 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from imagemill.errors import ImagemillError
-from imagemill.output import OutputLayout
-from imagemill.shards import Shard
-from imagemill.spec import GenerationSpec, InputSpec, build_spec, load_spec, parse_overrides
+from imagemill.core.errors import ImagemillError
+from imagemill.core.layout import OutputLayout
+from imagemill.core.shard import Shard
+from imagemill.core.spec import GenerationSpec, InputSpec, build_spec, load_spec, parse_overrides
 from imagemill.workers.rows import prepare_rows
 
 SECRET = "s3cr3t-Value-0123"
@@ -202,7 +202,7 @@ def test_a_storage_error_that_names_an_option_value_shows_it_redacted(tmp_path):
 
 
 def test_a_submitted_job_carries_its_settings_in_a_file_not_on_its_command_line(tmp_path):
-    from imagemill.submit import entrypoint, write_job_spec
+    from imagemill.cli.submit import entrypoint, write_job_spec
 
     job = _job(tmp_path)
     overrides = [f"input.storage_options.key={SECRET}", "workers.batch_size=2"]
@@ -222,9 +222,9 @@ def test_a_submitted_job_carries_its_settings_in_a_file_not_on_its_command_line(
 def test_log_lines_made_while_a_job_runs_hide_storage_option_values(caplog):
     import logging
 
-    from imagemill.redaction import hiding
+    from imagemill.cli.redaction import hiding
 
-    log = logging.getLogger("imagemill.storage")
+    log = logging.getLogger("imagemill.core.storage")
     with hiding([SECRET]):
         log.warning("reading %s failed", f"http://{SECRET}/x")
     log.warning("after the job: %s", "shown")

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import prompt_table
 
-from imagemill.errors import ImagemillError
-from imagemill.shards import file_key, plan_shards, resume_whole_group_shards
-from imagemill.spec import InputSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import InputSpec
+from imagemill.planning.shards import file_key, plan_shards, resume_whole_group_shards
 
 
 def write_parquet(path: Path, n_rows: int, row_group_size: int, table: pa.Table | None = None) -> Path:
@@ -307,7 +307,8 @@ def test_file_key_keeps_plain_names_and_separates_look_alikes():
 
 
 def test_a_file_is_identified_by_its_footer_the_same_after_an_identical_rewrite(tmp_path):
-    """Input identity (imagemill.inputs): unchanged by a rewrite of the same rows, changed by other rows."""
+    """Input identity (imagemill.planning.inputs): unchanged by a rewrite of the same rows, changed by
+    other rows."""
     path = tmp_path / "part.parquet"
     pq.write_table(prompt_table(8), path, row_group_size=4)
     before = plan_shards(InputSpec(path=str(tmp_path))).footers

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import build_spec, load_spec, parse_overrides
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import build_spec, load_spec, parse_overrides
 
 MINIMAL = {
     "input": {"path": "s3://bucket/prompts"},

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch._dynamo.utils import counters
 
 import imagemill
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 from imagemill.testing.tiny_model import make_tiny_autoencoder
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.generators.diffusion.speed import SpeedOptions

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.spec import CacheSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import CacheSpec
 from imagemill.testing.tiny_families import make_tiny_family
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.generators.diffusion.speed import SpeedOptions

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-import imagemill.job_files
-from imagemill.errors import ImagemillError
-from imagemill.job_files import UPLOADS, is_local_cluster, upload_local_files
-from imagemill.output import OutputLayout
-from imagemill.spec import build_spec
-from imagemill.submit import mark_submitted
+import imagemill.cli.job_files
+from imagemill.cli.job_files import UPLOADS, is_local_cluster, upload_local_files
+from imagemill.cli.submit import mark_submitted
+from imagemill.core.errors import ImagemillError
+from imagemill.core.layout import OutputLayout
+from imagemill.core.spec import build_spec
 
 REMOTE = "http://10.0.0.5:8265"
 
@@ -67,7 +67,7 @@ def test_more_than_the_upload_limit_is_refused_naming_the_fix(tmp_path, monkeypa
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.safetensors").write_bytes(b"w" * 5000)
-    monkeypatch.setattr(imagemill.job_files, "UPLOAD_LIMIT_BYTES", 4096)
+    monkeypatch.setattr(imagemill.cli.job_files, "UPLOAD_LIMIT_BYTES", 4096)
     with pytest.raises(ImagemillError) as refused:
         upload_local_files(_spec(tmp_path, model), tmp_path / "working_dir", shared=False)
     message = str(refused.value)

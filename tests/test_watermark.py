@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import imagemill
-from imagemill.errors import ImagemillError
-from imagemill.verify import verify
-from imagemill.workers.provenance.watermark import add_watermark
+from imagemill.core.errors import ImagemillError
+from imagemill.provenance.verify import verify
+from imagemill.provenance.watermark import add_watermark
 
 PAYLOAD = "imgmill"  # 56 bits
 N_IMAGES = 20

@@ -4,16 +4,18 @@ run inside the actor's process.
 Ray pickles an actor class by reference, so the driver must import the class it starts. Were that
 `ShardWorker` itself, every driver (`imagemill run`, a submitted job's entrypoint) would import torch
 and the model libraries first: seconds of start-up on a machine that never runs a model. The driver
-imports this module; the actor imports `worker.py` (or `stages/expansion.py`) when it is created.
+imports this module; the actor imports `worker.py` (or `stages/expansion.py`, `pieces.py`) when it is
+created. This module is the only part of `imagemill.workers` the driver imports (the import contracts in
+pyproject.toml).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from imagemill.records import ShardStats
-from imagemill.shards import Shard
-from imagemill.spec import ExpansionSpec, JobSpec
+from imagemill.core.records import ShardStats
+from imagemill.core.shard import Shard
+from imagemill.core.spec import EvaluationSpec, ExpansionSpec, InputSpec, JobSpec
 
 
 class ShardWorkerActor:
@@ -45,3 +47,28 @@ class PromptExpanderActor:
 
     def expand(self, prompts: list[str], seeds: list[int]) -> list[str]:
         return self.expander.expand(prompts, seeds)
+
+
+class PieceServerActor:
+    """`PieceServer` (pieces.py) as the run's one reader of row groups cut into pieces
+    (imagemill.planning.pieces starts it); it reads the columns the job's rows use."""
+
+    def __init__(self, spec: InputSpec, pieces: list[tuple[str, int, int]]):
+        from imagemill.workers.pieces import PieceServer
+        from imagemill.workers.rows import input_columns
+
+        self.server = PieceServer(spec, input_columns(spec), pieces)
+
+    def piece(self, url: str, group: int, offset: int, num_rows: int) -> bytes:
+        return self.server.piece(url, group, offset, num_rows)
+
+    def stats(self) -> dict[str, int]:
+        return self.server.stats()
+
+
+def feature_model(spec: EvaluationSpec, device: str) -> Any:
+    """The evaluation's feature model (stages/evaluation.py), for the one place the driver embeds images
+    itself: the reference set (imagemill.evaluation.reference), imported only when that runs."""
+    from imagemill.workers.stages.evaluation import FeatureModel
+
+    return FeatureModel(spec, device)

@@ -11,7 +11,7 @@ Elsewhere (CPU, MPS) nothing is measured: memory is rarely the limit there and a
 delays the first commit, so `auto` is `CPU_BATCH_SIZE`, the spec's default.
 
 Batch size decides output bytes (docs/ARCHITECTURE.md, Determinism), so a job uses one value: the
-first actor to load fixes it and the driver records it in `_job.json` (imagemill.auto_batch).
+first actor to load fixes it and the driver records it in `_job.json` (imagemill.planning.auto_batch).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import logging
 
 import torch
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import JobSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import JobSpec
 from imagemill.workers.generators.contract import BatchKey, Generator
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from imagemill.spec import JobSpec
+from imagemill.core.spec import JobSpec
 
 
 class DeviceJpeg:

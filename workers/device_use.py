@@ -1,4 +1,4 @@
-"""The device an actor holds, for its shards' device time and cost (imagemill.cost): what kind it is,
+"""The device an actor holds, for its shards' device time and cost (imagemill.core.cost): what kind it is,
 its accelerator type as Ray names it (the key of `cost.gpu_hour_usd`'s map), how many the actor
 holds, and their price per hour."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imagemill.cost import CPU, GPU, hourly_price, priced
-from imagemill.spec import JobSpec
+from imagemill.core.cost import CPU, GPU, hourly_price, priced
+from imagemill.core.spec import JobSpec
 
 ACCELERATOR_LABEL = "ray.io/accelerator-type"  # the node label Ray sets from the GPU's name
 

@@ -18,9 +18,9 @@ import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import EvaluationSpec, ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
-from imagemill.workers.model_source import fetch_model_dir
+from imagemill.core.errors import ImagemillError
+from imagemill.core.model_source import fetch_model_dir
+from imagemill.core.spec import EvaluationSpec, ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
 
 CORRUPT = "Unable to load weights"  # how diffusers and transformers say a weights file did not read
 

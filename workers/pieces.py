@@ -3,8 +3,8 @@ group larger than a shard from the run's `PieceServer`.
 
 pyarrow reads a row group's column chunk whole: it has no row-range read over the page index
 (apache/arrow#38865, open), and pandas and most writers write no page index anyway. So a row group
-cut into pieces (imagemill.shards) would be read once per piece if each actor read its own. The
-driver starts one `PieceServer` per run instead (imagemill.pieces): it reads each such row group
+cut into pieces (imagemill.planning.shards) would be read once per piece if each actor read its own. The
+driver starts one `PieceServer` per run instead (imagemill.planning.pieces): it reads each such row group
 once, with only the columns the job uses, hands each actor its piece, and forgets the row group
 once every piece the run planned has been handed out. A piece asked for again (a retried shard)
 reads the row group again.
@@ -19,17 +19,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imagemill.carry import carried_columns
-from imagemill.shards import Shard
-from imagemill.spec import InputSpec
-from imagemill.storage import filesystem, retrying
+from imagemill.core.carry import carried_columns
+from imagemill.core.shard import Shard
+from imagemill.core.spec import InputSpec
+from imagemill.core.storage import filesystem, retrying
 
 GroupKey = tuple[str, int]  # (file URL, row group)
 
 
 def read_row_groups(file_url: str, groups: Iterable[int], spec: InputSpec, wanted: list[str]) -> pa.Table:
     """The row groups of a file, with the `wanted` columns it has (in that order), then the carried ones
-    (imagemill.carry)."""
+    (imagemill.core.carry)."""
     fs, path = filesystem(file_url, spec.storage_options)
 
     def read() -> pa.Table:

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from imagemill.carry import Carried, carried_columns
-from imagemill.shards import Shard
-from imagemill.spec import GenerationSpec, InputSpec, denoising_problem, generation_problem
+from imagemill.core.carry import Carried, carried_columns
+from imagemill.core.shard import Shard
+from imagemill.core.spec import GenerationSpec, InputSpec, denoising_problem, generation_problem
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.pieces import read_piece, read_row_groups
 from imagemill.workers.seeds import MAX_SEED, derive_seed, drawn_strength
@@ -21,7 +21,7 @@ from imagemill.workers.seeds import MAX_SEED, derive_seed, drawn_strength
 # Optional input columns that override the job's generation defaults row by row.
 PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height")
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "width", "height")
-# Checked with the rule the job's defaults meet (imagemill.spec.generation_problem), in this order.
+# Checked with the rule the job's defaults meet (imagemill.core.spec.generation_problem), in this order.
 RULED_PARAMETERS = ("num_inference_steps", "guidance_scale", "width", "height")
 
 
@@ -71,7 +71,7 @@ def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
 
 
 def carried_of(table: pa.Table, rows: list[Row], shard: Shard, spec: InputSpec) -> Carried:
-    """The shard's carried columns (imagemill.carry), and for each of `rows` its input row."""
+    """The shard's carried columns (imagemill.core.carry), and for each of `rows` its input row."""
     columns = carried_columns(spec, table.column_names)
     return Carried(table.select(columns), [row.input_row - shard.first_row for row in rows])
 

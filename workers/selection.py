@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from imagemill.spec import JobSpec
+from imagemill.core.spec import JobSpec
 from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.image_similarity import similarity

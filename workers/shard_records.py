@@ -4,7 +4,7 @@ A `ShardWorker` runs two `process_shard` calls at once, so each keeps its own `S
 read, the metadata rows of the rows done so far (ok, filtered by their CLIP score, flagged by the
 safety checker) with the draws they were chosen from (selection.py), the sample
 thumbnails, the stage timer and timeline. From it come the shard's metadata rows (an error row for
-every row not done) and its `ShardStats`, the types declared in imagemill.records.
+every row not done) and its `ShardStats`, the types declared in imagemill.core.records.
 """
 
 from __future__ import annotations
@@ -19,12 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from imagemill.carry import Carried
-from imagemill.labels import LABELS_SHOWN, count_labels, label_key
-from imagemill.records import ClipScoreSummary, MetadataRow, Sample, ShardStats, add_error_example, capped
-from imagemill.shards import Shard
+from imagemill.core.carry import Carried
+from imagemill.core.images import thumbnail_data_uri
+from imagemill.core.labels import LABELS_SHOWN, count_labels, label_key
+from imagemill.core.records import (
+    ClipScoreSummary,
+    MetadataRow,
+    Sample,
+    ShardStats,
+    add_error_example,
+    capped,
+)
+from imagemill.core.shard import Shard
 from imagemill.workers.device_use import DeviceUse
-from imagemill.workers.encoding import thumbnail_data_uri
 from imagemill.workers.rows import Row
 from imagemill.workers.selection import Drawn
 from imagemill.workers.stage_timer import StageTimer
@@ -54,7 +61,7 @@ class ShardRun:
     started: float = field(default_factory=time.time)
     rows: list[Row] = field(default_factory=list)
     carried: Carried = field(default_factory=Carried.none)  # the rows' carried input columns
-    label_column: str | None = None  # the carried column counted per label (imagemill.labels)
+    label_column: str | None = None  # the carried column counted per label (imagemill.core.labels)
     expansion: ShardExpansion | None = None
     timer: StageTimer = field(default_factory=StageTimer)
     timeline: dict[str, list[float]] = field(default_factory=dict)  # stage: [start, end], Unix seconds
@@ -118,7 +125,7 @@ class ShardRun:
             self.rejected_candidates += sum(not draw.flagged for draw in row_drawn.rejected)
 
     def label(self, row: Row) -> str | None:
-        """The row's label as counted (imagemill.labels), or None when the job has no label column."""
+        """The row's label as counted (imagemill.core.labels), or None when the job has no label column."""
         if self.label_column is None:
             return None
         return label_key(self.carried.value(self.label_column, row.index))
@@ -152,7 +159,7 @@ class ShardRun:
 
     def stats(self, device: str, run_id: str | None, device_use: DeviceUse) -> ShardStats:
         """The shard's stats, its commit record; the time taken runs to now. `run_id`: the run that
-        holds the output's lease (imagemill.lease); `device_use`: what its device time costs."""
+        holds the output's lease (imagemill.core.lease); `device_use`: what its device time costs."""
         statuses = Counter(record.status for record in self.written.values())
         scores = [record.clip_score for record in self.written.values() if record.clip_score is not None]
         seconds = time.time() - self.started

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from imagemill.spec import InputSpec
-from imagemill.storage import filesystem, retrying
+from imagemill.core.spec import InputSpec
+from imagemill.core.storage import filesystem, retrying
 
 if TYPE_CHECKING:
     from imagemill.workers.rows import Row

@@ -23,19 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagemill.carry import Carried, append_columns
-from imagemill.lease import check_owner
-from imagemill.output import OutputLayout
-from imagemill.records import MetadataRow, ShardStats, metadata_table
-from imagemill.shards import Shard
-from imagemill.spec import JobSpec
+from imagemill.core.carry import Carried, append_columns
+from imagemill.core.kinds import kind_info
+from imagemill.core.layout import OutputLayout, parquet_bytes
+from imagemill.core.lease import check_owner
+from imagemill.core.records import MetadataRow, ShardStats, metadata_table
+from imagemill.core.shard import Shard
+from imagemill.core.spec import JobSpec
+from imagemill.provenance.encoder import ImageEncoder
 from imagemill.workers.batch_fit import resolve_batch_size
 from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.device_use import device_use
 from imagemill.workers.generators.contract import Generator
-from imagemill.workers.generators.registry import kind_info
 from imagemill.workers.model_turns import ModelTurns
-from imagemill.workers.provenance.encoder import ImageEncoder
 from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, read_shard
 from imagemill.workers.selection import Drawn, Selection
 from imagemill.workers.shard_records import ShardRun
@@ -45,7 +45,7 @@ from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
 from imagemill.workers.stages.safety import SafetyChecker
 from imagemill.workers.stages.scoring import ClipScorer
-from imagemill.workers.writers import ShardWriter, open_writer, parquet_bytes
+from imagemill.workers.writers import ShardWriter, open_writer
 
 WRITER_THREADS = 4
 BATCHES_IN_FLIGHT = 2  # batches encoded/uploaded in the background while the next one generates

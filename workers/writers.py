@@ -29,12 +29,11 @@ from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from imagemill.carry import Carried, append_columns
-from imagemill.output import OutputLayout, image_name, sample_key
-from imagemill.records import METADATA_SCHEMA, MetadataRow
-from imagemill.spec import IMAGE_EXTENSIONS, OutputSpec
+from imagemill.core.carry import Carried, append_columns
+from imagemill.core.layout import OutputLayout, image_name, parquet_bytes, sample_key
+from imagemill.core.records import METADATA_SCHEMA, MetadataRow
+from imagemill.core.spec import IMAGE_EXTENSIONS, OutputSpec
 
 # Generation parameters grouped under "parameters" in a WebDataset sample's JSON.
 SAMPLE_PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale", "prompt_truncated", "model")
@@ -45,12 +44,6 @@ SAMPLE_TEXT_FIELDS = ("negative_prompt", "expanded_prompt", "safety_concepts", "
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image storage
 _HF_DTYPES = {pa.string(): "string", pa.bool_(): "bool", pa.int64(): "int64", pa.float64(): "float64"}
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    return buffer.getvalue().to_pybytes()
 
 
 def _data_schema() -> pa.Schema:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from imagemill.records import ShardStats
-from imagemill.shards import plan_shards
-from imagemill.spec import JobSpec
+from imagemill.core.records import ShardStats
+from imagemill.core.spec import JobSpec
+from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
 
 SHARD_CALLS = 2  # concurrent shard calls per actor, as the scheduler runs them

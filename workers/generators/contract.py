@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
-    from imagemill.spec import JobSpec
+    from imagemill.core.spec import JobSpec
     from imagemill.workers.stage_timer import StageTimer
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from imagemill.spec import JobSpec
+from imagemill.core.spec import JobSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.loading import Pretrained

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imagemill.spec import JobSpec
+from imagemill.core.spec import JobSpec
 from imagemill.workers.generators.contract import BatchKey
 
 

@@ -9,8 +9,8 @@ same batch pass as the CLIP score and before the copy back, so later passes read
 - pixels: the image itself, small (PixelFeatures): needs no weights, so diversity and near-duplicates
   work where no trained feature model exists (the demo model's world, smoke tests).
 - inception: the FID Inception-v3's pool features (stages/inception.py); its classifier head gives
-  each shard the Inception Score's sums (imagemill.inception_score).
-`write_features` writes a shard's embeddings and feature sums (imagemill.features) before its commit.
+  each shard the Inception Score's sums (imagemill.core.inception_score).
+`write_features` writes a shard's embeddings and feature sums (imagemill.core.features) before its commit.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from imagemill.features import JOB_WIDE, FeatureSums, embeddings_table, sums_table
-from imagemill.inception_score import ClassSums
-from imagemill.output import OutputLayout
-from imagemill.spec import EvaluationSpec
+from imagemill.core.features import JOB_WIDE, FeatureSums, embeddings_table, sums_table
+from imagemill.core.inception_score import ClassSums
+from imagemill.core.layout import OutputLayout, parquet_bytes
+from imagemill.core.spec import EvaluationSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput
 from imagemill.workers.stages.inception import InceptionFeatures
-from imagemill.workers.writers import parquet_bytes
 
 
 class Features(Protocol):

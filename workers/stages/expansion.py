@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from imagemill.spec import ExpansionSpec
+from imagemill.core.spec import ExpansionSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.rows import Row

@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import EvaluationSpec
-from imagemill.storage import filesystem, join
+from imagemill.core.errors import ImagemillError
+from imagemill.core.model_source import weights_file
+from imagemill.core.spec import EvaluationSpec
 
 SIZE = 299
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")  # a folder's weights file, preferred in this order
 
 
 class BasicConv2d(nn.Module):
@@ -241,31 +240,6 @@ class InceptionV3(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(images)
         return features, self.unbiased_logits(features)
-
-
-def weights_file(spec: EvaluationSpec) -> tuple[object, str]:
-    """The filesystem and path of the weights file `evaluation.source` names (a file, or the one
-    weights file in a folder)."""
-    assert spec.source is not None
-    fs, path = filesystem(spec.source, spec.storage_options)
-    if not fs.exists(path):
-        raise ImagemillError(f"evaluation.source {spec.source} does not exist (the Inception-v3 weights)")
-    if not fs.isdir(path):
-        return fs, path
-    names = sorted(name.rpartition("/")[2] for name in fs.ls(path, detail=False))
-    for suffix in WEIGHT_SUFFIXES:
-        found = [name for name in names if name.endswith(suffix)]
-        if len(found) == 1:
-            return fs, join(path, found[0])
-        if found:
-            raise ImagemillError(
-                f"evaluation.source {spec.source} holds several {suffix} files ({', '.join(found)}); "
-                "point it at the Inception-v3 weights file itself"
-            )
-    raise ImagemillError(
-        f"evaluation.source {spec.source} holds no Inception-v3 weights file "
-        f"({' or '.join(WEIGHT_SUFFIXES)}, e.g. weights-inception-2015-12-05-6726825d.pth)"
-    )
 
 
 def _state_dict(spec: EvaluationSpec) -> tuple[str, dict[str, torch.Tensor]]:

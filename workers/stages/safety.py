@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from imagemill.spec import SafetySpec
+from imagemill.core.spec import SafetySpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from imagemill.spec import ScoringSpec
+from imagemill.core.spec import ScoringSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import CacheSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import CacheSpec
 
 
 def _config(cache: CacheSpec, pipe: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from imagemill.storage import filesystem, join, retrying, write_file_atomically
+from imagemill.core.storage import filesystem, join, retrying, write_file_atomically
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from imagemill.spec import JobSpec, LoraSpec, SchedulerSpec
+from imagemill.core.spec import JobSpec, LoraSpec, SchedulerSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.caching import check_cache_support, fresh_cache_state

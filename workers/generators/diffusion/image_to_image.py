@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 
 
 def image_to_image_pipeline(pipe: Any) -> Any:

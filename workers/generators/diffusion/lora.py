@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import LoraSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import LoraSpec
 from imagemill.workers.loading import Pretrained
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from imagemill.errors import ImagemillError
+from imagemill.core.errors import ImagemillError
 
 FP8_CAPABILITY = (8, 9)
 

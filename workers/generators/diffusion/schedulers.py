@@ -6,63 +6,17 @@ scheduler is built as diffusers documents it, `Class.from_config(pipe.scheduler.
 so it keeps the model's own training settings (betas, prediction type) and changes only what the
 overrides name.
 
-A spec names the class by its name, never by a dotted path: only classes diffusers exports that are
-schedulers (`SchedulerMixin` subclasses) are taken, so no spec can make a worker import a module of
-its choosing. Override keys the class's constructor does not take would be dropped by diffusers with
-a log line; they are refused instead, in one line, by the driver before the job starts
-(`check_scheduler`, beside its model check), and again by the worker that loads the model.
-diffusers is imported on first use: the driver pays for it only for a job that sets a scheduler.
+Which names and settings a spec may give is `imagemill.core.schedulers`' rule, checked by the driver
+before the job starts and again here, by the worker that loads the model.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import SchedulerSpec
-
-
-def scheduler_class(name: str) -> type | None:
-    """The diffusers scheduler class called `name`, or None when diffusers exports no such scheduler.
-    Only `diffusers.schedulers` is looked in, so no other module is imported for a name."""
-    from diffusers import SchedulerMixin, schedulers
-
-    if name not in _scheduler_names():
-        return None
-    try:
-        found = getattr(schedulers, name)
-    except Exception:  # a lazily imported class whose backend is missing
-        return None
-    return found if isinstance(found, type) and issubclass(found, SchedulerMixin) else None
-
-
-def _scheduler_names() -> list[str]:
-    """The scheduler classes diffusers exports for PyTorch (not Flax's), by name."""
-    from diffusers import schedulers
-
-    return sorted(n for n in dir(schedulers) if n.endswith("Scheduler") and not n.startswith("Flax"))
-
-
-def scheduler_problem(name: str, config: Mapping[str, Any]) -> str | None:
-    """Why `name` with these overrides cannot be the pipeline's scheduler, in one line; None if it can."""
-    cls = scheduler_class(name)
-    if cls is None:
-        return f"'{name}' is not a diffusers scheduler class; use one of: {', '.join(_scheduler_names())}"
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(config) - set(accepted))
-    if unknown:
-        return f"{name} takes no {', '.join(unknown)}; its settings are: {', '.join(accepted)}"
-    return None
-
-
-def check_scheduler(spec: SchedulerSpec | None) -> None:
-    """The driver's check of `model.scheduler`: one line naming the setting when it cannot be used."""
-    problem = scheduler_problem(spec.name, spec.config) if spec is not None else None
-    if problem:
-        raise ImagemillError(f"model.scheduler: {problem}")
+from imagemill.core.schedulers import scheduler_class, scheduler_problem
 
 
 def describe(pipe: Any, config: Mapping[str, Any]) -> str:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from imagemill.errors import ImagemillError
-from imagemill.spec import CacheSpec, JobSpec
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import CacheSpec, JobSpec
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.caching import enable_step_cache
 from imagemill.workers.generators.diffusion.compile_cache import CompileCache, load_compiled, save_compiled

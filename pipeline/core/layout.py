@@ -1,0 +1,229 @@
+"""The output layout, the one place that knows where each file of a job goes.
+
+    OUTPUT/
+      _job.json                     job record: spec (storage options redacted), versions, times, counts
+      _SUCCESS                      written when every shard is committed
+      images/<shard_id>/<name>.png  format `files`: one image per ok row; <name> from the row id (image_name)
+      webdataset/<shard_id>.tar     format `webdataset`: <key>.<ext> + <key>.json per ok row (sample_key)
+      data/<shard_id>.parquet       format `parquet`: ok rows with an `image` column, readable by `datasets`
+      metadata/<shard_id>.parquet   one row per input row: id, prompt, seed, status, error, path, ...
+      embeddings/<shard_id>.parquet     `evaluation:` only: each written image's embedding (features.py)
+      feature_stats/<shard_id>.parquet  `evaluation:` only: the shard's feature sums, for FID (features.py)
+      duplicates.parquet, _reference_features.parquet   `evaluation:` only: near-duplicates, the
+                                    reference's features (imagemill.evaluation.post_pass)
+      shards/<shard_id>.json        the shard's stats; written last, so its presence commits the shard
+
+Whatever the format, a shard's images are written first, then its metadata, then its stats.
+
+Actors write images, metadata and stats; the driver writes the job record and the marker. Records
+(the JSON files) are written whole or not at all, and read back as absent when they do not read; every
+call is on an exact path (see storage.py): an output folder may be called `run[12]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imagemill.core.storage import (
+    filesystem,
+    join,
+    list_folder,
+    remove_files,
+    retrying,
+    write_file_atomically,
+)
+
+log = logging.getLogger(__name__)
+_PLAIN_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+JOB_RECORD = "_job.json"
+SUCCESS_MARKER = "_SUCCESS"
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+DUPLICATES = "duplicates.parquet"  # the evaluation's near-duplicates (imagemill.evaluation.near_duplicates)
+REFERENCE_FEATURES = "_reference_features.parquet"  # the evaluation's reference, embedded once
+LEAKAGE = "leakage.parquet"  # generated images close to a reference image (imagemill.evaluation.leakage)
+MARKERS = (
+    JOB_RECORD,
+    SUCCESS_MARKER,
+    REPORT_JSON,
+    REPORT_HTML,
+    DUPLICATES,
+    REFERENCE_FEATURES,
+    LEAKAGE,
+)  # at the root
+# The live run's lease (imagemill.core.lease): imagemill's own, but never deleted by --overwrite.
+LEASE_FILE = "_lease.json"
+SUBMITTED = "_submitted.json"  # `imagemill submit`'s note for `status`, until the job writes its record
+IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
+# Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).
+SHARD_FILE_SUFFIXES = {
+    "webdataset": ".tar",
+    "data": ".parquet",
+    "metadata": ".parquet",
+    "embeddings": ".parquet",
+    "feature_stats": ".parquet",
+    "shards": ".json",
+}
+# What `status`, the report and a resume read from the job record.
+JOB_RECORD_KEYS = ("name", "status", "started_at", "shards_total", "rows_total", "fingerprint")
+
+
+def image_name(row_id: str) -> str:
+    """A file name for any row id that cannot leave its folder and cannot collide with another id's.
+
+    Plain ids (lower-case letters, digits, '.', '_', '-', no '..') are used as they are. Any other id,
+    one with an upper-case letter too, is cleaned and suffixed with '~' and a hash of the id: '~' never
+    occurs in a plain id, so the two kinds of names cannot meet, and the hash keeps distinct ids
+    distinct after cleaning. Upper case counts as not plain because `Abc` and `abc` are one file on a
+    case-insensitive store (macOS, some mounts); the hash is lower-case hex, so names stay distinct
+    after case-folding.
+    """
+    if _PLAIN_ID.fullmatch(row_id) and ".." not in row_id:
+        return row_id
+    cleaned = _UNSAFE.sub("_", row_id).replace("..", "_")[:80].strip("._-") or "id"
+    return f"{cleaned}~{hashlib.sha256(row_id.encode()).hexdigest()[:16]}"
+
+
+def sample_key(shard_id: str, position: int) -> str:
+    """The WebDataset key of the row at `position` in its shard: `<shard_id>-<position:06d>`.
+
+    Derived from the shard id and the row's position rather than the row id, because ids may repeat
+    across shards while (shard, position) never does, and both are stable across runs. WebDataset
+    cuts a member name at its first dot, so a shard id with dots (from an input file name) has them
+    replaced by '_' and is suffixed with '~' and a hash of the shard id: '~' never occurs in a shard
+    id, so such keys cannot meet plain ones, and the hash keeps distinct shard ids distinct.
+    """
+    if "." in shard_id:
+        shard_id = f"{shard_id.replace('.', '_')}~{hashlib.sha256(shard_id.encode()).hexdigest()[:8]}"
+    return f"{shard_id}-{position:06d}"
+
+
+def _per_shard_file(folder: str) -> staticmethod:
+    """The path of a shard's one file in `folder`: `<folder>/<shard_id><suffix>`."""
+    suffix = SHARD_FILE_SUFFIXES[folder]
+    return staticmethod(lambda shard_id: f"{folder}/{shard_id}{suffix}")
+
+
+def _unreadable(path: str, problem: str, warn: bool) -> None:
+    """A record that does not read counts as absent (never a crash), with a warning."""
+    if warn:
+        log.warning("%s is unreadable (%s); treating it as absent", path, problem)
+
+
+class OutputLayout:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url
+        self.fs, self.root = filesystem(url, storage_options)
+
+    def path(self, relative: str) -> str:
+        return join(self.root, relative)
+
+    @staticmethod
+    def image_path(shard_id: str, row_id: str, extension: str) -> str:
+        return f"images/{shard_id}/{image_name(row_id)}.{extension}"
+
+    # One file per shard in each of these folders, named by SHARD_FILE_SUFFIXES.
+    tar_path = _per_shard_file("webdataset")
+    data_path = _per_shard_file("data")
+    metadata_path = _per_shard_file("metadata")
+    embeddings_path = _per_shard_file("embeddings")
+    feature_stats_path = _per_shard_file("feature_stats")
+    stats_path = _per_shard_file("shards")
+
+    def prepare_shard(self, shard_id: str, output_format: str = "files") -> None:
+        """Create the folders a shard writes into (object stores need none; local disks do)."""
+        images = f"images/{shard_id}" if output_format == "files" else IMAGE_FOLDERS[output_format]
+        for folder in (images, "metadata", "shards"):
+            self.fs.makedirs(self.path(folder), exist_ok=True)
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        path = self.path(relative)
+        retrying(lambda: self.fs.pipe_file(path, data), f"writing {path}")
+
+    def write_whole(self, relative: str, data: bytes) -> None:
+        """Write a file whole or not at all, for the files a later run reads back or a user opens (the
+        records, the report, the evaluation's derived files): a full disk or a killed driver must not
+        leave half of one behind. A shard's files need not: its commit comes after them."""
+        path = self.path(relative)
+        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+        retrying(lambda: write_file_atomically(self.fs, path, data), f"writing {path}")
+
+    def write_json(self, relative: str, record: dict[str, Any]) -> None:
+        self.write_whole(relative, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
+
+    def remove(self, relative: str) -> None:
+        remove_files(self.fs, [self.path(relative)])
+
+    def entries(self, relative: str = "") -> dict[str, bool]:
+        """The names in a folder of the output (its root by default), each with whether it is a folder."""
+        return list_folder(self.fs, self.path(relative) if relative else self.root)
+
+    def read_json(self, relative: str, warn: bool = True) -> dict[str, Any] | None:
+        """A record, or None where there is none or it does not read as a JSON object.
+
+        A record cut short (a full disk, a writer killed on a store without atomic writes) or someone
+        else's file there must make the output look unfinished, never crash the job or `status`.
+        """
+        path = self.path(relative)
+        try:
+            data = retrying(lambda: self.fs.cat_file(path), f"reading {path}")
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            return _unreadable(path, "it is a folder", warn)
+        # Only what was read is judged: a storage error (a bad endpoint, no credentials) is raised.
+        try:
+            record = json.loads(data)
+        except ValueError as exc:  # JSON and UTF-8 errors are ValueErrors
+            return _unreadable(path, f"{type(exc).__name__}: {exc}", warn)
+        if not isinstance(record, dict):
+            return _unreadable(path, f"it holds a JSON {type(record).__name__}, not an object", warn)
+        return record
+
+    def read_job_record(self, warn: bool = True) -> dict[str, Any] | None:
+        """The job record, or None where there is none or it is not a whole imagemill job record."""
+        record = self.read_json(JOB_RECORD, warn)
+        if record is None:
+            return None
+        if all(key in record for key in JOB_RECORD_KEYS) and isinstance(record["fingerprint"], dict):
+            return record
+        if warn:
+            log.warning("%s is not an imagemill job record; treating it as absent", self.path(JOB_RECORD))
+        return None
+
+    def committed_stats(self) -> dict[str, dict[str, Any]]:
+        """Stats of every committed shard, by shard id.
+
+        A stats file that does not read leaves its shard uncommitted (so it is redone), and a file in
+        shards/ that is not a shard's stats is nobody's commit; both with a warning.
+        """
+        entries = self.entries("shards")
+        names = [name for name, is_folder in entries.items() if name.endswith(".json") and not is_folder]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            records = list(pool.map(lambda name: self.read_json(f"shards/{name}"), names))
+        committed = {}
+        for name, record in zip(names, records, strict=True):
+            shard_id = name.removesuffix(".json")
+            if record is not None and record.get("shard_id") == shard_id:
+                committed[shard_id] = record
+            elif record is not None:
+                log.warning("%s is not a shard's stats; ignoring it", self.path(f"shards/{name}"))
+        return committed
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet bytes, for files written whole (records, evaluation files): the same bytes for
+    the same table on every run."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()

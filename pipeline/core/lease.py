@@ -1,0 +1,355 @@
+"""One live run per output: a lease file the driver takes, keeps fresh with a heartbeat, and releases.
+
+Two drivers on one output would mix their images under one job record, and `--overwrite` under a
+live run would delete files that run is writing. So a driver takes `OUTPUT/_lease.json` (its run
+id, host, pid, start and heartbeat times) before it touches the output, refreshes it every
+`stale_after / 3` seconds from a thread, and deletes it at the end. Another driver is refused,
+naming the owner, until the owner's heartbeat is older than `stale_after` (the owner was killed or
+its machine lost): then it takes the lease over; on the owner's own machine (same host and boot)
+a driver whose process is gone is taken over at once. An actor checks that the lease still names its run
+right before it commits a shard (`check_owner`), so a run that lost the output commits nothing more.
+
+Every change is a compare-and-swap on the lease file, as atomic as the store allows:
+- local disk: read-compare-write under an exclusive `flock` on the output folder, the new content
+  renamed into place (readers never see a partial file);
+- S3 (s3fs): conditional writes, `If-None-Match: *` to create, `If-Match: <etag>` to refresh or
+  take over, `If-Match` on the delete;
+- other fsspec stores: compare, then write (not atomic; the heartbeat still catches a lost lease).
+
+The heartbeat time is the owner's clock: hosts sharing an output need clocks that agree to well
+within `stale_after` (IMAGEMILL_LEASE_TIMEOUT seconds, default 60).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+from imagemill.core.errors import ImagemillError
+from imagemill.core.layout import LEASE_FILE, OutputLayout
+from imagemill.core.storage import retrying, write_file_atomically
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "IMAGEMILL_LEASE_TIMEOUT"
+DEFAULT_TIMEOUT_SECONDS = 60.0
+BEATS_PER_TIMEOUT = 3  # a lease is stale once this many heartbeats in a row are missing
+
+
+class _Conflict(Exception):
+    """The lease file is no longer the version a compare-and-swap expected."""
+
+
+class _ObjectStore:
+    """Any fsspec store: the version is the content; compare, then write (not atomic)."""
+
+    def __init__(self, output: OutputLayout):
+        self.fs = output.fs
+        self.path = output.path(LEASE_FILE)
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        """The lease record (None: no lease; {} when unreadable) and its version."""
+        self.fs.invalidate_cache(self.path)
+        try:
+            data = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None, None
+        return _parse(data), data
+
+    def swap(self, data: bytes | None, expected: Any) -> Any:
+        """Write `data` (None: delete) if the lease is still at version `expected`; the new version."""
+        if self.read()[1] != expected:
+            raise _Conflict
+        if data is None:
+            self.fs.rm(self.path)
+        else:
+            self.fs.pipe_file(self.path, data)
+        return data
+
+
+class _LocalStore(_ObjectStore):
+    """A local (or mounted) disk: the compare and the write under one exclusive flock."""
+
+    def swap(self, data: bytes | None, expected: Any) -> Any:
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
+        # The lock is the output folder's own (flock on its descriptor): no lock file is left behind.
+        lock = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.read()[1] != expected:
+                raise _Conflict
+            if data is None:
+                os.remove(self.path)
+                return None
+            # Readers see the old or the new lease, never a part.
+            write_file_atomically(LocalFileSystem(), self.path, data)
+            return data
+        finally:
+            os.close(lock)  # closing the descriptor releases the lock
+
+
+class _S3Store(_ObjectStore):
+    """S3 through s3fs: the version is the ETag; every write is conditional on it, so S3 decides."""
+
+    def _etag(self) -> str | None:
+        try:
+            return self.fs.info(self.path, refresh=True)["ETag"]
+        except FileNotFoundError:
+            return None
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        # Content and ETag come from two requests: take them only when no write fell in between.
+        while True:
+            before = self._etag()
+            if before is None:
+                return None, None
+            try:
+                data = self.fs.cat_file(self.path)
+            except FileNotFoundError:
+                continue
+            if self._etag() == before:
+                return _parse(data), before
+
+    def swap(self, data: bytes | None, expected: Any) -> Any:
+        bucket, key, _ = self.fs.split_path(self.path)
+        try:
+            if data is None:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=expected)
+                self.fs.invalidate_cache(self.path)
+                return None
+            condition = {"mode": "create"} if expected is None else {"IfMatch": expected}
+            return self.fs.pipe_file(self.path, data, **condition)["ETag"]
+        except FileExistsError:  # If-None-Match failed: someone created the lease first
+            raise _Conflict from None
+        except OSError as exc:  # s3fs raises a failed If-Match (412) as EINVAL; a missing key as ENOENT
+            if exc.errno in (errno.EINVAL, errno.ENOENT) and self._etag() != expected:
+                raise _Conflict from None
+            raise
+
+
+def _store(output: OutputLayout) -> _ObjectStore:
+    protocols = output.fs.protocol if isinstance(output.fs.protocol, tuple) else (output.fs.protocol,)
+    if isinstance(output.fs, LocalFileSystem):
+        return _LocalStore(output)
+    if "s3" in protocols:
+        return _S3Store(output)
+    return _ObjectStore(output)
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    """A lease record; an unreadable one is {} (no owner, no heartbeat: stale)."""
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _boot_id() -> str | None:
+    """This machine's current boot (Linux), so a pid is compared only where it means the same process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def timeout_seconds() -> float:
+    """How long a lease lives without a heartbeat: IMAGEMILL_LEASE_TIMEOUT, else 60 s."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_SECONDS
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ImagemillError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds above 0; unset it or fix it")
+    return value
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """An output's lease as another process sees it: who holds it and how fresh its heartbeat is."""
+
+    record: dict[str, Any]
+
+    @property
+    def age(self) -> float:
+        """Seconds since the owner's last heartbeat (infinite for an unreadable lease)."""
+        return time.time() - float(self.record.get("heartbeat", float("-inf")))
+
+    @property
+    def stale(self) -> bool:
+        return self.age > float(self.record.get("stale_after", DEFAULT_TIMEOUT_SECONDS))
+
+    @property
+    def dead(self) -> bool:
+        """Whether the owner ran on this machine, in this boot, and its process is gone."""
+        boot = _boot_id()
+        if boot is None or (self.record.get("host"), self.record.get("boot_id")) != (
+            socket.gethostname(),
+            boot,
+        ):
+            return False
+        try:
+            os.kill(int(self.record["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, KeyError, TypeError, ValueError):  # alive under another user, or no pid
+            return False
+        return False
+
+    def owner(self) -> str:
+        r = self.record
+        return f"run {r.get('run_id', '?')} on host {r.get('host', '?')}, pid {r.get('pid', '?')}"
+
+
+def read_lease(output: OutputLayout) -> LeaseView | None:
+    """The output's lease, or None when no run holds it."""
+    store = _store(output)
+    record, _ = retrying(store.read, f"reading {store.path}")
+    return None if record is None else LeaseView(record)
+
+
+def check_owner(output: OutputLayout, run_id: str) -> None:
+    """Raise unless the output's lease names `run_id`: an actor's last check before a shard's commit."""
+    lease = read_lease(output)
+    if lease is None or lease.record.get("run_id") != run_id:
+        holder = "no run" if lease is None else lease.owner()
+        raise ImagemillError(
+            f"run {run_id} no longer owns {output.url} (its lease names {holder}); shard not committed"
+        )
+
+
+class OutputLease:
+    """This run's hold on an output, from `take` to `release`, kept fresh by a heartbeat thread."""
+
+    def __init__(self, output: OutputLayout, job_name: str, stale_after: float):
+        self.output = output
+        self.store = _store(output)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.stale_after = stale_after
+        self.record: dict[str, Any] = {
+            "run_id": self.run_id,
+            "job": job_name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "boot_id": _boot_id(),
+            "started_at": datetime.now(UTC).isoformat(),
+            "stale_after": stale_after,
+        }
+        self.version: Any = None
+        self.lost_to: str | None = None  # set by the heartbeat when another run took the output
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="imagemill-lease", daemon=True)
+
+    @classmethod
+    @contextlib.contextmanager
+    def held(cls, output: OutputLayout, job_name: str) -> Iterator[OutputLease]:
+        """Take the output's lease for the `with` block; refuses (ImagemillError) while another run lives."""
+        lease = cls(output, job_name, timeout_seconds())
+        lease._take()
+        try:
+            yield lease
+        finally:
+            lease._release()
+
+    def _data(self) -> bytes:
+        now = time.time()
+        record = {
+            **self.record,
+            "heartbeat": now,
+            "heartbeat_at": datetime.fromtimestamp(now, UTC).isoformat(),
+        }
+        return json.dumps(record, indent=2, sort_keys=True).encode()
+
+    def _read(self) -> tuple[dict[str, Any] | None, Any]:
+        return retrying(self.store.read, f"reading {self.store.path}")
+
+    def _swap(self, data: bytes | None, expected: Any) -> Any:
+        """A compare-and-swap, retried on I/O errors. A write whose answer was lost and whose retry
+        then conflicts with itself is recognised by the caller: the lease names this run."""
+        return retrying(functools.partial(self.store.swap, data, expected), f"writing {self.store.path}")
+
+    def _take(self) -> None:
+        while True:
+            record, version = self._read()
+            if record is not None and record.get("run_id") == self.run_id:
+                self.version = version  # our own write, retried after its answer was lost
+                break
+            current = None if record is None else LeaseView(record)
+            if current is not None and not current.stale and not current.dead:
+                raise ImagemillError(
+                    f"{self.output.url} is in use by another imagemill run: {current.owner()}, "
+                    f"heartbeat {current.age:.0f} s ago. Wait for it to end or stop it (its lease is "
+                    f"taken over once its heartbeat is {current.record.get('stale_after')} s old), "
+                    "or choose another output path."
+                )
+            try:
+                self.version = self._swap(self._data(), version)
+            except _Conflict:
+                continue  # another driver got there first: look again
+            if current is not None:
+                why = "its process is gone" if current.dead else "its heartbeat stopped"
+                log.warning(
+                    "took over %s from %s (%s; last heartbeat %.0f s ago)",
+                    self.output.url,
+                    current.owner(),
+                    why,
+                    current.age,
+                )
+            break
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.stale_after / BEATS_PER_TIMEOUT):
+            try:
+                self.version = self._swap(self._data(), self.version)
+            except _Conflict:
+                record, version = self._read()
+                if record is not None and record.get("run_id") == self.run_id:
+                    self.version = version
+                    continue
+                self.lost_to = "no run" if record is None else LeaseView(record).owner()
+                log.error(
+                    "this run lost %s to %s; its shards will not be committed", self.output.url, self.lost_to
+                )
+                return
+            except OSError as exc:  # storage down for longer than the retries: try at the next beat
+                log.warning("could not refresh the lease on %s (%s); trying again", self.output.url, exc)
+
+    def confirm(self) -> None:
+        """Raise if another run has taken the output: this run must not write its job record."""
+        if self.lost_to is not None:
+            raise ImagemillError(
+                f"this run lost {self.output.url} to {self.lost_to} (its heartbeat stopped for "
+                f"{self.stale_after:.0f} s); the job record is left to that run"
+            )
+
+    def _release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.lost_to is not None:
+            return
+        try:
+            self._swap(None, self.version)
+        except (_Conflict, FileNotFoundError):  # already gone: a retried delete, or taken and released
+            pass
+        except OSError as exc:  # the lease then goes stale on its own after `stale_after`
+            log.warning("could not release the lease on %s (%s)", self.output.url, exc)

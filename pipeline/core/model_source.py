@@ -1,0 +1,192 @@
+"""Where a model's files come from: a local directory, a Hugging Face hub id, or an fsspec URL.
+
+A URL (s3://bucket/models/x) is copied once per node into a local cache, under a file lock, so that
+several actors on one node share one download. The cache key covers the URL and the listing of the
+remote files (names, sizes, etags or mtimes): new weights at the same URL make a new copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import EvaluationSpec, ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
+from imagemill.core.storage import filesystem, join
+
+# By model.kind: the file save_pretrained writes at the top of a model directory, and what that is.
+MARKERS = {
+    "diffusers": ("model_index.json", "a diffusers pipeline"),
+    "janus": ("config.json", "a transformers Janus model"),
+}
+MODEL_CONFIG = "config.json"  # a transformers model
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_COMPLETE = ".imagemill-complete"
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source
+
+
+def _is_hub_id(source: str) -> bool:
+    return not _is_url(source) and not os.path.isabs(source) and bool(_HUB_ID.fullmatch(source))
+
+
+def check_model_source(spec: ModelSpec) -> None:
+    """Fail on the driver, before any actor starts, when the model cannot be where the spec says."""
+    if spec.kind != "noop":
+        check_lora_sources(spec)
+        _check_source(spec.source, spec.storage_options, *MARKERS[spec.kind], section="model")
+
+
+def check_scoring_source(spec: ScoringSpec) -> None:
+    """The same check for the scoring model: a transformers model directory has a config.json."""
+    _check_source(
+        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="scoring"
+    )
+
+
+def check_safety_source(spec: SafetySpec) -> None:
+    """The same check for the safety classifier: a StableDiffusionSafetyChecker directory."""
+    _check_source(
+        spec.source, spec.storage_options, MODEL_CONFIG, "a StableDiffusionSafetyChecker", section="safety"
+    )
+
+
+def check_evaluation_source(spec: EvaluationSpec) -> None:
+    """The same check for the evaluation's feature model: a transformers CLIPModel directory (pixel
+    features have none to check), or the Inception-v3 weights file."""
+    if spec.source is None:
+        return
+    if spec.features == "inception":
+        weights_file(spec)
+        return
+    _check_source(
+        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="evaluation"
+    )
+
+
+def check_expansion_source(spec: ExpansionSpec) -> None:
+    """The same check for the prompt-expansion model: a transformers causal LM directory."""
+    _check_source(
+        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers causal LM", section="expansion"
+    )
+
+
+def _check_source(source: str, storage_options: dict, marker: str, kind: str, section: str) -> None:
+    """`section` names the spec section (model, scoring), `marker` the file `kind`'s directory holds."""
+    what = "model" if section == "model" else f"{section} model"
+    if _is_url(source):
+        fs, path = filesystem(source, storage_options)
+        if not fs.exists(join(path, marker)):
+            raise ImagemillError(
+                f"{what} not found: {source} has no {marker}; point {section}.source at {kind} "
+                "directory (one that save_pretrained wrote)"
+            )
+    elif _is_hub_id(source):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(source, marker), str):
+                raise ImagemillError(
+                    f"{what} '{source}' is not a local directory and not in the Hugging Face cache, "
+                    "and HF_HUB_OFFLINE=1 forbids downloading it"
+                )
+    elif not os.path.isdir(source):
+        raise ImagemillError(f"{what} path does not exist: {source} ({section}.source)")
+    elif not os.path.isfile(os.path.join(source, marker)):
+        raise ImagemillError(f"{what} directory {source} has no {marker}; it must be {kind} directory")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("IMAGEMILL_CACHE_DIR", Path.home() / ".cache" / "imagemill")) / "models"
+
+
+def fetch_model_dir(url: str, storage_options: dict) -> Path:
+    """Copy the directory at `url` to this node's cache once, and return the local copy.
+
+    Only workers/loading.py calls this (tests/test_loading.py holds it to that), for every pretrained
+    source: model, LoRA, scoring, expansion and tiny VAE.
+    """
+    fs, path = filesystem(url, storage_options)
+    listing = sorted(
+        (info["name"], info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
+        for info in fs.find(path, detail=True).values()
+    )
+    # Every key is checked before anything is written, so a refused listing leaves no partial copy.
+    relative = [_relative_parts(url, path, name) for name, _, _ in listing]
+    key = hashlib.sha256(repr((url, listing)).encode()).hexdigest()[:24]
+    target = _cache_root() / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # other actors on this node wait here for the first one's copy
+        if not (target / _COMPLETE).exists():
+            staging = Path(f"{target}.partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
+            for (name, _, _), parts in zip(listing, relative, strict=True):
+                local = staging.joinpath(*parts)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(name, str(local))
+            (staging / _COMPLETE).touch()
+            staging.rename(target)
+    return target
+
+
+def _relative_parts(url: str, root: str, name: str) -> tuple[str, ...]:
+    """The folder and file names of remote file `name` below `root`.
+
+    Object keys are plain strings: `m/../../x` and `m//etc/x` are valid keys, and joined onto the
+    staging folder as they are, the first climbs out of it and the second (an absolute path after the
+    `//`) replaces it. A key with an empty, `.` or `..` part is refused; names made only of other
+    parts, joined onto the fresh staging folder, stay inside it.
+    """
+    prefix = root.rstrip("/") + "/"
+    parts = tuple(name[len(prefix) :].split("/")) if name.startswith(prefix) else ("",)
+    if any(part in ("", ".", "..") for part in parts):
+        raise ImagemillError(
+            f"model files at {url} include the object {name!r}, whose copy would land outside the local "
+            "cache (an empty, '.' or '..' path part); remove or rename that object"
+        )
+    return parts
+
+
+def check_lora_sources(spec: ModelSpec) -> None:
+    """Fail on the driver when a LoRA named by a local path is not there (URLs and hub ids are
+    checked where they are loaded)."""
+    for index, lora in enumerate(spec.lora):
+        if not _is_url(lora.source) and not _is_hub_id(lora.source) and not os.path.exists(lora.source):
+            raise ImagemillError(f"LoRA not found: {lora.source} (model.lora[{index}].source)")
+
+
+# A folder's Inception-v3 weights file (evaluation.features: inception), preferred in this order.
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def weights_file(spec: EvaluationSpec) -> tuple[object, str]:
+    """The filesystem and path of the weights file `evaluation.source` names (a file, or the one
+    weights file in a folder)."""
+    assert spec.source is not None
+    fs, path = filesystem(spec.source, spec.storage_options)
+    if not fs.exists(path):
+        raise ImagemillError(f"evaluation.source {spec.source} does not exist (the Inception-v3 weights)")
+    if not fs.isdir(path):
+        return fs, path
+    names = sorted(name.rpartition("/")[2] for name in fs.ls(path, detail=False))
+    for suffix in WEIGHT_SUFFIXES:
+        found = [name for name in names if name.endswith(suffix)]
+        if len(found) == 1:
+            return fs, join(path, found[0])
+        if found:
+            raise ImagemillError(
+                f"evaluation.source {spec.source} holds several {suffix} files ({', '.join(found)}); "
+                "point it at the Inception-v3 weights file itself"
+            )
+    raise ImagemillError(
+        f"evaluation.source {spec.source} holds no Inception-v3 weights file "
+        f"({' or '.join(WEIGHT_SUFFIXES)}, e.g. weights-inception-2015-12-05-6726825d.pth)"
+    )

@@ -1,0 +1,346 @@
+"""`imagemill.run(spec)`: the whole job, from the driver's side.
+
+Plan shards from the input's footers, skip shards the output already holds, run the rest on the
+actor pool with a progress bar, and write the job record and the completion marker. The driver sees
+shard descriptors and per-shard stats only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import ray
+
+from imagemill.core.cost import JobCost, job_cost
+from imagemill.core.layout import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.core.lease import OutputLease
+from imagemill.core.model_source import (
+    check_evaluation_source,
+    check_expansion_source,
+    check_model_source,
+    check_safety_source,
+    check_scoring_source,
+)
+from imagemill.core.records import ShardStats, committed_shards, shard_totals
+from imagemill.core.schedulers import check_scheduler
+from imagemill.core.shard import Shard, ShardPlan
+from imagemill.core.spec import JobSpec
+from imagemill.execution.budget import Budget
+from imagemill.execution.progress import progress_display
+from imagemill.execution.scheduler import ShardFailure, ShardScheduler
+from imagemill.output.claim import claim_output
+from imagemill.output.location import check_output_location
+from imagemill.planning.auto_batch import with_recorded_batch_size
+from imagemill.planning.inputs import FOOTERS, reconcile_inputs
+from imagemill.planning.pieces import serving_pieces
+from imagemill.planning.shards import plan_shards, resume_whole_group_shards
+from imagemill.reporting.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
+from imagemill.reporting.report import write_report
+
+log = logging.getLogger(__name__)
+VERSIONED_PACKAGES = ("imagemill", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs")
+
+
+@dataclass
+class JobResult:
+    output: str
+    shards_total: int
+    shards_done: int
+    shards_run: int  # by this run; the others were committed before it
+    rows_total: int
+    ok: int
+    errors: int
+    errors_by_reason: dict[str, int]
+    seconds: float
+    failures: list[ShardFailure] = field(default_factory=list)
+    filtered: int = 0  # rows done but scored below scoring.threshold
+    flagged: int = 0  # rows done but flagged by the safety classifier
+    rows_run: int = 0  # images made by this run (the rate counts these)
+    cost: JobCost | None = None  # device time and cost over the committed shards (imagemill.core.cost)
+    budget_stop: str | None = (
+        None  # the limit that stopped the job with shards left (imagemill.execution.budget)
+    )
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_done == self.shards_total
+
+    @property
+    def state(self) -> str:
+        """complete, incomplete, budget reached or failed (imagemill.reporting.outcome); only complete is a
+        success."""
+        if self.budget_stop and not self.complete:
+            return BUDGET_REACHED
+        generated = self.ok + self.filtered + self.flagged
+        return job_state(self.shards_done, self.shards_total, generated + self.errors, generated)
+
+    def _timing(self) -> str:
+        """This run's time and rate, or that it had nothing to do (a rate would then be noise)."""
+        if self.shards_run == 0 and not self.failures and self.complete:
+            return f"nothing to do: all {self.shards_total} shards were already done"
+        rate = self.rows_run / self.seconds if self.seconds else 0.0
+        return f"{self.seconds:.1f} s ({rate:.1f} images/s)"
+
+    def summary(self) -> str:
+        filtered = f"{self.filtered} filtered, " if self.filtered else ""
+        flagged = f"{self.flagged} flagged, " if self.flagged else ""
+        lines = [
+            f"{self.rows_total} rows: {self.ok} ok, {filtered}{flagged}{self.errors} error "
+            f"in {self.shards_done}/{self.shards_total} shards ({self.shards_run} run now), "
+            f"{self._timing()} → {self.output}"
+        ]
+        lines += [
+            f"  error rows, {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())
+        ]
+        lines += [
+            f"  FAILED shard {f.shard_id} ({f.input_file}) after {f.attempts} tries: {f.error}"
+            for f in self.failures
+        ]
+        if self.cost is not None and self.cost.cost_usd is not None:
+            lines.append(f"  cost: {self.cost.text()}")
+        if self.failures:
+            lines.append("  run the same command again to retry the failed shards; committed shards are kept")
+        if self.state == BUDGET_REACHED:
+            setting = self.budget_stop.split("=", 1)[0]
+            lines.append(
+                f"  {BUDGET_REACHED}: {self.budget_stop}, {self.shards_total - self.shards_done} shards not "
+                f"done; raise it (--set {setting}=...) and run the same command again to resume"
+            )
+        if self.state == NOTHING_GENERATED:
+            lines.append(f"  {NOTHING_GENERATED}: every row is an error (reasons above); the job failed")
+        return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _connect_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start a local one."""
+    if not ray.is_initialized():
+        # Actors' output stays in Ray's logs (errors name the folder); Ray's own INFO lines stay off.
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def run(
+    spec: JobSpec, progress: bool = True, overwrite: bool = False, redo_changed: bool = False
+) -> JobResult:
+    """Run the job to completion; returns the counts.
+
+    Shards already committed in the output are kept, so running the same spec again resumes it.
+    `overwrite` deletes a previous job's output first (only imagemill's own files); `redo_changed`
+    generates again the shards of input files that changed since they were made (imagemill.planning.inputs).
+    """
+    started = time.time()
+    plan = plan_shards(spec.input)
+    check_model_source(spec.model)
+    check_scheduler(spec.model.scheduler)
+    if spec.scoring is not None:
+        check_scoring_source(spec.scoring)
+    if spec.expansion is not None:
+        check_expansion_source(spec.expansion)
+    if spec.safety is not None:
+        check_safety_source(spec.safety)
+    if spec.evaluation is not None:
+        check_evaluation_source(spec.evaluation)
+    check_output_location(spec, plan)  # before the lease, which creates the output folder
+    output = OutputLayout(spec.output.path, spec.output.storage_options)
+    with OutputLease.held(output, spec.name) as lease:
+        return _run_owned(spec, plan, output, lease, started, progress, overwrite, redo_changed)
+
+
+def _run_owned(
+    spec: JobSpec,
+    plan: ShardPlan,
+    output: OutputLayout,
+    lease: OutputLease,
+    started: float,
+    progress: bool,
+    overwrite: bool,
+    redo_changed: bool,
+) -> JobResult:
+    """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe)."""
+    spec = with_recorded_batch_size(spec, output, overwrite)
+    claim_output(spec, output, plan, overwrite)
+    stored = committed_shards(output)
+    redone = reconcile_inputs(output, plan, stored, redo_changed)
+    plan = resume_whole_group_shards(plan, set(stored) - redone)
+    planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
+    committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
+    done_before = set(committed)
+    budget = Budget(spec.workers, committed)  # counts the shards this run commits as they come
+    todo = [shard for shard in plan.shards if shard.shard_id not in committed]
+    failures = [
+        ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
+    ]
+    shards_total = len(plan.shards) + len(plan.unreadable)
+    rows_total = plan.total_rows * spec.images_per_row  # one metadata row per image
+    record: dict[str, Any] = {
+        "name": spec.name,
+        "spec": spec.redacted(),
+        "fingerprint": spec.fingerprint(),
+        "versions": _versions(),
+        "started_at": datetime.now(UTC).isoformat(),
+        "status": "running",
+        "shards_total": shards_total,
+        "rows_total": rows_total,
+        "input_rows": plan.total_rows,
+        "input_files": len(plan.files),
+        FOOTERS: plan.footers,
+        "run_id": lease.run_id,
+    }
+
+    record_written = False
+
+    def start_record(resolved: JobSpec) -> None:
+        """Written once the workers have loaded the model: a job whose model does not load leaves
+        the output as it was, so a corrected spec may run there without --overwrite. `resolved`: the
+        spec as the run uses it (`workers.batch_size: auto` fixed by the first actor)."""
+        nonlocal record_written
+        record["fingerprint"] = resolved.fingerprint()
+        output.write_json(JOB_RECORD, record)
+        output.remove(SUCCESS_MARKER)
+        record_written = True  # from now on an interrupted run says so in the record
+
+    try:
+        _schedule(
+            spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress, budget
+        )
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`, a pod deleted) exits
+        # Ray's native SIGTERM handler arms a 3 s SIGALRM abort before Python's handler runs (Ray
+        # #64830): an end slower than that (the record and report on a slow store) died as SIGABRT.
+        signal.alarm(0)
+        if record_written:
+            _end_record(output, lease, record, committed, failures, INTERRUPTED)
+        raise
+    result = _result(spec, committed, failures, shards_total, rows_total, started, done_before)
+    result.budget_stop = budget.reached()
+    if spec.evaluation is not None and committed:
+        # Imported here: the post-pass needs torch, which would add 2 s to every `imagemill` start.
+        from imagemill.evaluation.post_pass import evaluate
+
+        record["evaluation"] = evaluate(spec, output, committed)
+    _end_record(output, lease, record, committed, failures, result.state)
+    if result.state == COMPLETE:
+        output.write_bytes(SUCCESS_MARKER, b"")
+    return result
+
+
+def _schedule(
+    spec: JobSpec,
+    todo: list[Shard],
+    committed: dict[str, ShardStats],
+    failures: list[ShardFailure],
+    shards_total: int,
+    rows_total: int,
+    lease: OutputLease,
+    start_record: Callable[[JobSpec], None],
+    progress: bool,
+    budget: Budget,
+) -> None:
+    """Run the shards left on the actor pool, adding each one's stats to `committed` as it commits;
+    none when the budget was reached by earlier runs."""
+    if todo and not budget.reached():
+        _connect_ray()
+        display = progress_display(
+            spec.name, rows_total, sum(stats.rows for stats in committed.values()), shards_total, progress
+        )
+
+        def on_done(stats: ShardStats) -> None:
+            committed[stats.shard_id] = stats
+            shown.update(stats.rows, len(committed))
+            filtered = f", {stats.filtered} filtered" if spec.scoring else ""
+            filtered += f", {stats.flagged} flagged" if spec.safety else ""
+            log.info(
+                "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
+                "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
+                stats.shard_id,
+                stats.rows,
+                stats.ok,
+                filtered,
+                stats.error,
+                stats.seconds,
+                stats.images_per_second,
+                stats.read_seconds,
+                stats.model_seconds,
+                stats.write_wait_seconds,
+                len(committed),
+                shards_total,
+            )
+
+        with display as shown, serving_pieces(spec, todo) as served:
+            scheduler = ShardScheduler(spec, lease.run_id, on_ready=start_record, budget=budget)
+            failures += scheduler.run(served, on_done)
+    else:
+        start_record(spec)
+
+
+def _result(
+    spec: JobSpec,
+    committed: dict[str, ShardStats],
+    failures: list[ShardFailure],
+    shards_total: int,
+    rows_total: int,
+    started: float,
+    done_before: set[str],
+) -> JobResult:
+    totals = shard_totals(committed.values())
+    return JobResult(
+        output=spec.output.path,
+        shards_total=shards_total,
+        shards_done=len(committed),
+        shards_run=len(set(committed) - done_before),
+        rows_total=rows_total,
+        ok=totals.ok,
+        errors=totals.errors,
+        errors_by_reason=totals.errors_by_reason,
+        seconds=time.time() - started,
+        failures=failures,
+        filtered=totals.filtered,
+        flagged=totals.flagged,
+        cost=job_cost(committed.values()),
+        rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
+    )
+
+
+def _end_record(
+    output: OutputLayout,
+    lease: OutputLease,
+    record: dict[str, Any],
+    committed: dict[str, ShardStats],
+    failures: list[ShardFailure],
+    state: str,
+) -> None:
+    """The job record's closing counts and how the run ended, then the report from them."""
+    totals = shard_totals(committed.values())
+    record.update(
+        ended_at=datetime.now(UTC).isoformat(),
+        status=state,
+        shards_done=len(committed),
+        rows_ok=totals.ok,
+        rows_filtered=totals.filtered,
+        rows_flagged=totals.flagged,
+        rows_error=totals.errors,
+        errors_by_reason=totals.errors_by_reason,
+        failed_shards=[vars(failure) for failure in failures],
+        cost=job_cost(committed.values()).to_json(),
+    )
+    lease.confirm()
+    output.write_json(JOB_RECORD, record)
+    write_report(output)

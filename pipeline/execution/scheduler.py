@@ -1,0 +1,299 @@
+"""Scheduling on the driver: a pool of ShardWorker actors, fed shard descriptors, handing back stats.
+
+Each actor is kept two shards deep, and runs both calls at once, so it reads the next shard while
+the model works on the current one, and starts it without waiting for the driver. An
+actor that dies is replaced and its shards are queued again; a shard that fails is retried until it
+has had `max_shard_attempts` tries, then reported as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from imagemill.core.errors import ImagemillError
+from imagemill.core.records import ShardStats
+from imagemill.core.shard import Shard
+from imagemill.core.spec import JobSpec
+from imagemill.execution.budget import Budget
+from imagemill.execution.expanders import start_expanders, stop_expanders
+from imagemill.planning.placement import WorkerDemand, placeable_workers
+from imagemill.workers.actors import ShardWorkerActor
+
+log = logging.getLogger(__name__)
+_NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
+SHARDS_PER_ACTOR = 2
+GROWTH_CHECK_SECONDS = 5.0
+WAIT_LOG_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    shard_id: str
+    input_file: str
+    attempts: int
+    error: str
+
+
+def _uses_gpu(spec: JobSpec) -> bool:
+    if spec.model.device == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return spec.model.device == "cuda"
+
+
+def worker_count(spec: JobSpec, uses_gpu: bool) -> int:
+    """The configured count, else one actor per GPU, or per `num_cpus_per_worker` CPUs without GPUs."""
+    if spec.workers.num_workers:
+        return spec.workers.num_workers
+    resources = ray.cluster_resources()
+    if uses_gpu:
+        return max(1, int(resources.get("GPU", 0)))
+    return max(1, int(resources.get("CPU", 1) // spec.workers.num_cpus_per_worker))
+
+
+def ray_logs_dir() -> str:
+    """The session log folder of the Ray node the driver runs on, where actors' output stays."""
+    node = ray._private.worker.global_worker.node
+    return node.get_logs_dir_path() if node is not None else "the Ray session's logs folder"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The underlying error of a Ray exception, without Ray's traceback: 'OSError: no file ...'."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, RayActorError) and cause is not exc:
+        return _one_line(cause)
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    # Ray ends an actor's death notice with the actor's own exception, already named.
+    return last if _NAMED_EXCEPTION.match(last) else f"{type(cause).__name__}: {last}"
+
+
+def _save_load_error(exc: BaseException, run_id: str) -> str:
+    """Write a failed model load's whole remote traceback into Ray's session log folder; its path.
+
+    The user sees one line; the actor, which keeps the error for `ready()` instead of crashing, has
+    printed nothing (a crashing actor's traceback and SIGABRT notice would bury that line).
+    """
+    folder = ray_logs_dir()
+    if not os.path.isdir(folder):
+        return folder
+    path = os.path.join(folder, f"imagemill-{run_id}-model-load.log")
+    with open(path, "w") as f:
+        f.write(str(exc))
+    return path
+
+
+class ShardScheduler:
+    """The actor pool of one job run: `run` is called once; its state is kept on the scheduler."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        run_id: str,
+        on_ready: Callable[[JobSpec], None],
+        budget: Budget | None = None,
+    ):
+        """`run_id`: the run that holds the output's lease, checked by actors before each commit;
+        `on_ready`: called once the first workers have loaded the model, before any shard starts,
+        with the spec the run uses (`workers.batch_size: auto` resolved by the first actor);
+        `budget`: once it is reached no new shard is handed out (imagemill.execution.budget)."""
+        self.spec = spec
+        self.budget = budget
+        self.run_id = run_id
+        self.on_ready = on_ready
+        uses_gpu = _uses_gpu(spec)
+        self.actor_class = ray.remote(ShardWorkerActor)
+        self.actor_options = {
+            "num_cpus": spec.workers.num_cpus_per_worker,
+            "num_gpus": 1 if uses_gpu else 0,
+            "max_restarts": 0,  # the scheduler replaces dead actors and re-queues their shards itself
+            # Both queued shards run at once: one reads while the other generates (model_turns.py).
+            "max_concurrency": SHARDS_PER_ACTOR,
+        }
+        self.uses_gpu = uses_gpu
+        self.demand = WorkerDemand(spec.workers.num_cpus_per_worker, self.actor_options["num_gpus"])
+        self.num_workers = worker_count(spec, uses_gpu)
+        self.replacements_left = 2 * self.num_workers + 2
+        self.actors_started = 0
+        self.run_token = uuid.uuid4().hex[:6]  # actor names must be unique across concurrent runs
+        self.expanders: list[Any] = []  # the expander pool, with expansion.placement: pool
+        # The state of `run` (one per scheduler):
+        self.queue: deque[Shard] = deque()  # shards to hand out, retries at the back
+        self.attempts: dict[str, int] = {}  # failed tries, by shard id
+        self.failures: list[ShardFailure] = []
+        self.alive: list[Any] = []  # actors that loaded the model and take shards
+        self.tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}  # process_shard calls → (actor, shard)
+        self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of actors not yet in the pool → the actor
+        self.next_growth_check = 0.0
+        self.next_wait_log = 0.0
+        self.loaded_once = False  # until an actor loads the model, a load error ends the job
+
+    def _new_actor(self) -> Any:
+        """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
+        self.actors_started += 1
+        name = f"imagemill:{self.spec.name}:{self.run_token}:{self.actors_started}"
+        return self.actor_class.options(name=name, **self.actor_options).remote(
+            self.spec, self.expanders, self.run_id
+        )
+
+    def _start_workers(self) -> None:
+        """Start the pool: the actors that can be placed (imagemill.planning.placement) join it one by one
+        as they load the model (`_join`), so work starts as soon as the first one is ready."""
+        self.expanders = start_expanders(self.spec, f"imagemill:{self.spec.name}:{self.run_token}", _one_line)
+        for _ in range(placeable_workers(self.demand, self.num_workers)):
+            self._start_actor()
+
+    def _load_failed(self, exc: BaseException) -> None:
+        """No actor has loaded the model and one could not: stop the job in one line."""
+        for actor in self.starting.values():
+            ray.kill(actor)
+        stop_expanders(self.expanders)
+        raise ImagemillError(
+            f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
+            f"(full traceback: {_save_load_error(exc, self.run_id)})"
+        ) from None
+
+    def _log_waiting(self) -> None:
+        """While no actor has been placed, say so every WAIT_LOG_SECONDS instead of hanging silently."""
+        if self.alive or not self.starting or time.monotonic() < self.next_wait_log:
+            return
+        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
+        log.info(
+            "waiting for %s to be placed and load the model (`ray status` shows pending demands)",
+            self.demand.describe(len(self.starting)),
+        )
+
+    def run(self, shards: list[Shard], on_done: Callable[[ShardStats], None]) -> list[ShardFailure]:
+        """Process every shard; returns the shards that failed all their attempts.
+
+        A replacement actor joins the pool only once it has loaded the model, so one that cannot be
+        placed (its node is gone and no other has room) never holds shards: the others finish them.
+        """
+        self.queue.extend(shards)
+        self._start_workers()
+        self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
+        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
+        self._feed_all()
+        while self.tasks or (self._to_hand_out() and self.starting):
+            ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
+            self._grow_with_cluster()
+            self._log_waiting()
+            if not ready:
+                continue
+            [ref] = ready
+            if ref in self.starting:
+                self._join(ref)
+            else:
+                self._finish(ref, on_done)
+            self._feed_all()
+            if self._to_hand_out() and not self.alive and not self.starting:
+                raise ImagemillError(
+                    f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
+                    "were not run. Run the same command again to resume."
+                )
+        for actor in [*self.alive, *self.starting.values()]:
+            ray.kill(actor)
+        stop_expanders(self.expanders)
+        return self.failures
+
+    def _to_hand_out(self) -> bool:
+        """Whether shards are queued and the budget, if any, is not reached."""
+        return bool(self.queue) and not (self.budget and self.budget.reached())
+
+    def _feed_all(self) -> None:
+        """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out."""
+        for actor in self.alive:
+            while (
+                self._to_hand_out()
+                and sum(1 for a, _ in self.tasks.values() if a is actor) < SHARDS_PER_ACTOR
+            ):
+                shard = self.queue.popleft()
+                self.tasks[actor.process_shard.remote(shard)] = (actor, shard)
+
+    def _join(self, ref: ray.ObjectRef) -> None:
+        """An actor answered `ready`: it joins the pool; if it failed to load, the job stops when no
+        actor has loaded yet (the model does not load), else another replacement is started."""
+        actor = self.starting.pop(ref)
+        try:
+            ready = ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            ray.kill(actor)  # one that could not load its model is still alive
+            if not self.loaded_once:
+                self._load_failed(exc)
+            log.warning("a replacement worker failed to start: %s", _one_line(exc))
+            self._start_replacement()
+            return
+        if self.spec.workers.batch_size == "auto":  # the first actor's probe fixes the job's value
+            self.spec = self.spec.with_batch_size(ready["batch_size"])  # later actors probe nothing
+        elif ready["batch_size"] != self.spec.workers.batch_size:
+            ray.kill(actor)  # probed in parallel and found another size: one given the job's value instead
+            log.info(
+                "a worker found batch size %d fits, not %d: starting one with %d",
+                ready["batch_size"],
+                self.spec.workers.batch_size,
+                self.spec.workers.batch_size,
+            )
+            self._start_actor()
+            return
+        if not self.loaded_once:
+            self.loaded_once = True
+            self.on_ready(self.spec)  # the job record is written now: a model that never loads leaves none
+        self.alive.append(actor)
+        log.info("a worker is ready on %s (%d of %d)", ready["device"], len(self.alive), self.num_workers)
+
+    def _finish(self, ref: ray.ObjectRef, on_done: Callable[[ShardStats], None]) -> None:
+        """A shard call returned: its stats go to `on_done`; a failed shard is retried, and a dead
+        actor replaced."""
+        actor, shard = self.tasks.pop(ref)
+        try:
+            on_done(ray.get(ref))
+        except RayActorError as exc:
+            self._retry_or_fail(shard, f"worker died: {_one_line(exc)}")
+            if actor in self.alive:
+                log.warning("a worker died (%s); starting a replacement", _one_line(exc))
+                self.alive.remove(actor)
+                self._start_replacement()
+        except RayTaskError as exc:
+            self._retry_or_fail(shard, _one_line(exc))
+
+    def _retry_or_fail(self, shard: Shard, error: str) -> None:
+        attempts = self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
+        if attempts < self.spec.workers.max_shard_attempts:
+            log.warning("shard %s failed (%s); it will be tried again", shard.shard_id, error)
+            self.queue.append(shard)
+        else:
+            self.failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts, error))
+
+    def _start_actor(self) -> None:
+        """Start an actor; it joins the pool once its `ready` answers (`_join`)."""
+        actor = self._new_actor()
+        self.starting[actor.ready.remote()] = actor
+
+    def _start_replacement(self) -> None:
+        if self.replacements_left > 0:
+            self.replacements_left -= 1
+            self._start_actor()
+
+    def _grow_with_cluster(self) -> None:
+        """With num_workers unset, nodes that join the cluster (autoscaling) get actors too.
+
+        Looked at every GROWTH_CHECK_SECONDS, not after every shard: it asks the GCS each time.
+        """
+        if self.spec.workers.num_workers is not None or time.monotonic() < self.next_growth_check:
+            return
+        self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
+        room = worker_count(self.spec, self.uses_gpu) - len(self.alive) - len(self.starting)
+        if self._to_hand_out() and room > 0:
+            log.info("the cluster grew: starting %d more workers", room)
+            for _ in range(room):
+                self._start_actor()

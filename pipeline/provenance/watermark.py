@@ -1,0 +1,50 @@
+"""An invisible watermark in the pixels, with the invisible-watermark library (as SDXL's pipelines use it).
+
+Applied to the uint8 image before it is encoded, so it survives re-encoding, unlike metadata. The
+library reads and writes BGR arrays. Decoding gives each bit by a majority over the image's blocks, so
+a lossy re-encode can flip a few: a payload counts as found with at most one wrong bit in
+ALLOWED_BIT_ERRORS_PER (3 of 48); for 48 bits a random image matches that with odds of about 1e-10.
+
+Method: `dwtDctSvd` by default. Measured on 20 textured 256² images after a JPEG q90 re-encode (the
+test's images): dwtDctSvd recovered 48 bits with at most 1 wrong in every one; `dwtDct` (SDXL's
+choice, its default scales embed in the U channel, which JPEG's 4:2:0 subsampling halves) lost 10-25
+of 48 in every one. dwtDctSvd costs about 3x more CPU (1.8 s for a 1024² image on one core; counted
+in the shard's `image_encode` seconds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imagemill.core.spec import ALLOWED_BIT_ERRORS_PER, payload_bits, watermark_size_problem
+from imagemill.provenance import optional_library
+
+
+def _bgr(pixels: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(pixels[..., ::-1])
+
+
+def add_watermark(pixels: np.ndarray, payload: str, method: str) -> np.ndarray:
+    """`pixels` (H, W, 3) uint8 RGB with the payload embedded. ValueError for an image too small."""
+    problem = watermark_size_problem(pixels.shape[1], pixels.shape[0])
+    if problem:
+        raise ValueError(f"output.watermark {problem}")
+    encoder = optional_library("imwatermark", "output.watermark").WatermarkEncoder()
+    encoder.set_watermark("bits", payload_bits(payload))
+    marked = encoder.encode(_bgr(pixels), method)
+    return _bgr(np.clip(np.rint(marked), 0, 255).astype(np.uint8))
+
+
+def wrong_bits(pixels: np.ndarray, payload: str, method: str) -> int | None:
+    """How many of the payload's bits read back wrong from `pixels`; None for an image too small."""
+    if watermark_size_problem(pixels.shape[1], pixels.shape[0]):
+        return None
+    expected = np.array(payload_bits(payload), dtype=bool)
+    decoder = optional_library("imwatermark", "--watermark").WatermarkDecoder("bits", len(expected))
+    found = np.asarray(decoder.decode(_bgr(pixels), method), dtype=bool)
+    return int(np.count_nonzero(found != expected))
+
+
+def is_found(wrong: int | None, payload: str) -> bool:
+    """Whether `wrong` bits of the payload read back wrong still count as the payload being there."""
+    return wrong is not None and wrong <= len(payload_bits(payload)) // ALLOWED_BIT_ERRORS_PER

@@ -1,0 +1,108 @@
+"""`imagemill status OUTPUT`: a job's progress read from its output alone, so it works from anywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from imagemill.core.cost import JobCost, job_cost
+from imagemill.core.errors import ImagemillError
+from imagemill.core.labels import label_lines
+from imagemill.core.layout import JOB_RECORD, SUBMITTED, OutputLayout
+from imagemill.core.lease import LeaseView, read_lease
+from imagemill.core.records import ShardTotals, committed_shards, shard_totals
+from imagemill.planning.inputs import counted
+from imagemill.reporting.outcome import job_state
+
+
+@dataclass
+class JobStatus:
+    output: str
+    record: dict[str, Any]
+    shards_done: int
+    totals: ShardTotals  # summed over the shards that count
+    lease: LeaseView | None = None  # the run holding the output now, if any
+    cost: JobCost | None = None  # device time and cost over the same shards (imagemill.core.cost)
+
+    @property
+    def rows_done(self) -> int:
+        return self.totals.rows
+
+    @property
+    def ok(self) -> int:
+        return self.totals.ok
+
+    @property
+    def filtered(self) -> int:
+        return self.totals.filtered
+
+    @property
+    def errors_by_reason(self) -> dict[str, int]:
+        return self.totals.errors_by_reason
+
+    @property
+    def state(self) -> str:
+        """What the counts say (imagemill.reporting.outcome), as the runner decides it: only complete
+        succeeded."""
+        generated = self.ok + self.filtered + self.totals.flagged
+        return job_state(self.shards_done, self.record["shards_total"], self.rows_done, generated)
+
+    def text(self) -> str:
+        errors = sum(self.errors_by_reason.values())
+        lines = [
+            f"job {self.record['name']} at {self.output}: {self._state()}"
+            f" (started {self.record['started_at']}, ended {self.record.get('ended_at', '-')})",
+            f"shards: {self.shards_done}/{self.record['shards_total']} done",
+            f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, "
+            + (f"{self.filtered} filtered, " if self.filtered else "")
+            + (f"{self.totals.flagged} flagged, " if self.totals.flagged else "")
+            + f"{errors} error",
+        ]
+        lines += [f"  {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())]
+        if self.cost is not None and self.cost.device_seconds:
+            lines.append(f"cost:   {self.cost.text()}")
+        lines += [
+            f"  failed shard {failure['shard_id']}: {failure['error']}"
+            for failure in self.record.get("failed_shards", [])
+        ]
+        if self.totals.labels:
+            lines += ["labels:", *(f"  {line}" for line in label_lines(self.totals.labels))]
+        return "\n".join(lines)
+
+    def _state(self) -> str:
+        """The record's status, or, while a run is on record as running, how its heartbeat looks."""
+        status = self.record["status"]
+        if status != "running":
+            return status
+        if self.lease is None:
+            return "stopped (no live run holds the output)"
+        if self.lease.stale or self.lease.dead:
+            age = self.lease.age
+            return (
+                f"stopped (last seen {age:.0f} s ago)"
+                if age < 120
+                else f"stopped (last seen {age / 60:.0f} min ago)"
+            )
+        return f"running (heartbeat {self.lease.age:.0f} s ago)"
+
+
+def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus:
+    output = OutputLayout(url.rstrip("/"), storage_options)
+    record = output.read_job_record(warn=False)
+    if record is None:
+        raise ImagemillError(not_started(output, url))
+    shards = counted(record, committed_shards(output))  # not those of input files gone since
+    return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output), job_cost(shards))
+
+
+def not_started(output: OutputLayout, url: str) -> str:
+    """Why an output has no job record: a job submitted that has not started yet (`imagemill submit`
+    leaves `_submitted.json`), or no job at all."""
+    submitted = output.read_json(SUBMITTED)
+    if submitted is None:
+        return f"no imagemill job found at {url} (it has no readable {JOB_RECORD})"
+    return (
+        f"job {submitted.get('name')} at {url}: submitted, not started (Ray job "
+        f"{submitted.get('submission_id')} at {submitted.get('address')}, {submitted.get('submitted_at')};"
+        f" `ray job status` there says where it is)"
+    )
