@@ -8,8 +8,10 @@ which `--overwrite` then replaces.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -281,3 +283,65 @@ def test_an_output_of_another_schema_version_is_refused_by_status_and_a_rerun_un
     assert result.complete and result.shards_run == 2, "--overwrite makes the output again"
     assert read_job_record(OutputLayout(str(out))).status == "complete"
     assert "8 ok, 0 error" in job_status(str(out)).text()
+
+
+# --- reads by attribute only ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD_MODULES = {"pipeline/core/records.py", "pipeline/core/job_record.py"}
+# Its own record, `_lease.json` (which shares the key run_id), is not one of the typed records yet.
+NOT_CHECKED = {"pipeline/core/lease.py"}
+RECORD_FIELDS = {
+    name
+    for model in (JobRecord, FailedShard, ShardStats, Sample, ClipScoreSummary)
+    for name in model.model_fields
+}
+RAW_READS = {"read_json", "read_bytes", "cat_file", "open"}
+RECORD_NAMES = re.compile(r"(record|stats|previous|failure)$")  # what code calls a record it holds
+RECORD_FILES = re.compile(r"\bJOB_RECORD\b|\bstats_path\(|_job\.json|shards/")
+
+
+def record_key_reads(source: str) -> list[str]:
+    """`record.get("field")`, `stats["field"]` (a field of the JSON records, on a name such as code
+    gives a record it holds), and reads of `_job.json` or a stats file past the records modules
+    (`read_json(JOB_RECORD)`, `read_bytes(layout.stats_path(...))`), as `line: code`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            receiver, key = node.value, node.slice.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            receiver, key = node.func.value, node.args[0]
+            if node.func.attr in RAW_READS and RECORD_FILES.search(ast.unparse(key)):
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+                continue
+            if node.func.attr != "get" or not isinstance(key, ast.Constant):
+                continue
+            key = key.value
+        else:
+            continue
+        name = ast.unparse(receiver).rpartition(".")[2]
+        if key in RECORD_FIELDS and RECORD_NAMES.search(name):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_checker_finds_key_reads_and_raw_reads():
+    planted = (
+        'status = record.get("status")\nfailed = record["failed_shards"]\nok = stats["ok"]\n'
+        "raw = output.read_json(JOB_RECORD)\nmine = output.read_bytes(output.stats_path(shard_id))\n"
+    )
+    assert len(record_key_reads(planted)) == 5
+    assert record_key_reads('stages["idle"]\nrecord.status\nreport["status"]\nreport.get("counts")') == []
+
+
+def test_job_records_and_stats_are_read_by_attribute_outside_the_records_modules():
+    """The models hand out attributes (a model has no `get` and no `[...]`): no module outside
+    imagemill.core.records and imagemill.core.job_record reads a job record or shard stats by key, or
+    reads their files other than through those two."""
+    offenders = {}
+    for folder in ("pipeline", "workers"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = str(path.relative_to(ROOT))
+            if name not in RECORD_MODULES | NOT_CHECKED and (reads := record_key_reads(path.read_text())):
+                offenders[name] = reads
+    assert offenders == {}
