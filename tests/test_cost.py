@@ -12,7 +12,8 @@ from conftest import write_prompt_files
 import imagemill
 from imagemill.core.cost import CPU, GPU, hourly_price, job_cost
 from imagemill.core.errors import ImagemillError
-from imagemill.core.records import ShardStats
+from imagemill.core.layout import OutputLayout
+from imagemill.core.records import ShardStats, committed_shards
 from imagemill.execution.budget import BUDGET_EXIT_STATUS, Budget
 from imagemill.planning.shards import plan_shards
 
@@ -72,8 +73,8 @@ def test_the_job_cost_sums_its_shards_and_prices_1000_images():
     assert cost.unpriced_device_seconds == 36.0
     assert cost.usd_per_1000_images == pytest.approx(100.0)  # $3 for 30 images
     assert "GPU-seconds" in cost.text() and "$100.0000 / 1,000 images" in cost.text()
-    old = job_cost([ShardStats.from_json({"shard_id": "old", "rows": 1, "ok": 1, "error": 0})])
-    assert (old.device_seconds, old.cost_usd, old.usd_per_1000_images) == (0.0, None, None)
+    unpriced = job_cost([ShardStats(shard_id="in-process", rows=1, ok=1, error=0)])
+    assert (unpriced.device_seconds, unpriced.cost_usd, unpriced.usd_per_1000_images) == (0.0, None, None)
 
 
 def test_the_budget_counts_every_committed_shard_as_they_come(tmp_path):
@@ -106,8 +107,7 @@ def test_a_shard_records_the_cpu_seconds_it_held_the_device_and_their_price(tmp_
     assert stats.device_seconds == pytest.approx(2 * (model_turn + stats.stage_seconds["idle"]), abs=0.01)
     assert stats.device_seconds >= 2 * stats.model_seconds > 0
     assert stats.cost_usd == pytest.approx(stats.device_seconds / 3600 * 0.36)
-    written = json.loads((tmp_path / "out" / "shards" / f"{shard.shard_id}.json").read_text())
-    assert ShardStats.from_json(written).cost_usd == stats.cost_usd
+    assert committed_shards(OutputLayout(str(tmp_path / "out")))[shard.shard_id].cost_usd == stats.cost_usd
 
 
 def test_a_job_stopped_by_its_budget_exits_3_and_resumes_when_it_is_raised(ray_session, tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_a_job_stopped_by_its_budget_exits_3_and_resumes_when_it_is_raised(ray_s
     out = tmp_path / "out"
 
     def shards() -> list[ShardStats]:
-        return [ShardStats.from_json(json.loads(p.read_text())) for p in (out / "shards").glob("*.json")]
+        return list(committed_shards(OutputLayout(str(out))).values())
 
     assert main(["run", str(spec), "--no-progress"]) == BUDGET_EXIT_STATUS == 3
     printed = capsys.readouterr().out

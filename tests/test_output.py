@@ -105,31 +105,3 @@ def test_image_path_stays_inside_the_shard_folder(tmp_path, row_id):
 
     assert os.path.dirname(resolved) == shard_folder
     assert resolved.endswith(".png")
-
-
-# --- committed stats ------------------------------------------------------------------------------
-
-
-def test_committed_stats_of_a_missing_output_is_empty(tmp_path):
-    assert OutputLayout(str(tmp_path / "never-written")).committed_stats() == {}
-
-
-def test_committed_stats_of_an_output_without_shards_is_empty(tmp_path):
-    layout = OutputLayout(str(tmp_path))
-    layout.write_json("_job.json", {"name": "job"})
-    layout.prepare_shard("x")  # the shards/ folder exists, but nothing is committed yet
-
-    assert layout.committed_stats() == {}
-
-
-def test_committed_stats_returns_what_was_written(tmp_path):
-    layout = OutputLayout(str(tmp_path / "out"))
-    stats = {"shard_id": "x", "rows": 10, "ok": 9, "errors": 1}
-    layout.prepare_shard("x")  # as a worker does before it writes a shard
-    layout.write_json(OutputLayout.stats_path("x"), stats)
-    layout.write_json(OutputLayout.stats_path("y"), {"shard_id": "y", "rows": 1})
-
-    # a fresh layout, as another process (the driver) would see the output
-    committed = OutputLayout(str(tmp_path / "out")).committed_stats()
-
-    assert committed == {"x": stats, "y": {"shard_id": "y", "rows": 1}}

@@ -361,12 +361,12 @@ def test_unreadable_records_count_as_absent_not_as_a_crash(tmp_path):
     (out / "shards" / "list.json").write_text("[]")
     assert run_in_process(_spec(prompts, out)).shards_run == 0
 
-    for record in ("[]", '{"name": "only a name"}'):
-        # No job record: the folder counts as new, and it holds those two files imagemill did not write.
-        (out / "_job.json").write_text(record)
-        with pytest.raises(ImagemillError, match=r"shards/foreign\.json, shards/list\.json"):
-            run_in_process(_spec(prompts, out))
-        assert run_in_process(_spec(prompts, out, allow_existing=True)).shards_run == 0
+    # No job record: the folder counts as new, and it holds those two files imagemill did not write.
+    (out / "_job.json").write_text("[]")
+    with pytest.raises(ImagemillError, match=r"shards/foreign\.json, shards/list\.json"):
+        run_in_process(_spec(prompts, out))
+    assert run_in_process(_spec(prompts, out, allow_existing=True)).shards_run == 0
+    for record in ("[]", '{"name": "only a name"}'):  # the second: a record of no schema version
         (out / "_job.json").write_text(record)
         changed = _spec(prompts, out, seed=2, allow_existing=True)
         assert run_in_process(changed, overwrite=True).shards_run == 2

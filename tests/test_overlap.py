@@ -16,6 +16,7 @@ from conftest import write_prompt_files
 
 import imagemill
 from imagemill.core.layout import OutputLayout
+from imagemill.core.records import ShardStats, committed_shards
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.stage_timer import STAGES
 
@@ -38,27 +39,25 @@ def test_next_shard_is_read_while_the_model_works_and_stages_are_recorded(
     result = imagemill.run(spec, progress=False)
     assert result.complete and result.ok == 36
 
-    shards = sorted(
-        OutputLayout(str(tmp_path / "out")).committed_stats().values(), key=lambda s: s["shard_id"]
-    )
-    by_turn = sorted(shards, key=lambda stats: stats["timeline"]["model"][0])
+    shards = sorted(committed_shards(OutputLayout(str(tmp_path / "out"))).values(), key=lambda s: s.shard_id)
+    by_turn = sorted(shards, key=lambda stats: stats.timeline["model"][0])
     first, second = by_turn[:2]  # both sent at the start: the actor holds two calls from then on
-    assert second["timeline"]["read"][0] < first["timeline"]["model"][1], "shard 2 was read during shard 1's"
+    assert second.timeline["read"][0] < first.timeline["model"][1], "shard 2 was read during shard 1's"
     for current, following in zip(by_turn, by_turn[1:], strict=False):
-        assert following["timeline"]["model"][0] >= current["timeline"]["model"][1], "one holder at a time"
+        assert following.timeline["model"][0] >= current.timeline["model"][1], "one holder at a time"
 
+    assert not {"read_seconds", "generate_seconds"} & set(ShardStats.model_fields), "none repeats stages"
     for stats in shards:
-        stages = stats["stage_seconds"]
+        stages = stats.stage_seconds
         assert set(stages) == set(STAGES)
         assert all(seconds >= 0 for seconds in stages.values())
         for stage in ("read", "text_encode", "denoise", "decode", "image_encode", "upload"):
             assert stages[stage] > 0, (stage, stages)
-        assert not {"read_seconds", "generate_seconds"} & set(stats), "no field repeats stage_seconds"
         model_seconds = stages["text_encode"] + stages["denoise"] + stages["decode"]
-        [line] = [line for line in caplog.messages if line.startswith(f"shard {stats['shard_id']} done:")]
-        assert f"12 rows, 12 ok, 0 error in {stats['seconds']:.1f} s" in line  # the driver's INFO line
+        [line] = [line for line in caplog.messages if line.startswith(f"shard {stats.shard_id} done:")]
+        assert f"12 rows, 12 ok, 0 error in {stats.seconds:.1f} s" in line  # the driver's INFO line
         assert f"read {stages['read']:.1f} s, generate {model_seconds:.1f} s, " in line, line
-        assert f"waiting on writes {stats['write_wait_seconds']:.1f} s)" in line, line
+        assert f"waiting on writes {stats.write_wait_seconds:.1f} s)" in line, line
 
 
 def test_the_model_goes_to_tickets_in_order_and_a_given_up_ticket_is_skipped():

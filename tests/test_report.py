@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from imagemill.core.images import thumbnail_data_uri
+from imagemill.core.job_record import JobRecord, write_job_record
 from imagemill.core.layout import JOB_RECORD, OutputLayout
-from imagemill.core.records import PROMPT_CHARS, ClipScoreSummary
+from imagemill.core.records import PROMPT_CHARS, ClipScoreSummary, ShardStats, write_shard_stats
 from imagemill.reporting.report import write_report
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -122,11 +123,17 @@ def make_output(folder: Path, shards=SHARDS, record_extra=None) -> OutputLayout:
         "rows_error": 3,
         "errors_by_reason": {"invalid_prompt": 2, "duplicate_id": 1},
         "failed_shards": [FAILED],
+        "input_rows": 50,
+        "input_files": 3,
+        "input_footers": {f"s3://bucket/prompts/{name}.parquet": "footer" for name in "abc"},
+        "run_id": "run-1",
     } | (record_extra or {})
-    (folder / JOB_RECORD).write_text(json.dumps(record))
+    output = OutputLayout(str(folder))
+    # Through the models, as imagemill writes them: a fixture that is no valid record fails here.
+    write_job_record(output, JobRecord.model_validate_json(json.dumps(record)))
     for stats in shards:
-        (folder / "shards" / f"{stats['shard_id']}.json").write_text(json.dumps(stats))
-    return OutputLayout(str(folder))
+        write_shard_stats(output, ShardStats.model_validate_json(json.dumps(stats)))
+    return output
 
 
 def test_report_json_and_escaped_html(tmp_path, monkeypatch):
@@ -215,7 +222,7 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
 
 def _summary(scores: list[float]) -> dict | None:
     summary = ClipScoreSummary.of(scores)
-    return summary and summary.to_json()
+    return summary and summary.model_dump()
 
 
 def test_score_distribution_is_summed_from_the_shards_histograms(tmp_path):

@@ -11,7 +11,8 @@ from conftest import prompt_table, read_metadata
 
 import imagemill
 from imagemill.core.errors import ImagemillError
-from imagemill.core.layout import JOB_RECORD, OutputLayout
+from imagemill.core.job_record import JobRecord, write_job_record
+from imagemill.core.layout import OutputLayout
 from imagemill.output.claim import claim_output
 from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
@@ -98,9 +99,22 @@ def test_a_changed_scheduler_is_refused_on_resume(tmp_path):
     pq.write_table(prompt_table(3), tmp_path / "prompts.parquet")
     first = _spec(tmp_path, {"source": "m", "scheduler": SCHEDULERS["euler_a"]}, "out")
     output = OutputLayout(first.output.path)
-    record = {"name": "x", "status": "complete", "started_at": "", "shards_total": 1, "rows_total": 3}
-    output.write_json(JOB_RECORD, record | {"fingerprint": first.fingerprint()})
     plan = plan_shards(first.input)
+    record = JobRecord(
+        name="x",
+        spec=first.redacted(),
+        fingerprint=first.fingerprint(),
+        versions={},
+        started_at="",
+        status="complete",
+        shards_total=1,
+        rows_total=3,
+        input_rows=3,
+        input_files=1,
+        input_footers=plan.footers,
+        run_id="r",
+    )
+    write_job_record(output, record)
     claim_output(first, output, plan, overwrite=False)  # the same job resumes
 
     for other in (SCHEDULERS["lcm"], None):

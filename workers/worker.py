@@ -27,7 +27,7 @@ from imagemill.core.carry import Carried, append_columns
 from imagemill.core.kinds import kind_info
 from imagemill.core.layout import OutputLayout, parquet_bytes
 from imagemill.core.lease import check_owner
-from imagemill.core.records import MetadataRow, ShardStats, metadata_table
+from imagemill.core.records import MetadataRow, ShardStats, metadata_table, write_shard_stats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.provenance.encoder import ImageEncoder
@@ -260,5 +260,5 @@ class ShardWorker:
         stats = run.stats(self.device, self.run_id, self.device_use)
         if self.run_id is not None:
             check_owner(self.output, self.run_id)  # a run that lost the output commits nothing
-        self.output.write_json(OutputLayout.stats_path(run.shard.shard_id), stats.to_json())
+        write_shard_stats(self.output, stats)
         return stats

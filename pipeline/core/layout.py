@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -74,8 +73,6 @@ SHARD_FILE_SUFFIXES = {
     "feature_stats": ".parquet",
     "shards": ".json",
 }
-# What `status`, the report and a resume read from the job record.
-JOB_RECORD_KEYS = ("name", "status", "started_at", "shards_total", "rows_total", "fingerprint")
 
 
 def image_name(row_id: str) -> str:
@@ -168,20 +165,29 @@ class OutputLayout:
         """The names in a folder of the output (its root by default), each with whether it is a folder."""
         return list_folder(self.fs, self.path(relative) if relative else self.root)
 
+    def read_bytes(self, relative: str, warn: bool = True) -> bytes | None:
+        """A file's bytes, or None where there is none (or a folder is there, with a warning).
+
+        Only what was read is judged: a storage error (a bad endpoint, no credentials) is raised.
+        """
+        path = self.path(relative)
+        try:
+            return retrying(lambda: self.fs.cat_file(path), f"reading {path}")
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            return _unreadable(path, "it is a folder", warn)
+
     def read_json(self, relative: str, warn: bool = True) -> dict[str, Any] | None:
         """A record, or None where there is none or it does not read as a JSON object.
 
         A record cut short (a full disk, a writer killed on a store without atomic writes) or someone
         else's file there must make the output look unfinished, never crash the job or `status`.
         """
-        path = self.path(relative)
-        try:
-            data = retrying(lambda: self.fs.cat_file(path), f"reading {path}")
-        except FileNotFoundError:
+        data = self.read_bytes(relative, warn)
+        if data is None:
             return None
-        except IsADirectoryError:
-            return _unreadable(path, "it is a folder", warn)
-        # Only what was read is judged: a storage error (a bad endpoint, no credentials) is raised.
+        path = self.path(relative)
         try:
             record = json.loads(data)
         except ValueError as exc:  # JSON and UTF-8 errors are ValueErrors
@@ -189,36 +195,6 @@ class OutputLayout:
         if not isinstance(record, dict):
             return _unreadable(path, f"it holds a JSON {type(record).__name__}, not an object", warn)
         return record
-
-    def read_job_record(self, warn: bool = True) -> dict[str, Any] | None:
-        """The job record, or None where there is none or it is not a whole imagemill job record."""
-        record = self.read_json(JOB_RECORD, warn)
-        if record is None:
-            return None
-        if all(key in record for key in JOB_RECORD_KEYS) and isinstance(record["fingerprint"], dict):
-            return record
-        if warn:
-            log.warning("%s is not an imagemill job record; treating it as absent", self.path(JOB_RECORD))
-        return None
-
-    def committed_stats(self) -> dict[str, dict[str, Any]]:
-        """Stats of every committed shard, by shard id.
-
-        A stats file that does not read leaves its shard uncommitted (so it is redone), and a file in
-        shards/ that is not a shard's stats is nobody's commit; both with a warning.
-        """
-        entries = self.entries("shards")
-        names = [name for name, is_folder in entries.items() if name.endswith(".json") and not is_folder]
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            records = list(pool.map(lambda name: self.read_json(f"shards/{name}"), names))
-        committed = {}
-        for name, record in zip(names, records, strict=True):
-            shard_id = name.removesuffix(".json")
-            if record is not None and record.get("shard_id") == shard_id:
-                committed[shard_id] = record
-            elif record is not None:
-                log.warning("%s is not a shard's stats; ignoring it", self.path(f"shards/{name}"))
-        return committed
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

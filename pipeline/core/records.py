@@ -3,8 +3,12 @@
 - `MetadataRow`: one row of `metadata/<shard_id>.parquet`. Its fields are the columns, in order, and
   `METADATA_SCHEMA` is derived from their type hints, so the type and the Parquet schema cannot drift.
 - `ShardStats`: `shards/<shard_id>.json`, the shard's commit, also what an actor returns to the driver.
-  `from_json` reads files of any earlier imagemill: unknown keys are ignored, missing ones take their
-  defaults; only the counts (`shard_id`, `rows`, `ok`, `error`) are required.
+- `StoredRecord`: the base of every JSON record imagemill writes into an output (the shard stats here,
+  the job record in imagemill.core.job_record): a strict pydantic model with a `schema_version`, written
+  by `record_bytes` and read by `read_record`, the one place that checks the version. A record of any
+  other version (an older imagemill's, without one, or a newer one's) is refused in one line that says
+  to re-run with --overwrite or into a new output: there is no migration yet, so nothing reads a record
+  as an older imagemill wrote it.
 - `ClipScoreSummary`: the shard's CLIP scores (the `scoring` feature's `clip_score`) as counts per
   fixed bin, which the driver adds up (`merge_clip_scores`) without reading a metadata file.
 - `ShardTotals`: the counts over committed shards that the summary, `status` and the report show.
@@ -18,12 +22,15 @@ import math
 import types
 import typing
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from imagemill.core.errors import ImagemillError
 from imagemill.core.labels import merge_labels
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,11 @@ SCORE_BIN_WIDTH = 1.0
 # 1 MB prompt made a 1 MB report), and an error message may quote one.
 PROMPT_CHARS = 300
 EXAMPLES_PER_REASON = 2  # error messages kept per reason, in a shard's stats and in the report
-T = TypeVar("T")
+# The schema of the JSON records this imagemill writes into an output (`_job.json`, `shards/*.json`).
+# Raise it when a record's fields change meaning or a required one is added; records of another
+# version are refused (read_record) unless a migration for that version is added there.
+SCHEMA_VERSION = 1
+R = TypeVar("R", bound="StoredRecord")
 
 
 def capped(text: str | None, limit: int = PROMPT_CHARS) -> str | None:
@@ -128,15 +139,71 @@ def metadata_table(rows: Iterable[MetadataRow], format_columns: Iterable[str] = 
     return pa.Table.from_pylist([row.columns() for row in rows], schema=metadata_schema(format_columns))
 
 
-def _from_fields(cls: type[T], data: Mapping[str, Any], **converted: Any) -> T:
-    """`cls` from the keys of `data` that are its fields (others ignored: written by another version);
-    fields missing from `data` take their defaults. `converted` replaces values read as plain JSON."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(converted)  # type: ignore[arg-type]
-    return cls(**{name: value for name, value in data.items() if name in names}, **converted)
+class RecordPart(BaseModel):
+    """A part of a JSON record in an output. Strict (a count read as "3" or a NaN is a broken record,
+    not a value) and closed (an unknown key means another schema)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
-@dataclass(frozen=True)
-class ClipScoreSummary:
+class StoredRecord(RecordPart):
+    """A whole JSON record in an output: a RecordPart with the schema version it was written in."""
+
+    schema_version: int = SCHEMA_VERSION
+
+    def record_bytes(self) -> bytes:
+        """The record as its file holds it."""
+        return self.model_dump_json(indent=2).encode()
+
+
+class _Header(BaseModel):
+    """What any version of a record is read for before its own model: its version and, for a shard's
+    stats, whose they are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int | None = None
+    shard_id: str | None = None
+
+    @classmethod
+    def of(cls, data: bytes) -> _Header | None:
+        """None where `data` is not a JSON object."""
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError:
+            return None
+
+
+class OutdatedRecord(ImagemillError):
+    """A record of a schema version this imagemill does not read."""
+
+
+def read_record(model: type[R], path: str, data: bytes, warn: bool = True) -> R | None:
+    """`data` (the file at `path`) as `model`. A record of another schema version is refused
+    (OutdatedRecord, one line); one that does not read as its model (cut short, someone else's file)
+    is None, with a warning: like no record at all, it must never crash a job or `status`."""
+    header = _Header.of(data)
+    if header is not None and header.schema_version != SCHEMA_VERSION:
+        found = (
+            "no schema_version"
+            if header.schema_version is None
+            else f"schema_version {header.schema_version}"
+        )
+        raise OutdatedRecord(
+            f"{path} has {found}, and this imagemill reads and writes schema_version {SCHEMA_VERSION}: "
+            "re-run the job with --overwrite to make its output again, or run it into a new output"
+        )
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        if warn:
+            reason = exc.errors()[0]
+            where = ".".join(str(part) for part in reason["loc"])
+            log.warning("%s is not a record imagemill can read (%s: %s)", path, where or "-", reason["msg"])
+        return None
+
+
+class ClipScoreSummary(RecordPart):
     """A shard's CLIP scores: count, sum, min, max and a sparse histogram of fixed bins (bin k holds
     scores in [k·SCORE_BIN_WIDTH, (k+1)·SCORE_BIN_WIDTH), keyed by its lower edge). Fixed bins add up
     bin by bin, so the job's distribution is exact whatever the shards."""
@@ -152,15 +219,15 @@ class ClipScoreSummary:
         """None when there is no score (scoring off, or no row scored)."""
         if not scores:
             return None
+        scores = [float(score) for score in scores]
         edges = Counter(f"{math.floor(score / SCORE_BIN_WIDTH) * SCORE_BIN_WIDTH:g}" for score in scores)
-        return cls(len(scores), sum(scores), min(scores), max(scores), dict(sorted(edges.items())))
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any] | None) -> Self | None:
-        return None if data is None else _from_fields(cls, data)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return cls(
+            count=len(scores),
+            sum=sum(scores),
+            min=min(scores),
+            max=max(scores),
+            histogram=dict(sorted(edges.items())),
+        )
 
 
 def merge_clip_scores(summaries: Iterable[ClipScoreSummary | None]) -> dict[str, Any] | None:
@@ -186,8 +253,7 @@ def merge_clip_scores(summaries: Iterable[ClipScoreSummary | None]) -> dict[str,
     }
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(RecordPart):
     """A thumbnail of one of the shard's images, for the report's contact sheet."""
 
     id: str
@@ -198,35 +264,34 @@ class Sample:
     label: str | None = None  # its label (imagemill.core.labels.label_key), when the job has a label column
 
 
-@dataclass(kw_only=True)
-class ShardStats:
+class ShardStats(StoredRecord):
     """A shard's counts and timings: `shards/<shard_id>.json`, written last, commits the shard."""
 
     shard_id: str
-    run_id: str | None = None  # the run that committed it (imagemill.core.lease); None before leases
+    run_id: str | None = None  # the run that committed it (imagemill.core.lease); None in process
     input_file: str = ""
     rows: int
     ok: int
     filtered: int = 0  # done, but scored under scoring.threshold
     flagged: int = 0  # done, but flagged by the safety classifier (kept, blurred or dropped)
     error: int
-    errors_by_reason: dict[str, int] = field(default_factory=dict)
-    error_examples: dict[str, list[str]] = field(default_factory=dict)  # reason: a few messages, capped
+    errors_by_reason: dict[str, int] = Field(default_factory=dict)
+    error_examples: dict[str, list[str]] = Field(default_factory=dict)  # reason: a few messages, capped
     finished_at: str | None = None  # ISO 8601, UTC
     seconds: float = 0.0  # the whole shard call
     write_wait_seconds: float = 0.0  # after giving the model up: waiting for the writer threads, close()
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # workers/stage_timer.py's STAGES
-    timeline: dict[str, list[float]] = field(default_factory=dict)  # read/model: [start, end], Unix s
+    stage_seconds: dict[str, float] = Field(default_factory=dict)  # workers/stage_timer.py's STAGES
+    timeline: dict[str, list[float]] = Field(default_factory=dict)  # read/model: [start, end], Unix s
     images_per_second: float = 0.0
     device: str | None = None
     peak_rss_mb: float | None = None
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Sample] = Field(default_factory=list)
     clip_score: ClipScoreSummary | None = None
     expand_seconds: float | None = None  # prompt expansion only, as the next one
     expansion_unchanged: int | None = None
     redraws: int = 0  # images drawn beyond one per row: best-of-N candidates and safety retries
     rejected_candidates: int = 0  # candidates drawn and not kept (best-of-N; not filtering)
-    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # label: ok/filtered/error rows
+    labels: dict[str, dict[str, int]] = Field(default_factory=dict)  # label: ok/filtered/error rows
     # imagemill.core.cost: the device time the shard held (GPU- or CPU-seconds, as device_kind says), priced
     device_seconds: float | None = None
     device_kind: str | None = None
@@ -242,35 +307,44 @@ class ShardStats:
         """The model's working time: text encoding, denoising and decoding."""
         return sum(self.stage_seconds.get(stage, 0.0) for stage in MODEL_STAGES)
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Self:
-        return _from_fields(
-            cls,
-            data,
-            samples=[_from_fields(Sample, sample) for sample in data.get("samples", [])],
-            clip_score=ClipScoreSummary.from_json(data.get("clip_score")),
-        )
 
-    def to_json(self) -> dict[str, Any]:
-        record = dataclasses.asdict(self)
-        for name in ("expand_seconds", "expansion_unchanged", "labels"):
-            if record[name] is None or record[name] == {}:  # absent: as files without them
-                del record[name]
-        return record
+def write_shard_stats(output: OutputLayout, stats: ShardStats) -> None:
+    """Write a shard's stats: its commit."""
+    output.write_whole(output.stats_path(stats.shard_id), stats.record_bytes())
+
+
+def _stored_stats(output: OutputLayout) -> dict[str, bytes]:
+    """The bytes of every stats file in shards/, by the shard id its name gives."""
+    names = [
+        name
+        for name, is_folder in output.entries("shards").items()
+        if name.endswith(".json") and not is_folder
+    ]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        read = list(pool.map(lambda name: output.read_bytes(f"shards/{name}"), names))
+    return {
+        name.removesuffix(".json"): data for name, data in zip(names, read, strict=True) if data is not None
+    }
+
+
+def stats_shard_ids(output: OutputLayout) -> set[str]:
+    """The shards whose stats file is in shards/, of any schema version: what --overwrite deletes as
+    committed (their metadata names their files) and what counts as imagemill's own in a new output."""
+    stored = _stored_stats(output).items()
+    return {shard_id for shard_id, data in stored if getattr(_Header.of(data), "shard_id", None) == shard_id}
 
 
 def committed_shards(output: OutputLayout) -> dict[str, ShardStats]:
-    """The committed shards' stats, by shard id. A stats file without its counts commits nothing: like
-    any record that does not read, its shard counts as not done (and is redone), with a warning."""
+    """The committed shards' stats, by shard id. Stats of another schema version are refused
+    (read_record). A stats file that does not read commits nothing: its shard counts as not done (and
+    is redone), with a warning; so does a file in shards/ that is not its shard's stats."""
     committed = {}
-    for shard_id, data in output.committed_stats().items():
-        try:
-            committed[shard_id] = ShardStats.from_json(data)
-        except TypeError as exc:  # a required count is missing
-            path = output.path(output.stats_path(shard_id))
-            log.warning(
-                "%s is not a shard record imagemill can read (%s); its shard will be redone", path, exc
-            )
+    for shard_id, data in _stored_stats(output).items():
+        path = output.path(output.stats_path(shard_id))
+        if getattr(_Header.of(data), "shard_id", None) != shard_id:
+            log.warning("%s is not this shard's stats; its shard will be redone", path)
+        elif (stats := read_record(ShardStats, path, data)) is not None:
+            committed[shard_id] = stats
     return committed
 
 

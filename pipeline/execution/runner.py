@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import Any
 
 import ray
 
 from imagemill.core.cost import JobCost, job_cost
-from imagemill.core.layout import JOB_RECORD, SUCCESS_MARKER, OutputLayout
+from imagemill.core.job_record import FailedShard, JobCostRecord, JobRecord, write_job_record
+from imagemill.core.layout import SUCCESS_MARKER, OutputLayout
 from imagemill.core.lease import OutputLease
 from imagemill.core.model_source import (
     check_evaluation_source,
@@ -40,7 +40,7 @@ from imagemill.execution.scheduler import ShardFailure, ShardScheduler
 from imagemill.output.claim import claim_output
 from imagemill.output.location import check_output_location
 from imagemill.planning.auto_batch import with_recorded_batch_size
-from imagemill.planning.inputs import FOOTERS, reconcile_inputs
+from imagemill.planning.inputs import reconcile_inputs
 from imagemill.planning.pieces import serving_pieces
 from imagemill.planning.shards import plan_shards, resume_whole_group_shards
 from imagemill.reporting.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
@@ -191,20 +191,20 @@ def _run_owned(
     ]
     shards_total = len(plan.shards) + len(plan.unreadable)
     rows_total = plan.total_rows * spec.images_per_row  # one metadata row per image
-    record: dict[str, Any] = {
-        "name": spec.name,
-        "spec": spec.redacted(),
-        "fingerprint": spec.fingerprint(),
-        "versions": _versions(),
-        "started_at": datetime.now(UTC).isoformat(),
-        "status": "running",
-        "shards_total": shards_total,
-        "rows_total": rows_total,
-        "input_rows": plan.total_rows,
-        "input_files": len(plan.files),
-        FOOTERS: plan.footers,
-        "run_id": lease.run_id,
-    }
+    record = JobRecord(
+        name=spec.name,
+        spec=spec.redacted(),
+        fingerprint=spec.fingerprint(),
+        versions=_versions(),
+        started_at=datetime.now(UTC).isoformat(),
+        status="running",
+        shards_total=shards_total,
+        rows_total=rows_total,
+        input_rows=plan.total_rows,
+        input_files=len(plan.files),
+        input_footers=plan.footers,
+        run_id=lease.run_id,
+    )
 
     record_written = False
 
@@ -213,8 +213,8 @@ def _run_owned(
         the output as it was, so a corrected spec may run there without --overwrite. `resolved`: the
         spec as the run uses it (`workers.batch_size: auto` fixed by the first actor)."""
         nonlocal record_written
-        record["fingerprint"] = resolved.fingerprint()
-        output.write_json(JOB_RECORD, record)
+        record.fingerprint = resolved.fingerprint()
+        write_job_record(output, record)
         output.remove(SUCCESS_MARKER)
         record_written = True  # from now on an interrupted run says so in the record
 
@@ -235,7 +235,7 @@ def _run_owned(
         # Imported here: the post-pass needs torch, which would add 2 s to every `imagemill` start.
         from imagemill.evaluation.post_pass import evaluate
 
-        record["evaluation"] = evaluate(spec, output, committed)
+        record.evaluation = evaluate(spec, output, committed)
     _end_record(output, lease, record, committed, failures, result.state)
     if result.state == COMPLETE:
         output.write_bytes(SUCCESS_MARKER, b"")
@@ -322,25 +322,23 @@ def _result(
 def _end_record(
     output: OutputLayout,
     lease: OutputLease,
-    record: dict[str, Any],
+    record: JobRecord,
     committed: dict[str, ShardStats],
     failures: list[ShardFailure],
     state: str,
 ) -> None:
     """The job record's closing counts and how the run ended, then the report from them."""
     totals = shard_totals(committed.values())
-    record.update(
-        ended_at=datetime.now(UTC).isoformat(),
-        status=state,
-        shards_done=len(committed),
-        rows_ok=totals.ok,
-        rows_filtered=totals.filtered,
-        rows_flagged=totals.flagged,
-        rows_error=totals.errors,
-        errors_by_reason=totals.errors_by_reason,
-        failed_shards=[vars(failure) for failure in failures],
-        cost=job_cost(committed.values()).to_json(),
-    )
+    record.ended_at = datetime.now(UTC).isoformat()  # each assignment is validated (StoredRecord)
+    record.status = state
+    record.shards_done = len(committed)
+    record.rows_ok = totals.ok
+    record.rows_filtered = totals.filtered
+    record.rows_flagged = totals.flagged
+    record.rows_error = totals.errors
+    record.errors_by_reason = totals.errors_by_reason
+    record.failed_shards = [FailedShard(**vars(failure)) for failure in failures]
+    record.cost = JobCostRecord(**job_cost(committed.values()).to_json())
     lease.confirm()
-    output.write_json(JOB_RECORD, record)
+    write_job_record(output, record)
     write_report(output)

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from imagemill.core.errors import ImagemillError
+from imagemill.core.job_record import read_job_record
 from imagemill.core.layout import (
     IMAGE_FOLDERS,
     JOB_RECORD,
@@ -33,6 +34,7 @@ from imagemill.core.layout import (
     SUBMITTED,
     OutputLayout,
 )
+from imagemill.core.records import OutdatedRecord, stats_shard_ids
 from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import JobSpec
 from imagemill.core.storage import remove_files, remove_folder_if_empty, temporary_target
@@ -46,12 +48,17 @@ SHOWN_FOREIGN = 3  # entries named in the refusal
 def claim_output(spec: JobSpec, output: OutputLayout, plan: ShardPlan, overwrite: bool) -> None:
     """Check that this job may write into its output, and with `overwrite` delete a previous job's files."""
     shard_ids = {shard.shard_id for shard in plan.shards}
-    previous = output.read_job_record()
+    try:
+        previous = read_job_record(output)
+    except OutdatedRecord:  # another imagemill's job: --overwrite deletes it like any other
+        if not overwrite:
+            raise
+        previous = None
     if previous is None:
         if not spec.output.allow_existing:
-            _refuse_foreign_files(spec, output, shard_ids | set(output.committed_stats()))
+            _refuse_foreign_files(spec, output, shard_ids | stats_shard_ids(output))
     elif not overwrite:
-        changed = _changed_settings(previous["fingerprint"], spec.fingerprint())
+        changed = _changed_settings(previous.fingerprint, spec.fingerprint())
         if changed:
             raise ImagemillError(
                 f"{spec.output.path} holds the output of a job with other settings ({', '.join(changed)} "
@@ -151,7 +158,7 @@ def delete_shards(output: OutputLayout, shard_ids: list[str], committed: set[str
 
 
 def _delete_previous_output(output: OutputLayout, planned: set[str]) -> None:
-    committed = set(output.committed_stats())
+    committed = stats_shard_ids(output)
     shard_ids = sorted(planned | committed)
     temporaries = [
         f"{folder}/{name}".lstrip("/")

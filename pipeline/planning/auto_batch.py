@@ -10,6 +10,7 @@ An explicit number on resume is compared as always (a different one is refused).
 
 from __future__ import annotations
 
+from imagemill.core.job_record import read_job_record
 from imagemill.core.layout import OutputLayout
 from imagemill.core.spec import JobSpec
 
@@ -19,8 +20,6 @@ def with_recorded_batch_size(spec: JobSpec, output: OutputLayout, overwrite: boo
     numbered spec, a new output, or `--overwrite` (which starts the job again: its actors probe)."""
     if spec.workers.batch_size != "auto" or overwrite:
         return spec
-    record = output.read_job_record(warn=False)
-    recorded = record["fingerprint"].get("batch_size") if record else None
-    if type(recorded) is int and recorded > 0:
-        return spec.with_batch_size(recorded)
-    return spec
+    record = read_job_record(output, warn=False)
+    recorded = record.batch_size if record is not None else None
+    return spec if recorded is None else spec.with_batch_size(recorded)

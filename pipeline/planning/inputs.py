@@ -15,25 +15,21 @@ they are generated again; a file that is gone is reported, and its shards no lon
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from imagemill.core.errors import ImagemillError
-from imagemill.core.layout import JOB_RECORD, OutputLayout
+from imagemill.core.job_record import JobRecord, read_job_record
+from imagemill.core.layout import OutputLayout
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import ShardPlan
 from imagemill.output.claim import delete_shards
 
 log = logging.getLogger(__name__)
-FOOTERS = "input_footers"  # the key in _job.json
 
 
-def counted(record: dict[str, Any], stats: dict[str, ShardStats]) -> list[ShardStats]:
+def counted(record: JobRecord, stats: dict[str, ShardStats]) -> list[ShardStats]:
     """The committed shards that count toward a job's totals: those of the input files its last run
-    planned (all of them for outputs recorded before input footers were)."""
-    footers = record.get(FOOTERS)
-    if footers is None:
-        return list(stats.values())
-    return [shard for shard in stats.values() if shard.input_file in footers]
+    planned."""
+    return [shard for shard in stats.values() if shard.input_file in record.input_footers]
 
 
 def reconcile_inputs(
@@ -41,7 +37,8 @@ def reconcile_inputs(
 ) -> set[str]:
     """Compare the plan's input files with those the previous run recorded; returns the ids of the
     committed shards deleted for `redo_changed`. Refuses a changed file otherwise, in one line."""
-    previous = (output.read_json(JOB_RECORD) or {}).get(FOOTERS, {})
+    record = read_job_record(output, warn=False)
+    previous = record.input_footers if record is not None else {}
     for url in sorted(set(previous) - set(plan.files)):
         log.warning(
             "input file %s is gone since the last run: its shards no longer count toward this job", url

@@ -16,6 +16,7 @@ from typing import Any
 
 from imagemill.core.cost import job_cost
 from imagemill.core.errors import ImagemillError
+from imagemill.core.job_record import JobRecord, read_job_record
 from imagemill.core.labels import LABELS_SHOWN, STATUSES
 from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
 from imagemill.core.records import (
@@ -51,7 +52,7 @@ STAGE_LABELS = {
 
 def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
     """Write report.json and report.html at the output root; returns what report.json holds."""
-    record = output.read_job_record()
+    record = read_job_record(output)
     if record is None:
         raise ImagemillError(f"no imagemill job found at {output.url} (it has no readable {JOB_RECORD})")
     # Only the shards that count: not those of input files gone since (imagemill.planning.inputs).
@@ -65,45 +66,40 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
 
 
 def build_report(
-    record: dict[str, Any], shards: list[ShardStats], samples: list[tuple[str, Sample]]
+    record: JobRecord, shards: list[ShardStats], samples: list[tuple[str, Sample]]
 ) -> dict[str, Any]:
     totals = shard_totals(shards)
-    failed = record.get("failed_shards", [])
+    failed = record.failed_shards
     stages = _stage_seconds(shards)
     return {
-        "name": record.get("name"),
-        "status": record.get("status"),
-        "started_at": record.get("started_at"),
-        "ended_at": record.get("ended_at"),
-        "duration_seconds": _seconds_between(record.get("started_at"), record.get("ended_at")),
+        "name": record.name,
+        "status": record.status,
+        "started_at": record.started_at,
+        "ended_at": record.ended_at,
+        "duration_seconds": _seconds_between(record.started_at, record.ended_at),
         "counts": {
-            "rows_total": record.get("rows_total"),
+            "rows_total": record.rows_total,
             "rows_done": totals.rows,
             "rows_ok": totals.ok,
             "rows_filtered": totals.filtered,
             "rows_flagged": totals.flagged,
             "candidates_rejected": totals.rejected_candidates,
             "rows_error": totals.errors,
-            "shards_total": record.get("shards_total"),
+            "shards_total": record.shards_total,
             "shards_done": len(shards),
             "shards_failed": len(failed),
         },
         "errors_by_reason": totals.errors_by_reason,
         "error_examples": error_examples(shards),
-        "failed_shards": [
-            {key: failure.get(key) for key in ("shard_id", "input_file", "attempts", "error")}
-            for failure in failed
-        ],
+        "failed_shards": [failure.model_dump() for failure in failed],
         "stage_seconds": stages,
         "cost": job_cost(shards).to_json(),
         "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
-        "throughput": throughput(record.get("started_at"), shards, record.get("ended_at")),
+        "throughput": throughput(record.started_at, shards, record.ended_at),
         "clip_score": clip_score(record, shards),
         "labels": totals.labels,
         "samples": [_sample_entry(shard_id, sample) for shard_id, sample in samples],
-        "dataset": record.get(
-            "evaluation"
-        ),  # imagemill.evaluation.post_pass's numbers; None without evaluation:
+        "dataset": record.evaluation,  # imagemill.evaluation.post_pass's numbers; None without evaluation:
     }
 
 
@@ -142,17 +138,15 @@ def _stage_seconds(shards: list[ShardStats]) -> dict[str, float]:
 def model_busy_share(stages: dict[str, float], expands_on_actor: bool) -> float | None:
     """The share of the time the shards held the model that it was working: the GPU-busy figure.
     Prompt expansion is work when the actor runs it on its device (`placement: actor`), and waiting
-    when the actor waits for the expander pool. None when the stats have no stage split (written by
-    an older imagemill)."""
+    when the actor waits for the expander pool. None when the shards held the model for no time."""
     expand = stages.get("expand", 0.0)
     busy = sum(stages.get(stage, 0.0) for stage in MODEL_STAGES) + (expand if expands_on_actor else 0.0)
     held = busy + stages.get("idle", 0.0) + (0.0 if expands_on_actor else expand)
     return round(busy / held, 4) if held > 0 else None
 
 
-def _expands_on_actor(record: dict[str, Any]) -> bool:
-    expansion = (record.get("spec") or {}).get("expansion") or {}
-    return expansion.get("placement") == "actor"
+def _expands_on_actor(record: JobRecord) -> bool:
+    return record.setting("expansion.placement") == "actor"
 
 
 def _sample_entry(shard_id: str, sample: Sample) -> dict[str, Any]:
@@ -162,17 +156,16 @@ def _sample_entry(shard_id: str, sample: Sample) -> dict[str, Any]:
     return entry | ({"expanded_prompt": capped(sample.expanded_prompt)} if sample.expanded_prompt else {})
 
 
-def clip_score(record: dict[str, Any], shards: list[ShardStats]) -> dict[str, Any] | None:
+def clip_score(record: JobRecord, shards: list[ShardStats]) -> dict[str, Any] | None:
     """The CLIP scores' distribution over the committed shards, with the job's threshold;
     None when the job does not score."""
     distribution = merge_clip_scores(stats.clip_score for stats in shards)
     if distribution is None:
         return None
-    scoring = (record.get("spec") or {}).get("scoring") or {}
     return {
         **distribution,
-        "threshold": scoring.get("threshold"),
-        "on_low_score": scoring.get("on_low_score"),
+        "threshold": record.setting("scoring.threshold"),
+        "on_low_score": record.setting("scoring.on_low_score"),
     }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from imagemill.core.cost import JobCost, job_cost
 from imagemill.core.errors import ImagemillError
+from imagemill.core.job_record import JobRecord, read_job_record
 from imagemill.core.labels import label_lines
 from imagemill.core.layout import JOB_RECORD, SUBMITTED, OutputLayout
 from imagemill.core.lease import LeaseView, read_lease
@@ -18,7 +19,7 @@ from imagemill.reporting.outcome import job_state
 @dataclass
 class JobStatus:
     output: str
-    record: dict[str, Any]
+    record: JobRecord
     shards_done: int
     totals: ShardTotals  # summed over the shards that count
     lease: LeaseView | None = None  # the run holding the output now, if any
@@ -45,15 +46,15 @@ class JobStatus:
         """What the counts say (imagemill.reporting.outcome), as the runner decides it: only complete
         succeeded."""
         generated = self.ok + self.filtered + self.totals.flagged
-        return job_state(self.shards_done, self.record["shards_total"], self.rows_done, generated)
+        return job_state(self.shards_done, self.record.shards_total, self.rows_done, generated)
 
     def text(self) -> str:
         errors = sum(self.errors_by_reason.values())
         lines = [
-            f"job {self.record['name']} at {self.output}: {self._state()}"
-            f" (started {self.record['started_at']}, ended {self.record.get('ended_at', '-')})",
-            f"shards: {self.shards_done}/{self.record['shards_total']} done",
-            f"rows:   {self.rows_done}/{self.record['rows_total']} done: {self.ok} ok, "
+            f"job {self.record.name} at {self.output}: {self._state()}"
+            f" (started {self.record.started_at}, ended {self.record.ended_at or '-'})",
+            f"shards: {self.shards_done}/{self.record.shards_total} done",
+            f"rows:   {self.rows_done}/{self.record.rows_total} done: {self.ok} ok, "
             + (f"{self.filtered} filtered, " if self.filtered else "")
             + (f"{self.totals.flagged} flagged, " if self.totals.flagged else "")
             + f"{errors} error",
@@ -62,8 +63,7 @@ class JobStatus:
         if self.cost is not None and self.cost.device_seconds:
             lines.append(f"cost:   {self.cost.text()}")
         lines += [
-            f"  failed shard {failure['shard_id']}: {failure['error']}"
-            for failure in self.record.get("failed_shards", [])
+            f"  failed shard {failure.shard_id}: {failure.error}" for failure in self.record.failed_shards
         ]
         if self.totals.labels:
             lines += ["labels:", *(f"  {line}" for line in label_lines(self.totals.labels))]
@@ -71,7 +71,7 @@ class JobStatus:
 
     def _state(self) -> str:
         """The record's status, or, while a run is on record as running, how its heartbeat looks."""
-        status = self.record["status"]
+        status = self.record.status
         if status != "running":
             return status
         if self.lease is None:
@@ -88,7 +88,7 @@ class JobStatus:
 
 def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus:
     output = OutputLayout(url.rstrip("/"), storage_options)
-    record = output.read_job_record(warn=False)
+    record = read_job_record(output, warn=False)
     if record is None:
         raise ImagemillError(not_started(output, url))
     shards = counted(record, committed_shards(output))  # not those of input files gone since

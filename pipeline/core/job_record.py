@@ -1,0 +1,94 @@
+"""The job record, `_job.json`: what a run of a job was, declared once and read only through its model.
+
+The runner writes it when the workers have loaded the model (`status: running`) and again when the
+run ends (its counts, failed shards, cost and evaluation); `status`, the report, claiming the output,
+input reconciliation and `workers.batch_size: auto` read it back. It is a StoredRecord
+(imagemill.core.records): strict, closed and versioned, so a record of another schema version is
+refused in one line by `read_record`, and code outside this module reads attributes, never keys.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from imagemill.core.layout import JOB_RECORD
+from imagemill.core.records import RecordPart, StoredRecord, read_record
+
+if TYPE_CHECKING:
+    from imagemill.core.layout import OutputLayout
+
+
+class FailedShard(RecordPart):
+    """A shard the run gave up on, with why."""
+
+    shard_id: str
+    input_file: str
+    attempts: int
+    error: str
+
+
+class JobCostRecord(RecordPart):
+    """imagemill.core.cost.JobCost as the record keeps it: the committed shards' device time and cost
+    when the run ended."""
+
+    device_seconds: float
+    device_kinds: list[str]
+    cost_usd: float | None
+    usd_per_1000_images: float | None
+    unpriced_device_seconds: float
+    images: int
+
+
+class JobRecord(StoredRecord):
+    """`_job.json`. The closing fields are None (or empty) while the run is on record as running."""
+
+    name: str
+    spec: dict[str, Any]  # JobSpec.redacted(): every storage option hidden
+    fingerprint: dict[str, Any]  # JobSpec.fingerprint() of the spec as run (batch_size: auto resolved)
+    versions: dict[str, str]  # python and the packages that decide the output's bytes
+    started_at: str  # ISO 8601, UTC
+    status: str  # running, or how the run ended (imagemill.reporting.outcome)
+    shards_total: int
+    rows_total: int  # metadata rows planned: input rows × images per row
+    input_rows: int
+    input_files: int
+    input_footers: dict[str, str]  # input file URL → its footer's digest (imagemill.planning.inputs)
+    run_id: str  # the run that holds the output's lease (imagemill.core.lease)
+    ended_at: str | None = None
+    shards_done: int | None = None
+    rows_ok: int | None = None
+    rows_filtered: int | None = None
+    rows_flagged: int | None = None
+    rows_error: int | None = None
+    errors_by_reason: dict[str, int] = Field(default_factory=dict)
+    failed_shards: list[FailedShard] = Field(default_factory=list)
+    cost: JobCostRecord | None = None
+    # imagemill.evaluation.post_pass's results, passed through as they are (typed there, not here).
+    evaluation: dict[str, Any] | None = None
+
+    def setting(self, dotted: str) -> Any:
+        """A setting of the job's spec as recorded (`scoring.threshold`); None where it or a section
+        above it is unset."""
+        value: Any = self.spec
+        for name in dotted.split("."):
+            value = value.get(name) if isinstance(value, dict) else None
+        return value
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size the run used (a number, also for `auto`), or None where none is recorded."""
+        recorded = self.fingerprint.get("batch_size")
+        return recorded if type(recorded) is int and recorded > 0 else None
+
+
+def read_job_record(output: OutputLayout, warn: bool = True) -> JobRecord | None:
+    """The job record; None where there is none or it is not a whole job record (with a warning).
+    A record of another schema version is refused (imagemill.core.records.OutdatedRecord)."""
+    data = output.read_bytes(JOB_RECORD, warn)
+    return None if data is None else read_record(JobRecord, output.path(JOB_RECORD), data, warn)
+
+
+def write_job_record(output: OutputLayout, record: JobRecord) -> None:
+    output.write_whole(JOB_RECORD, record.record_bytes())
