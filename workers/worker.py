@@ -1,8 +1,9 @@
 """The Ray actor: loads the model once, then turns shard after shard into images, metadata and stats.
 
 Everything a shard produces is written from here straight to the output location; the driver gets
-back only the shard's stats. A shard's life is `process_shard`: read → expand → generate, score and
-check (selection.py) → write → commit. Images go through the shard's `ShardWriter` (one per output
+back only the shard's stats. A shard's life is `process_shard`: read → expand → generate and the
+post-generation stages (selection.py; the stages are built from the spec by stages/registry.py) →
+write → commit. Images go through the shard's `ShardWriter` (one per output
 format, see writers.py), then the metadata Parquet is written, then the stats file: its presence is
 the commit. Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard
 is read while the current one generates; the stats split each shard's time by stage (stage_timer.py).
