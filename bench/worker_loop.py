@@ -68,7 +68,9 @@ def run_worker(settings: dict, model: Path, work: Path, image_format: str) -> di
     return {
         "images_per_second": sum(s.ok for s in stats) / seconds,
         "stages": stages,
-        "encoder": "nvJPEG (GPU)" if worker.device_jpeg else "Pillow (writer threads)",
+        "encoder": "nvJPEG (GPU)"
+        if worker.stages.get("copy_back").device_jpeg
+        else "Pillow (writer threads)",
     }
 
 

@@ -49,7 +49,7 @@ def test_a_cuda_jpeg_job_is_encoded_on_the_gpu_and_decodes_to_the_images(tmp_pat
         }
     )
     worker = load_worker(spec)
-    assert worker.selection.device_jpeg is not None
+    assert worker.stages.get("copy_back").device_jpeg is not None
     [stats] = run_shards(worker)
     assert stats.ok == 6
     metadata = pq.read_table(tmp_path / "out" / "metadata").to_pylist()

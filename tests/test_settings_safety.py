@@ -229,3 +229,24 @@ def test_log_lines_made_while_a_job_runs_hide_storage_option_values(caplog):
         log.warning("reading %s failed", f"http://{SECRET}/x")
     log.warning("after the job: %s", "shown")
     assert caplog.messages == ["reading http://<redacted>/x failed", "after the job: shown"]
+
+
+def test_every_sections_storage_option_values_are_hidden_from_messages():
+    """The values come from a walk over the spec: every section's storage options, the compile cache's
+    and the evaluation reference's included, with no list of sections to keep up to date."""
+    from imagemill.cli.redaction import storage_option_values
+
+    places = {
+        "input": {"storage_options": {"key": SECRET + "-input"}},
+        "output": {"storage_options": {"client_kwargs": {"endpoint_url": SECRET + "-output"}}},
+        "model": {"storage_options": {"token": SECRET + "-model"}},
+        "scoring": {"source": "org/clip", "storage_options": {"key": SECRET + "-scoring"}},
+        "speed": {
+            "compile": True,
+            "compile_cache": "s3://bucket/cache",
+            "compile_cache_storage_options": {"key": SECRET + "-speed"},
+        },
+    }
+    spec = build_spec({name: MINIMAL.get(name, {}) | section for name, section in places.items()})
+    values = storage_option_values(spec)
+    assert {f"{SECRET}-{name}" for name in places} <= set(values)

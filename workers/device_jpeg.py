@@ -13,9 +13,12 @@ optional extra (`gpu-jpeg`).
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 
 from imagemill.core.spec import JobSpec
+from imagemill.workers.stages.contract import DrawBatch, StageContext
 
 
 class DeviceJpeg:
@@ -46,3 +49,28 @@ class DeviceJpeg:
         """Each image's JPEG bytes; one nvJPEG call for the batch, then one small copy per image."""
         planar = list(images.permute(0, 3, 1, 2).contiguous().unbind(0))  # nvJPEG takes (3, H, W)
         return [data.cpu().numpy().tobytes() for data in self.encode_jpeg(planar, quality=self.quality)]
+
+
+class CopyBackStage:
+    """The `copy_back` stage, the last on the device: the chunk's images to the host, as uint8 pixels,
+    or as the JPEG bytes nvJPEG made of them on the device (`DeviceJpeg.for_job`). One transfer per
+    chunk; what follows runs on host values."""
+
+    section = None
+    needs = ("images",)
+    adds = ("pixels",)
+    changes_pixels = False  # nvJPEG encodes the same pixels; the writer stage then encodes nothing
+    columns = ()
+
+    def __init__(self, device_jpeg: DeviceJpeg | None):
+        self.device_jpeg = device_jpeg
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
+        return cls(DeviceJpeg.for_job(spec, context.device))
+
+    def run(self, batch: DrawBatch) -> None:
+        images = batch.images
+        batch.pixels = (
+            list(images.cpu().numpy()) if self.device_jpeg is None else self.device_jpeg.encode(images)
+        )

@@ -9,8 +9,13 @@ the three channels); a test holds the two equal. Sizes are multiples of 8, so 5 
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 import torch.nn.functional as F
+
+from imagemill.core.spec import JobSpec
+from imagemill.workers.stages.contract import DrawBatch, StageContext
 
 WINDOW = 11
 SIGMA = 1.5
@@ -61,3 +66,21 @@ def similarity(first: torch.Tensor, second: torch.Tensor) -> list[tuple[float, f
     """(SSIM, PSNR) of each pair of images, copied back together (one transfer per batch)."""
     both = torch.stack([ssim(first, second), psnr(first, second)], dim=1).cpu().tolist()
     return [(round(s, 6), round(p, 4)) for s, p in both]
+
+
+class SimilarityStage:
+    """The `similarity` stage (image-to-image jobs): each draw's SSIM and PSNR against its source."""
+
+    section = "input.image_column"
+    needs = ("images", "sources")
+    adds = ("similarities",)
+    changes_pixels = False
+    columns = ("ssim", "psnr")
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
+        return cls() if spec.input.image_column is not None else None
+
+    def run(self, batch: DrawBatch) -> None:
+        assert batch.sources is not None  # image-to-image batches carry their sources
+        batch.similarities = list(similarity(batch.sources, batch.images))

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 import numpy as np
 import torch
 
 from imagemill.core.spec import JobSpec
-from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.generators.contract import Generator
-from imagemill.workers.image_similarity import similarity
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import draw_seed
-from imagemill.workers.stages.evaluation import FeatureModel
-from imagemill.workers.stages.safety import SafetyChecker, Verdict, blur
-from imagemill.workers.stages.scoring import ClipScorer
+from imagemill.workers.stage_timer import StageTimer
+from imagemill.workers.stages.contract import DrawBatch, StageContext
+from imagemill.workers.stages.registry import ActorStages
+from imagemill.workers.stages.safety import Verdict, blur
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Draw:
     verdict: Verdict | None
     similarity: tuple[float, float] | None = None  # image-to-image: SSIM and PSNR against the source
     features: np.ndarray | None = None  # evaluation: the feature model's embedding (float32, CPU)
+    columns: dict[str, Any] = field(default_factory=dict)  # metadata columns stages added (contract.py)
     pixels: np.ndarray | bytes | None = None
 
     @property
@@ -103,76 +104,30 @@ def _holding(draw: Draw, pixels: np.ndarray | bytes, replaced: Draw | None) -> D
     return draw
 
 
-class Selection:
-    """Draws, scores, checks and chooses the images of one batch of rows at a time, on one actor."""
+class BestOfN:
+    """The `select` stage: which of a row's draws is kept, and what a flagged or low-scored one
+    becomes. Host bookkeeping on the device thread, after the copy back."""
 
-    def __init__(
-        self,
-        spec: JobSpec,
-        generator: Generator,
-        device: str,
-        scorer: ClipScorer | None,
-        checker: SafetyChecker | None,
-        features: FeatureModel | None = None,
-        device_jpeg: DeviceJpeg | None = None,
-    ):
-        self.generator, self.scorer, self.checker = generator, scorer, checker
-        self.features = features  # evaluation: each draw's embedding by the feature model
-        self.device_jpeg = device_jpeg  # set only when no draw's pixels are needed on the CPU
-        self.device = device
-        self.image_to_image = spec.input.image_column is not None
+    section = None  # always: with one candidate and no safety section it keeps the one draw
+    needs = ("pixels",)  # and the scores and verdicts, where the stages that add them run
+    adds = ()
+    changes_pixels = True  # a flagged image may be blurred
+    columns = ("status", "draw", "rejected_draws")
+
+    def __init__(self, spec: JobSpec):
         self.candidates = spec.generation.candidates
         self.rounds = spec.safety.draws if spec.safety else 1
         self.flagged_policy = spec.safety.final_policy if spec.safety else "keep"
-        self.batch_size = spec.workers.batch_size
         self.threshold = spec.scoring.threshold if spec.scoring else None
         self.drop_filtered = spec.scoring is not None and spec.scoring.on_low_score == "drop"
 
-    def draw(self, batch: list[Row]) -> list[Drawn]:
-        """The batch's rows' images, chosen. Raises the generator's ValueError for a batch it refuses."""
-        states = [_RowDraws(row) for row in batch]
-        drawing = states
-        for round_number in range(self.rounds):
-            first = round_number * self.candidates
-            todo = [(state, first + c) for state in drawing for c in range(self.candidates)]
-            for start in range(0, len(todo), self.batch_size):
-                self._draw_chunk(todo[start : start + self.batch_size])
-            drawing = [state for state in drawing if state.best is None]
-            if not drawing:
-                break
-        for state in states:
-            state.row.source_pixels = None  # drawn: the source is no longer needed
-        return [self._chosen(state) for state in states]
+    @classmethod
+    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
+        return cls(spec)
 
-    def _sources(self, rows: list[Row]) -> torch.Tensor | None:
-        """Image-to-image: the rows' source images on the device, (N, H, W, 3) uint8; None for
-        text-to-image."""
-        if not self.image_to_image:
-            return None
-        return torch.from_numpy(np.stack([row.source_pixels for row in rows])).to(self.device)
-
-    def _draw_chunk(self, chunk: list[tuple[_RowDraws, int]]) -> None:
-        rows = [state.row for state, _ in chunk]
-        seeds = [draw_seed(row.seed, number) for row, (_, number) in zip(rows, chunk, strict=True)]
-        texts = [row.text for row in rows]
-        sources = self._sources(rows)
-        negatives = [row.negative_prompt for row in rows]
-        with_sources = {} if sources is None else {"sources": sources}
-        images = self.generator.generate(texts, negatives, seeds, rows[0].key, **with_sources)
-        similarities = similarity(sources, images) if sources is not None else [None] * len(rows)
-        embeddings = self.scorer.image_embeddings(images) if self.scorer else None
-        scores = self.scorer.score_embeddings(embeddings, texts) if self.scorer else [None] * len(rows)
-        verdicts = self.checker.check(images, embeddings) if self.checker else [None] * len(rows)
-        features = self.features.embed(images) if self.features else [None] * len(rows)
-        # the copy back: uint8 pixels, or the JPEG bytes nvJPEG made of them on the device
-        pixels = images.cpu().numpy() if self.device_jpeg is None else self.device_jpeg.encode(images)
-        for (state, number), seed, score, verdict, similar, embedded, image in zip(
-            chunk, seeds, scores, verdicts, similarities, features, pixels, strict=True
-        ):
-            state.add(Draw(number, seed, score, verdict, similar, embedded), image)
-
-    def _chosen(self, state: _RowDraws) -> Drawn:
+    def choose(self, state: _RowDraws) -> Drawn:
         kept = state.best or state.best_flagged
+        assert kept is not None  # every row drew at least once
         rejected = [draw for draw in state.draws if draw is not kept]
         pixels = kept.pixels
         if kept.flagged:
@@ -184,3 +139,70 @@ class Selection:
         )
         written = None if filtered and self.drop_filtered else pixels
         return Drawn(kept, "filtered" if filtered else "ok", written, written, rejected)
+
+
+class Selection:
+    """Draws the images of one batch of rows at a time on one actor, runs the device stages on each
+    chunk of draws in the registry's order, and chooses each row's image (`select`)."""
+
+    def __init__(self, spec: JobSpec, generator: Generator, device: str, stages: ActorStages):
+        self.generator = generator
+        self.device = device
+        self.stages = stages
+        self.on_batches = stages.on_batches()
+        choice = stages.get("select")
+        assert isinstance(choice, BestOfN)  # the table's `select` row
+        self.choice = choice
+        self.image_to_image = spec.input.image_column is not None
+        self.batch_size = spec.workers.batch_size
+        self.timer = StageTimer(device)  # the stages' seconds, taken by the worker with the model's
+
+    def draw(self, batch: list[Row]) -> list[Drawn]:
+        """The batch's rows' images, chosen. Raises the generator's ValueError for a batch it refuses."""
+        states = [_RowDraws(row) for row in batch]
+        drawing = states
+        candidates = self.choice.candidates
+        for round_number in range(self.choice.rounds):
+            first = round_number * candidates
+            todo = [(state, first + c) for state in drawing for c in range(candidates)]
+            for start in range(0, len(todo), self.batch_size):
+                self._draw_chunk(todo[start : start + self.batch_size])
+            drawing = [state for state in drawing if state.best is None]
+            if not drawing:
+                break
+        for state in states:
+            state.row.source_pixels = None  # drawn: the source is no longer needed
+        with self.timer.timing("select"):
+            return [self.choice.choose(state) for state in states]
+
+    def _sources(self, rows: list[Row]) -> torch.Tensor | None:
+        """Image-to-image: the rows' source images on the device, (N, H, W, 3) uint8; None for
+        text-to-image."""
+        if not self.image_to_image:
+            return None
+        return torch.from_numpy(np.stack([row.source_pixels for row in rows])).to(self.device)
+
+    def _draw_chunk(self, chunk: list[tuple[_RowDraws, int]]) -> None:
+        rows = [state.row for state, _ in chunk]
+        numbers = [number for _, number in chunk]
+        seeds = [draw_seed(row.seed, number) for row, number in zip(rows, numbers, strict=True)]
+        sources = self._sources(rows)
+        with_sources = {} if sources is None else {"sources": sources}
+        negatives = [row.negative_prompt for row in rows]
+        texts = [row.text for row in rows]
+        images = self.generator.generate(texts, negatives, seeds, rows[0].key, **with_sources)
+        drawn = DrawBatch(rows, numbers, seeds, images, sources)
+        for name, stage in self.on_batches:
+            with self.timer.timing(name):
+                stage.run(drawn)
+        for i, (state, number) in enumerate(chunk):
+            draw = Draw(
+                number,
+                drawn.seeds[i],
+                drawn.clip_scores[i],
+                drawn.verdicts[i],
+                drawn.similarities[i],
+                drawn.features[i],
+                drawn.columns[i],
+            )
+            state.add(draw, drawn.pixels[i])

@@ -72,6 +72,7 @@ class ShardRun:
     redraws: int = 0  # images drawn beyond one per done row (best-of-N candidates, safety retries)
     rejected_candidates: int = 0  # unflagged draws not kept: they lost on score
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # `evaluation:` features by row index
+    stage_columns: dict[int, dict[str, Any]] = field(default_factory=dict)  # kept draws' stage columns
     write_wait_seconds: float = 0.0  # after the model turn: the last writes and the writer's close()
     held_seconds: float = 0.0  # the device reserved for this shard: its model turn and the wait for it
 

@@ -1,11 +1,13 @@
 """Seconds a shard spends in each stage, for its stats JSON, the job report and bench/throughput.py.
 
-Stages: `read` (shard read and validated), `text_encode`, `denoise` and `decode` (the model, split by
-timing the text encoders' forward and the VAE's decode; denoise is the rest of each generate call),
-`image_encode` and `upload` (writer threads: summed thread time, so they may exceed the wall time),
-and `idle` (the model sat unused while this shard held or was next in line for it: waiting for this
-shard's read, or for its writer threads to catch up). On CUDA the clock is read after a
-synchronize, so a stage is not charged for kernels queued before it.
+Stages, in the order of imagemill.core.stage_table (the one list of them): `read` (shard read and
+validated), `text_encode`, `denoise` and `decode` (the model, split by timing the text encoders'
+forward and the VAE's decode; denoise is the rest of each generate call), the post-generation stages
+(the device ones timed by the selection, the writer ones such as `image_encode` on the writer
+threads), `upload` (writer threads: summed thread time, so they may exceed the wall time), and `idle`
+(the model sat unused while this shard held or was next in line for it: waiting for this shard's
+read, or for its writer threads to catch up). On CUDA the clock is read after a synchronize, so a
+stage is not charged for kernels queued before it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 
 import torch
 
-STAGES = ("read", "text_encode", "denoise", "decode", "image_encode", "upload", "idle")
+from imagemill.core.stage_table import STAGE_NAMES
+
+STAGES = STAGE_NAMES
 
 
 class StageTimer:
@@ -54,9 +58,11 @@ class StageTimer:
         return seconds
 
     def summary(self) -> dict[str, float]:
-        """Every stage in STAGES (zero where nothing was added), in milliseconds' precision."""
+        """Every stage in STAGES (zero where nothing was added), then any other stage charged (a
+        registered stage's), in milliseconds' precision."""
         with self._lock:
-            return {stage: round(self._seconds.get(stage, 0.0), 3) for stage in STAGES}
+            stages = [*STAGES, *(stage for stage in self._seconds if stage not in STAGES)]
+            return {stage: round(self._seconds.get(stage, 0.0), 3) for stage in stages}
 
 
 def timed(function: Callable[..., Any], timer: StageTimer, stage: str) -> Callable[..., Any]:

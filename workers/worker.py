@@ -1,8 +1,9 @@
 """The Ray actor: loads the model once, then turns shard after shard into images, metadata and stats.
 
 Everything a shard produces is written from here straight to the output location; the driver gets
-back only the shard's stats. A shard's life is `process_shard`: read → expand → generate, score and
-check (selection.py) → write → commit. Images go through the shard's `ShardWriter` (one per output
+back only the shard's stats. A shard's life is `process_shard`: read → expand → generate and the
+post-generation stages (selection.py; the stages are built from the spec by stages/registry.py) →
+write → commit. Images go through the shard's `ShardWriter` (one per output
 format, see writers.py), then the metadata Parquet is written, then the stats file: its presence is
 the commit. Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard
 is read while the current one generates; the stats split each shard's time by stage (stage_timer.py).
@@ -21,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from imagemill.core.carry import Carried, append_columns
@@ -30,9 +32,7 @@ from imagemill.core.lease import check_owner
 from imagemill.core.records import MetadataRow, ShardStats, metadata_table, write_shard_stats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
-from imagemill.provenance.encoder import ImageEncoder
 from imagemill.workers.batch_fit import resolve_batch_size
-from imagemill.workers.device_jpeg import DeviceJpeg
 from imagemill.workers.device_use import device_use
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.model_turns import ModelTurns
@@ -40,11 +40,11 @@ from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, 
 from imagemill.workers.selection import Drawn, Selection
 from imagemill.workers.shard_records import ShardRun
 from imagemill.workers.source_images import load_sources
-from imagemill.workers.stages.evaluation import FeatureModel, write_features
+from imagemill.workers.stages.encode import EncodeStage
+from imagemill.workers.stages.evaluation import FeatureStage, write_features
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
-from imagemill.workers.stages.safety import SafetyChecker
-from imagemill.workers.stages.scoring import ClipScorer
+from imagemill.workers.stages.registry import build_stages
 from imagemill.workers.writers import ShardWriter, open_writer
 
 WRITER_THREADS = 4
@@ -82,11 +82,11 @@ class ShardWorker:
         self.device = pick_device(spec.model.device)
         self.device_use = device_use(self.device, spec)
         self.generator = make_generator(spec, self.device)
-        self.encoder = ImageEncoder.for_job(spec, self.generator)
-        self.scorer = ClipScorer(spec.scoring, self.device) if spec.scoring else None
-        checker = SafetyChecker(spec.safety, self.device, self.scorer) if spec.safety else None
-        features = FeatureModel(spec.evaluation, self.device) if spec.evaluation else None
-        device_jpeg = DeviceJpeg.for_job(spec, self.device)
+        # the post-generation stages the spec enables, in the stage table's order (stages/registry.py)
+        self.stages = build_stages(spec, self.device, self.generator)
+        encode = self.stages.get("image_encode")
+        assert isinstance(encode, EncodeStage)  # the table's writer-thread stage
+        self.encode = encode
         self.expanders = expanders or []
         self.expander = (
             PromptExpander(spec.expansion, self.device)
@@ -95,9 +95,7 @@ class ShardWorker:
         )
         # `auto` → a number, probed with every other model of the job already on the device
         spec = self.spec = resolve_batch_size(spec, self.generator, self.device)
-        self.selection = Selection(
-            spec, self.generator, self.device, self.scorer, checker, features, device_jpeg
-        )
+        self.selection = Selection(spec, self.generator, self.device, self.stages)
         self.output = OutputLayout(spec.output.path, spec.output.storage_options)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
         self.turns = ModelTurns()
@@ -188,7 +186,8 @@ class ShardWorker:
     @contextmanager
     def _model_time(self, run: ShardRun) -> Iterator[None]:
         """Charge the block's time to the model's stages: text encoding and decoding as the generator
-        timed them (none for noop and janus), denoising the rest."""
+        timed them (none for noop and janus), the post-generation stages as the selection timed them,
+        denoising the rest."""
         tick = time.time()
         try:
             yield
@@ -196,6 +195,8 @@ class ShardWorker:
             seconds = time.time() - tick
             model_stages = getattr(self.generator, "stage_timer", None)
             inner = model_stages.take() if model_stages else {}
+            for stage, spent in self.selection.timer.take().items():
+                inner[stage] = inner.get(stage, 0.0) + spent
             for stage, spent in inner.items():
                 run.timer.add(stage, spent)
             run.timer.add("denoise", seconds - sum(inner.values()))
@@ -207,6 +208,7 @@ class ShardWorker:
         run.count_draws(drawn)
         in_flight = []
         for row, row_drawn in zip(batch, drawn, strict=True):
+            run.stage_columns[row.index] = row_drawn.kept.columns
             if row_drawn.pixels is None:
                 run.written[row.index] = run.drawn_row(row, row_drawn)
             else:
@@ -223,7 +225,7 @@ class ShardWorker:
         row's metadata."""
         record = run.drawn_row(row, drawn)
         with run.timer.timing("image_encode"):  # watermark, encode with parameters, C2PA signature
-            data = self.encoder.encode(drawn.pixels, record)
+            data = self.encode.encode(drawn.pixels, record)
         record = replace(record, sha256=hashlib.sha256(data).hexdigest())
         with run.timer.timing("upload"):
             return writer.add(row.index, record, data)
@@ -240,20 +242,31 @@ class ShardWorker:
     def _write_metadata(self, run: ShardRun, writer: ShardWriter) -> None:
         rows = run.metadata_rows()
         carried = run.carried.take(range(len(rows)))
-        table = append_columns(metadata_table(rows, writer.format_columns), carried)
+        table = metadata_table(rows, writer.format_columns)
+        table = append_columns(append_columns(table, self._stage_columns(run)), carried)
         self.output.write_bytes(OutputLayout.metadata_path(run.shard.shard_id), parquet_bytes(table))
+
+    def _stage_columns(self, run: ShardRun) -> pa.Table:
+        """The columns registered stages add to the metadata (none for the table's own stages, whose
+        columns are MetadataRow's): each written row's kept draw's values, null for the others."""
+        done = {index: run.stage_columns.get(index, {}) for index in run.written}
+        return pa.table(
+            {
+                name: [done.get(row.index, {}).get(name) for row in run.rows]
+                for name in self.stages.new_columns
+            }
+        )
 
     def _write_features(self, run: ShardRun) -> None:
         """With `evaluation:`, the embeddings and feature sums of the rows whose image was written."""
-        if self.selection.features is None:
+        stage = self.stages.get("features")
+        if not isinstance(stage, FeatureStage):
             return
         kept = [row for row in run.rows if getattr(run.written.get(row.index), "path", None)]
-        embeddings = np.array([run.embeddings[row.index] for row in kept]).reshape(
-            -1, self.selection.features.dim
-        )
+        embeddings = np.array([run.embeddings[row.index] for row in kept]).reshape(-1, stage.model.dim)
         labels = [run.label(row) for row in kept]
         ids = [row.row_id for row in kept]
-        write_features(self.output, run.shard.shard_id, ids, labels, embeddings, self.selection.features)
+        write_features(self.output, run.shard.shard_id, ids, labels, embeddings, stage.model)
 
     def _commit(self, run: ShardRun) -> ShardStats:
         """Write the shard's stats, last: its commit."""

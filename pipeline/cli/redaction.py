@@ -28,21 +28,21 @@ class Unexpected(Exception):
 
 
 def storage_option_values(spec: JobSpec) -> list[str]:
-    """Every storage option's value in the spec, nested ones included, as text."""
-    sections = (
-        spec.input,
-        spec.output,
-        spec.model,
-        spec.scoring,
-        spec.expansion,
-        spec.safety,
-        spec.evaluation,
-    )
-    sections += (spec.output.c2pa,)
-    options = [section.storage_options for section in sections if section is not None]
-    if spec.evaluation is not None:
-        options.append(spec.evaluation.reference_storage_options)
-    return values_in(options)
+    """Every storage option's value in the spec, nested ones included, as text: any section's
+    `storage_options` or `*_storage_options`, found by walking the spec, so a new section (a new
+    stage's) is covered without a list to extend."""
+    return values_in(list(_storage_options(spec)))
+
+
+def _storage_options(section: Any) -> Iterator[Any]:
+    """The storage options of a spec section and of the sections (or lists of them) inside it."""
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if name == "storage_options" or name.endswith("_storage_options"):
+            yield value
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if hasattr(type(item), "model_fields"):  # a pydantic section
+                yield from _storage_options(item)
 
 
 def values_in(options: Any) -> list[str]:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.labels import merge_labels
+from imagemill.core.stage_table import MODEL_STAGES  # the stages of `stage_seconds` the device is busy in
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from imagemill.core.layout import OutputLayout
 
-MODEL_STAGES = ("text_encode", "denoise", "decode")  # the stages of `stage_seconds` the model works in
 # Scores are 100 × cosine similarity; CLIP ViT-L/14 gives real text-image pairs about 15..40, so bins
 # of one point show the shape without making the stats large (a histogram is stored sparse).
 SCORE_BIN_WIDTH = 1.0

@@ -21,7 +21,6 @@ from imagemill.core.labels import LABELS_SHOWN, STATUSES
 from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
 from imagemill.core.records import (
     EXAMPLES_PER_REASON,
-    MODEL_STAGES,
     Sample,
     ShardStats,
     capped,
@@ -29,6 +28,8 @@ from imagemill.core.records import (
     merge_clip_scores,
     shard_totals,
 )
+from imagemill.core.stage_table import MODEL_STAGES
+from imagemill.core.stage_table import STAGE_LABELS as ACTOR_STAGE_LABELS
 from imagemill.planning.inputs import counted
 from imagemill.reporting.report_dataset import dataset_tables
 
@@ -37,17 +38,9 @@ SECONDS_AXIS_UNTIL = 180  # jobs shorter than this get their time axis in second
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 SAMPLE_HOVER = ("id", "label", "seed", "prompt", "expanded_prompt")  # a thumbnail's title, where present
 _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")
-# Each shard's `stage_seconds` (workers/stage_timer.py), and `expand_seconds` where prompts are expanded.
-STAGE_LABELS = {
-    "read": "read and validate the shard",
-    "expand": "prompt expansion",
-    "text_encode": "text encoding (model)",
-    "denoise": "denoising (model)",
-    "decode": "VAE decode (model)",
-    "image_encode": "image encoding (writer threads)",
-    "upload": "upload (writer threads)",
-    "idle": "model idle, waiting for a read or for writes",
-}
+# Each shard's `stage_seconds` (imagemill.core.stage_table), and `expand_seconds` where prompts are
+# expanded, which comes after the read.
+STAGE_LABELS = {"read": ACTOR_STAGE_LABELS["read"], "expand": "prompt expansion"} | ACTOR_STAGE_LABELS
 
 
 def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:

@@ -16,7 +16,7 @@ same batch pass as the CLIP score and before the copy back, so later passes read
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 import torch
@@ -24,10 +24,11 @@ import torch
 from imagemill.core.features import JOB_WIDE, FeatureSums, embeddings_table, sums_table
 from imagemill.core.inception_score import ClassSums
 from imagemill.core.layout import OutputLayout, parquet_bytes
-from imagemill.core.spec import EvaluationSpec
+from imagemill.core.spec import EvaluationSpec, JobSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput
+from imagemill.workers.stages.contract import DrawBatch, StageContext
 from imagemill.workers.stages.inception import InceptionFeatures
 
 
@@ -99,6 +100,27 @@ class FeatureModel:
         """The classifier head's logits of `embed`'s features (the Inception Score's); None without one."""
         head = getattr(self.features, "class_logits", None)
         return None if head is None else head(features)
+
+
+class FeatureStage:
+    """The `features` stage: each draw's embedding by the feature model, kept for the written image
+    and written before the shard's commit (`write_features`)."""
+
+    section = "evaluation"
+    needs = ("images",)
+    adds = ("features",)
+    changes_pixels = False
+    columns = ()
+
+    def __init__(self, model: FeatureModel):
+        self.model = model
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
+        return cls(FeatureModel(spec.evaluation, context.device)) if spec.evaluation else None
+
+    def run(self, batch: DrawBatch) -> None:
+        batch.features = list(self.model.embed(batch.images))
 
 
 def write_features(

@@ -18,15 +18,17 @@ What a flagged image becomes (kept, blurred, dropped, drawn again) is the policy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 import torch.nn.functional as F
 
-from imagemill.core.spec import SafetySpec
+from imagemill.core.spec import JobSpec, SafetySpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput
-from imagemill.workers.stages.scoring import ClipScorer
+from imagemill.workers.stages.contract import DrawBatch, StageContext
+from imagemill.workers.stages.scoring import ClipScorer, ScoringStage
 
 SPECIAL_CARE_ADJUSTMENT = 0.01  # diffusers' own: a special-care hit makes every concept stricter
 BLUR_CELLS = 8  # a blurred image keeps this many cells along its shorter side: shapes, no detail
@@ -93,6 +95,31 @@ class SafetyChecker:
             )
             for row in margins
         ]
+
+
+class SafetyStage:
+    """The `safety` stage: each draw's verdict, from the scorer's embeddings where the towers match.
+    What a flagged draw becomes is the `select` stage's (selection.py)."""
+
+    section = "safety"
+    needs = ("images",)
+    adds = ("verdicts",)
+    changes_pixels = False
+    columns = ("safety_score", "safety_concepts")
+
+    def __init__(self, checker: SafetyChecker):
+        self.checker = checker
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
+        if spec.safety is None:
+            return None
+        scoring = context.built.get("score")
+        scorer = scoring.scorer if isinstance(scoring, ScoringStage) else None
+        return cls(SafetyChecker(spec.safety, context.device, scorer))
+
+    def run(self, batch: DrawBatch) -> None:
+        batch.verdicts = list(self.checker.check(batch.images, batch.clip_embeddings))
 
 
 def blur(images: torch.Tensor) -> torch.Tensor:
