@@ -235,7 +235,7 @@ def _run_owned(
         # Imported here: the post-pass needs torch, which would add 2 s to every `imagemill` start.
         from imagemill.evaluation.post_pass import evaluate
 
-        record["evaluation"] = evaluate(spec, output, committed)
+        record["evaluation"] = evaluate(spec, output, committed).model_dump(mode="json")
     _end_record(output, lease, record, committed, failures, result.state)
     if result.state == COMPLETE:
         output.write_bytes(SUCCESS_MARKER, b"")
