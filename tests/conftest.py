@@ -215,3 +215,12 @@ def check_output(url: str, expected_ids: set[str], width: int, height: int) -> d
     assert images == {row["path"] for row in metadata if row["path"]}, "an image that no row names"
     assert fs.exists(f"{root}/_SUCCESS")
     return hashes
+
+
+def merged_feature_sums(output, committed: dict) -> dict:
+    """The job's feature sums per label, as the post-pass's FID metric merges them from the shards."""
+    from imagemill.evaluation.feature_metrics import FrechetDistance
+    from imagemill.evaluation.metric import merge_over, read_shards
+
+    finished = {shard_id: stats.finished_at for shard_id, stats in committed.items()}
+    return merge_over([FrechetDistance(None)], read_shards(output, finished))[0].sums

@@ -22,6 +22,7 @@ from inprocess import run_in_process
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.core.evaluation_results import DiversityResult, EvaluationResults
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = str(REPO / "jobs" / "models" / "demo-shapes")
@@ -84,15 +85,19 @@ def runs(tmp_path_factory, tiny_clip) -> dict[float, Path]:
     return outputs
 
 
-def _diversity(output: Path) -> dict:
-    return json.loads((output / "_job.json").read_text())["evaluation"]["diversity"]
+def _evaluation(output: Path) -> EvaluationResults:
+    return EvaluationResults.model_validate(json.loads((output / "_job.json").read_text())["evaluation"])
+
+
+def _diversity(output: Path) -> DiversityResult:
+    return _evaluation(output).diversity
 
 
 def test_guidance_2_is_more_diverse_than_7_5_per_label_and_overall(runs):
     low, high = _diversity(runs[2.0]), _diversity(runs[7.5])
-    assert set(low["per_label"]) == set(high["per_label"]) == set(LABELS)
-    ratios = {label: low["per_label"][label] / high["per_label"][label] for label in LABELS}
-    ratios["all"] = low["all"] / high["all"]
+    assert set(low.per_label) == set(high.per_label) == set(LABELS)
+    ratios = {label: low.per_label[label] / high.per_label[label] for label in LABELS}
+    ratios["all"] = low.all / high.all
     assert all(ratio > 1 for ratio in ratios.values()), ratios
     assert np.mean([ratios[label] for label in LABELS]) > MEAN_RATIO_MARGIN, ratios
 
@@ -101,7 +106,7 @@ def test_the_report_shows_diversity_per_label(runs):
     for output in runs.values():
         page = (output / "report.html").read_text()
         section = page[page.index('<section id="dataset">') :]
-        for label, value in _diversity(output)["per_label"].items():
+        for label, value in _diversity(output).per_label.items():
             assert f'<td>{label}</td><td class="num">{round(value, 4)}</td>' in section
 
 
@@ -113,13 +118,13 @@ def test_the_report_shows_the_clip_score_distribution_per_label(runs):
         "mean": float(scores.mean()),
         **{f"p{q}": float(np.percentile(scores, q)) for q in (10, 50, 90)},
     }
-    record = json.loads((runs[7.5] / "_job.json").read_text())["evaluation"]["clip_score"]
-    assert record["per_label"]["blue-square"] == pytest.approx(expected)
+    record = _evaluation(runs[7.5]).clip_score
+    assert record.per_label["blue-square"].model_dump() == pytest.approx(expected)
     page = (runs[7.5] / "report.html").read_text()
     cells = [expected["count"], *(round(expected[q], 4) for q in ("mean", "p10", "p50", "p90"))]
     assert "<td>blue-square</td>" + "".join(f'<td class="num">{cell}</td>' for cell in cells) in page
     # a job without scoring has no distribution to show
-    assert json.loads((runs[2.0] / "_job.json").read_text())["evaluation"]["clip_score"] is None
+    assert _evaluation(runs[2.0]).clip_score is None
 
 
 def test_pixel_features_need_no_source_and_refuse_one(tmp_path):

@@ -14,14 +14,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_bucket, read_metadata, write_prompt_files
+from conftest import make_bucket, merged_feature_sums, read_metadata, write_prompt_files
 from PIL import Image
 
 import imagemill
+from imagemill.core.evaluation_results import EvaluationResults
 from imagemill.core.features import JOB_WIDE, FeatureSums
 from imagemill.core.layout import DUPLICATES, REFERENCE_FEATURES, OutputLayout
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
-from imagemill.evaluation.post_pass import evaluate, merged_feature_sums
+from imagemill.evaluation.post_pass import evaluate
 from imagemill.planning.shards import plan_shards
 from imagemill.workers.stages.evaluation import FeatureModel
 from imagemill.workers.worker import ShardWorker
@@ -142,7 +143,7 @@ def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(job, refere
     # The shards' merged sums are those of one pass over every written image.
     one_pass = FeatureSums.empty(features.num_features)
     one_pass.add(features(fake).numpy())
-    merged = merged_feature_sums(output, list(committed))
+    merged = merged_feature_sums(output, committed)
     assert merged[JOB_WIDE].count == one_pass.count == ROWS
     for got, want in zip(merged[JOB_WIDE].mean_cov(), one_pass.mean_cov(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -156,8 +157,8 @@ def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(job, refere
         assert merged[colour].count == label_pass.count == ROWS // 3
         np.testing.assert_allclose(merged[colour].sum, label_pass.sum, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(merged[colour].outer, label_pass.outer, rtol=1e-5, atol=1e-6)
-    assert set(result["fid"]["per_label"]) == set(result["kid"]["per_label"]) == {"blue", "green", "red"}
-    assert set(result["diversity"]["per_label"]) == {"blue", "green", "red"}
+    assert set(result.fid.per_label) == set(result.kid.per_label) == {"blue", "green", "red"}
+    assert set(result.diversity.per_label) == {"blue", "green", "red"}
 
     fid = FrechetInceptionDistance(feature=features)
     kid = KernelInceptionDistance(feature=features, subsets=1, subset_size=ROWS)
@@ -166,11 +167,11 @@ def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(job, refere
         metric.update(fake, real=False)
     want_fid = float(fid.compute())
     want_kid = float(kid.compute()[0])
-    assert result["fid"]["all"] == pytest.approx(want_fid, rel=1e-3)
-    assert result["kid"]["all"] == pytest.approx(want_kid, rel=1e-3)
+    assert result.fid.all == pytest.approx(want_fid, rel=1e-3)
+    assert result.kid.all == pytest.approx(want_kid, rel=1e-3)
     assert want_kid > 0.01  # generated and real images differ: the comparison is not of zeros
-    assert result["inception_score"] is None  # a CLIP tower has no classifier head
-    assert result["images"] == ROWS
+    assert result.inception_score is None  # a CLIP tower has no classifier head
+    assert result.images == ROWS
     # The reference was embedded once and cached in the output.
     assert (Path(spec.output.path) / "_reference_features.parquet").is_file()
 
@@ -184,7 +185,7 @@ def test_near_duplicates_are_the_planted_ones(job):
     for row in table:
         groups.setdefault(row["group"], set()).add(row["id"])
     assert sorted(groups.values(), key=min) == [{"row-003", "row-017"}, {"row-005", "row-011", "row-020"}]
-    assert (result["near_duplicates"]["images"], result["near_duplicates"]["groups"]) == (5, 2)
+    assert (result.near_duplicates.images, result.near_duplicates.groups) == (5, 2)
 
 
 @pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet"])
@@ -204,7 +205,7 @@ def test_every_format_gets_embeddings_of_its_written_rows_and_overwrite_deletes_
     assert len(ok_ids) == 11  # the blank prompt is an error row: no image, no embedding
     embedded = [ids for _, ids, _, _ in read_shard_embeddings(output, sorted(committed))]
     assert sorted(id_ for ids in embedded for id_ in ids) == sorted(ok_ids)
-    assert merged_feature_sums(output, list(committed))[JOB_WIDE].count == 11
+    assert merged_feature_sums(output, committed)[JOB_WIDE].count == 11
 
     delete_shards(output, sorted(committed), set(committed))
     for folder in ("embeddings", "feature_stats"):
@@ -227,10 +228,12 @@ def test_a_job_on_s3_reports_its_dataset_and_a_rerun_reuses_the_post_pass(
     assert imagemill.run(spec, progress=False).ok == 12
     fs = s3fs.S3FileSystem()
     out = spec.output.path.removeprefix("s3://")
-    record = json.loads(fs.cat_file(f"{out}/_job.json"))["evaluation"]
-    assert record["images"] == 12 and record["fid"]["all"] > 0 and record["kid"]["all"] is not None
-    assert 0 < record["diversity"]["all"] <= 2
-    assert json.loads(fs.cat_file(f"{out}/report.json"))["dataset"] == record
+    record = EvaluationResults.model_validate(json.loads(fs.cat_file(f"{out}/_job.json"))["evaluation"])
+    assert record.images == 12 and record.fid.all > 0 and record.kid.all is not None
+    assert 0 < record.diversity.all <= 2
+    assert (
+        EvaluationResults.model_validate(json.loads(fs.cat_file(f"{out}/report.json"))["dataset"]) == record
+    )
     assert 'id="dataset"' in fs.cat_file(f"{out}/report.html").decode()
     fs.invalidate_cache()
     shards = len(fs.ls(f"{out}/shards"))
@@ -239,5 +242,7 @@ def test_a_job_on_s3_reports_its_dataset_and_a_rerun_reuses_the_post_pass(
 
     assert imagemill.run(spec, progress=False).shards_run == 0
     fs.invalidate_cache()
-    assert json.loads(fs.cat_file(f"{out}/_job.json"))["evaluation"] == record
+    assert (
+        EvaluationResults.model_validate(json.loads(fs.cat_file(f"{out}/_job.json"))["evaluation"]) == record
+    )
     assert {name: fs.info(f"{out}/{name}")["LastModified"] for name in made} == made

@@ -18,6 +18,7 @@ from test_evaluation import _Features, _prompts, _run_shards, _spec
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.core.evaluation_results import LeakagePair
 from imagemill.core.layout import LEAKAGE, OutputLayout
 from imagemill.core.records import ShardStats
 from imagemill.demo.shapes import draw, scenes
@@ -62,14 +63,11 @@ def test_leakage_marks_the_generated_image_copied_into_the_reference_and_only_it
         (copied["id"], "copied/leak.png", None)
     ]
     assert marked[0]["cosine"] >= 0.999 and marked[0]["position"] == 5
-    assert result["leakage"]["images"] == 1
-    assert result["leakage"]["examples"] == [
-        {
-            "id": copied["id"],
-            "reference": "copied/leak.png",
-            "reference_row": None,
-            "cosine": marked[0]["cosine"],
-        }
+    assert result.leakage.images == 1
+    assert result.leakage.examples == [
+        LeakagePair(
+            id=copied["id"], reference="copied/leak.png", reference_row=None, cosine=marked[0]["cosine"]
+        )
     ]
     caption, _, rows = dataset_tables(result)[-1]
     assert caption.startswith("Leakage") and rows == [(copied["id"], "copied/leak.png", marked[0]["cosine"])]
@@ -145,14 +143,14 @@ def test_a_labelled_reference_gives_each_label_its_own_fid_and_kid(tmp_path, tin
         for metric in (fid, kid):
             metric.update(real_nchw[shape], real=True)
             metric.update(nchw[shape], real=False)
-        assert result["fid"]["per_label"][shape] == pytest.approx(float(fid.compute()), rel=1e-3)
-        assert result["kid"]["per_label"][shape] == pytest.approx(float(kid.compute()[0]), rel=1e-3)
-    assert "triangle" not in result["fid"]["per_label"] and "triangle" not in result["kid"]["per_label"]
+        assert result.fid.per_label[shape] == pytest.approx(float(fid.compute()), rel=1e-3)
+        assert result.kid.per_label[shape] == pytest.approx(float(kid.compute()[0]), rel=1e-3)
+    assert "triangle" not in result.fid.per_label and "triangle" not in result.kid.per_label
     # job-wide: every generated image against the whole reference
     fid = FrechetInceptionDistance(feature=features)
     fid.update(torch.cat(list(real_nchw.values())), real=True)
     fid.update(torch.cat(list(nchw.values())), real=False)
-    assert result["fid"]["all"] == pytest.approx(float(fid.compute()), rel=1e-3)
+    assert result.fid.all == pytest.approx(float(fid.compute()), rel=1e-3)
     # the per-label numbers are not the whole reference's: the labels are what changed them
     unlabelled = evaluate(
         spec.model_copy(
@@ -161,10 +159,8 @@ def test_a_labelled_reference_gives_each_label_its_own_fid_and_kid(tmp_path, tin
         output,
         committed,
     )
-    assert unlabelled["fid"]["per_label"]["circle"] != pytest.approx(
-        result["fid"]["per_label"]["circle"], rel=1e-3
-    )
-    assert "triangle" in unlabelled["fid"]["per_label"]
+    assert unlabelled.fid.per_label["circle"] != pytest.approx(result.fid.per_label["circle"], rel=1e-3)
+    assert "triangle" in unlabelled.fid.per_label
 
 
 def test_the_new_settings_are_in_the_fingerprint_only_when_set():

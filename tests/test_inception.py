@@ -15,17 +15,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import read_metadata
+from conftest import merged_feature_sums, read_metadata
 from test_evaluation import _prompts, _run_shards, _spec, _written_images
 
 import imagemill
 from imagemill.core.errors import ImagemillError
-from imagemill.core.features import JOB_WIDE, FeatureSums, merge_sums, sums_from_table, sums_table
+from imagemill.core.features import JOB_WIDE, FeatureSums, sums_from_table, sums_table
 from imagemill.core.inception_score import ClassSums
 from imagemill.core.layout import OutputLayout
 from imagemill.core.model_source import check_evaluation_source
 from imagemill.core.spec import EvaluationSpec
-from imagemill.evaluation.post_pass import evaluate, merged_feature_sums
+from imagemill.evaluation.feature_metrics import InceptionScore
+from imagemill.evaluation.metric import ShardEvaluation
+from imagemill.evaluation.post_pass import evaluate
 from imagemill.reporting.report_dataset import dataset_tables
 from imagemill.workers.stages.inception import InceptionV3, load_inception
 
@@ -134,7 +136,7 @@ def test_features_and_inception_score_match_torchmetrics_per_label_and_merge_acr
     with torch.no_grad():
         features, logits = _network(weights)(images)  # the network runs once here
 
-    merged = merged_feature_sums(output, list(committed))[JOB_WIDE]
+    merged = merged_feature_sums(output, committed)[JOB_WIDE]
     assert merged.count == len(images)
     np.testing.assert_allclose(merged.mean_cov()[0], features.double().mean(0).numpy(), rtol=1e-4, atol=1e-6)
 
@@ -145,10 +147,10 @@ def test_features_and_inception_score_match_torchmetrics_per_label_and_merge_acr
 
     want = inception_score(logits)
     assert want > 1.2  # confident, varied classes: not the uniform-softmax score of 1
-    assert result["inception_score"]["splits"] == 1
-    assert result["inception_score"]["all"] == pytest.approx(want, rel=1e-3)
+    assert result.inception_score.splits == 1
+    assert result.inception_score.all == pytest.approx(want, rel=1e-3)
     for label in ("warm", "cool"):
-        got = result["inception_score"]["per_label"][label]
+        got = result.inception_score.per_label[label]
         assert got == pytest.approx(
             inception_score(logits[[value == label for value in written_labels]]), rel=1e-3
         )
@@ -202,10 +204,17 @@ def test_feature_stats_without_class_sums_still_read_and_give_no_partial_score()
     scored.classes = ClassSums.of_logits(rng.normal(size=(4, 5)))
     old = sums_from_table(sums_table({JOB_WIDE: plain}))
     assert "class_probability" not in sums_table({JOB_WIDE: plain}).column_names
-    assert old[JOB_WIDE].classes is None and old[JOB_WIDE].inception_score() is None
+    assert old[JOB_WIDE].classes is None and _job_score(old) is None
     new = sums_from_table(sums_table({JOB_WIDE: scored}))
-    assert new[JOB_WIDE].inception_score() == pytest.approx(scored.classes.inception_score())
-    assert merge_sums([old, new])[JOB_WIDE].inception_score() is None
-    assert merge_sums([new, new])[JOB_WIDE].inception_score() == pytest.approx(
-        scored.classes.inception_score()
-    )
+    assert _job_score(new) == pytest.approx(scored.classes.inception_score())
+    assert _job_score(old, new) is None
+    assert _job_score(new, new) == pytest.approx(scored.classes.inception_score())
+
+
+def _job_score(*shards: dict) -> float | None:
+    """The job-wide IS of shards with these feature sums, as the post-pass's metric merges them."""
+    metric = InceptionScore()
+    for number, sums in enumerate(shards):
+        metric = metric.merge(metric.partial(ShardEvaluation(f"shard-{number}", None, sums, [], None)))
+    result = metric.compute()
+    return None if result is None else result.all

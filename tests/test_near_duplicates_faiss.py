@@ -10,8 +10,8 @@ import torch
 
 from imagemill.core.features import embeddings_table
 from imagemill.core.layout import OutputLayout, parquet_bytes
+from imagemill.evaluation import near_duplicates
 from imagemill.evaluation.near_duplicates import find_duplicates
-from imagemill.evaluation.post_pass import near_duplicates
 from imagemill.evaluation.similarity_search import FAISS_MIN_IMAGES, search_method
 
 THRESHOLD = 0.98

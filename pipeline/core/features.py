@@ -57,11 +57,6 @@ class FeatureSums:
                 self.classes = ClassSums(0, np.zeros_like(other.classes.probability), 0.0)
             self.classes.merge(other.classes)
 
-    def inception_score(self) -> float | None:
-        """IS over these images; None unless every one of them has its class sums."""
-        complete = self.classes is not None and self.classes.count == self.count
-        return self.classes.inception_score() if complete else None  # type: ignore[union-attr]
-
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """The mean and the unbiased covariance (n - 1), as clean-fid and torchmetrics compute them."""
         mean = self.sum / self.count

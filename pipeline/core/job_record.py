@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from imagemill.core.evaluation_results import EvaluationResults
 from imagemill.core.layout import JOB_RECORD
 from imagemill.core.records import RecordPart, StoredRecord, read_record
 
@@ -65,8 +66,8 @@ class JobRecord(StoredRecord):
     errors_by_reason: dict[str, int] = Field(default_factory=dict)
     failed_shards: list[FailedShard] = Field(default_factory=list)
     cost: JobCostRecord | None = None
-    # imagemill.evaluation.post_pass's results, passed through as they are (typed there, not here).
-    evaluation: dict[str, Any] | None = None
+    # imagemill.evaluation.post_pass's results (core/evaluation_results.py); None without evaluation:.
+    evaluation: EvaluationResults | None = None
 
     def setting(self, dotted: str) -> Any:
         """A setting of the job's spec as recorded (`scoring.threshold`); None where it or a section

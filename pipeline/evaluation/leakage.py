@@ -11,14 +11,17 @@ first in reference order among equals). Stamped with its basis, so a re-run with
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import torch
 
+from imagemill.core.evaluation_results import LeakagePair, LeakageResult
 from imagemill.core.layout import LEAKAGE, OutputLayout
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
+from imagemill.evaluation.metric import ShardEvaluation, StateKind
 from imagemill.evaluation.reference import Reference
 from imagemill.evaluation.similarity_search import FaissIndex, Method, close_pairs, search_method
 from imagemill.evaluation.stamped import read_stamped, write_stamped
@@ -71,27 +74,45 @@ def find_leakage(
     return pa.Table.from_pylist(marked, schema=schema)
 
 
-def leakage(
-    output: OutputLayout,
-    basis: dict[str, Any],
-    shard_ids: list[str],
-    reference: Reference,
-    threshold: float,
-    images: int,
-) -> dict[str, Any]:
-    """The job's leakage summary, from `leakage.parquet` when it was made from the same `basis` (the
-    committed shards, the reference and the threshold), else computed and written now."""
-    table = read_stamped(output, LEAKAGE, basis)
-    if table is None:
-        table = find_leakage(output, shard_ids, reference, threshold, search_method(images))
-        write_stamped(output, LEAKAGE, table, basis)
-    rows = table.to_pylist()
-    return {
-        "threshold": threshold,
-        "file": LEAKAGE,
-        "images": len(rows),
-        "examples": [
-            {key: row[key] for key in ("id", "reference", "reference_row", "cosine")}
-            for row in rows[:EXAMPLE_PAIRS]
-        ],
-    }
+@dataclass(frozen=True)
+class Leakage:
+    """The job's leakage as a metric (imagemill.evaluation.metric): its state is the set of shards
+    (id → finished_at) and their embedded images; `compute` reads `leakage.parquet` when it was made
+    from the same basis (those shards, the reference setting and the threshold), else finds them
+    against the reference's features and writes it."""
+
+    state: ClassVar[StateKind] = "shards"
+    output: OutputLayout
+    reference: Reference
+    source: str  # `evaluation.reference`, as the stamp names the reference
+    threshold: float
+    shards: dict[str, str | None] = field(default_factory=dict)
+    images: int = 0
+
+    def partial(self, shard: ShardEvaluation) -> Leakage:
+        return replace(self, shards={shard.shard_id: shard.finished_at}, images=shard.images)
+
+    def merge(self, other: Leakage) -> Leakage:
+        return replace(self, shards=self.shards | other.shards, images=self.images + other.images)
+
+    def compute(self) -> LeakageResult:
+        basis = {"shards": self.shards, "threshold": self.threshold, "reference": self.source}
+        table = read_stamped(self.output, LEAKAGE, basis)
+        if table is None:
+            method = search_method(self.images)
+            table = find_leakage(self.output, list(self.shards), self.reference, self.threshold, method)
+            write_stamped(self.output, LEAKAGE, table, basis)
+        return LeakageResult(
+            threshold=self.threshold,
+            file=LEAKAGE,
+            images=table.num_rows,
+            examples=[
+                LeakagePair(
+                    id=row["id"],
+                    reference=row["reference"],
+                    reference_row=row["reference_row"],
+                    cosine=row["cosine"],
+                )
+                for row in table.slice(0, EXAMPLE_PAIRS).to_pylist()
+            ],
+        )

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from imagemill.core.evaluation_results import DuplicatePair, NearDuplicatesResult
 from imagemill.core.layout import DUPLICATES, OutputLayout
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
+from imagemill.evaluation.metric import ShardEvaluation, StateKind
 from imagemill.evaluation.similarity_search import FaissIndex, Method, close_pairs, search_method
 from imagemill.evaluation.stamped import read_stamped, write_stamped
 
@@ -157,26 +160,42 @@ def find_duplicates(
     return groups.table()
 
 
-def near_duplicates(
-    output: OutputLayout, basis: dict[str, Any], shard_ids: list[str], threshold: float, images: int
-) -> dict[str, Any]:
-    """The job's near-duplicates summary, from `duplicates.parquet` when it was made from the same
-    `basis` (the committed shards and the settings), else computed and written now."""
-    table = read_stamped(output, DUPLICATES, basis)
-    if table is None:
-        table = find_duplicates(output, shard_ids, threshold, search_method(images))
-        write_stamped(output, DUPLICATES, table, basis)
-    rows = table.to_pylist()
-    firsts = {}
-    for row in rows:
-        firsts.setdefault(row["group"], row)
-    return {
-        "threshold": threshold,
-        "file": DUPLICATES,
-        "images": len(rows),
-        "groups": len(firsts),
-        "examples": [
-            {"id": row["id"], "nearest": row["nearest"], "cosine": row["cosine"]}
-            for row in list(firsts.values())[:EXAMPLE_PAIRS]
-        ],
-    }
+@dataclass(frozen=True)
+class NearDuplicates:
+    """The job's near-duplicates as a metric (imagemill.evaluation.metric): its state is the set of
+    shards (id → finished_at) and their embedded images; `compute` reads `duplicates.parquet` when it
+    was made from the same basis (those shards and the threshold), else finds them and writes it."""
+
+    state: ClassVar[StateKind] = "shards"
+    output: OutputLayout
+    threshold: float
+    shards: dict[str, str | None] = field(default_factory=dict)
+    images: int = 0
+
+    def partial(self, shard: ShardEvaluation) -> NearDuplicates:
+        return replace(self, shards={shard.shard_id: shard.finished_at}, images=shard.images)
+
+    def merge(self, other: NearDuplicates) -> NearDuplicates:
+        return replace(self, shards=self.shards | other.shards, images=self.images + other.images)
+
+    def compute(self) -> NearDuplicatesResult:
+        basis = {"shards": self.shards, "threshold": self.threshold}
+        table = read_stamped(self.output, DUPLICATES, basis)
+        if table is None:
+            table = find_duplicates(
+                self.output, list(self.shards), self.threshold, search_method(self.images)
+            )
+            write_stamped(self.output, DUPLICATES, table, basis)
+        firsts: dict[int, dict[str, Any]] = {}
+        for row in table.to_pylist():
+            firsts.setdefault(row["group"], row)
+        return NearDuplicatesResult(
+            threshold=self.threshold,
+            file=DUPLICATES,
+            images=table.num_rows,
+            groups=len(firsts),
+            examples=[
+                DuplicatePair(id=row["id"], nearest=row["nearest"], cosine=row["cosine"])
+                for row in list(firsts.values())[:EXAMPLE_PAIRS]
+            ],
+        )

@@ -9,11 +9,10 @@ keeping only the scores: 8 bytes per scored row in the driver.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow.parquet as pq
 
+from imagemill.core.evaluation_results import ClipScoreDistribution, ScoreSummary
 from imagemill.core.features import JOB_WIDE
 from imagemill.core.labels import label_key
 from imagemill.core.layout import OutputLayout
@@ -23,9 +22,9 @@ PERCENTILES = (10, 50, 90)
 
 def clip_score_distribution(
     output: OutputLayout, shard_ids: list[str], label_column: str | None
-) -> dict[str | None, dict[str, Any]]:
-    """{label (None: job-wide): {count, mean, p10, p50, p90}} of the rows with a CLIP score (numpy's
-    linear percentiles); empty when no row has one (scoring off)."""
+) -> ClipScoreDistribution | None:
+    """The summary (count, mean, p10, p50, p90; numpy's linear percentiles) of the rows with a CLIP
+    score, job-wide and per label; None when no row has one (scoring off)."""
     scores: dict[str | None, list[np.ndarray]] = {}
     for shard_id in shard_ids:
         with output.fs.open(output.path(OutputLayout.metadata_path(shard_id)), "rb") as f:
@@ -42,15 +41,19 @@ def clip_score_distribution(
             labels = np.array([label_key(value) for value in table.column(1).to_pylist()], dtype=object)
             for label in set(labels[scored]):
                 scores.setdefault(label, []).append(values[scored & (labels == label)])
-    return {label: summary for label, parts in scores.items() if (summary := _summary(np.concatenate(parts)))}
+    summaries = {
+        label: summary for label, parts in scores.items() if (summary := _summary(np.concatenate(parts)))
+    }
+    if not summaries:
+        return None
+    labels = sorted(label for label in summaries if label is not None)
+    return ClipScoreDistribution(
+        all=summaries.get(JOB_WIDE), per_label={label: summaries[label] for label in labels}
+    )
 
 
-def _summary(values: np.ndarray) -> dict[str, Any] | None:
+def _summary(values: np.ndarray) -> ScoreSummary | None:
     if not len(values):
         return None
-    quantiles = np.percentile(values, PERCENTILES)
-    return {
-        "count": len(values),
-        "mean": float(values.mean()),
-        **{f"p{q}": float(value) for q, value in zip(PERCENTILES, quantiles, strict=True)},
-    }
+    p10, p50, p90 = (float(value) for value in np.percentile(values, PERCENTILES))
+    return ScoreSummary(count=len(values), mean=float(values.mean()), p10=p10, p50=p50, p90=p90)

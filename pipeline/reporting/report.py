@@ -16,6 +16,7 @@ from typing import Any
 
 from imagemill.core.cost import job_cost
 from imagemill.core.errors import ImagemillError
+from imagemill.core.evaluation_results import EvaluationResults
 from imagemill.core.job_record import JobRecord, read_job_record
 from imagemill.core.labels import LABELS_SHOWN, STATUSES
 from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
@@ -31,7 +32,7 @@ from imagemill.core.records import (
 from imagemill.core.stage_table import MODEL_STAGES
 from imagemill.core.stage_table import STAGE_LABELS as ACTOR_STAGE_LABELS
 from imagemill.planning.inputs import counted
-from imagemill.reporting.report_dataset import dataset_tables
+from imagemill.reporting.report_dataset import dataset_results, dataset_tables
 
 MAX_POINTS = 60  # time buckets in the throughput series, at most
 SECONDS_AXIS_UNTIL = 180  # jobs shorter than this get their time axis in seconds, longer ones minutes
@@ -92,7 +93,7 @@ def build_report(
         "clip_score": clip_score(record, shards),
         "labels": totals.labels,
         "samples": [_sample_entry(shard_id, sample) for shard_id, sample in samples],
-        "dataset": record.evaluation,  # imagemill.evaluation.post_pass's numbers; None without evaluation:
+        "dataset": _dataset_json(record.evaluation),
     }
 
 
@@ -382,9 +383,14 @@ def _error_rows(report: dict[str, Any]) -> list[tuple[Any, ...]]:
     ]
 
 
+def _dataset_json(results: EvaluationResults | None) -> dict[str, Any] | None:
+    """imagemill.evaluation.post_pass's numbers as report.json holds them; None without evaluation:."""
+    return None if results is None else results.model_dump(mode="json")
+
+
 def _dataset(dataset: dict[str, Any] | None) -> str:
     """The dataset section (report_dataset.py), absent for a job without evaluation."""
-    tables = dataset_tables(dataset)
+    tables = dataset_tables(dataset_results(dataset))
     if not tables:
         return ""
     body = "".join(f"<h3>{_e(caption)}</h3>{_table(header, rows)}" for caption, header, rows in tables)
