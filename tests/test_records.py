@@ -24,6 +24,13 @@ from pydantic import ValidationError
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.core.evaluation_results import (
+    DiversityResult,
+    DuplicatePair,
+    EvaluationResults,
+    FrechetDistanceResult,
+    NearDuplicatesResult,
+)
 from imagemill.core.job_record import FailedShard, JobRecord, read_job_record, write_job_record
 from imagemill.core.layout import JOB_RECORD, OutputLayout
 from imagemill.core.records import (
@@ -80,6 +87,22 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
     max_leaves=10,
 )
+finite = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
+labelled = {"all": st.none() | finite, "per_label": st.dictionaries(texts, st.none() | finite, max_size=2)}
+evaluations = st.builds(
+    EvaluationResults,
+    images=counts,
+    diversity=st.builds(DiversityResult, **labelled),
+    near_duplicates=st.builds(
+        NearDuplicatesResult,
+        threshold=finite,
+        file=texts,
+        images=counts,
+        groups=counts,
+        examples=st.lists(st.builds(DuplicatePair, id=texts, nearest=texts, cosine=finite), max_size=2),
+    ),
+    fid=st.none() | st.builds(FrechetDistanceResult, **labelled),
+)
 job_records = st.builds(
     JobRecord,
     name=texts,
@@ -99,7 +122,7 @@ job_records = st.builds(
     failed_shards=st.lists(
         st.builds(FailedShard, shard_id=texts, input_file=texts, attempts=counts, error=texts), max_size=2
     ),
-    evaluation=st.none() | st.dictionaries(texts, JSON_VALUES, max_size=3),
+    evaluation=st.none() | evaluations,
 )
 
 
