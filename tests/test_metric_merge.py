@@ -145,7 +145,7 @@ def _assert_same_state(tree: Metric, sequential: Metric) -> None:
         for label, sample in tree.samples.samples.items():
             np.testing.assert_array_equal(sample.vectors(), sequential.samples.samples[label].vectors())
     else:
-        assert (tree.shards, tree.images) == (sequential.shards, sequential.images)
+        assert tree.streamed == sequential.streamed
 
 
 def _assert_sums_of_one_pass(sums: dict, features: np.ndarray, labels: list[str]) -> None:

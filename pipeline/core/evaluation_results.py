@@ -48,6 +48,10 @@ class LabelledValues(_Result):
         """("all images", job-wide value), then (label, value) in label order."""
         return [(ALL_IMAGES, self.all), *sorted(self.per_label.items())]
 
+    def table(self, caption: str, column: str) -> Table:
+        """The values as a report table of one column, rounded."""
+        return (caption, ("images", column), [(label, rounded(value)) for label, value in self.rows()])
+
 
 class FrechetDistanceResult(LabelledValues):
     """FID against the reference (imagemill.evaluation.distribution_metrics)."""
@@ -71,22 +75,16 @@ class InceptionScoreResult(LabelledValues):
     splits: int
 
     def report_table(self) -> Table:
-        return (
-            "Inception Score over all images at once (splits=1; higher is more confident and varied)",
-            ("images", "IS"),
-            [(label, rounded(value)) for label, value in self.rows()],
-        )
+        caption = "Inception Score over all images at once (splits=1; higher is more confident and varied)"
+        return self.table(caption, "IS")
 
 
 class DiversityResult(LabelledValues):
     """The mean pairwise cosine distance of a seeded sample, job-wide and per label."""
 
     def report_table(self) -> Table:
-        return (
-            "Diversity: mean pairwise cosine distance of a seeded sample (higher is more varied)",
-            ("images", "diversity"),
-            [(label, rounded(value)) for label, value in self.rows()],
-        )
+        caption = "Diversity: mean pairwise cosine distance of a seeded sample (higher is more varied)"
+        return self.table(caption, "diversity")
 
 
 class ScoreSummary(_Result):

@@ -11,7 +11,7 @@ first in reference order among equals). Stamped with its basis, so a re-run with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -21,7 +21,7 @@ from imagemill.core.evaluation_results import LeakagePair, LeakageResult
 from imagemill.core.layout import LEAKAGE, OutputLayout
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
-from imagemill.evaluation.metric import ShardEvaluation, StateKind
+from imagemill.evaluation.metric import ShardEvaluation, StateKind, StreamedShards
 from imagemill.evaluation.reference import Reference
 from imagemill.evaluation.similarity_search import FaissIndex, Method, close_pairs, search_method
 from imagemill.evaluation.stamped import read_stamped, write_stamped
@@ -77,7 +77,7 @@ def find_leakage(
 @dataclass(frozen=True)
 class Leakage:
     """The job's leakage as a metric (imagemill.evaluation.metric): its state is the set of shards
-    (id → finished_at) and their embedded images; `compute` reads `leakage.parquet` when it was made
+    (StreamedShards); `compute` reads `leakage.parquet` when it was made
     from the same basis (those shards, the reference setting and the threshold), else finds them
     against the reference's features and writes it."""
 
@@ -86,21 +86,22 @@ class Leakage:
     reference: Reference
     source: str  # `evaluation.reference`, as the stamp names the reference
     threshold: float
-    shards: dict[str, str | None] = field(default_factory=dict)
-    images: int = 0
+    streamed: StreamedShards = StreamedShards()
 
     def partial(self, shard: ShardEvaluation) -> Leakage:
-        return replace(self, shards={shard.shard_id: shard.finished_at}, images=shard.images)
+        return replace(self, streamed=StreamedShards.of(shard))
 
     def merge(self, other: Leakage) -> Leakage:
-        return replace(self, shards=self.shards | other.shards, images=self.images + other.images)
+        return replace(self, streamed=self.streamed.merge(other.streamed))
 
     def compute(self) -> LeakageResult:
-        basis = {"shards": self.shards, "threshold": self.threshold, "reference": self.source}
+        basis = {"shards": self.streamed.shards, "threshold": self.threshold, "reference": self.source}
         table = read_stamped(self.output, LEAKAGE, basis)
         if table is None:
-            method = search_method(self.images)
-            table = find_leakage(self.output, list(self.shards), self.reference, self.threshold, method)
+            method = search_method(self.streamed.images)
+            table = find_leakage(
+                self.output, list(self.streamed.shards), self.reference, self.threshold, method
+            )
             write_stamped(self.output, LEAKAGE, table, basis)
         return LeakageResult(
             threshold=self.threshold,

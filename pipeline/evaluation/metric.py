@@ -20,7 +20,7 @@ folds every metric over them (`merge_over`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, Self, TypeVar
 
 import numpy as np
@@ -66,6 +66,23 @@ class Metric(Protocol[Result]):
     def compute(self) -> Result:
         """The typed result over the shards merged so far."""
         ...
+
+
+@dataclass(frozen=True)
+class StreamedShards:
+    """The state of a metric that streams the shards' embedding files again ("shards"): which shards
+    (id → finished_at, as the derived file's stamp names them) and how many images they embedded (what
+    picks the search method). Shards are disjoint, so the union and the sum merge in any order."""
+
+    shards: dict[str, str | None] = field(default_factory=dict)
+    images: int = 0
+
+    @classmethod
+    def of(cls, shard: ShardEvaluation) -> StreamedShards:
+        return cls({shard.shard_id: shard.finished_at}, shard.images)
+
+    def merge(self, other: StreamedShards) -> StreamedShards:
+        return StreamedShards(self.shards | other.shards, self.images + other.images)
 
 
 def read_shards(output: OutputLayout, finished: dict[str, str | None]) -> Iterator[ShardEvaluation]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,7 +34,7 @@ from imagemill.core.evaluation_results import DuplicatePair, NearDuplicatesResul
 from imagemill.core.layout import DUPLICATES, OutputLayout
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
-from imagemill.evaluation.metric import ShardEvaluation, StateKind
+from imagemill.evaluation.metric import ShardEvaluation, StateKind, StreamedShards
 from imagemill.evaluation.similarity_search import FaissIndex, Method, close_pairs, search_method
 from imagemill.evaluation.stamped import read_stamped, write_stamped
 
@@ -163,27 +163,26 @@ def find_duplicates(
 @dataclass(frozen=True)
 class NearDuplicates:
     """The job's near-duplicates as a metric (imagemill.evaluation.metric): its state is the set of
-    shards (id → finished_at) and their embedded images; `compute` reads `duplicates.parquet` when it
+    shards (StreamedShards); `compute` reads `duplicates.parquet` when it
     was made from the same basis (those shards and the threshold), else finds them and writes it."""
 
     state: ClassVar[StateKind] = "shards"
     output: OutputLayout
     threshold: float
-    shards: dict[str, str | None] = field(default_factory=dict)
-    images: int = 0
+    streamed: StreamedShards = StreamedShards()
 
     def partial(self, shard: ShardEvaluation) -> NearDuplicates:
-        return replace(self, shards={shard.shard_id: shard.finished_at}, images=shard.images)
+        return replace(self, streamed=StreamedShards.of(shard))
 
     def merge(self, other: NearDuplicates) -> NearDuplicates:
-        return replace(self, shards=self.shards | other.shards, images=self.images + other.images)
+        return replace(self, streamed=self.streamed.merge(other.streamed))
 
     def compute(self) -> NearDuplicatesResult:
-        basis = {"shards": self.shards, "threshold": self.threshold}
+        basis = {"shards": self.streamed.shards, "threshold": self.threshold}
         table = read_stamped(self.output, DUPLICATES, basis)
         if table is None:
             table = find_duplicates(
-                self.output, list(self.shards), self.threshold, search_method(self.images)
+                self.output, list(self.streamed.shards), self.threshold, search_method(self.streamed.images)
             )
             write_stamped(self.output, DUPLICATES, table, basis)
         firsts: dict[int, dict[str, Any]] = {}

@@ -63,7 +63,7 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
     fid, inception, kid, diversity, duplicates, *leakage = merge_over(metrics, read_shards(output, finished))
     scored = bool(spec.scoring)
     return EvaluationResults(
-        images=duplicates.images,  # every embedded image: its state counts them
+        images=duplicates.streamed.images,  # every embedded image: its state counts them
         diversity=diversity.compute(),
         near_duplicates=duplicates.compute(),
         inception_score=inception.compute(),
