@@ -48,7 +48,7 @@ def shell_commands(text: str) -> list[str]:
     commands = []
     for language in SHELL_LANGUAGES:
         for block in blocks(text, language):
-            for line in re.sub(r"\\\n\s*", "", block).splitlines():
+            for line in re.sub(r"\s*\\\n\s*", " ", block).splitlines():
                 line = line.strip().removeprefix("$ ")
                 if line and not line.startswith("#"):
                     commands.append(line)

@@ -51,11 +51,10 @@ RUN_BY: dict[str, tuple[str, ...]] = {
     f"python3 -m venv .venv && {GPU_INSTALL}": (
         f"{HERE}::test_the_gpu_quickstart_installs_the_images_torch",
     ),
-    ".venv/bin/pip install -e . && .venv/bin/imagemill run jobs/demo.yaml --model "
+    ".venv/bin/pip install -e . && .venv/bin/imagemill run jobs/demo.yaml --output output/sd21 --model "
     "stabilityai/stable-diffusion-2-1-base --set model.dtype=float16 --set generation.width=512 --set "
-    "generation.height=512 --output output/sd21": (
-        f"{HERE}::test_the_gpu_quickstart_runs_the_demo_job_on_a_hub_model",
-    ),
+    "generation.height=512 --set generation.num_inference_steps=30 --set generation.guidance_scale=7.5 --set "
+    "workers.num_workers=null": (f"{HERE}::test_the_gpu_quickstart_runs_the_demo_job_on_a_hub_model",),
     "python -m imagemill.demo.sources jobs/img2img": (
         "tests/test_image_to_image.py::test_the_documented_command_redraws_the_shipped_sources",
     ),
@@ -163,7 +162,9 @@ def test_the_gpu_quickstart_runs_the_demo_job_on_a_hub_model(monkeypatch, capsys
     main(words[1:])
     [spec] = ran
     assert spec.model.source == "stabilityai/stable-diffusion-2-1-base" and spec.model.dtype == "float16"
-    assert (spec.generation.width, spec.generation.height) == (512, 512)
+    generation = spec.generation
+    assert (generation.width, generation.height, generation.num_inference_steps) == (512, 512, 30)
+    assert spec.workers.num_workers is None, "one worker per GPU"
     assert spec.name == "demo" and spec.output.path.endswith("output/sd21")
 
 
