@@ -120,6 +120,8 @@ def test_the_readme_is_a_front_door():
     assert len(readme.splitlines()) <= 250, "the README is a front door; its reference goes under docs/"
     for guide in ("docs/augmentation.md", "docs/nightly.md", "docs/cluster.md"):
         assert f"]({guide})" in readme, f"the README does not link the user path {guide}"
+    unlinked = [page.name for page in pages()[1:] if f"](docs/{page.name})" not in readme]
+    assert not unlinked, f"guides the README does not lead to: {unlinked}"
 
 
 def test_ci_runs_the_readmes_two_commands():
