@@ -1,7 +1,7 @@
-"""The README's "Building an augmentation dataset", run as written in a fresh working folder, and the
+"""The augmentation guide (docs/augmentation.md), run as written in a fresh working folder, and the
 proof that its data trains a model (issue #15, acceptance 5 and 6).
 
-One job through Ray (the README's: 225 recipe prompts x 2 seeds with the demo model, labels carried
+One job through Ray (the guide's: 225 recipe prompts x 2 seeds with the demo model, labels carried
 into WebDataset tars); a CNN then learns shapes from those 450 images and is tested on drawn ones.
 The slow case of the suite: about two minutes on two quiet cores, most of it the job and the CNN.
 """
@@ -18,22 +18,22 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import read_metadata, run_cli
-from test_readme_commands import readme_blocks, readme_section
+from doc_pages import blocks, page_text
 
 from imagemill.demo.classifier import augmentation_figures, webdataset_samples
 from imagemill.demo.shapes import SHAPES
 from imagemill.prompts.recipes import Recipe, recipe_table
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = readme_section("Building an augmentation dataset")
+GUIDE = page_text("docs/augmentation.md")
 
 
 @pytest.fixture(scope="module")
 def workdir(ray_address, tmp_path_factory) -> Path:
-    """A folder where a fresh checkout's jobs/ is, after the section's shell commands ran there."""
+    """A folder where a fresh checkout's jobs/ is, after the guide's shell commands ran there."""
     folder = tmp_path_factory.mktemp("augment")
     (folder / "jobs").symlink_to(REPO / "jobs")
-    (commands,) = readme_blocks(SECTION, "bash")
+    (commands,) = blocks(GUIDE, "bash")
     for line in commands.splitlines():
         program, *arguments = shlex.split(line)
         assert program == "imagemill", line
@@ -43,10 +43,10 @@ def workdir(ray_address, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_the_readme_recipe_writes_the_shipped_prompts_and_its_python_reads_the_labelled_set(workdir):
+def test_the_recipe_writes_the_shipped_prompts_and_the_python_reads_the_labelled_set(workdir):
     shipped = (REPO / "jobs" / "augment_prompts.parquet").read_bytes()
     assert (workdir / "shapes.parquet").read_bytes() == shipped, "regenerate jobs/augment_prompts.parquet"
-    (code,) = readme_blocks(SECTION, "python")
+    (code,) = blocks(GUIDE, "python")
     env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "hf-cache")}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
@@ -71,7 +71,7 @@ def test_the_generated_set_trains_a_cnn_that_reads_drawn_shapes_and_augments_a_f
     assert figures["few_drawn_plus_synthetic"] >= figures["few_drawn"] + 0.25, figures
 
 
-def test_the_readme_recipe_example_is_a_recipe_with_the_quotas_it_states():
-    (example,) = readme_blocks(SECTION, "yaml")
+def test_the_guides_recipe_example_is_a_recipe_with_the_quotas_it_states():
+    (example,) = blocks(GUIDE, "yaml")
     table = recipe_table(Recipe.model_validate(yaml.safe_load(example)))
     assert Counter(table["class_name"].to_pylist()) == {"golden retriever": 16, "tabby cat": 8}

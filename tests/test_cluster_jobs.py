@@ -26,6 +26,7 @@ from conftest import (
     run_cli,
     write_prompt_files,
 )
+from doc_pages import command
 
 SECRET = "sk-imagemill-submitted-secret"
 TOKEN = "0123456789abcdef0123456789abcdef"  # the test cluster's authentication token
@@ -184,10 +185,14 @@ def _demo_ids(folder: Path = REPO) -> set[str]:
 
 
 def test_the_shipped_demo_submitted_as_is_succeeds_on_a_token_cluster(ray_head, tmp_path):
-    """README's command: `imagemill submit jobs/demo.yaml --address http://127.0.0.1:8265`. On this
-    machine the cluster shares the filesystem: the relative input, model and output mean the client's."""
+    """The cluster guide's command (docs/cluster.md), on this test's cluster: `imagemill submit
+    jobs/demo.yaml --address http://127.0.0.1:8265`. On this machine the cluster shares the filesystem:
+    the relative input, model and output mean the client's."""
+    words = " ".join(command("docs/cluster.md", r"ray start --head")).split(" && ")[1].split()
+    assert words[:4] == ["imagemill", "submit", "jobs/demo.yaml", "--address"]
+    assert words[4].startswith("http://127.0.0.1:")
     demo = _demo_copy(tmp_path / "demo")
-    done = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, cwd=demo)
+    done = run_cli(*words[1:4], ray_head.local, cwd=demo)
     assert done.returncode == 0 and ": SUCCEEDED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     check_output(str(demo / "output" / "demo"), _demo_ids(), 32, 32)
     assert len(list((demo / "output" / "demo" / "images").rglob("*.png"))) == 64

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import make_bucket, read_metadata
+from doc_pages import command
 from PIL import Image
 
 import imagemill
@@ -341,12 +342,10 @@ def test_an_input_without_the_image_column_is_refused_in_one_line_at_planning(tm
         plan_shards(spec.input)
 
 
-def test_the_readme_command_redraws_the_shipped_sources(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    assert "python -m imagemill.demo.sources jobs/img2img" in readme
-    done = subprocess.run(
-        [sys.executable, "-m", "imagemill.demo.sources", str(tmp_path)], capture_output=True, text=True
-    )
+def test_the_documented_command_redraws_the_shipped_sources(tmp_path):
+    words = command("docs/image-to-image.md", r"python -m imagemill\.demo\.sources")
+    assert words == ["python", "-m", "imagemill.demo.sources", "jobs/img2img"]
+    done = subprocess.run([sys.executable, *words[1:3], str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     shipped = REPO / "jobs" / "img2img"
     assert pq.read_table(tmp_path / "sources.parquet").equals(pq.read_table(shipped / "sources.parquet"))

@@ -1,5 +1,5 @@
 """Every ready spec in jobs/ runs, as a user would run it (only the model and sizes made small);
-jobs/augment.yaml runs in tests/test_augmentation.py, as the README's augmentation section runs it."""
+jobs/augment.yaml runs in tests/test_augmentation.py, as docs/augmentation.md runs it."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def test_every_spec_in_jobs_is_valid():
 
 
 def test_demo_job(ray_address, tmp_path):
-    """As the README runs it, with the demo model shipped in jobs/models (only fewer steps, and one
-    worker: its two run in test_cluster_jobs.py, submitted as is)."""
+    """As the README's first command runs it, with the demo model shipped in jobs/models (only fewer steps,
+    and one worker: its two run in test_cluster_jobs.py, submitted as is)."""
     done = run_cli(
         "run", "jobs/demo.yaml", "--output", str(tmp_path / "demo"), *FAST, "--num-workers", "1",
         ray_address=ray_address, cwd=REPO,
@@ -44,7 +44,8 @@ def test_demo_job(ray_address, tmp_path):
 
 
 def test_image_to_image_job_redraws_the_shipped_sources(ray_address, tmp_path):
-    """As the README runs it: the shipped sources (jobs/img2img) and the demo model (only fewer steps)."""
+    """As docs/image-to-image.md runs it: the shipped sources (jobs/img2img) and the demo model (fewer
+    steps)."""
     output = tmp_path / "augment_img2img"
     done = run_cli(
         "run", "jobs/augment_img2img.yaml", "--output", str(output), *FAST,
