@@ -11,8 +11,8 @@ input's owner (or whoever can write its bucket), so the worst value is planned f
   credential never goes to another protocol).
 - Files over MAX_SOURCE_BYTES are not read whole; images over `input.max_image_pixels` are refused
   from their header, before any pixel is decoded (Pillow's own limit only warns below 2x its cap).
-- Only the common raster formats are decoded (`FORMATS`): Pillow would otherwise hand EPS files to
-  Ghostscript.
+- Decoding is imagemill.core.images.decode_image's (the format allow-list, the pixel limit, one error
+  for every way a file can be corrupt or truncated).
 - CMYK, 16-bit and float, and images with alpha (or a transparent palette) are refused rather than
   converted: how to flatten alpha or map CMYK is the user's choice, and a silent conversion would
   change the picture. 8-bit grey, black-and-white and opaque palette images become RGB, which loses
@@ -23,7 +23,6 @@ A source that fails any of these makes its row an `invalid_image` error; the sha
 
 from __future__ import annotations
 
-import io
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from imagemill.core.images import InvalidImage, decode_image
 from imagemill.core.spec import InputSpec
 from imagemill.core.storage import filesystem, retrying
 
@@ -38,14 +38,9 @@ if TYPE_CHECKING:
     from imagemill.workers.rows import Row
 
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 READ_THREADS = 8  # sources are small reads: overlap their latency (object stores)
 RESAMPLING = Image.Resampling.LANCZOS
 PAD_COLOUR = (0, 0, 0)
-
-
-class InvalidImage(Exception):
-    """Why a source cannot be used, in one line (the row's error detail)."""
 
 
 class SourceReader:
@@ -108,28 +103,17 @@ def _protocol(url: str) -> str:
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """The source as an RGB image, or InvalidImage saying why it cannot be one."""
-    if not data:
-        raise InvalidImage("the image is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.UnidentifiedImageError:
-        raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)})") from None
-    except Image.DecompressionBombError:
-        raise InvalidImage(f"more pixels than input.max_image_pixels ({max_pixels})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise InvalidImage(f"{width}x{height} is more pixels than input.max_image_pixels ({max_pixels})")
+    """The source as an RGB image, or InvalidImage saying why it cannot be one (the row's error detail)."""
+    image = decode_image(data, max_pixels, "input.max_image_pixels")
     mode = image.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
         raise InvalidImage(f"the image has an alpha channel ({mode}); flatten it to RGB first")
     if mode not in ("RGB", "L", "P", "1"):
         raise InvalidImage(f"image mode {mode} (CMYK, 16-bit or float) is not 8-bit RGB or grey")
     try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidImage(f"the image does not decode: {str(exc)[:120]}") from None
-    return ImageOps.exif_transpose(image).convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - a corrupt EXIF orientation block, whatever Pillow raises
+        raise InvalidImage(f"the image's EXIF does not read: {type(exc).__name__}") from None
 
 
 def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
