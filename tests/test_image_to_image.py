@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -134,6 +136,70 @@ def test_source_paths_stay_under_the_input_folder_unless_absolute_paths_are_allo
     assert allowed.location("s3://other-bucket/x.png") == "s3://other-bucket/x.png"
     with pytest.raises(Exception, match="leaves the input file's folder"):
         allowed.location("../../etc/passwd")  # relative paths stay under the folder even then
+
+
+def _read_within(reader: SourceReader, value: str, seconds: float) -> bytes | Exception:
+    """reader.read(value), or the exception it raised; fails the test when it does not return in time
+    (a reader blocked on a FIFO is released by opening the FIFO's other end)."""
+    outcome: list[bytes | Exception] = []
+
+    def read() -> None:
+        try:
+            outcome.append(reader.read(value))
+        except Exception as exc:  # noqa: BLE001 - the test looks at which
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        fifo = Path(reader.folder, value)
+        if fifo.is_fifo():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading {value!r} blocked for {seconds} s")
+    return outcome[0]
+
+
+def test_a_symlink_out_of_the_input_folder_and_a_fifo_are_refused_without_blocking(tmp_path):
+    folder = tmp_path / "inputs"
+    (folder / "images").mkdir(parents=True)
+    picture = _png(_drawn(RED_CIRCLE))
+    (tmp_path / "secret.png").write_bytes(picture)
+    (folder / "images" / "inside.png").write_bytes(picture)
+    (folder / "escape.png").symlink_to(tmp_path / "secret.png")
+    (folder / "images" / "dotdot.png").symlink_to("../../secret.png")
+    (folder / "alias.png").symlink_to(folder / "images" / "inside.png")  # a link that stays inside
+    os.mkfifo(folder / "pipe.png")
+    spec = imagemill.core.spec.InputSpec(path=str(folder / "prompts.parquet"), image_column="image")
+    reader = SourceReader(str(folder / "prompts.parquet"), spec)
+    assert _read_within(reader, "alias.png", 10) == picture
+    for link in ("escape.png", "images/dotdot.png"):
+        refused = _read_within(reader, link, 10)
+        assert type(refused).__name__ == "InvalidImage", refused
+        assert "leaves the input file's folder" in str(refused)
+    refused = _read_within(reader, "pipe.png", 10)
+    assert type(refused).__name__ == "InvalidImage" and "not a regular file" in str(refused), refused
+
+
+class _StalledFileSystem(fsspec.AbstractFileSystem):
+    """A store that never answers a read (a hung connection)."""
+
+    protocol = "stalled"
+
+    def _open(self, path, mode="rb", **kwargs):
+        threading.Event().wait(60)
+        raise FileNotFoundError(path)
+
+
+def test_a_source_read_that_stalls_is_an_invalid_image_after_the_time_bound(monkeypatch):
+    import imagemill.workers.source_images as source_images
+
+    fsspec.register_implementation("stalled", _StalledFileSystem, clobber=True)
+    monkeypatch.setattr(source_images, "SOURCE_READ_SECONDS", 0.5)
+    spec = imagemill.core.spec.InputSpec(path="stalled://bucket/prompts.parquet", image_column="image")
+    refused = _read_within(SourceReader(spec.path, spec), "images/a.png", 10)
+    assert type(refused).__name__ == "InvalidImage", refused
+    assert "was not read within 0.5 s" in str(refused)
 
 
 def test_strength_is_part_of_the_fingerprint_only_for_image_to_image():

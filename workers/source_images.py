@@ -9,6 +9,12 @@ input's owner (or whoever can write its bucket), so the worst value is planned f
   s3 input) is refused unless `input.allow_absolute_image_paths`; then it is opened with the
   input's storage options where its protocol is the input's, and with none elsewhere (an s3
   credential never goes to another protocol).
+- A local path is resolved (symbolic links followed) before it is checked, so a link inside the
+  folder that points out of it is refused like `../`; only regular files are read (a FIFO or a
+  device would block the read, or never end it).
+- Every read, retries included, is bounded by SOURCE_READ_SECONDS: a store or a file that never
+  answers makes the row `invalid_image` instead of hanging the shard (the stalled read is left to a
+  daemon thread).
 - Files over MAX_SOURCE_BYTES are not read whole; images over `input.max_image_pixels` are refused
   from their header, before any pixel is decoded (Pillow's own limit only warns below 2x its cap).
 - Decoding is imagemill.core.images.decode_image's (the format allow-list, the pixel limit, one error
@@ -23,7 +29,11 @@ A source that fails any of these makes its row an `invalid_image` error; the sha
 
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +42,13 @@ from PIL import Image, ImageOps
 
 from imagemill.core.images import InvalidImage, decode_image
 from imagemill.core.spec import InputSpec
-from imagemill.core.storage import filesystem, retrying
+from imagemill.core.storage import filesystem, is_local, retrying
 
 if TYPE_CHECKING:
     from imagemill.workers.rows import Row
 
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
+SOURCE_READ_SECONDS = 60.0  # one source's read, retries included (a 64 MiB file over a slow link fits)
 READ_THREADS = 8  # sources are small reads: overlap their latency (object stores)
 RESAMPLING = Image.Resampling.LANCZOS
 PAD_COLOUR = (0, 0, 0)
@@ -83,12 +94,16 @@ class SourceReader:
         options = self.spec.storage_options if _protocol(url) == self.protocol else {}
         try:
             fs, path = filesystem(url, options)
+            if is_local(fs):
+                path = self._local_file(path, value, contained=url.startswith(f"{self.folder}/"))
+                data = _within(SOURCE_READ_SECONDS, lambda: _read_local(path, value), value)
+            else:
 
-            def read() -> bytes:
-                with fs.open(path, "rb") as f:
-                    return f.read(MAX_SOURCE_BYTES + 1)
+                def read() -> bytes:
+                    with fs.open(path, "rb") as f:
+                        return f.read(MAX_SOURCE_BYTES + 1)
 
-            data = retrying(read, f"reading {value}")
+                data = _within(SOURCE_READ_SECONDS, lambda: retrying(read, f"reading {value}"), value)
         except FileNotFoundError:
             raise InvalidImage(f"{value!r} not found") from None
         except (OSError, ValueError, ImportError) as exc:
@@ -96,6 +111,49 @@ class SourceReader:
         if len(data) > MAX_SOURCE_BYTES:
             raise InvalidImage(f"{value!r} is larger than {MAX_SOURCE_BYTES // 2**20} MiB")
         return data
+
+
+    def _local_file(self, path: str, value: str, contained: bool) -> str:
+        """`path` with every symbolic link resolved; InvalidImage when a relative source's file is out
+        of the input folder once resolved (`contained`)."""
+        real = os.path.realpath(path)
+        if contained:
+            folder = os.path.realpath(filesystem(self.folder)[1])
+            if os.path.commonpath([folder, real]) != folder:
+                raise InvalidImage(f"{value!r} leaves the input file's folder (through a symbolic link)")
+        return real
+
+
+def _read_local(path: str, value: str) -> bytes:
+    """A resolved local file's first MAX_SOURCE_BYTES + 1 bytes; InvalidImage when it is not a regular
+    file. Opened without blocking and checked on the open descriptor, so a FIFO swapped in after the
+    path was resolved is refused too."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(descriptor, "rb") as f:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise InvalidImage(f"{value!r} is not a regular file")
+        return f.read(MAX_SOURCE_BYTES + 1)
+
+
+def _within(seconds: float, read: Callable[[], bytes], value: str) -> bytes:
+    """`read()`'s bytes, or InvalidImage when it has not returned after `seconds`. The read runs on a
+    daemon thread, which a stalled read leaves behind: no Python call can interrupt a blocked read."""
+    outcome: list[bytes | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(read())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread as it is
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="imagemill-source-read", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise InvalidImage(f"{value!r} was not read within {seconds:g} s (SOURCE_READ_SECONDS)")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _protocol(url: str) -> str:
