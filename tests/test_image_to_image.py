@@ -266,6 +266,14 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     translucent = Image.new("P", (32, 32))
     translucent.info["transparency"] = 0
     big = _png(np.zeros((40, 40, 3), np.uint8))
+    (folder / "images" / "escape.png").symlink_to(root / "outside.png")
+    os.mkfifo(folder / "images" / "pipe.png")
+    webp = io.BytesIO()
+    Image.fromarray(_drawn(RED_CIRCLE)).save(webp, format="WEBP")
+    bmp_buffer = io.BytesIO()
+    Image.fromarray(_drawn(RED_CIRCLE)).save(bmp_buffer, format="BMP")
+    bmp = bytearray(bmp_buffer.getvalue())
+    bmp[30] = 0x77  # a compression no BMP has
     other_prompt = caption(Scene("green", "triangle", "top", "grey"))
     (folder / "images" / "green-circle.png").write_bytes(_png(_drawn(GREEN_CIRCLE)))
     rows = {  # id: (image, strength, prompt); NEAR_ZERO's parameters for rows of strength 0.05
@@ -283,6 +291,10 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         "alpha": (_png(rgba), 0.5, other_prompt),
         "transparent-palette": (_png(translucent), 0.5, other_prompt),
         "traversal": ("../outside.png", 0.5, other_prompt),
+        "symlink-out": ("images/escape.png", 0.5, other_prompt),
+        "fifo": ("images/pipe.png", 0.5, other_prompt),
+        "truncated-webp": (webp.getvalue()[: len(webp.getvalue()) // 2], 0.5, other_prompt),
+        "broken-bmp-header": (bytes(bmp), 0.5, other_prompt),
         "absolute": (str(root / "outside.png"), 0.5, other_prompt),
         "file-url": (f"file://{root / 'outside.png'}", 0.5, other_prompt),
         "null": (None, 0.5, other_prompt),
@@ -323,6 +335,10 @@ BAD_SOURCES = {
     "alpha": "alpha",
     "transparent-palette": "alpha",
     "traversal": "leaves the input file's folder",
+    "symlink-out": "leaves the input file's folder",
+    "fifo": "not a regular file",
+    "truncated-webp": "does not (read|decode)",
+    "broken-bmp-header": "does not (read|decode)",
     "absolute": "absolute",
     "file-url": "absolute",
     "null": "null",

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagemill.core.errors import one_line
+
 # Decoded formats (Pillow's names). Not EPS/PS (Ghostscript), PDF, ICO/ICNS, PSD or the rest.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # For files with no setting of their own (verify, references, reports): as input.max_image_pixels.
@@ -46,20 +48,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, limit: str =
     except Image.DecompressionBombError:
         raise InvalidImage(f"more pixels than {limit} ({max_pixels})") from None
     except Exception as exc:  # noqa: BLE001 - a plugin's error on a malformed header
-        raise InvalidImage(f"the image header does not read: {_reason(exc)}") from None
+        raise InvalidImage(f"the image header does not read: {one_line(exc)}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise InvalidImage(f"{width}x{height} is more pixels than {limit} ({max_pixels})")
     try:
         image.load()
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, whatever the plugin raises
-        raise InvalidImage(f"the image does not decode: {_reason(exc)}") from None
+        raise InvalidImage(f"the image does not decode: {one_line(exc)}") from None
     return image
-
-
-def _reason(exc: Exception) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:120]
-
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int, **options: Any) -> bytes:
