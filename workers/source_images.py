@@ -112,7 +112,6 @@ class SourceReader:
             raise InvalidImage(f"{value!r} is larger than {MAX_SOURCE_BYTES // 2**20} MiB")
         return data
 
-
     def _local_file(self, path: str, value: str, contained: bool) -> str:
         """`path` with every symbolic link resolved; InvalidImage when a relative source's file is out
         of the input folder once resolved (`contained`)."""

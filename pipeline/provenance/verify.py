@@ -84,14 +84,12 @@ class FileCheck:
         watermark = (
             f"watermark found ({self.watermark_wrong_bits} bits wrong)" if self.watermark_found else None
         )
+        claims = ", ".join(filter(None, ["parameters" if self.parameters is not None else None, watermark]))
         if strength is Strength.FAILED:
             detail = "; ".join(self.problems)
         elif strength is Strength.SIGNED:
-            detail = ", ".join(filter(None, [f"C2PA manifest {self.c2pa.lower()}", watermark]))
+            detail = f"C2PA manifest {self.c2pa.lower()}" + (f"; signed claims: {claims}" if claims else "")
         elif strength is Strength.UNSIGNED:
-            claims = ", ".join(
-                filter(None, ["parameters" if self.parameters is not None else None, watermark])
-            )
             detail = f"unsigned claims only, not verified: {claims}"
         else:
             detail = "no parameters, C2PA manifest or watermark: nothing to verify"
