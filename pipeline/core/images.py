@@ -24,18 +24,19 @@ import numpy as np
 from PIL import Image
 
 from imagemill.core.errors import one_line
+from imagemill.core.spec import DEFAULT_MAX_IMAGE_PIXELS  # also for files without a setting of their own
 
 # Decoded formats (Pillow's names). Not EPS/PS (Ghostscript), PDF, ICO/ICNS, PSD or the rest.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-# For files with no setting of their own (verify, references, reports): as input.max_image_pixels.
-DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class InvalidImage(Exception):
     """Why bytes (or the file a source names) cannot be used as an image, in one line."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, limit: str = "the limit") -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, limit: str = "the limit"
+) -> Image.Image:
     """The image in `data`, loaded, in its own mode, with its metadata (`info`, EXIF); InvalidImage
     when it is empty, not an allowed format, over `max_pixels` (`limit`: the setting that says so, for
     the message), or does not decode."""
