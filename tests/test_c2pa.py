@@ -145,8 +145,16 @@ def test_the_files_carry_the_metadata_rows_parameters(signed_output):
 def test_verify_passes_the_output_and_reports_a_tampered_image(signed_output, tmp_path, capsys):
     output, _ = signed_output
     assert main(["verify", str(output)]) == 0
-    summary = "3 images: 3 with parameters, 3 with a valid C2PA manifest, watermark found in 3 of 3 checked"
-    assert capsys.readouterr().out.strip() == f"{summary}; 0 failed"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ", 1)[0] for line in lines[:-1]] == [f"SIGNED {path}" for path in _images(output)]
+    for line in lines[:-1]:
+        assert line.split(": ", 1)[1].startswith(
+            "C2PA manifest valid; signed claims: parameters, watermark found"
+        )
+    assert lines[-1] == (
+        "3 images: 3 signed (valid C2PA manifest), 0 with unsigned claims only, 0 with nothing to verify, "
+        "0 failed; watermark found in 3 of 3 checked"
+    )
     copies = []
     for path in _images(output):
         copies.append(tmp_path / path.name)
@@ -157,9 +165,10 @@ def test_verify_passes_the_output_and_reports_a_tampered_image(signed_output, tm
     copies[1].write_bytes(bytes(tampered))
     assert main(["verify", str(tmp_path)]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2, lines
-    assert lines[0].startswith(f"FAILED {copies[1]}: ") and "C2PA manifest does not validate" in lines[0]
-    assert lines[1].endswith("; 1 failed")
+    assert len(lines) == 4, lines
+    (failed,) = [line for line in lines if line.startswith("FAILED")]
+    assert failed.startswith(f"FAILED {copies[1]}: ") and "C2PA manifest does not validate" in failed
+    assert lines[-1].startswith("3 images: 2 signed (valid C2PA manifest), ") and ", 1 failed;" in lines[-1]
 
 
 def test_a_stripped_manifest_is_reported_where_the_parameters_say_it_was_signed(signed_output, tmp_path):

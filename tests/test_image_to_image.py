@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -137,6 +139,70 @@ def test_source_paths_stay_under_the_input_folder_unless_absolute_paths_are_allo
         allowed.location("../../etc/passwd")  # relative paths stay under the folder even then
 
 
+def _read_within(reader: SourceReader, value: str, seconds: float) -> bytes | Exception:
+    """reader.read(value), or the exception it raised; fails the test when it does not return in time
+    (a reader blocked on a FIFO is released by opening the FIFO's other end)."""
+    outcome: list[bytes | Exception] = []
+
+    def read() -> None:
+        try:
+            outcome.append(reader.read(value))
+        except Exception as exc:  # noqa: BLE001 - the test looks at which
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        fifo = Path(reader.folder, value)
+        if fifo.is_fifo():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading {value!r} blocked for {seconds} s")
+    return outcome[0]
+
+
+def test_a_symlink_out_of_the_input_folder_and_a_fifo_are_refused_without_blocking(tmp_path):
+    folder = tmp_path / "inputs"
+    (folder / "images").mkdir(parents=True)
+    picture = _png(_drawn(RED_CIRCLE))
+    (tmp_path / "secret.png").write_bytes(picture)
+    (folder / "images" / "inside.png").write_bytes(picture)
+    (folder / "escape.png").symlink_to(tmp_path / "secret.png")
+    (folder / "images" / "dotdot.png").symlink_to("../../secret.png")
+    (folder / "alias.png").symlink_to(folder / "images" / "inside.png")  # a link that stays inside
+    os.mkfifo(folder / "pipe.png")
+    spec = imagemill.core.spec.InputSpec(path=str(folder / "prompts.parquet"), image_column="image")
+    reader = SourceReader(str(folder / "prompts.parquet"), spec)
+    assert _read_within(reader, "alias.png", 10) == picture
+    for link in ("escape.png", "images/dotdot.png"):
+        refused = _read_within(reader, link, 10)
+        assert type(refused).__name__ == "InvalidImage", refused
+        assert "leaves the input file's folder" in str(refused)
+    refused = _read_within(reader, "pipe.png", 10)
+    assert type(refused).__name__ == "InvalidImage" and "not a regular file" in str(refused), refused
+
+
+class _StalledFileSystem(fsspec.AbstractFileSystem):
+    """A store that never answers a read (a hung connection)."""
+
+    protocol = "stalled"
+
+    def _open(self, path, mode="rb", **kwargs):
+        threading.Event().wait(60)
+        raise FileNotFoundError(path)
+
+
+def test_a_source_read_that_stalls_is_an_invalid_image_after_the_time_bound(monkeypatch):
+    import imagemill.workers.source_images as source_images
+
+    fsspec.register_implementation("stalled", _StalledFileSystem, clobber=True)
+    monkeypatch.setattr(source_images, "SOURCE_READ_SECONDS", 0.5)
+    spec = imagemill.core.spec.InputSpec(path="stalled://bucket/prompts.parquet", image_column="image")
+    refused = _read_within(SourceReader(spec.path, spec), "images/a.png", 10)
+    assert type(refused).__name__ == "InvalidImage", refused
+    assert "was not read within 0.5 s" in str(refused)
+
+
 def test_strength_is_part_of_the_fingerprint_only_for_image_to_image():
     paths = {"input": {"path": "p.parquet"}, "output": {"path": "/tmp/o"}}
     plain = build_spec({**paths, "model": {"source": "m"}})
@@ -201,6 +267,14 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     translucent = Image.new("P", (32, 32))
     translucent.info["transparency"] = 0
     big = _png(np.zeros((40, 40, 3), np.uint8))
+    (folder / "images" / "escape.png").symlink_to(root / "outside.png")
+    os.mkfifo(folder / "images" / "pipe.png")
+    webp = io.BytesIO()
+    Image.fromarray(_drawn(RED_CIRCLE)).save(webp, format="WEBP")
+    bmp_buffer = io.BytesIO()
+    Image.fromarray(_drawn(RED_CIRCLE)).save(bmp_buffer, format="BMP")
+    bmp = bytearray(bmp_buffer.getvalue())
+    bmp[30] = 0x77  # a compression no BMP has
     other_prompt = caption(Scene("green", "triangle", "top", "grey"))
     (folder / "images" / "green-circle.png").write_bytes(_png(_drawn(GREEN_CIRCLE)))
     rows = {  # id: (image, strength, prompt); NEAR_ZERO's parameters for rows of strength 0.05
@@ -218,6 +292,10 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         "alpha": (_png(rgba), 0.5, other_prompt),
         "transparent-palette": (_png(translucent), 0.5, other_prompt),
         "traversal": ("../outside.png", 0.5, other_prompt),
+        "symlink-out": ("images/escape.png", 0.5, other_prompt),
+        "fifo": ("images/pipe.png", 0.5, other_prompt),
+        "truncated-webp": (webp.getvalue()[: len(webp.getvalue()) // 2], 0.5, other_prompt),
+        "broken-bmp-header": (bytes(bmp), 0.5, other_prompt),
         "absolute": (str(root / "outside.png"), 0.5, other_prompt),
         "file-url": (f"file://{root / 'outside.png'}", 0.5, other_prompt),
         "null": (None, 0.5, other_prompt),
@@ -258,6 +336,10 @@ BAD_SOURCES = {
     "alpha": "alpha",
     "transparent-palette": "alpha",
     "traversal": "leaves the input file's folder",
+    "symlink-out": "leaves the input file's folder",
+    "fifo": "not a regular file",
+    "truncated-webp": "does not (read|decode)",
+    "broken-bmp-header": "does not (read|decode)",
     "absolute": "absolute",
     "file-url": "absolute",
     "null": "null",

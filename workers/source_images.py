@@ -9,10 +9,16 @@ input's owner (or whoever can write its bucket), so the worst value is planned f
   s3 input) is refused unless `input.allow_absolute_image_paths`; then it is opened with the
   input's storage options where its protocol is the input's, and with none elsewhere (an s3
   credential never goes to another protocol).
+- A local path is resolved (symbolic links followed) before it is checked, so a link inside the
+  folder that points out of it is refused like `../`; only regular files are read (a FIFO or a
+  device would block the read, or never end it).
+- Every read, retries included, is bounded by SOURCE_READ_SECONDS: a store or a file that never
+  answers makes the row `invalid_image` instead of hanging the shard (the stalled read is left to a
+  daemon thread).
 - Files over MAX_SOURCE_BYTES are not read whole; images over `input.max_image_pixels` are refused
   from their header, before any pixel is decoded (Pillow's own limit only warns below 2x its cap).
-- Only the common raster formats are decoded (`FORMATS`): Pillow would otherwise hand EPS files to
-  Ghostscript.
+- Decoding is imagemill.core.images.decode_image's (the format allow-list, the pixel limit, one error
+  for every way a file can be corrupt or truncated).
 - CMYK, 16-bit and float, and images with alpha (or a transparent palette) are refused rather than
   converted: how to flatten alpha or map CMYK is the user's choice, and a silent conversion would
   change the picture. 8-bit grey, black-and-white and opaque palette images become RGB, which loses
@@ -23,29 +29,29 @@ A source that fails any of these makes its row an `invalid_image` error; the sha
 
 from __future__ import annotations
 
-import io
+import os
 import posixpath
+import stat
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from imagemill.core.images import InvalidImage, decode_image
 from imagemill.core.spec import InputSpec
-from imagemill.core.storage import filesystem, retrying
+from imagemill.core.storage import filesystem, is_local, retrying
 
 if TYPE_CHECKING:
     from imagemill.workers.rows import Row
 
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+SOURCE_READ_SECONDS = 60.0  # one source's read, retries included (a 64 MiB file over a slow link fits)
 READ_THREADS = 8  # sources are small reads: overlap their latency (object stores)
 RESAMPLING = Image.Resampling.LANCZOS
 PAD_COLOUR = (0, 0, 0)
-
-
-class InvalidImage(Exception):
-    """Why a source cannot be used, in one line (the row's error detail)."""
 
 
 class SourceReader:
@@ -88,12 +94,16 @@ class SourceReader:
         options = self.spec.storage_options if _protocol(url) == self.protocol else {}
         try:
             fs, path = filesystem(url, options)
+            if is_local(fs):
+                path = self._local_file(path, value, contained=url.startswith(f"{self.folder}/"))
+                data = _within(SOURCE_READ_SECONDS, lambda: _read_local(path, value), value)
+            else:
 
-            def read() -> bytes:
-                with fs.open(path, "rb") as f:
-                    return f.read(MAX_SOURCE_BYTES + 1)
+                def read() -> bytes:
+                    with fs.open(path, "rb") as f:
+                        return f.read(MAX_SOURCE_BYTES + 1)
 
-            data = retrying(read, f"reading {value}")
+                data = _within(SOURCE_READ_SECONDS, lambda: retrying(read, f"reading {value}"), value)
         except FileNotFoundError:
             raise InvalidImage(f"{value!r} not found") from None
         except (OSError, ValueError, ImportError) as exc:
@@ -102,34 +112,65 @@ class SourceReader:
             raise InvalidImage(f"{value!r} is larger than {MAX_SOURCE_BYTES // 2**20} MiB")
         return data
 
+    def _local_file(self, path: str, value: str, contained: bool) -> str:
+        """`path` with every symbolic link resolved; InvalidImage when a relative source's file is out
+        of the input folder once resolved (`contained`)."""
+        real = os.path.realpath(path)
+        if contained:
+            folder = os.path.realpath(filesystem(self.folder)[1])
+            if os.path.commonpath([folder, real]) != folder:
+                raise InvalidImage(f"{value!r} leaves the input file's folder (through a symbolic link)")
+        return real
+
+
+def _read_local(path: str, value: str) -> bytes:
+    """A resolved local file's first MAX_SOURCE_BYTES + 1 bytes; InvalidImage when it is not a regular
+    file. Opened without blocking and checked on the open descriptor, so a FIFO swapped in after the
+    path was resolved is refused too."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(descriptor, "rb") as f:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise InvalidImage(f"{value!r} is not a regular file")
+        return f.read(MAX_SOURCE_BYTES + 1)
+
+
+def _within(seconds: float, read: Callable[[], bytes], value: str) -> bytes:
+    """`read()`'s bytes, or InvalidImage when it has not returned after `seconds`. The read runs on a
+    daemon thread, which a stalled read leaves behind: no Python call can interrupt a blocked read."""
+    outcome: list[bytes | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(read())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread as it is
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="imagemill-source-read", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise InvalidImage(f"{value!r} was not read within {seconds:g} s (SOURCE_READ_SECONDS)")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
 
 def _protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """The source as an RGB image, or InvalidImage saying why it cannot be one."""
-    if not data:
-        raise InvalidImage("the image is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.UnidentifiedImageError:
-        raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)})") from None
-    except Image.DecompressionBombError:
-        raise InvalidImage(f"more pixels than input.max_image_pixels ({max_pixels})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise InvalidImage(f"{width}x{height} is more pixels than input.max_image_pixels ({max_pixels})")
+    """The source as an RGB image, or InvalidImage saying why it cannot be one (the row's error detail)."""
+    image = decode_image(data, max_pixels, "input.max_image_pixels")
     mode = image.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
         raise InvalidImage(f"the image has an alpha channel ({mode}); flatten it to RGB first")
     if mode not in ("RGB", "L", "P", "1"):
         raise InvalidImage(f"image mode {mode} (CMYK, 16-bit or float) is not 8-bit RGB or grey")
     try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidImage(f"the image does not decode: {str(exc)[:120]}") from None
-    return ImageOps.exif_transpose(image).convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - a corrupt EXIF orientation block, whatever Pillow raises
+        raise InvalidImage(f"the image's EXIF does not read: {type(exc).__name__}") from None
 
 
 def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:

@@ -130,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fsspec storage option for the output, e.g. endpoint_url=... (repeatable)",
     )
     verify = commands.add_parser(
-        "verify", help="check images' parameters, C2PA manifests and watermark; exit 1 if any fails"
+        "verify",
+        help="check images' parameters, C2PA manifests and watermark; exit 0 if all are signed, 1 if any "
+        "fails, 3 if some carry only unsigned claims or nothing",
     )
     verify.add_argument("paths", nargs="+", help="image files, folders, tars or data Parquet (local or URL)")
     verify.add_argument("--watermark", metavar="PAYLOAD", help="look for this payload (text, or 0x + hex)")
@@ -233,7 +235,7 @@ def _verify(args: argparse.Namespace) -> int:
     with hiding(values_in(options)), as_user_errors():
         report = verify(args.paths, options, args.watermark, args.watermark_method)
     print(report.text())
-    return 1 if report.failed else 0
+    return report.exit_status
 
 
 INTERRUPTED_LINE = "imagemill: interrupted; run the same command again to resume"

@@ -19,3 +19,9 @@ class ImagemillError(Exception):
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         return cls(f"{origin} is invalid: {problems}")
+
+
+def one_line(exc: BaseException, limit: int = 120) -> str:
+    """`Type: message` on one line, cut at `limit`: for a report line about a file anyone could have
+    written, where a library's message may span lines (tarfile) or quote the file at length."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:limit]

@@ -1,4 +1,18 @@
-"""Image encoding: uint8 pixels → PNG/JPEG/WebP bytes. Runs on the actor's writer threads."""
+"""Images in and out: the one decoder of every image the project reads, and the encoding of its outputs.
+
+Decoding (`decode_image`): every image the project reads comes from someone else (sources, reference
+sets, files given to `imagemill verify`), so one function holds the whole policy for untrusted bytes:
+
+- only the common raster formats (`IMAGE_FORMATS`): Pillow would otherwise hand an EPS file, whatever
+  its name, to Ghostscript;
+- the size is checked from the header against the caller's pixel limit before any pixel is decoded
+  (Pillow's own limit only warns below 2x its cap);
+- the pixels are loaded at once, so a truncated or corrupt file fails here and not later;
+- whatever Pillow raises on malformed bytes (OSError, SyntaxError, struct.error, ValueError, …: its
+  plugins differ) becomes one InvalidImage with a one-line reason.
+
+Encoding runs on the actor's writer threads.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,42 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from imagemill.core.errors import one_line
+from imagemill.core.spec import DEFAULT_MAX_IMAGE_PIXELS  # also for files without a setting of their own
+
+# Decoded formats (Pillow's names). Not EPS/PS (Ghostscript), PDF, ICO/ICNS, PSD or the rest.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class InvalidImage(Exception):
+    """Why bytes (or the file a source names) cannot be used as an image, in one line."""
+
+
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, limit: str = "the limit"
+) -> Image.Image:
+    """The image in `data`, loaded, in its own mode, with its metadata (`info`, EXIF); InvalidImage
+    when it is empty, not an allowed format, over `max_pixels` (`limit`: the setting that says so, for
+    the message), or does not decode."""
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise InvalidImage(f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    except Image.DecompressionBombError:
+        raise InvalidImage(f"more pixels than {limit} ({max_pixels})") from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's error on a malformed header
+        raise InvalidImage(f"the image header does not read: {one_line(exc)}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidImage(f"{width}x{height} is more pixels than {limit} ({max_pixels})")
+    try:
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, whatever the plugin raises
+        raise InvalidImage(f"the image does not decode: {one_line(exc)}") from None
+    return image
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int, **options: Any) -> bytes:
@@ -30,7 +80,7 @@ def thumbnail_data_uri(pixels: np.ndarray | bytes, max_side: int = 96) -> str:
     """A small JPEG as a data: URI, so that a report can show samples without reading any image;
     `pixels` may be an encoded image (JPEG encoded on the GPU)."""
     image = (
-        Image.open(io.BytesIO(pixels)).convert("RGB")
+        decode_image(pixels).convert("RGB")
         if isinstance(pixels, bytes)
         else Image.fromarray(pixels, mode="RGB")
     )

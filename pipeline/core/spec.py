@@ -69,11 +69,14 @@ SELECTORS = ("clip_score",)
 MAX_WATERMARK_BITS = 64  # measured: 64 bits read back with at most 2 wrong from 256² images after JPEG q90
 MIN_WATERMARK_PIXELS = 256 * 256  # invisible-watermark refuses smaller images
 ALLOWED_BIT_ERRORS_PER = 16  # found: at most one wrong bit in 16 (workers/provenance/watermark.py)
+# Each bit value must make up this share of a payload: the decoder reads constant bits from smooth images.
+MIN_PAYLOAD_BIT_SHARE = 0.25
 
 
 def payload_bits(payload: str) -> list[int]:
     """The bits of a payload: `0x` + hex digits, or text as UTF-8. ValueError when it is empty, is not
-    hex after `0x`, or is longer than MAX_WATERMARK_BITS."""
+    hex after `0x`, is longer than MAX_WATERMARK_BITS, or is low-entropy (fewer than
+    MIN_PAYLOAD_BIT_SHARE of its bits 0, or 1): verify would find it in never-watermarked images."""
     if payload[:2].lower() == "0x":
         try:
             data = bytes.fromhex(payload[2:])
@@ -86,6 +89,13 @@ def payload_bits(payload: str) -> list[int]:
         raise ValueError(
             f"the payload must be 1 to {MAX_WATERMARK_BITS} bits (8 bytes of text, or 0x and 16 hex "
             f"digits), got {len(bits)}"
+        )
+    ones = sum(bits)
+    if min(ones, len(bits) - ones) < len(bits) * MIN_PAYLOAD_BIT_SHARE:
+        raise ValueError(
+            f"{payload!r} is a low-entropy payload ({ones} of its {len(bits)} bits are 1): a smooth, "
+            "never-watermarked image reads back near-constant bits and would match it; use one with at "
+            f"least {MIN_PAYLOAD_BIT_SHARE:.0%} of its bits 0 and as many 1"
         )
     return bits
 

@@ -12,7 +12,6 @@ bench/augmentation.py; nothing in a job imports it.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -20,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
+from imagemill.core.images import decode_image
 from imagemill.demo import shapes as demo_shapes
 
 SEED = 0
@@ -59,8 +58,8 @@ def webdataset_samples(output: str | Path) -> tuple[np.ndarray, np.ndarray]:
             for name in sorted(n for n in members if n.endswith(".json")):
                 sample = json.loads(tar.extractfile(members[name]).read())
                 image_name = next(n for n in members if n.startswith(f"{sample['key']}.") and n != name)
-                with Image.open(io.BytesIO(tar.extractfile(members[image_name]).read())) as image:
-                    images.append(np.asarray(image.convert("RGB")))
+                image = decode_image(tar.extractfile(members[image_name]).read())
+                images.append(np.asarray(image.convert("RGB")))
                 labels.append(sample["label"])
     return np.stack(images), np.array(labels)
 

@@ -11,7 +11,6 @@ label column it was made from; another one is embedded again.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.features import FeatureSums, embedding_matrix, embeddings_table
+from imagemill.core.images import InvalidImage, decode_image
 from imagemill.core.layout import REFERENCE_FEATURES, OutputLayout
 from imagemill.core.spec import EvaluationSpec
 from imagemill.core.storage import filesystem
@@ -146,9 +145,8 @@ def _images(
 
 def _decode(data: bytes, name: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as exc:
+        return np.asarray(decode_image(data).convert("RGB"))
+    except InvalidImage as exc:
         raise ImagemillError(
             f"evaluation.reference: {name} holds an image that does not decode ({exc})"
         ) from None

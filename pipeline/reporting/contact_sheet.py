@@ -10,7 +10,6 @@ the model drew is shown as it is. Reads `output.format: files` outputs, local or
 from __future__ import annotations
 
 import argparse
-import io
 import textwrap
 
 import pyarrow as pa
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from imagemill.core.errors import ImagemillError
+from imagemill.core.images import InvalidImage, decode_image
 from imagemill.core.storage import filesystem, join
 
 CHAR_WIDTH, LINE_HEIGHT, CAPTION_LINES, GAP = 6, 11, 3, 4  # PIL's default bitmap font
@@ -37,11 +37,18 @@ def _ok_rows(fs, root: str, limit: int) -> list[dict]:
     return rows[:limit]
 
 
+def _decoded(data: bytes, path: str) -> Image.Image:
+    try:
+        return decode_image(data).convert("RGB")
+    except InvalidImage as exc:
+        raise ImagemillError(f"{path}: {exc}; re-run the job to rewrite it") from None
+
+
 def contact_sheet(output: str, columns: int = 8, scale: int = 4, limit: int = 64) -> Image.Image:
     """The grid: `limit` ok rows in id order, each image enlarged `scale` times over its wrapped prompt."""
     fs, root = filesystem(output)
     rows = _ok_rows(fs, root, limit)
-    images = [Image.open(io.BytesIO(fs.cat_file(join(root, row["path"])))).convert("RGB") for row in rows]
+    images = [_decoded(fs.cat_file(join(root, row["path"])), row["path"]) for row in rows]
     if not images:
         raise ImagemillError(f"{output} holds no generated image")
     width, height = (side * scale for side in images[0].size)
