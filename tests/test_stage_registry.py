@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 from typing import Self
 
 import numpy as np
@@ -45,11 +46,13 @@ class MeanBrightness:
         return cls()
 
     def run(self, batch: DrawBatch) -> None:
+        time.sleep(PAUSE)  # long enough to be seen in the stage seconds (rounded to the millisecond)
         means = batch.images.float().mean(dim=(1, 2, 3)).cpu().tolist()
         for columns, mean in zip(batch.columns, means, strict=True):
             columns["brightness"] = mean
 
 
+PAUSE = 0.02  # seconds per chunk of draws
 BRIGHTNESS = StageRow("brightness", "mean brightness (device)", "device")
 
 
@@ -79,7 +82,7 @@ def test_a_registered_stage_fills_its_column_and_its_stage_time(tmp_path, tiny_m
     worker = load_worker(_spec(tmp_path, tiny_model))
     [stats] = run_shards(worker)
     assert stats.ok == 6
-    assert stats.stage_seconds["brightness"] > 0
+    assert stats.stage_seconds["brightness"] >= 2 * PAUSE  # 6 rows in chunks of 4: two runs
     metadata = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
     for row in metadata:  # the column is the mean of the very pixels written (PNG: lossless)
         written = np.asarray(Image.open(io.BytesIO((tmp_path / "out" / row["path"]).read_bytes())))
