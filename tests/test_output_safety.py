@@ -2,7 +2,7 @@
 
 Issue #13 points 1, 2, 4, 6 and 11, each through the Python API or the CLI, on local disk (and for
 glob characters and buckets, on the S3 endpoint too). The jobs use the no-op generator: these tests are
-about the output folder, not the images. Python API jobs run in process (tests/inprocess.py: the real
+about the output folder, not the images. Python API jobs run in process (testing.in_process: the real
 driver and worker without actors): what they write and delete is the driver's and the worker's doing.
 """
 
@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_bucket, run_cli, write_prompt_files
-from inprocess import run_in_process
 
 import imagemill
 from imagemill.core.errors import ImagemillError
@@ -29,6 +28,7 @@ from imagemill.core.layout import OutputLayout
 from imagemill.evaluation.stamped import read_stamped, write_stamped
 from imagemill.reporting.outcome import COMPLETE
 from imagemill.reporting.status import job_status
+from imagemill.testing.in_process import run_in_process
 
 ROWS = 8  # two shards of 4 rows
 IMAGEMILL_MARKERS = {"_job.json", "_SUCCESS", "report.json", "report.html"}

@@ -1,6 +1,6 @@
 """Prompt expansion by a tiny random-weight causal LM: loaded by the real path, run through Ray, resumed.
 
-The reference job runs in process (tests/inprocess.py: the real driver and ShardWorker, the bytes an
+The reference job runs in process (testing.in_process: the real driver and ShardWorker, the bytes an
 actor writes); the expander pool and the killed and resumed CLI jobs, compared with it, go through Ray."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from subprocess import DEVNULL
 import pyarrow as pa
 import pytest
 from conftest import check_output, read_metadata, run_cli, write_prompt_files
-from inprocess import run_in_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import imagemill
@@ -24,6 +23,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.model_source import check_expansion_source
 from imagemill.core.shard import Shard
 from imagemill.core.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
+from imagemill.testing.in_process import run_in_process
 from imagemill.workers.rows import prepare_rows
 from imagemill.workers.stages.expansion import PromptExpander, expansion_batches
 

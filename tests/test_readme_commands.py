@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from conftest import run_cli, write_prompt_files
-from inprocess import run_in_process
 from PIL import Image
+
+from imagemill.testing.in_process import run_in_process
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
