@@ -124,6 +124,7 @@ class _GreedyJanus(JanusGenerator):
         return logits.argmax(-1)
 
 
+@pytest.mark.model
 def test_janus_loop_is_transformers_image_generation(tiny_janus):
     """Our per-row-seeded loop computes what JanusForConditionalGeneration.generate does: with greedy
     draws, a padded batch with guidance gives the same image tokens, hence the same images."""

@@ -158,6 +158,7 @@ def test_overwrite_deletes_the_previous_jobs_files_and_nothing_else(tmp_path):
     assert (out / "data").is_dir() and (out / "images" / "holiday.jpg").read_bytes() == b"a photo"
 
 
+@pytest.mark.cli
 def test_a_first_run_into_a_folder_with_other_files_is_refused_in_one_line(tmp_path):
     prompts = _prompts(tmp_path)
     (tmp_path / "out").mkdir()
@@ -199,6 +200,7 @@ def test_outputs_that_would_mix_with_other_files_are_refused(tmp_path, monkeypat
     assert _tree(str(tmp_path)) == before
 
 
+@pytest.mark.cli
 def test_the_cli_refuses_an_empty_or_root_output_in_one_line(tmp_path):
     prompts = _prompts(tmp_path)
     job = str(_job_yaml(tmp_path, prompts, tmp_path / "unused"))
@@ -210,6 +212,7 @@ def test_the_cli_refuses_an_empty_or_root_output_in_one_line(tmp_path):
 # --- point 4: an output inside the input ------------------------------------------------------------
 
 
+@pytest.mark.cli
 def test_an_output_inside_the_input_folder_is_refused_in_one_line(tmp_path):
     prompts = _prompts(tmp_path)
     done = run_cli("run", str(_job_yaml(tmp_path, prompts, prompts / "out")), "--no-progress")
@@ -340,6 +343,7 @@ def test_the_evaluation_files_survive_a_full_disk_and_one_cut_short_is_made_agai
     assert "duplicates.parquet does not read as Parquet" in caplog.text
 
 
+@pytest.mark.cli
 def test_unreadable_records_count_as_absent_not_as_a_crash(tmp_path):
     prompts = _prompts(tmp_path)
     out = tmp_path / "out"

@@ -161,6 +161,7 @@ def test_a_killed_job_with_expansion_resumes_to_the_same_prompts_and_images(job,
     assert _outcome(output) == _outcome(reference)
 
 
+@pytest.mark.model
 def test_sampled_expansion_depends_on_the_row_seed_not_on_its_batch(tiny_lm):
     spec = ExpansionSpec(source=tiny_lm, max_new_tokens=10, do_sample=True, temperature=0.8)
     expander = PromptExpander(spec, "cpu")

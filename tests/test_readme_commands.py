@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_cli, write_prompt_files
 from PIL import Image
 
@@ -48,6 +49,7 @@ def readme_blocks(section: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", section, re.M | re.S)
 
 
+@pytest.mark.model
 def test_the_demo_trainer_writes_a_pipeline_the_demo_job_can_load(tmp_path):
     command = _readme_command(r"python -m imagemill\.demo\.model train DIR")
     assert command[:5] == ["python", "-m", "imagemill.demo.model", "train", "DIR"]
@@ -65,6 +67,7 @@ def test_the_demo_trainer_writes_a_pipeline_the_demo_job_can_load(tmp_path):
     assert list(target.glob("unet/*.safetensors")), "weights are saved as safetensors"
 
 
+@pytest.mark.cli
 def test_make_tiny_model_writes_a_pipeline(tmp_path):
     command = _readme_command(r"imagemill make-tiny-model DIR")
     assert command[:2] == ["imagemill", "make-tiny-model"]
