@@ -7,14 +7,20 @@ CUDA build from PyTorch's index (pinned in the Dockerfile); its own dependencies
 
     .venv/bin/python infra/lock_constraints.py          # after changing dependencies; commit the file
     .venv/bin/python infra/lock_constraints.py --check  # exit 1 if the file is not what it would write
+
+`stale_pins` checks the file without asking it to equal any one virtualenv (tests run in several): the
+pins must cover and satisfy what this checkout's pyproject.toml requires, and what each pinned package
+requires wherever this virtualenv holds that exact version (its metadata is then the pinned one's).
 """
 
 from __future__ import annotations
 
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
+from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -38,9 +44,69 @@ def closure(roots: tuple[str, ...]) -> dict[str, str]:
         found[name] = metadata.version(name)
         for text in metadata.requires(name) or []:
             child = Requirement(text)
-            if child.marker is None or any(child.marker.evaluate({"extra": e}) for e in extras or {""}):
+            if _wanted(child.marker, extras):
                 pending.append(child)
     return found
+
+
+def _wanted(marker: Marker | None, extras: frozenset[str]) -> bool:
+    """Whether a requirement with `marker` applies, for this Python and platform, to a parent
+    installed with `extras`."""
+    return marker is None or any(marker.evaluate({"extra": e}) for e in extras or {""})
+
+
+def _declared(pyproject: Path) -> list[tuple[str, Requirement]]:
+    """(who requires it, requirement) of the roots: imagemill's from `pyproject` (not from an installed
+    copy, which may be another checkout's), and the others as named."""
+    with open(pyproject, "rb") as f:
+        project = tomllib.load(f)["project"]
+    found: list[tuple[str, Requirement]] = []
+    for root in map(Requirement, ROOTS):
+        if canonicalize_name(root.name) != "imagemill":
+            found.append(("the Dockerfile", root))
+            continue
+        texts = project["dependencies"] + [
+            t for extra in root.extras for t in project["optional-dependencies"][extra]
+        ]
+        found += [
+            ("pyproject.toml", r)
+            for r in map(Requirement, texts)
+            if _wanted(r.marker, frozenset(root.extras))
+        ]
+    return found
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def stale_pins(text: str, pyproject: Path) -> list[str]:
+    """Why `text` (a constraints file) would not install what `pyproject` and the pinned packages
+    require, one line each; empty when it would. A pinned package's own requirements are followed where
+    this virtualenv holds the pinned version: another version's metadata says nothing about it."""
+    pins = dict(line.split("==", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    problems: list[str] = []
+    pending = _declared(pyproject)
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while pending:
+        parent, requirement = pending.pop()
+        name, extras = canonicalize_name(requirement.name), frozenset(requirement.extras)
+        if name in LEFT_TO_THE_IMAGE:
+            continue
+        if name not in pins:
+            problems.append(f"{name} is required by {parent} ({requirement}) but not pinned")
+            continue
+        if not requirement.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{name}=={pins[name]} does not satisfy {parent}'s {requirement}")
+        if (name, extras) in seen or _installed(name) != pins[name]:
+            continue
+        seen.add((name, extras))
+        children = map(Requirement, metadata.requires(name) or [])
+        pending += [(f"{name}=={pins[name]}", c) for c in children if _wanted(c.marker, extras)]
+    return problems
 
 
 def render() -> str:

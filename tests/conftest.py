@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint on loopback, a local Ray, the tiny model, prompt Parquet files.
+"""Shared fixtures: a real S3 endpoint on loopback, a local Ray, the tiny model, prompt Parquet files;
+and the suite's tiers (`pytest_collection_modifyitems`).
 
 The environment is set before Ray starts, so Ray's worker processes inherit it: HF_HUB_OFFLINE=1 (no
 hub here), the AWS variables pointing s3fs at the moto server, a node cache in a temp folder, and short
@@ -25,7 +26,67 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from PIL import Image  # noqa: E402
+
+# --- tiers ---------------------------------------------------------------------------------------
+# Each test is marked from what it uses: a fixture named here gives its marker (fixtures it depends
+# on count: `ray_address` needs `ray_session`); a test that starts one of these without a fixture
+# (`imagemill.run` on Ray, `run_cli`, `isolated_cluster`) carries the marker itself, and the fast
+# tier fails it if it does not (`pytest_runtest_call`). `fast`: none of them, nor `slow` (over ~3 s
+# on its own); `pytest -m fast` is the developer's tier, the whole suite CI's.
+FIXTURE_TIERS = {
+    "ray_session": "ray",
+    "ray_address": "ray",
+    "_head": "cluster",  # tests/test_cluster_jobs.py: `ray start --head`
+    "two_cpus": "cluster",  # tests/test_placement.py: an isolated_cluster
+    "s3_endpoint": "s3",
+    "tiny_model": "model",
+    "tiny_clip": "model",
+}
+# The markers other than `fast`, registered with their meaning in pyproject.toml.
+TIERS = ("ray", "cluster", "cli", "model", "s3", "slow")
+FAST = "fast"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        for fixture in item.fixturenames:
+            if fixture in FIXTURE_TIERS:
+                item.add_marker(FIXTURE_TIERS[fixture])
+        if item.get_closest_marker("cluster"):
+            item.add_marker("ray")
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(FAST)
+
+
+_started: dict[str, int] = {"cli": 0, "cluster": 0}  # run_cli and isolated_cluster count their uses
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test in the fast tier that starts Ray, a cluster or the CLI fails, naming the marker it needs:
+    the tier stays fast without anyone keeping a list."""
+    ray_before = _ray_running()
+    started = dict(_started)
+    result = yield
+    if item.get_closest_marker(FAST):
+        used = [tier for tier, count in _started.items() if count != started[tier]]
+        used += ["ray"] if _ray_running() and not ray_before else []
+        if used:
+            marks = ", ".join(f"@pytest.mark.{tier}" for tier in used)
+            pytest.fail(f"{item.nodeid} is in the fast tier but starts {'/'.join(used)}: mark it {marks}")
+    return result
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+# No per-example deadline: the machines tests share are loaded, and a slow example is not a wrong one.
+settings.register_profile("imagemill", deadline=None)
+settings.load_profile("imagemill")
 
 WORDS = ["red", "blue", "green", "small", "large", "cat", "dog", "house", "tree", "boat", "circle", "star"]
 
@@ -76,6 +137,7 @@ def isolated_cluster(monkeypatch):
     import ray.experimental.internal_kv as internal_kv
     from ray.cluster_utils import Cluster
 
+    _started["cluster"] += 1
     initialize = internal_kv._initialize_internal_kv
     previous = internal_kv.global_gcs_client  # the session's, or None: put back on the way out
 
@@ -109,6 +171,7 @@ def ray_address(ray_session) -> str:
 
 def run_cli(*args: str, ray_address: str = "", cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`imagemill ARGS` in a subprocess; with ray_address it joins that cluster instead of starting one."""
+    _started["cli"] += 1
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     return subprocess.run(
         [sys.executable, "-m", "imagemill.cli", *args],

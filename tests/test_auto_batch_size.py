@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_prompt_files
-from inprocess import output_hashes, run_in_process
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.testing.in_process import output_hashes, run_in_process
 from imagemill.workers.batch_fit import CPU_BATCH_SIZE, MAX_AUTO_BATCH, largest_fitting_batch
 from imagemill.workers.generators.contract import BatchKey
 

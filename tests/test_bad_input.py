@@ -8,9 +8,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import read_metadata, run_cli
-from inprocess import run_in_process
 
 import imagemill
+from imagemill.testing.in_process import run_in_process
 
 SECRET = "sk-imagemill-test-secret-value"
 HOSTILE_IDS = [

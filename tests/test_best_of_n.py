@@ -1,7 +1,7 @@
 """Best-of-N (generation.candidates): k draws per row, seeds derived per draw, the best CLIP score kept.
 
 The test draws and scores every candidate again by hand (diffusers' pipeline, transformers' CLIP and
-its processor) and checks the choice; runs are in process (tests/inprocess.py), deterministic and
+its processor) and checks the choice; runs are in process (testing.in_process), deterministic and
 byte-identical on resume.
 """
 
@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import as_pixels, prompt_table, read_metadata
-from inprocess import output_hashes as _files
-from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.testing.in_process import output_hashes as _files
+from imagemill.testing.in_process import run_in_process
 from imagemill.workers.seeds import draw_seed
 
 SIZE = 32

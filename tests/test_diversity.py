@@ -3,7 +3,7 @@ same prompts, and the report says so; and the report's CLIP score distribution p
 
 Diversity is measured with `evaluation.features: pixels` (no trained feature model exists for the
 demo world): each image downscaled, flattened and centred, compared by cosine distance. The jobs run
-through the real driver with their shards in-process (tests/inprocess.py), so the post-pass,
+through the real driver with their shards in-process (testing.in_process), so the post-pass,
 `_job.json` and the report are the ones a Ray run writes.
 """
 
@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import read_metadata
-from inprocess import run_in_process
 
 import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.core.evaluation_results import DiversityResult, EvaluationResults
+from imagemill.testing.in_process import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = str(REPO / "jobs" / "models" / "demo-shapes")

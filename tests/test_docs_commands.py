@@ -19,10 +19,10 @@ import pytest
 import yaml
 from conftest import run_cli, write_prompt_files
 from doc_pages import ROOT, blocks, command, documented_commands, page_text, pages, section
-from inprocess import run_in_process
 from PIL import Image
 
 from imagemill.cli.commands import main
+from imagemill.testing.in_process import run_in_process
 
 HERE = "tests/test_docs_commands.py"
 GPU_INSTALL = ".venv/bin/pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0"

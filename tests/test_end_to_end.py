@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import check_output, make_bucket, prompt_table, read_metadata, run_cli, write_prompt_files
-from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
+from imagemill.testing.in_process import run_in_process
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "guidance_scale": 5.0}
 

@@ -1,6 +1,6 @@
 """Output formats: each one written by a real job and read back by its own consumer library.
 
-The jobs run in process (tests/inprocess.py: the real driver and ShardWorker, no actors): what a format
+The jobs run in process (testing.in_process: the real driver and ShardWorker, no actors): what a format
 writes is the worker's and the driver's doing, and the bytes are those a Ray run writes."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import prompt_table, read_metadata
-from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
 from imagemill.core.layout import OutputLayout, sample_key
 from imagemill.core.records import MetadataRow
+from imagemill.testing.in_process import run_in_process
 from imagemill.workers.writers import TarWriter
 
 SIZE = 32

@@ -346,6 +346,7 @@ BAD_SOURCES = {
 }
 
 
+@pytest.mark.model
 def test_every_bad_source_is_an_invalid_image_row_and_the_rest_of_the_shard_is_done(demo_run):
     output, rows = demo_run
     for row_id, detail in BAD_SOURCES.items():

@@ -31,6 +31,8 @@ from imagemill.evaluation.post_pass import evaluate
 from imagemill.reporting.report_dataset import dataset_tables
 from imagemill.workers.stages.inception import InceptionV3, load_inception
 
+pytestmark = pytest.mark.model  # its tests build or load a model (the tiers: tests/conftest.py)
+
 PTH = "weights-inception-2015-12-05-6726825d.pth"
 FC_SCALE = 0.003
 SEEDS = [0xD03010, 0x20A0F0, 0xF0E040, 0x101010, 0x80F080, 0xC040C0, 0x406080, 0xF08000]

@@ -5,6 +5,7 @@ through imagemill's command line with the job itself stubbed out."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shlex
 import subprocess
@@ -145,9 +146,19 @@ def test_dockerfile_pins_torch_from_the_cuda_index_and_keeps_the_image_ray():
     assert f"ray=={ray_version}\n" in (INFRA / "constraints.txt").read_text(), f"no ray=={ray_version} pin"
 
 
-def test_dockerfile_installs_the_locked_versions_of_the_tested_virtualenv():
+def _lock_constraints():
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("lock_constraints", INFRA / "lock_constraints.py")
+    lock = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(lock)
+    return lock
+
+
+def test_dockerfile_installs_the_locked_versions():
     """A tag rebuilds the same: every dependency imagemill installs is pinned in infra/constraints.txt,
-    the file is what infra/lock_constraints.py makes from this virtualenv, and pip installs with it."""
+    the pins satisfy what pyproject.toml and the pinned packages require (whichever virtualenv runs
+    this: infra/lock_constraints.py's `stale_pins`), and pip installs with the file."""
     lines = [
         line for line in (INFRA / "constraints.txt").read_text().splitlines() if not line.startswith("#")
     ]
@@ -159,17 +170,40 @@ def test_dockerfile_installs_the_locked_versions_of_the_tested_virtualenv():
     assert direct | {"boto3", "torchao", "botocore"} <= set(pins), direct - set(pins)
     assert "torch" not in pins  # the CUDA build, pinned in the Dockerfile from PyTorch's index
 
-    import importlib.util
-
-    loader = importlib.util.spec_from_file_location("lock_constraints", INFRA / "lock_constraints.py")
-    lock = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(lock)
-    assert lock.main(["--check"]) == 0, "infra/constraints.txt is stale: run infra/lock_constraints.py"
+    stale = _lock_constraints().stale_pins((INFRA / "constraints.txt").read_text(), REPO / "pyproject.toml")
+    assert not stale, f"infra/constraints.txt is stale, run infra/lock_constraints.py: {stale}"
 
     copied = [shlex.split(args) for args in instructions("COPY")]
     (target,) = [args[-1] for args in copied if "infra/constraints.txt" in args]
     installs = [run for run in instructions("RUN") if "pip install" in run and " . " in f"{run} "]
     assert installs and all(f"-c {target}" in run for run in installs), installs
+
+
+def test_a_stale_lock_is_caught_in_any_virtualenv(tmp_path):
+    """The lock check fails for a pin below pyproject.toml's range, a dependency added to pyproject.toml
+    but not pinned, and a pinned package's requirement dropped from the file."""
+    lock = _lock_constraints()
+    text = (INFRA / "constraints.txt").read_text()
+    pins = dict(line.split("==") for line in text.splitlines() if not line.startswith("#"))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    planted = tmp_path / "pyproject.toml"
+    planted.write_text(
+        pyproject.replace("dependencies = [\n", 'dependencies = [\n    "left-unpinned>=1",\n', 1)
+    )
+    assert lock.stale_pins(text, planted) == [
+        "left-unpinned is required by pyproject.toml (left-unpinned>=1) but not pinned"
+    ]
+    old_ray = text.replace(f"ray=={pins['ray']}\n", "ray==2.0.0\n")
+    assert lock.stale_pins(old_ray, REPO / "pyproject.toml") == [
+        "ray==2.0.0 does not satisfy pyproject.toml's ray[default]>=2.40"
+    ]
+    # a transitive pin dropped: ray requires packaging (followed where this virtualenv has ray's pin)
+    if importlib.metadata.version("ray") == pins["ray"]:
+        dropped = text.replace(f"packaging=={pins['packaging']}\n", "")
+        assert any(
+            p.startswith(f"packaging is required by ray=={pins['ray']}")
+            for p in lock.stale_pins(dropped, REPO / "pyproject.toml")
+        )
 
 
 def test_dockerfile_installs_imagemill_after_copying_its_sources():

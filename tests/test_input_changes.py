@@ -1,7 +1,7 @@
 """Input files that change between runs of a job: a rewritten file is refused (or redone on request),
 a removed one stops counting, a new one is new work (issue #13 point 5).
 
-Each job's first run, which only sets the scene, runs in process (tests/inprocess.py: the real driver and
+Each job's first run, which only sets the scene, runs in process (testing.in_process: the real driver and
 worker without actors); the runs whose exit code and lines are checked go through the CLI and Ray."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import read_metadata, run_cli
-from inprocess import run_in_process
 
 import imagemill
+from imagemill.testing.in_process import run_in_process
 
 
 def _write(path, ids: list[str]) -> None:

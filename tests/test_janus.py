@@ -1,5 +1,5 @@
 """model.kind: janus end to end, with a tiny random-weight Janus model built offline: a job in process
-(tests/inprocess.py: the real driver and worker, an actor's bytes), then the same rows through the CLI
+(testing.in_process: the real driver and worker, an actor's bytes), then the same rows through the CLI
 and Ray with the model on S3."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import check_output, make_bucket, read_metadata, run_cli
-from inprocess import run_in_process
 
 import imagemill
+from imagemill.testing.in_process import run_in_process
 from imagemill.testing.tiny_janus import IMAGE_SIZE, make_tiny_janus
 from imagemill.workers.generators.janus import JanusGenerator
 from imagemill.workers.rows import BatchKey
@@ -124,6 +124,7 @@ class _GreedyJanus(JanusGenerator):
         return logits.argmax(-1)
 
 
+@pytest.mark.model
 def test_janus_loop_is_transformers_image_generation(tiny_janus):
     """Our per-row-seeded loop computes what JanusForConditionalGeneration.generate does: with greedy
     draws, a padded batch with guidance gives the same image tokens, hence the same images."""

@@ -87,6 +87,7 @@ def actor_modules() -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_importing_actor_code_loads_no_driver_module():
     """What an actor process really loads (the contracts read imports; this runs them): importing its
     runtime loads only the shared rooms (the lazy `imagemill` package keeps `imagemill.run` from dragging

@@ -18,12 +18,12 @@ from pathlib import Path
 import fsspec
 import pytest
 from conftest import check_output, make_bucket, run_cli, write_prompt_files
-from inprocess import run_in_process
 
 import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import OutputLayout
 from imagemill.core.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, check_owner
+from imagemill.testing.in_process import run_in_process
 
 TIMEOUT = 2.0  # seconds without a heartbeat before a lease is stale, for every driver these tests start
 
@@ -160,7 +160,7 @@ def _commits(url: str) -> int:
 def unbroken(tmp_path_factory, tiny_model) -> tuple[str, set[str], dict[str, str]]:
     """The prompts, their ids and the images of an unbroken run, which the runs below must match (one
     for the module: the local and the S3 case compare with the same images). It runs in process
-    (tests/inprocess.py: the bytes a Ray run writes); the runs it is compared with are on Ray."""
+    (testing.in_process: the bytes a Ray run writes); the runs it is compared with are on Ray."""
     folder = tmp_path_factory.mktemp("unbroken")
     prompts = str(folder / "prompts")
     rows = write_prompt_files(prompts, n_files=2, rows_per_file=32, row_group_size=4)
@@ -216,7 +216,7 @@ def test_two_drivers_on_one_output_one_is_refused_and_a_dead_owner_is_taken_over
     assert _lease_record(output_url)["run_id"] == lease["run_id"]
 
     # On the owner's machine a dead driver is seen at once; elsewhere it takes TIMEOUT (test below).
-    # The run that takes over is the real driver with its shards in process (tests/inprocess.py).
+    # The run that takes over is the real driver with its shards in process (testing.in_process).
     status = run_cli("status", output_url)
     assert re.search(r": stopped \(last seen \d+ s ago\)", status.stdout), status.stdout
     caplog.set_level(logging.WARNING, logger="imagemill.core.lease")

@@ -2,7 +2,7 @@
 
 Each family's tiny model is built from its own diffusers classes (pipeline/testing/tiny_families.py),
 saved, and loaded back by the ShardWorker through DiffusionPipeline.from_pretrained, as a user's model
-would be. SD's job runs through Ray's actors; the others run in process (tests/inprocess.py: the same
+would be. SD's job runs through Ray's actors; the others run in process (testing.in_process: the same
 driver and worker, the same bytes), as what differs between families is the worker's, not Ray's.
 """
 
@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import as_pixels, read_metadata
-from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
 from imagemill.testing import FAMILIES
+from imagemill.testing.in_process import run_in_process
 from imagemill.testing.tiny_families import make_tiny_family
 from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.rows import BatchKey

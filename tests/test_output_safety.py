@@ -2,7 +2,7 @@
 
 Issue #13 points 1, 2, 4, 6 and 11, each through the Python API or the CLI, on local disk (and for
 glob characters and buckets, on the S3 endpoint too). The jobs use the no-op generator: these tests are
-about the output folder, not the images. Python API jobs run in process (tests/inprocess.py: the real
+about the output folder, not the images. Python API jobs run in process (testing.in_process: the real
 driver and worker without actors): what they write and delete is the driver's and the worker's doing.
 """
 
@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_bucket, run_cli, write_prompt_files
-from inprocess import run_in_process
 
 import imagemill
 from imagemill.core.errors import ImagemillError
@@ -29,6 +28,7 @@ from imagemill.core.layout import OutputLayout
 from imagemill.evaluation.stamped import read_stamped, write_stamped
 from imagemill.reporting.outcome import COMPLETE
 from imagemill.reporting.status import job_status
+from imagemill.testing.in_process import run_in_process
 
 ROWS = 8  # two shards of 4 rows
 IMAGEMILL_MARKERS = {"_job.json", "_SUCCESS", "report.json", "report.html"}
@@ -158,6 +158,7 @@ def test_overwrite_deletes_the_previous_jobs_files_and_nothing_else(tmp_path):
     assert (out / "data").is_dir() and (out / "images" / "holiday.jpg").read_bytes() == b"a photo"
 
 
+@pytest.mark.cli
 def test_a_first_run_into_a_folder_with_other_files_is_refused_in_one_line(tmp_path):
     prompts = _prompts(tmp_path)
     (tmp_path / "out").mkdir()
@@ -199,6 +200,7 @@ def test_outputs_that_would_mix_with_other_files_are_refused(tmp_path, monkeypat
     assert _tree(str(tmp_path)) == before
 
 
+@pytest.mark.cli
 def test_the_cli_refuses_an_empty_or_root_output_in_one_line(tmp_path):
     prompts = _prompts(tmp_path)
     job = str(_job_yaml(tmp_path, prompts, tmp_path / "unused"))
@@ -210,6 +212,7 @@ def test_the_cli_refuses_an_empty_or_root_output_in_one_line(tmp_path):
 # --- point 4: an output inside the input ------------------------------------------------------------
 
 
+@pytest.mark.cli
 def test_an_output_inside_the_input_folder_is_refused_in_one_line(tmp_path):
     prompts = _prompts(tmp_path)
     done = run_cli("run", str(_job_yaml(tmp_path, prompts, prompts / "out")), "--no-progress")
@@ -340,6 +343,7 @@ def test_the_evaluation_files_survive_a_full_disk_and_one_cut_short_is_made_agai
     assert "duplicates.parquet does not read as Parquet" in caplog.text
 
 
+@pytest.mark.cli
 def test_unreadable_records_count_as_absent_not_as_a_crash(tmp_path):
     prompts = _prompts(tmp_path)
     out = tmp_path / "out"

@@ -8,7 +8,6 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import check_output, prompt_table, read_metadata
-from inprocess import run_in_process
 
 import imagemill
 import imagemill.planning.shards
@@ -16,6 +15,7 @@ from imagemill.core.layout import OutputLayout
 from imagemill.core.records import committed_shards
 from imagemill.core.spec import InputSpec
 from imagemill.planning.shards import plan_shards
+from imagemill.testing.in_process import run_in_process
 from imagemill.workers.pieces import PieceServer
 from imagemill.workers.rows import input_columns
 
@@ -65,7 +65,7 @@ def test_a_pandas_file_of_one_row_group_is_cut_into_shards_for_both_actors(ray_s
     assert rows == {f"row-{i:05d}": i for i in range(64)}
 
     grouped = job(tmp_path, tiny_model, tmp_path / "grouped", "row-groups")
-    run_in_process(grouped)  # the same bytes as through Ray (tests/inprocess.py)
+    run_in_process(grouped)  # the same bytes as through Ray (testing.in_process)
     assert check_output(grouped.output.path, ids, 64, 64) == pieces
 
 

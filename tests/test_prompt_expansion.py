@@ -1,6 +1,6 @@
 """Prompt expansion by a tiny random-weight causal LM: loaded by the real path, run through Ray, resumed.
 
-The reference job runs in process (tests/inprocess.py: the real driver and ShardWorker, the bytes an
+The reference job runs in process (testing.in_process: the real driver and ShardWorker, the bytes an
 actor writes); the expander pool and the killed and resumed CLI jobs, compared with it, go through Ray."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from subprocess import DEVNULL
 import pyarrow as pa
 import pytest
 from conftest import check_output, read_metadata, run_cli, write_prompt_files
-from inprocess import run_in_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import imagemill
@@ -24,6 +23,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.model_source import check_expansion_source
 from imagemill.core.shard import Shard
 from imagemill.core.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
+from imagemill.testing.in_process import run_in_process
 from imagemill.workers.rows import prepare_rows
 from imagemill.workers.stages.expansion import PromptExpander, expansion_batches
 
@@ -161,6 +161,7 @@ def test_a_killed_job_with_expansion_resumes_to_the_same_prompts_and_images(job,
     assert _outcome(output) == _outcome(reference)
 
 
+@pytest.mark.model
 def test_sampled_expansion_depends_on_the_row_seed_not_on_its_batch(tiny_lm):
     spec = ExpansionSpec(source=tiny_lm, max_new_tokens=10, do_sample=True, temperature=0.8)
     expander = PromptExpander(spec, "cpu")

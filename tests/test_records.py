@@ -19,7 +19,6 @@ import pytest
 from conftest import run_cli, write_prompt_files
 from hypothesis import given
 from hypothesis import strategies as st
-from inprocess import run_in_process
 from pydantic import ValidationError
 
 import imagemill
@@ -47,6 +46,7 @@ from imagemill.core.records import (
     write_shard_stats,
 )
 from imagemill.reporting.status import job_status
+from imagemill.testing.in_process import run_in_process
 
 texts = st.text(max_size=20)
 counts = st.integers(min_value=0, max_value=2**40)

@@ -1,7 +1,7 @@
 """A killed job is simply run again: nothing lost, nothing twice, the same bytes as an unbroken run.
 
 The killed drivers and the re-run are real drivers on Ray; the unbroken reference, and the claim and
-resume rules after them, run the real driver with its shards in process (tests/inprocess.py)."""
+resume rules after them, run the real driver with its shards in process (testing.in_process)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from subprocess import DEVNULL
 import pyarrow.parquet as pq
 import pytest
 from conftest import check_output, prompt_table, read_metadata, run_cli, write_prompt_files
-from inprocess import run_in_process
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.testing.in_process import run_in_process
 
 JOB = """\
 name: resume-test

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from conftest import run_cli, write_prompt_files
-from inprocess import run_in_process
 
 import imagemill
+from imagemill.testing.in_process import run_in_process
 
 JOB = """\
 name: endings

@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import prompt_table, read_metadata
-from inprocess import output_hashes as _files
-from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.core.images import thumbnail_data_uri
 from imagemill.reporting.status import job_status
+from imagemill.testing.in_process import output_hashes as _files
+from imagemill.testing.in_process import run_in_process
 from imagemill.workers.seeds import draw_seed
 from imagemill.workers.stages.safety import blur
 

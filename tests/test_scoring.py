@@ -1,7 +1,7 @@
 """The CLIP score (scoring:) end to end: a tiny random CLIP model scores the tiny SD model's images on the
 actor; the score column, the reference computed by hand, filtering (keep and drop), exactly-once
 accounting, resume, and the score distribution in the report. The scored job and the first run of
-`drop` go through Ray's actors; the rest run in process (tests/inprocess.py: same driver and worker, same
+`drop` go through Ray's actors; the rest run in process (testing.in_process: same driver and worker, same
 bytes).
 """
 
@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import check_output, prompt_table, read_metadata
-from inprocess import run_in_process
 from PIL import Image
 
 import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.reporting.status import job_status
+from imagemill.testing.in_process import run_in_process
 
 SIZE = 64  # the tiny CLIP takes 32 pixels: the scorer resizes
 ROWS = 12

@@ -75,6 +75,7 @@ def test_a_row_with_huge_or_boolean_guidance_is_an_invalid_parameter():
     assert _row_error("guidance_scale", 100.0) is None and _row_error("guidance_scale", 0) is None
 
 
+@pytest.mark.cli
 def test_cli_refuses_a_bad_default_in_one_line_before_running(tmp_path):
     for setting in (
         "generation.width=30",
@@ -181,6 +182,7 @@ def test_a_value_of_the_wrong_type_is_refused_not_coerced(pair):
         f"model.storage_options.key=!!int {SECRET}",  # a tag its value does not fit
     ],
 )
+@pytest.mark.cli
 def test_errors_about_storage_options_never_show_their_values(pair, tmp_path):
     with pytest.raises(ImagemillError) as refused:
         build_spec(MINIMAL, parse_overrides([pair]))
@@ -189,6 +191,7 @@ def test_errors_about_storage_options_never_show_their_values(pair, tmp_path):
     assert done.returncode == 2 and SECRET not in done.stdout + done.stderr, done.stderr
 
 
+@pytest.mark.cli
 def test_a_storage_error_that_names_an_option_value_shows_it_redacted(tmp_path):
     """botocore says 'Invalid endpoint: <value>'; what the user sees has the value hidden."""
     done = run_cli("run", _job(tmp_path), "--input", "s3://bucket/p.parquet",

@@ -14,6 +14,8 @@ from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
 from imagemill.workers.generators.diffusion.speed import SpeedOptions
 from imagemill.workers.rows import BatchKey
 
+pytestmark = pytest.mark.model  # its tests build or load a model (the tiers: tests/conftest.py)
+
 # 8 steps: enough for every kind to reach steps it reuses (diffusers' timestep windows, warm-up)
 KEY = BatchKey(width=32, height=32, num_inference_steps=8, guidance_scale=3.5)
 CACHES = {

@@ -76,6 +76,7 @@ def test_more_than_the_upload_limit_is_refused_naming_the_fix(tmp_path, monkeypa
     assert not (tmp_path / "working_dir").exists()
 
 
+@pytest.mark.cli
 def test_status_of_a_submitted_job_that_has_not_started(tmp_path):
     out = tmp_path / "out"
     mark_submitted(OutputLayout(str(out)), "nightly-20261129-010203", REMOTE, "nightly")

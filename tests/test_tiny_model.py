@@ -12,6 +12,8 @@ from diffusers import DiffusionPipeline
 
 from imagemill.testing.tiny_model import make_tiny_model
 
+pytestmark = pytest.mark.model  # its tests build or load a model (the tiers: tests/conftest.py)
+
 LONG_PROMPT = " ".join(["a big blue star above a small green cube in the top left corner"] * 12)
 
 

@@ -8,16 +8,12 @@ shard descriptors and per-shard stats only.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
-
-import ray
 
 from imagemill.core.cost import JobCost, job_cost
 from imagemill.core.job_record import FailedShard, JobCostRecord, JobRecord, write_job_record
@@ -32,16 +28,16 @@ from imagemill.core.model_source import (
 )
 from imagemill.core.records import ShardStats, committed_shards, shard_totals
 from imagemill.core.schedulers import check_scheduler
-from imagemill.core.shard import Shard, ShardPlan
+from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import JobSpec
 from imagemill.execution.budget import Budget
+from imagemill.execution.executor import ShardExecutor, ShardFailure, ShardWork
 from imagemill.execution.progress import progress_display
-from imagemill.execution.scheduler import ShardFailure, ShardScheduler
+from imagemill.execution.scheduler import run_on_ray
 from imagemill.output.claim import claim_output
 from imagemill.output.location import check_output_location
 from imagemill.planning.auto_batch import with_recorded_batch_size
 from imagemill.planning.inputs import reconcile_inputs
-from imagemill.planning.pieces import serving_pieces
 from imagemill.planning.shards import plan_shards, resume_whole_group_shards
 from imagemill.reporting.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
 from imagemill.reporting.report import write_report
@@ -130,22 +126,20 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _connect_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start a local one."""
-    if not ray.is_initialized():
-        # Actors' output stays in Ray's logs (errors name the folder); Ray's own INFO lines stay off.
-        address = os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-
-
 def run(
-    spec: JobSpec, progress: bool = True, overwrite: bool = False, redo_changed: bool = False
+    spec: JobSpec,
+    progress: bool = True,
+    overwrite: bool = False,
+    redo_changed: bool = False,
+    executor: ShardExecutor = run_on_ray,
 ) -> JobResult:
     """Run the job to completion; returns the counts.
 
     Shards already committed in the output are kept, so running the same spec again resumes it.
     `overwrite` deletes a previous job's output first (only imagemill's own files); `redo_changed`
     generates again the shards of input files that changed since they were made (imagemill.planning.inputs).
+    `executor` runs the shards left (imagemill.execution.executor): Ray actors unless a caller (tests,
+    the bench) runs them in its own process.
     """
     started = time.time()
     plan = plan_shards(spec.input)
@@ -162,7 +156,7 @@ def run(
     check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:
-        return _run_owned(spec, plan, output, lease, started, progress, overwrite, redo_changed)
+        return _run_owned(spec, plan, output, lease, started, progress, overwrite, redo_changed, executor)
 
 
 def _run_owned(
@@ -174,6 +168,7 @@ def _run_owned(
     progress: bool,
     overwrite: bool,
     redo_changed: bool,
+    executor: ShardExecutor,
 ) -> JobResult:
     """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe)."""
     spec = with_recorded_batch_size(spec, output, overwrite)
@@ -218,10 +213,15 @@ def _run_owned(
         output.remove(SUCCESS_MARKER)
         record_written = True  # from now on an interrupted run says so in the record
 
+    def commit(stats: ShardStats) -> None:
+        committed[stats.shard_id] = stats  # the budget counts it from now on
+
     try:
-        _schedule(
-            spec, todo, committed, failures, shards_total, rows_total, lease, start_record, progress, budget
-        )
+        if todo and not budget.reached():
+            work = ShardWork(spec, lease.run_id, todo, budget, start_record, commit, failures.append)
+            _execute(work, executor, committed, shards_total, rows_total, progress)
+        else:  # nothing to run, or the budget was reached by earlier runs
+            start_record(spec)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`, a pod deleted) exits
         # Ray's native SIGTERM handler arms a 3 s SIGALRM abort before Python's handler runs (Ray
         # #64830): an end slower than that (the record and report on a slow store) died as SIGABRT.
@@ -242,53 +242,45 @@ def _run_owned(
     return result
 
 
-def _schedule(
-    spec: JobSpec,
-    todo: list[Shard],
+def _execute(
+    work: ShardWork,
+    executor: ShardExecutor,
     committed: dict[str, ShardStats],
-    failures: list[ShardFailure],
     shards_total: int,
     rows_total: int,
-    lease: OutputLease,
-    start_record: Callable[[JobSpec], None],
     progress: bool,
-    budget: Budget,
 ) -> None:
-    """Run the shards left on the actor pool, adding each one's stats to `committed` as it commits;
-    none when the budget was reached by earlier runs."""
-    if todo and not budget.reached():
-        _connect_ray()
-        display = progress_display(
-            spec.name, rows_total, sum(stats.rows for stats in committed.values()), shards_total, progress
+    """`work` through `executor`, each committed shard added to `committed` (its `on_committed`),
+    shown on the progress bar and logged."""
+    spec = work.spec
+    display = progress_display(
+        spec.name, rows_total, sum(stats.rows for stats in committed.values()), shards_total, progress
+    )
+
+    def on_committed(stats: ShardStats) -> None:
+        work.on_committed(stats)
+        shown.update(stats.rows, len(committed))
+        filtered = f", {stats.filtered} filtered" if spec.scoring else ""
+        filtered += f", {stats.flagged} flagged" if spec.safety else ""
+        log.info(
+            "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
+            "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
+            stats.shard_id,
+            stats.rows,
+            stats.ok,
+            filtered,
+            stats.error,
+            stats.seconds,
+            stats.images_per_second,
+            stats.read_seconds,
+            stats.model_seconds,
+            stats.write_wait_seconds,
+            len(committed),
+            shards_total,
         )
 
-        def on_done(stats: ShardStats) -> None:
-            committed[stats.shard_id] = stats
-            shown.update(stats.rows, len(committed))
-            filtered = f", {stats.filtered} filtered" if spec.scoring else ""
-            filtered += f", {stats.flagged} flagged" if spec.safety else ""
-            log.info(
-                "shard %s done: %d rows, %d ok%s, %d error in %.1f s (%.1f images/s; read %.1f s, "
-                "generate %.1f s, waiting on writes %.1f s) [%d/%d shards]",
-                stats.shard_id,
-                stats.rows,
-                stats.ok,
-                filtered,
-                stats.error,
-                stats.seconds,
-                stats.images_per_second,
-                stats.read_seconds,
-                stats.model_seconds,
-                stats.write_wait_seconds,
-                len(committed),
-                shards_total,
-            )
-
-        with display as shown, serving_pieces(spec, todo) as served:
-            scheduler = ShardScheduler(spec, lease.run_id, on_ready=start_record, budget=budget)
-            failures += scheduler.run(served, on_done)
-    else:
-        start_record(spec)
+    with display as shown:
+        executor(replace(work, on_committed=on_committed))
 
 
 def _result(

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -26,7 +25,9 @@ from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.execution.budget import Budget
+from imagemill.execution.executor import ShardFailure, ShardWork
 from imagemill.execution.expanders import start_expanders, stop_expanders
+from imagemill.planning.pieces import serving_pieces
 from imagemill.planning.placement import WorkerDemand, placeable_workers
 from imagemill.workers.actors import ShardWorkerActor
 
@@ -37,12 +38,22 @@ GROWTH_CHECK_SECONDS = 5.0
 WAIT_LOG_SECONDS = 30.0
 
 
-@dataclass(frozen=True)
-class ShardFailure:
-    shard_id: str
-    input_file: str
-    attempts: int
-    error: str
+def run_on_ray(work: ShardWork) -> None:
+    """The default shard executor (imagemill.execution.executor): the shards on a pool of actors of
+    the cluster named by RAY_ADDRESS, or of a local one; pieces of row groups served by a PieceServer."""
+    _connect_ray()
+    with serving_pieces(work.spec, work.shards) as served:
+        scheduler = ShardScheduler(work.spec, work.run_id, on_ready=work.on_ready, budget=work.budget)
+        for failure in scheduler.run(served, work.on_committed):
+            work.on_failed(failure)
+
+
+def _connect_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start a local one."""
+    if not ray.is_initialized():
+        # Actors' output stays in Ray's logs (errors name the folder); Ray's own INFO lines stay off.
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def _uses_gpu(spec: JobSpec) -> bool:

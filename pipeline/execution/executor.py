@@ -1,0 +1,55 @@
+"""Where a job's shards run, injected into `imagemill.run`: the driver around it (planning, the lease
+and claim, resume, the job record, the report) is the same whichever executor runs them.
+
+The default is the Ray actor pool (`imagemill.execution.scheduler.run_on_ray`); tests and the bench run
+the same driver with the shards in this process (`imagemill.testing.in_process.run_in_this_process`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from imagemill.core.records import ShardStats
+from imagemill.core.shard import Shard
+from imagemill.core.spec import JobSpec
+from imagemill.execution.budget import Budget
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """A shard that failed all its tries (or whose input could not be read): the run ends incomplete."""
+
+    shard_id: str
+    input_file: str
+    attempts: int
+    error: str
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """What an executor is given: the shards left of one run and where to report on them.
+
+    `run_id`: the run that holds the output's lease (workers check it before each commit);
+    `on_ready`: call once the model has loaded, before any shard starts, with the spec the run uses
+    (`workers.batch_size: auto` resolved); a model that does not load raises instead, leaving no record;
+    `on_committed`: each shard's stats once it has committed (the progress bar and log follow it);
+    `on_failed`: each shard that failed all its tries;
+    `budget`: once it is reached, no further shard is started (imagemill.execution.budget).
+    """
+
+    spec: JobSpec
+    run_id: str
+    shards: list[Shard]
+    budget: Budget
+    on_ready: Callable[[JobSpec], None]
+    on_committed: Callable[[ShardStats], None]
+    on_failed: Callable[[ShardFailure], None]
+
+
+class ShardExecutor(Protocol):
+    """Runs `work.shards` to the end (committed, failed, or left when the budget is reached) and
+    returns once none is running; every outcome goes through `work`'s callbacks."""
+
+    def __call__(self, work: ShardWork) -> None: ...
