@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import imagemill
 from imagemill.core.errors import ImagemillError
-from imagemill.core.model_source import check_expansion_source
+from imagemill.core.model_source import check_source
 from imagemill.core.shard import Shard
 from imagemill.core.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
 from imagemill.workers.rows import prepare_rows
@@ -203,7 +203,7 @@ def test_an_expansion_source_that_is_not_a_language_model_is_refused_in_one_line
         ImagemillError,
         match=r"expansion model directory .* has no config\.json; it must be a transformers causal LM",
     ):
-        check_expansion_source(ExpansionSpec(source=tiny_model))
+        check_source("expansion", ExpansionSpec(source=tiny_model))
 
 
 def test_variant_rows_get_derived_ids_own_seeds_and_one_expansion_per_variant():

@@ -28,21 +28,11 @@ class Unexpected(Exception):
 
 
 def storage_option_values(spec: JobSpec) -> list[str]:
-    """Every storage option's value in the spec, nested ones included, as text."""
-    sections = (
-        spec.input,
-        spec.output,
-        spec.model,
-        spec.scoring,
-        spec.expansion,
-        spec.safety,
-        spec.evaluation,
-    )
-    sections += (spec.output.c2pa,)
-    options = [section.storage_options for section in sections if section is not None]
-    if spec.evaluation is not None:
-        options.append(spec.evaluation.reference_storage_options)
-    return values_in(options)
+    """Every storage option's value in the spec, nested ones included, as text: each field marked a
+    storage option (imagemill.core.spec.markers), in whatever section declares it."""
+    from imagemill.core.spec.markers import STORAGE_OPTION, marked
+
+    return values_in([options for _, options in marked(spec, STORAGE_OPTION)])
 
 
 def values_in(options: Any) -> list[str]:

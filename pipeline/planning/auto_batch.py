@@ -20,7 +20,7 @@ def with_recorded_batch_size(spec: JobSpec, output: OutputLayout, overwrite: boo
     if spec.workers.batch_size != "auto" or overwrite:
         return spec
     record = output.read_job_record(warn=False)
-    recorded = record["fingerprint"].get("batch_size") if record else None
+    recorded = record["fingerprint"].get("workers", {}).get("batch_size") if record else None
     if type(recorded) is int and recorded > 0:
         return spec.with_batch_size(recorded)
     return spec
