@@ -136,10 +136,7 @@ def test_source_paths_stay_under_the_input_folder_unless_absolute_paths_are_allo
         allowed.location("../../etc/passwd")  # relative paths stay under the folder even then
 
 
-def test_strength_is_part_of_the_fingerprint_only_for_image_to_image():
-    paths = {"input": {"path": "p.parquet"}, "output": {"path": "/tmp/o"}}
-    plain = build_spec({**paths, "model": {"source": "m"}})
-    assert "strength" not in str(plain.fingerprint())  # outputs made before image-to-image still resume
+def test_strength_and_resize_are_part_of_the_fingerprint():
     specs = [_spec("p.parquet", "/tmp/o", **settings) for settings in
              ({}, {"strength": 0.5}, {"strength": [0.2, 0.6]}, {"resize": "pad"})]  # fmt: skip
     fingerprints = [spec.fingerprint() for spec in specs]

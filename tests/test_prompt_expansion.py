@@ -191,7 +191,7 @@ def test_invalid_expansion_settings_are_named(expansion, message):
 
 def test_expansion_settings_that_decide_the_output_are_in_the_fingerprint():
     spec = {"input": {"path": "x"}, "output": {"path": "y"}, "model": {"kind": "noop"}}
-    assert "expansion" not in imagemill.build_spec(spec).fingerprint()  # older outputs still resume
+    assert imagemill.build_spec(spec).fingerprint()["expansion"] is None
     expanded = imagemill.build_spec({**spec, "expansion": {"source": "some/lm", "placement": "pool"}})
     fingerprint = expanded.fingerprint()["expansion"]
     assert fingerprint["template"] and fingerprint["source"] == "some/lm" and "placement" not in fingerprint
