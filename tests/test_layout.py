@@ -56,11 +56,7 @@ def test_the_import_contracts_hold():
 @pytest.mark.parametrize(
     ("module", "line", "contract"),
     [
-        (
-            "workers/stages/planted.py",
-            "from imagemill.output.claim import claim_output",
-            "Rooms import downwards",
-        ),
+        ("workers/stages/planted.py", "from imagemill.output.claim import claim_output", "Rooms import downwards"),
         ("pipeline/core/planted.py", "import imagemill.planning.shards", "Rooms import downwards"),
         ("pipeline/execution/planted.py", "from imagemill.workers.worker import ShardWorker", "actor shells"),
         ("pipeline/reporting/planted.py", "def f():\n    import imagemill.testing", "test and demo builders"),
