@@ -45,7 +45,8 @@ def prompts(tmp_path: Path) -> Path:
 def test_auto_resolves_on_the_cpu_to_its_rule_and_the_number_is_recorded(tmp_path, prompts, tiny_model):
     assert run_in_process(_spec(tmp_path, tiny_model, "auto", "auto")).ok == 24
     record = _recorded(tmp_path / "auto")
-    assert record["fingerprint"]["batch_size"] == CPU_BATCH_SIZE, "the number, not auto: resumes compare it"
+    recorded = record["fingerprint"]["workers"]["batch_size"]
+    assert recorded == CPU_BATCH_SIZE, "the number, not auto: resumes compare it"
     assert record["spec"]["workers"]["batch_size"] == "auto", "the spec as the user wrote it"
     run_in_process(_spec(tmp_path, tiny_model, "numbered", CPU_BATCH_SIZE))
     assert output_hashes(tmp_path / "auto") == output_hashes(tmp_path / "numbered")
@@ -64,9 +65,9 @@ def test_a_resume_with_auto_takes_the_recorded_size_and_writes_the_same_bytes(tm
     resumed = run_in_process(_spec(tmp_path, tiny_model, "out", "auto"))
     assert (resumed.shards_run, resumed.shards_done) == (1, 2)
     assert output_hashes(out) == unbroken
-    assert _recorded(out)["fingerprint"]["batch_size"] == 4
+    assert _recorded(out)["fingerprint"]["workers"]["batch_size"] == 4
 
-    with pytest.raises(ImagemillError, match=r"other settings \(batch_size changed\)"):
+    with pytest.raises(ImagemillError, match=r"other settings \(workers\.batch_size changed\)"):
         run_in_process(_spec(tmp_path, tiny_model, "out", 8))
 
 
@@ -117,7 +118,7 @@ def test_the_first_actor_through_ray_fixes_the_size_for_the_job(ray_session, tmp
         }
     )
     assert imagemill.run(spec, progress=False).ok == 24
-    assert _recorded(tmp_path / "out")["fingerprint"]["batch_size"] == CPU_BATCH_SIZE
+    assert _recorded(tmp_path / "out")["fingerprint"]["workers"]["batch_size"] == CPU_BATCH_SIZE
     assert imagemill.run(spec, progress=False).shards_run == 0, "the re-run matches and has nothing to do"
 
 

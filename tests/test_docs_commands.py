@@ -216,6 +216,7 @@ def test_the_demo_trainer_writes_a_pipeline_the_demo_job_can_load(tmp_path):
     assert list(target.glob("unet/*.safetensors")), "weights are saved as safetensors"
 
 
+@pytest.mark.cli
 def test_make_tiny_model_writes_a_pipeline(tmp_path):
     [usage] = blocks(section("docs/running.md", "Commands"), "text")
     assert re.search(r"^imagemill make-tiny-model DIR \[--family sd\|sdxl", usage, re.M)

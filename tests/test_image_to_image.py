@@ -203,10 +203,7 @@ def test_a_source_read_that_stalls_is_an_invalid_image_after_the_time_bound(monk
     assert "was not read within 0.5 s" in str(refused)
 
 
-def test_strength_is_part_of_the_fingerprint_only_for_image_to_image():
-    paths = {"input": {"path": "p.parquet"}, "output": {"path": "/tmp/o"}}
-    plain = build_spec({**paths, "model": {"source": "m"}})
-    assert "strength" not in str(plain.fingerprint())  # outputs made before image-to-image still resume
+def test_strength_and_resize_are_part_of_the_fingerprint():
     specs = [_spec("p.parquet", "/tmp/o", **settings) for settings in
              ({}, {"strength": 0.5}, {"strength": [0.2, 0.6]}, {"resize": "pad"})]  # fmt: skip
     fingerprints = [spec.fingerprint() for spec in specs]

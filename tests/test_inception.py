@@ -23,7 +23,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.features import JOB_WIDE, FeatureSums, sums_from_table, sums_table
 from imagemill.core.inception_score import ClassSums
 from imagemill.core.layout import OutputLayout
-from imagemill.core.model_source import check_evaluation_source
+from imagemill.core.model_source import check_source
 from imagemill.core.spec import EvaluationSpec
 from imagemill.evaluation.feature_metrics import InceptionScore
 from imagemill.evaluation.metric import ShardEvaluation
@@ -193,7 +193,7 @@ def test_wrong_weights_and_pickles_under_safetensors_only_are_refused_in_one_lin
     (tmp_path / "empty").mkdir()
     assert "holds no Inception-v3 weights file" in refusal(tmp_path / "empty")
     with pytest.raises(ImagemillError, match="does not exist"):  # on the driver, before any actor starts
-        check_evaluation_source(EvaluationSpec(features="inception", source=str(tmp_path / "absent.pth")))
+        check_source("evaluation", EvaluationSpec(features="inception", source=str(tmp_path / "absent.pth")))
 
 
 def test_feature_stats_without_class_sums_still_read_and_give_no_partial_score():

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import imagemill
 from imagemill.core.errors import ImagemillError
-from imagemill.core.model_source import check_expansion_source
+from imagemill.core.model_source import check_source
 from imagemill.core.shard import Shard
 from imagemill.core.spec import ExpansionSpec, GenerationSpec, InputSpec, parse_overrides
 from imagemill.testing.in_process import run_in_process
@@ -192,7 +192,7 @@ def test_invalid_expansion_settings_are_named(expansion, message):
 
 def test_expansion_settings_that_decide_the_output_are_in_the_fingerprint():
     spec = {"input": {"path": "x"}, "output": {"path": "y"}, "model": {"kind": "noop"}}
-    assert "expansion" not in imagemill.build_spec(spec).fingerprint()  # older outputs still resume
+    assert imagemill.build_spec(spec).fingerprint()["expansion"] is None
     expanded = imagemill.build_spec({**spec, "expansion": {"source": "some/lm", "placement": "pool"}})
     fingerprint = expanded.fingerprint()["expansion"]
     assert fingerprint["template"] and fingerprint["source"] == "some/lm" and "placement" not in fingerprint
@@ -204,7 +204,7 @@ def test_an_expansion_source_that_is_not_a_language_model_is_refused_in_one_line
         ImagemillError,
         match=r"expansion model directory .* has no config\.json; it must be a transformers causal LM",
     ):
-        check_expansion_source(ExpansionSpec(source=tiny_model))
+        check_source("expansion", ExpansionSpec(source=tiny_model))
 
 
 def test_variant_rows_get_derived_ids_own_seeds_and_one_expansion_per_variant():

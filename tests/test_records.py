@@ -291,6 +291,7 @@ def _refused_in_one_line(done, version: str) -> None:
     assert "--overwrite" in lines[0] and "_job.json" in lines[0]
 
 
+@pytest.mark.cli
 def test_an_output_of_another_schema_version_is_refused_by_status_and_a_rerun_until_overwritten(tmp_path):
     spec, job = _old_output(tmp_path)
     out = tmp_path / "out"

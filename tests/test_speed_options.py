@@ -105,12 +105,19 @@ def test_tiny_vae_of_another_family_is_refused_in_one_line(tmp_path, tiny_model)
         DiffusersGenerator(tiny_model, "float32", "cpu", speed=options)
 
 
-def test_speed_options_are_in_the_fingerprint_only_when_set(tmp_path):
+def test_speed_options_that_change_pixels_are_fingerprinted_and_the_compile_cache_is_not(tmp_path):
+    """A resume with another attention or memory format would mix two kinds of pixels in one output;
+    where compiled artifacts are cached changes no byte."""
     base = {
         "input": {"path": str(tmp_path)},
         "output": {"path": str(tmp_path / "out")},
         "model": {"source": "x/y"},
     }
-    assert "speed" not in imagemill.build_spec(base).fingerprint()
-    fast = imagemill.build_spec({**base, "speed": {"attention": "eager", "channels_last": True}})
-    assert fast.fingerprint()["speed"] == {"attention": "eager", "channels_last": True}
+    plain = imagemill.build_spec(base).fingerprint()
+    fast = imagemill.build_spec({**base, "speed": {"attention": "eager", "channels_last": True}}).fingerprint()
+    assert fast["speed"]["attention"] == "eager" and fast["speed"]["channels_last"] is True
+    assert fast != plain
+    compiled = {"compile": True}
+    uncached = imagemill.build_spec({**base, "speed": compiled}).fingerprint()
+    cached = imagemill.build_spec({**base, "speed": {**compiled, "compile_cache": str(tmp_path)}}).fingerprint()
+    assert "compile_cache" not in cached["speed"] and cached == uncached

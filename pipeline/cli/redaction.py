@@ -28,21 +28,11 @@ class Unexpected(Exception):
 
 
 def storage_option_values(spec: JobSpec) -> list[str]:
-    """Every storage option's value in the spec, nested ones included, as text: any section's
-    `storage_options` or `*_storage_options`, found by walking the spec, so a new section (a new
-    stage's) is covered without a list to extend."""
-    return values_in(list(_storage_options(spec)))
+    """Every storage option's value in the spec, nested ones included, as text: each field marked a
+    storage option (imagemill.core.spec.markers), in whatever section declares it."""
+    from imagemill.core.spec.markers import STORAGE_OPTION, marked
 
-
-def _storage_options(section: Any) -> Iterator[Any]:
-    """The storage options of a spec section and of the sections (or lists of them) inside it."""
-    for name in type(section).model_fields:
-        value = getattr(section, name)
-        if name == "storage_options" or name.endswith("_storage_options"):
-            yield value
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if hasattr(type(item), "model_fields"):  # a pydantic section
-                yield from _storage_options(item)
+    return values_in([options for _, options in marked(spec, STORAGE_OPTION)])
 
 
 def values_in(options: Any) -> list[str]:

@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image
 
 from imagemill.core.errors import one_line
-from imagemill.core.spec import DEFAULT_MAX_IMAGE_PIXELS  # also for files without a setting of their own
+from imagemill.core.spec.rules import (
+    DEFAULT_MAX_IMAGE_PIXELS,  # also for files without a setting of their own
+)
 
 # Decoded formats (Pillow's names). Not EPS/PS (Ghostscript), PDF, ICO/ICNS, PSD or the rest.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")

@@ -80,7 +80,7 @@ class JobRecord(StoredRecord):
     @property
     def batch_size(self) -> int | None:
         """The batch size the run used (a number, also for `auto`), or None where none is recorded."""
-        recorded = self.fingerprint.get("batch_size")
+        recorded = self.fingerprint.get("workers", {}).get("batch_size")
         return recorded if type(recorded) is int and recorded > 0 else None
 
 

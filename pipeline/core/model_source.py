@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from imagemill.core.errors import ImagemillError
-from imagemill.core.spec import EvaluationSpec, ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
+from imagemill.core.spec import EvaluationSpec, JobSpec, ModelSpec, PretrainedSection
 from imagemill.core.storage import filesystem, join
 
 # By model.kind: the file save_pretrained writes at the top of a model directory, and what that is.
@@ -23,7 +23,6 @@ MARKERS = {
     "diffusers": ("model_index.json", "a diffusers pipeline"),
     "janus": ("config.json", "a transformers Janus model"),
 }
-MODEL_CONFIG = "config.json"  # a transformers model
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _COMPLETE = ".imagemill-complete"
 
@@ -36,45 +35,30 @@ def _is_hub_id(source: str) -> bool:
     return not _is_url(source) and not os.path.isabs(source) and bool(_HUB_ID.fullmatch(source))
 
 
+def check_sources(spec: JobSpec) -> None:
+    """Fail on the driver, before any actor starts, when a section's weights cannot be where the spec
+    says: every section that names pretrained weights (JobSpec.pretrained), whichever it is."""
+    for name, section in spec.pretrained().items():
+        check_source(name, section)
+
+
+def check_source(name: str, section: PretrainedSection) -> None:
+    """The check of one section `name`: its source's directory holds the file its class names
+    (`weights_file`); the model's depends on its kind, the Inception-v3 weights are one file, and
+    pixel features have none."""
+    if isinstance(section, ModelSpec):
+        check_model_source(section)
+    elif isinstance(section, EvaluationSpec) and section.features == "inception":
+        weights_file(section)
+    elif section.source is not None:
+        _check_source(section.source, section.storage_options, *section.weights_file, section=name)
+
+
 def check_model_source(spec: ModelSpec) -> None:
-    """Fail on the driver, before any actor starts, when the model cannot be where the spec says."""
+    """The model's check: the marker file of its kind (none for noop), and its LoRAs."""
     if spec.kind != "noop":
         check_lora_sources(spec)
         _check_source(spec.source, spec.storage_options, *MARKERS[spec.kind], section="model")
-
-
-def check_scoring_source(spec: ScoringSpec) -> None:
-    """The same check for the scoring model: a transformers model directory has a config.json."""
-    _check_source(
-        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="scoring"
-    )
-
-
-def check_safety_source(spec: SafetySpec) -> None:
-    """The same check for the safety classifier: a StableDiffusionSafetyChecker directory."""
-    _check_source(
-        spec.source, spec.storage_options, MODEL_CONFIG, "a StableDiffusionSafetyChecker", section="safety"
-    )
-
-
-def check_evaluation_source(spec: EvaluationSpec) -> None:
-    """The same check for the evaluation's feature model: a transformers CLIPModel directory (pixel
-    features have none to check), or the Inception-v3 weights file."""
-    if spec.source is None:
-        return
-    if spec.features == "inception":
-        weights_file(spec)
-        return
-    _check_source(
-        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers CLIPModel", section="evaluation"
-    )
-
-
-def check_expansion_source(spec: ExpansionSpec) -> None:
-    """The same check for the prompt-expansion model: a transformers causal LM directory."""
-    _check_source(
-        spec.source, spec.storage_options, MODEL_CONFIG, "a transformers causal LM", section="expansion"
-    )
 
 
 def _check_source(source: str, storage_options: dict, marker: str, kind: str, section: str) -> None:

@@ -19,13 +19,7 @@ from imagemill.core.cost import JobCost, job_cost
 from imagemill.core.job_record import FailedShard, JobCostRecord, JobRecord, write_job_record
 from imagemill.core.layout import SUCCESS_MARKER, OutputLayout
 from imagemill.core.lease import OutputLease
-from imagemill.core.model_source import (
-    check_evaluation_source,
-    check_expansion_source,
-    check_model_source,
-    check_safety_source,
-    check_scoring_source,
-)
+from imagemill.core.model_source import check_sources
 from imagemill.core.records import ShardStats, committed_shards, shard_totals
 from imagemill.core.schedulers import check_scheduler
 from imagemill.core.shard import ShardPlan
@@ -143,16 +137,8 @@ def run(
     """
     started = time.time()
     plan = plan_shards(spec.input)
-    check_model_source(spec.model)
+    check_sources(spec)
     check_scheduler(spec.model.scheduler)
-    if spec.scoring is not None:
-        check_scoring_source(spec.scoring)
-    if spec.expansion is not None:
-        check_expansion_source(spec.expansion)
-    if spec.safety is not None:
-        check_safety_source(spec.safety)
-    if spec.evaluation is not None:
-        check_evaluation_source(spec.evaluation)
     check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:

@@ -1,0 +1,169 @@
+"""The job spec as a whole: its sections in the order the reference page lists them, and the rules
+that tie one section to another."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+
+from imagemill.core.kinds import KINDS
+from imagemill.core.spec.fingerprint import fingerprint
+from imagemill.core.spec.markers import NOT_FINGERPRINTED, REDACTED, dumped
+from imagemill.core.spec.rules import denoising_problem, watermark_size_problem
+from imagemill.core.spec.sections import (
+    CostSpec,
+    EvaluationSpec,
+    ExpansionSpec,
+    GenerationSpec,
+    InputSpec,
+    ModelSpec,
+    OutputSpec,
+    PretrainedSection,
+    SafetySpec,
+    ScoringSpec,
+    SpeedSpec,
+    WorkersSpec,
+    _Section,
+)
+
+
+class JobSpec(_Section):
+    """One YAML file: the whole contract of a job, read by the driver, the actors and the job record."""
+
+    name: Annotated[str, NOT_FINGERPRINTED] = Field(
+        "imagemill", description="The job's name in its record and logs; {date} becomes the day (UTC)."
+    )
+    input: InputSpec = Field(description="The prompts.")
+    output: OutputSpec = Field(description="Where images and metadata are written.")
+    model: ModelSpec = Field(description="The text-to-image model.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec,
+        description="Job defaults; input columns of the same names override them per row.",
+    )
+    workers: WorkersSpec = Field(default_factory=WorkersSpec, description="The actors that generate.")
+    cost: Annotated[CostSpec, NOT_FINGERPRINTED] = Field(
+        default_factory=CostSpec, description="Prices of device time, for reports and max_cost_usd."
+    )
+    scoring: ScoringSpec | None = Field(None, description="Optional CLIP score per image.")
+    safety: SafetySpec | None = Field(None, description="Optional safety classifier and its policy.")
+    expansion: ExpansionSpec | None = Field(
+        None, description="Optional prompt expansion by a language model."
+    )
+    speed: SpeedSpec = Field(
+        default_factory=SpeedSpec,
+        description="How a diffusers model runs; each option may change output bytes slightly.",
+    )
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Optional dataset evaluation: features, FID/KID, diversity, near-duplicates."
+    )
+
+    @model_validator(mode="after")
+    def _candidates_need_their_score(self) -> JobSpec:
+        if self.generation.candidates > 1 and self.scoring is None:
+            raise ValueError(
+                f"generation.candidates: {self.generation.candidates} picks by "
+                f"{self.generation.select_by}, which needs a scoring: section (a CLIP model)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _watermark_fits_the_images(self) -> JobSpec:
+        if self.output.watermark is not None:
+            problem = watermark_size_problem(self.generation.width, self.generation.height)
+            if problem:
+                raise ValueError(f"output.watermark: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _cost_budget_needs_a_price(self) -> JobSpec:
+        if self.workers.max_cost_usd is not None and self.cost.gpu_hour_usd is None:
+            raise ValueError("workers.max_cost_usd needs cost.gpu_hour_usd, the price it is counted in")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_batch_is_not_compiled(self) -> JobSpec:
+        if self.workers.batch_size == "auto" and self.speed.compile:
+            raise ValueError(
+                "workers.batch_size: auto cannot go with speed.compile, which compiles for one batch "
+                "size at load: set workers.batch_size to a number"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _model_has_a_source(self) -> JobSpec:
+        if KINDS[self.model.kind].needs_model and not self.model.source.strip():
+            raise ValueError("model.source is required: a hub id, a local directory or a URL")
+        return self
+
+    @model_validator(mode="after")
+    def _diffusers_options_need_a_diffusers_model(self) -> JobSpec:
+        """LoRA, quantisation, the scheduler and speed options act on a diffusers pipeline; elsewhere
+        they would be silently ignored, so they are refused."""
+        if not KINDS[self.model.kind].diffusers_options:
+            used = [
+                name
+                for name, is_set in (
+                    ("model.lora", bool(self.model.lora)),
+                    ("model.quantization", self.model.quantization != "none"),
+                    ("model.scheduler", self.model.scheduler is not None),
+                    ("speed", bool(self.speed.model_dump(exclude_defaults=True))),
+                )
+                if is_set
+            ]
+            if used:
+                accepting = ", ".join(info.name for info in KINDS.values() if info.diffusers_options)
+                raise ValueError(
+                    f"{', '.join(used)} only apply to model.kind: {accepting}, not {self.model.kind}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _image_column_needs_diffusers(self) -> JobSpec:
+        """Image-to-image drives a diffusers image-to-image pipeline; other kinds would ignore the sources."""
+        if self.input.image_column is None:
+            return self
+        if self.model.kind != "diffusers":
+            raise ValueError(f"input.image_column needs model.kind: diffusers, not {self.model.kind}")
+        strength = self.generation.strength
+        problem = denoising_problem(
+            self.generation.num_inference_steps, strength[0] if isinstance(strength, list) else strength
+        )
+        if problem:
+            raise ValueError(f"generation: {problem}")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide what the job's output holds (imagemill.core.spec.fingerprint)."""
+        return fingerprint(self)
+
+    def with_batch_size(self, batch_size: int) -> JobSpec:
+        """This spec with `workers.batch_size` resolved (from `auto`) to a number."""
+        return self.model_copy(update={"workers": self.workers.model_copy(update={"batch_size": batch_size})})
+
+    def label_column(self) -> str | None:
+        """The column per-label features read labels from: the one place that decides it."""
+        return self.input.label()
+
+    def pretrained(self) -> dict[str, PretrainedSection]:
+        """The sections that name pretrained weights, by section name (those the job has)."""
+        sections = {name: getattr(self, name) for name in type(self).model_fields}
+        return {name: value for name, value in sections.items() if isinstance(value, PretrainedSection)}
+
+    @property
+    def images_per_row(self) -> int:
+        """Metadata rows (images) per input row: variants × images per prompt."""
+        variants = self.expansion.n_variants if self.expansion else 1
+        return variants * self.generation.images_per_prompt
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as a dict with every redacted field (storage options, the signing key's place)
+        hidden: safe for logs and the job record."""
+        return dumped(self, hide=REDACTED)
