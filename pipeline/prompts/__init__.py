@@ -1,2 +1,1 @@
-"""Making prompt inputs: a dataset recipe (classes × templates × slots) → a labelled prompts Parquet.
-"""
+"""Making prompt inputs: a dataset recipe (classes × templates × slots) → a labelled prompts Parquet."""
