@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from imagemill.core.compile_cache_key import check_compile_cache_key
 from imagemill.core.cost import JobCost, job_cost
 from imagemill.core.layout import JOB_RECORD, SUCCESS_MARKER, OutputLayout
 from imagemill.core.lease import OutputLease
@@ -151,6 +152,7 @@ def run(
     plan = plan_shards(spec.input)
     check_model_source(spec.model)
     check_scheduler(spec.model.scheduler)
+    check_compile_cache_key(spec.speed)
     if spec.scoring is not None:
         check_scoring_source(spec.scoring)
     if spec.expansion is not None:
