@@ -240,7 +240,7 @@ def test_the_key_reaches_an_actor_through_its_runtime_env_and_no_record(tmp_path
         {
             "input": {"path": str(tmp_path)},
             "output": {"path": str(tmp_path / "o")},
-            "model": {"kind": "noop", "device": "cpu"},
+            "model": {"source": "x/y", "device": "cpu"},
             "workers": {"num_workers": 1},
             "speed": {"compile": True, "compile_cache": str(tmp_path / "cc")},
         }
