@@ -257,3 +257,25 @@ def test_the_key_reaches_an_actor_through_its_runtime_env_and_no_record(tmp_path
     write_job_spec(spec, tmp_path)
     assert SECRET not in json.dumps(spec.redacted()) and SECRET not in str(spec)
     assert all(SECRET not in f.read_text() for f in tmp_path.iterdir() if f.is_file())
+
+
+def test_the_driver_hides_the_key_from_every_line_it_prints(tmp_path, caplog, signing_key):
+    """A Ray error about an actor's runtime_env may quote it: `imagemill run` redacts it like a
+    storage option's value."""
+    from imagemill.cli.redaction import hiding, job_secrets
+
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path)},
+            "output": {"path": str(tmp_path / "o")},
+            "model": {"source": "x/y"},
+            "speed": {"compile": True, "compile_cache": str(tmp_path / "cc")},
+        }
+    )
+    with pytest.raises(imagemill.ImagemillError) as raised, hiding(job_secrets(spec)):
+        logging.getLogger("ray").warning(
+            "runtime_env {'env_vars': {'%s': '%s'}} failed", KEY_VARIABLE, SECRET
+        )
+        raise imagemill.ImagemillError(f"actor died: env_vars={SECRET}")
+    assert SECRET not in caplog.text and SECRET not in str(raised.value)
+    assert KEY_VARIABLE in caplog.text, "the variable's name is shown, its value is not"

@@ -45,3 +45,9 @@ def compile_cache_env(speed: SpeedSpec) -> dict[str, str]:
     """The environment variables actors need for the compile cache (Ray runtime_env `env_vars`): the
     key from this process's environment; none without a compile cache."""
     return {KEY_VARIABLE: compile_cache_key().decode()} if speed.compile_cache else {}
+
+
+def key_values() -> list[str]:
+    """The key as set in this process's environment, for the driver to hide from what it prints
+    (imagemill.cli.redaction: a Ray error about an actor's runtime_env may quote it); [] when unset."""
+    return [value] if (value := os.environ.get(KEY_VARIABLE)) else []
