@@ -36,6 +36,20 @@ def signing_key(monkeypatch) -> str:
     return SECRET
 
 
+def _cached_spec(tmp_path: Path, **sections: dict) -> imagemill.JobSpec:
+    """A job with a compile cache in tmp_path/cc; "eager" traces as inductor does, without its minutes
+    of C++ compiling here. `sections` replace the spec's sections whole."""
+    return imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path)},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": "x/y"},
+            "speed": {"compile": True, "compile_backend": "eager", "compile_cache": str(tmp_path / "cc")},
+            **sections,
+        }
+    )
+
+
 def test_the_key_changes_with_torch_device_shape_and_what_is_compiled(monkeypatch):
     name = artifact_name('{"model": "a"}', SHAPE, "cpu")
     assert name == artifact_name('{"model": "a"}', SHAPE, "cpu"), "the same actor finds its own"
@@ -97,16 +111,11 @@ def test_the_first_actor_saves_after_its_warm_up_and_the_next_loads_before_it(
     events: list[str] = []
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: events.append("save") or (b"k", None))
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: events.append("load"))
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path)},
-            "output": {"path": str(tmp_path / "out")},
-            "model": {"source": tiny_model},
-            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
-            "workers": {"batch_size": 2},
-            # "eager" traces as inductor does, without its minutes of C++ compiling here
-            "speed": {"compile": True, "compile_backend": "eager", "compile_cache": str(tmp_path / "cc")},
-        }
+    spec = _cached_spec(
+        tmp_path,
+        model={"source": tiny_model},
+        generation={"width": 32, "height": 32, "num_inference_steps": 2},
+        workers={"batch_size": 2},
     )
     torch._dynamo.reset()
     try:
@@ -175,14 +184,7 @@ def test_a_tampered_artifact_never_reaches_torch_and_is_refused_in_one_line(
 
 def test_without_the_key_a_compile_cache_is_refused_in_one_line_naming_the_variable(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_VARIABLE, raising=False)
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path)},
-            "output": {"path": str(tmp_path / "o")},
-            "model": {"source": "x/y"},
-            "speed": {"compile": True, "compile_cache": str(tmp_path / "cc")},
-        }
-    )
+    spec = _cached_spec(tmp_path)
     for check in (lambda: check_compile_cache_key(spec.speed), lambda: compile_cache_env(spec.speed)):
         with pytest.raises(imagemill.ImagemillError) as refused:
             check()
@@ -190,7 +192,7 @@ def test_without_the_key_a_compile_cache_is_refused_in_one_line_naming_the_varia
         assert KEY_VARIABLE in message and "speed.compile_cache" in message and "\n" not in message
     with pytest.raises(imagemill.ImagemillError, match=KEY_VARIABLE):  # an actor without it loads nothing
         load_compiled(CompileCache(str(tmp_path / "cc")), SHAPE, "cpu")
-    uncached = imagemill.build_spec({**spec.model_dump(), "speed": {"compile": True}})
+    uncached = _cached_spec(tmp_path, speed={"compile": True})
     check_compile_cache_key(uncached.speed)
     assert compile_cache_env(uncached.speed) == {}, "no key is asked for, or sent, without a cache"
 
@@ -203,15 +205,11 @@ def test_the_actor_compiles_a_tampered_artifact_from_scratch_and_replaces_it_sig
 
     saved: list[str] = []
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: saved.append("save") or (b"k", None))
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path)},
-            "output": {"path": str(tmp_path / "out")},
-            "model": {"source": tiny_model},
-            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
-            "workers": {"batch_size": 2},
-            "speed": {"compile": True, "compile_backend": "eager", "compile_cache": str(tmp_path / "cc")},
-        }
+    spec = _cached_spec(
+        tmp_path,
+        model={"source": tiny_model},
+        generation={"width": 32, "height": 32, "num_inference_steps": 2},
+        workers={"batch_size": 2},
     )
     options = SpeedOptions.from_spec(spec)
     (tmp_path / "cc").mkdir()
@@ -236,15 +234,7 @@ def test_the_key_reaches_an_actor_through_its_runtime_env_and_no_record(tmp_path
     from imagemill.cli.submit import write_job_spec
     from imagemill.execution.scheduler import ShardScheduler
 
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path)},
-            "output": {"path": str(tmp_path / "o")},
-            "model": {"source": "x/y", "device": "cpu"},
-            "workers": {"num_workers": 1},
-            "speed": {"compile": True, "compile_cache": str(tmp_path / "cc")},
-        }
-    )
+    spec = _cached_spec(tmp_path, model={"source": "x/y", "device": "cpu"}, workers={"num_workers": 1})
     options = ShardScheduler(spec, "run", lambda _: None).actor_options
 
     class Probe:
@@ -264,14 +254,7 @@ def test_the_driver_hides_the_key_from_every_line_it_prints(tmp_path, caplog, si
     storage option's value."""
     from imagemill.cli.redaction import hiding, job_secrets
 
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path)},
-            "output": {"path": str(tmp_path / "o")},
-            "model": {"source": "x/y"},
-            "speed": {"compile": True, "compile_cache": str(tmp_path / "cc")},
-        }
-    )
+    spec = _cached_spec(tmp_path)
     with pytest.raises(imagemill.ImagemillError) as raised, hiding(job_secrets(spec)):
         logging.getLogger("ray").warning(
             "runtime_env {'env_vars': {'%s': '%s'}} failed", KEY_VARIABLE, SECRET
