@@ -7,7 +7,9 @@ Each actor is a fresh Python process (imports included in its time) with a fresh
 cache folder of its own, as on a node that just joined; it loads the model with `speed.compile: true`
 (inductor; its load-time warm-up compiles) and generates one batch. Per round, three actors in turn:
 `no compile_cache`; `first actor` (an empty compile_cache: compiles, then saves); `later actor`
-(that compile_cache: loads instead of compiling). The first two should take about as long.
+(that compile_cache: loads instead of compiling). The first two should take about as long. The
+actors share a signing key of this run's own (IMAGEMILL_COMPILE_CACHE_KEY), so the later one's time
+includes checking the artifact's signature.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -61,9 +64,9 @@ def actor(model: str, compile_cache: str | None) -> None:
     print(json.dumps({"seconds": time.perf_counter() - started}))
 
 
-def _spawn(model: Path, compile_cache: Path | None, work: Path) -> float:
+def _spawn(model: Path, compile_cache: Path | None, work: Path, signing: dict[str, str]) -> float:
     inductor = tempfile.mkdtemp(dir=work, prefix="inductor-")  # a node's own, empty Inductor cache
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor, "HF_HUB_OFFLINE": "1", **signing}
     command = [sys.executable, __file__, "--child", str(model)]
     command += ["--cache", str(compile_cache)] if compile_cache else []
     started = time.perf_counter()
@@ -85,14 +88,17 @@ def main() -> None:
     if args.child:
         actor(args.child, args.cache)
         return
+    from imagemill.core.compile_cache_key import KEY_VARIABLE  # here: a child's imports are timed
+
     model = build_model("cpu", Path(args.models))
+    signing = {KEY_VARIABLE: secrets.token_hex(32)}  # the artifacts' signing key, this run's own
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as work:
         for round_ in range(args.repeats):
             cache = Path(work) / f"compile-cache-{round_}"  # empty for this round's first actor
             for name, location in zip(VARIANTS, (None, cache, cache), strict=True):
                 print(f"round {round_ + 1}: {name}", flush=True)
-                seconds[name].append(_spawn(model, location, Path(work)))
+                seconds[name].append(_spawn(model, location, Path(work), signing))
     median = {name: statistics.median(values) for name, values in seconds.items()}
     lines = [
         "## Compile cache, cpu profile",

@@ -10,8 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import read_metadata
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import imagemill
+from imagemill.core.carry import RESERVED_NAMES
 from imagemill.core.errors import ImagemillError
 from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
@@ -218,3 +221,58 @@ def test_carried_columns_and_the_label_are_in_the_fingerprint(tmp_path):
     assert named.label_column() == "class_name" and named.fingerprint() != carried.fingerprint()
     with pytest.raises(ImagemillError, match="label_column 'label' is not carried"):
         _spec(tmp_path, carry_columns=["class_name"], label_column="label")
+
+
+def _write_columns(tmp_path: Path, extra: dict[str, list]) -> None:
+    """One input file of the job's own columns plus `extra` (any names, duplicates by case included)."""
+    folder = tmp_path / "prompts"
+    folder.mkdir(exist_ok=True)
+    names = ["id", "prompt", *extra]
+    arrays = [pa.array(["row-0"]), pa.array(["a circle"]), *(pa.array(v) for v in extra.values())]
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), folder / "part-0.parquet")
+
+
+def _refusal(tmp_path: Path, columns) -> str:
+    with pytest.raises(ImagemillError) as refused:
+        plan_shards(_spec(tmp_path, carry_columns=columns).input)
+    message = str(refused.value)
+    assert "\n" not in message and "part-0.parquet" in message, message
+    return message
+
+
+@pytest.mark.parametrize("columns", [["label", "Label"], "*"])
+def test_carried_names_that_differ_only_in_case_are_refused_naming_both(tmp_path, columns):
+    _write_columns(tmp_path, {"label": [1], "Label": [2]})
+    message = _refusal(tmp_path, columns)
+    assert "'label'" in message and "'Label'" in message and "case" in message, message
+
+
+@pytest.mark.parametrize("columns", [[""], "*"])
+def test_a_carried_column_with_an_empty_name_is_refused(tmp_path, columns):
+    _write_columns(tmp_path, {"": [1], "label": [2]})
+    assert "empty name" in _refusal(tmp_path, columns)
+
+
+# Output columns (the metadata's, the parquet format's `image`) in another case than the output's own.
+CASE_CLASHES = ["ID", "Prompt", "SEED", "Status", "Image", "Key"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(output=st.sampled_from(sorted(RESERVED_NAMES)), data=st.data())
+def test_a_listed_name_that_is_an_output_column_in_another_case_is_refused(tmp_path, output, data):
+    upper = data.draw(st.lists(st.booleans(), min_size=len(output), max_size=len(output)))
+    name = "".join(ch.upper() if up else ch for ch, up in zip(output, upper, strict=True))
+    assume(name != output)
+    _write_columns(tmp_path, {name: ["x"], "label": [1]})
+    message = _refusal(tmp_path, ["label", name])
+    assert f"'{name}'" in message and f"'{output}'" in message and "clashes" in message, message
+
+
+def test_star_skips_columns_that_are_output_columns_in_another_case(tmp_path):
+    _write_columns(tmp_path, {**{name: ["x"] for name in CASE_CLASHES}, "label": [1]})
+    spec = _spec(tmp_path, carry_columns="*")
+    _run_in_process(spec)
+    table = read_metadata(spec.output.path)
+    assert table.column_names[-1] == "label"
+    folded = [name.casefold() for name in table.column_names]
+    assert len(folded) == len(set(folded)), "no two metadata columns differ only in case"

@@ -4,18 +4,22 @@ both samplings, and one-line refusals for recipes that cannot be made."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import make_bucket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imagemill.cli.commands import main
 from imagemill.core.errors import ImagemillError
-from imagemill.prompts.recipes import write_prompts
+from imagemill.prompts.recipes import _distinct_draws, write_prompts
 
 RECIPE = {
     "classes": [
@@ -162,3 +166,39 @@ def test_the_cli_writes_to_a_url_and_keeps_an_existing_file(tmp_path, s3_endpoin
     assert main(["prompts", str(source), out, "--overwrite"]) == 0
     assert main(["prompts", str(source), bucket]) == 2
     assert "is a folder: name the Parquet file to write" in capsys.readouterr().err
+
+
+# 2 words x 8 slots of 256 values: 2**65 combinations, more than numpy's int64 can count.
+HUGE_SLOTS = {f"s{n}": [f"v{n}x{value}" for value in range(256)] for n in range(8)}
+HUGE = {
+    "classes": [{"name": "circle", "synonyms": ["disc"]}],
+    "templates": ["a {class} " + " ".join(f"{{{name}}}" for name in HUGE_SLOTS)],
+    "slots": HUGE_SLOTS,
+    "quota": 40,
+    "sampling": "random",
+    "seed": 5,
+}
+
+
+def test_a_recipe_of_more_than_2_to_the_63_combinations_draws_its_rows_deterministically(tmp_path):
+    table = _write(tmp_path, HUGE, "a.parquet")
+    _write(tmp_path, HUGE, "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    rows = table.to_pylist()
+    assert len(rows) == 40 and len({row["prompt"] for row in rows}) == 40, "no prompt repeats"
+    for row in rows:
+        words = " ".join(row[name] for name in HUGE_SLOTS)
+        assert row["prompt"] in (f"a circle {words}", f"a disc {words}")
+    # Uniform over 2**65: the leading word and the first slot (the highest digits) both vary.
+    assert {row["prompt"].split()[1] for row in rows} == {"circle", "disc"}
+    assert len({row["s0"] for row in rows}) > 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(min_value=1, max_value=2**200), seed=st.integers(0, 2**32))
+def test_distinct_draws_stay_below_any_count_and_repeat_for_a_seed(count, seed):
+    take = min(count, 50)
+    first = list(itertools.islice(_distinct_draws(np.random.default_rng(seed), count), take))
+    again = list(itertools.islice(_distinct_draws(np.random.default_rng(seed), count), take))
+    assert first == again and len(set(first)) == take
+    assert all(isinstance(index, int) and 0 <= index < count for index in first)

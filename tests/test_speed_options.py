@@ -114,10 +114,14 @@ def test_speed_options_that_change_pixels_are_fingerprinted_and_the_compile_cach
         "model": {"source": "x/y"},
     }
     plain = imagemill.build_spec(base).fingerprint()
-    fast = imagemill.build_spec({**base, "speed": {"attention": "eager", "channels_last": True}}).fingerprint()
+    fast = imagemill.build_spec(
+        {**base, "speed": {"attention": "eager", "channels_last": True}}
+    ).fingerprint()
     assert fast["speed"]["attention"] == "eager" and fast["speed"]["channels_last"] is True
     assert fast != plain
     compiled = {"compile": True}
     uncached = imagemill.build_spec({**base, "speed": compiled}).fingerprint()
-    cached = imagemill.build_spec({**base, "speed": {**compiled, "compile_cache": str(tmp_path)}}).fingerprint()
+    cached = imagemill.build_spec(
+        {**base, "speed": {**compiled, "compile_cache": str(tmp_path)}}
+    ).fingerprint()
     assert "compile_cache" not in cached["speed"] and cached == uncached

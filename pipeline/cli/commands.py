@@ -157,7 +157,7 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from imagemill.cli.redaction import hiding, redact, storage_option_values
+    from imagemill.cli.redaction import hiding, job_secrets, redact
     from imagemill.cli.user_errors import as_user_errors
     from imagemill.core.spec import load_spec
     from imagemill.execution.budget import BUDGET_EXIT_STATUS
@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     from imagemill.reporting.outcome import BUDGET_REACHED, COMPLETE
 
     spec = load_spec(args.spec, _overrides(args), day=args.date)
-    secrets = storage_option_values(spec)
+    secrets = job_secrets(spec)
     with hiding(secrets), as_user_errors():
         result = run(
             spec, progress=not args.no_progress, overwrite=args.overwrite, redo_changed=args.redo_changed

@@ -1,4 +1,5 @@
-"""Storage options' values (credentials, endpoints) hidden from everything the driver prints.
+"""Storage options' values (credentials, endpoints) and the compile cache's signing key hidden from
+everything the driver prints.
 
 The spec never shows them (`JobSpec.redacted`), and imagemill's own messages never name them; but a
 storage library may put one in an error (botocore: "Invalid endpoint: <endpoint_url>") or a retry
@@ -33,6 +34,14 @@ def storage_option_values(spec: JobSpec) -> list[str]:
     from imagemill.core.spec.markers import STORAGE_OPTION, marked
 
     return values_in([options for _, options in marked(spec, STORAGE_OPTION)])
+
+
+def job_secrets(spec: JobSpec) -> list[str]:
+    """What a job's driver hides: its storage options' values and, with a compile cache, the key
+    that signs it (imagemill.core.compile_cache_key), which the actors' runtime_env carries."""
+    from imagemill.core.compile_cache_key import key_values  # with the spec's import time, as JobSpec
+
+    return storage_option_values(spec) + (key_values() if spec.speed.compile_cache else [])
 
 
 def values_in(options: Any) -> list[str]:

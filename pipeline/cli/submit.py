@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from imagemill.cli.job_files import check_output, is_local_cluster, shares_this_filesystem, upload_local_files
+from imagemill.core.compile_cache_key import check_compile_cache_key, compile_cache_env
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import SUBMITTED, OutputLayout
 from imagemill.core.spec import JobSpec, load_spec
@@ -86,6 +87,7 @@ def submit(
 
     spec = load_spec(spec_path, parse_overrides(overrides), day=day)  # fail here, not on the cluster
     check_output(spec, address, shared_path or is_local_cluster(address))  # before contacting a cluster
+    check_compile_cache_key(spec.speed)
     output = OutputLayout(spec.output.path, spec.output.storage_options)  # before the paths are rewritten
     try:
         client = JobSubmissionClient(address)
@@ -99,6 +101,8 @@ def submit(
         upload_local_files(spec, Path(folder), shared)
         write_job_spec(spec, Path(folder))
         runtime_env: dict[str, Any] = {"working_dir": folder}
+        if env_vars := compile_cache_env(spec.speed):  # the job's driver on the cluster needs the key
+            runtime_env["env_vars"] = env_vars
         if pip:
             runtime_env["pip"] = pip
         job_id = _submit_when_ready(

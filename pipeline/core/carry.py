@@ -6,13 +6,16 @@ input row into the metadata Parquet, each WebDataset sample's JSON and the `parq
 fixed ones, typed as in the input file. The driver checks every input file's footer when it plans
 (`check_carried`): a carried name that an output already uses, a column missing from a file, or one
 whose type differs between files would give outputs a reader cannot load as one dataset, so each is
-refused in one line. Actors read the carried columns with the shard (`carried_columns`) and keep them
-in a `Carried`, which maps each output row (image) back to its input row.
+refused in one line. Spark and DuckDB ignore case in column names and cannot read an empty one, so
+names are compared case-folded: a listed name that is an output's column in another case (`ID`),
+two carried names that differ only in case, and an empty name are refused too. "*" skips an input
+column that is an output's column in any case, as it skips the exact name, and refuses the others.
+Actors read the carried columns with the shard (`carried_columns`) and keep them in a `Carried`,
+which maps each output row (image) back to its input row.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,12 +24,14 @@ from typing import Any
 import pyarrow as pa
 
 from imagemill.core.errors import ImagemillError
-from imagemill.core.records import MetadataRow
+from imagemill.core.records import FORMAT_COLUMNS, metadata_schema
 from imagemill.core.spec import InputSpec
 
 # Names an output already has: the metadata columns (`key` included), the parquet format's `image`
 # and the WebDataset JSON's `parameters`. A carried column of one of these names would overwrite it.
-RESERVED_NAMES = frozenset({f.name for f in dataclasses.fields(MetadataRow)} | {"image", "parameters"})
+RESERVED_NAMES = frozenset({*metadata_schema(FORMAT_COLUMNS).names, "image", "parameters"})
+# The same names as readers that ignore case see them: case-folded name -> the output's own name.
+_RESERVED_FOLDED = {name.casefold(): name for name in RESERVED_NAMES}
 
 
 def _own_columns(spec: InputSpec) -> set[str]:
@@ -37,26 +42,52 @@ def _own_columns(spec: InputSpec) -> set[str]:
 def carried_columns(spec: InputSpec, names: Sequence[str]) -> list[str]:
     """The carried columns of a file (or table) with these columns: those listed, in their order, or
     with "*" every column that is neither the job's own (prompt, id) nor a name the outputs already
-    have (the per-row parameters such as `seed`, which the metadata records anyway), by name (so files
-    whose columns come in another order give the same output columns)."""
+    have, in any case (the per-row parameters such as `seed`, which the metadata records anyway), by
+    name (so files whose columns come in another order give the same output columns)."""
     if spec.carry_columns != "*":
         return list(spec.carry_columns)
     own = _own_columns(spec)
-    return sorted(name for name in names if name not in own and name not in RESERVED_NAMES)
+    return sorted(name for name in names if name not in own and name.casefold() not in _RESERVED_FOLDED)
+
+
+def _leave_out(spec: InputSpec) -> str:
+    """How to stop carrying a column: drop it from the list, or list the columns instead of "*"."""
+    return (
+        "leave it out of carry_columns" if spec.carry_columns != "*" else 'list the columns to carry, not "*"'
+    )
 
 
 def _check_name(spec: InputSpec, name: str, url: str) -> None:
-    """Refuse a listed name that is the prompt/id column or one the outputs already have."""
+    """Refuse a name that is empty, the prompt/id column, or (in any case) one the outputs already have."""
+    if not name:
+        raise ImagemillError(
+            f"input.carry_columns: a column of {url} has an empty name, which Spark and DuckDB cannot "
+            f"read; rename it in the input or {_leave_out(spec)}"
+        )
     if name in _own_columns(spec):
         raise ImagemillError(
             f"input.carry_columns: '{name}' is the job's prompt or id column ({url}); "
             "it is in the outputs already, remove it from carry_columns"
         )
-    if name in RESERVED_NAMES:
+    if (output := _RESERVED_FOLDED.get(name.casefold())) is not None:
         raise ImagemillError(
-            f"input.carry_columns: '{name}' of {url} clashes with the output column of that "
-            "name; rename it in the input or leave it out"
+            f"input.carry_columns: '{name}' of {url} clashes with the output column '{output}' "
+            "(readers ignore case); rename it in the input or leave it out"
         )
+
+
+def _check_cases(spec: InputSpec, schemas: Sequence[tuple[str, pa.Schema]], names: Sequence[str]) -> None:
+    """Refuse carried names that differ only in case (naming the first file that has the second):
+    Spark and DuckDB read them as one column."""
+    first: dict[str, str] = {}
+    for name in names:
+        other = first.setdefault(name.casefold(), name)
+        if other != name:
+            url = next((url for url, schema in schemas if name in schema.names), schemas[0][0])
+            raise ImagemillError(
+                f"input.carry_columns: columns '{other}' and '{name}' ({url}) differ only in case, which "
+                f"Spark and DuckDB read as one column; rename one in the input or {_leave_out(spec)}"
+            )
 
 
 def check_carried(spec: InputSpec, schemas: Sequence[tuple[str, pa.Schema]]) -> None:
@@ -71,6 +102,7 @@ def check_carried(spec: InputSpec, schemas: Sequence[tuple[str, pa.Schema]]) -> 
         raise ImagemillError(
             f"input.label_column: column '{label}' is not in {schemas[0][0]}; add it there or unset it"
         )
+    _check_cases(spec, schemas, wanted)
     seen: dict[str, tuple[pa.DataType, str]] = {}
     for url, schema in schemas:
         for name in wanted:

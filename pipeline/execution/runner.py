@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 
+from imagemill.core.compile_cache_key import check_compile_cache_key
 from imagemill.core.cost import JobCost, job_cost
 from imagemill.core.job_record import FailedShard, JobCostRecord, JobRecord, write_job_record
 from imagemill.core.layout import SUCCESS_MARKER, OutputLayout
@@ -139,6 +140,7 @@ def run(
     plan = plan_shards(spec.input)
     check_sources(spec)
     check_scheduler(spec.model.scheduler)
+    check_compile_cache_key(spec.speed)
     check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from imagemill.core.compile_cache_key import compile_cache_env
 from imagemill.core.errors import ImagemillError
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
@@ -131,6 +132,8 @@ class ShardScheduler:
             # Both queued shards run at once: one reads while the other generates (model_turns.py).
             "max_concurrency": SHARDS_PER_ACTOR,
         }
+        if env_vars := compile_cache_env(spec.speed):  # the key is in no spec or record: Ray carries it
+            self.actor_options["runtime_env"] = {"env_vars": env_vars}
         self.uses_gpu = uses_gpu
         self.demand = WorkerDemand(spec.workers.num_cpus_per_worker, self.actor_options["num_gpus"])
         self.num_workers = worker_count(spec, uses_gpu)

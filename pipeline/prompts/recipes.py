@@ -42,6 +42,9 @@ SLOT_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 # Up to this many combinations a class's shuffle is a permutation of all of them; above it (a recipe
 # of many long slot lists), distinct combinations are drawn one by one, so memory follows the quota.
 PERMUTATION_LIMIT = 1_000_000
+# Random indices are drawn this many at a time; numpy's `integers` draws below NUMPY_HIGH (int64).
+DRAWS_AT_ONCE = 4096
+NUMPY_HIGH = 2**63 - 1
 # The rows are built in memory; a recipe asking for more is a typo or wants to be split into several.
 MAX_ROWS = 10_000_000
 # Pinned so that the same recipe writes the same bytes (pyarrow's defaults may change between releases).
@@ -189,11 +192,24 @@ def _class_rng(seed: int, name: str, round_: int) -> np.random.Generator:
     return np.random.default_rng([seed, digest, round_])
 
 
+def _draws_below(rng: np.random.Generator, count: int) -> list[int]:
+    """Up to DRAWS_AT_ONCE uniform indices below `count`, a Python int of any size. numpy draws
+    below 2**63 itself (the draws recipes have always made); above, each index is the top bits of
+    whole 64-bit words, those not below `count` dropped (at most half), as numpy's int64 would overflow."""
+    if count <= NUMPY_HIGH:
+        return rng.integers(count, size=DRAWS_AT_ONCE).tolist()
+    bits = count.bit_length()
+    words = -(-bits // 64)
+    rows = rng.integers(0, 2**64, size=(DRAWS_AT_ONCE, words), dtype=np.uint64).tolist()
+    wide = (sum(word << (64 * k) for k, word in enumerate(row)) >> (64 * words - bits) for row in rows)
+    return [index for index in wide if index < count]
+
+
 def _distinct_draws(rng: np.random.Generator, count: int) -> Iterator[int]:
     """Distinct indices below `count` in a seeded order (for counts too large to permute)."""
     seen: set[int] = set()
     while len(seen) < count:
-        for index in rng.integers(count, size=4096).tolist():
+        for index in _draws_below(rng, count):
             if index not in seen:
                 seen.add(index)
                 yield index
@@ -201,7 +217,7 @@ def _distinct_draws(rng: np.random.Generator, count: int) -> Iterator[int]:
 
 def _positions(recipe: Recipe, name: str, count: int, quota: int) -> Iterator[int]:
     """The combination index of each of a class's `quota` rows: rounds of every combination once."""
-    for round_ in range(math.ceil(quota / count)):
+    for round_ in range(-(-quota // count)):  # integer ceiling: counts may exceed a float's precision
         take = min(count, quota - round_ * count)
         if recipe.sampling == "cartesian":
             yield from range(take)
