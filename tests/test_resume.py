@@ -52,7 +52,7 @@ def test_driver_killed_five_times_then_rerun_gives_every_row_once_and_the_same_b
     """The subject is the driver and the commits, so the model is the noop kind (no model to load: a
     kill cycle takes seconds); every file still embeds its row's parameters, so each image's bytes are
     its row's. A killed driver with a real model is taken over byte-identically in test_lease."""
-    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=6, rows_per_file=128, row_group_size=8)
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=12, rows_per_file=128, row_group_size=8)
     shards = rows // 16
     ids = {f"row-{i:05d}" for i in range(rows)}
     noop = "{kind: noop}"

@@ -35,8 +35,7 @@ from pydantic import ValidationError
 
 from imagemill.core.errors import ImagemillError, one_line
 from imagemill.core.images import InvalidImage, decode_image
-from imagemill.core.spec import payload_bits
-from imagemill.core.spec.sections import WatermarkSpec
+from imagemill.core.spec import WatermarkSpec, payload_bits
 from imagemill.core.storage import filesystem
 from imagemill.provenance import optional_library
 from imagemill.provenance.c2pa_signing import MIME_TYPES
