@@ -77,7 +77,11 @@ def test_cache_is_in_the_fingerprint_and_takes_only_its_kinds_settings(tmp_path)
         "model": {"source": "x/y"},
     }
     spec = imagemill.build_spec({**base, "speed": {"cache": {"kind": "taylorseer", "interval": 3}}})
-    assert spec.fingerprint()["speed"] == {"cache": {"kind": "taylorseer", "interval": 3}}
+    cache = spec.fingerprint()["speed"]["cache"]
+    assert cache["kind"] == "taylorseer" and cache["interval"] == 3
+    other = imagemill.build_spec({**base, "speed": {"cache": {"kind": "taylorseer", "interval": 4}}})
+    uncached = imagemill.build_spec(base)
+    assert len({str(s.fingerprint()) for s in (spec, other, uncached)}) == 3  # a resume may change none
     with pytest.raises(ImagemillError, match="threshold do not apply to kind: pyramid"):
         imagemill.build_spec({**base, "speed": {"cache": {"kind": "pyramid", "threshold": 0.1}}})
 
