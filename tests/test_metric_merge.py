@@ -126,8 +126,9 @@ def _assert_close_results(got: LabelledValues | None, want: LabelledValues | Non
             *((value, want.per_label[label]) for label, value in got.per_label.items()),
         ]
         assert got.per_label.keys() == want.per_label.keys()
-        for value, wanted in pairs:
-            assert value == wanted or value == pytest.approx(wanted, rel=1e-9)
+        for value, wanted in pairs:  # sums added in another order differ in the last bits, and FID's
+            # matrix square root of a near-singular covariance (a few images) magnifies that to ~1e-8
+            assert value == wanted or value == pytest.approx(wanted, rel=1e-6)
 
 
 def _assert_same_state(tree: Metric, sequential: Metric) -> None:

@@ -11,7 +11,7 @@ first in reference order among equals). Stamped with its basis, so a re-run with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -21,7 +21,7 @@ from imagemill.core.evaluation_results import LeakagePair, LeakageResult
 from imagemill.core.layout import LEAKAGE, OutputLayout
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
-from imagemill.evaluation.metric import ShardEvaluation, StateKind, StreamedShards
+from imagemill.evaluation.metric import StateKind, StreamedShards, StreamsShards
 from imagemill.evaluation.reference import Reference
 from imagemill.evaluation.similarity_search import FaissIndex, Method, close_pairs, search_method
 from imagemill.evaluation.stamped import read_stamped, write_stamped
@@ -75,7 +75,7 @@ def find_leakage(
 
 
 @dataclass(frozen=True)
-class Leakage:
+class Leakage(StreamsShards):
     """The job's leakage as a metric (imagemill.evaluation.metric): its state is the set of shards
     (StreamedShards); `compute` reads `leakage.parquet` when it was made
     from the same basis (those shards, the reference setting and the threshold), else finds them
@@ -87,12 +87,6 @@ class Leakage:
     source: str  # `evaluation.reference`, as the stamp names the reference
     threshold: float
     streamed: StreamedShards = StreamedShards()
-
-    def partial(self, shard: ShardEvaluation) -> Leakage:
-        return replace(self, streamed=StreamedShards.of(shard))
-
-    def merge(self, other: Leakage) -> Leakage:
-        return replace(self, streamed=self.streamed.merge(other.streamed))
 
     def compute(self) -> LeakageResult:
         basis = {"shards": self.streamed.shards, "threshold": self.threshold, "reference": self.source}

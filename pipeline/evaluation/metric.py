@@ -20,7 +20,7 @@ folds every metric over them (`merge_over`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, Protocol, Self, TypeVar
 
 import numpy as np
@@ -83,6 +83,19 @@ class StreamedShards:
 
     def merge(self, other: StreamedShards) -> StreamedShards:
         return StreamedShards(self.shards | other.shards, self.images + other.images)
+
+
+class StreamsShards:
+    """The partial and merge of a metric whose state is StreamedShards (near-duplicates, leakage): the
+    metric is a frozen dataclass with a `streamed` field, and only its compute differs."""
+
+    streamed: StreamedShards
+
+    def partial(self, shard: ShardEvaluation) -> Self:
+        return replace(self, streamed=StreamedShards.of(shard))
+
+    def merge(self, other: Self) -> Self:
+        return replace(self, streamed=self.streamed.merge(other.streamed))
 
 
 def read_shards(output: OutputLayout, finished: dict[str, str | None]) -> Iterator[ShardEvaluation]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,7 +34,7 @@ from imagemill.core.evaluation_results import DuplicatePair, NearDuplicatesResul
 from imagemill.core.layout import DUPLICATES, OutputLayout
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
-from imagemill.evaluation.metric import ShardEvaluation, StateKind, StreamedShards
+from imagemill.evaluation.metric import StateKind, StreamedShards, StreamsShards
 from imagemill.evaluation.similarity_search import FaissIndex, Method, close_pairs, search_method
 from imagemill.evaluation.stamped import read_stamped, write_stamped
 
@@ -161,7 +161,7 @@ def find_duplicates(
 
 
 @dataclass(frozen=True)
-class NearDuplicates:
+class NearDuplicates(StreamsShards):
     """The job's near-duplicates as a metric (imagemill.evaluation.metric): its state is the set of
     shards (StreamedShards); `compute` reads `duplicates.parquet` when it
     was made from the same basis (those shards and the threshold), else finds them and writes it."""
@@ -170,12 +170,6 @@ class NearDuplicates:
     output: OutputLayout
     threshold: float
     streamed: StreamedShards = StreamedShards()
-
-    def partial(self, shard: ShardEvaluation) -> NearDuplicates:
-        return replace(self, streamed=StreamedShards.of(shard))
-
-    def merge(self, other: NearDuplicates) -> NearDuplicates:
-        return replace(self, streamed=self.streamed.merge(other.streamed))
 
     def compute(self) -> NearDuplicatesResult:
         basis = {"shards": self.streamed.shards, "threshold": self.threshold}
