@@ -184,10 +184,23 @@ def _demo_ids(folder: Path = REPO) -> set[str]:
     return set(pq.read_table(folder / "jobs" / "demo_prompts.parquet", columns=["id"])["id"].to_pylist())
 
 
-def test_the_shipped_demo_submitted_as_is_succeeds_on_a_token_cluster(ray_head, tmp_path):
+def _home_with_token(home: Path, token: str | None, monkeypatch) -> None:
+    """The client as a user's shell is after `ray start --head`: the token (if any) only in
+    ~/.ray/auth_token, where Ray leaves it, and neither RAY_AUTH_MODE nor RAY_AUTH_TOKEN set."""
+    (home / ".ray").mkdir(parents=True)
+    if token is not None:
+        (home / ".ray" / "auth_token").write_text(token)
+    monkeypatch.setenv("HOME", str(home))
+    for name in TOKEN_ENV:
+        monkeypatch.delenv(name)
+
+
+def test_the_shipped_demo_submitted_as_is_succeeds_on_a_token_cluster(ray_head, tmp_path, monkeypatch):
     """The cluster guide's command (docs/cluster.md), on this test's cluster: `imagemill submit
-    jobs/demo.yaml --address http://127.0.0.1:8265`. On this machine the cluster shares the filesystem:
-    the relative input, model and output mean the client's."""
+    jobs/demo.yaml --address http://127.0.0.1:8265`, from a shell that has only the token `ray start`
+    left in ~/.ray (Ray 2.60 turns token authentication on by default). On this machine the cluster
+    shares the filesystem: the relative input, model and output mean the client's."""
+    _home_with_token(tmp_path / "home", TOKEN, monkeypatch)
     words = " ".join(command("docs/cluster.md", r"ray start --head")).split(" && ")[1].split()
     assert words[:4] == ["imagemill", "submit", "jobs/demo.yaml", "--address"]
     assert words[4].startswith("http://127.0.0.1:")
@@ -233,14 +246,17 @@ def test_a_remote_cluster_gets_the_local_input_and_model_uploaded(ray_head, tmp_
 
 
 def test_a_cluster_with_token_authentication_names_what_the_client_needs(ray_head, tmp_path, monkeypatch):
+    """No token on this machine (or another cluster's): one short line saying what to set."""
     demo = _demo_copy(tmp_path / "demo", rows=16)
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    done = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, cwd=demo)
-    assert done.returncode == 2
-    line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"imagemill: error: cannot reach the Ray cluster at {ray_head.local}: "), line
-    assert "RAY_AUTH_MODE=token" in line and "RAY_AUTH_TOKEN" in line and "RAY_AUTH_TOKEN_PATH" in line
+    for home, token in ((tmp_path / "no-token", None), (tmp_path / "other-token", "f" * 32)):
+        with monkeypatch.context() as patched:
+            _home_with_token(home, token, patched)
+            done = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, cwd=demo)
+        assert done.returncode == 2, done.stderr
+        line = done.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"imagemill: error: cannot reach the Ray cluster at {ray_head.local}: "), line
+        assert "RAY_AUTH_MODE=token" in line and "RAY_AUTH_TOKEN" in line and "RAY_AUTH_TOKEN_PATH" in line
+        assert len(line) < 300, line  # not Ray's paragraph
 
 
 def test_a_local_output_for_a_remote_cluster_is_refused_before_contacting_it(tmp_path, tiny_model):

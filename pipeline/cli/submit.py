@@ -42,9 +42,9 @@ CLUSTER_PYTHON = (
     "PY=$(sed -n 's|^.* \\(/[^ ]*\\)/lib/python3[^/]*/[a-z]*-packages/ray/_raylet\\.so$|\\1/bin/python|p'"
     ' /proc/$PPID/maps 2>/dev/null | head -n 1); [ -x "$PY" ] || PY=python; exec "$PY"'
 )
-AUTH_HINT = (
-    " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN,"
-    " or in a file named by RAY_AUTH_TOKEN_PATH)"
+AUTH_FIX = (
+    "it requires Ray's token authentication: export RAY_AUTH_MODE=token and the cluster's token in "
+    "RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH), then submit again"
 )
 
 
@@ -89,12 +89,15 @@ def submit(
     check_output(spec, address, shared_path or is_local_cluster(address))  # before contacting a cluster
     check_compile_cache_key(spec.speed)
     output = OutputLayout(spec.output.path, spec.output.storage_options)  # before the paths are rewritten
+    if is_local_cluster(address):
+        _use_local_token()
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        hint = AUTH_HINT if re.search(r"token|auth|401|403", reason, re.IGNORECASE) else ""
-        raise ImagemillError(f"cannot reach the Ray cluster at {address}: {reason}{hint}") from None
+        if re.search(r"token|auth|401|403", reason, re.IGNORECASE):
+            reason = AUTH_FIX  # Ray's own text is a 700-character paragraph
+        raise ImagemillError(f"cannot reach the Ray cluster at {address}: {reason}") from None
     shared = shared_path or shares_this_filesystem(address)
     check_output(spec, address, shared)
     with tempfile.TemporaryDirectory(prefix="imagemill-submit-") as folder:
@@ -120,6 +123,20 @@ def submit(
     while (state := str(client.get_job_status(job_id)).split(".")[-1]) not in FINAL_STATES:
         time.sleep(1)  # the log stream can end a moment before the state is final
     return job_id, state
+
+
+def _use_local_token() -> None:
+    """Ray's rule for a cluster on this machine, applied to a loopback address: `ray start --head`
+    turns token authentication on and leaves its token in ~/.ray/auth_token, but a client sends it
+    only under RAY_AUTH_MODE=token. `ray.init()` enables that when it finds a local cluster and a
+    token and RAY_AUTH_MODE is unset (never for an explicit address: a token is not sent elsewhere);
+    the same call here lets the cluster guide's `ray start --head && imagemill submit …` work as
+    written."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def mark_submitted(output: OutputLayout, job_id: str, address: str, name: str) -> None:
