@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import subprocess
 
 import c2pa
 import pyarrow as pa
@@ -26,6 +27,7 @@ from imagemill.provenance.c2pa_signing import PARAMETERS_LABEL
 from imagemill.provenance.verify import verify
 from imagemill.workers.worker import ShardWorker
 from tests.conftest import read_metadata
+from tests.doc_pages import section, shell_commands
 
 PROMPTS = ["a grey square\nsecond line, with: colons", "猫 🙂 ünïcode", "a plain prompt"]
 SEEDS = [0x7F7F7F, 0x606A70, 0x909088]  # the noop model's colours: mid-tones, room for the watermark
@@ -206,3 +208,31 @@ def test_a_key_that_does_not_read_is_one_line_naming_the_setting(tmp_path, signi
     assert str(error.value).startswith("output.c2pa.key could not be read") and "secret-name" not in str(
         error.value
     )
+
+
+def test_the_guides_openssl_commands_make_a_chain_that_signs_and_verifies(tmp_path, capsys):
+    """docs/provenance.md's certificate commands, as written, run in a fresh folder; the chain and key
+    they leave sign an image that `imagemill verify` reports as SIGNED."""
+    commands = shell_commands(section("docs/provenance.md", "A certificate for C2PA"))
+    assert commands and all(line.split()[0] in ("openssl", "printf", "cat") for line in commands)
+    for line in commands:
+        subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True, capture_output=True)
+    pq.write_table(
+        pa.table({"id": ["a"], "prompt": ["a plain prompt"], "seed": SEEDS[:1]}), tmp_path / "p.parquet"
+    )
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet")},
+            "output": {"path": str(tmp_path / "out"), "c2pa": {"cert": str(chain), "key": str(key)}},
+            "model": {"kind": "noop"},
+            "generation": {"width": 256, "height": 256},
+        }
+    )
+    worker = ShardWorker(spec)
+    assert worker.load_error is None
+    for shard in plan_shards(spec.input).shards:
+        assert worker.process_shard(shard).ok == 1
+    assert main(["verify", str(tmp_path / "out")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("SIGNED ") and ": C2PA manifest valid; signed claims: parameters" in first

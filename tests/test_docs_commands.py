@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_cli, write_prompt_files
-from doc_pages import ROOT, blocks, command, documented_commands, page_text, pages, section
+from doc_pages import ROOT, blocks, command, documented_commands, page_text, pages, section, shell_commands
 from PIL import Image
 
 from imagemill.cli.commands import main
@@ -66,6 +66,11 @@ RUN_BY: dict[str, tuple[str, ...]] = {
     ),
     "imagemill run jobs/nightly.yaml --date 2026-11-23": (
         "tests/test_jobs.py::test_nightly_job_writes_each_night_to_its_own_prefix_and_only_new_input_is_new_work",
+    ),
+    # the certificate how-to: its one test runs every command of that section, as written
+    **dict.fromkeys(
+        shell_commands(section("docs/provenance.md", "A certificate for C2PA")),
+        ("tests/test_c2pa.py::test_the_guides_openssl_commands_make_a_chain_that_signs_and_verifies",),
     ),
     "imagemill verify s3://imagemill-nightly/images/2026-11-23 --watermark nightly1": (
         "tests/test_c2pa.py::test_verify_passes_the_output_and_reports_a_tampered_image",
