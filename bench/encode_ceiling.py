@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from throughput import _machine, publish
 
+from imagemill.workers.generators.emulated import textured
+
 SIZES = (512, 1024)
 # name → Pillow format and options; imagemill writes the defaults (PNG level 6, WebP method 4).
 ENCODERS = {
@@ -35,24 +37,6 @@ ENCODERS = {
     "webp q90, method 4 (imagemill)": ("WEBP", {"quality": 90, "method": 4}),
 }
 GPU_RATES = (10, 30, 60)
-
-
-def textured(size: int, seed: int) -> np.ndarray:
-    """A (size, size, 3) uint8 image with what generated images have: smooth colour, edges, grain."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    channels = []
-    for _ in range(3):
-        field = sum(
-            np.sin(2 * math.pi * (rng.uniform(0.5, 4) * x + rng.uniform(0.5, 4) * y) + rng.uniform(0, 6))
-            for _ in range(4)
-        )
-        channels.append(field)
-    image = np.stack(channels, -1) * 30 + 128
-    cx, cy, r = rng.uniform(0.2, 0.8, 3) * (1, 1, 0.4)
-    image[(x - cx) ** 2 + (y - cy) ** 2 < r**2] += rng.uniform(-60, 60, 3)  # a shape with hard edges
-    image += rng.normal(0, 2, image.shape)  # grain
-    return image.clip(0, 255).astype(np.uint8)
 
 
 def encode(pixels: np.ndarray, name: str) -> int:
@@ -102,7 +86,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rows, rates = [], {}
     for size in SIZES:
-        images = [textured(size, seed) for seed in range(args.images)]
+        images = [textured(size, size, seed) for seed in range(args.images)]
         for name in ENCODERS:
             rate, kb = per_core(images, name)
             rates[name, size] = rate
@@ -115,7 +99,7 @@ def main() -> None:
                 f"{1000 / gpu:.2f} | | 0 |"
             )
     name, size = "png, level 6 (imagemill)", 512
-    images = [textured(size, seed) for seed in range(args.images * 2)]
+    images = [textured(size, size, seed) for seed in range(args.images * 2)]
     scaling = []
     for workers in sorted({1, 2, cores}):
         with ThreadPoolExecutor(workers) as threads:

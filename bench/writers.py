@@ -40,12 +40,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from encode_ceiling import GPU_RATES, textured
+from encode_ceiling import GPU_RATES
 from throughput import _machine, publish
 
 import imagemill
 import imagemill.workers.worker as worker_module
 from imagemill.testing.in_process import load_worker, run_shards
+from imagemill.workers.generators.emulated import textured
 from imagemill.workers.generators.noop import NoopGenerator
 
 # format → images per measurement, relative to PNG's: the faster encoders get more, so that every
@@ -149,7 +150,7 @@ def _warm_up(scratch: Path, places: dict[str, str]) -> None:
     """One small job per place and format first, so imports and connections are not measured."""
     inputs = scratch / "prompts-warm-up"
     _prompts(inputs, ROWS_PER_SHARD)
-    TexturedNoop.textures[64] = [torch.from_numpy(textured(64, seed)) for seed in range(TEXTURES)]
+    TexturedNoop.textures[64] = [torch.from_numpy(textured(64, 64, seed)) for seed in range(TEXTURES)]
     for root in places.values():
         for image_format in FORMATS:
             _measure(inputs, f"{root}/warm-up-{image_format}", 64, image_format, ROWS_PER_SHARD)
@@ -177,7 +178,7 @@ def main() -> None:
             _warm_up(scratch, places)
             for size in args.sizes:
                 TexturedNoop.textures[size] = [
-                    torch.from_numpy(textured(size, seed)) for seed in range(TEXTURES)
+                    torch.from_numpy(textured(size, size, seed)) for seed in range(TEXTURES)
                 ]
                 for image_format, scale in FORMATS.items():
                     rows = max(2, args.images * scale * 512**2 // size**2 // ROWS_PER_SHARD) * ROWS_PER_SHARD

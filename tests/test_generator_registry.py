@@ -25,7 +25,7 @@ from imagemill.workers.worker import make_generator
 def models(tmp_path_factory, tiny_model) -> dict[str, str]:
     """A tiny model directory of every kind that loads one."""
     janus = str(make_tiny_janus(tmp_path_factory.mktemp("models") / "tiny-janus"))
-    return {"diffusers": tiny_model, "janus": janus, "noop": ""}
+    return {"diffusers": tiny_model, "janus": janus, "noop": "", "emulated": ""}
 
 
 def _spec(tmp_path, kind: str, source: str, **generation):
@@ -33,7 +33,8 @@ def _spec(tmp_path, kind: str, source: str, **generation):
         {
             "input": {"path": str(tmp_path)},
             "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": kind, "source": source},
+            "model": {"kind": kind, "source": source}
+            | ({"emulation": {"images_per_second": 1000}} if kind == "emulated" else {}),
             "generation": generation,
         }
     )

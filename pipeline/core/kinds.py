@@ -60,6 +60,12 @@ KINDS: dict[str, KindInfo] = {
             None,
             "no model: solid colours from the seeds (measures the pipeline)",
         ),
+        KindInfo(
+            "emulated",
+            "imagemill.workers.generators.emulated:EmulatedGenerator",
+            None,
+            "no model: a GPU emulated on the CPU (model.emulation), textured images (measures device busy)",
+        ),
     )
 }
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)

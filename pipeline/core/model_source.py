@@ -15,14 +15,10 @@ import shutil
 from pathlib import Path
 
 from imagemill.core.errors import ImagemillError
+from imagemill.core.kinds import KINDS
 from imagemill.core.spec import EvaluationSpec, JobSpec, ModelSpec, PretrainedSection
 from imagemill.core.storage import filesystem, join
 
-# By model.kind: the file save_pretrained writes at the top of a model directory, and what that is.
-MARKERS = {
-    "diffusers": ("model_index.json", "a diffusers pipeline"),
-    "janus": ("config.json", "a transformers Janus model"),
-}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _COMPLETE = ".imagemill-complete"
 
@@ -55,10 +51,11 @@ def check_source(name: str, section: PretrainedSection) -> None:
 
 
 def check_model_source(spec: ModelSpec) -> None:
-    """The model's check: the marker file of its kind (none for noop), and its LoRAs."""
-    if spec.kind != "noop":
+    """The model's check: the marker file of its kind (none for a kind without a model), and its LoRAs."""
+    kind = KINDS[spec.kind]
+    if kind.needs_model:
         check_lora_sources(spec)
-        _check_source(spec.source, spec.storage_options, *MARKERS[spec.kind], section="model")
+        _check_source(spec.source, spec.storage_options, kind.marker, kind.description, section="model")
 
 
 def _check_source(source: str, storage_options: dict, marker: str, kind: str, section: str) -> None:

@@ -213,6 +213,22 @@ class SchedulerSpec(_Section):
     )
 
 
+class EmulationSpec(_Section):
+    """`model.kind: emulated`: a GPU emulated on the CPU (workers/generators/emulated.py), to measure how
+    busy imagemill keeps a device at a given rate without one."""
+
+    images_per_second: float = Field(gt=0, description="The emulated device's rate at the job's image size.")
+    launch_ms_per_step: float = Field(
+        2.0,
+        ge=0,
+        description="Python work per denoising step, holding the GIL, on an uncontended core (kernel "
+        "launches: a few ms per step for an SD-sized denoiser).",
+    )
+    queue_depth: int = Field(
+        1024, gt=0, description="Steps queued ahead of the device before a launch blocks."
+    )
+
+
 class ModelSpec(PretrainedSection):
     """The text-to-image model every worker loads."""
 
@@ -235,6 +251,19 @@ class ModelSpec(PretrainedSection):
     scheduler: SchedulerSpec | None = Field(
         None, description="The diffusers scheduler (sampler) to use; default: the pipeline's own."
     )
+    emulation: EmulationSpec | None = Field(
+        None, description="kind: emulated only: the emulated device, e.g. {images_per_second: 30}."
+    )
+
+    @model_validator(mode="after")
+    def _emulation_goes_with_its_kind(self) -> ModelSpec:
+        if (self.kind == "emulated") != (self.emulation is not None):
+            raise ValueError(
+                "model.emulation is set without model.kind: emulated; remove it"
+                if self.emulation is not None
+                else "model.kind: emulated needs model.emulation, e.g. {images_per_second: 30}"
+            )
+        return self
 
 
 class ScoringSpec(PretrainedSection):

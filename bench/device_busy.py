@@ -1,0 +1,168 @@
+"""Device busy share: how much of an emulated GPU's time imagemill keeps busy, through Ray, per rate,
+image size, format and place.
+
+    python bench/device_busy.py                   # writes BENCHMARKS.md's "Device busy share" section
+    python bench/device_busy.py --quick           # 512² at 30 images/s, PNG and JPEG, local: a look
+
+Each run is a whole job through Ray (`imagemill.run`, one worker, 4+ shards) of `model.kind: emulated`
+(workers/generators/emulated.py): per denoising step the actor's model thread does
+`--launch-ms` of GIL-holding Python work (kernel launches) and queues the step's device time, which a
+device thread runs without the GIL; images are textured, so encoding costs what it does for generated
+images. Rows = the rate × `--device-seconds`, so every run keeps the device busy for the same time.
+
+Figures, from the committed shards' stats:
+- busy share = device time (rows ÷ rate) ÷ the model window (first shard's model start to the last
+  shard's model end): what a GPU at that rate would have been busy. 1.0 is the ceiling.
+- launch overhead = the generate calls' seconds − device time: launch work the device queue did not hide.
+- idle = the model held by a shard but not generating (waiting on its writer queue, between batches).
+- gaps = the window − the seconds shards held the model: shard boundaries and hand-over.
+- tail = the last shard's end − the model window's end: writes after the last batch (once per job).
+A format and size whose encoding needs more cores than the machine has cannot reach 1.0: the table's
+last column is the cores the writer-path table (bench/writers.py) says that rate needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from throughput import _machine, publish
+from writers import _s3_endpoint
+
+import imagemill
+from imagemill.core.layout import OutputLayout
+from imagemill.core.records import committed_shards
+
+# (size, images/s): the rates real GPUs reach, as the device-busy issue lists them
+RATES = ((512, 7), (512, 30), (512, 60), (1024, 2), (1024, 4))
+FORMATS = ("png", "jpeg", "webp")
+BATCH = {512: 16, 1024: 4}
+STEPS = 20
+# Images per CPU-second on one core through the worker's writers to a local folder (BENCHMARKS.md,
+# "Writer path", 2026-11-30), by (size, format): what the cores-to-encode column divides by.
+PER_CORE = {
+    (512, "png"): 7.4,
+    (512, "jpeg"): 155.7,
+    (512, "webp"): 29.6,
+    (1024, "png"): 1.7,
+    (1024, "jpeg"): 94.0,
+    (1024, "webp"): 10.0,
+}
+
+
+def _input(folder: Path, rows: int, rows_per_shard: int) -> Path:
+    path = folder / f"prompts-{rows}.parquet"
+    table = pa.table(
+        {"id": [f"r{i:06d}" for i in range(rows)], "prompt": [f"a photo {i}" for i in range(rows)]}
+    )
+    pq.write_table(table, path, row_group_size=rows_per_shard)
+    return path
+
+
+def measure(
+    scratch: Path,
+    root: str,
+    size: int,
+    rate: float,
+    image_format: str,
+    device_seconds: float,
+    launch_ms: float,
+) -> dict:
+    """One job; its busy share and where the rest of the model window went."""
+    batch = BATCH[size]
+    rows = max(4 * batch, math.ceil(rate * device_seconds / batch) * batch)
+    rows_per_shard = max(batch, rows // 4 // batch * batch)
+    output = f"{root}/busy-{size}-{rate}-{image_format}-{time.monotonic_ns()}"
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(_input(scratch, rows, rows_per_shard)), "rows_per_shard": rows_per_shard},
+            "output": {"path": output, "image_format": image_format},
+            "model": {
+                "kind": "emulated",
+                "emulation": {"images_per_second": rate, "launch_ms_per_step": launch_ms},
+            },
+            "generation": {"width": size, "height": size, "num_inference_steps": STEPS},
+            "workers": {"num_workers": 1, "batch_size": batch},
+        }
+    )
+    result = imagemill.run(spec, progress=False)
+    assert result.ok == rows, f"{result.ok} of {rows} rows written"
+    stats = list(committed_shards(OutputLayout(output)).values())
+    starts = [s.timeline["model"][0] for s in stats]
+    ends = [s.timeline["model"][1] for s in stats]
+    window = max(ends) - min(starts)
+    device = rows / rate
+    generate = sum(s.stage_seconds.get("denoise", 0.0) for s in stats)
+    idle = sum(s.stage_seconds.get("idle", 0.0) for s in stats)
+    held = sum(end - start for start, end in zip(starts, ends, strict=True))
+    finished = max(datetime.fromisoformat(s.finished_at).timestamp() for s in stats)
+    return {
+        "rows": rows,
+        "busy": device / window,
+        "launch": max(generate - device, 0.0) / window,
+        "idle": idle / window,
+        "gaps": max(window - held, 0.0) / window,
+        "tail": finished - max(ends),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="512² at 30 images/s, PNG and JPEG, local only")
+    parser.add_argument("--device-seconds", type=float, default=20.0, help="device time per run")
+    parser.add_argument("--launch-ms", type=float, default=2.0, help="GIL-held Python work per step")
+    parser.add_argument("--no-s3", action="store_true", help="local output only")
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
+    args = parser.parse_args()
+    rates = ((512, 30),) if args.quick else RATES
+    formats = ("png", "jpeg") if args.quick else FORMATS
+    load = os.getloadavg()
+    ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's own tasks (#44687)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch, _s3_endpoint() as bucket:
+        places = {"local": f"{scratch}/out"} | ({} if args.quick or args.no_s3 else {"s3": bucket})
+        for size, rate in rates:
+            for image_format in formats:
+                for place, root in places.items():
+                    figures = measure(
+                        Path(scratch), root, size, rate, image_format, args.device_seconds, args.launch_ms
+                    )
+                    cores = math.ceil(rate / PER_CORE[size, image_format])
+                    rows.append((size, rate, image_format, place, figures, cores))
+                    print(f"{size}² {rate}/s {image_format} {place}: busy {figures['busy']:.3f}", flush=True)
+    command = "python bench/device_busy.py" + (" --quick" if args.quick else "")
+    lines = [
+        "## Device busy share, emulated accelerator",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}; load "
+        f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        f"Reproduce: `{command}`",
+        "",
+        f"Settings: one worker through Ray, {STEPS} steps, batch 16 at 512² and 4 at 1024², "
+        f"{args.launch_ms:g} ms of GIL-held launch work per step, {args.device_seconds:g} s of device time "
+        "per run, 4+ shards. Shares are of the model window (first shard's model start to last one's end).",
+        "",
+        "| size | device images/s | format | to | rows | busy share | launch not hidden | idle | gaps | "
+        "tail s | cores to encode |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {size}² | {rate} | {fmt} | {place} | {f['rows']} | **{f['busy']:.3f}** | {f['launch']:.3f} | "
+            f"{f['idle']:.3f} | {f['gaps']:.3f} | {f['tail']:.1f} | {cores} |"
+            for size, rate, fmt, place, f, cores in rows
+        ),
+        "",
+    ]
+    publish("\n".join(lines), write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The emulated accelerator (`model.kind: emulated`, workers/generators/emulated.py): a device queue that
+runs each batch's time without the GIL, fed by launch work that holds it, so that bench/device_busy.py
+can measure on a CPU what share of a GPU's time imagemill keeps busy."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import imagemill
+from imagemill.core.errors import ImagemillError
+from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.generators.emulated import EmulatedGenerator, _python_work
+
+
+def _spec(tmp_path, **model):
+    return imagemill.build_spec(
+        {"input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path / "out")}, "model": model}
+    )
+
+
+def test_the_device_is_busy_for_the_rate_and_the_images_are_textured_by_seed():
+    generator = EmulatedGenerator(images_per_second=40, launch_seconds_per_step=0.0, queue_depth=64)
+    started = time.perf_counter()
+    images = generator.generate(["p"] * 4, [None] * 4, [0, 1, 8, 9], BatchKey(64, 48, 4, 1.0))
+    assert time.perf_counter() - started >= 0.1  # 4 images at 40/s
+    assert generator.device.busy_seconds == pytest.approx(0.1)
+    pixels = images.numpy()
+    assert pixels.shape == (4, 48, 64, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels[0], pixels[2]) and not np.array_equal(pixels[0], pixels[1])  # seed mod 8
+    assert pixels[0].std() > 10, "textured, not flat: encoding costs what it does for real images"
+
+
+def test_the_device_idles_while_another_thread_keeps_the_launches_from_the_gil():
+    """The point of the emulation: launch work needs the GIL, so a thread busy in Python slows the
+    launches and the device waits; device time alone (no launches) is not slowed."""
+    rate, steps, seeds = 50.0, 20, list(range(8))
+
+    def wall(launch_seconds: float, hog: bool) -> float:
+        generator = EmulatedGenerator(rate, launch_seconds, queue_depth=1)
+        stop = threading.Event()
+        hogger = threading.Thread(target=lambda: [_python_work(10_000) for _ in iter(stop.is_set, True)])
+        if hog:
+            hogger.start()
+        started = time.perf_counter()
+        generator.generate(["p"] * 8, [None] * 8, seeds, BatchKey(8, 8, steps, 1.0))
+        took = time.perf_counter() - started
+        stop.set()
+        if hog:
+            hogger.join()
+        return took
+
+    step_launch = len(seeds) / rate / steps  # launches alone just keep up with the device
+    alone, contended = wall(step_launch, hog=False), wall(step_launch, hog=True)
+    assert contended > 1.4 * alone, (alone, contended)
+
+
+def test_the_emulation_goes_with_its_kind(tmp_path):
+    assert (
+        _spec(tmp_path, kind="emulated", emulation={"images_per_second": 7}).model.emulation.queue_depth > 0
+    )
+    with pytest.raises(ImagemillError, match="model.kind: emulated needs model.emulation"):
+        _spec(tmp_path, kind="emulated")
+    with pytest.raises(ImagemillError, match="model.emulation is set without model.kind: emulated"):
+        _spec(tmp_path, kind="noop", emulation={"images_per_second": 7})

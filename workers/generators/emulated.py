@@ -1,0 +1,125 @@
+"""An emulated accelerator: the two halves of a GPU, on a CPU, so that device busy share can be measured
+on machines without one (issue #27; bench/device_busy.py).
+
+A GPU's denoising loop is Python that launches kernels: per step, the launching thread does a fixed
+amount of Python work while holding the GIL, and the device runs the step's kernels asynchronously,
+without the GIL, in launch order. The device idles whenever the launching thread falls behind, for
+example because the actor's writer and reader threads hold the GIL. This generator does the same:
+
+- the calling thread does `launch_ms_per_step` of pure-Python work per denoising step (a count of
+  loop iterations calibrated at load, so that it takes longer, not less, when other threads want the
+  GIL), and queues the step's device time;
+- one device thread per generator runs the queue in order, sleeping for each step's time (sleep
+  releases the GIL), and counts the seconds it was busy;
+- at the end of the batch the caller waits for the queue to drain (the copy back's synchronise) and
+  gets textured images of the batch's size (smooth colour, hard edges and grain, so that encoding
+  costs what it costs for generated images), chosen by seed.
+
+The device time per image is 1 / `model.emulation.images_per_second`, split evenly over the steps.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from functools import cache
+
+import numpy as np
+import torch
+
+from imagemill.core.spec import JobSpec
+from imagemill.workers.generators.contract import BatchKey
+
+TEXTURES = 8  # distinct images per size, handed out by seed
+CALIBRATION_SECONDS = 0.05
+
+
+def _python_work(iterations: int) -> int:
+    """Pure-Python work that holds the GIL (the interpreter may hand it over between bytecodes, as it
+    does between the calls that launch kernels)."""
+    total = 0
+    for i in range(iterations):
+        total += i
+    return total
+
+
+def _iterations_per_second() -> float:
+    """How many `_python_work` iterations this interpreter runs per second on an uncontended GIL."""
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < CALIBRATION_SECONDS:
+        _python_work(10_000)
+        done += 10_000
+    return done / elapsed
+
+
+@cache
+def textured(height: int, width: int, seed: int) -> np.ndarray:
+    """A (height, width, 3) uint8 image with what generated images have: smooth colour, edges, grain."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [
+        sum(
+            np.sin(2 * math.pi * (rng.uniform(0.5, 4) * x + rng.uniform(0.5, 4) * y) + rng.uniform(0, 6))
+            for _ in range(4)
+        )
+        for _ in range(3)
+    ]
+    image = np.stack(channels, -1) * 30 + 128
+    cx, cy, r = rng.uniform(0.2, 0.8, 3) * (1, 1, 0.4)
+    image[(x - cx) ** 2 + (y - cy) ** 2 < r**2] += rng.uniform(-60, 60, 3)  # a shape with hard edges
+    image += rng.normal(0, 2, image.shape)  # grain
+    return image.clip(0, 255).astype(np.uint8)
+
+
+class EmulatedDevice:
+    """One in-order device queue run by its own thread; `busy_seconds` is the time it spent running."""
+
+    def __init__(self, depth: int) -> None:
+        self._queue: queue.Queue[float] = queue.Queue(maxsize=depth)
+        self.busy_seconds = 0.0
+        threading.Thread(target=self._run, name="emulated-device", daemon=True).start()
+
+    def launch(self, seconds: float) -> None:
+        """Queue `seconds` of device work; blocks only when the queue is full, as a launch does."""
+        self._queue.put(seconds)
+
+    def synchronize(self) -> None:
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            seconds = self._queue.get()
+            time.sleep(seconds)
+            self.busy_seconds += seconds
+            self._queue.task_done()
+
+
+class EmulatedGenerator:
+    stage_timer = None  # the model's time is all `denoise`
+
+    def __init__(self, images_per_second: float, launch_seconds_per_step: float, queue_depth: int) -> None:
+        self.seconds_per_image = 1.0 / images_per_second
+        self.launch_iterations = round(launch_seconds_per_step * _iterations_per_second())
+        self.device = EmulatedDevice(queue_depth)
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, device: str) -> EmulatedGenerator:
+        emulation = spec.model.emulation
+        return cls(emulation.images_per_second, emulation.launch_ms_per_step / 1000, emulation.queue_depth)
+
+    def truncated(self, prompts: list[str]) -> list[bool]:
+        return [False] * len(prompts)
+
+    def generate(
+        self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
+    ) -> torch.Tensor:
+        steps = max(key.num_inference_steps, 1)
+        step_seconds = len(seeds) * self.seconds_per_image / steps
+        for _ in range(steps):
+            _python_work(self.launch_iterations)
+            self.device.launch(step_seconds)
+        self.device.synchronize()
+        images = [textured(key.height, key.width, seed % TEXTURES) for seed in seeds]
+        return torch.from_numpy(np.stack(images))
