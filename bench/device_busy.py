@@ -14,7 +14,9 @@ Figures, from the committed shards' stats:
 - busy share = device time (rows ÷ rate) ÷ the model window (first shard's model start to the last
   shard's model end): what a GPU at that rate would have been busy. 1.0 is the ceiling.
 - launch overhead = the generate calls' seconds − device time: launch work the device queue did not hide.
-- idle = the model held by a shard but not generating (waiting on its writer queue, between batches).
+- idle = the model held by a shard but waiting (on the shard's read, or on its writer queue).
+- host = the model turn's host work between the model's calls (the worker's `host` stage), also as a
+  share of the model's own time (the device-busy issue asks ≤ 2% at 7 images/s).
 - gaps = the window − the seconds shards held the model: shard boundaries and hand-over.
 - tail = the last shard's end − the model window's end: writes after the last batch (once per job).
 A format and size whose encoding needs more cores than the machine has cannot reach 1.0: the table's
@@ -103,6 +105,7 @@ def measure(
     device = rows / rate
     generate = sum(s.stage_seconds.get("denoise", 0.0) for s in stats)
     idle = sum(s.stage_seconds.get("idle", 0.0) for s in stats)
+    host = sum(s.stage_seconds.get("host", 0.0) for s in stats)
     held = sum(end - start for start, end in zip(starts, ends, strict=True))
     finished = max(datetime.fromisoformat(s.finished_at).timestamp() for s in stats)
     return {
@@ -110,6 +113,8 @@ def measure(
         "busy": device / window,
         "launch": max(generate - device, 0.0) / window,
         "idle": idle / window,
+        "host": host / window,
+        "host_of_model": host / generate if generate else 0.0,
         "gaps": max(window - held, 0.0) / window,
         "tail": finished - max(ends),
     }
@@ -151,12 +156,13 @@ def main() -> None:
         f"{args.launch_ms:g} ms of GIL-held launch work per step, {args.device_seconds:g} s of device time "
         "per run, 4+ shards. Shares are of the model window (first shard's model start to last one's end).",
         "",
-        "| size | device images/s | format | to | rows | busy share | launch not hidden | idle | gaps | "
-        "tail s | cores to encode |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | device images/s | format | to | rows | busy share | launch not hidden | idle | host "
+        "(÷ model) | gaps | tail s | cores to encode |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(
             f"| {size}² | {rate} | {fmt} | {place} | {f['rows']} | **{f['busy']:.3f}** | {f['launch']:.3f} | "
-            f"{f['idle']:.3f} | {f['gaps']:.3f} | {f['tail']:.1f} | {cores} |"
+            f"{f['idle']:.3f} | {f['host']:.3f} ({f['host_of_model']:.1%}) | {f['gaps']:.3f} | "
+            f"{f['tail']:.1f} | {cores} |"
             for size, rate, fmt, place, f, cores in rows
         ),
         "",

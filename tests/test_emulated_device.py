@@ -8,12 +8,17 @@ import threading
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.core.stage_table import MODEL_STAGES
+from imagemill.testing.in_process import load_worker, run_shards
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.emulated import EmulatedGenerator, _python_work
+from imagemill.workers.worker import ShardWorker
 
 
 def _spec(tmp_path, **model):
@@ -66,3 +71,33 @@ def test_the_emulation_goes_with_its_kind(tmp_path):
         _spec(tmp_path, kind="emulated")
     with pytest.raises(ImagemillError, match="model.emulation is set without model.kind: emulated"):
         _spec(tmp_path, kind="noop", emulation={"images_per_second": 7})
+
+
+def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, monkeypatch):
+    """The `host` stage is the model turn's time outside the device stages and the waits: 30 ms of
+    host work planted per batch shows up there, and the turn's seconds add up."""
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(16)], "prompt": ["p"] * 16}), tmp_path / "p.parquet"
+    )
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 16},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "emulated", "emulation": {"images_per_second": 400}},
+            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
+            "workers": {"batch_size": 4},
+        }
+    )
+    handing_over = ShardWorker._write
+
+    def slow_hand_over(self, *args):
+        time.sleep(0.03)
+        return handing_over(self, *args)
+
+    monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
+    (stats,) = run_shards(load_worker(spec))
+    stages = stats.stage_seconds
+    assert stages["host"] >= 4 * 0.03  # four batches
+    turn = stats.timeline["model"][1] - stats.timeline["model"][0]
+    in_turn = sum(stages[stage] for stage in MODEL_STAGES) + stages["host"]
+    assert in_turn == pytest.approx(turn, abs=0.01 + stages["idle"])

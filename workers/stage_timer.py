@@ -4,7 +4,9 @@ Stages, in the order of imagemill.core.stage_table (the one list of them): `read
 validated), `text_encode`, `denoise` and `decode` (the model, split by timing the text encoders'
 forward and the VAE's decode; denoise is the rest of each generate call), the post-generation stages
 (the device ones timed by the selection, the writer ones such as `image_encode` on the writer
-threads), `upload` (writer threads: summed thread time, so they may exceed the wall time), and `idle`
+threads), `upload` (writer threads: summed thread time, so they may exceed the wall time), `host` (the model
+turn's time in none of the device stages: the host work between the model's calls, which the device
+waits for), and `idle`
 (the model sat unused while this shard held or was next in line for it: waiting for this shard's
 read, or for its writer threads to catch up). On CUDA the clock is read after a synchronize, so a
 stage is not charged for kernels queued before it.
@@ -50,6 +52,11 @@ class StageTimer:
             if self._synchronize:
                 self._synchronize()
             self.add(stage, time.perf_counter() - started)
+
+    def total(self, stages: tuple[str, ...]) -> float:
+        """The seconds charged so far to `stages`, together."""
+        with self._lock:
+            return sum(self._seconds.get(stage, 0.0) for stage in stages)
 
     def take(self) -> dict[str, float]:
         """The seconds added since the last `take`, and start again from zero."""

@@ -32,6 +32,7 @@ from imagemill.core.lease import check_owner
 from imagemill.core.records import MetadataRow, ShardStats, metadata_table, write_shard_stats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
+from imagemill.core.stage_table import MODEL_STAGES
 from imagemill.workers.batch_fit import resolve_batch_size
 from imagemill.workers.device_use import device_use
 from imagemill.workers.generators.contract import Generator
@@ -48,6 +49,8 @@ from imagemill.workers.stages.registry import build_stages
 from imagemill.workers.writers import ShardWriter, open_writer
 
 WRITER_THREADS = 4
+# what the model turn's time is charged to, but for `host` (the rest)
+TURN_STAGES = (*MODEL_STAGES, "idle")
 BATCHES_IN_FLIGHT = 2  # batches encoded/uploaded in the background while the next one generates
 
 
@@ -125,9 +128,12 @@ class ShardWorker:
             writer = self._open_writer(shard, run.carried)
             with turn:
                 run.timer.add("idle", turn.idle_seconds)
+                timed_before = run.timer.total(TURN_STAGES)
                 model_started = time.time()
                 self._generate(run, writer)
                 run.timeline["model"] = [model_started, time.time()]
+                timed = run.timer.total(TURN_STAGES) - timed_before
+                run.timer.add("host", max(0.0, run.timeline["model"][1] - model_started - timed))
                 run.held_seconds = turn.idle_seconds + run.timeline["model"][1] - model_started
         self._finish_writes(run, writer)
         self._write_metadata(run, writer)

@@ -66,6 +66,8 @@ POST_GENERATION = (
 )
 AFTER = (
     StageRow("upload", "upload (writer threads)", "writer"),
+    # the model turn's time in no device stage: cutting batches, seeds, handing batches to the writers
+    StageRow("host", "host work between the model's calls (the device waits)", "shard"),
     StageRow("idle", "model idle, waiting for a read or for writes", "shard"),
 )
 ACTOR_STAGES = GENERATION + POST_GENERATION + AFTER

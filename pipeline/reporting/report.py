@@ -135,7 +135,7 @@ def model_busy_share(stages: dict[str, float], expands_on_actor: bool) -> float 
     when the actor waits for the expander pool. None when the shards held the model for no time."""
     expand = stages.get("expand", 0.0)
     busy = sum(stages.get(stage, 0.0) for stage in MODEL_STAGES) + (expand if expands_on_actor else 0.0)
-    held = busy + stages.get("idle", 0.0) + (0.0 if expands_on_actor else expand)
+    held = busy + stages.get("idle", 0.0) + stages.get("host", 0.0) + (0.0 if expands_on_actor else expand)
     return round(busy / held, 4) if held > 0 else None
 
 
