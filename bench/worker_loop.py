@@ -3,7 +3,8 @@
     python bench/worker_loop.py --profile gpu     # SD-1.5-shaped fp16 pipeline; run by bench/gpu.sh
     python bench/worker_loop.py --profile cpu     # the tiny model
 
-(a) bare: bench/throughput.py's bare loop (in-memory prompts, no I/O). (b) the same prompts as a
+(a) bare: bench/throughput.py's bare loop (in-memory prompts, no I/O, one warm-up call first). (b) the
+same prompts, after the same warm-up call on the worker's generator, as a
 Parquet file through one `ShardWorker` built in-process (imagemill.testing.in_process): rows read
 and validated, generated, encoded by the writer threads (or, for JPEG on CUDA, by nvJPEG on the GPU),
 written to local files with metadata and stats, stage by stage, as an actor does; once with PNG,
@@ -41,6 +42,7 @@ def run_worker(settings: dict, model: Path, work: Path, image_format: str) -> di
 
     import imagemill
     from imagemill.testing.in_process import load_worker, run_shards
+    from imagemill.workers.generators.contract import BatchKey
     from imagemill.workers.stage_timer import STAGES
 
     spec = imagemill.build_spec(
@@ -58,6 +60,13 @@ def run_worker(settings: dict, model: Path, work: Path, image_format: str) -> di
         }
     )
     worker = load_worker(spec)
+    # One warm-up call, as the bare loop makes (and as a long-running actor is warm): the first call
+    # on a device pays one-time costs (CUDA's lazily loaded kernels, cuDNN/cuBLAS set-up, the caching
+    # allocator growing) that are no part of the per-image rate. Without it, a 128-image run charged
+    # them to the worker alone.
+    size, batch = settings["size"], settings["batch_size"]
+    key = BatchKey(size, size, settings["steps"], settings["guidance"])
+    worker.generator.generate(["warm-up"] * batch, [None] * batch, list(range(batch)), key)
     if worker.device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
