@@ -35,19 +35,23 @@ from imagemill.execution.executor import Live
 log = logging.getLogger(__name__)
 PROGRESS_ENV = "IMAGEMILL_PROGRESS_SECONDS"
 DEFAULT_PROGRESS_SECONDS = 30.0
+MIN_PROGRESS_SECONDS = 0.1
 LOG_EVERY_FRACTION = 0.1
 
 
 def progress_seconds() -> float:
-    """The longest time without a progress line: IMAGEMILL_PROGRESS_SECONDS, else 30 s."""
+    """The longest time without a progress line: IMAGEMILL_PROGRESS_SECONDS, else 30 s. At least
+    MIN_PROGRESS_SECONDS: the driver reads the workers' counts that often, and a near-zero interval
+    would have it do nothing else."""
     text = os.environ.get(PROGRESS_ENV, "")
     try:
         value = float(text) if text else DEFAULT_PROGRESS_SECONDS
     except ValueError:
         value = math.nan
-    if not (0 < value < math.inf):
+    if not (MIN_PROGRESS_SECONDS <= value < math.inf):
         raise ImagemillError(
-            f"{PROGRESS_ENV}={text!r} is not a number of seconds above 0; unset it or fix it"
+            f"{PROGRESS_ENV}={text!r} is not a number of seconds from {MIN_PROGRESS_SECONDS:g} up; "
+            "unset it (30 s) or fix it"
         )
     return value
 
