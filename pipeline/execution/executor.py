@@ -51,7 +51,7 @@ class ShardWork:
     (`workers.batch_size: auto` resolved); a model that does not load raises instead, leaving no record;
     `on_committed`: each shard's stats once it has committed (the progress bar and log follow it);
     `on_failed`: each shard that failed all its tries;
-    `on_progress`: a `Live` at least every `imagemill.execution.progress.progress_seconds()` while
+    `on_progress`: a `Live` at least every `imagemill.execution.progress.poll_seconds()` while
     shards run or the model loads (the console's progress lines and the heartbeat's progress);
     `budget`: once it is reached, no further shard is started (imagemill.execution.budget).
     """

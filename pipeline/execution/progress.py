@@ -6,7 +6,7 @@ worker has loaded the model yet, the line says so instead ("loading the model on
 
 A tqdm bar redraws itself with carriage returns, which in a file (`2> log`, `kubectl logs`, a Ray
 job's log) become fragments glued into every log line. So the bar is drawn only when stderr is a
-terminal and the caller wants it; otherwise one plain line is logged every `progress_seconds()` or
+terminal and the caller wants it; otherwise one plain line is logged at least every `progress_seconds()` or
 each time another LOG_EVERY_FRACTION of the images is done, whichever comes first, and once at the end.
 The same counts go into the output's lease at each heartbeat (`OutputLease.progress`), where
 `imagemill status` reads them.
@@ -35,8 +35,12 @@ from imagemill.execution.executor import Live
 log = logging.getLogger(__name__)
 PROGRESS_ENV = "IMAGEMILL_PROGRESS_SECONDS"
 DEFAULT_PROGRESS_SECONDS = 30.0
-MIN_PROGRESS_SECONDS = 0.1
+MIN_PROGRESS_SECONDS = 0.5
 LOG_EVERY_FRACTION = 0.1
+# Executors report every fifth of the interval (poll_seconds), and a line is logged at the first
+# report past three quarters of it: lines are never further apart than the interval.
+POLLS_PER_INTERVAL = 5
+LINE_EARLY = 0.75
 
 
 def progress_seconds() -> float:
@@ -54,6 +58,11 @@ def progress_seconds() -> float:
             "unset it (30 s) or fix it"
         )
     return value
+
+
+def poll_seconds() -> float:
+    """How often an executor reports its progress (`ShardWork.on_progress`) at least."""
+    return progress_seconds() / POLLS_PER_INTERVAL
 
 
 def workers(count: int) -> str:
@@ -77,11 +86,11 @@ class ProgressLog:
     def __init__(self, rows_total: int, rows_done: int, every: float):
         self.rows_total = rows_total
         self.rows_at_start = rows_done
-        self.every = every
-        self.started = time.monotonic()
-        self.loading_seen = self.started  # the last time no worker was ready: the rate counts from it
+        self.every = every * LINE_EARLY  # the next report after this is within `every`: see poll_seconds
+        self.loading_since: float | None = None  # the first report of workers loading
+        self.loading_seen = time.monotonic()  # the last time no worker was ready: the rate counts from it
         self.generating = False
-        self.next_time = self.started  # the first loading line comes at once
+        self.next_time = self.loading_seen  # the first loading line comes at once
         self.tenths = self._tenths(rows_done)
         self.ended = False
 
@@ -95,7 +104,8 @@ class ProgressLog:
             self.loading_seen = now
             if progress.workers_loading and now >= self.next_time:
                 self.next_time = now + self.every
-                waited = f" {_duration(now - self.started)}" if now > self.started + 1 else ""
+                since = self.loading_since = self.loading_since or now
+                waited = f" {_duration(now - since)}" if now > since + 1 else ""
                 hint = " (`ray status` shows workers not yet placed)" if waited else ""
                 log.info("loading the model on %s…%s%s", workers(progress.workers_loading), waited, hint)
             return

@@ -28,7 +28,7 @@ from imagemill.core.spec import JobSpec
 from imagemill.execution.budget import Budget
 from imagemill.execution.executor import Live, ShardFailure, ShardWork
 from imagemill.execution.expanders import start_expanders, stop_expanders
-from imagemill.execution.progress import progress_seconds
+from imagemill.execution.progress import poll_seconds
 from imagemill.planning.pieces import serving_pieces
 from imagemill.planning.placement import WorkerDemand, placeable_workers
 from imagemill.workers.actors import ProgressTallyActor, ShardWorkerActor
@@ -149,7 +149,7 @@ class ShardScheduler:
         self.tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}  # process_shard calls → (actor, shard)
         self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of actors not yet in the pool → the actor
         self.next_growth_check = 0.0
-        self.report_every = min(GROWTH_CHECK_SECONDS, progress_seconds())  # how often progress is read
+        self.report_every = min(GROWTH_CHECK_SECONDS, poll_seconds())  # how often progress is read
         self.next_report = 0.0
         self.tally: Any = None  # the run's ProgressTallyActor, started with the workers
         self.loaded_once = False  # until an actor loads the model, a load error ends the job

@@ -26,7 +26,7 @@ from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.execution.budget import Budget
 from imagemill.execution.executor import Live, ShardWork
-from imagemill.execution.progress import progress_seconds
+from imagemill.execution.progress import poll_seconds
 from imagemill.execution.runner import JobResult, run
 from imagemill.execution.scheduler import SHARDS_PER_ACTOR
 from imagemill.planning.shards import plan_shards
@@ -51,7 +51,7 @@ def _run_on(
 ) -> None:
     """The shards on `worker`, SHARDS_PER_ACTOR calls at a time in plan order, none started once
     `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here.
-    `report` is called at least every `progress_seconds()` while shards run."""
+    `report` is called at least every `poll_seconds()` while shards run."""
     if any(shard.row_offset is not None for shard in shards):
         raise ValueError("in-process runs take whole row groups only: write smaller row groups")
     queue = deque(shards)
@@ -62,7 +62,7 @@ def _run_on(
                 running.add(calls.submit(worker.process_shard, queue.popleft()))
             if not running:
                 return
-            done, running = wait(running, timeout=progress_seconds(), return_when=FIRST_COMPLETED)
+            done, running = wait(running, timeout=poll_seconds(), return_when=FIRST_COMPLETED)
             report()
             for call in done:
                 on_committed(call.result())
