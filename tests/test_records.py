@@ -38,6 +38,7 @@ from imagemill.core.records import (
     ClipScoreSummary,
     MetadataRow,
     OutdatedRecord,
+    RunProgress,
     Sample,
     ShardStats,
     committed_shards,
@@ -317,7 +318,7 @@ RECORD_MODULES = {"pipeline/core/records.py", "pipeline/core/job_record.py"}
 NOT_CHECKED = {"pipeline/core/lease.py"}
 RECORD_FIELDS = {
     name
-    for model in (JobRecord, FailedShard, ShardStats, Sample, ClipScoreSummary)
+    for model in (JobRecord, FailedShard, ShardStats, Sample, ClipScoreSummary, RunProgress)
     for name in model.model_fields
 }
 RAW_READS = {"read_json", "read_bytes", "cat_file", "open"}

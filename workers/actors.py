@@ -22,16 +22,43 @@ class ShardWorkerActor:
     """`ShardWorker` (worker.py) as the scheduler's actor: `ready` once the model is loaded, then
     `process_shard` for each shard handed out."""
 
-    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        expanders: list[Any] | None = None,
+        run_id: str | None = None,
+        tally: Any = None,
+    ):
+        """`tally`: the run's `ProgressTallyActor`, told after each batch (a call not waited for)."""
         from imagemill.workers.worker import ShardWorker
 
-        self.worker = ShardWorker(spec, expanders, run_id)
+        on_batch = None if tally is None else lambda shard_id, rows: tally.drawn.remote(shard_id, rows)
+        self.worker = ShardWorker(spec, expanders, run_id, on_batch)
 
     def ready(self) -> dict[str, Any]:
         return self.worker.ready()
 
     def process_shard(self, shard: Shard) -> ShardStats:
         return self.worker.process_shard(shard)
+
+
+class ProgressTallyActor:
+    """The run's one tally of rows drawn in the shards being run: each worker sets its shard's count
+    after every batch without waiting for an answer, and the driver reads every count at once every
+    few seconds. Small counts only pass through it, and a worker never waits on it."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def drawn(self, shard_id: str, rows: int) -> None:
+        self.counts[shard_id] = rows
+
+    def forget(self, shard_id: str) -> None:
+        """The shard's call returned (committed or failed): its count is no longer the driver's to show."""
+        self.counts.pop(shard_id, None)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
 
 
 class PromptExpanderActor:

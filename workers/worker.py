@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -66,15 +66,24 @@ def make_generator(spec: JobSpec, device: str) -> Generator:
 
 
 class ShardWorker:
-    def __init__(self, spec: JobSpec, expanders: list[Any] | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        expanders: list[Any] | None = None,
+        run_id: str | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
+    ):
         """`expanders`: handles of the expander actors with `expansion.placement: pool`; `run_id`: the
-        run holding the output's lease (None outside a run: commits unchecked).
+        run holding the output's lease (None outside a run: commits unchecked); `on_batch`: told the
+        shard id and the rows drawn so far in it after each batch, for the driver's progress (it must
+        not wait on anything: the model waits for it).
 
         A model that does not load is kept for `ready()` to raise: an actor whose creation fails dies
         printing its traceback and a SIGABRT notice into the driver's output, burying the one-line error.
         """
         self.spec = spec
         self.run_id = run_id
+        self.on_batch = on_batch
         self.load_error: Exception | None = None
         try:
             self._load(spec, expanders)
@@ -167,12 +176,16 @@ class ShardWorker:
     def _generate(self, run: ShardRun, writer: ShardWriter) -> None:
         """The generate loop, run while holding the model: each batch is expanded, drawn and scored,
         and its images go to the writer threads while the next batch generates."""
+        done = 0
         for batch in make_batches(run.rows, self.spec.workers.batch_size):
             if run.expansion is not None:
                 run.expansion.fill(batch)
             drawn = self._draw(run, batch)
             if drawn is not None:
                 self._write(run, writer, batch, drawn)
+            done += len(batch)
+            if self.on_batch is not None:
+                self.on_batch(run.shard.shard_id, done)
 
     def _draw(self, run: ShardRun, batch: list[Row]) -> list[Drawn] | None:
         """The batch's images, as uint8 on the CPU (or JPEG bytes encoded on the GPU), with their scores

@@ -8,6 +8,8 @@ naming the owner, until the owner's heartbeat is older than `stale_after` (the o
 its machine lost): then it takes the lease over; on the owner's own machine (same host and boot)
 a driver whose process is gone is taken over at once. An actor checks that the lease still names its run
 right before it commits a shard (`check_owner`), so a run that lost the output commits nothing more.
+Each heartbeat also carries the run's latest progress (`OutputLease.progress`, a `RunProgress` of
+imagemill.core.records), which `imagemill status` shows while shards run.
 
 Every change is a compare-and-swap on the lease file, as atomic as the store allows:
 - local disk: read-compare-write under an exclusive `flock` on the output folder, the new content
@@ -42,6 +44,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import LEASE_FILE, OutputLayout
+from imagemill.core.records import LEASE_PROGRESS_KEY, RunProgress, run_progress
 from imagemill.core.storage import retrying, write_file_atomically
 
 log = logging.getLogger(__name__)
@@ -214,6 +217,11 @@ class LeaseView:
             return False
         return False
 
+    @property
+    def progress(self) -> RunProgress | None:
+        """The run's progress at its last heartbeat (imagemill.core.records), if it carries one."""
+        return run_progress(self.record)
+
     def owner(self) -> str:
         r = self.record
         return f"run {r.get('run_id', '?')} on host {r.get('host', '?')}, pid {r.get('pid', '?')}"
@@ -255,6 +263,7 @@ class OutputLease:
         }
         self.version: Any = None
         self.lost_to: str | None = None  # set by the heartbeat when another run took the output
+        self.progress: RunProgress | None = None  # set by the driver; the next heartbeat writes it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="imagemill-lease", daemon=True)
 
@@ -276,6 +285,8 @@ class OutputLease:
             "heartbeat": now,
             "heartbeat_at": datetime.fromtimestamp(now, UTC).isoformat(),
         }
+        if (progress := self.progress) is not None:
+            record[LEASE_PROGRESS_KEY] = progress.model_dump()
         return json.dumps(record, indent=2, sort_keys=True).encode()
 
     def _read(self) -> tuple[dict[str, Any] | None, Any]:

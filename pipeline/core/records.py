@@ -12,6 +12,8 @@
 - `ClipScoreSummary`: the shard's CLIP scores (the `scoring` feature's `clip_score`) as counts per
   fixed bin, which the driver adds up (`merge_clip_scores`) without reading a metadata file.
 - `ShardTotals`: the counts over committed shards that the summary, `status` and the report show.
+- `RunProgress`: a live run's progress, which its heartbeat carries in the output's lease file
+  (imagemill.core.lease) and `status` reads back (`run_progress`) while shards are still running.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import types
 import typing
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -377,3 +379,31 @@ def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
         rejected_candidates=sum(stats.rejected_candidates for stats in shards),
         labels=merge_labels(stats.labels for stats in shards),
     )
+
+
+class RunProgress(RecordPart):
+    """A live run's progress, as the driver last knew it: images drawn (the committed shards' rows plus
+    the rows drawn so far in the shards still running) and workers still loading the model. Written into
+    the lease at each heartbeat, so `imagemill status` sees a shard's progress before it commits."""
+
+    images_done: int = Field(ge=0)
+    images_total: int = Field(ge=0)
+    shards_done: int = Field(ge=0)
+    shards_total: int = Field(ge=0)
+    workers_ready: int = Field(ge=0)
+    workers_loading: int = Field(ge=0)  # started, model not loaded yet (or not yet placed)
+
+
+LEASE_PROGRESS_KEY = "progress"  # the lease record's key that holds the run's RunProgress
+
+
+def run_progress(lease_record: Mapping[str, Any]) -> RunProgress | None:
+    """The progress a lease record carries; None when it has none or it does not read as one (a lease
+    written by hand or cut short must not break `status`)."""
+    data = lease_record.get(LEASE_PROGRESS_KEY)
+    if not isinstance(data, dict):
+        return None
+    try:
+        return RunProgress.model_validate(data)
+    except ValidationError:
+        return None

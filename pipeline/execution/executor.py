@@ -7,8 +7,8 @@ the same driver with the shards in this process (`imagemill.testing.in_process.r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from imagemill.core.records import ShardStats
@@ -28,6 +28,21 @@ class ShardFailure:
 
 
 @dataclass(frozen=True)
+class Live:
+    """What an executor knows between commits: workers still loading the model (or not yet placed),
+    workers ready, and the images drawn so far in each shard it is running, by shard id (a shard's
+    latest count; its committed stats replace it)."""
+
+    workers_loading: int
+    workers_ready: int
+    drawn: Mapping[str, int] = field(default_factory=dict)
+
+
+def _ignore(live: Live) -> None:
+    """No progress wanted."""
+
+
+@dataclass(frozen=True)
 class ShardWork:
     """What an executor is given: the shards left of one run and where to report on them.
 
@@ -36,6 +51,8 @@ class ShardWork:
     (`workers.batch_size: auto` resolved); a model that does not load raises instead, leaving no record;
     `on_committed`: each shard's stats once it has committed (the progress bar and log follow it);
     `on_failed`: each shard that failed all its tries;
+    `on_progress`: a `Live` at least every `imagemill.execution.progress.poll_seconds()` while
+    shards run or the model loads (the console's progress lines and the heartbeat's progress);
     `budget`: once it is reached, no further shard is started (imagemill.execution.budget).
     """
 
@@ -46,6 +63,7 @@ class ShardWork:
     on_ready: Callable[[JobSpec], None]
     on_committed: Callable[[ShardStats], None]
     on_failed: Callable[[ShardFailure], None]
+    on_progress: Callable[[Live], None] = _ignore
 
 
 class ShardExecutor(Protocol):

@@ -27,7 +27,7 @@ from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import JobSpec
 from imagemill.execution.budget import Budget
 from imagemill.execution.executor import ShardExecutor, ShardFailure, ShardWork
-from imagemill.execution.progress import progress_display
+from imagemill.execution.progress import RunProgressTracker, progress_display, progress_seconds
 from imagemill.execution.scheduler import run_on_ray
 from imagemill.output.claim import claim_output
 from imagemill.output.location import check_output_location
@@ -141,6 +141,7 @@ def run(
     check_sources(spec)
     check_scheduler(spec.model.scheduler)
     check_compile_cache_key(spec.speed)
+    progress_seconds()  # a bad IMAGEMILL_PROGRESS_SECONDS stops the job before Ray starts
     check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
     with OutputLease.held(output, spec.name) as lease:
@@ -207,7 +208,7 @@ def _run_owned(
     try:
         if todo and not budget.reached():
             work = ShardWork(spec, lease.run_id, todo, budget, start_record, commit, failures.append)
-            _execute(work, executor, committed, shards_total, rows_total, progress)
+            _execute(work, executor, lease, committed, shards_total, rows_total, progress)
         else:  # nothing to run, or the budget was reached by earlier runs
             start_record(spec)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`, a pod deleted) exits
@@ -233,21 +234,26 @@ def _run_owned(
 def _execute(
     work: ShardWork,
     executor: ShardExecutor,
+    lease: OutputLease,
     committed: dict[str, ShardStats],
     shards_total: int,
     rows_total: int,
     progress: bool,
 ) -> None:
-    """`work` through `executor`, each committed shard added to `committed` (its `on_committed`),
-    shown on the progress bar and logged."""
+    """`work` through `executor`, each committed shard added to `committed` (its `on_committed`) and
+    logged; the executor's progress reports and the commits shown on the progress bar or line and
+    written into the lease's heartbeat."""
     spec = work.spec
-    display = progress_display(
-        spec.name, rows_total, sum(stats.rows for stats in committed.values()), shards_total, progress
-    )
+    rows_done = sum(stats.rows for stats in committed.values())
+    display = progress_display(spec.name, rows_total, rows_done, progress)
+
+    def on_failed(failure: ShardFailure) -> None:
+        work.on_failed(failure)
+        tracker.shard_ended(failure.shard_id)
 
     def on_committed(stats: ShardStats) -> None:
         work.on_committed(stats)
-        shown.update(stats.rows, len(committed))
+        tracker.shard_ended()
         filtered = f", {stats.filtered} filtered" if spec.scoring else ""
         filtered += f", {stats.flagged} flagged" if spec.safety else ""
         log.info(
@@ -268,7 +274,8 @@ def _execute(
         )
 
     with display as shown:
-        executor(replace(work, on_committed=on_committed))
+        tracker = RunProgressTracker(shown, lease, committed, rows_total, shards_total)
+        executor(replace(work, on_committed=on_committed, on_failed=on_failed, on_progress=tracker.report))
 
 
 def _result(

@@ -26,17 +26,17 @@ from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.execution.budget import Budget
-from imagemill.execution.executor import ShardFailure, ShardWork
+from imagemill.execution.executor import Live, ShardFailure, ShardWork
 from imagemill.execution.expanders import start_expanders, stop_expanders
+from imagemill.execution.progress import poll_seconds
 from imagemill.planning.pieces import serving_pieces
 from imagemill.planning.placement import WorkerDemand, placeable_workers
-from imagemill.workers.actors import ShardWorkerActor
+from imagemill.workers.actors import ProgressTallyActor, ShardWorkerActor
 
 log = logging.getLogger(__name__)
 _NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 SHARDS_PER_ACTOR = 2
 GROWTH_CHECK_SECONDS = 5.0
-WAIT_LOG_SECONDS = 30.0
 
 
 def run_on_ray(work: ShardWork) -> None:
@@ -45,7 +45,7 @@ def run_on_ray(work: ShardWork) -> None:
     _connect_ray()
     with serving_pieces(work.spec, work.shards) as served:
         scheduler = ShardScheduler(work.spec, work.run_id, on_ready=work.on_ready, budget=work.budget)
-        for failure in scheduler.run(served, work.on_committed):
+        for failure in scheduler.run(served, work.on_committed, work.on_progress):
             work.on_failed(failure)
 
 
@@ -149,7 +149,9 @@ class ShardScheduler:
         self.tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}  # process_shard calls → (actor, shard)
         self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of actors not yet in the pool → the actor
         self.next_growth_check = 0.0
-        self.next_wait_log = 0.0
+        self.report_every = min(GROWTH_CHECK_SECONDS, poll_seconds())  # how often progress is read
+        self.next_report = 0.0
+        self.tally: Any = None  # the run's ProgressTallyActor, started with the workers
         self.loaded_once = False  # until an actor loads the model, a load error ends the job
 
     def _new_actor(self) -> Any:
@@ -157,13 +159,14 @@ class ShardScheduler:
         self.actors_started += 1
         name = f"imagemill:{self.spec.name}:{self.run_token}:{self.actors_started}"
         return self.actor_class.options(name=name, **self.actor_options).remote(
-            self.spec, self.expanders, self.run_id
+            self.spec, self.expanders, self.run_id, self.tally
         )
 
     def _start_workers(self) -> None:
         """Start the pool: the actors that can be placed (imagemill.planning.placement) join it one by one
         as they load the model (`_join`), so work starts as soon as the first one is ready."""
         self.expanders = start_expanders(self.spec, f"imagemill:{self.spec.name}:{self.run_token}", _one_line)
+        self.tally = ray.remote(ProgressTallyActor).options(num_cpus=0).remote()
         for _ in range(placeable_workers(self.demand, self.num_workers)):
             self._start_actor()
 
@@ -177,31 +180,43 @@ class ShardScheduler:
             f"(full traceback: {_save_load_error(exc, self.run_id)})"
         ) from None
 
-    def _log_waiting(self) -> None:
-        """While no actor has been placed, say so every WAIT_LOG_SECONDS instead of hanging silently."""
-        if self.alive or not self.starting or time.monotonic() < self.next_wait_log:
+    def _report(self, on_progress: Callable[[Live], None], now: bool = False) -> None:
+        """Every `report_every` seconds (or `now`): the workers loading and ready, and the rows drawn in
+        each running shard as the tally has them, to `on_progress`. A tally that no longer answers
+        leaves progress to the commits."""
+        if not now and time.monotonic() < self.next_report:
             return
-        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
-        log.info(
-            "waiting for %s to be placed and load the model (`ray status` shows pending demands)",
-            self.demand.describe(len(self.starting)),
-        )
+        self.next_report = time.monotonic() + self.report_every
+        drawn: dict[str, int] = {}
+        if self.tally is not None:
+            try:
+                drawn = ray.get(self.tally.snapshot.remote(), timeout=60)
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.warning("progress between commits is lost (%s); commits still count", _one_line(exc))
+                self.tally = None
+        on_progress(Live(len(self.starting), len(self.alive), drawn))
 
-    def run(self, shards: list[Shard], on_done: Callable[[ShardStats], None]) -> list[ShardFailure]:
-        """Process every shard; returns the shards that failed all their attempts.
+    def run(
+        self,
+        shards: list[Shard],
+        on_done: Callable[[ShardStats], None],
+        on_progress: Callable[[Live], None] = lambda live: None,
+    ) -> list[ShardFailure]:
+        """Process every shard; returns the shards that failed all their attempts. `on_progress` gets
+        the workers loading and ready and the rows drawn in running shards every `report_every` s.
 
         A replacement actor joins the pool only once it has loaded the model, so one that cannot be
         placed (its node is gone and no other has room) never holds shards: the others finish them.
         """
         self.queue.extend(shards)
         self._start_workers()
+        self._report(on_progress, now=True)  # "loading the model on N workers…" at once
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
-        self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
         self._feed_all()
         while self.tasks or (self._to_hand_out() and self.starting):
-            ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
+            ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=self.report_every)
             self._grow_with_cluster()
-            self._log_waiting()
+            self._report(on_progress)
             if not ready:
                 continue
             [ref] = ready
@@ -215,7 +230,7 @@ class ShardScheduler:
                     f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
                     "were not run. Run the same command again to resume."
                 )
-        for actor in [*self.alive, *self.starting.values()]:
+        for actor in [*self.alive, *self.starting.values(), *([self.tally] if self.tally else [])]:
             ray.kill(actor)
         stop_expanders(self.expanders)
         return self.failures
@@ -269,6 +284,8 @@ class ShardScheduler:
         """A shard call returned: its stats go to `on_done`; a failed shard is retried, and a dead
         actor replaced."""
         actor, shard = self.tasks.pop(ref)
+        if self.tally is not None:
+            self.tally.forget.remote(shard.shard_id)
         try:
             on_done(ray.get(ref))
         except RayActorError as exc:

@@ -53,6 +53,7 @@ class JobStatus:
         lines = [
             f"job {self.record.name} at {self.output}: {self._state()}"
             f" (started {self.record.started_at}, ended {self.record.ended_at or '-'})",
+            *self._live(),
             f"shards: {self.shards_done}/{self.record.shards_total} done",
             f"rows:   {self.rows_done}/{self.record.rows_total} done: {self.ok} ok, "
             + (f"{self.filtered} filtered, " if self.filtered else "")
@@ -68,6 +69,21 @@ class JobStatus:
         if self.totals.labels:
             lines += ["labels:", *(f"  {line}" for line in label_lines(self.totals.labels))]
         return "\n".join(lines)
+
+    def _live(self) -> list[str]:
+        """While a live run holds the output: its progress at its last heartbeat, images drawn in the
+        shards still running included (the lines below count committed shards only)."""
+        if self.record.status != "running" or self.lease is None or self.lease.stale or self.lease.dead:
+            return []
+        live = self.lease.progress
+        if live is None:
+            return []
+        loading = f", loading the model on {live.workers_loading}" if live.workers_loading else ""
+        return [
+            f"images: {live.images_done}/{live.images_total} done now, {live.shards_done}/"
+            f"{live.shards_total} shards committed; workers: {live.workers_ready} ready{loading}"
+            f" (heartbeat {self.lease.age:.0f} s ago)"
+        ]
 
     def _state(self) -> str:
         """The record's status, or, while a run is on record as running, how its heartbeat looks."""

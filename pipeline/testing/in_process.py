@@ -25,16 +25,19 @@ from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.execution.budget import Budget
-from imagemill.execution.executor import ShardWork
+from imagemill.execution.executor import Live, ShardWork
+from imagemill.execution.progress import poll_seconds
 from imagemill.execution.runner import JobResult, run
 from imagemill.execution.scheduler import SHARDS_PER_ACTOR
 from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
 
 
-def load_worker(spec: JobSpec, run_id: str | None = None) -> ShardWorker:
+def load_worker(
+    spec: JobSpec, run_id: str | None = None, on_batch: Callable[[str, int], None] | None = None
+) -> ShardWorker:
     """The job's worker, loaded; a load error raised here, as `ready()` raises it to the driver."""
-    worker = ShardWorker(spec, run_id=run_id)
+    worker = ShardWorker(spec, run_id=run_id, on_batch=on_batch)
     worker.ready()
     return worker
 
@@ -44,9 +47,11 @@ def _run_on(
     shards: list[Shard],
     on_committed: Callable[[ShardStats], None],
     budget: Budget | None = None,
+    report: Callable[[], None] = lambda: None,
 ) -> None:
     """The shards on `worker`, SHARDS_PER_ACTOR calls at a time in plan order, none started once
-    `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here."""
+    `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here.
+    `report` is called at least every `poll_seconds()` while shards run."""
     if any(shard.row_offset is not None for shard in shards):
         raise ValueError("in-process runs take whole row groups only: write smaller row groups")
     queue = deque(shards)
@@ -57,7 +62,8 @@ def _run_on(
                 running.add(calls.submit(worker.process_shard, queue.popleft()))
             if not running:
                 return
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+            done, running = wait(running, timeout=poll_seconds(), return_when=FIRST_COMPLETED)
+            report()
             for call in done:
                 on_committed(call.result())
 
@@ -71,10 +77,21 @@ def run_shards(worker: ShardWorker) -> list[ShardStats]:
 
 def run_in_this_process(work: ShardWork) -> None:
     """The in-process shard executor (imagemill.execution.executor): one worker, loaded before any
-    shard as an actor is; a shard that fails is raised, not retried."""
-    worker = load_worker(work.spec, run_id=work.run_id)
+    shard as an actor is; a shard that fails is raised, not retried. Progress as the scheduler reports
+    it: loading, then the rows drawn in each running shard (a dict the worker's threads set)."""
+    drawn: dict[str, int] = {}
+    work.on_progress(Live(workers_loading=1, workers_ready=0))
+    worker = load_worker(work.spec, work.run_id, drawn.__setitem__)
     work.on_ready(worker.spec)
-    _run_on(worker, work.shards, work.on_committed, work.budget)
+
+    def committed(stats: ShardStats) -> None:
+        drawn.pop(stats.shard_id, None)
+        work.on_committed(stats)
+
+    def report() -> None:
+        work.on_progress(Live(workers_loading=0, workers_ready=1, drawn=dict(drawn)))
+
+    _run_on(worker, work.shards, committed, work.budget, report)
 
 
 @contextmanager
