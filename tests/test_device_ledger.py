@@ -20,7 +20,13 @@ from s3_fault_proxy import S3FaultProxy
 
 import imagemill
 from imagemill.core.cost import DeviceCharge
-from imagemill.core.device_ledger import DeviceLedger, FailedAttempt, LedgerEntry
+from imagemill.core.device_ledger import (
+    DeviceLedger,
+    FailedAttempt,
+    LedgerEntry,
+    read_ledger,
+    record_failed_attempt,
+)
 from imagemill.core.job_record import read_job_record
 from imagemill.core.layout import OutputLayout
 from imagemill.execution.budget import BUDGET_EXIT_STATUS
@@ -169,3 +175,68 @@ def test_a_shard_that_always_fails_stops_re_runs_at_the_budget_with_exit_3(
     cost = read_job_record(OutputLayout(f"{bucket}/out")).cost
     assert cost.failed_attempts == 1 and cost.images == 4
     assert cost.device_seconds > cost.failed_device_seconds == failed.charge.device_seconds
+
+
+@pytest.mark.parametrize(
+    "charge",
+    [
+        {"device_seconds": -1e9},  # would un-spend the budget
+        {"device_seconds": 1e308},  # would overflow the sums
+        {"device_seconds": "NaN"},
+        {"cost_usd": -5.0},
+    ],
+)
+def test_a_broken_or_hostile_attempts_record_counts_nothing_and_crashes_nothing(tmp_path, charge, caplog):
+    """A record of failed attempts that says less than nothing or more than any sum holds does not
+    read (a warning), like a stats file that does not: the ledger, status and a new attempt go on."""
+    output = OutputLayout(str(tmp_path / "out"))
+    good = DeviceCharge(device_seconds=10.0, device_kind="GPU", accelerator_type="H100", cost_usd=0.01)
+    attempt = FailedAttempt(
+        run_id="r", attempt=1, ended_at="2026-01-01T00:00:00+00:00", error="x", reported=True, charge=good
+    )
+    record_failed_attempt(output, "a", attempt)
+    record_failed_attempt(output, "b", attempt)
+    path = tmp_path / "out" / "attempts" / "b.json"
+    data = json.loads(path.read_text())
+    data["failed"][0]["charge"] |= charge
+    path.write_text(json.dumps(data).replace('"NaN"', "NaN"))
+    (tmp_path / "out" / "attempts" / "notes.txt").write_text("a user's file")
+    totals = read_ledger(output, []).totals()
+    assert (totals.failed_attempts, totals.device_seconds) == (1, 10.0), "b's record counts nothing"
+    assert "b.json is not a record imagemill can read" in caplog.text
+    record_failed_attempt(output, "b", attempt)  # a new attempt starts the unreadable record afresh
+    assert read_ledger(output, []).totals().failed_attempts == 2
+
+
+def test_overwrite_deletes_the_previous_jobs_failed_attempts_and_nothing_else(tmp_path):
+    """`--overwrite` starts a new job: the old job's failed attempts no longer count toward its budget;
+    a file of someone else's in attempts/ is kept (the output allows existing files)."""
+    write_prompt_files(str(tmp_path / "in"), 1, 4, 4)
+    spec = imagemill.build_spec(
+        {
+            "name": "overwritten",
+            "input": {"path": str(tmp_path / "in")},
+            "output": {"path": str(tmp_path / "out"), "allow_existing": True},
+            "model": {"source": "", "kind": "noop"},
+            "generation": {"width": 32, "height": 32},
+            "workers": {"batch_size": 4},
+        }
+    )
+    assert run_in_process(spec).complete
+    output = OutputLayout(str(tmp_path / "out"))
+    charge = DeviceCharge(device_seconds=7.0, device_kind="CPU", accelerator_type=None, cost_usd=None)
+    old = FailedAttempt(
+        run_id="old",
+        attempt=1,
+        ended_at="2026-01-01T00:00:00+00:00",
+        error="x",
+        reported=False,
+        charge=charge,
+    )
+    record_failed_attempt(output, STUCK, old)
+    record_failed_attempt(output, "a-shard-of-a-gone-file", old)
+    (tmp_path / "out" / "attempts" / "mine.txt").write_text("not imagemill's")
+    assert run_in_process(spec).cost.failed_attempts == 2, "a resume counts them"
+    result = run_in_process(spec, overwrite=True)
+    assert result.cost.failed_attempts == 0 and result.complete
+    assert sorted(path.name for path in (tmp_path / "out" / "attempts").iterdir()) == ["mine.txt"]

@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from imagemill.core.records import RecordPart
+from pydantic import Field
+
+from imagemill.core.records import MAX_COST_USD, MAX_DEVICE_SECONDS, RecordPart
 
 GPU = "GPU"
 CPU = "CPU"  # also the key of `cost.gpu_hour_usd`'s map that prices CPU workers' CPU-hours
@@ -40,10 +42,11 @@ class DeviceCharge(RecordPart):
     """The device time one attempt of a shard held, priced: what the device-time ledger
     (imagemill.core.device_ledger) counts, committed or not, and a shard's stats carry."""
 
-    device_seconds: float  # GPU- or CPU-seconds, as device_kind says
+    # A record that says less than nothing, or more than any sum can hold, does not read (records.py).
+    device_seconds: float = Field(ge=0, le=MAX_DEVICE_SECONDS)  # GPU- or CPU-seconds, as device_kind says
     device_kind: str
     accelerator_type: str | None  # as Ray names it (H100, A10G); None on CPU or when unknown
-    cost_usd: float | None  # None without a price for its device
+    cost_usd: float | None = Field(ge=0, le=MAX_COST_USD)  # None without a price for its device
 
 
 @dataclass(frozen=True)
