@@ -10,7 +10,8 @@ import yaml
 from conftest import write_prompt_files
 
 import imagemill
-from imagemill.core.cost import CPU, GPU, hourly_price, job_cost
+from imagemill.core.cost import CPU, GPU, hourly_price
+from imagemill.core.device_ledger import DeviceLedger
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import OutputLayout
 from imagemill.core.records import ShardStats, committed_shards
@@ -67,25 +68,26 @@ def _stats(shard_id: str, seconds: float | None, cost: float | None, ok: int = 1
 
 
 def test_the_job_cost_sums_its_shards_and_prices_1000_images():
-    cost = job_cost([_stats("b", 1800.0, 1.5), _stats("a", 1800.0, 1.5), _stats("c", 36.0, None)])
+    shards = [_stats("b", 1800.0, 1.5), _stats("a", 1800.0, 1.5), _stats("c", 36.0, None)]
+    cost = DeviceLedger.of_committed(shards).totals()
     assert cost.device_seconds == 3636.0
     assert cost.cost_usd == 3.0
     assert cost.unpriced_device_seconds == 36.0
     assert cost.usd_per_1000_images == pytest.approx(100.0)  # $3 for 30 images
     assert "GPU-seconds" in cost.text() and "$100.0000 / 1,000 images" in cost.text()
-    unpriced = job_cost([ShardStats(shard_id="in-process", rows=1, ok=1, error=0)])
+    unpriced = DeviceLedger.of_committed([ShardStats(shard_id="in-process", rows=1, ok=1, error=0)]).totals()
     assert (unpriced.device_seconds, unpriced.cost_usd, unpriced.usd_per_1000_images) == (0.0, None, None)
 
 
 def test_the_budget_counts_every_committed_shard_as_they_come(tmp_path):
     spec = _spec(tmp_path, cost={"gpu_hour_usd": 1.0}, workers={"max_gpu_hours": 1, "max_cost_usd": 2})
-    committed = {"a": _stats("a", 1800.0, 0.5)}
-    budget = Budget(spec.workers, committed)
+    ledger = DeviceLedger.of_committed([_stats("a", 1800.0, 0.5)])
+    budget = Budget(spec.workers, ledger)
     assert budget.reached() is None
-    committed["b"] = _stats("b", 1800.0, 0.5)
+    ledger.add_committed(_stats("b", 1800.0, 0.5))
     assert budget.reached() == "workers.max_gpu_hours=1 (1 device-hours spent)"
     spec = _spec(tmp_path, cost={"gpu_hour_usd": 1.0}, workers={"max_cost_usd": 0.75})
-    assert Budget(spec.workers, committed).reached() == "workers.max_cost_usd=0.75 (1 USD spent)"
+    assert Budget(spec.workers, ledger).reached() == "workers.max_cost_usd=0.75 (1 USD spent)"
 
 
 def test_a_shard_records_the_cpu_seconds_it_held_the_device_and_their_price(tmp_path, tiny_model):

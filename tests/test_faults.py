@@ -189,6 +189,10 @@ def test_a_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, tiny
     assert result.complete and not result.failures, result.summary()
     assert (result.rows_total, result.ok, result.errors) == (rows, rows, 0)
     check_output(output, _ids(rows), 32, 32)
+    # The killed attempts reported nothing: the driver charged their actor's wall-clock (device_ledger.py).
+    assert result.cost.failed_attempts >= 1 and result.cost.failed_device_seconds > 0, result.cost
+    attempts = [json.loads(path.read_text()) for path in Path(output, "attempts").glob("*.json")]
+    assert any(not failed["reported"] for record in attempts for failed in record["failed"]), attempts
 
 
 def _s3_spec(name: str, bucket: str, storage_options: dict) -> dict:

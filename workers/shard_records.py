@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from imagemill.core.carry import Carried
+from imagemill.core.cost import DeviceUse
 from imagemill.core.images import thumbnail_data_uri
 from imagemill.core.labels import LABELS_SHOWN, count_labels, label_key
 from imagemill.core.records import (
@@ -31,7 +32,6 @@ from imagemill.core.records import (
     capped,
 )
 from imagemill.core.shard import Shard
-from imagemill.workers.device_use import DeviceUse
 from imagemill.workers.rows import Row
 from imagemill.workers.selection import Drawn
 from imagemill.workers.stage_timer import StageTimer
@@ -194,7 +194,7 @@ class ShardRun:
             redraws=self.redraws,
             rejected_candidates=self.rejected_candidates,
             labels=self._label_counts(),
-            **device_use.charge(self.held_seconds),
+            **device_use.charge(self.held_seconds).model_dump(),
         )
 
     def _label_counts(self) -> dict[str, dict[str, int]]:

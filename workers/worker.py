@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from imagemill.core.carry import Carried, append_columns
+from imagemill.core.device_ledger import AttemptFailed
 from imagemill.core.kinds import kind_info
 from imagemill.core.layout import OutputLayout, parquet_bytes
 from imagemill.core.lease import check_owner
@@ -120,10 +121,12 @@ class ShardWorker:
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
             "batch_size": self.spec.workers.batch_size,
+            "device_use": self.device_use,  # the driver charges an attempt that dies without a report
         }
 
     def process_shard(self, shard: Shard) -> ShardStats:
-        """Read, expand, generate, score, write and commit one shard; returns its stats.
+        """Read, expand, generate, score, write and commit one shard; returns its stats. An error is
+        raised as `AttemptFailed`, with the device time the attempt held.
 
         Two calls run at once on the actor (`max_concurrency` in the scheduler): while one holds the
         model for its generate loop, the other reads and validates its shard, or drains its writes
@@ -131,23 +134,30 @@ class ShardWorker:
         actor's shared parts are the model (held in turn), the writer thread pool and the output.
         """
         run = ShardRun(shard, self.spec.model.source, getattr(self.generator, "scheduler_name", None))
-        with self.turns.ticket() as turn:
-            self._read(run)
-            run.expansion = self._start_expansion(run.rows)  # a pool starts now, before this turn
-            writer = self._open_writer(shard, run.carried)
-            with turn:
-                run.timer.add("idle", turn.idle_seconds)
-                timed_before = run.timer.total(TURN_STAGES)
-                model_started = time.time()
-                self._generate(run, writer)
-                run.timeline["model"] = [model_started, time.time()]
-                timed = run.timer.total(TURN_STAGES) - timed_before
-                run.timer.add("host", max(0.0, run.timeline["model"][1] - model_started - timed))
-                run.held_seconds = turn.idle_seconds + run.timeline["model"][1] - model_started
-        self._finish_writes(run, writer)
-        self._write_metadata(run, writer)
-        self._write_features(run)
-        return self._commit(run)
+        try:
+            with self.turns.ticket() as turn:
+                self._read(run)
+                run.expansion = self._start_expansion(run.rows)  # a pool starts now, before this turn
+                writer = self._open_writer(shard, run.carried)
+                with turn:
+                    run.timer.add("idle", turn.idle_seconds)
+                    timed_before = run.timer.total(TURN_STAGES)
+                    model_started = time.time()
+                    try:
+                        self._generate(run, writer)
+                    finally:  # a turn that fails has held the device too
+                        run.timeline["model"] = [model_started, time.time()]
+                        run.held_seconds = turn.idle_seconds + run.timeline["model"][1] - model_started
+                    timed = run.timer.total(TURN_STAGES) - timed_before
+                    run.timer.add("host", max(0.0, run.timeline["model"][1] - model_started - timed))
+            self._finish_writes(run, writer)
+            self._write_metadata(run, writer)
+            self._write_features(run)
+            return self._commit(run)
+        except Exception as exc:
+            # The attempt's device time goes to the driver with its error (imagemill.core.device_ledger).
+            error_type = type(exc).__name__
+            raise AttemptFailed(str(exc), error_type, self.device_use.charge(run.held_seconds)) from exc
 
     def _read(self, run: ShardRun) -> None:
         """Read the shard's row groups and resolve and validate its rows (invalid ones become errors)."""

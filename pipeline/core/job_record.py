@@ -31,8 +31,8 @@ class FailedShard(RecordPart):
 
 
 class JobCostRecord(RecordPart):
-    """imagemill.core.cost.JobCost as the record keeps it: the committed shards' device time and cost
-    when the run ended."""
+    """imagemill.core.cost.JobCost as the record keeps it: the device-time ledger's totals when the run
+    ended (imagemill.core.device_ledger: every attempt, committed or failed, of every run)."""
 
     device_seconds: float
     device_kinds: list[str]
@@ -40,6 +40,8 @@ class JobCostRecord(RecordPart):
     usd_per_1000_images: float | None
     unpriced_device_seconds: float
     images: int
+    failed_attempts: int
+    failed_device_seconds: float
 
 
 class JobRecord(StoredRecord):

@@ -12,12 +12,13 @@
       duplicates.parquet, _reference_features.parquet   `evaluation:` only: near-duplicates, the
                                     reference's features (imagemill.evaluation.post_pass)
       shards/<shard_id>.json        the shard's stats; written last, so its presence commits the shard
+      attempts/<shard_id>.json      the shard's failed attempts and their device time (device_ledger.py)
 
 Whatever the format, a shard's images are written first, then its metadata, then its stats.
 
-Actors write images, metadata and stats; the driver writes the job record and the marker. Records
-(the JSON files) are written whole or not at all, and read back as absent when they do not read; every
-call is on an exact path (see storage.py): an output folder may be called `run[12]`.
+Actors write images, metadata and stats; the driver writes the job record, the marker and the failed
+attempts. Records (the JSON files) are written whole or not at all, and read back as absent when they
+do not read; every call is on an exact path (see storage.py): an output folder may be called `run[12]`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ SHARD_FILE_SUFFIXES = {
     "embeddings": ".parquet",
     "feature_stats": ".parquet",
     "shards": ".json",
+    "attempts": ".json",
 }
 
 
@@ -136,6 +138,7 @@ class OutputLayout:
     embeddings_path = _per_shard_file("embeddings")
     feature_stats_path = _per_shard_file("feature_stats")
     stats_path = _per_shard_file("shards")
+    attempts_path = _per_shard_file("attempts")  # failed attempts' device time (imagemill.core.device_ledger)
 
     def prepare_shard(self, shard_id: str, output_format: str = "files") -> None:
         """Create the folders a shard writes into (object stores need none; local disks do)."""

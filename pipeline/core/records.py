@@ -52,8 +52,13 @@ EXAMPLES_PER_REASON = 2  # error messages kept per reason, in a shard's stats an
 # The schema of the JSON records this imagemill writes into an output (`_job.json`, `shards/*.json`).
 # Raise it when a record's fields change meaning or a required one is added; records of another
 # version are refused (read_record) unless a migration for that version is added there.
-SCHEMA_VERSION = 1
+# 2: `_job.json`'s cost counts every attempt (imagemill.core.device_ledger) and says how many failed.
+SCHEMA_VERSION = 2
 R = TypeVar("R", bound="StoredRecord")
+# An attempt's device time and cost (imagemill.core.cost) read from a record are at most these: a
+# broken or hostile record must not overflow the ledger's sums, nor a negative one un-spend a budget.
+MAX_DEVICE_SECONDS = 1e12
+MAX_COST_USD = 1e12
 
 
 def capped(text: str | None, limit: int = PROMPT_CHARS) -> str | None:
@@ -295,10 +300,10 @@ class ShardStats(StoredRecord):
     rejected_candidates: int = 0  # candidates drawn and not kept (best-of-N; not filtering)
     labels: dict[str, dict[str, int]] = Field(default_factory=dict)  # label: ok/filtered/error rows
     # imagemill.core.cost: the device time the shard held (GPU- or CPU-seconds, as device_kind says), priced
-    device_seconds: float | None = None
+    device_seconds: float | None = Field(None, ge=0, le=MAX_DEVICE_SECONDS)
     device_kind: str | None = None
     accelerator_type: str | None = None  # as Ray names it (H100, A10G); None on CPU or when unknown
-    cost_usd: float | None = None  # None without a price for its device
+    cost_usd: float | None = Field(None, ge=0, le=MAX_COST_USD)  # None without a price for its device
 
     @property
     def read_seconds(self) -> float:

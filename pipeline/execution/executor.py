@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from imagemill.core.device_ledger import FailedAttempt
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
@@ -51,6 +52,8 @@ class ShardWork:
     (`workers.batch_size: auto` resolved); a model that does not load raises instead, leaving no record;
     `on_committed`: each shard's stats once it has committed (the progress bar and log follow it);
     `on_failed`: each shard that failed all its tries;
+    `on_attempt_failed`: each attempt that committed nothing, with its device time, before the next
+    shard is handed out (the budget counts it: imagemill.core.device_ledger);
     `on_progress`: a `Live` at least every `imagemill.execution.progress.poll_seconds()` while
     shards run or the model loads (the console's progress lines and the heartbeat's progress);
     `budget`: once it is reached, no further shard is started (imagemill.execution.budget).
@@ -63,6 +66,7 @@ class ShardWork:
     on_ready: Callable[[JobSpec], None]
     on_committed: Callable[[ShardStats], None]
     on_failed: Callable[[ShardFailure], None]
+    on_attempt_failed: Callable[[str, FailedAttempt], None]
     on_progress: Callable[[Live], None] = _ignore
 
 

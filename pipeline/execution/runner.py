@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 
 from imagemill.core.compile_cache_key import check_compile_cache_key
-from imagemill.core.cost import JobCost, job_cost
+from imagemill.core.cost import JobCost
+from imagemill.core.device_ledger import DeviceLedger, FailedAttempt, read_ledger, record_failed_attempt
 from imagemill.core.job_record import FailedShard, JobCostRecord, JobRecord, write_job_record
 from imagemill.core.layout import SUCCESS_MARKER, OutputLayout
 from imagemill.core.lease import OutputLease
@@ -56,7 +57,7 @@ class JobResult:
     filtered: int = 0  # rows done but scored below scoring.threshold
     flagged: int = 0  # rows done but flagged by the safety classifier
     rows_run: int = 0  # images made by this run (the rate counts these)
-    cost: JobCost | None = None  # device time and cost over the committed shards (imagemill.core.cost)
+    cost: JobCost | None = None  # device time and cost of every attempt (imagemill.core.device_ledger)
     budget_stop: str | None = (
         None  # the limit that stopped the job with shards left (imagemill.execution.budget)
     )
@@ -168,7 +169,9 @@ def _run_owned(
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
     done_before = set(committed)
-    budget = Budget(spec.workers, committed)  # counts the shards this run commits as they come
+    # Every attempt's device time, this run's added as they end: what the budget and the cost read.
+    ledger = read_ledger(output, committed.values())
+    budget = Budget(spec.workers, ledger)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
     failures = [
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
@@ -203,11 +206,18 @@ def _run_owned(
         record_written = True  # from now on an interrupted run says so in the record
 
     def commit(stats: ShardStats) -> None:
-        committed[stats.shard_id] = stats  # the budget counts it from now on
+        committed[stats.shard_id] = stats
+        ledger.add_committed(stats)  # the budget counts it from now on
+
+    def attempt_failed(shard_id: str, attempt: FailedAttempt) -> None:
+        record_failed_attempt(output, shard_id, attempt)  # kept for later runs' budget
+        ledger.add_failed(shard_id, attempt)
 
     try:
         if todo and not budget.reached():
-            work = ShardWork(spec, lease.run_id, todo, budget, start_record, commit, failures.append)
+            work = ShardWork(
+                spec, lease.run_id, todo, budget, start_record, commit, failures.append, attempt_failed
+            )
             _execute(work, executor, lease, committed, shards_total, rows_total, progress)
         else:  # nothing to run, or the budget was reached by earlier runs
             start_record(spec)
@@ -216,16 +226,16 @@ def _run_owned(
         # #64830): an end slower than that (the record and report on a slow store) died as SIGABRT.
         signal.alarm(0)
         if record_written:
-            _end_record(output, lease, record, committed, failures, INTERRUPTED)
+            _end_record(output, lease, record, committed, ledger, failures, INTERRUPTED)
         raise
-    result = _result(spec, committed, failures, shards_total, rows_total, started, done_before)
+    result = _result(spec, committed, ledger, failures, shards_total, rows_total, started, done_before)
     result.budget_stop = budget.reached()
     if spec.evaluation is not None and committed:
         # Imported here: the post-pass needs torch, which would add 2 s to every `imagemill` start.
         from imagemill.evaluation.post_pass import evaluate
 
         record.evaluation = evaluate(spec, output, committed)
-    _end_record(output, lease, record, committed, failures, result.state)
+    _end_record(output, lease, record, committed, ledger, failures, result.state)
     if result.state == COMPLETE:
         output.write_bytes(SUCCESS_MARKER, b"")
     return result
@@ -281,6 +291,7 @@ def _execute(
 def _result(
     spec: JobSpec,
     committed: dict[str, ShardStats],
+    ledger: DeviceLedger,
     failures: list[ShardFailure],
     shards_total: int,
     rows_total: int,
@@ -301,7 +312,7 @@ def _result(
         failures=failures,
         filtered=totals.filtered,
         flagged=totals.flagged,
-        cost=job_cost(committed.values()),
+        cost=ledger.totals(),
         rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
     )
 
@@ -311,6 +322,7 @@ def _end_record(
     lease: OutputLease,
     record: JobRecord,
     committed: dict[str, ShardStats],
+    ledger: DeviceLedger,
     failures: list[ShardFailure],
     state: str,
 ) -> None:
@@ -325,7 +337,7 @@ def _end_record(
     record.rows_error = totals.errors
     record.errors_by_reason = totals.errors_by_reason
     record.failed_shards = [FailedShard(**vars(failure)) for failure in failures]
-    record.cost = JobCostRecord(**job_cost(committed.values()).to_json())
+    record.cost = JobCostRecord(**ledger.totals().to_json())
     lease.confirm()
     write_job_record(output, record)
     write_report(output)

@@ -15,12 +15,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.core.compile_cache_key import compile_cache_env
+from imagemill.core.cost import DeviceCharge, DeviceUse
+from imagemill.core.device_ledger import AttemptFailed, FailedAttempt
 from imagemill.core.errors import ImagemillError
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
@@ -45,7 +48,7 @@ def run_on_ray(work: ShardWork) -> None:
     _connect_ray()
     with serving_pieces(work.spec, work.shards) as served:
         scheduler = ShardScheduler(work.spec, work.run_id, on_ready=work.on_ready, budget=work.budget)
-        for failure in scheduler.run(served, work.on_committed, work.on_progress):
+        for failure in scheduler.run(served, work.on_committed, work.on_attempt_failed, work.on_progress):
             work.on_failed(failure)
 
 
@@ -84,10 +87,12 @@ def _one_line(exc: BaseException) -> str:
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     if isinstance(cause, RayActorError) and cause is not exc:
         return _one_line(cause)
+    # The actor's own error, carried with the attempt's device time (imagemill.core.device_ledger).
+    name = cause.error_type if isinstance(cause, AttemptFailed) else type(cause).__name__
     lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     # Ray ends an actor's death notice with the actor's own exception, already named.
-    return last if _NAMED_EXCEPTION.match(last) else f"{type(cause).__name__}: {last}"
+    return last if _NAMED_EXCEPTION.match(last) else f"{name}: {last}"
 
 
 def _save_load_error(exc: BaseException, run_id: str) -> str:
@@ -146,7 +151,10 @@ class ShardScheduler:
         self.attempts: dict[str, int] = {}  # failed tries, by shard id
         self.failures: list[ShardFailure] = []
         self.alive: list[Any] = []  # actors that loaded the model and take shards
-        self.tasks: dict[ray.ObjectRef, tuple[Any, Shard]] = {}  # process_shard calls → (actor, shard)
+        # process_shard calls → (actor, shard, when it was handed out: time.monotonic())
+        self.tasks: dict[ray.ObjectRef, tuple[Any, Shard, float]] = {}
+        self.device_uses: dict[Any, DeviceUse] = {}  # each pool actor's devices, from its ready()
+        self.last_report: dict[Any, float] = {}  # each actor's last shard call that answered
         self.starting: dict[ray.ObjectRef, Any] = {}  # ready() of actors not yet in the pool → the actor
         self.next_growth_check = 0.0
         self.report_every = min(GROWTH_CHECK_SECONDS, poll_seconds())  # how often progress is read
@@ -200,15 +208,19 @@ class ShardScheduler:
         self,
         shards: list[Shard],
         on_done: Callable[[ShardStats], None],
+        on_attempt_failed: Callable[[str, FailedAttempt], None],
         on_progress: Callable[[Live], None] = lambda live: None,
     ) -> list[ShardFailure]:
-        """Process every shard; returns the shards that failed all their attempts. `on_progress` gets
-        the workers loading and ready and the rows drawn in running shards every `report_every` s.
+        """Process every shard; returns the shards that failed all their attempts. `on_attempt_failed`
+        gets every attempt that committed nothing, with its device time, before the next hand-out;
+        `on_progress` the workers loading and ready and the rows drawn in running shards every
+        `report_every` s.
 
         A replacement actor joins the pool only once it has loaded the model, so one that cannot be
         placed (its node is gone and no other has room) never holds shards: the others finish them.
         """
         self.queue.extend(shards)
+        self.on_attempt_failed = on_attempt_failed
         self._start_workers()
         self._report(on_progress, now=True)  # "loading the model on N workers…" at once
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
@@ -244,10 +256,10 @@ class ShardScheduler:
         for actor in self.alive:
             while (
                 self._to_hand_out()
-                and sum(1 for a, _ in self.tasks.values() if a is actor) < SHARDS_PER_ACTOR
+                and sum(1 for a, _, _ in self.tasks.values() if a is actor) < SHARDS_PER_ACTOR
             ):
                 shard = self.queue.popleft()
-                self.tasks[actor.process_shard.remote(shard)] = (actor, shard)
+                self.tasks[actor.process_shard.remote(shard)] = (actor, shard, time.monotonic())
 
     def _join(self, ref: ray.ObjectRef) -> None:
         """An actor answered `ready`: it joins the pool; if it failed to load, the job stops when no
@@ -278,24 +290,56 @@ class ShardScheduler:
             self.loaded_once = True
             self.on_ready(self.spec)  # the job record is written now: a model that never loads leaves none
         self.alive.append(actor)
+        self.device_uses[actor] = ready["device_use"]
         log.info("a worker is ready on %s (%d of %d)", ready["device"], len(self.alive), self.num_workers)
 
     def _finish(self, ref: ray.ObjectRef, on_done: Callable[[ShardStats], None]) -> None:
         """A shard call returned: its stats go to `on_done`; a failed shard is retried, and a dead
         actor replaced."""
-        actor, shard = self.tasks.pop(ref)
+        actor, shard, handed_out = self.tasks.pop(ref)
         if self.tally is not None:
             self.tally.forget.remote(shard.shard_id)
         try:
-            on_done(ray.get(ref))
+            stats = ray.get(ref)
         except RayActorError as exc:
-            self._retry_or_fail(shard, f"worker died: {_one_line(exc)}")
+            # Its other attempts died with it: the span since the earliest of them is charged once.
+            since = min([handed_out, *(at for a, _, at in self.tasks.values() if a is actor)])
+            self._attempt_failed(shard, f"worker died: {_one_line(exc)}", self._unreported(actor, since))
             if actor in self.alive:
                 log.warning("a worker died (%s); starting a replacement", _one_line(exc))
                 self.alive.remove(actor)
                 self._start_replacement()
         except RayTaskError as exc:
-            self._retry_or_fail(shard, _one_line(exc))
+            cause = exc.cause
+            charge = cause.charge if isinstance(cause, AttemptFailed) else self._unreported(actor, handed_out)
+            self.last_report[actor] = time.monotonic()
+            self._attempt_failed(shard, _one_line(exc), charge, reported=isinstance(cause, AttemptFailed))
+        else:
+            self.last_report[actor] = time.monotonic()
+            on_done(stats)
+
+    def _unreported(self, actor: Any, since: float) -> DeviceCharge:
+        """An attempt that ended without the actor's report of its device time: the wall-clock the
+        actor's devices were held for it, from the later of `since` and the actor's last report to
+        now (imagemill.core.device_ledger says so)."""
+        now = time.monotonic()
+        start = max(since, self.last_report.get(actor, since))
+        self.last_report[actor] = now
+        return self.device_uses[actor].charge(now - start)
+
+    def _attempt_failed(self, shard: Shard, error: str, charge: DeviceCharge, reported: bool = False) -> None:
+        """Record a failed attempt's device time (before anything else is handed out, so the budget
+        counts it), then retry the shard or give it up."""
+        attempt = FailedAttempt(
+            run_id=self.run_id,
+            attempt=self.attempts.get(shard.shard_id, 0) + 1,
+            ended_at=datetime.now(UTC).isoformat(),
+            error=error,
+            reported=reported,
+            charge=charge,
+        )
+        self.on_attempt_failed(shard.shard_id, attempt)
+        self._retry_or_fail(shard, error)
 
     def _retry_or_fail(self, shard: Shard, error: str) -> None:
         attempts = self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1

@@ -6,13 +6,15 @@ unless `output.allow_existing` says to write beside it; an output made by a job 
 is refused unless `--overwrite`, which then deletes exactly that job's files:
 
 - each committed shard's files its metadata names (its images, or its tar or data file), then its
-  embeddings and feature stats (`evaluation:`), then its metadata, then its stats;
+  embeddings and feature stats (`evaluation:`), then its metadata, then its stats, then its record
+  of failed attempts (`attempts/`, imagemill.core.device_ledger);
 - for a shard of this job that is not committed (one cut short), everything in `images/<shard_id>/`,
   its tar and data file, its metadata and any stats file: the shard id is imagemill's name for it;
 - the job record, `_SUCCESS` and the report;
 
-for the shards the output's stats name and the shards this job plans, and nothing else. A folder is
-removed only when that leaves it empty. Every call is on an exact path (see `storage.remove_files`).
+for the shards the output's stats or failed attempts name and the shards this job plans, and nothing
+else. A folder is removed only when that leaves it empty. Every call is on an exact path (see
+`storage.remove_files`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from imagemill.core.device_ledger import attempted_shard_ids
 from imagemill.core.errors import ImagemillError
 from imagemill.core.job_record import read_job_record
 from imagemill.core.layout import (
@@ -159,14 +162,16 @@ def delete_shards(output: OutputLayout, shard_ids: list[str], committed: set[str
 
 def _delete_previous_output(output: OutputLayout, planned: set[str]) -> None:
     committed = stats_shard_ids(output)
-    shard_ids = sorted(planned | committed)
+    attempted = attempted_shard_ids(output)  # the previous job's failed attempts are its own spending
+    shard_ids = sorted(planned | committed | attempted)
     temporaries = [
         f"{folder}/{name}".lstrip("/")
-        for folder in ("", "shards")
+        for folder in ("", "shards", "attempts")
         for name in output.entries(folder)
         if temporary_target(name) and _is_own_entry(folder, name, False, set(shard_ids))
     ]
     delete_shards(output, shard_ids, committed)
+    remove_files(output.fs, [output.path(OutputLayout.attempts_path(shard_id)) for shard_id in attempted])
     # The job record last: whatever an interrupted delete leaves is still named.
     for batch in (temporaries, [name for name in MARKERS if name != JOB_RECORD], [JOB_RECORD]):
         remove_files(output.fs, [output.path(relative) for relative in batch])

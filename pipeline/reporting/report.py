@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from imagemill.core.cost import job_cost
+from imagemill.core.device_ledger import DeviceLedger, read_ledger
 from imagemill.core.errors import ImagemillError
 from imagemill.core.evaluation_results import EvaluationResults
 from imagemill.core.job_record import JobRecord, read_job_record
@@ -52,7 +52,7 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
     # Only the shards that count: not those of input files gone since (imagemill.planning.inputs).
     shards = sorted(counted(record, committed_shards(output)), key=lambda stats: stats.shard_id)
     samples = pick_samples(shards, max_samples)
-    report = build_report(record, shards, samples)
+    report = build_report(record, shards, samples, read_ledger(output, shards))
     thumbnails = [sample.thumbnail for _, sample in samples]
     output.write_json(REPORT_JSON, report)
     output.write_whole(REPORT_HTML, render_html(report, thumbnails).encode())
@@ -60,8 +60,9 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
 
 
 def build_report(
-    record: JobRecord, shards: list[ShardStats], samples: list[tuple[str, Sample]]
+    record: JobRecord, shards: list[ShardStats], samples: list[tuple[str, Sample]], ledger: DeviceLedger
 ) -> dict[str, Any]:
+    """What report.json holds; `ledger`: the job's device-time ledger, for its cost."""
     totals = shard_totals(shards)
     failed = record.failed_shards
     stages = _stage_seconds(shards)
@@ -87,7 +88,7 @@ def build_report(
         "error_examples": error_examples(shards),
         "failed_shards": [failure.model_dump() for failure in failed],
         "stage_seconds": stages,
-        "cost": job_cost(shards).to_json(),
+        "cost": ledger.totals().to_json(),
         "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
         "throughput": throughput(record.started_at, shards, record.ended_at),
         "clip_score": clip_score(record, shards),
@@ -277,6 +278,9 @@ def _cost_tiles(cost: dict[str, Any] | None) -> list[tuple[str, str, str]]:
         tiles.append(("cost", f"${cost['cost_usd']:.4f}", ""))
     if cost["usd_per_1000_images"] is not None:
         tiles.append(("$ / 1,000 images", f"${cost['usd_per_1000_images']:.4f}", ""))
+    if cost["failed_attempts"]:
+        label = f"{kinds}-hours in {cost['failed_attempts']} failed attempts"
+        tiles.append((label, f"{cost['failed_device_seconds'] / 3600:.4g}", "error"))
     return tiles
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imagemill.core.cost import JobCost, job_cost
+from imagemill.core.cost import JobCost
+from imagemill.core.device_ledger import read_ledger
 from imagemill.core.errors import ImagemillError
 from imagemill.core.job_record import JobRecord, read_job_record
 from imagemill.core.labels import label_lines
@@ -23,7 +24,7 @@ class JobStatus:
     shards_done: int
     totals: ShardTotals  # summed over the shards that count
     lease: LeaseView | None = None  # the run holding the output now, if any
-    cost: JobCost | None = None  # device time and cost over the same shards (imagemill.core.cost)
+    cost: JobCost | None = None  # the device-time ledger's totals (imagemill.core.device_ledger)
 
     @property
     def rows_done(self) -> int:
@@ -108,7 +109,8 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     if record is None:
         raise ImagemillError(not_started(output, url))
     shards = counted(record, committed_shards(output))  # not those of input files gone since
-    return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output), job_cost(shards))
+    cost = read_ledger(output, shards).totals()
+    return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output), cost)
 
 
 def not_started(output: OutputLayout, url: str) -> str:

@@ -16,11 +16,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from imagemill.core.device_ledger import AttemptFailed, FailedAttempt
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
@@ -47,25 +49,48 @@ def _run_on(
     shards: list[Shard],
     on_committed: Callable[[ShardStats], None],
     budget: Budget | None = None,
+    on_attempt_failed: Callable[[str, FailedAttempt], None] | None = None,
+    run_id: str = "in-process",
     report: Callable[[], None] = lambda: None,
 ) -> None:
     """The shards on `worker`, SHARDS_PER_ACTOR calls at a time in plan order, none started once
-    `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here.
-    `report` is called at least every `poll_seconds()` while shards run."""
+    `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here, as the
+    shard raised it, once `on_attempt_failed` has its device time. `report` is called at least every
+    `poll_seconds()` while shards run."""
     if any(shard.row_offset is not None for shard in shards):
         raise ValueError("in-process runs take whole row groups only: write smaller row groups")
     queue = deque(shards)
-    running: set[Future[ShardStats]] = set()
+    running: dict[Future[ShardStats], Shard] = {}
     with ThreadPoolExecutor(SHARDS_PER_ACTOR) as calls:
         while True:
             while queue and len(running) < SHARDS_PER_ACTOR and not (budget and budget.reached()):
-                running.add(calls.submit(worker.process_shard, queue.popleft()))
+                shard = queue.popleft()
+                running[calls.submit(worker.process_shard, shard)] = shard
             if not running:
                 return
-            done, running = wait(running, timeout=poll_seconds(), return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=poll_seconds(), return_when=FIRST_COMPLETED)
             report()
             for call in done:
-                on_committed(call.result())
+                shard = running.pop(call)
+                try:
+                    stats = call.result()
+                except AttemptFailed as failed:
+                    if on_attempt_failed is not None:
+                        on_attempt_failed(shard.shard_id, _failed_attempt(failed, run_id))
+                    raise failed.__cause__ or failed from None
+                on_committed(stats)
+
+
+def _failed_attempt(failed: AttemptFailed, run_id: str) -> FailedAttempt:
+    """The ledger's record of an in-process attempt that failed: its one try in the run."""
+    return FailedAttempt(
+        run_id=run_id,
+        attempt=1,
+        ended_at=datetime.now(UTC).isoformat(),
+        error=f"{failed.error_type}: {failed.message}",
+        reported=True,
+        charge=failed.charge,
+    )
 
 
 def run_shards(worker: ShardWorker) -> list[ShardStats]:
@@ -77,8 +102,9 @@ def run_shards(worker: ShardWorker) -> list[ShardStats]:
 
 def run_in_this_process(work: ShardWork) -> None:
     """The in-process shard executor (imagemill.execution.executor): one worker, loaded before any
-    shard as an actor is; a shard that fails is raised, not retried. Progress as the scheduler reports
-    it: loading, then the rows drawn in each running shard (a dict the worker's threads set)."""
+    shard as an actor is; a shard that fails is raised, not retried, its device time recorded first.
+    Progress as the scheduler reports it: loading, then the rows drawn in each running shard (a dict
+    the worker's threads set)."""
     drawn: dict[str, int] = {}
     work.on_progress(Live(workers_loading=1, workers_ready=0))
     worker = load_worker(work.spec, work.run_id, drawn.__setitem__)
@@ -91,7 +117,7 @@ def run_in_this_process(work: ShardWork) -> None:
     def report() -> None:
         work.on_progress(Live(workers_loading=0, workers_ready=1, drawn=dict(drawn)))
 
-    _run_on(worker, work.shards, committed, work.budget, report)
+    _run_on(worker, work.shards, committed, work.budget, work.on_attempt_failed, work.run_id, report)
 
 
 @contextmanager

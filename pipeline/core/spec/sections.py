@@ -531,7 +531,8 @@ class WorkersSpec(_Section):
     max_shard_attempts: Annotated[int, NOT_FINGERPRINTED] = Field(
         3, gt=0, description="Tries a shard gets before the run reports it failed."
     )
-    # Budgets over all runs of the output (imagemill.execution.budget): no new shard once reached.
+    # Budgets over all runs of the output, failed attempts too (imagemill.execution.budget): no new shard
+    # once reached.
     max_gpu_hours: Annotated[float | None, NOT_FINGERPRINTED] = Field(
         None,
         gt=0,
