@@ -55,10 +55,12 @@ def model_facts(spec: JobSpec, generator: Any) -> ModelFacts:
         provenance["watermark"] = spec.output.watermark.model_dump()
     if spec.output.c2pa is not None:
         provenance["c2pa"] = True
-    has_files = KINDS[spec.model.kind].needs_model
+    # read only where a file will name the model by it: not for bare image files (`none`, `files`)
+    named = spec.output.embed_parameters != "none" or spec.output.format != "files"
+    hashed = KINDS[spec.model.kind].needs_model and named
     return ModelFacts(
         # the generator's own copy of the files: a URL is resolved (listed, fetched) once per actor
-        model_hash=model_hash(generator.model_source.local) if has_files else None,
+        model_hash=model_hash(generator.model_source.local) if hashed else None,
         scheduler=getattr(generator, "scheduler_name", None),  # diffusers: as the metadata names it
         sampler=getattr(generator, "a1111_sampler", None),  # diffusers: A1111's name, where it has one
         loras=[lora.model_dump() for lora in spec.model.lora],
