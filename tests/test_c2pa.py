@@ -236,3 +236,35 @@ def test_the_guides_openssl_commands_make_a_chain_that_signs_and_verifies(tmp_pa
     assert main(["verify", str(tmp_path / "out")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("SIGNED ") and ": C2PA manifest valid; signed claims: parameters" in first
+
+
+def test_with_embed_parameters_none_the_manifest_says_only_ai_generated_and_verify_says_signed(
+    tmp_path, signing_files
+):
+    """`none`: no parameters in the file nor in its manifest; the manifest still validates, so `verify`
+    reports the file as signed (its claim: AI-generated), not as carrying parameters."""
+    pq.write_table(pa.table({"id": ["a"], "prompt": PROMPTS[:1]}), tmp_path / "prompts.parquet")
+    cert, key = signing_files
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "prompts.parquet")},
+            "output": {
+                "path": str(tmp_path / "out"),
+                "embed_parameters": "none",
+                "c2pa": {"cert": str(cert), "key": str(key)},
+            },
+            "model": {"kind": "noop"},
+            "generation": {"width": 64, "height": 64},
+        }
+    )
+    worker = ShardWorker(spec)
+    (shard,) = plan_shards(spec.input).shards
+    assert worker.process_shard(shard).ok == 1
+    (path,) = _images(tmp_path / "out")
+    assert "imagemill" not in Image.open(path).info
+    with c2pa.Reader("image/png", io.BytesIO(path.read_bytes())) as reader:
+        assert reader.get_validation_state() in ("Valid", "Trusted")
+        labels = [assertion["label"] for assertion in reader.get_active_manifest()["assertions"]]
+    assert PARAMETERS_LABEL not in labels and any(label.startswith("c2pa.actions") for label in labels)
+    (check,) = verify([str(path)]).checks
+    assert check.line().startswith("SIGNED") and check.parameters is None

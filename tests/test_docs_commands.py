@@ -269,7 +269,7 @@ def test_the_nightly_guides_spec_loads_and_uses_every_publishing_feature():
     spec = build_spec(yaml.safe_load(block.replace("{date}", "2026-11-29")))
     assert spec.safety is not None and spec.safety.policy == "retry"
     out = spec.output
-    assert out.embed_parameters and out.watermark is not None and out.c2pa is not None
+    assert out.embed_parameters == "public" and out.watermark is not None and out.c2pa is not None
     assert spec.workers.max_gpu_hours and spec.cost.gpu_hour_usd
     shipped = load_spec(ROOT / "jobs" / "nightly.yaml")
-    assert shipped.safety is not None and shipped.output.embed_parameters
+    assert shipped.safety is not None and shipped.output.embed_parameters == "public"

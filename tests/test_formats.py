@@ -19,6 +19,8 @@ from PIL import Image
 import imagemill
 from imagemill.core.layout import OutputLayout, sample_key
 from imagemill.core.records import MetadataRow
+from imagemill.provenance.parameters import ModelFacts
+from imagemill.provenance.publication import Publication
 from imagemill.testing.in_process import run_in_process
 from imagemill.workers.writers import TarWriter
 
@@ -28,6 +30,7 @@ SIZE = 32
 FILES = {"a": 0, "b.v2": 6}
 SHARDS = ["a-rg00000-00002", "b.v2-rg00000-00002"]
 ERROR_ID = "row-00007"
+PUBLICATION = Publication.of("public", "tiny", ModelFacts(None, None, None, [], "imagemill", {}))
 
 
 def _write_input(folder: Path) -> dict[str, str | None]:
@@ -204,7 +207,7 @@ def test_webdataset_json_fields_keep_one_type_across_tars(tmp_path):
     Image.new("RGB", (SIZE, SIZE), (10, 20, 30)).save(png, format="PNG")
     tars = []
     for shard_id, negative in (("first", None), ("second", "blurry")):
-        writer = TarWriter(output, shard_id, "png")
+        writer = TarWriter(output, shard_id, "png", PUBLICATION)
         rows = [(i, _tar_row(f"{shard_id}-{i}", negative), png.getvalue()) for i in range(3)]
         tars.append(tmp_path / f"{shard_id}.tar")
         tars[-1].write_bytes(writer.build(rows))

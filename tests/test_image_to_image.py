@@ -66,7 +66,7 @@ def _bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
-def _spec(input_path: str, output: str, embed_parameters: bool = True, **generation) -> imagemill.JobSpec:
+def _spec(input_path: str, output: str, embed_parameters: str = "public", **generation) -> imagemill.JobSpec:
     return build_spec(
         {
             "input": {"path": input_path, "image_column": "image", "rows_per_shard": 64},
@@ -377,8 +377,9 @@ def test_strength_near_zero_returns_the_source_and_strength_one_ignores_it(demo_
 
 def _shipped_sources_run(input_path: str, output: str) -> dict[str, dict]:
     """The shipped example's sources (jobs/img2img), strengths drawn from a range, in this process."""
-    # no parameters in the files: they would name each run's input_file, the one thing that differs
-    spec = _spec(input_path, output, embed_parameters=False, num_inference_steps=4, strength=[0.3, 0.9])
+    # the files' public parameters name the input file and the sources by file name only, so the same
+    # spec from S3 and from a local folder embeds the same bytes
+    spec = _spec(input_path, output, num_inference_steps=4, strength=[0.3, 0.9])
     (shard,) = plan_shards(spec.input).shards
     ShardWorker(spec).process_shard(shard)
     return {row["id"]: row for row in read_metadata(output).to_pylist()}

@@ -66,7 +66,7 @@ def test_janus_job_end_to_end(ray_address, tmp_path, tiny_janus):
         {
             "input": {"path": str(prompts / "a.parquet")},
             # the files' bytes are compared across rows and runs: no parameters (they name the row)
-            "output": {"path": str(tmp_path / "first"), "embed_parameters": False},
+            "output": {"path": str(tmp_path / "first"), "embed_parameters": "none"},
             "model": {"source": tiny_janus, "kind": "janus"},
             "generation": generation,
             "workers": {"num_workers": 1, "batch_size": 2},
@@ -98,7 +98,7 @@ def test_janus_job_end_to_end(ray_address, tmp_path, tiny_janus):
     job = tmp_path / "job.yaml"
     job.write_text(
         f"input: {{path: {prompts}}}\n"
-        "output: {path: second, embed_parameters: false}\n"
+        "output: {path: second, embed_parameters: none}\n"
         f"model: {{source: {bucket}/models/tiny-janus, kind: janus}}\n"
         f"generation: {generation}\n"
         "workers: {num_workers: 1, batch_size: 2}\n"

@@ -61,7 +61,7 @@ def _run_job(family: str, source: str, root: Path) -> Path:
             "name": f"family-{family}",
             "input": {"path": str(root / "prompts"), "rows_per_shard": 5},
             # a- and b- rows' files are compared byte for byte: no parameters (they name the row's id)
-            "output": {"path": str(root / "out"), "embed_parameters": False},
+            "output": {"path": str(root / "out"), "embed_parameters": "none"},
             "model": {"source": source},
             "generation": {"width": WIDTH, "height": HEIGHT, "num_inference_steps": 2, "guidance_scale": 4.0},
             "workers": {"num_workers": 1, "batch_size": 4},

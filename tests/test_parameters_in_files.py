@@ -28,6 +28,7 @@ from imagemill.provenance.parameters import (
     USER_COMMENT,
     ModelFacts,
 )
+from imagemill.provenance.publication import Publication
 
 PROMPTS = {
     "plain": "a red circle on the left on a white background",
@@ -35,7 +36,8 @@ PROMPTS = {
 }
 FACTS = ModelFacts(
     model_hash="ab" * 32,
-    scheduler="DDIMScheduler",
+    scheduler="DPMSolverMultistepScheduler(use_karras_sigmas=true)",
+    sampler="DPM++ 2M Karras",
     loras=[{"source": "/loras/style", "weight_name": None, "scale": 0.8}],
     software="imagemill 0.1.0",
     provenance={},
@@ -86,7 +88,8 @@ def _encode(image_format: str, row: MetadataRow, **output) -> bytes:
         }
     )
     pixels = np.asarray(Image.radial_gradient("L").resize((row.width, row.height)).convert("RGB"))
-    return ImageEncoder(spec.output, FACTS, None).encode(pixels, row)
+    publication = Publication.of(spec.output.embed_parameters, row.model, FACTS)
+    return ImageEncoder(spec.output, publication, None).encode(pixels, row)
 
 
 def _pillow_texts(data: bytes) -> tuple[str, dict]:
@@ -116,13 +119,14 @@ def _expect(row: MetadataRow, text: str, record: dict) -> None:
     assert parsed["Seed"] == str(row.seed)
     assert parsed["CFG scale"] == "7.5"
     assert parsed["Size"] == f"{row.width}x{row.height}"
-    assert parsed["Sampler"] == "DDIMScheduler"
+    assert parsed["Sampler"] == "DPM++ 2M Karras"
     assert parsed["Model hash"] == FACTS.model_hash[:10]
-    assert parsed["Model"] == "demo-shapes"
+    assert "Model" not in parsed, "a model in a bucket has no public name: its hash names it"
     for name in ("id", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width"):
         assert record[name] == getattr(row, name), name
-    assert record["model_hash"] == FACTS.model_hash and record["scheduler"] == "DDIMScheduler"
-    assert record["loras"] == FACTS.loras
+    assert record["model_hash"] == FACTS.model_hash and record["scheduler"] == FACTS.scheduler
+    assert record["model"] == f"sha256:{FACTS.model_hash}" and record["input_file"] == "in.parquet"
+    assert record["loras"] == [{"source": None, "weight_name": None, "scale": 0.8}]
 
 
 @pytest.mark.skipif(shutil.which("exiftool") is None, reason="needs exiftool (libimage-exiftool-perl)")
@@ -152,18 +156,18 @@ def test_a_one_megabyte_prompt_is_embedded_whole_or_cut_where_the_format_cannot_
         assert parse_a1111(text)["prompt"] == row.prompt
 
 
-def test_embed_parameters_false_writes_a_bare_file_and_changes_the_fingerprint():
+def test_embed_parameters_none_writes_a_bare_file_and_changes_the_fingerprint():
     row = _row(PROMPTS["plain"])
-    bare = Image.open(io.BytesIO(_encode("png", row, embed_parameters=False)))
+    bare = Image.open(io.BytesIO(_encode("png", row, embed_parameters="none")))
     assert "parameters" not in bare.info and "imagemill" not in bare.info
     specs = [
         imagemill.build_spec(
             {"input": {"path": "/in"}, "output": {"path": "/o", **o}, "model": {"source": "/m"}}
         )
-        for o in ({}, {"embed_parameters": False})
+        for o in ({}, {"embed_parameters": "none"})
     ]
-    assert specs[0].fingerprint()["output"]["embed_parameters"] is True
-    assert specs[1].fingerprint()["output"]["embed_parameters"] is False
+    assert specs[0].fingerprint()["output"]["embed_parameters"] == "public"
+    assert specs[1].fingerprint()["output"]["embed_parameters"] == "none"
 
 
 def test_the_same_row_embeds_the_same_bytes():
@@ -199,7 +203,7 @@ def test_jpeg_bytes_encoded_elsewhere_get_the_same_parameters_and_keep_their_ima
             "model": {"source": "/m"},
         }
     )
-    data = ImageEncoder(spec.output, FACTS, None).encode(bare, row)
+    data = ImageEncoder(spec.output, Publication.of("public", row.model, FACTS), None).encode(bare, row)
     _expect(row, *_pillow_texts(data))
     tags = _exiftool(data, tmp_path, "jpeg")
     assert tags["XMP-iptcExt:DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA

@@ -28,7 +28,7 @@ def job(tmp_path, tiny_model, input_path, name: str, rows_per_shard: int = 16, w
             "name": name,
             "input": {"path": str(input_path), "rows_per_shard": rows_per_shard},
             # files from two input files are compared byte for byte: no parameters (they name the input)
-            "output": {"path": str(tmp_path / name), "embed_parameters": False},
+            "output": {"path": str(tmp_path / name), "embed_parameters": "none"},
             "model": {"source": tiny_model},
             "generation": SMALL,
             "workers": {"num_workers": workers, "batch_size": 4},

@@ -181,7 +181,8 @@ class ShardWorker:
 
     def _open_writer(self, shard: Shard, carried: Carried) -> ShardWriter:
         self.output.prepare_shard(shard.shard_id, self.spec.output.format)
-        return open_writer(self.spec.output, self.output, shard.shard_id, carried)
+        publication = self.encode.encoder.publication  # one per actor: the model hashed once
+        return open_writer(self.spec.output, self.output, shard.shard_id, publication, carried)
 
     def _generate(self, run: ShardRun, writer: ShardWriter) -> None:
         """The generate loop, run while holding the model: each batch is expanded, drawn and scored,

@@ -12,6 +12,10 @@ commit, in every format.
 - `parquet`: `ParquetWriter` builds `data/<shard_id>.parquet` (the metadata columns plus an `image`
   column, Hugging Face `Image` feature in the schema), in memory, and uploads it on `close()`.
 
+What a WebDataset JSON member and a `data/` row say is the row's published form
+(`imagemill.provenance.publication`: no bucket or local path under `output.embed_parameters: public`);
+the metadata Parquet keeps the row as it is.
+
 Both buffered formats write their rows in shard order whatever order the threads finish in, with
 fixed tar headers, so a shard's file is the same bytes on every run. A shard with no ok row gets no
 tar or data file. The file is named after the shard id, not numbered: a number by position would
@@ -34,6 +38,7 @@ from imagemill.core.carry import Carried, append_columns
 from imagemill.core.layout import OutputLayout, image_name, parquet_bytes, sample_key
 from imagemill.core.records import METADATA_SCHEMA, MetadataRow
 from imagemill.core.spec import IMAGE_EXTENSIONS, OutputSpec
+from imagemill.provenance.publication import Publication
 
 # Generation parameters grouped under "parameters" in a WebDataset sample's JSON.
 SAMPLE_PARAMETERS = ("negative_prompt", "num_inference_steps", "guidance_scale", "prompt_truncated", "model")
@@ -66,10 +71,18 @@ class ShardWriter:
 
     format_columns: tuple[str, ...] = ()  # records.FORMAT_COLUMNS this format adds to the metadata Parquet
 
-    def __init__(self, output: OutputLayout, shard_id: str, extension: str, carried: Carried | None = None):
+    def __init__(
+        self,
+        output: OutputLayout,
+        shard_id: str,
+        extension: str,
+        publication: Publication,
+        carried: Carried | None = None,
+    ):
         self.output = output
         self.shard_id = shard_id
         self.extension = extension
+        self.publication = publication  # what the buffered formats' records may say (the encoder's)
         self.carried = carried or Carried.none()  # the input columns carried into the buffered formats
 
     def add(self, position: int, row: MetadataRow, data: bytes) -> MetadataRow:
@@ -101,8 +114,15 @@ class BufferedWriter(ShardWriter):
 
     path_of: Callable[[str], str]  # the shard's file, from its id
 
-    def __init__(self, output: OutputLayout, shard_id: str, extension: str, carried: Carried | None = None):
-        super().__init__(output, shard_id, extension, carried)
+    def __init__(
+        self,
+        output: OutputLayout,
+        shard_id: str,
+        extension: str,
+        publication: Publication,
+        carried: Carried | None = None,
+    ):
+        super().__init__(output, shard_id, extension, publication, carried)
         self.path = self.path_of(shard_id)
         self._rows: dict[int, tuple[MetadataRow, bytes]] = {}
         self._lock = threading.Lock()
@@ -141,8 +161,8 @@ class TarWriter(BufferedWriter):
         return replace(row, path=self.path, key=sample_key(self.shard_id, position))
 
     def sample_json(self, position: int, row: MetadataRow) -> bytes:
-        """The sample's JSON: the row's fields, its parameters, where it came from in the input
-        (`input_file`, `input_row`), its key, and the carried input columns."""
+        """The sample's JSON: the published row's fields, its parameters, where it came from in the
+        input (`input_file`, `input_row`), its key, and the carried input columns."""
         names = (
             "id",
             "input_file",
@@ -156,6 +176,7 @@ class TarWriter(BufferedWriter):
             "status",
             "clip_score",
         )
+        row = self.publication.record(row)
         row = replace(row, **{name: getattr(row, name) or "" for name in SAMPLE_TEXT_FIELDS})
         sample: dict[str, Any] = {name: getattr(row, name) for name in names}
         sample["parameters"] = {name: getattr(row, name) for name in SAMPLE_PARAMETERS}
@@ -188,7 +209,10 @@ class ParquetWriter(BufferedWriter):
 
     def build(self, rows: list[tuple[int, MetadataRow, bytes]]) -> bytes:
         records = [
-            {**row.columns(), "image": {"bytes": data, "path": f"{image_name(row.id)}.{self.extension}"}}
+            {
+                **self.publication.record(row).columns(),
+                "image": {"bytes": data, "path": f"{image_name(row.id)}.{self.extension}"},
+            }
             for _, row, data in rows
         ]
         table = pa.Table.from_pylist(records, schema=DATA_SCHEMA)
@@ -203,7 +227,13 @@ WRITERS: dict[str, type[ShardWriter]] = {
 
 
 def open_writer(
-    spec: OutputSpec, output: OutputLayout, shard_id: str, carried: Carried | None = None
+    spec: OutputSpec,
+    output: OutputLayout,
+    shard_id: str,
+    publication: Publication,
+    carried: Carried | None = None,
 ) -> ShardWriter:
-    """The writer for `spec.format`, for one shard; `carried`: the shard's carried input columns."""
-    return WRITERS[spec.format](output, shard_id, IMAGE_EXTENSIONS[spec.image_format], carried)
+    """The writer for `spec.format`, for one shard; `publication`: the actor's (its encoder's);
+    `carried`: the shard's carried input columns."""
+    extension = IMAGE_EXTENSIONS[spec.image_format]
+    return WRITERS[spec.format](output, shard_id, extension, publication, carried)

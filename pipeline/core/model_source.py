@@ -31,6 +31,12 @@ def _is_hub_id(source: str) -> bool:
     return not _is_url(source) and not os.path.isabs(source) and bool(_HUB_ID.fullmatch(source))
 
 
+def public_name(source: str) -> str | None:
+    """The source's name as published files may give it: a hub id, which names public weights; None
+    for a location (a bucket URL, a local directory, relative or not), which says whose they are."""
+    return source if _is_hub_id(source) and not os.path.exists(source) else None
+
+
 def check_sources(spec: JobSpec) -> None:
     """Fail on the driver, before any actor starts, when a section's weights cannot be where the spec
     says: every section that names pretrained weights (JobSpec.pretrained), whichever it is."""

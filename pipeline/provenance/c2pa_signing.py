@@ -2,8 +2,9 @@
 
 Signing is the last step before the bytes are hashed and written: any re-encode after it would strip
 the manifest. The manifest holds the AI-generated assertion (`c2pa.actions`: `c2pa.created` with IPTC
-digitalSourceType trainedAlgorithmicMedia) and `org.imagemill.parameters` (the image's metadata JSON:
-prompt, seed, model and its hash, ...). c2pa's own thumbnail is off: measured, it made a 12 KB PNG 288 KB.
+digitalSourceType trainedAlgorithmicMedia) and `org.imagemill.parameters` (the image's published
+metadata JSON: prompt, seed, model and its hash, ...; none with `output.embed_parameters: none`).
+c2pa's own thumbnail is off: measured, it made a 12 KB PNG 288 KB.
 
 The certificate and key are read by the actor (local path or fsspec URL with the section's storage
 options), kept in memory, and never logged or recorded; errors name the setting, not the path or its
@@ -39,8 +40,8 @@ def _read(url: str, storage_options: dict[str, Any], setting: str) -> bytes:
         ) from None
 
 
-def manifest(title: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The manifest definition: created by a trained model, with the generation parameters."""
+def manifest(title: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest definition: created by a trained model, with the generation parameters if given."""
     software = {"name": "imagemill", "version": metadata.version("imagemill")}
     return {
         "claim_generator_info": [software],
@@ -58,7 +59,7 @@ def manifest(title: str, parameters: dict[str, Any]) -> dict[str, Any]:
                     ]
                 },
             },
-            {"label": PARAMETERS_LABEL, "data": parameters},
+            *([] if parameters is None else [{"label": PARAMETERS_LABEL, "data": parameters}]),
         ],
     }
 
@@ -75,15 +76,17 @@ class C2paSigner:
         self._timestamp_url = spec.timestamp_url
         self._settings = {"builder": {"thumbnail": {"enabled": False}}}
 
-    def sign(self, data: bytes, image_format: str, title: str, parameters_json: str) -> bytes:
-        """`data` (an encoded image) with a signed manifest embedded."""
+    def sign(self, data: bytes, image_format: str, title: str, parameters_json: str | None) -> bytes:
+        """`data` (an encoded image) with a signed manifest embedded; `parameters_json`: its parameters
+        assertion (None: none)."""
         c2pa = self._c2pa
         info = c2pa.C2paSignerInfo(self._alg, self._cert, self._key, self._timestamp_url)
         context = c2pa.Context(c2pa.Settings.from_dict(self._settings))
+        parameters = None if parameters_json is None else json.loads(parameters_json)
         try:
             with (
                 c2pa.Signer.from_info(info) as signer,
-                c2pa.Builder(manifest(title, json.loads(parameters_json)), context=context) as builder,
+                c2pa.Builder(manifest(title, parameters), context=context) as builder,
             ):
                 signed = io.BytesIO()
                 builder.sign(signer, MIME_TYPES[image_format], io.BytesIO(data), signed)

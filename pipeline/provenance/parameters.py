@@ -8,7 +8,9 @@
   Act Art. 50 / SB 942 tooling), and the same two texts as `imagemill:parameters`/`imagemill:metadata`.
 
 The A1111 layout: the prompt drawn (lines as they are), then `Negative prompt: …`, then one line of
-`Key: value` pairs, a value holding `,`, `:` or a newline JSON-quoted, as A1111's own writer does.
+`Key: value` pairs, a value holding `,`, `:` or a newline JSON-quoted, as A1111's own writer does;
+`Sampler` by A1111's name ("DPM++ 2M Karras"), or the diffusers class where A1111 has none.
+The row given here is already in its published form (publication.py decides what that holds).
 The JSON is exact; a prompt line that itself starts with "Negative prompt:" makes the A1111 text
 ambiguous, as it is in A1111.
 
@@ -35,6 +37,7 @@ NOT_IN_FILE = ("path", "sha256", "key", "error")  # unknown while encoding, or m
 PROMPT_FIELDS = ("prompt", "expanded_prompt", "negative_prompt")
 _XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 EXIF_IFD, IMAGE_DESCRIPTION, SOFTWARE, USER_COMMENT = 0x8769, 0x010E, 0x0131, 0x9286
+MODEL_HASH_PREFIX = "sha256:"  # a published `model` that is the model's content hash (publication.py)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ModelFacts:
 
     model_hash: str | None  # model_hash.py; None where the model has no files (noop)
     scheduler: str | None  # the sampler as the metadata's `scheduler` column names it (diffusers only)
+    sampler: str | None  # A1111's name for it (core/schedulers.py a1111_sampler); None where it has none
     loras: list[dict[str, Any]]  # source, weight_name, scale per LoRA
     software: str  # "imagemill <version>"
     provenance: dict[str, Any]  # the watermark payload and method, whether C2PA signs: for `verify`
@@ -56,10 +60,11 @@ def _quote(value: Any) -> str:
 
 def a1111_text(row: MetadataRow, facts: ModelFacts) -> str:
     """The `parameters` text in the A1111 layout."""
-    model_name = row.model.rstrip("/").rsplit("/", 1)[-1] if row.model else None
+    hashed = row.model.startswith(MODEL_HASH_PREFIX)  # a model with no public name: "Model hash" names it
+    model_name = row.model.rstrip("/").rsplit("/", 1)[-1] if row.model and not hashed else None
     pairs = {
         "Steps": row.num_inference_steps,
-        "Sampler": facts.scheduler,
+        "Sampler": facts.sampler or facts.scheduler,
         "CFG scale": None if row.guidance_scale is None else f"{row.guidance_scale:g}",
         "Seed": row.seed,
         "Size": f"{row.width}x{row.height}",

@@ -22,6 +22,7 @@ from imagemill.core.spec.rules import (
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
+EmbedParameters = Literal["public", "full", "none"]  # what published files say: provenance/publication.py
 Quantization = Literal["none", "int8_weight_only", "int8_dynamic", "fp8"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 IMAGE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -172,8 +173,12 @@ class OutputSpec(_Section):
         description="Write into a folder that already holds files imagemill did not write (they are never "
         "deleted); without it, a new job's output must be a new or empty folder.",
     )
-    embed_parameters: bool = Field(
-        True, description="Generation parameters (A1111 `parameters` + JSON) and IPTC AI labels in each file."
+    embed_parameters: EmbedParameters = Field(
+        "public",
+        description="What published files (images' parameters, WebDataset JSON, parquet-format columns) "
+        "say. public: generation parameters (A1111 `parameters` + JSON) and the IPTC AI label, with no "
+        "bucket or local path (input file by name, model by hub id or content hash); full: also the "
+        "paths; none: bare image files. The metadata Parquet keeps everything.",
     )
     watermark: WatermarkSpec | None = Field(
         None, description="An invisible watermark in every image's pixels, e.g. {payload: nightly1}."

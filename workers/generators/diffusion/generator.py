@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from imagemill.core.schedulers import a1111_sampler
 from imagemill.core.spec import JobSpec, LoraSpec, SchedulerSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.generators.contract import BatchKey
@@ -50,6 +51,7 @@ class DiffusersGenerator:
         if scheduler is not None:
             swap_scheduler(self.pipe, scheduler.name, overrides)
         self.scheduler_name = describe(self.pipe, overrides)  # the metadata's `scheduler`
+        self.a1111_sampler = a1111_sampler(type(self.pipe.scheduler).__name__, self.pipe.scheduler.config)
         self.pipe.to(device)
         quantize_denoiser(self.pipe, quantization, device)
         self.pipe.set_progress_bar_config(disable=True)
