@@ -45,6 +45,9 @@ POST_GENERATION = (
     StageRow("score", "CLIP score (device)", "device", "imagemill.workers.stages.scoring:ScoringStage"),
     StageRow("safety", "safety check (device)", "device", "imagemill.workers.stages.safety:SafetyStage"),
     StageRow(
+        "upscale", "super-resolution (device)", "device", "imagemill.workers.stages.upscale:UpscaleStage"
+    ),
+    StageRow(
         "features",
         "evaluation features (device)",
         "device",
