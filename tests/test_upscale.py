@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -224,3 +225,24 @@ def test_the_guides_example_section_loads(tmp_path, prompts_dir, tiny_model):
     (example,) = blocks(page_text("docs/upscale.md"), "yaml")
     spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(example))
     assert (spec.upscale.tile, spec.upscale.tile_overlap) == (512, 16)
+
+
+@pytest.mark.parametrize("name", ["upscaler", "Upscale_Scale"])
+def test_a_carried_column_cannot_take_an_upscale_column_name(tmp_path, tiny_model, upscalers, name):
+    """The metadata would hold two columns of one name, which no Parquet reader loads: refused on the
+    driver in one line, before any image is drawn."""
+    table = prompt_table(2).append_column(name, pa.array(["mine", "mine"]))
+    pq.write_table(table, tmp_path / "p.parquet")
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "carry_columns": [name]},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": tiny_model},
+            "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2},
+            "upscale": {"source": upscalers[2]},
+        }
+    )
+    with pytest.raises(ImagemillError, match=f"'{name}' of .* clashes with the output column") as error:
+        run_in_process(spec)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "images").exists()

@@ -25,6 +25,7 @@ import torch
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.spec import JobSpec
+from imagemill.core.stage_table import STAGE_ROWS
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.contract import DrawBatch, StageContext
 
@@ -151,7 +152,7 @@ class UpscaleStage:
     needs = ("images",)
     adds = ()
     changes_pixels = True
-    columns = ("upscaler", "upscaler_sha256", "upscale_scale", "upscale_tile")
+    columns = STAGE_ROWS["upscale"].columns  # the table's: the driver reserves them (core/carry.py)
 
     def __init__(self, upscaler: Upscaler):
         self.upscaler = upscaler
