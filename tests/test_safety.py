@@ -5,8 +5,10 @@ run through Ray that must write the bytes the in-process run wrote.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,3 +255,131 @@ def test_the_checker_reuses_the_scorers_embeddings_only_for_the_same_tower(tmp_p
     )
     reused = shared.check(images, scorer.image_embeddings(images))
     assert [v.score for v in reused] == pytest.approx([v.score for v in shared.check(images)], abs=1e-6)
+
+
+# --- issue #23 item 6: after the safety stage, nothing of a flagged image's drawn pixels is anywhere ---
+
+DATA_URI = re.compile(rb"data:image/[a-z]+;base64,([A-Za-z0-9+/=]+)")
+
+
+def _small(pixels: np.ndarray) -> np.ndarray:
+    """An image as the `pixels` feature model sees it: 16x16 by area, centred (evaluation.PixelFeatures)."""
+    from imagemill.core.spec import EvaluationSpec
+    from imagemill.workers.stages.evaluation import FeatureModel
+
+    return FeatureModel(EvaluationSpec(features="pixels"), "cpu").embed(
+        torch.from_numpy(pixels.copy()[None])
+    )[0]
+
+
+def _found_in(path: Path, data: bytes) -> tuple[list[np.ndarray], list[np.ndarray], set[str]]:
+    """Every image (decoded), every embedding (float vector) and every id-like string a file holds:
+    image files, Parquet columns (image bytes, embeddings, strings), tar members, JSON/HTML data URIs."""
+    import io
+    import tarfile
+
+    from imagemill.core.images import InvalidImage, decode_image
+
+    images, vectors, strings = [], [], set()
+
+    def image(blob: bytes) -> None:
+        try:
+            images.append(np.asarray(decode_image(blob).convert("RGB")))
+        except InvalidImage:
+            for match in DATA_URI.finditer(blob):
+                image(base64.b64decode(match.group(1)))
+
+    def value(item) -> None:
+        if isinstance(item, bytes):
+            image(item)
+        elif isinstance(item, str):
+            strings.add(item)
+            image(item.encode())
+        elif isinstance(item, dict):
+            for inner in item.values():
+                value(inner)
+        elif isinstance(item, list) and item and all(isinstance(x, float) for x in item):
+            vectors.append(np.asarray(item, dtype=np.float32))
+        elif isinstance(item, list):
+            for inner in item:
+                value(inner)
+
+    if path.suffix == ".parquet":
+        for column in pq.read_table(io.BytesIO(data)).to_pydict().values():
+            value(column)
+    elif path.suffix == ".tar":
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                strings.add(member.name)
+                found = _found_in(Path(member.name), tar.extractfile(member).read())
+                images += found[0]
+                vectors += found[1]
+                strings |= found[2]
+    else:
+        strings.add(path.name)
+        image(data)
+    return images, vectors, strings
+
+
+def _tiles(sheet: Image.Image, side: int, count: int) -> list[np.ndarray]:
+    """The contact sheet's images, cut back out at their own size (contact_sheet's layout)."""
+    from imagemill.reporting.contact_sheet import CAPTION_LINES, GAP, LINE_HEIGHT
+
+    scale, pixels = 4, np.asarray(sheet)
+    cell_w, cell_h = side * scale + GAP, side * scale + CAPTION_LINES * LINE_HEIGHT + 2 * GAP
+    tiles = []
+    for i in range(count):
+        x, y = GAP + (i % 8) * cell_w, GAP + (i // 8) * cell_h
+        tiles.append(pixels[y : y + side * scale : scale, x : x + side * scale : scale])
+    return tiles
+
+
+@pytest.mark.parametrize(
+    ("policy", "output_format"), [("blur", "files"), ("blur", "webdataset"), ("drop", "parquet")]
+)
+def test_no_file_of_the_output_holds_a_flagged_image_as_drawn(
+    tmp_path, prompts_dir, models, probe, checker, policy, output_format
+):
+    """Every file of the output (images, tars, Parquet data, metadata, embeddings and feature stats,
+    shard stats with the report's thumbnails, report.json/html, the contact sheet) is walked for a
+    copy of a flagged image as it was drawn (the probe's keep run wrote each unblurred): none is
+    there, not even 16x16, and a dropped row has no image, embedding or sample key at all."""
+    spec = imagemill.build_spec(
+        {
+            **_spec(
+                prompts_dir, tmp_path / "out", models, {"source": checker, "policy": policy}
+            ).model_dump(),
+            "output": {"path": str(tmp_path / "out"), "format": output_format},
+            "evaluation": {"features": "pixels"},
+        }
+    )
+    result = run_in_process(spec)
+    assert result.flagged == len(probe.flagged) > 0
+    output = Path(spec.output.path)
+    drawn = {row_id: _pixels(probe.output, row) for row_id, row in _rows(probe.output).items()}
+    images, vectors, strings = [], [], set()
+    for path in sorted(p for p in output.rglob("*") if p.is_file()):
+        found = _found_in(path, path.read_bytes())
+        images, vectors, strings = images + found[0], vectors + found[1], strings | found[2]
+    if output_format == "files":
+        shown = [row for row in _rows(output).values() if row["status"] == "ok"]
+        from imagemill.reporting.contact_sheet import contact_sheet
+
+        images += _tiles(contact_sheet(str(output)), SIZE, len(shown))
+    assert images and vectors, "the walk reads the output's images and embeddings"
+    embeddings = pq.read_table(output / "embeddings").to_pydict()
+    for row_id in probe.flagged:
+        original = _small(drawn[row_id])
+        hidden = blur(torch.from_numpy(drawn[row_id].copy()[None])).numpy()[0]
+        margin = float(np.abs(_small(hidden) - original).max()) / 2  # what the blur moved, halved
+        assert margin > 0.01
+        for image in images:
+            assert float(np.abs(_small(image) - original).max()) > margin, f"{row_id} as drawn"
+        for vector in vectors:
+            assert vector.shape != original.shape or float(np.abs(vector - original).max()) > margin, row_id
+        if policy == "drop":
+            assert row_id not in embeddings["id"]
+            assert not any(row_id in text for text in strings if text != row_id), f"{row_id} left a trace"
+        else:  # the embedding written is the blurred image's: the one the file holds
+            at = embeddings["id"].index(row_id)
+            np.testing.assert_allclose(embeddings["embedding"][at], _small(hidden), atol=2e-3)

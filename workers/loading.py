@@ -15,12 +15,13 @@ each alike:
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.model_source import fetch_model_dir
-from imagemill.core.spec import EvaluationSpec, ExpansionSpec, ModelSpec, SafetySpec, ScoringSpec
+from imagemill.core.spec import PretrainedSection
 
 CORRUPT = "Unable to load weights"  # how diffusers and transformers say a weights file did not read
 
@@ -41,10 +42,8 @@ class Pretrained:
         return source if isinstance(source, Pretrained) else cls(source, "model.source")
 
     @classmethod
-    def of(
-        cls, section: ModelSpec | ScoringSpec | ExpansionSpec | SafetySpec | EvaluationSpec, name: str
-    ) -> Pretrained:
-        """The source of spec section `name` (model, scoring, expansion, safety, evaluation)."""
+    def of(cls, section: PretrainedSection, name: str) -> Pretrained:
+        """The source of spec section `name` (model, scoring, expansion, safety, evaluation, upscale)."""
         return cls(
             section.source,
             f"{name}.source",
@@ -76,6 +75,28 @@ class Pretrained:
     def files(self, loader: Any, **kwargs: Any) -> Any:
         """`loader.from_pretrained` for a component without weights: tokenizer, processor."""
         return loader.from_pretrained(self.local, **kwargs)
+
+    def safetensors_file(self, name: str) -> str:
+        """The local path of the source's safetensors file `name`, for a network a library builds from
+        a state dict (upscale's spandrel): from the copied or local directory, or the hub by its id.
+        Only a safetensors file is ever read this way, so the safetensors rule holds whatever it says."""
+        if not name.endswith(".safetensors"):
+            raise ValueError(f"{name} is not a safetensors file")
+        if os.path.isdir(self.local):
+            path = os.path.join(self.local, name)
+            if not os.path.isfile(path):
+                raise ImagemillError(f"{self.setting} {self.source} has no {name}")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return str(hf_hub_download(self.local, name))
+        except Exception as exc:  # not a repo id, not in the cache offline, no such file, no network
+            reason = " ".join(str(exc).split())[:200]
+            raise ImagemillError(
+                f"{self.setting} {self.source} has no {name}: not a local directory, and not from the "
+                f"Hugging Face hub ({reason})"
+            ) from None
 
     def lora_into(self, pipe: Any, **kwargs: Any) -> None:
         """diffusers' `pipe.load_lora_weights` under the safetensors rule."""

@@ -111,7 +111,7 @@ class BestOfN:
     section = None  # always: with one candidate and no safety section it keeps the one draw
     needs = ("pixels",)  # and the scores and verdicts, where the stages that add them run
     adds = ()
-    changes_pixels = True  # a flagged image may be blurred
+    changes_pixels = False  # a flagged draw comes blurred or blanked from the safety stage
     columns = ("status", "draw", "rejected_draws")
 
     def __init__(self, spec: JobSpec):
@@ -130,10 +130,14 @@ class BestOfN:
         assert kept is not None  # every row drew at least once
         rejected = [draw for draw in state.draws if draw is not kept]
         pixels = kept.pixels
-        if kept.flagged:
-            shown = blur(torch.from_numpy(pixels[None])).numpy()[0]
-            written = {"keep": pixels, "blur": shown, "drop": None}[self.flagged_policy]
-            return Drawn(kept, "flagged", written, None if written is None else shown, rejected)
+        if kept.flagged:  # the safety stage already blurred (blur) or blanked (drop) its pixels
+            if self.flagged_policy == "drop":
+                return Drawn(kept, "flagged", None, None, rejected)
+            # the report's thumbnail of a flagged image is blurred whatever the policy
+            shown = (
+                pixels if self.flagged_policy == "blur" else blur(torch.from_numpy(pixels[None])).numpy()[0]
+            )
+            return Drawn(kept, "flagged", pixels, shown, rejected)
         filtered = (
             kept.clip_score is not None and self.threshold is not None and kept.clip_score < self.threshold
         )

@@ -26,10 +26,12 @@ import pyarrow as pa
 from imagemill.core.errors import ImagemillError
 from imagemill.core.records import FORMAT_COLUMNS, metadata_schema
 from imagemill.core.spec import InputSpec
+from imagemill.core.stage_table import STAGE_COLUMNS
 
-# Names an output already has: the metadata columns (`key` included), the parquet format's `image`
-# and the WebDataset JSON's `parameters`. A carried column of one of these names would overwrite it.
-RESERVED_NAMES = frozenset({*metadata_schema(FORMAT_COLUMNS).names, "image", "parameters"})
+# Names an output already has: the metadata columns (`key` included), those a stage adds (whether
+# or not the job runs it), the parquet format's `image` and the WebDataset JSON's `parameters`. A
+# carried column of one of these names would overwrite it.
+RESERVED_NAMES = frozenset({*metadata_schema(FORMAT_COLUMNS).names, *STAGE_COLUMNS, "image", "parameters"})
 # The same names as readers that ignore case see them: case-folded name -> the output's own name.
 _RESERVED_FOLDED = {name.casefold(): name for name in RESERVED_NAMES}
 

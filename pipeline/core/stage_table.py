@@ -26,6 +26,9 @@ class StageRow:
     label: str  # what the job report calls it
     thread: Thread
     implementation: str | None = None  # post-generation stages: the `module:Class` the actor builds
+    # metadata columns the stage adds beyond MetadataRow's (its class's `columns` are these): here so
+    # that the driver reserves them, and no carried input column takes one of their names
+    columns: tuple[str, ...] = ()
 
 
 GENERATION = (
@@ -44,6 +47,13 @@ POST_GENERATION = (
     ),
     StageRow("score", "CLIP score (device)", "device", "imagemill.workers.stages.scoring:ScoringStage"),
     StageRow("safety", "safety check (device)", "device", "imagemill.workers.stages.safety:SafetyStage"),
+    StageRow(
+        "upscale",
+        "super-resolution (device)",
+        "device",
+        "imagemill.workers.stages.upscale:UpscaleStage",
+        ("upscaler", "upscaler_sha256", "upscale_scale", "upscale_tile"),
+    ),
     StageRow(
         "features",
         "evaluation features (device)",
@@ -73,6 +83,8 @@ AFTER = (
 ACTOR_STAGES = GENERATION + POST_GENERATION + AFTER
 
 STAGE_NAMES = tuple(row.name for row in ACTOR_STAGES)
+STAGE_ROWS = {row.name: row for row in ACTOR_STAGES}
+STAGE_COLUMNS = tuple(column for row in POST_GENERATION for column in row.columns)  # reserved names
 STAGE_LABELS = {row.name: row.label for row in ACTOR_STAGES}
 # The stages the device is held busy in: the model's own and the post-generation stages run between
 # its generate calls (their seconds were part of `denoise` before they were timed apart).

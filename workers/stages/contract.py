@@ -49,11 +49,13 @@ class DrawBatch:
     verdicts: list[Verdict | None] = field(default_factory=list)
     similarities: list[tuple[float, float] | None] = field(default_factory=list)
     features: list[np.ndarray | None] = field(default_factory=list)
+    # safety: the draws the policy drops; their `images` are blanked, later stages skip them (`live`)
+    dropped: list[bool] = field(default_factory=list)
     pixels: list[np.ndarray | bytes] = field(default_factory=list)  # copy_back: on the host
     columns: list[dict[str, Any]] = field(default_factory=list)  # metadata columns stages add per draw
 
     # the fields the batch has before any stage runs; a stage's `needs` are these or earlier `adds`
-    GIVEN: ClassVar[tuple[str, ...]] = ("rows", "numbers", "seeds", "images", "sources")
+    GIVEN: ClassVar[tuple[str, ...]] = ("rows", "numbers", "seeds", "images", "sources", "dropped")
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -61,11 +63,18 @@ class DrawBatch:
         self.verdicts = self.verdicts or [None] * n
         self.similarities = self.similarities or [None] * n
         self.features = self.features or [None] * n
+        self.dropped = self.dropped or [False] * n
         self.columns = self.columns or [{} for _ in range(n)]
 
     @property
     def texts(self) -> list[str]:
         return [row.text for row in self.rows]
+
+    @property
+    def live(self) -> list[int]:
+        """The draws still in play: not dropped by the safety policy. A stage that makes something
+        of a draw (an embedding, a larger image) makes it of these only."""
+        return [i for i, dropped in enumerate(self.dropped) if not dropped]
 
 
 @dataclass(frozen=True)

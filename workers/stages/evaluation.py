@@ -120,7 +120,11 @@ class FeatureStage:
         return cls(FeatureModel(spec.evaluation, context.device)) if spec.evaluation else None
 
     def run(self, batch: DrawBatch) -> None:
-        batch.features = list(self.model.embed(batch.images))
+        live = batch.live  # a dropped draw is embedded by no one
+        if live:
+            at = torch.tensor(live, device=batch.images.device)
+            for i, features in zip(live, self.model.embed(batch.images[at]), strict=True):
+                batch.features[i] = features
 
 
 def write_features(

@@ -12,7 +12,10 @@ across images and its sign says flagged.
 
 When the job's CLIP scorer has the same vision tower and projection (same weights, same image
 processor numbers), the scorer's image embeddings are used and the checker's tower is not run again.
-What a flagged image becomes (kept, blurred, dropped, drawn again) is the policy's, in selection.py.
+The stage applies the final policy to the batch it hands on, on the device: a flagged draw is blurred
+(`blur`) or blanked and marked dropped (`drop`) here, so that no later stage (evaluation features, an
+upscaler, the copy back, best-of-N, the report's thumbnails, the encoder) ever sees its drawn pixels.
+Which of a row's draws is kept, and drawing again (`retry`), is selection.py's.
 """
 
 from __future__ import annotations
@@ -98,17 +101,21 @@ class SafetyChecker:
 
 
 class SafetyStage:
-    """The `safety` stage: each draw's verdict, from the scorer's embeddings where the towers match.
-    What a flagged draw becomes is the `select` stage's (selection.py)."""
+    """The `safety` stage: each draw's verdict, from the scorer's embeddings where the towers match,
+    and the final policy applied to the flagged draws' pixels: blurred (`blur`), or blanked and marked
+    dropped (`drop`); `keep` leaves them. With `retry` a flagged draw may still lose to a later round's
+    unflagged one (selection.py); if it is kept, it is kept as the policy after the last round says.
+    Applying it to every flagged draw is the same thing: a flagged draw is only ever written that way."""
 
     section = "safety"
     needs = ("images",)
-    adds = ("verdicts",)
-    changes_pixels = False
+    adds = ("verdicts", "dropped")
+    changes_pixels = True  # a flagged draw leaves this stage blurred or blanked
     columns = ("safety_score", "safety_concepts")
 
-    def __init__(self, checker: SafetyChecker):
+    def __init__(self, checker: SafetyChecker, policy: str):
         self.checker = checker
+        self.policy = policy  # keep | blur | drop: SafetySpec.final_policy
 
     @classmethod
     def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
@@ -116,10 +123,21 @@ class SafetyStage:
             return None
         scoring = context.built.get("score")
         scorer = scoring.scorer if isinstance(scoring, ScoringStage) else None
-        return cls(SafetyChecker(spec.safety, context.device, scorer))
+        return cls(SafetyChecker(spec.safety, context.device, scorer), spec.safety.final_policy)
 
     def run(self, batch: DrawBatch) -> None:
         batch.verdicts = list(self.checker.check(batch.images, batch.clip_embeddings))
+        flagged = [i for i, verdict in enumerate(batch.verdicts) if verdict.flagged]
+        if not flagged or self.policy == "keep":
+            return
+        with torch.inference_mode():
+            images = batch.images.clone()
+            at = torch.tensor(flagged, device=images.device)
+            images[at] = blur(images[at]) if self.policy == "blur" else 0
+        batch.images = images
+        if self.policy == "drop":
+            for i in flagged:
+                batch.dropped[i] = True
 
 
 def blur(images: torch.Tensor) -> torch.Tensor:

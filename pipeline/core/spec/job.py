@@ -23,6 +23,7 @@ from imagemill.core.spec.sections import (
     SafetySpec,
     ScoringSpec,
     SpeedSpec,
+    UpscaleSpec,
     WorkersSpec,
     _Section,
 )
@@ -47,6 +48,9 @@ class JobSpec(_Section):
     )
     scoring: ScoringSpec | None = Field(None, description="Optional CLIP score per image.")
     safety: SafetySpec | None = Field(None, description="Optional safety classifier and its policy.")
+    upscale: UpscaleSpec | None = Field(
+        None, description="Optional super-resolution of each image, after safety (docs/upscale.md)."
+    )
     expansion: ExpansionSpec | None = Field(
         None, description="Optional prompt expansion by a language model."
     )

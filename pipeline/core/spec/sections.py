@@ -326,6 +326,37 @@ class SafetySpec(PretrainedSection):
         return self.retry.then if self.policy == "retry" else self.policy
 
 
+class UpscaleSpec(PretrainedSection):
+    """Super-resolution after safety, before the encoder (workers/stages/upscale.py): a single-image SR
+    network loaded through spandrel, run on the device in tiles."""
+
+    weights_file = ("model.safetensors", "a super-resolution network")
+
+    source: str = Field(
+        description="A directory (local, fsspec URL or hub id) holding the network as model.safetensors: "
+        "an architecture spandrel recognises (Real-ESRGAN, Compact, SPAN, SwinIR, HAT, ...); its scale "
+        "is the network's."
+    )
+    tile: int | None = Field(
+        512,
+        ge=16,
+        description="Images with a side longer than this are upscaled in tiles of this many input pixels "
+        "(memory); null: whole.",
+    )
+    tile_overlap: int = Field(
+        16,
+        ge=0,
+        description="Input pixels of context each tile reads beyond its edges, cut from its output: at "
+        "least the network's receptive field makes tiles seamless.",
+    )
+
+    @model_validator(mode="after")
+    def _overlap_inside_a_tile(self) -> UpscaleSpec:
+        if self.tile is not None and self.tile_overlap >= self.tile:
+            raise ValueError(f"tile_overlap {self.tile_overlap} must be less than tile {self.tile}")
+        return self
+
+
 class EvaluationSpec(PretrainedSection):
     """Dataset evaluation (workers/stages/evaluation.py, imagemill.evaluation.post_pass): every written
     image is embedded by a feature model on the actor; the driver merges the shards' feature statistics into

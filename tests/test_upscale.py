@@ -1,0 +1,248 @@
+"""Super-resolution (`upscale:`) through spandrel: tiny random-weight Compact networks that spandrel must
+recognise from their keys (imagemill.testing.tiny_upscaler), loaded through the job's real path.
+
+Tiles equal the whole image's result; a job writes x2 and x4 images with the upscaler in its metadata
+and its seconds in the breakdown, and resumes byte-identical; after the safety stage the network sees a
+flagged image only blurred, and a dropped one not at all (issue #25 acceptance 5).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import prompt_table, read_metadata
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import imagemill
+from imagemill.core.errors import ImagemillError
+from imagemill.testing.in_process import load_worker, run_in_process, run_shards
+from imagemill.testing.in_process import output_hashes as _files
+from imagemill.workers.loading import Pretrained
+from imagemill.workers.stages.safety import blur
+from imagemill.workers.stages.upscale import INSTALL, Upscaler, spandrel_loader
+
+try:
+    spandrel_loader("cpu")
+except ImagemillError:
+    pytest.skip(f"spandrel is not installed: {INSTALL}", allow_module_level=True)
+
+SIZE = 32
+ROWS = 8
+CONVS = 2  # the tiny network's receptive field: CONVS + 2 input pixels
+
+
+@pytest.fixture(scope="module")
+def upscalers(tmp_path_factory) -> dict[int, str]:
+    from imagemill.testing.tiny_upscaler import make_tiny_upscaler
+
+    folder = tmp_path_factory.mktemp("upscalers")
+    return {scale: str(make_tiny_upscaler(folder / f"x{scale}", scale, convs=CONVS)) for scale in (2, 4)}
+
+
+@pytest.fixture(scope="module")
+def prompts_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("prompts")
+    pq.write_table(prompt_table(ROWS), folder / "a.parquet", row_group_size=4)  # two shards of 4 rows
+    return folder
+
+
+def _spec(prompts_dir: Path, output: Path, tiny_model: str, **sections) -> imagemill.JobSpec:
+    return imagemill.build_spec(
+        {
+            "name": output.name,
+            "input": {"path": str(prompts_dir), "rows_per_shard": 4},
+            "output": {"path": str(output)},
+            "model": {"source": tiny_model},
+            "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2, "seed": 3},
+            "workers": {"num_workers": 1, "batch_size": 3},
+            **sections,
+        }
+    )
+
+
+def _images(output: Path) -> dict[str, np.ndarray]:
+    """Each written row's image by id."""
+    rows = read_metadata(str(output)).to_pylist()
+    return {
+        row["id"]: np.asarray(Image.open(output / row["path"]).convert("RGB")) for row in rows if row["path"]
+    }
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    height=st.integers(8, 40),
+    width=st.integers(8, 40),
+    tile=st.integers(16, 48),
+    extra=st.integers(0, 6),
+    count=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_tiles_equal_the_whole_image(upscalers, height, width, tile, extra, count, seed):
+    """Tiled with an overlap of at least the receptive field = untiled, within one level, at any image
+    and tile size (edge tiles, tiles larger than the image, a batch)."""
+    images = torch.randint(
+        0, 256, (count, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    source = Pretrained(upscalers[2], "upscale.source")
+    whole = Upscaler(source, "float32", None, 0, "cpu")(images)
+    tiled = Upscaler(source, "float32", tile, CONVS + 2 + extra, "cpu")(images)
+    assert tiled.shape == (count, 2 * height, 2 * width, 3)
+    assert int((tiled.int() - whole.int()).abs().max()) <= 1
+
+
+def test_a_too_small_overlap_shows_seams(upscalers):
+    """The tolerance above means something: without overlap, tile edges differ from the whole."""
+    images = torch.randint(
+        0, 256, (1, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    source = Pretrained(upscalers[2], "upscale.source")
+    whole = Upscaler(source, "float32", None, 0, "cpu")(images)
+    seams = Upscaler(source, "float32", 16, 0, "cpu")(images)
+    assert int((seams.int() - whole.int()).abs().max()) > 1
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_a_job_writes_upscaled_images_records_the_upscaler_and_resumes_byte_identical(
+    tmp_path, prompts_dir, tiny_model, upscalers, scale
+):
+    upscale = {"source": upscalers[scale], "tile": 16, "tile_overlap": CONVS + 2}  # 32x32: four tiles
+    spec = _spec(prompts_dir, tmp_path / "out", tiny_model, upscale=upscale)
+    result = run_in_process(spec)
+    assert result.ok == ROWS and result.errors == 0
+    output = Path(spec.output.path)
+    images = _images(output)
+    assert len(images) == ROWS and all(
+        image.shape == (SIZE * scale, SIZE * scale, 3) for image in images.values()
+    )
+    digest = Upscaler(Pretrained(upscalers[scale], "upscale.source"), "float32", None, 0, "cpu").sha256
+    for row in read_metadata(str(output)).to_pylist():
+        assert (row["upscaler"], row["upscaler_sha256"]) == (upscalers[scale], digest)
+        assert (row["upscale_scale"], row["upscale_tile"]) == (scale, 16)
+        assert (row["width"], row["height"]) == (SIZE, SIZE)  # the generation's parameters
+    for stats in (output / "shards").glob("*.json"):
+        assert json.loads(stats.read_text())["stage_seconds"]["upscale"] > 0
+    assert "super-resolution (device)" in (output / "report.html").read_text()
+    before = _files(output)
+    sorted((output / "shards").glob("*.json"))[0].unlink()  # as if killed before this shard committed
+    resumed = run_in_process(spec)
+    assert resumed.shards_run == 1 and _files(output) == before
+
+
+def test_a_network_that_is_not_super_resolution_is_one_line(tmp_path, upscalers):
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ImagemillError, match=r"^upscale.source .*no network spandrel knows") as error:
+        Upscaler(Pretrained(str(tmp_path), "upscale.source"), "float32", None, 0, "cpu")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ImagemillError, match="has no model.safetensors"):
+        Upscaler(Pretrained(str(tmp_path / "missing"), "upscale.source"), "float32", None, 0, "cpu")
+
+
+def test_the_spec_refuses_an_overlap_as_large_as_the_tile(prompts_dir, tiny_model, upscalers, tmp_path):
+    with pytest.raises(ImagemillError, match="tile_overlap 16 must be less than tile 16"):
+        _spec(prompts_dir, tmp_path / "o", tiny_model, upscale={"source": upscalers[2], "tile": 16})
+
+
+# --- issue #25 acceptance 5: the network sees a flagged image blurred, a dropped one never ---
+
+
+@pytest.fixture(scope="module")
+def flagging(
+    tmp_path_factory, prompts_dir, tiny_model, tiny_clip
+) -> tuple[str, dict[str, np.ndarray], set[str]]:
+    """A checker that flags the upper half of the rows, each row's image as drawn, and the flagged ids
+    (a keep run with threshold 0 records each row's cosine as its safety score)."""
+    from imagemill.testing.tiny_safety import make_tiny_safety_checker
+
+    folder = tmp_path_factory.mktemp("flagging")
+    probe = make_tiny_safety_checker(folder / "probe", tiny_clip, 0.0)
+    spec = _spec(prompts_dir, folder / "drawn", tiny_model, safety={"source": str(probe), "policy": "keep"})
+    run_in_process(spec)
+    cosine = {row["id"]: row["safety_score"] for row in read_metadata(spec.output.path).to_pylist()}
+    ordered = sorted(cosine.values())
+    threshold = statistics.mean(ordered[ROWS // 2 - 1 : ROWS // 2 + 1])
+    checker = make_tiny_safety_checker(folder / "checker", tiny_clip, threshold)
+    flagged = {row_id for row_id, value in cosine.items() if value > threshold}
+    assert 0 < len(flagged) < ROWS
+    return str(checker), _images(Path(spec.output.path)), flagged
+
+
+@pytest.mark.parametrize("policy", ["blur", "drop"])
+def test_the_upscaler_sees_a_flagged_image_only_blurred_and_a_dropped_one_never(
+    tmp_path, prompts_dir, tiny_model, upscalers, flagging, policy
+):
+    checker, drawn, flagged = flagging
+    spec = _spec(
+        prompts_dir,
+        tmp_path / "out",
+        tiny_model,
+        safety={"source": checker, "policy": policy},
+        upscale={"source": upscalers[2], "tile": None},
+    )
+    worker = load_worker(spec)
+    seen: list[np.ndarray] = []
+    network = worker.stages.get("upscale").upscaler.network.model
+    network.register_forward_hook(
+        lambda module, inputs, output: seen.extend(
+            (inputs[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        )
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_in_process draws (the probe's images): the same bytes
+    try:
+        run_shards(worker)
+    finally:
+        torch.set_num_threads(threads)
+
+    def hidden(row_id: str) -> np.ndarray:
+        return blur(torch.from_numpy(drawn[row_id].copy()[None])).numpy()[0]
+
+    expected = {row_id: drawn[row_id] for row_id in drawn if row_id not in flagged}
+    if policy == "blur":
+        expected |= {row_id: hidden(row_id) for row_id in flagged}
+    assert len(seen) == len(expected)
+    for row_id, image in expected.items():
+        assert any(np.array_equal(image, input_image) for input_image in seen), row_id
+    written = _images(Path(spec.output.path))
+    assert set(written) == set(expected)
+    assert all(image.shape == (2 * SIZE, 2 * SIZE, 3) for image in written.values())
+
+
+def test_the_guides_example_section_loads(tmp_path, prompts_dir, tiny_model):
+    import yaml
+    from doc_pages import blocks, page_text
+
+    (example,) = blocks(page_text("docs/upscale.md"), "yaml")
+    spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(example))
+    assert (spec.upscale.tile, spec.upscale.tile_overlap) == (512, 16)
+
+
+@pytest.mark.parametrize("name", ["upscaler", "Upscale_Scale"])
+def test_a_carried_column_cannot_take_an_upscale_column_name(tmp_path, tiny_model, upscalers, name):
+    """The metadata would hold two columns of one name, which no Parquet reader loads: refused on the
+    driver in one line, before any image is drawn."""
+    table = prompt_table(2).append_column(name, pa.array(["mine", "mine"]))
+    pq.write_table(table, tmp_path / "p.parquet")
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "carry_columns": [name]},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": tiny_model},
+            "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2},
+            "upscale": {"source": upscalers[2]},
+        }
+    )
+    with pytest.raises(ImagemillError, match=f"'{name}' of .* clashes with the output column") as error:
+        run_in_process(spec)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "images").exists()
