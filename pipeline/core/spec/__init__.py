@@ -42,6 +42,8 @@ from imagemill.core.spec.sections import (
     SchedulerSpec,
     ScoringSpec,
     SpeedSpec,
+    StageSections,
+    UpscaleSpec,
     WatermarkSpec,
     WorkersSpec,
 )
@@ -66,6 +68,8 @@ __all__ = [
     "SafetyRetrySpec",
     "SchedulerSpec",
     "SpeedSpec",
+    "StageSections",
+    "UpscaleSpec",
     "ScoringSpec",
     "WorkersSpec",
     "WatermarkSpec",

@@ -13,24 +13,21 @@ from imagemill.core.spec.markers import NOT_FINGERPRINTED, REDACTED, dumped
 from imagemill.core.spec.rules import denoising_problem, watermark_size_problem
 from imagemill.core.spec.sections import (
     CostSpec,
-    EvaluationSpec,
     ExpansionSpec,
     GenerationSpec,
     InputSpec,
     ModelSpec,
     OutputSpec,
     PretrainedSection,
-    SafetySpec,
-    ScoringSpec,
     SpeedSpec,
-    UpscaleSpec,
+    StageSections,
     WorkersSpec,
     _Section,
 )
 
 
-class JobSpec(_Section):
-    """One YAML file: the whole contract of a job, read by the driver, the actors and the job record."""
+class _JobSections(_Section):
+    """The sections every job has or may have, but the post-generation stages' (StageSections)."""
 
     name: Annotated[str, NOT_FINGERPRINTED] = Field(
         "imagemill", description="The job's name in its record and logs; {date} becomes the day (UTC)."
@@ -46,11 +43,6 @@ class JobSpec(_Section):
     cost: Annotated[CostSpec, NOT_FINGERPRINTED] = Field(
         default_factory=CostSpec, description="Prices of device time, for reports and max_cost_usd."
     )
-    scoring: ScoringSpec | None = Field(None, description="Optional CLIP score per image.")
-    safety: SafetySpec | None = Field(None, description="Optional safety classifier and its policy.")
-    upscale: UpscaleSpec | None = Field(
-        None, description="Optional super-resolution of each image, after safety (docs/upscale.md)."
-    )
     expansion: ExpansionSpec | None = Field(
         None, description="Optional prompt expansion by a language model."
     )
@@ -58,9 +50,11 @@ class JobSpec(_Section):
         default_factory=SpeedSpec,
         description="How a diffusers model runs; each option may change output bytes slightly.",
     )
-    evaluation: EvaluationSpec | None = Field(
-        None, description="Optional dataset evaluation: features, FID/KID, diversity, near-duplicates."
-    )
+
+
+class JobSpec(StageSections, _JobSections):
+    """One YAML file: the whole contract of a job, read by the driver, the actors and the job record.
+    Its sections are _JobSections' and then StageSections' (pydantic takes the later base's first)."""
 
     @model_validator(mode="after")
     def _candidates_need_their_score(self) -> JobSpec:

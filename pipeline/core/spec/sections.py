@@ -648,3 +648,18 @@ class ExpansionSpec(PretrainedSection):
     def fill(self, prompt: str) -> str:
         """The template with the prompt in it (str.replace: other braces in the template stay as they are)."""
         return self.template.replace("{prompt}", prompt)
+
+
+class StageSections(_Section):
+    """The sections of the actor's post-generation stages (core/stage_table.py), each declared here,
+    below its class: a new stage's spec section is its class in this module and its field here
+    (JobSpec takes these after its other sections)."""
+
+    scoring: ScoringSpec | None = Field(None, description="Optional CLIP score per image.")
+    safety: SafetySpec | None = Field(None, description="Optional safety classifier and its policy.")
+    upscale: UpscaleSpec | None = Field(
+        None, description="Optional super-resolution of each image, after safety (docs/upscale.md)."
+    )
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Optional dataset evaluation: features, FID/KID, diversity, near-duplicates."
+    )
