@@ -50,7 +50,7 @@ EXAMPLES_PER_REASON = 2  # error messages kept per reason, in a shard's stats an
 # The schema of the JSON records this imagemill writes into an output (`_job.json`, `shards/*.json`).
 # Raise it when a record's fields change meaning or a required one is added; records of another
 # version are refused (read_record) unless a migration for that version is added there.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the job record's runs (imagemill.core.job_record)
 R = TypeVar("R", bound="StoredRecord")
 
 
