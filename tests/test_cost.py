@@ -74,7 +74,7 @@ def test_the_job_cost_sums_its_shards_and_prices_1000_images():
     assert cost.cost_usd == 3.0
     assert cost.unpriced_device_seconds == 36.0
     assert cost.usd_per_1000_images == pytest.approx(100.0)  # $3 for 30 images
-    assert "GPU-seconds" in cost.text() and "$100.0000 / 1,000 images" in cost.text()
+    assert "1.01 GPU-hours" in cost.text() and "$100.0000 / 1,000 images" in cost.text()
     unpriced = DeviceLedger.of_committed([ShardStats(shard_id="in-process", rows=1, ok=1, error=0)]).totals()
     assert (unpriced.device_seconds, unpriced.cost_usd, unpriced.usd_per_1000_images) == (0.0, None, None)
 

@@ -41,6 +41,7 @@ def sample(row_id: str, prompt: str, seed: int, colour: tuple[int, int, int]) ->
 def shard(shard_id, finished_s, seconds, rows, ok, errors, samples):
     return {
         "shard_id": shard_id,
+        "run_id": "run-1",
         "input_file": f"s3://bucket/prompts/{shard_id.split('-')[0]}.parquet",
         "rows": rows,
         "ok": ok,
@@ -114,6 +115,7 @@ def make_output(folder: Path, shards=SHARDS, record_extra=None) -> OutputLayout:
         "fingerprint": {},
         "versions": {"python": "3.11"},
         "started_at": START.isoformat(),
+        "ready_at": (START + timedelta(seconds=20)).isoformat(),
         "ended_at": (START + timedelta(seconds=600)).isoformat(),
         "status": "incomplete",
         "shards_total": 5,
@@ -281,17 +283,20 @@ def test_samples_are_spread_across_shards(tmp_path):
     picked = write_report(output, max_samples=5)["samples"]  # one of each shard, then second ones
     assert sorted({s["shard_id"] for s in picked}) == [s["shard_id"] for s in SHARDS]
     assert write_report(output, max_samples=0)["samples"] == []
-    assert 'id="contact-sheet"><p class="none">none</p>' in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert '<section id="samples" class="empty"><h2>Samples (0): <span class="none">none' in html
 
 
 def test_running_job_without_shards(tmp_path):
-    output = make_output(tmp_path, shards=[], record_extra={"status": "running", "failed_shards": []})
+    extra = {"status": "running", "failed_shards": [], "ended_at": None}
+    output = make_output(tmp_path, shards=[], record_extra=extra)
     report = write_report(output)
     assert report["counts"]["rows_done"] == 0 and report["counts"]["shards_failed"] == 0
     assert report["throughput"]["points"] == [] and report["samples"] == []
     html = (tmp_path / "report.html").read_text()
     failures = html.split('id="failures"', 1)[1].split("</section>", 1)[0]
-    assert '<p class="none">none</p>' in failures
+    assert failures == ' class="empty"><h2>Failed shards: <span class="none">none</span></h2>'
+    assert report["runs"][0]["status"] == "running" and report["runs"][0]["ended_at"] is None
 
 
 # --- headless Chromium -------------------------------------------------------------------------------
@@ -306,6 +311,7 @@ class DomIndex(HTMLParser):
         super().__init__()
         self.stack: list[tuple[str, str | None]] = []
         self.tags: list[tuple[str, set[str]]] = []
+        self.starts: list[tuple[str, dict[str, str], set[str]]] = []  # every start tag, its attributes
         self.text: dict[str, str] = {}
         self.imgs: list[tuple[dict[str, str], set[str]]] = []
         self.feed(text)
@@ -316,6 +322,7 @@ class DomIndex(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
         self.tags.append((tag, self._ids()))
+        self.starts.append((tag, attributes, self._ids()))
         if tag == "img":
             self.imgs.append((attributes, self._ids()))
         if tag not in self.VOID:
@@ -377,7 +384,10 @@ def test_browser_dom(rendered):
     assert [img["title"] for img in sheet] == [
         f"{x['id']} · {x['seed']} · {x['prompt']}" for _, x in ALL_SAMPLES
     ]
-    assert HOSTILE_ID in dom.text["contact-sheet"] and "猫-☕ café" in dom.text["contact-sheet"]
+    # each caption is its prompt, whole in its title (the page clips it to three lines)
+    captions = [attributes["title"] for tag, attributes, _ in dom.starts if tag == "figcaption"]
+    assert captions == [x["prompt"] for _, x in ALL_SAMPLES]
+    assert HOSTILE_PROMPT in dom.text["contact-sheet"] and "ünïcødé 猫 prompt" in dom.text["contact-sheet"]
     assert "37" in dom.text["count-ok-rows-images"] and "ok rows" in dom.text["count-ok-rows-images"]
     assert "3" in dom.text["count-error-rows"] and "error rows" in dom.text["count-error-rows"]
     assert "40" in dom.text["count-rows-done"] and "4 / 5" in dom.text["count-shards-done"]
@@ -413,16 +423,17 @@ def test_times_read_as_a_clock_and_durations(tmp_path):
 
 
 def test_throughput_over_the_generation_window_beside_the_wall_clock(tmp_path):
-    """The job ran 600 s; its shards generated from the first one's start (90 - 60 = 30 s) to the
-    last one's finish (599 s): 37 images over 569 s, beside 37 over the 600 s of the whole job."""
+    """The job ran 600 s; its first worker was ready at 20 s, and it generated from then to its last
+    commit (599 s): 37 images over 579 s, beside 37 over the 600 s of the whole job."""
     report = write_report(make_output(tmp_path))
     series = report["throughput"]
-    assert series["generation_seconds"] == 569.0
-    assert series["generation_images_per_second"] == pytest.approx(37 / 569, abs=1e-3)
+    assert series["generation_seconds"] == 579.0 and series["startup_seconds"] == 20.0
+    assert series["generation_images_per_second"] == pytest.approx(37 / 579, abs=1e-3)
     assert series["wall_clock_seconds"] == 600.0
     assert series["wall_clock_images_per_second"] == pytest.approx(37 / 600, abs=1e-3)
     section = (tmp_path / "report.html").read_text().split('id="throughput"', 1)[1].split("</section>", 1)[0]
-    assert "0.065 images/s while generating (9 min 29 s)" in section
+    assert "0.064 images/s while generating (9 min 39 s: the run&#x27;s time" in section
+    assert "Start-up (until the first worker was ready): 20 s." in section
     assert "0.062 images/s over the whole job (10 min 0 s)" in section
     assert "minutes since start" in section
 

@@ -11,7 +11,7 @@ changes the price. The sums over a job's attempts are the device-time ledger's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,14 @@ def hourly_price(
     if gpu_hour_usd is None or isinstance(gpu_hour_usd, int | float):
         return gpu_hour_usd
     return gpu_hour_usd.get(CPU if device_kind == CPU else accelerator_type or "")
+
+
+def device_time(seconds: float, device_kinds: Iterable[str]) -> str:
+    """Device time as `imagemill status`, the run's summary and the report all write it: seconds under
+    an hour, hours from one hour, 3 significant digits (`17.4 CPU-seconds`, `2.51 GPU-hours`)."""
+    kinds = "/".join(device_kinds) or "device"
+    amount, unit = (seconds, "seconds") if seconds < 3600 else (seconds / 3600, "hours")
+    return f"{amount:.3g} {kinds}-{unit}" if amount < 1000 else f"{amount:,.0f} {kinds}-{unit}"
 
 
 def priced(device_seconds: float, usd_per_hour: float | None) -> float | None:
@@ -102,15 +110,16 @@ class JobCost:
         }
 
     def text(self) -> str:
-        """One line: `12.5 GPU-seconds, $0.0104 ($0.81 / 1,000 images); 2.1 s in 3 failed attempts`."""
-        kinds = "/".join(self.device_kinds) or "device"
-        line = f"{self.device_seconds:.1f} {kinds}-seconds"
+        """One line: `12.5 GPU-seconds, $0.0104 ($0.81 / 1,000 images); 2.1 GPU-seconds in 3 failed
+        attempts`."""
+        line = device_time(self.device_seconds, self.device_kinds)
         if self.cost_usd is not None:
             line += f", ${self.cost_usd:.4f}"
             if self.usd_per_1000_images is not None:
                 line += f" (${self.usd_per_1000_images:.4f} / 1,000 images)"
         if self.cost_usd is not None and self.unpriced_device_seconds:
-            line += f"; {self.unpriced_device_seconds:.1f} s on devices without a price"
+            line += f"; {device_time(self.unpriced_device_seconds, self.device_kinds)} without a price"
         if self.failed_attempts:
-            line += f"; {self.failed_device_seconds:.1f} s in {self.failed_attempts} failed attempts"
+            failed = device_time(self.failed_device_seconds, self.device_kinds)
+            line += f"; {failed} in {self.failed_attempts} failed attempts"
         return line

@@ -1,14 +1,17 @@
 """The job record, `_job.json`: what a run of a job was, declared once and read only through its model.
 
-The runner writes it when the workers have loaded the model (`status: running`) and again when the
-run ends (its counts, failed shards, cost and evaluation); `status`, the report, claiming the output,
-input reconciliation and `workers.batch_size: auto` read it back. It is a StoredRecord
+The runner writes it when the workers have loaded the model (`status: running`, the earlier runs
+carried over from the record it replaces) and again when the run ends (its counts, failed shards,
+cost and evaluation); `status`, the report, claiming the output, input reconciliation and
+`workers.batch_size: auto` read it back. It is a StoredRecord
 (imagemill.core.records): strict, closed and versioned, so a record of another schema version is
 refused in one line by `read_record`, and code outside this module reads attributes, never keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -19,6 +22,11 @@ from imagemill.core.records import RecordPart, StoredRecord, read_record
 
 if TYPE_CHECKING:
     from imagemill.core.layout import OutputLayout
+    from imagemill.core.records import ShardStats
+
+# How an earlier run ended when its record still said `running`: it was killed (SIGKILL, a lost node)
+# before it could say; its end is then its last commit.
+KILLED = "killed: no end recorded"
 
 
 class FailedShard(RecordPart):
@@ -28,6 +36,17 @@ class FailedShard(RecordPart):
     input_file: str
     attempts: int
     error: str
+
+
+class RunEntry(RecordPart):
+    """One run of the job on this output: the report's runs and its all-run totals read these."""
+
+    run_id: str
+    started_at: str  # ISO 8601, UTC, as the fields below
+    ready_at: str | None  # when its first worker had loaded the model: start-up ends
+    ended_at: str | None
+    status: str
+    images: int  # ok images in the shards it committed
 
 
 class JobCostRecord(RecordPart):
@@ -59,6 +78,8 @@ class JobRecord(StoredRecord):
     input_files: int
     input_footers: dict[str, str]  # input file URL → its footer's digest (imagemill.planning.inputs)
     run_id: str  # the run that holds the output's lease (imagemill.core.lease)
+    ready_at: str | None = None  # when this run's first worker had loaded the model
+    runs: list[RunEntry] = Field(default_factory=list)  # the earlier runs on this output, oldest first
     ended_at: str | None = None
     shards_done: int | None = None
     rows_ok: int | None = None
@@ -78,6 +99,32 @@ class JobRecord(StoredRecord):
         for name in dotted.split("."):
             value = value.get(name) if isinstance(value, dict) else None
         return value
+
+    def all_runs(self, shards: Iterable[ShardStats]) -> list[RunEntry]:
+        """The earlier runs and this record's own, its images counted from `shards` (the committed
+        shards' stats name the run that committed them)."""
+        own = [stats for stats in shards if stats.run_id == self.run_id]
+        entry = RunEntry(
+            run_id=self.run_id,
+            started_at=self.started_at,
+            ready_at=self.ready_at,
+            ended_at=self.ended_at,
+            status=self.status,
+            images=sum(stats.ok for stats in own),
+        )
+        return [*self.runs, entry]
+
+    def carried_runs(self, shards: Iterable[ShardStats]) -> list[RunEntry]:
+        """The runs the next run's record carries on: all_runs, where this record's run, if it is
+        still `running` (the next run holds the lease, so it is not), was killed and ended at its
+        last commit (or, with none, when it was ready)."""
+        shards = list(shards)
+        *earlier, own = self.all_runs(shards)
+        if own.status == "running":
+            commits = [s.finished_at for s in shards if s.run_id == self.run_id and s.finished_at]
+            ended = max(commits, key=datetime.fromisoformat, default=self.ready_at)
+            own = own.model_copy(update={"status": KILLED, "ended_at": ended})
+        return [*earlier, own]
 
     @property
     def batch_size(self) -> int | None:

@@ -52,7 +52,8 @@ EXAMPLES_PER_REASON = 2  # error messages kept per reason, in a shard's stats an
 # The schema of the JSON records this imagemill writes into an output (`_job.json`, `shards/*.json`).
 # Raise it when a record's fields change meaning or a required one is added; records of another
 # version are refused (read_record) unless a migration for that version is added there.
-# 2: `_job.json`'s cost counts every attempt (imagemill.core.device_ledger) and says how many failed.
+# 2: `_job.json`'s cost counts every attempt (imagemill.core.device_ledger) and says how many failed;
+# the job record keeps its earlier runs (imagemill.core.job_record).
 SCHEMA_VERSION = 2
 R = TypeVar("R", bound="StoredRecord")
 # An attempt's device time and cost (imagemill.core.cost) read from a record are at most these: a

@@ -18,7 +18,13 @@ from importlib import metadata
 from imagemill.core.compile_cache_key import check_compile_cache_key
 from imagemill.core.cost import JobCost
 from imagemill.core.device_ledger import DeviceLedger, FailedAttempt, read_ledger, record_failed_attempt
-from imagemill.core.job_record import FailedShard, JobCostRecord, JobRecord, write_job_record
+from imagemill.core.job_record import (
+    FailedShard,
+    JobCostRecord,
+    JobRecord,
+    read_job_record,
+    write_job_record,
+)
 from imagemill.core.layout import SUCCESS_MARKER, OutputLayout
 from imagemill.core.lease import OutputLease
 from imagemill.core.model_source import check_sources
@@ -201,6 +207,9 @@ def _run_owned(
         spec as the run uses it (`workers.batch_size: auto` fixed by the first actor)."""
         nonlocal record_written
         record.fingerprint = resolved.fingerprint()
+        record.ready_at = datetime.now(UTC).isoformat()
+        previous = read_job_record(output)  # the record this one replaces: its runs go on in this one
+        record.runs = previous.carried_runs(committed.values()) if previous else []
         write_job_record(output, record)
         output.remove(SUCCESS_MARKER)
         record_written = True  # from now on an interrupted run says so in the record

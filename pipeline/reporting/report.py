@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from imagemill.core.cost import device_time
 from imagemill.core.device_ledger import DeviceLedger, read_ledger
 from imagemill.core.errors import ImagemillError
 from imagemill.core.evaluation_results import EvaluationResults
-from imagemill.core.job_record import JobRecord, read_job_record
+from imagemill.core.job_record import JobRecord, RunEntry, read_job_record
 from imagemill.core.labels import LABELS_SHOWN, STATUSES
 from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
 from imagemill.core.records import (
@@ -41,6 +42,7 @@ SAMPLE_HOVER = ("id", "label", "seed", "prompt", "expanded_prompt")  # a thumbna
 _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}")
 # Each shard's `stage_seconds` (imagemill.core.stage_table), and `expand_seconds` where prompts are
 # expanded, which comes after the read.
+NONE = '<p class="none">none</p>'
 STAGE_LABELS = {"read": ACTOR_STAGE_LABELS["read"], "expand": "prompt expansion"} | ACTOR_STAGE_LABELS
 
 
@@ -66,12 +68,14 @@ def build_report(
     totals = shard_totals(shards)
     failed = record.failed_shards
     stages = _stage_seconds(shards)
+    runs = [_run_json(run, shards) for run in record.all_runs(shards)]
     return {
         "name": record.name,
         "status": record.status,
-        "started_at": record.started_at,
+        "started_at": runs[0]["started_at"],
         "ended_at": record.ended_at,
-        "duration_seconds": _seconds_between(record.started_at, record.ended_at),
+        "duration_seconds": _sum(run["seconds"] for run in runs),  # over all runs, not between them
+        "runs": runs,
         "counts": {
             "rows_total": record.rows_total,
             "rows_done": totals.rows,
@@ -90,7 +94,7 @@ def build_report(
         "stage_seconds": stages,
         "cost": ledger.totals().to_json(),
         "model_busy_share": model_busy_share(stages, _expands_on_actor(record)),
-        "throughput": throughput(record.started_at, shards, record.ended_at),
+        "throughput": throughput(runs, shards),
         "clip_score": clip_score(record, shards),
         "labels": totals.labels,
         "samples": [_sample_entry(shard_id, sample) for shard_id, sample in samples],
@@ -102,6 +106,24 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
     if not (start and end):
         return None
     return round(datetime.fromisoformat(end).timestamp() - datetime.fromisoformat(start).timestamp(), 3)
+
+
+def _sum(values: Any) -> float | None:
+    """The sum of the known values (None where none is known)."""
+    known = [value for value in values if value is not None]
+    return round(sum(known), 3) if known else None
+
+
+def _run_json(run: RunEntry, shards: list[ShardStats]) -> dict[str, Any]:
+    """A run as report.json lists it, with its start-up (its start until its first worker was ready),
+    its whole time, and its generating time: from start-up's end to its last commit."""
+    commits = [stats.finished_at for stats in shards if stats.run_id == run.run_id and stats.finished_at]
+    last_commit = max(commits, key=datetime.fromisoformat, default=None)
+    return run.model_dump() | {
+        "startup_seconds": _seconds_between(run.started_at, run.ready_at),
+        "seconds": _seconds_between(run.started_at, run.ended_at),
+        "generating_seconds": _seconds_between(run.ready_at, last_commit) or 0.0,
+    }
 
 
 def error_examples(shards: list[ShardStats]) -> dict[str, list[str]]:
@@ -195,16 +217,16 @@ def pick_samples(shards: list[ShardStats], max_samples: int) -> list[tuple[str, 
     return [(shards[index].shard_id, usable[index][r]) for index, r in sorted(chosen)]
 
 
-def throughput(
-    started_at: str | None, shards: list[ShardStats], ended_at: str | None = None
-) -> dict[str, Any]:
-    """Cumulative images and images/s per time bucket, from each shard's finish time and ok count.
+def throughput(runs: list[dict[str, Any]], shards: list[ShardStats]) -> dict[str, Any]:
+    """Cumulative images and images/s per time bucket, from each shard's finish time and ok count,
+    and each run's start-up as a band of the time axis.
 
-    Time 0 is the job's start, or the earliest shard start if earlier (shards from a previous run).
-    The first point is (0 min, 0 images); each further point is the end of a bucket. Beside the rate
-    over that span: the rate while generating (from the first shard's start to the last one's finish:
-    no planning, no model loading) and over the job's wall clock (its start to its end).
+    Time 0 is the first run's start, or the earliest shard start if earlier. The first point is
+    (0 min, 0 images); each further point is the end of a bucket. Beside the rate over that span: the
+    rate while generating (the runs' generating time summed: no planning, no model loading, no time
+    between runs) and over the runs' whole time (summed: start-up included).
     """
+    started_at = runs[0]["started_at"]
     finished = sorted(
         (datetime.fromisoformat(stats.finished_at).timestamp(), stats.ok, stats.seconds)
         for stats in shards
@@ -212,10 +234,7 @@ def throughput(
     )
     if not finished:
         return {"start": started_at, "bucket_seconds": None, "images_per_second": 0.0, "points": []}
-    generating = finished[-1][0] - min(end - seconds for end, _, seconds in finished)
-    start = min(end - seconds for end, _, seconds in finished)
-    if started_at:
-        start = min(start, datetime.fromisoformat(started_at).timestamp())
+    start = min(datetime.fromisoformat(started_at).timestamp(), *(end - took for end, _, took in finished))
     span = finished[-1][0] - start
     bucket = next((b for b in NICE_BUCKETS if span / b <= MAX_POINTS), math.ceil(span / MAX_POINTS))
     per_bucket = [0] * max(1, math.ceil(span / bucket))
@@ -231,17 +250,29 @@ def throughput(
             }
         )
     total = points[-1]["images"]
-    wall_clock = _seconds_between(started_at, ended_at)
+    generating = sum(run["generating_seconds"] for run in runs)
+    wall_clock = _sum(run["seconds"] for run in runs)
     return {
         "start": datetime.fromtimestamp(start, UTC).isoformat(),
         "bucket_seconds": bucket,
         "images_per_second": round(total / span, 3) if span > 0 else 0.0,
+        "runs": len(runs),
         "generation_seconds": round(generating, 3),
         "generation_images_per_second": round(total / generating, 3) if generating > 0 else 0.0,
         "wall_clock_seconds": wall_clock,
         "wall_clock_images_per_second": round(total / wall_clock, 3) if wall_clock else None,
+        "startup_seconds": _sum(run["startup_seconds"] for run in runs),
+        "startup": [  # each run's start-up, in minutes since time 0
+            {"from_minute": _minutes(run["started_at"], start), "to_minute": _minutes(run["ready_at"], start)}
+            for run in runs
+            if run["ready_at"]
+        ],
         "points": points,
     }
+
+
+def _minutes(stamp: str, start: float) -> float:
+    return round((datetime.fromisoformat(stamp).timestamp() - start) / 60, 3)
 
 
 CSS = """
@@ -254,33 +285,37 @@ h1 { margin: 0 0 4px; font-size: 22px; } h2 { font-size: 17px; margin: 28px 0 8p
 #counts .value { display: block; font-size: 20px; font-weight: 600; }
 #counts .label { color: #666; font-size: 12px; }
 #counts .ok .value { color: #2f6b34; } #counts .error .value { color: #9c3b2f; }
-#contact-sheet { display: grid; grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)); gap: 8px; }
+.sheet { display: grid; grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)); gap: 8px; }
 #contact-sheet figure { margin: 0; background: #fff; border: 1px solid #ddd; padding: 4px;
-  text-align: center; }
+  text-align: center; min-width: 0; break-inside: avoid; }
 #contact-sheet img { width: 96px; height: 96px; object-fit: contain; display: block; margin: 0 auto;
   image-rendering: pixelated; }
-#contact-sheet figcaption { font-size: 11px; color: #555; overflow: hidden; text-overflow: ellipsis;
-  white-space: nowrap; }
+#contact-sheet figcaption { font-size: 11px; line-height: 1.3; color: #555; overflow: hidden;
+  display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 3; overflow-wrap: anywhere; }
+#contact-sheet h3 { font-size: 14px; margin: 12px 0 6px; }
+.wide { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; background: #fff; }
 th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
-td.num { text-align: right; } .none { color: #666; font-style: italic; }
-svg text { font-size: 11px; fill: #444; }
+td { overflow-wrap: break-word; } td.num { text-align: right; } .none { color: #666; font-style: italic; }
+section.empty h2 { font-size: 14px; font-weight: normal; margin: 10px 0; }
+svg { max-width: 100%; height: auto; } svg text { font-size: 11px; fill: #444; }
+@media (max-width: 500px) { body { margin: 12px; } }
 """
 
 
 def _cost_tiles(cost: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """The device time and, with a price, the cost and $ per 1,000 images (imagemill.core.cost)."""
+    """The device time, written as `imagemill status` writes it, and, with a price, the cost and $ per
+    1,000 images (imagemill.core.cost)."""
     if not cost or not cost["device_seconds"]:
         return []
-    kinds = "/".join(cost["device_kinds"]) or "device"
-    tiles = [(f"{kinds}-hours", f"{cost['device_seconds'] / 3600:.4g}", "")]
+    tiles = [("device time", device_time(cost["device_seconds"], cost["device_kinds"]), "")]
     if cost["cost_usd"] is not None:
         tiles.append(("cost", f"${cost['cost_usd']:.4f}", ""))
     if cost["usd_per_1000_images"] is not None:
         tiles.append(("$ / 1,000 images", f"${cost['usd_per_1000_images']:.4f}", ""))
     if cost["failed_attempts"]:
-        label = f"{kinds}-hours in {cost['failed_attempts']} failed attempts"
-        tiles.append((label, f"{cost['failed_device_seconds'] / 3600:.4g}", "error"))
+        spent = device_time(cost["failed_device_seconds"], cost["device_kinds"])
+        tiles.append((f"in {cost['failed_attempts']} failed attempts", spent, "error"))
     return tiles
 
 
@@ -292,7 +327,7 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
         ("ok rows (images)", counts["rows_ok"], "ok"),
         ("filtered rows", counts["rows_filtered"], ""),
         ("flagged rows (safety)", counts["rows_flagged"], ""),
-        ("error rows", counts["rows_error"], "error"),
+        ("error rows", counts["rows_error"], "error" if counts["rows_error"] else ""),
         ("shards done", f"{counts['shards_done']} / {counts['shards_total']}", ""),
         ("failed shards", counts["shards_failed"], "error" if counts["shards_failed"] else ""),
         *_cost_tiles(report.get("cost")),
@@ -302,16 +337,32 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
         f'<span class="label">{_e(label)}</span></div>'
         for label, value, kind in tiles
     )
-    figures = "".join(
-        f'<figure><img src="{_e(uri)}" alt="{_e(s["id"])}" '
-        f'title="{_e(" · ".join(str(s[k]) for k in SAMPLE_HOVER if k in s))}">'
-        f"<figcaption>{_e(s['id'])}</figcaption></figure>"
-        for s, uri in zip(report["samples"], thumbnails, strict=True)
-    )
-    stages = report["stage_seconds"]
     name, status = report["name"], report["status"]
+    errors, failed = _error_rows(report), [tuple(f.values()) for f in report["failed_shards"]]
+    sections = [
+        _section("samples", f"Samples ({len(thumbnails)})", _samples(report["samples"], thumbnails), "none"),
+        _labels_section(report["labels"]),
+        _section("throughput", "Throughput", _throughput(report["throughput"]), "no shard finished yet"),
+        _section(
+            "clip-score",
+            "CLIP score (100 × cosine)",
+            _score_chart(report["clip_score"]),
+            "not scored (no scoring section in the job spec)",
+        ),
+        _section("errors", "Error rows by reason", _table(("reason", "rows", "examples"), errors), "none"),
+        _section("failures", "Failed shards", _table(("shard", "file", "attempts", "error"), failed), "none"),
+        _dataset(report.get("dataset")),
+        _section(
+            "stages",
+            "Time by stage (seconds, summed over shards)",
+            _stages(report["model_busy_share"], report["stage_seconds"]),
+            "no stage split in these shards' stats",
+        ),
+    ]
+    sections_html = "\n".join(section for section in sections if section)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy"
  content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
 <title>{_e(name)}: imagemill report</title><style>{CSS}</style></head>
@@ -319,25 +370,72 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
 <header id="job"><h1>{_e(name)} <span class="status status-{_slug(status)}">{_e(status)}</span></h1>
 <div>{_e(_when(report))}</div>
 <div id="counts">{counts_html}</div></header>
-<section id="samples"><h2>Samples ({len(thumbnails)})</h2>
-<div id="contact-sheet">{figures or '<p class="none">none</p>'}</div></section>
-{_labels_section(report["labels"])}
-<section id="throughput"><h2>Throughput</h2>
-<p>{_e(_rates(report["throughput"]))}</p>
-{_chart(report["throughput"]["points"])}</section>
-<section id="clip-score"><h2>CLIP score (100 × cosine)</h2>
-{_score_chart(report["clip_score"])}</section>
-<section id="errors"><h2>Error rows by reason</h2>
-{_table(("reason", "rows", "examples"), _error_rows(report))}</section>
-<section id="failures"><h2>Failed shards</h2>
-{_table(("shard", "file", "attempts", "error"), [tuple(f.values()) for f in report["failed_shards"]])}
+<section id="runs"><h2>Runs ({len(report["runs"])})</h2>
+{_table(("run", "started", "start-up", "ended", "how it ended", "images"), _run_rows(report["runs"]))}
 </section>
-{_dataset(report.get("dataset"))}
-<section id="stages"><h2>Time by stage (seconds, summed over shards)</h2>
-<p id="model-busy">{_busy(report["model_busy_share"])}</p>
-{_table(("stage", "seconds"), [(STAGE_LABELS.get(s, s), v) for s, v in stages.items()])}</section>
+{sections_html}
 </body></html>
 """
+
+
+def _section(section_id: str, title: str, body: str | None, empty: str) -> str:
+    """A section, or, where it has nothing to show, one line that says so (not an empty block)."""
+    if not body:
+        return (
+            f'<section id="{section_id}" class="empty"><h2>{_e(title)}: '
+            f'<span class="none">{_e(empty)}</span></h2></section>'
+        )
+    return f'<section id="{section_id}"><h2>{_e(title)}</h2>\n{body}</section>'
+
+
+def _samples(samples: list[dict[str, Any]], thumbnails: list[str]) -> str | None:
+    """The contact sheet: each thumbnail over its prompt (clipped to three lines; whole in the title),
+    in one grid, or in one row per label for a labelled job."""
+    figures = [
+        f'<figure><img src="{_e(uri)}" alt="{_e(s["id"])}" '
+        f'title="{_e(" · ".join(str(s[k]) for k in SAMPLE_HOVER if k in s))}">'
+        f'<figcaption title="{_e(s["prompt"] or "")}">{_e(s["prompt"] or s["id"])}</figcaption></figure>'
+        for s, uri in zip(samples, thumbnails, strict=True)
+    ]
+    if not figures:
+        return None
+    if not any("label" in s for s in samples):
+        return f'<div id="contact-sheet" class="sheet">{"".join(figures)}</div>'
+    by_label: dict[str, list[str]] = {}
+    for s, figure in zip(samples, figures, strict=True):
+        by_label.setdefault(s.get("label", "(no label)"), []).append(figure)
+    rows = "".join(
+        f'<div class="label-row"><h3>{_e(label)}</h3><div class="sheet">{"".join(shown)}</div></div>'
+        for label, shown in sorted(by_label.items())
+    )
+    return f'<div id="contact-sheet">{rows}</div>'
+
+
+def _run_rows(runs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    def when(stamp: str | None) -> str:
+        return _clock(stamp) if stamp else "-"
+
+    def took(seconds: float | None) -> str:
+        return duration(seconds) if seconds is not None else "-"
+
+    return [
+        (n, when(run["started_at"]), took(run["startup_seconds"]), when(run["ended_at"]), run["status"],
+         run["images"])
+        for n, run in enumerate(runs, 1)
+    ]  # fmt: skip
+
+
+def _throughput(series: dict[str, Any]) -> str | None:
+    if not series["points"]:
+        return None
+    return f"<p>{_e(_rates(series))}</p>\n{_chart(series['points'], series['startup'])}"
+
+
+def _stages(share: float | None, stages: dict[str, float]) -> str | None:
+    if not stages:
+        return None
+    table = _table(("stage", "seconds"), [(STAGE_LABELS.get(s, s), v) for s, v in stages.items()])
+    return f'<p id="model-busy">{_busy(share)}</p>\n{table}'
 
 
 def _clock(stamp: str) -> str:
@@ -356,26 +454,31 @@ def duration(seconds: float) -> str:
 
 
 def _when(report: dict[str, Any]) -> str:
-    if not report["started_at"]:
-        return "not started"
+    """`started …, ran 10 min 0 s`; after a resume `2 runs, 12 min 3 s in all, the first started …`."""
     ran = report["duration_seconds"]
-    return f"started {_clock(report['started_at'])}, " + (
-        f"ran {duration(ran)}" if ran is not None else "not ended"
-    )
+    runs = len(report["runs"])
+    if runs == 1:
+        return f"started {_clock(report['started_at'])}, " + (
+            f"ran {duration(ran)}" if ran is not None else "not ended"
+        )
+    return f"{runs} runs, {duration(ran or 0)} in all, the first started {_clock(report['started_at'])}"
 
 
 def _rates(series: dict[str, Any]) -> str:
-    if not series["points"]:
-        return "no shard finished yet"
+    runs = f"{series['runs']} runs'" if series["runs"] > 1 else "the run's"
     text = (
         f"{series['generation_images_per_second']:g} images/s while generating "
-        f"({duration(series['generation_seconds'])})"
+        f"({duration(series['generation_seconds'])}: {runs} time from start-up's end to the last commit)"
     )
     if series["wall_clock_seconds"]:
         text += (
-            f"; {series['wall_clock_images_per_second']:g} images/s over the whole job "
-            f"({duration(series['wall_clock_seconds'])})"
+            f"; {series['wall_clock_images_per_second']:g} images/s over the whole "
+            + ("job" if series["runs"] == 1 else f"{series['runs']} runs")
+            + f" ({duration(series['wall_clock_seconds'])})"
         )
+    if series["startup_seconds"] is not None:
+        text += f". Start-up (until the first worker was ready): {duration(series['startup_seconds'])}"
+        text += " in all." if series["runs"] > 1 else "."
     return text
 
 
@@ -397,7 +500,9 @@ def _dataset(dataset: dict[str, Any] | None) -> str:
     tables = dataset_tables(dataset_results(dataset))
     if not tables:
         return ""
-    body = "".join(f"<h3>{_e(caption)}</h3>{_table(header, rows)}" for caption, header, rows in tables)
+    body = "".join(
+        f"<h3>{_e(caption)}</h3>{_table(header, rows) or NONE}" for caption, header, rows in tables
+    )
     return f'<section id="dataset"><h2>Dataset</h2>{body}</section>'
 
 
@@ -431,8 +536,10 @@ def _slug(value: Any) -> str:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    """A table, scrolled within its own box where it is wider than the page (a phone); "" for no rows
+    (its section then says none in one line)."""
     if not rows:
-        return '<p class="none">none</p>'
+        return ""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
@@ -443,26 +550,35 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
         + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _chart(points: list[dict[str, Any]], width: int = 720, height: int = 260) -> str:
+def _chart(
+    points: list[dict[str, Any]], startup: list[dict[str, float]], width: int = 720, height: int = 260
+) -> str:
     """Cumulative images against the time since the start (seconds for a short job, else minutes), as
-    an inline SVG polyline."""
-    if not points:
-        return '<p class="none">no shard finished yet</p>'
+    an inline SVG polyline over each run's start-up, a shaded band labelled `start-up`."""
     left, right, top, bottom = 60, 20, 10, 40
-    in_seconds = points[-1]["minute"] * 60 < SECONDS_AXIS_UNTIL
+    last = max([points[-1]["minute"], *(band["to_minute"] for band in startup)])
+    in_seconds = last * 60 < SECONDS_AXIS_UNTIL
     unit, scale = ("seconds", 60) if in_seconds else ("minutes", 1)
     points = [{**p, "minute": p["minute"] * scale} for p in points]  # x in the axis' unit
-    max_x = points[-1]["minute"] or 1.0
+    max_x = last * scale or 1.0
     max_y = points[-1]["images"] or 1
     x = [left + p["minute"] / max_x * (width - left - right) for p in points]
+    bands = "".join(
+        f'<rect class="startup" x="{left + a:.1f}" y="{top}" width="{max(b - a, 1):.1f}" '
+        f'height="{height - top - bottom}" fill="#e9e2cf"><title>start-up, run {n}</title></rect>'
+        f'<text class="startup-label" x="{left + a + 3:.1f}" y="{top + 12}">start-up</text>'
+        for n, band in enumerate(startup, 1)
+        for a, b in [(band[k] * scale / max_x * (width - left - right) for k in ("from_minute", "to_minute"))]
+    )
     y = [height - bottom - p["images"] / max_y * (height - top - bottom) for p in points]
     line = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y, strict=True))
     x_axis, y_axis = height - bottom, left
     return f"""<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img"
  aria-label="cumulative images over time">
+{bands}
 <line x1="{y_axis}" y1="{x_axis}" x2="{width - right}" y2="{x_axis}" stroke="#888"/>
 <line x1="{y_axis}" y1="{top}" x2="{y_axis}" y2="{x_axis}" stroke="#888"/>
 <polyline fill="none" stroke="#3b6ea8" stroke-width="2" points="{line}"/>
@@ -483,7 +599,7 @@ def _score_chart(scores: dict[str, Any] | None, width: int = 720, height: int = 
     """The score histogram as inline SVG bars, every bin from the lowest to the highest non-empty one,
     with the threshold as a red line where the job has one."""
     if scores is None:
-        return '<p class="none">not scored (no scoring section in the job spec)</p>'
+        return ""
     left, right, top, bottom = 50, 20, 10, 40
     step = scores["bin_width"]
     low, high = scores["bins"][0]["low"], scores["bins"][-1]["high"]
