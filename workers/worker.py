@@ -34,6 +34,7 @@ from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.workers.batch_fit import resolve_batch_size
 from imagemill.workers.device_use import device_use
+from imagemill.workers.device_warnings import device_warnings
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, read_shard
@@ -108,6 +109,8 @@ class ShardWorker:
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
             "batch_size": self.spec.workers.batch_size,
+            # settings slow or unsupported on this device: the driver shows each distinct line once
+            "warnings": device_warnings(self.spec, self.device),
         }
 
     def process_shard(self, shard: Shard) -> ShardStats:
