@@ -86,7 +86,7 @@ def _encode(image_format: str, row: MetadataRow, **output) -> bytes:
         }
     )
     pixels = np.asarray(Image.radial_gradient("L").resize((row.width, row.height)).convert("RGB"))
-    return ImageEncoder(spec.output, FACTS, None).encode(pixels, row)
+    return ImageEncoder(spec.output, FACTS, None).encode(pixels, row).data
 
 
 def _pillow_texts(data: bytes) -> tuple[str, dict]:
@@ -199,7 +199,7 @@ def test_jpeg_bytes_encoded_elsewhere_get_the_same_parameters_and_keep_their_ima
             "model": {"source": "/m"},
         }
     )
-    data = ImageEncoder(spec.output, FACTS, None).encode(bare, row)
+    data = ImageEncoder(spec.output, FACTS, None).encode(bare, row).data
     _expect(row, *_pillow_texts(data))
     tags = _exiftool(data, tmp_path, "jpeg")
     assert tags["XMP-iptcExt:DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA

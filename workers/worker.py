@@ -227,11 +227,12 @@ class ShardWorker:
         """On a writer thread: encode one done row's image and hand it to the writer; returns the
         row's metadata."""
         record = run.drawn_row(row, drawn)
-        with run.timer.timing("image_encode"):  # watermark, encode with parameters, C2PA signature
-            data = self.encode.encode(drawn.pixels, record)
-        record = replace(record, sha256=hashlib.sha256(data).hexdigest())
+        with run.timer.timing("image_encode"):  # watermark (read back), encode, C2PA signature
+            encoded = self.encode.encode(drawn.pixels, record)
+        sha256 = hashlib.sha256(encoded.data).hexdigest()
+        record = replace(record, sha256=sha256, watermark_ok=encoded.watermark_ok)
         with run.timer.timing("upload"):
-            return writer.add(row.index, record, data)
+            return writer.add(row.index, record, encoded.data)
 
     def _finish_writes(self, run: ShardRun, writer: ShardWriter) -> None:
         """Wait for the shard's last writes; tar/parquet formats upload the shard's images here."""

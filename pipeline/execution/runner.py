@@ -55,6 +55,7 @@ class JobResult:
     failures: list[ShardFailure] = field(default_factory=list)
     filtered: int = 0  # rows done but scored below scoring.threshold
     flagged: int = 0  # rows done but flagged by the safety classifier
+    watermark_unreadable: int = 0  # images written whose watermark did not read back
     rows_run: int = 0  # images made by this run (the rate counts these)
     cost: JobCost | None = None  # device time and cost over the committed shards (imagemill.core.cost)
     budget_stop: str | None = (
@@ -92,6 +93,11 @@ class JobResult:
         lines += [
             f"  error rows, {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())
         ]
+        if self.watermark_unreadable:
+            lines.append(
+                f"  watermark did not read back from {self.watermark_unreadable} images "
+                "(watermark_ok false in the metadata)"
+            )
         lines += [
             f"  FAILED shard {f.shard_id} ({f.input_file}) after {f.attempts} tries: {f.error}"
             for f in self.failures
@@ -294,6 +300,7 @@ def _result(
         failures=failures,
         filtered=totals.filtered,
         flagged=totals.flagged,
+        watermark_unreadable=totals.watermark_unreadable,
         cost=job_cost(committed.values()),
         rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
     )
@@ -315,6 +322,7 @@ def _end_record(
     record.rows_ok = totals.ok
     record.rows_filtered = totals.filtered
     record.rows_flagged = totals.flagged
+    record.rows_watermark_unreadable = totals.watermark_unreadable
     record.rows_error = totals.errors
     record.errors_by_reason = totals.errors_by_reason
     record.failed_shards = [FailedShard(**vars(failure)) for failure in failures]
