@@ -89,7 +89,7 @@ def _encode(image_format: str, row: MetadataRow, **output) -> bytes:
     )
     pixels = np.asarray(Image.radial_gradient("L").resize((row.width, row.height)).convert("RGB"))
     publication = Publication.of(spec.output.embed_parameters, row.model, FACTS)
-    return ImageEncoder(spec.output, publication, None).encode(pixels, row)
+    return ImageEncoder(spec.output, publication, None).encode(pixels, row).data
 
 
 def _pillow_texts(data: bytes) -> tuple[str, dict]:
@@ -203,7 +203,7 @@ def test_jpeg_bytes_encoded_elsewhere_get_the_same_parameters_and_keep_their_ima
             "model": {"source": "/m"},
         }
     )
-    data = ImageEncoder(spec.output, Publication.of("public", row.model, FACTS), None).encode(bare, row)
+    data = ImageEncoder(spec.output, Publication.of("public", row.model, FACTS), None).encode(bare, row).data
     _expect(row, *_pillow_texts(data))
     tags = _exiftool(data, tmp_path, "jpeg")
     assert tags["XMP-iptcExt:DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA

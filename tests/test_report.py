@@ -161,6 +161,7 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
         "rows_ok": 37,
         "rows_filtered": 0,
         "rows_flagged": 0,
+        "rows_watermark_unreadable": 0,
         "candidates_rejected": 0,
         "rows_error": 3,
         "shards_total": 5,

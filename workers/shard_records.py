@@ -176,6 +176,7 @@ class ShardRun:
             ok=statuses["ok"],
             filtered=statuses["filtered"],
             flagged=statuses["flagged"],
+            watermark_unreadable=sum(record.watermark_ok is False for record in self.written.values()),
             error=len(self.rows) - len(self.written),
             errors_by_reason=dict(Counter(row.error.split(":", 1)[0] for row in self.rows if row.error)),
             error_examples=examples,

@@ -36,6 +36,7 @@ from imagemill.core.spec import JobSpec
 from imagemill.core.stage_table import MODEL_STAGES
 from imagemill.workers.batch_fit import resolve_batch_size
 from imagemill.workers.device_use import device_use
+from imagemill.workers.device_warnings import device_warnings
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, read_shard
@@ -122,6 +123,8 @@ class ShardWorker:
             "torch_threads": torch.get_num_threads(),
             "batch_size": self.spec.workers.batch_size,
             "device_use": self.device_use,  # the driver charges an attempt that dies without a report
+            # settings slow or unsupported on this device: the driver shows each distinct line once
+            "warnings": device_warnings(self.spec, self.device),
         }
 
     def process_shard(self, shard: Shard) -> ShardStats:
@@ -254,11 +257,12 @@ class ShardWorker:
         """On a writer thread: encode one done row's image and hand it to the writer; returns the
         row's metadata."""
         record = run.drawn_row(row, drawn)
-        with run.timer.timing("image_encode"):  # watermark, encode with parameters, C2PA signature
-            data = self.encode.encode(drawn.pixels, record)
-        record = replace(record, sha256=hashlib.sha256(data).hexdigest())
+        with run.timer.timing("image_encode"):  # watermark (read back), encode, C2PA signature
+            encoded = self.encode.encode(drawn.pixels, record)
+        sha256 = hashlib.sha256(encoded.data).hexdigest()
+        record = replace(record, sha256=sha256, watermark_ok=encoded.watermark_ok)
         with run.timer.timing("upload"):
-            return writer.add(row.index, record, data)
+            return writer.add(row.index, record, encoded.data)
 
     def _finish_writes(self, run: ShardRun, writer: ShardWriter) -> None:
         """Wait for the shard's last writes; tar/parquet formats upload the shard's images here."""

@@ -85,6 +85,7 @@ class JobRecord(StoredRecord):
     rows_ok: int | None = None
     rows_filtered: int | None = None
     rows_flagged: int | None = None
+    rows_watermark_unreadable: int | None = None  # output.watermark: images it did not read back from
     rows_error: int | None = None
     errors_by_reason: dict[str, int] = Field(default_factory=dict)
     failed_shards: list[FailedShard] = Field(default_factory=list)

@@ -98,6 +98,8 @@ class MetadataRow:
     error: str | None = None  # `reason: detail`, for status=error
     path: str | None = None  # where the image is, relative to the output; null when none was written
     sha256: str | None = None  # of the encoded image
+    # output.watermark: whether the payload read back from the encoded file (provenance.watermark)
+    watermark_ok: bool | None = None
     model: str
     input_file: str
     input_row: int
@@ -282,6 +284,7 @@ class ShardStats(StoredRecord):
     ok: int
     filtered: int = 0  # done, but scored under scoring.threshold
     flagged: int = 0  # done, but flagged by the safety classifier (kept, blurred or dropped)
+    watermark_unreadable: int = 0  # written with output.watermark, which did not read back (watermark_ok)
     error: int
     errors_by_reason: dict[str, int] = Field(default_factory=dict)
     error_examples: dict[str, list[str]] = Field(default_factory=dict)  # reason: a few messages, capped
@@ -366,6 +369,7 @@ class ShardTotals:
     errors_by_reason: dict[str, int]
     filtered: int = 0  # scored below scoring.threshold: done, like ok rows, but not errors
     flagged: int = 0  # flagged by the safety classifier: done, counted apart
+    watermark_unreadable: int = 0  # images whose watermark did not read back (any status)
     rejected_candidates: int = 0  # best-of-N candidates not kept
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # imagemill.core.labels.merge_labels
 
@@ -382,6 +386,7 @@ def shard_totals(shards: Iterable[ShardStats]) -> ShardTotals:
         errors_by_reason=dict(sorted(reasons.items())),
         filtered=sum(stats.filtered for stats in shards),
         flagged=sum(stats.flagged for stats in shards),
+        watermark_unreadable=sum(stats.watermark_unreadable for stats in shards),
         rejected_candidates=sum(stats.rejected_candidates for stats in shards),
         labels=merge_labels(stats.labels for stats in shards),
     )

@@ -62,6 +62,7 @@ class JobResult:
     failures: list[ShardFailure] = field(default_factory=list)
     filtered: int = 0  # rows done but scored below scoring.threshold
     flagged: int = 0  # rows done but flagged by the safety classifier
+    watermark_unreadable: int = 0  # images written whose watermark did not read back
     rows_run: int = 0  # images made by this run (the rate counts these)
     cost: JobCost | None = None  # device time and cost of every attempt (imagemill.core.device_ledger)
     budget_stop: str | None = (
@@ -99,6 +100,11 @@ class JobResult:
         lines += [
             f"  error rows, {reason}: {count}" for reason, count in sorted(self.errors_by_reason.items())
         ]
+        if self.watermark_unreadable:
+            lines.append(
+                f"  watermark did not read back from {self.watermark_unreadable} images "
+                "(watermark_ok false in the metadata)"
+            )
         lines += [
             f"  FAILED shard {f.shard_id} ({f.input_file}) after {f.attempts} tries: {f.error}"
             for f in self.failures
@@ -321,6 +327,7 @@ def _result(
         failures=failures,
         filtered=totals.filtered,
         flagged=totals.flagged,
+        watermark_unreadable=totals.watermark_unreadable,
         cost=ledger.totals(),
         rows_run=sum(stats.rows for shard_id, stats in committed.items() if shard_id not in done_before),
     )
@@ -343,6 +350,7 @@ def _end_record(
     record.rows_ok = totals.ok
     record.rows_filtered = totals.filtered
     record.rows_flagged = totals.flagged
+    record.rows_watermark_unreadable = totals.watermark_unreadable
     record.rows_error = totals.errors
     record.errors_by_reason = totals.errors_by_reason
     record.failed_shards = [FailedShard(**vars(failure)) for failure in failures]

@@ -161,6 +161,7 @@ class ShardScheduler:
         self.next_report = 0.0
         self.tally: Any = None  # the run's ProgressTallyActor, started with the workers
         self.loaded_once = False  # until an actor loads the model, a load error ends the job
+        self.warned: set[str] = set()  # the actors' device warnings already shown (`_warn_once`)
 
     def _new_actor(self) -> Any:
         """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
@@ -292,6 +293,15 @@ class ShardScheduler:
         self.alive.append(actor)
         self.device_uses[actor] = ready["device_use"]
         log.info("a worker is ready on %s (%d of %d)", ready["device"], len(self.alive), self.num_workers)
+        self._warn_once(ready["warnings"])
+
+    def _warn_once(self, warnings: list[str]) -> None:
+        """Show each setting an actor found slow or unsupported on its device
+        (imagemill.workers.device_warnings) as one warning line, once per run whatever the actors."""
+        for line in warnings:
+            if line not in self.warned:
+                self.warned.add(line)
+                log.warning("%s", line)
 
     def _finish(self, ref: ray.ObjectRef, on_done: Callable[[ShardStats], None]) -> None:
         """A shard call returned: its stats go to `on_done`; a failed shard is retried, and a dead

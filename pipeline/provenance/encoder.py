@@ -1,7 +1,8 @@
 """Everything that goes into an image file, in order: watermark (pixels) → encode with parameters →
-C2PA signature (bytes). The worker hashes and writes what comes out, so the metadata's `sha256` is the
-hash of the bytes written. Runs on the writer threads; its time is the shard's `image_encode`. What the
-parameters and the manifest say is the row's published form (publication.py)."""
+read the watermark back → C2PA signature (bytes). The worker hashes and writes what comes out, so the
+metadata's `sha256` is the hash of the bytes written. Runs on the writer threads; its time is the
+shard's `image_encode`. What the parameters and the manifest say is the row's published form
+(publication.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from imagemill.core.spec import IMAGE_EXTENSIONS, JobSpec, OutputSpec
 from imagemill.provenance.c2pa_signing import C2paSigner
 from imagemill.provenance.parameters import jpeg_with_metadata
 from imagemill.provenance.publication import Publication
-from imagemill.provenance.watermark import add_watermark
+from imagemill.provenance.watermark import RETRY_HEADROOM, add_watermark, reads_back
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A row's file bytes, and whether its watermark read back from them (None: no watermark)."""
+
+    data: bytes
+    watermark_ok: bool | None = None
 
 
 @dataclass
@@ -36,18 +45,33 @@ class ImageEncoder:
             C2paSigner(out.c2pa) if out.c2pa is not None else None,
         )
 
-    def encode(self, pixels: np.ndarray | bytes, row: MetadataRow) -> bytes:
+    def encode(self, pixels: np.ndarray | bytes, row: MetadataRow) -> Encoded:
         """`pixels`: uint8 (H, W, 3), or JPEG bytes encoded on the GPU (device_jpeg.py, which runs only
         without a watermark), to which the parameters are added as they are."""
         out = self.output
         options = self.publication.embedded(row, out.image_format)
+        watermark_ok = None
         if isinstance(pixels, bytes):
             data = jpeg_with_metadata(pixels, options.get("exif"), options.get("xmp"))
-        else:
-            if out.watermark is not None:
-                pixels = add_watermark(pixels, out.watermark.payload, out.watermark.method)
+        elif out.watermark is None:
             data = encode_image(pixels, out.image_format, out.quality, **options)
-        if self.signer is not None:
+        else:
+            data, watermark_ok = self._watermarked(pixels, options)
+        if self.signer is not None:  # a manifest changes no pixel: the watermark reads back as before
             title = f"{row.id}.{IMAGE_EXTENSIONS[out.image_format]}"
             data = self.signer.sign(data, out.image_format, title, self.publication.signed(row))
-        return data
+        return Encoded(data, watermark_ok)
+
+    def _watermarked(self, pixels: np.ndarray, options: dict[str, Any]) -> tuple[bytes, bool]:
+        """The file with the watermark embedded, and whether it reads back from the encoded bytes (after
+        JPEG or WebP compression, as a reader sees them); `on_unreadable: retry` embeds it once more
+        with headroom (provenance.watermark) where it does not, and keeps that file."""
+        out = self.output
+        assert out.watermark is not None
+        headrooms = (0, RETRY_HEADROOM) if out.watermark.on_unreadable == "retry" else (0,)
+        for headroom in headrooms:
+            marked = add_watermark(pixels, out.watermark.payload, out.watermark.method, headroom)
+            data = encode_image(marked, out.image_format, out.quality, **options)
+            if reads_back(data, out.watermark.payload, out.watermark.method):
+                return data, True
+        return data, False

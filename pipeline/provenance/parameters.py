@@ -33,7 +33,9 @@ from imagemill.core.records import MetadataRow
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 JPEG_SEGMENT_BYTES = 65_000  # an APP1 segment holds 65,533 bytes; the XMP one less its namespace header
-NOT_IN_FILE = ("path", "sha256", "key", "error")  # unknown while encoding, or meaningless for an image
+# unknown while encoding (a file cannot hold its own hash, nor whether its watermark reads back from it),
+# or meaningless for an image
+NOT_IN_FILE = ("path", "sha256", "watermark_ok", "key", "error")
 PROMPT_FIELDS = ("prompt", "expanded_prompt", "negative_prompt")
 _XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 EXIF_IFD, IMAGE_DESCRIPTION, SOFTWARE, USER_COMMENT = 0x8769, 0x010E, 0x0131, 0x9286

@@ -29,6 +29,7 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import ValidationError
@@ -196,11 +197,25 @@ def _container_images(fs: Any, path: str) -> Iterator[tuple[str, bytes]]:
                 if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
                     yield f"{path}/{member.name}", tar.extractfile(member).read()
     elif lower.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
-        if "image" in table.column_names:
-            ids = table.column("id").to_pylist() if "id" in table.column_names else range(table.num_rows)
-            for row_id, image in zip(ids, table.column("image").to_pylist(), strict=True):
-                yield f"{path}#{row_id}", image["bytes"]
+        yield from _parquet_images(path, fs.cat_file(path))
+
+
+def _parquet_images(path: str, data: bytes) -> Iterator[tuple[str, bytes]]:
+    """A data Parquet's (name, image bytes); none from a Parquet without an `image` column (metadata).
+
+    Read by one ParquetFile on this thread, not `pq.read_table`: its dataset scanner leaves read-ahead
+    work on Arrow's thread pool that drops buffers of Python bytes after the call returns, and one
+    dropped while the interpreter exits takes the GIL there, which ends the thread by a forced unwind
+    through a C++ destructor: `terminate called without an active exception`, exit 134 (issue #24
+    item 7; tests/test_verify_exit.py runs the command until it would have shown)."""
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    names = parquet.schema_arrow.names
+    if "image" not in names:
+        return
+    table = parquet.read(columns=[name for name in ("id", "image") if name in names], use_threads=False)
+    ids = table.column("id").to_pylist() if "id" in names else range(table.num_rows)
+    for row_id, image in zip(ids, table.column("image").to_pylist(), strict=True):
+        yield f"{path}#{row_id}", image["bytes"]
 
 
 def _checks(

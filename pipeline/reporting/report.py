@@ -82,6 +82,7 @@ def build_report(
             "rows_ok": totals.ok,
             "rows_filtered": totals.filtered,
             "rows_flagged": totals.flagged,
+            "rows_watermark_unreadable": totals.watermark_unreadable,
             "candidates_rejected": totals.rejected_candidates,
             "rows_error": totals.errors,
             "shards_total": record.shards_total,
@@ -328,6 +329,11 @@ def render_html(report: dict[str, Any], thumbnails: list[str]) -> str:
         ("filtered rows", counts["rows_filtered"], ""),
         ("flagged rows (safety)", counts["rows_flagged"], ""),
         ("error rows", counts["rows_error"], "error" if counts["rows_error"] else ""),
+        *(
+            [("watermark unreadable", unreadable, "error" if unreadable else "")]
+            if (unreadable := counts["rows_watermark_unreadable"])
+            else []
+        ),
         ("shards done", f"{counts['shards_done']} / {counts['shards_total']}", ""),
         ("failed shards", counts["shards_failed"], "error" if counts["shards_failed"] else ""),
         *_cost_tiles(report.get("cost")),

@@ -10,7 +10,7 @@ import numpy as np
 
 from imagemill.core.records import MetadataRow
 from imagemill.core.spec import JobSpec
-from imagemill.provenance.encoder import ImageEncoder
+from imagemill.provenance.encoder import Encoded, ImageEncoder
 from imagemill.workers.stages.contract import StageContext
 
 
@@ -19,7 +19,7 @@ class EncodeStage:
     needs = ("pixels",)
     adds = ()
     changes_pixels = True  # a watermark is added to the pixels
-    columns = ("sha256",)
+    columns = ("sha256", "watermark_ok")
 
     def __init__(self, encoder: ImageEncoder):
         self.encoder = encoder
@@ -28,6 +28,6 @@ class EncodeStage:
     def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
         return cls(ImageEncoder.for_job(spec, context.generator))
 
-    def encode(self, pixels: np.ndarray | bytes, row: MetadataRow) -> bytes:
-        """On a writer thread: the file's bytes of one kept row."""
+    def encode(self, pixels: np.ndarray | bytes, row: MetadataRow) -> Encoded:
+        """On a writer thread: the file's bytes of one kept row, and whether its watermark reads back."""
         return self.encoder.encode(pixels, row)

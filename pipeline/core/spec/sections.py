@@ -127,6 +127,13 @@ class WatermarkSpec(_Section):
         description="dwtDctSvd survives a JPEG q90 re-encode (measured); dwtDct (SDXL's) is 3x faster "
         "but loses bits on textured images.",
     )
+    on_unreadable: Literal["keep", "retry"] = Field(
+        "keep",
+        description="The actor reads each watermark back from the encoded file (`watermark_ok` in the "
+        "metadata); where it does not read back: keep writes the image as it is; retry embeds it once "
+        "more with the levels pulled 8 in from pure black and white (which cannot carry it), then keeps "
+        "that image, read back again.",
+    )
 
     @field_validator("payload")
     @classmethod
