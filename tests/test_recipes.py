@@ -141,7 +141,7 @@ def test_a_recipe_of_too_many_rows_is_refused_before_any_is_made(tmp_path):
         ({"classes": [{"name": "a"}, {"name": "a"}]}, r"class 'a' is listed twice"),
         ({"classes": [{"name": "a", "quota": 0}]}, r"classes\.0\.quota: Input should be greater than 0"),
         ({"sampling": "grid"}, r"sampling: Input should be 'cartesian' or 'random'"),
-        ({"quotas": 3}, r"quotas: Extra inputs are not permitted"),
+        ({"quotas": 3}, r"unknown key `quotas` in recipe .* — did you mean `quota`\?"),
     ],
 )
 def test_bad_recipes_are_refused_in_one_line_naming_the_key(tmp_path, change, message):

@@ -279,7 +279,7 @@ def load_recipe(path: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ImagemillError.invalid(f"recipe {path}", exc) from None
+        raise ImagemillError.invalid(f"recipe {path}", exc, Recipe) from None
 
 
 def write_prompts(
