@@ -23,9 +23,12 @@ class ShardWorkerActor:
     `process_shard` for each shard handed out."""
 
     def __init__(self, spec: JobSpec, expanders: list[Any] | None = None, run_id: str | None = None):
+        import ray
+
         from imagemill.workers.worker import ShardWorker
 
         self.worker = ShardWorker(spec, expanders, run_id)
+        self.worker.name = ray.get_runtime_context().get_actor_name()  # which worker committed a shard
 
     def ready(self) -> dict[str, Any]:
         return self.worker.ready()

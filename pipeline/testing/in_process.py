@@ -6,7 +6,7 @@ bench/gpu.sh, whose GPU machine has no Ray cluster. `run_in_process` is the real
 `load_worker` and `run_shards` are the worker alone (no lease, claim or job record) for the bench.
 Either way the worker, its generator, writers and stage timer run exactly as in an actor, two shard
 calls at a time as the scheduler gives them (`max_concurrency=2`), no shard started once the budget is
-reached. Inputs must not need a `PieceServer` (keep row groups at most `rows_per_shard` rows).
+reached. Pieces of row groups are read by each shard from their row group (no `PieceServer`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from imagemill.execution.budget import Budget
 from imagemill.execution.executor import ShardWork
 from imagemill.execution.runner import JobResult, run
 from imagemill.execution.scheduler import SHARDS_PER_ACTOR
+from imagemill.planning.auto_cut import auto_rows_per_shard
 from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
 
@@ -47,8 +49,6 @@ def _run_on(
 ) -> None:
     """The shards on `worker`, SHARDS_PER_ACTOR calls at a time in plan order, none started once
     `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here."""
-    if any(shard.row_offset is not None for shard in shards):
-        raise ValueError("in-process runs take whole row groups only: write smaller row groups")
     queue = deque(shards)
     running: set[Future[ShardStats]] = set()
     with ThreadPoolExecutor(SHARDS_PER_ACTOR) as calls:
@@ -65,16 +65,25 @@ def _run_on(
 def run_shards(worker: ShardWorker) -> list[ShardStats]:
     """Every shard of the worker's job, in plan order, two calls at a time; their stats by commit."""
     stats: list[ShardStats] = []
-    _run_on(worker, plan_shards(worker.spec.input).shards, stats.append)
+    cut = partial(auto_rows_per_shard, workers=1, batch_size=worker.spec.workers.batch_size)
+    _run_on(worker, plan_shards(worker.spec.input, cut).shards, stats.append)
     return stats
 
 
-def run_in_this_process(work: ShardWork) -> None:
+class InThisProcess:
     """The in-process shard executor (imagemill.execution.executor): one worker, loaded before any
     shard as an actor is; a shard that fails is raised, not retried."""
-    worker = load_worker(work.spec, run_id=work.run_id)
-    work.on_ready(worker.spec)
-    _run_on(worker, work.shards, work.on_committed, work.budget)
+
+    def __call__(self, work: ShardWork) -> None:
+        worker = load_worker(work.spec, run_id=work.run_id)
+        work.on_ready(worker.spec)
+        _run_on(worker, work.shards, work.on_committed, work.budget)
+
+    def workers(self, spec: JobSpec) -> int:
+        return 1
+
+
+run_in_this_process = InThisProcess()
 
 
 @contextmanager
