@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.core.compile_cache_key import compile_cache_env
@@ -72,6 +73,12 @@ def _connect_ray() -> None:
     if not ray.is_initialized():
         # Actors' output stays in Ray's logs (errors name the folder); Ray's own INFO lines stay off.
         address = os.environ.get("RAY_ADDRESS") or None
+        # The driver's core worker would install absl's failure signal handler, which prints a stack
+        # dump ("*** SIGTERM received ... PC: @ ...") into the job's log on every `ray job stop` before
+        # the clean exit (imagemill.cli: interrupted, 143). Off for this process only: Ray reads the
+        # flag when the driver connects (its RAY_DISABLE_FAILURE_SIGNAL_HANDLER variable, read at
+        # import, would also reach the actors of a local cluster, whose crash dumps stay useful).
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
