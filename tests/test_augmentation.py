@@ -52,8 +52,8 @@ def test_the_recipe_writes_the_shipped_prompts_and_the_python_reads_the_labelled
         [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
-    assert "batch (64, 3, 32, 32) labels [0]" in done.stdout  # the first tar holds the circles
-    assert "450 samples; first: circle 0" in done.stdout
+    assert "batch (64, 3, 32, 32) labels [0, 1, 2]" in done.stdout  # shuffled, of interleaved classes
+    assert "450 samples; first: square 1" in done.stdout  # the interleaved file begins with a square
     rows = read_metadata(str(workdir / "output" / "shapes")).to_pylist()
     ids = {f"{name}-{k}_{j}" for name in SHAPES for k in range(75) for j in range(2)}
     assert {row["id"] for row in rows} == ids, "each prompt twice, as <id>_0 and <id>_1"

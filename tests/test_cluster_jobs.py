@@ -28,6 +28,8 @@ from conftest import (
 )
 from doc_pages import command
 
+from imagemill.reporting.status import STATUS_EXIT_CODES
+
 SECRET = "sk-imagemill-submitted-secret"
 TOKEN = "0123456789abcdef0123456789abcdef"  # the test cluster's authentication token
 TOKEN_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
@@ -216,8 +218,8 @@ def test_the_shipped_demo_submitted_as_is_succeeds_on_a_token_cluster(ray_head, 
     no_wait = run_cli("submit", "jobs/demo.yaml", "--address", ray_head.local, "--no-wait", *later, cwd=demo)
     assert no_wait.returncode == 0 and no_wait.stdout.startswith("submitted demo-"), no_wait.stderr
     status = run_cli("status", str(demo / "output" / "later"))
-    assert "job demo at " in status.stderr and ": submitted, not started (Ray job demo-" in status.stderr
-    assert "no imagemill job found" not in status.stderr
+    assert status.returncode == STATUS_EXIT_CODES["submitted, not started"], status.stderr
+    assert "job demo at " in status.stdout and ": submitted, not started (Ray job demo-" in status.stdout
 
 
 def test_a_remote_cluster_gets_the_local_input_and_model_uploaded(ray_head, tmp_path):

@@ -49,7 +49,7 @@ def _without_aws(**extra: str) -> dict[str, str]:
         ("no-credentials", "imagemill: error: storage credentials: The config profile (nope) could not be"),
         ("unreachable", "imagemill: error: cannot reach the storage endpoint; check AWS_ENDPOINT_URL"),
         ("no-bucket", "imagemill: error: input path does not exist: s3://no-such-bucket/prompts"),
-        ("offline-hub-model", "imagemill: error: model 'some-org/some-model' is not a local directory"),
+        ("offline-hub-model", "imagemill: error: model 'some-org/some-model' (model.source) is a hub id"),
         ("output-is-a-file", "imagemill: error: "),
     ],
 )

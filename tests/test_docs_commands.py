@@ -201,7 +201,7 @@ def test_the_running_guides_example_spec_loads():
 
     [example] = blocks(section("docs/running.md", "The job spec"), "yaml")
     spec = imagemill.build_spec(yaml.safe_load(example))
-    assert spec.input.rows_per_shard == 1024 and spec.workers.batch_size == 8
+    assert spec.input.rows_per_shard == "auto" and spec.workers.batch_size == 8
 
 
 def test_the_demo_trainer_writes_a_pipeline_the_demo_job_can_load(tmp_path):

@@ -18,6 +18,8 @@ from pathlib import Path
 from conftest import run_cli, write_prompt_files
 
 import imagemill
+from imagemill.reporting.outcome import INTERRUPTED
+from imagemill.reporting.status import STATUS_EXIT_CODES
 from imagemill.testing.in_process import run_in_process
 
 JOB = """\
@@ -73,6 +75,8 @@ def _stop_after_a_commit(job: Path, out: Path, ray_address: str, stop: signal.Si
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 128 + stop, stderr
     assert "interrupted; run the same command again to resume" in stderr
+    # No stack dump from Ray's failure signal handler before the clean exit (issue #24 item 9).
+    assert "SIGTERM received" not in stderr and "PC: @" not in stderr, stderr
     return stderr
 
 
@@ -99,6 +103,7 @@ def test_a_stopped_run_says_it_was_interrupted_and_reruns_resume_then_finish(
         assert not (out / "_SUCCESS").exists()
         status = run_cli("status", str(out))
         assert ": interrupted" in status.stdout.splitlines()[0], status.stdout
+        assert status.returncode == STATUS_EXIT_CODES[INTERRUPTED] == 6
     assert done_by_run[0] < done_by_run[1], f"the second run resumed, adding shards: {done_by_run}"
 
     # The last run, which finishes the job: the real driver with its shards in process.

@@ -41,7 +41,7 @@ def test_minimal_yaml_loads_with_defaults(spec_file):
     spec = load_spec(spec_file())
 
     assert spec.input.path == "s3://bucket/prompts"
-    assert spec.input.prompt_column == "prompt" and spec.input.rows_per_shard == 1024
+    assert spec.input.prompt_column == "prompt" and spec.input.rows_per_shard == "auto"
     assert spec.output.image_format == "png"
     assert spec.generation.width == spec.generation.height == 512
     assert spec.generation.negative_prompt is None

@@ -30,10 +30,13 @@ class ShardWorkerActor:
         tally: Any = None,
     ):
         """`tally`: the run's `ProgressTallyActor`, told after each batch (a call not waited for)."""
+        import ray
+
         from imagemill.workers.worker import ShardWorker
 
         on_batch = None if tally is None else lambda shard_id, rows: tally.drawn.remote(shard_id, rows)
         self.worker = ShardWorker(spec, expanders, run_id, on_batch)
+        self.worker.name = ray.get_runtime_context().get_actor_name()  # which worker committed a shard
 
     def ready(self) -> dict[str, Any]:
         return self.worker.ready()

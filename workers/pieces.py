@@ -99,7 +99,8 @@ _servers: dict[str, Any] = {}  # this process's handles, by actor name
 
 def read_piece(shard: Shard) -> pa.Table:
     """A piece's rows, from the run's PieceServer (its name is on the shard). Ray is imported here:
-    a shard worker run in-process, without Ray (bench/gpu.sh), reads whole row groups only."""
+    a shard worker run in-process, without Ray (bench/gpu.sh), reads its piece's row group itself
+    (imagemill.workers.rows.read_shard)."""
     import ray
 
     server = _servers.get(shard.piece_server)

@@ -63,11 +63,13 @@ def input_columns(spec: InputSpec) -> list[str]:
 
 
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
-    """The shard's rows, with only the columns imagemill uses: its row groups, or its piece of one."""
-    if shard.row_offset is not None:
+    """The shard's rows, with only the columns imagemill uses: its row groups, or its piece of one
+    (from the run's PieceServer; in a run without Ray, from its row group read here)."""
+    if shard.row_offset is not None and shard.piece_server:
         return read_piece(shard)
     groups = range(shard.row_group_start, shard.row_group_end)
-    return read_row_groups(shard.file_url, groups, spec, input_columns(spec))
+    table = read_row_groups(shard.file_url, groups, spec, input_columns(spec))
+    return table if shard.row_offset is None else table.slice(shard.row_offset, shard.num_rows)
 
 
 def carried_of(table: pa.Table, rows: list[Row], shard: Shard, spec: InputSpec) -> Carried:

@@ -86,6 +86,7 @@ class ShardWorker:
         self.spec = spec
         self.run_id = run_id
         self.on_batch = on_batch
+        self.name: str | None = None  # the actor's name, set by its shell; written in each shard's stats
         self.load_error: Exception | None = None
         try:
             self._load(spec, expanders)
@@ -305,6 +306,7 @@ class ShardWorker:
     def _commit(self, run: ShardRun) -> ShardStats:
         """Write the shard's stats, last: its commit."""
         stats = run.stats(self.device, self.run_id, self.device_use)
+        stats.worker = self.name
         if self.run_id is not None:
             check_owner(self.output, self.run_id)  # a run that lost the output commits nothing
         write_shard_stats(self.output, stats)

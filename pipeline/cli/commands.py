@@ -215,14 +215,13 @@ def _status(args: argparse.Namespace) -> int:
     from imagemill.cli.redaction import hiding, values_in
     from imagemill.cli.user_errors import as_user_errors
     from imagemill.core.spec import parse_overrides
-    from imagemill.reporting.outcome import COMPLETE
     from imagemill.reporting.status import job_status
 
     options = dict(parse_overrides(args.storage_option, storage_options=True))
     with hiding(values_in(options)), as_user_errors():
         report = job_status(args.output, options)
     print(report.text())
-    return 0 if report.state == COMPLETE else 1
+    return report.exit_status  # one per state (imagemill.reporting.status.STATUS_EXIT_CODES)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 
-INFO_ONLY_CHATTER = ("aiobotocore", "botocore", "s3fs", "fsspec")
+# httpx/httpx2: huggingface_hub's client logs every request at INFO (the driver asks the hub whether a
+# model id exists: imagemill.core.model_source).
+INFO_ONLY_CHATTER = ("aiobotocore", "botocore", "s3fs", "fsspec", "httpx", "httpx2")
 NOTICE_ONLY = ("ray._private.authentication.authentication_token_setup",)
 
 

@@ -133,6 +133,13 @@ class JobRecord(StoredRecord):
         recorded = self.fingerprint.get("workers", {}).get("batch_size")
         return recorded if type(recorded) is int and recorded > 0 else None
 
+    @property
+    def rows_per_shard(self) -> int | None:
+        """The rows per shard the job was cut by (a number, also for `auto`), or None where none is
+        recorded."""
+        recorded = self.fingerprint.get("input", {}).get("rows_per_shard")
+        return recorded if type(recorded) is int and recorded > 0 else None
+
 
 def read_job_record(output: OutputLayout, warn: bool = True) -> JobRecord | None:
     """The job record; None where there is none or it is not a whole job record (with a warning).

@@ -176,7 +176,7 @@ class OutputLayout:
         path = self.path(relative)
         try:
             return retrying(lambda: self.fs.cat_file(path), f"reading {path}")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the output path is a file
             return None
         except IsADirectoryError:
             return _unreadable(path, "it is a folder", warn)

@@ -21,6 +21,7 @@ from imagemill.core.storage import filesystem, join
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _COMPLETE = ".imagemill-complete"
+HUB_TIMEOUT_SECONDS = 10.0  # asking the hub whether a model id exists, before Ray starts
 
 
 def _is_url(source: str) -> bool:
@@ -75,18 +76,39 @@ def _check_source(source: str, storage_options: dict, marker: str, kind: str, se
                 "directory (one that save_pretrained wrote)"
             )
     elif _is_hub_id(source):
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(source, marker), str):
-                raise ImagemillError(
-                    f"{what} '{source}' is not a local directory and not in the Hugging Face cache, "
-                    "and HF_HUB_OFFLINE=1 forbids downloading it"
-                )
+        _check_hub_id(source, marker, section, what)
     elif not os.path.isdir(source):
         raise ImagemillError(f"{what} path does not exist: {source} ({section}.source)")
     elif not os.path.isfile(os.path.join(source, marker)):
         raise ImagemillError(f"{what} directory {source} has no {marker}; it must be {kind} directory")
+
+
+def _check_hub_id(source: str, marker: str, section: str, what: str) -> None:
+    """A hub id must be in the local Hugging Face cache or, online, on the hub: else the actors would
+    start Ray, load for half a minute and fail with "check the stacktrace above" and no stack trace.
+    Offline (HF_HUB_OFFLINE, as huggingface_hub reads it) a cache miss is the error; online the hub is
+    asked once, and only its "no such repository" is one (a network error leaves it to the actors)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(source, marker), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ENV_VARS_TRUE_VALUES:
+        raise ImagemillError(
+            f"{what} '{source}' ({section}.source) is a hub id not in the local Hugging Face cache, and "
+            "HF_HUB_OFFLINE forbids downloading it: download it first (`hf download "
+            f"{source}`), unset HF_HUB_OFFLINE, or point {section}.source at a local directory"
+        )
+    try:
+        HfApi().model_info(source, timeout=HUB_TIMEOUT_SECONDS)
+    except RepositoryNotFoundError:
+        raise ImagemillError(
+            f"{what} '{source}' ({section}.source) is not on the Hugging Face hub: check the id (org/name), "
+            "or for a private or gated model set HF_TOKEN"
+        ) from None
+    except Exception:  # noqa: BLE001 - no answer from the hub: the actors try, and say why
+        return
 
 
 def _cache_root() -> Path:

@@ -279,6 +279,7 @@ class ShardStats(StoredRecord):
 
     shard_id: str
     run_id: str | None = None  # the run that committed it (imagemill.core.lease); None in process
+    worker: str | None = None  # the actor that committed it (imagemill:<job>:<run>:<n>); None in process
     input_file: str = ""
     rows: int
     ok: int

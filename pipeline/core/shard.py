@@ -40,6 +40,7 @@ class ShardPlan:
     # Files with a row group cut into pieces → the whole-row-group shards imagemill cut them into
     # before pieces existed; an output that committed one of those resumes that file with them.
     whole_group_shards: dict[str, list[Shard]] = field(default_factory=dict)
+    rows_per_shard: int = 0  # the cut it was made by (input.rows_per_shard, `auto` resolved)
 
     @property
     def total_rows(self) -> int:

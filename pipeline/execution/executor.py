@@ -75,3 +75,8 @@ class ShardExecutor(Protocol):
     returns once none is running; every outcome goes through `work`'s callbacks."""
 
     def __call__(self, work: ShardWork) -> None: ...
+
+    def workers(self, spec: JobSpec) -> int:
+        """How many workers it would run `spec`'s shards on now: what `rows_per_shard: auto` divides
+        the input by (imagemill.planning.auto_cut). Called before planning, after the model check."""
+        ...

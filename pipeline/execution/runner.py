@@ -39,6 +39,7 @@ from imagemill.execution.scheduler import run_on_ray
 from imagemill.output.claim import claim_output
 from imagemill.output.location import check_output_location
 from imagemill.planning.auto_batch import with_recorded_batch_size
+from imagemill.planning.auto_cut import auto_rows_per_shard, recorded_rows_per_shard
 from imagemill.planning.inputs import reconcile_inputs
 from imagemill.planning.shards import plan_shards, resume_whole_group_shards
 from imagemill.reporting.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
@@ -150,15 +151,32 @@ def run(
     the bench) runs them in its own process.
     """
     started = time.time()
-    plan = plan_shards(spec.input)
-    check_sources(spec)
+    check_sources(spec)  # before planning, which may join the cluster to count its workers
     check_scheduler(spec.model.scheduler)
     check_compile_cache_key(spec.speed)
     progress_seconds()  # a bad IMAGEMILL_PROGRESS_SECONDS stops the job before Ray starts
-    check_output_location(spec, plan)  # before the lease, which creates the output folder
     output = OutputLayout(spec.output.path, spec.output.storage_options)
+    spec, plan = _planned(spec, output, overwrite, executor)
+    check_output_location(spec, plan)  # before the lease, which creates the output folder
     with OutputLease.held(output, spec.name) as lease:
         return _run_owned(spec, plan, output, lease, started, progress, overwrite, redo_changed, executor)
+
+
+def _planned(
+    spec: JobSpec, output: OutputLayout, overwrite: bool, executor: ShardExecutor
+) -> tuple[JobSpec, ShardPlan]:
+    """The shard plan, and the spec with `rows_per_shard: auto` resolved to the number it was cut by:
+    the output's recorded cut on a resume, else imagemill.planning.auto_cut's for the workers the
+    executor would run (read before the lease; the claim then compares the fingerprints under it)."""
+    recorded = recorded_rows_per_shard(spec, output, overwrite)
+    if recorded is not None:
+        spec = spec.with_rows_per_shard(recorded)
+
+    def cut(rows: int) -> int:
+        return auto_rows_per_shard(rows, executor.workers(spec), spec.workers.batch_size)
+
+    plan = plan_shards(spec.input, cut)
+    return spec.with_rows_per_shard(plan.rows_per_shard), plan
 
 
 def _run_owned(

@@ -9,6 +9,7 @@ has had `max_shard_attempts` tries, then reported as failed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import RayActorError, RayTaskError
 
 from imagemill.core.compile_cache_key import compile_cache_env
@@ -40,16 +42,33 @@ log = logging.getLogger(__name__)
 _NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 SHARDS_PER_ACTOR = 2
 GROWTH_CHECK_SECONDS = 5.0
+# While some of the pool's actors are still loading the model, one that is ready takes at most its fair
+# share of the shards (shards ÷ actors started), for this long after the first was ready (or as long as
+# that one took to load, if longer): a fast loader must not take every shard of a small job and leave
+# the other GPUs idle, and an actor that never loads (pending on a cluster that may grow) holds no one up.
+SHARE_WAIT_SECONDS = 120.0
 
 
-def run_on_ray(work: ShardWork) -> None:
+class RayExecutor:
     """The default shard executor (imagemill.execution.executor): the shards on a pool of actors of
     the cluster named by RAY_ADDRESS, or of a local one; pieces of row groups served by a PieceServer."""
-    _connect_ray()
-    with serving_pieces(work.spec, work.shards) as served:
-        scheduler = ShardScheduler(work.spec, work.run_id, on_ready=work.on_ready, budget=work.budget)
-        for failure in scheduler.run(served, work.on_committed, work.on_attempt_failed, work.on_progress):
-            work.on_failed(failure)
+
+    def __call__(self, work: ShardWork) -> None:
+        _connect_ray()
+        with serving_pieces(work.spec, work.shards) as served:
+            scheduler = ShardScheduler(work.spec, work.run_id, on_ready=work.on_ready, budget=work.budget)
+            for failure in scheduler.run(served, work.on_committed, work.on_attempt_failed, work.on_progress):
+                work.on_failed(failure)
+
+    def workers(self, spec: JobSpec) -> int:
+        """`workers.num_workers`, or (joining the cluster to count them) one per GPU or CPU slot now."""
+        if spec.workers.num_workers:
+            return spec.workers.num_workers
+        _connect_ray()
+        return worker_count(spec, _uses_gpu(spec))
+
+
+run_on_ray = RayExecutor()
 
 
 def _connect_ray() -> None:
@@ -57,6 +76,12 @@ def _connect_ray() -> None:
     if not ray.is_initialized():
         # Actors' output stays in Ray's logs (errors name the folder); Ray's own INFO lines stay off.
         address = os.environ.get("RAY_ADDRESS") or None
+        # The driver's core worker would install absl's failure signal handler, which prints a stack
+        # dump ("*** SIGTERM received ... PC: @ ...") into the job's log on every `ray job stop` before
+        # the clean exit (imagemill.cli: interrupted, 143). Off for this process only: Ray reads the
+        # flag when the driver connects (its RAY_DISABLE_FAILURE_SIGNAL_HANDLER variable, read at
+        # import, would also reach the actors of a local cluster, whose crash dumps stay useful).
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
@@ -162,6 +187,10 @@ class ShardScheduler:
         self.tally: Any = None  # the run's ProgressTallyActor, started with the workers
         self.loaded_once = False  # until an actor loads the model, a load error ends the job
         self.warned: set[str] = set()  # the actors' device warnings already shown (`_warn_once`)
+        self.taken: dict[int, int] = {}  # shards handed to each actor (by id(actor)), for the fair share
+        self.share = 0  # an actor's fair share of the shards while others load (SHARE_WAIT_SECONDS)
+        self.share_until = 0.0
+        self.started_at = 0.0
 
     def _new_actor(self) -> Any:
         """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
@@ -222,7 +251,9 @@ class ShardScheduler:
         """
         self.queue.extend(shards)
         self.on_attempt_failed = on_attempt_failed
+        self.started_at = time.monotonic()
         self._start_workers()
+        self.share = math.ceil(len(shards) / max(len(self.starting), 1))
         self._report(on_progress, now=True)  # "loading the model on N workers…" at once
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
         self._feed_all()
@@ -231,6 +262,7 @@ class ShardScheduler:
             self._grow_with_cluster()
             self._report(on_progress)
             if not ready:
+                self._feed_all()  # the fair share may have lapsed (SHARE_WAIT_SECONDS)
                 continue
             [ref] = ready
             if ref in self.starting:
@@ -253,14 +285,31 @@ class ShardScheduler:
         return bool(self.queue) and not (self.budget and self.budget.reached())
 
     def _feed_all(self) -> None:
-        """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out."""
-        for actor in self.alive:
-            while (
-                self._to_hand_out()
-                and sum(1 for a, _, _ in self.tasks.values() if a is actor) < SHARDS_PER_ACTOR
-            ):
-                shard = self.queue.popleft()
-                self.tasks[actor.process_shard.remote(shard)] = (actor, shard, time.monotonic())
+        """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out, one
+        shard at a time to the actor with the fewest running (an idle one first: a worker that just
+        joined gets work before another's second shard)."""
+        while self._to_hand_out():
+            open_actors = [
+                actor
+                for actor in self.alive
+                if self._running(actor) < SHARDS_PER_ACTOR and self._within_share(actor)
+            ]
+            if not open_actors:
+                return
+            actor = min(open_actors, key=lambda a: (self._running(a), self.taken.get(id(a), 0)))
+            shard = self.queue.popleft()
+            self.tasks[actor.process_shard.remote(shard)] = (actor, shard, time.monotonic())
+            self.taken[id(actor)] = self.taken.get(id(actor), 0) + 1
+
+    def _running(self, actor: Any) -> int:
+        return sum(1 for a, _, _ in self.tasks.values() if a is actor)
+
+    def _within_share(self, actor: Any) -> bool:
+        """Whether `actor` may take another shard now: always, unless others are still loading and it
+        has had its fair share (SHARE_WAIT_SECONDS)."""
+        if not self.starting or time.monotonic() >= self.share_until:
+            return True
+        return self.taken.get(id(actor), 0) < self.share
 
     def _join(self, ref: ray.ObjectRef) -> None:
         """An actor answered `ready`: it joins the pool; if it failed to load, the job stops when no
@@ -289,6 +338,8 @@ class ShardScheduler:
             return
         if not self.loaded_once:
             self.loaded_once = True
+            now = time.monotonic()
+            self.share_until = now + max(SHARE_WAIT_SECONDS, now - self.started_at)
             self.on_ready(self.spec)  # the job record is written now: a model that never loads leaves none
         self.alive.append(actor)
         self.device_uses[actor] = ready["device_use"]

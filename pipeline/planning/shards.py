@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -23,6 +24,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.shard import Shard, ShardPlan, UnreadableFile
 from imagemill.core.spec import InputSpec
 from imagemill.core.storage import filesystem
+from imagemill.planning.auto_cut import UNKNOWN_BATCH, auto_rows_per_shard
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -161,20 +163,22 @@ def _shards_of_file(
     return shards
 
 
-def plan_shards(spec: InputSpec) -> ShardPlan:
+def plan_shards(spec: InputSpec, auto_cut: Callable[[int], int] | None = None) -> ShardPlan:
     """List the input, check every file's columns, and cut it into shards of about rows_per_shard rows.
 
-    A file without the prompt column fails alone, like a corrupt one; when no readable file has it,
-    the setting is wrong and the job stops, naming the first file."""
+    With `rows_per_shard: auto`, `auto_cut` gives the number from the readable files' row count
+    (imagemill.planning.auto_cut; without it, the cut for one worker); the plan says which number it
+    cut by. A file without the prompt
+    column fails alone, like a corrupt one; when no readable file has it, the setting is wrong and
+    the job stops, naming the first file."""
     fs, _ = filesystem(spec.path, spec.storage_options)
     files, root = list_input_files(spec)
     with ThreadPoolExecutor(max_workers=16) as pool:
         footers = list(pool.map(lambda path: _read_footer(fs, path), files))
-    shards: list[Shard] = []
     urls = []
     unreadable: list[UnreadableFile] = []
     digests: dict[str, str] = {}
-    whole: dict[str, list[Shard]] = {}
+    readable: list[tuple[str, str, pq.FileMetaData]] = []
     no_prompts: list[str] = []
     schemas: list[tuple[str, pa.Schema]] = []  # of the files with prompts, for the carried columns
     for path, metadata in zip(files, footers, strict=True):
@@ -189,15 +193,28 @@ def plan_shards(spec: InputSpec) -> ShardPlan:
             continue
         digests[url] = footer_digest(metadata)
         schemas.append((url, metadata.schema.to_arrow_schema()))
-        file_shards = _shards_of_file(url, key, metadata, spec.rows_per_shard)
-        if any(shard.row_offset is not None for shard in file_shards):
-            whole[url] = _shards_of_file(url, key, metadata, spec.rows_per_shard, cut=False)
-        shards.extend(file_shards)
+        readable.append((url, key, metadata))
     if no_prompts and not digests:
         raise ImagemillError(no_prompts[0])
     check_carried(spec, schemas)
+    rows_per_shard = spec.rows_per_shard
+    if rows_per_shard == "auto":
+        rows = sum(metadata.num_rows for _, _, metadata in readable)
+        rows_per_shard = auto_cut(rows) if auto_cut else auto_rows_per_shard(rows, 1, UNKNOWN_BATCH)
+    shards: list[Shard] = []
+    whole: dict[str, list[Shard]] = {}
+    for url, key, metadata in readable:
+        file_shards = _shards_of_file(url, key, metadata, rows_per_shard)
+        if any(shard.row_offset is not None for shard in file_shards):
+            whole[url] = _shards_of_file(url, key, metadata, rows_per_shard, cut=False)
+        shards.extend(file_shards)
     return ShardPlan(
-        shards=shards, files=urls, unreadable=unreadable, footers=digests, whole_group_shards=whole
+        shards=shards,
+        files=urls,
+        unreadable=unreadable,
+        footers=digests,
+        whole_group_shards=whole,
+        rows_per_shard=rows_per_shard,
     )
 
 

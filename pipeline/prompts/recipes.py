@@ -2,11 +2,12 @@
 
 `imagemill prompts RECIPE.yaml OUT` turns a recipe into an ordinary prompts file (`id`, `prompt`,
 `label`, `class_name`, `template`, one column per slot, and `category` when classes have one), so the
-job that draws it is an ordinary job: nothing downstream knows about recipes. The rows are a pure
-function of the recipe: ids are `<class>-<k>` and row k of a class is the same combination whatever
-the other classes and the quota (a larger quota only appends rows), and the file's bytes are the same
-on every write (the writer's options are pinned below), so a regenerated prompts file resumes the job
-it fed instead of being refused as a changed input.
+job that draws it is an ordinary job: nothing downstream knows about recipes. The classes' rows are
+interleaved (seeded), so every shard of the job and every batch a loader reads in file order mixes
+labels. The rows are a pure function of the recipe: ids are `<class>-<k>` and row k of a class is the
+same combination whatever the other classes and the quota (a larger quota only adds rows), and the
+file's bytes are the same on every write (the writer's options are pinned below), so a regenerated
+prompts file resumes the job it fed instead of being refused as a changed input.
 
 A class's combinations are, for each template in order, each word for the class (its name, then its
 synonyms) times every value of each slot the template names. `cartesian` takes them in that order;
@@ -47,6 +48,7 @@ DRAWS_AT_ONCE = 4096
 NUMPY_HIGH = 2**63 - 1
 # The rows are built in memory; a recipe asking for more is a typo or wants to be split into several.
 MAX_ROWS = 10_000_000
+INTERLEAVE_STREAM = 1  # the seed stream of the rows' order, apart from the classes' own (_class_rng)
 # Pinned so that the same recipe writes the same bytes (pyarrow's defaults may change between releases).
 WRITER_OPTIONS: dict[str, Any] = {
     "version": "2.6",
@@ -228,8 +230,21 @@ def _positions(recipe: Recipe, name: str, count: int, quota: int) -> Iterator[in
             yield from (next(draws) for _ in range(take))
 
 
+def _interleaved(labels: list[int], quotas: list[int], seed: int) -> list[int]:
+    """The order of rows listed class by class that spreads every class evenly over the file: row k
+    of a class of quota q goes at (k + u) / q, u seeded in [0, 1), so any run of rows (a row group, a
+    shard, a loader's first batch) holds the classes in about their proportions. Row k of a class
+    stays the same combination (its id and prompt); only where it sits in the file follows the recipe."""
+    jitter = np.random.default_rng([seed, INTERLEAVE_STREAM]).random(len(labels))
+    label = np.asarray(labels, dtype=np.int64)
+    firsts = np.cumsum([0, *quotas[:-1]])
+    k = np.arange(len(labels)) - firsts[label]
+    return np.lexsort((label, (k + jitter) / np.asarray(quotas)[label])).tolist()
+
+
 def recipe_table(recipe: Recipe) -> pa.Table:
-    """The recipe's rows, class by class in label order, `<class>-<k>` in k order."""
+    """The recipe's rows, the classes interleaved (seeded, `_interleaved`), `<class>-<k>` in k order
+    within each class."""
     columns: dict[str, list[Any]] = {name: [] for name in (*FIXED_COLUMNS, *recipe.slots)}
     with_category = any(c.category for c in recipe.classes)
     categories: list[str | None] = []
@@ -264,7 +279,7 @@ def recipe_table(recipe: Recipe) -> pa.Table:
     )
     if with_category:
         table = table.add_column(4, "category", pa.array(categories, pa.string()))
-    return table
+    return table.take(_interleaved(columns["label"], quotas, recipe.seed))
 
 
 def parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
@@ -279,7 +294,7 @@ def load_recipe(path: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ImagemillError.invalid(f"recipe {path}", exc) from None
+        raise ImagemillError.invalid(f"recipe {path}", exc, Recipe) from None
 
 
 def write_prompts(

@@ -14,7 +14,29 @@ from imagemill.core.layout import JOB_RECORD, SUBMITTED, OutputLayout
 from imagemill.core.lease import LeaseView, read_lease
 from imagemill.core.records import ShardTotals, committed_shards, shard_totals
 from imagemill.planning.inputs import counted
-from imagemill.reporting.outcome import job_state
+from imagemill.reporting.outcome import (
+    BUDGET_REACHED,
+    COMPLETE,
+    INCOMPLETE,
+    INTERRUPTED,
+    NOTHING_GENERATED,
+    job_state,
+)
+
+RUNNING = "running"
+SUBMITTED_STATE = "submitted, not started"
+# `imagemill status`'s exit status, one per state, so a script can branch on it without parsing text
+# (docs/running.md has the table). 2 stays the CLI's "a problem with the command" (no job found).
+# A run that died without writing its end (its heartbeat stopped) counts as interrupted: both resume.
+STATUS_EXIT_CODES = {
+    COMPLETE: 0,
+    INCOMPLETE: 1,
+    BUDGET_REACHED: 3,
+    NOTHING_GENERATED: 4,
+    RUNNING: 5,
+    INTERRUPTED: 6,
+    SUBMITTED_STATE: 7,
+}
 
 
 @dataclass
@@ -49,12 +71,30 @@ class JobStatus:
         generated = self.ok + self.filtered + self.totals.flagged
         return job_state(self.shards_done, self.record.shards_total, self.rows_done, generated)
 
+    @property
+    def phase(self) -> str:
+        """Where the job is now, a key of STATUS_EXIT_CODES: running while a live run holds the output,
+        interrupted when the run on record stopped or died, else what the counts say."""
+        status = self.record.status
+        if status == RUNNING:
+            return RUNNING if self._held_live() else INTERRUPTED
+        if status in (INTERRUPTED, BUDGET_REACHED):
+            return status
+        return self.state
+
+    @property
+    def exit_status(self) -> int:
+        return STATUS_EXIT_CODES[self.phase]
+
+    def _held_live(self) -> bool:
+        return self.lease is not None and not (self.lease.stale or self.lease.dead)
+
     def text(self) -> str:
         errors = sum(self.errors_by_reason.values())
         lines = [
             f"job {self.record.name} at {self.output}: {self._state()}"
             f" (started {self.record.started_at}, ended {self.record.ended_at or '-'})",
-            *self._live(),
+            *self._live_lines(),
             f"shards: {self.shards_done}/{self.record.shards_total} done",
             f"rows:   {self.rows_done}/{self.record.rows_total} done: {self.ok} ok, "
             + (f"{self.filtered} filtered, " if self.filtered else "")
@@ -71,10 +111,10 @@ class JobStatus:
             lines += ["labels:", *(f"  {line}" for line in label_lines(self.totals.labels))]
         return "\n".join(lines)
 
-    def _live(self) -> list[str]:
+    def _live_lines(self) -> list[str]:
         """While a live run holds the output: its progress at its last heartbeat, images drawn in the
         shards still running included (the lines below count committed shards only)."""
-        if self.record.status != "running" or self.lease is None or self.lease.stale or self.lease.dead:
+        if self.record.status != RUNNING or not self._held_live():
             return []
         live = self.lease.progress
         if live is None:
@@ -89,7 +129,7 @@ class JobStatus:
     def _state(self) -> str:
         """The record's status, or, while a run is on record as running, how its heartbeat looks."""
         status = self.record.status
-        if status != "running":
+        if status != RUNNING:
             return status
         if self.lease is None:
             return "stopped (no live run holds the output)"
@@ -103,23 +143,39 @@ class JobStatus:
         return f"running (heartbeat {self.lease.age:.0f} s ago)"
 
 
-def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus:
+@dataclass
+class Submitted:
+    """An output `imagemill submit` named whose job has not started yet: a normal state, not an error."""
+
+    line: str
+    phase: str = SUBMITTED_STATE
+
+    def text(self) -> str:
+        return self.line
+
+    @property
+    def exit_status(self) -> int:
+        return STATUS_EXIT_CODES[self.phase]
+
+
+def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus | Submitted:
+    """The job at `url` as its output says; no job there at all is an ImagemillError."""
     output = OutputLayout(url.rstrip("/"), storage_options)
     record = read_job_record(output, warn=False)
     if record is None:
-        raise ImagemillError(not_started(output, url))
+        return _not_started(output, url)
     shards = counted(record, committed_shards(output))  # not those of input files gone since
     cost = read_ledger(output, shards).totals()
     return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output), cost)
 
 
-def not_started(output: OutputLayout, url: str) -> str:
-    """Why an output has no job record: a job submitted that has not started yet (`imagemill submit`
-    leaves `_submitted.json`), or no job at all."""
+def _not_started(output: OutputLayout, url: str) -> Submitted:
+    """An output without a job record: a job submitted that has not started yet (`imagemill submit`
+    leaves `_submitted.json`), or no job at all (an ImagemillError)."""
     submitted = output.read_json(SUBMITTED)
     if submitted is None:
-        return f"no imagemill job found at {url} (it has no readable {JOB_RECORD})"
-    return (
+        raise ImagemillError(f"no imagemill job found at {url} (it has no readable {JOB_RECORD})")
+    return Submitted(
         f"job {submitted.get('name')} at {url}: submitted, not started (Ray job "
         f"{submitted.get('submission_id')} at {submitted.get('address')}, {submitted.get('submitted_at')};"
         f" `ray job status` there says where it is)"

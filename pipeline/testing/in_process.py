@@ -6,7 +6,7 @@ bench/gpu.sh, whose GPU machine has no Ray cluster. `run_in_process` is the real
 `load_worker` and `run_shards` are the worker alone (no lease, claim or job record) for the bench.
 Either way the worker, its generator, writers and stage timer run exactly as in an actor, two shard
 calls at a time as the scheduler gives them (`max_concurrency=2`), no shard started once the budget is
-reached. Inputs must not need a `PieceServer` (keep row groups at most `rows_per_shard` rows).
+reached. Pieces of row groups are read by each shard from their row group (no `PieceServer`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from imagemill.execution.executor import Live, ShardWork
 from imagemill.execution.progress import poll_seconds
 from imagemill.execution.runner import JobResult, run
 from imagemill.execution.scheduler import SHARDS_PER_ACTOR
+from imagemill.planning.auto_cut import auto_rows_per_shard
 from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
 
@@ -57,8 +59,6 @@ def _run_on(
     `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here, as the
     shard raised it, once `on_attempt_failed` has its device time. `report` is called at least every
     `poll_seconds()` while shards run."""
-    if any(shard.row_offset is not None for shard in shards):
-        raise ValueError("in-process runs take whole row groups only: write smaller row groups")
     queue = deque(shards)
     running: dict[Future[ShardStats], Shard] = {}
     with ThreadPoolExecutor(SHARDS_PER_ACTOR) as calls:
@@ -96,28 +96,37 @@ def _failed_attempt(failed: AttemptFailed, run_id: str) -> FailedAttempt:
 def run_shards(worker: ShardWorker) -> list[ShardStats]:
     """Every shard of the worker's job, in plan order, two calls at a time; their stats by commit."""
     stats: list[ShardStats] = []
-    _run_on(worker, plan_shards(worker.spec.input).shards, stats.append)
+    cut = partial(auto_rows_per_shard, workers=1, batch_size=worker.spec.workers.batch_size)
+    _run_on(worker, plan_shards(worker.spec.input, cut).shards, stats.append)
     return stats
 
 
-def run_in_this_process(work: ShardWork) -> None:
+class InThisProcess:
     """The in-process shard executor (imagemill.execution.executor): one worker, loaded before any
     shard as an actor is; a shard that fails is raised, not retried, its device time recorded first.
     Progress as the scheduler reports it: loading, then the rows drawn in each running shard (a dict
     the worker's threads set)."""
-    drawn: dict[str, int] = {}
-    work.on_progress(Live(workers_loading=1, workers_ready=0))
-    worker = load_worker(work.spec, work.run_id, drawn.__setitem__)
-    work.on_ready(worker.spec)
 
-    def committed(stats: ShardStats) -> None:
-        drawn.pop(stats.shard_id, None)
-        work.on_committed(stats)
+    def __call__(self, work: ShardWork) -> None:
+        drawn: dict[str, int] = {}
+        work.on_progress(Live(workers_loading=1, workers_ready=0))
+        worker = load_worker(work.spec, work.run_id, drawn.__setitem__)
+        work.on_ready(worker.spec)
 
-    def report() -> None:
-        work.on_progress(Live(workers_loading=0, workers_ready=1, drawn=dict(drawn)))
+        def committed(stats: ShardStats) -> None:
+            drawn.pop(stats.shard_id, None)
+            work.on_committed(stats)
 
-    _run_on(worker, work.shards, committed, work.budget, work.on_attempt_failed, work.run_id, report)
+        def report() -> None:
+            work.on_progress(Live(workers_loading=0, workers_ready=1, drawn=dict(drawn)))
+
+        _run_on(worker, work.shards, committed, work.budget, work.on_attempt_failed, work.run_id, report)
+
+    def workers(self, spec: JobSpec) -> int:
+        return 1
+
+
+run_in_this_process = InThisProcess()
 
 
 @contextmanager

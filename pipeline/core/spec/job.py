@@ -146,6 +146,12 @@ class JobSpec(StageSections, _JobSections):
         """This spec with `workers.batch_size` resolved (from `auto`) to a number."""
         return self.model_copy(update={"workers": self.workers.model_copy(update={"batch_size": batch_size})})
 
+    def with_rows_per_shard(self, rows_per_shard: int) -> JobSpec:
+        """This spec with `input.rows_per_shard` resolved (from `auto`) to the number it was cut by."""
+        return self.model_copy(
+            update={"input": self.input.model_copy(update={"rows_per_shard": rows_per_shard})}
+        )
+
     def label_column(self) -> str | None:
         """The column per-label features read labels from: the one place that decides it."""
         return self.input.label()

@@ -128,7 +128,8 @@ def build_spec(
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise ImagemillError.invalid(origin, exc) from None
+        set_keys = {key: f"--set {key}" for key, _ in overrides}
+        raise ImagemillError.invalid(origin, exc, JobSpec, set_keys) from None
     spec.input.path = _absolute(spec.input.path).rstrip("/")
     spec.output.path = _absolute(spec.output.path).rstrip("/")
     for section in spec.pretrained().values():

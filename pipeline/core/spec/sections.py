@@ -69,8 +69,13 @@ class InputSpec(_Section):
     id_column: str = Field(
         "id", description="Used when present in the input; otherwise ids are <file>-<row number>."
     )
-    rows_per_shard: int = Field(
-        1024, gt=0, description="Row groups are grouped (or cut) into shards of about this many rows."
+    # "auto": cut by imagemill.planning.auto_cut from the input's row count and the worker count, and
+    # recorded in the job's fingerprint as the number, so a resume keeps the cut it began with.
+    rows_per_shard: int | Literal["auto"] = Field(
+        "auto",
+        description="Row groups are grouped (or cut) into shards of about this many rows. auto: about 4 "
+        "shards per worker (input rows ÷ (4 × workers)), never fewer rows than a batch unless that would "
+        "leave a worker idle, rounded up to whole batches, at most 1024; a resume keeps the recorded cut.",
     )
     storage_options: StorageOptions
     carry_columns: list[str] | Literal["*"] = Field(
@@ -113,6 +118,14 @@ class InputSpec(_Section):
         if self.label_column is not None:
             return self.label_column
         return "label" if self.carry_columns == "*" or "label" in self.carry_columns else None
+
+    @field_validator("rows_per_shard", mode="before")
+    @classmethod
+    def _rows_are_a_count_or_auto(cls, value: Any) -> Any:
+        """One message for both halves of the union, instead of pydantic's two."""
+        if value != "auto" and not (type(value) is int and value > 0):
+            raise ValueError(f"must be a whole number above 0, or auto; got {value!r}")
+        return value
 
 
 class WatermarkSpec(_Section):
