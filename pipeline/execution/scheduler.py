@@ -25,6 +25,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.budget import Budget
 from imagemill.execution.executor import ShardFailure, ShardWork
 from imagemill.execution.expanders import start_expanders, stop_expanders
@@ -44,7 +45,7 @@ def run_on_ray(work: ShardWork) -> None:
     the cluster named by RAY_ADDRESS, or of a local one; pieces of row groups served by a PieceServer."""
     _connect_ray()
     with serving_pieces(work.spec, work.shards) as served:
-        scheduler = ShardScheduler(work.spec, work.run_id, on_ready=work.on_ready, budget=work.budget)
+        scheduler = ShardScheduler(work.spec, work.output, on_ready=work.on_ready, budget=work.budget)
         for failure in scheduler.run(served, work.on_committed):
             work.on_failed(failure)
 
@@ -111,17 +112,19 @@ class ShardScheduler:
     def __init__(
         self,
         spec: JobSpec,
-        run_id: str,
+        output: OwnedOutput,
         on_ready: Callable[[JobSpec], None],
         budget: Budget | None = None,
     ):
-        """`run_id`: the run that holds the output's lease, checked by actors before each commit;
+        """`output`: the output as this run holds it: checked before shards are handed out (a run that
+        lost its lease stops at once) and by the actors before each shard and commit (its `run_id`);
         `on_ready`: called once the first workers have loaded the model, before any shard starts,
         with the spec the run uses (`workers.batch_size: auto` resolved by the first actor);
         `budget`: once it is reached no new shard is handed out (imagemill.execution.budget)."""
         self.spec = spec
         self.budget = budget
-        self.run_id = run_id
+        self.output = output
+        self.run_id = output.run_id
         self.on_ready = on_ready
         uses_gpu = _uses_gpu(spec)
         self.actor_class = ray.remote(ShardWorkerActor)
@@ -174,7 +177,7 @@ class ShardScheduler:
         stop_expanders(self.expanders)
         raise ImagemillError(
             f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
-            f"(full traceback: {_save_load_error(exc, self.run_id)})"
+            f"(full traceback: {_save_load_error(exc, self.run_id or self.run_token)})"
         ) from None
 
     def _log_waiting(self) -> None:
@@ -197,27 +200,31 @@ class ShardScheduler:
         self._start_workers()
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
         self.next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
-        self._feed_all()
-        while self.tasks or (self._to_hand_out() and self.starting):
-            ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=GROWTH_CHECK_SECONDS)
-            self._grow_with_cluster()
-            self._log_waiting()
-            if not ready:
-                continue
-            [ref] = ready
-            if ref in self.starting:
-                self._join(ref)
-            else:
-                self._finish(ref, on_done)
+        try:
             self._feed_all()
-            if self._to_hand_out() and not self.alive and not self.starting:
-                raise ImagemillError(
-                    f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
-                    "were not run. Run the same command again to resume."
-                )
-        for actor in [*self.alive, *self.starting.values()]:
-            ray.kill(actor)
-        stop_expanders(self.expanders)
+            while self.tasks or (self._to_hand_out() and self.starting):
+                waited = [*self.tasks, *self.starting]
+                ready, _ = ray.wait(waited, num_returns=1, timeout=GROWTH_CHECK_SECONDS)
+                self.output.check()  # a run that lost its lease (a driver paused past it) stops here
+                self._grow_with_cluster()
+                self._log_waiting()
+                if not ready:
+                    continue
+                [ref] = ready
+                if ref in self.starting:
+                    self._join(ref)
+                else:
+                    self._finish(ref, on_done)
+                self._feed_all()
+                if self._to_hand_out() and not self.alive and not self.starting:
+                    raise ImagemillError(
+                        f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
+                        "were not run. Run the same command again to resume."
+                    )
+        finally:  # also when the run stops on a lost lease: its actors start nothing more
+            for actor in [*self.alive, *self.starting.values()]:
+                ray.kill(actor)
+            stop_expanders(self.expanders)
         return self.failures
 
     def _to_hand_out(self) -> bool:
@@ -225,7 +232,10 @@ class ShardScheduler:
         return bool(self.queue) and not (self.budget and self.budget.reached())
 
     def _feed_all(self) -> None:
-        """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out."""
+        """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out, after
+        checking that this run still holds the output."""
+        if self._to_hand_out():
+            self.output.check()
         for actor in self.alive:
             while (
                 self._to_hand_out()

@@ -19,7 +19,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.evaluation_results import EvaluationResults
 from imagemill.core.job_record import JobRecord, read_job_record
 from imagemill.core.labels import LABELS_SHOWN, STATUSES
-from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
+from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON
 from imagemill.core.records import (
     EXAMPLES_PER_REASON,
     Sample,
@@ -31,6 +31,7 @@ from imagemill.core.records import (
 )
 from imagemill.core.stage_table import MODEL_STAGES
 from imagemill.core.stage_table import STAGE_LABELS as ACTOR_STAGE_LABELS
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.planning.inputs import counted
 from imagemill.reporting.report_dataset import dataset_results, dataset_tables
 
@@ -44,8 +45,10 @@ _THUMBNAIL = re.compile(r"data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]*={0,2}
 STAGE_LABELS = {"read": ACTOR_STAGE_LABELS["read"], "expand": "prompt expansion"} | ACTOR_STAGE_LABELS
 
 
-def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
-    """Write report.json and report.html at the output root; returns what report.json holds."""
+def write_report(owned: OwnedOutput, max_samples: int = 48) -> dict[str, Any]:
+    """Write report.json and report.html at the output root (through the write gate, `owned`); returns
+    what report.json holds."""
+    output = owned.layout
     record = read_job_record(output)
     if record is None:
         raise ImagemillError(f"no imagemill job found at {output.url} (it has no readable {JOB_RECORD})")
@@ -54,8 +57,8 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
     samples = pick_samples(shards, max_samples)
     report = build_report(record, shards, samples)
     thumbnails = [sample.thumbnail for _, sample in samples]
-    output.write_json(REPORT_JSON, report)
-    output.write_whole(REPORT_HTML, render_html(report, thumbnails).encode())
+    owned.write_json(REPORT_JSON, report)
+    owned.write_whole(REPORT_HTML, render_html(report, thumbnails).encode())
     return report
 
 

@@ -44,15 +44,19 @@ def _run_on(
     shards: list[Shard],
     on_committed: Callable[[ShardStats], None],
     budget: Budget | None = None,
+    check: Callable[[], None] = lambda: None,
 ) -> None:
     """The shards on `worker`, SHARDS_PER_ACTOR calls at a time in plan order, none started once
-    `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here."""
+    `budget` is reached or after `check` raises (the run lost its output's lease), as the scheduler
+    feeds an actor; an error in a shard is raised here."""
     if any(shard.row_offset is not None for shard in shards):
         raise ValueError("in-process runs take whole row groups only: write smaller row groups")
     queue = deque(shards)
     running: set[Future[ShardStats]] = set()
     with ThreadPoolExecutor(SHARDS_PER_ACTOR) as calls:
         while True:
+            if queue:
+                check()
             while queue and len(running) < SHARDS_PER_ACTOR and not (budget and budget.reached()):
                 running.add(calls.submit(worker.process_shard, queue.popleft()))
             if not running:
@@ -72,9 +76,9 @@ def run_shards(worker: ShardWorker) -> list[ShardStats]:
 def run_in_this_process(work: ShardWork) -> None:
     """The in-process shard executor (imagemill.execution.executor): one worker, loaded before any
     shard as an actor is; a shard that fails is raised, not retried."""
-    worker = load_worker(work.spec, run_id=work.run_id)
+    worker = load_worker(work.spec, run_id=work.output.run_id)
     work.on_ready(worker.spec)
-    _run_on(worker, work.shards, work.on_committed, work.budget)
+    _run_on(worker, work.shards, work.on_committed, work.budget, work.output.check)
 
 
 @contextmanager
