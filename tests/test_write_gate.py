@@ -19,6 +19,7 @@ from conftest import make_bucket, run_cli, write_prompt_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import LEASE_FILE, OutputLayout
 from imagemill.core.lease import TIMEOUT_ENV
 from imagemill.core.write_gate import LeaseLost, OwnedOutput, ShardConflict
@@ -181,14 +182,18 @@ def test_a_commit_on_s3_is_a_conditional_put_that_keeps_the_committed_object(s3_
     assert not os.path.exists(attempt.staging) and not os.path.exists(again.staging)
 
 
-def test_a_shard_attempt_refuses_an_attempts_folder_that_is_a_symlink(tmp_path):
+@pytest.mark.parametrize("plant", ["symlink", "file", "fifo"])
+def test_an_attempts_folder_that_is_a_symlink_a_file_or_a_fifo_is_one_line(tmp_path, plant):
     (tmp_path / "out").mkdir()
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "out" / "_attempts").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(Exception, match="is a symbolic link"):
-        OwnedOutput.unleased(OutputLayout(str(tmp_path / "out"))).attempt("s")
-    OwnedOutput.unleased(OutputLayout(str(tmp_path / "out"))).clean_attempts()  # removes the link only
-    assert (tmp_path / "elsewhere").is_dir() and not (tmp_path / "out" / "_attempts").exists()
+    attempts = tmp_path / "out" / "_attempts"
+    {"symlink": lambda: attempts.symlink_to(tmp_path / "elsewhere"), "file": attempts.touch,
+     "fifo": lambda: os.mkfifo(attempts)}[plant]()  # fmt: skip
+    owned = OwnedOutput.unleased(OutputLayout(str(tmp_path / "out")))
+    for use in (lambda: owned.attempt("s"), owned.clean_attempts):
+        with pytest.raises(ImagemillError, match="_attempts is not a folder .*: move it away"):
+            use()
+    assert os.path.lexists(attempts) and list((tmp_path / "elsewhere").iterdir()) == []
 
 
 # The gate walk: code that writes into an output outside the gate.

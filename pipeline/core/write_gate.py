@@ -65,10 +65,6 @@ class OwnedOutput:
         fixtures, a worker run outside a job (`imagemill.testing`). Never the runner's or an actor's."""
         return cls(layout, None)
 
-    @property
-    def url(self) -> str:
-        return self.layout.url
-
     def check(self) -> None:
         """Raise `LeaseLost` (one line: the output and the run holding it now) unless this run holds
         the output's lease."""
@@ -124,9 +120,8 @@ class OwnedOutput:
             return
         self.check()
         folder = self.layout.path(ATTEMPTS_FOLDER)
-        if os.path.islink(folder):  # never follow a link out of the output
-            os.remove(folder)
-        else:
+        if os.path.lexists(folder):
+            _real_folder(folder)
             shutil.rmtree(folder, ignore_errors=True)
 
     def attempt(self, shard_id: str) -> ShardAttempt:
@@ -134,6 +129,16 @@ class OwnedOutput:
         a run that lost the output starts no attempt."""
         self.check()
         return ShardAttempt(self, shard_id)
+
+
+def _real_folder(path: str) -> None:
+    """Refuse, in one line, a staging folder that is a symbolic link (it would lead writes out of the
+    output) or not a folder (a file or FIFO someone left under imagemill's name)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise ImagemillError(
+            f"{path} is not a folder (a symbolic link, a file or a FIFO); imagemill stages shard attempts "
+            "there: move it away and run again"
+        )
 
 
 class ShardAttempt:
@@ -148,11 +153,9 @@ class ShardAttempt:
         layout = owned.layout
         if is_local(layout.fs):  # beside the output: a hard link publishes without a copy
             base = layout.path(ATTEMPTS_FOLDER)
-            for folder in (layout.root, base):
-                if os.path.islink(folder):
-                    raise ImagemillError(
-                        f"{folder} is a symbolic link; imagemill writes only into real folders"
-                    )
+            if not os.path.lexists(base):
+                os.makedirs(base, exist_ok=True)  # two shard calls may make it at once
+            _real_folder(base)
             self.staging = os.path.join(
                 base, owned.run_id or "unleased", f"{shard_id}.{uuid.uuid4().hex[:8]}"
             )
