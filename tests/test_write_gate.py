@@ -348,3 +348,24 @@ def test_a_commit_cut_short_is_cleared_by_the_next_run_and_redone(tmp_path):
     result = run_in_process(imagemill.load_spec(job))
     assert result.complete and result.shards_run == 1
     assert output_hashes(tmp_path / "out") == expected
+
+
+def test_a_retry_of_a_shard_this_run_committed_keeps_that_commit(tmp_path):
+    """An actor that died right after its commit: the shard's retry finds the stats of this run's own
+    commit, which stand; another run's stats there fail the retry and stay as they are."""
+    from imagemill.core.records import ShardStats, commit_shard
+
+    (tmp_path / "out").mkdir()
+    fresh = {"heartbeat": time.time(), "stale_after": 600}
+    (tmp_path / "out" / LEASE_FILE).write_text(json.dumps({"run_id": "run-1", **fresh}))
+    owned = OwnedOutput(OutputLayout(str(tmp_path / "out")), "run-1")
+    first = ShardStats(shard_id="s", run_id="run-1", input_file="f", rows=1, ok=1, error=0, finished_at="t1")
+    for stats, expected in ((first, first), (first.model_copy(update={"finished_at": "t2"}), first)):
+        attempt = owned.attempt("s")
+        attempt.write("images/s/a.png", b"the image")
+        assert commit_shard(attempt, stats) == expected
+    other = first.model_copy(update={"run_id": "run-0", "shard_id": "t"})
+    (tmp_path / "out" / "shards" / "t.json").write_bytes(other.record_bytes())
+    with pytest.raises(ShardConflict):
+        commit_shard(owned.attempt("t"), first.model_copy(update={"shard_id": "t"}))
+    assert (tmp_path / "out" / "shards" / "t.json").read_bytes() == other.record_bytes()

@@ -275,6 +275,4 @@ class ShardWorker:
         the output publishes nothing; a path holding another run's bytes fails it (core/write_gate.py)."""
         with run.timer.timing("upload"):  # the staged files into the output, then the stats last
             attempt.publish()
-        stats = run.stats(self.device, self.run_id, self.device_use)
-        commit_shard(attempt, stats)
-        return stats
+        return commit_shard(attempt, run.stats(self.device, self.run_id, self.device_use))

@@ -309,9 +309,20 @@ class ShardStats(StoredRecord):
         return sum(self.stage_seconds.get(stage, 0.0) for stage in MODEL_STAGES)
 
 
-def commit_shard(attempt: ShardAttempt, stats: ShardStats) -> None:
-    """Publish a shard attempt's files and then its stats, create-only: its commit (core/write_gate.py)."""
-    attempt.commit(OutputLayout.stats_path(stats.shard_id), stats.record_bytes())
+def commit_shard(attempt: ShardAttempt, stats: ShardStats) -> ShardStats:
+    """Publish a shard attempt's files and then its stats, create-only: its commit (core/write_gate.py).
+    Returns the stats committed: these, or those of this run's earlier attempt at the shard that
+    committed and whose answer was lost (an actor that died right after), which stand."""
+    path = OutputLayout.stats_path(stats.shard_id)
+
+    def ours(data: bytes) -> bool:
+        committed = read_record(ShardStats, path, data, warn=False)
+        return stats.run_id is not None and committed is not None and committed.run_id == stats.run_id
+
+    existing = attempt.commit(path, stats.record_bytes(), ours)
+    committed = stats if existing is None else read_record(ShardStats, path, existing, warn=False)
+    assert committed is not None  # `ours` read it
+    return committed
 
 
 def _stored_stats(output: OutputLayout) -> dict[str, bytes]:

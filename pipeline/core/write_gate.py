@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -178,13 +179,17 @@ class ShardAttempt:
         self._stage(relative, data)
         self.files.append(relative)
 
-    def commit(self, stats_relative: str, stats: bytes) -> None:
+    def commit(
+        self, stats_relative: str, stats: bytes, ours: Callable[[bytes], bool] = lambda _: False
+    ) -> bytes | None:
         """Publish the staged files create-only, then the stats file: the shard's commit. Raises
-        `LeaseLost` when the run lost the output, `ShardConflict` when a path holds other bytes."""
+        `LeaseLost` when the run lost the output, `ShardConflict` when a path holds other bytes.
+        `ours(existing)`: whether a stats file already there is this run's own commit of the shard (an
+        attempt whose answer was lost, retried): it then stands, and its bytes are returned."""
         try:
             self.publish()
             self._stage(stats_relative, stats)
-            self._publish(stats_relative)
+            return self._publish(stats_relative, ours)
         finally:
             self.discard()
 
@@ -199,9 +204,9 @@ class ShardAttempt:
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def _publish(self, relative: str) -> None:
-        """One staged file at its final path, only if that path is free (or holds these very bytes: a
-        retry whose first try's answer was lost, or a shard re-run after a commit cut short)."""
+    def _publish(self, relative: str, ours: Callable[[bytes], bool] = lambda _: False) -> bytes | None:
+        """One staged file at its final path, only if that path is free (None) or holds these very
+        bytes, or bytes `ours` accepts (returned): a retry whose first try's answer was lost."""
         layout = self.owned.layout
         staged, path = self._staged(relative), layout.path(relative)
         try:
@@ -212,14 +217,17 @@ class ShardAttempt:
                 with open(staged, "rb") as f:
                     data = f.read()
                 retrying(lambda: layout.fs.pipe_file(path, data, mode="create"), f"writing {path}")
-            return
+            return None
         except FileExistsError:
             pass
         # Compared only when it is a plain file: a FIFO or a device there would block the read.
         if not is_local(layout.fs) or (os.path.isfile(path) and not os.path.islink(path)):
+            existing = layout.read_bytes(relative, warn=False)
             with open(staged, "rb") as f:
-                if layout.read_bytes(relative, warn=False) == f.read():
-                    return
+                if existing == f.read():
+                    return None
+            if existing is not None and ours(existing):
+                return existing
         raise ShardConflict(
             f"{path} already holds another run's file; shard {self.shard_id} is not committed by this "
             "run and that file is left as it is"
