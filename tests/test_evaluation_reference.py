@@ -159,7 +159,7 @@ def test_a_labelled_reference_gives_each_label_its_own_fid_and_kid(tmp_path, tin
         spec.model_copy(
             update={"evaluation": spec.evaluation.model_copy(update={"reference_label_column": None})}
         ),
-        output,
+        OwnedOutput.unleased(output),
         committed,
     )
     assert unlabelled.fid.per_label["circle"] != pytest.approx(result.fid.per_label["circle"], rel=1e-3)
