@@ -51,6 +51,7 @@ def write_job(root: Path, images: int, seed: int = 0) -> tuple[list[str], set[tu
     """Embedding files of `images` rows; returns the shard ids and the planted (original, copy) pairs."""
     from imagemill.core.features import embeddings_table
     from imagemill.core.layout import OutputLayout, parquet_bytes
+    from imagemill.core.write_gate import OwnedOutput
 
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((images, DIM)).astype(np.float32)
@@ -64,13 +65,13 @@ def write_job(root: Path, images: int, seed: int = 0) -> tuple[list[str], set[tu
         vectors[copy] = vectors[original] + 0.01 * rng.standard_normal(DIM)
         planted.add(tuple(sorted((ids[original], ids[copy]))))
     output = OutputLayout(str(root))
-    output.fs.makedirs(output.path("embeddings"), exist_ok=True)
+    owned = OwnedOutput.unleased(output)  # a planted output, written outside any run
     shard_ids = []
     for start in range(0, images, PER_SHARD):
         shard_id = f"shard-{start // PER_SHARD:05d}"
         rows = slice(start, start + PER_SHARD)
         table = embeddings_table(ids[rows], [None] * len(ids[rows]), vectors[rows])
-        output.write_bytes(OutputLayout.embeddings_path(shard_id), parquet_bytes(table))
+        owned.write_whole(OutputLayout.embeddings_path(shard_id), parquet_bytes(table))
         shard_ids.append(shard_id)
     return shard_ids, planted
 

@@ -17,6 +17,8 @@ import torch
 
 import imagemill
 from imagemill.core.compile_cache_key import KEY_VARIABLE, check_compile_cache_key, compile_cache_env
+from imagemill.core.layout import OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.compile_cache import (
     CompileCache,
@@ -235,7 +237,8 @@ def test_the_key_reaches_an_actor_through_its_runtime_env_and_no_record(tmp_path
     from imagemill.execution.scheduler import ShardScheduler
 
     spec = _cached_spec(tmp_path, model={"source": "x/y", "device": "cpu"}, workers={"num_workers": 1})
-    options = ShardScheduler(spec, "run", lambda _: None).actor_options
+    output = OwnedOutput.unleased(OutputLayout(spec.output.path))
+    options = ShardScheduler(spec, output, lambda _: None).actor_options
 
     class Probe:
         def key(self) -> str | None:

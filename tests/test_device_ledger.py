@@ -29,6 +29,7 @@ from imagemill.core.device_ledger import (
 )
 from imagemill.core.job_record import read_job_record
 from imagemill.core.layout import OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.budget import BUDGET_EXIT_STATUS
 from imagemill.reporting.status import job_status
 from imagemill.testing.in_process import run_in_process
@@ -194,8 +195,8 @@ def test_a_broken_or_hostile_attempts_record_counts_nothing_and_crashes_nothing(
     attempt = FailedAttempt(
         run_id="r", attempt=1, ended_at="2026-01-01T00:00:00+00:00", error="x", reported=True, charge=good
     )
-    record_failed_attempt(output, "a", attempt)
-    record_failed_attempt(output, "b", attempt)
+    record_failed_attempt(OwnedOutput.unleased(output), "a", attempt)
+    record_failed_attempt(OwnedOutput.unleased(output), "b", attempt)
     path = tmp_path / "out" / "attempts" / "b.json"
     data = json.loads(path.read_text())
     data["failed"][0]["charge"] |= charge
@@ -204,7 +205,9 @@ def test_a_broken_or_hostile_attempts_record_counts_nothing_and_crashes_nothing(
     totals = read_ledger(output, []).totals()
     assert (totals.failed_attempts, totals.device_seconds) == (1, 10.0), "b's record counts nothing"
     assert "b.json is not a record imagemill can read" in caplog.text
-    record_failed_attempt(output, "b", attempt)  # a new attempt starts the unreadable record afresh
+    record_failed_attempt(
+        OwnedOutput.unleased(output), "b", attempt
+    )  # a new attempt starts the unreadable record afresh
     assert read_ledger(output, []).totals().failed_attempts == 2
 
 
@@ -233,8 +236,8 @@ def test_overwrite_deletes_the_previous_jobs_failed_attempts_and_nothing_else(tm
         reported=False,
         charge=charge,
     )
-    record_failed_attempt(output, STUCK, old)
-    record_failed_attempt(output, "a-shard-of-a-gone-file", old)
+    record_failed_attempt(OwnedOutput.unleased(output), STUCK, old)
+    record_failed_attempt(OwnedOutput.unleased(output), "a-shard-of-a-gone-file", old)
     (tmp_path / "out" / "attempts" / "mine.txt").write_text("not imagemill's")
     assert run_in_process(spec).cost.failed_attempts == 2, "a resume counts them"
     result = run_in_process(spec, overwrite=True)

@@ -21,6 +21,7 @@ import imagemill
 from imagemill.core.evaluation_results import EvaluationResults
 from imagemill.core.features import JOB_WIDE, FeatureSums
 from imagemill.core.layout import DUPLICATES, REFERENCE_FEATURES, OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
 from imagemill.evaluation.post_pass import evaluate
 from imagemill.planning.shards import plan_shards
@@ -125,7 +126,7 @@ def job(tmp_path_factory, tiny_model, tiny_clip, reference_dir) -> tuple[imagemi
     spec = _spec(inputs, folder / "out", tiny_model, evaluation, carry_columns=["label"])
     committed = _run_shards(spec)
     assert len(committed) == 3
-    return spec, committed, evaluate(spec, OutputLayout(spec.output.path), committed)
+    return spec, committed, evaluate(spec, OwnedOutput.unleased(OutputLayout(spec.output.path)), committed)
 
 
 def test_fid_and_kid_match_torchmetrics_and_shard_sums_merge_exactly(job, reference_dir):
@@ -207,7 +208,7 @@ def test_every_format_gets_embeddings_of_its_written_rows_and_overwrite_deletes_
     assert sorted(id_ for ids in embedded for id_ in ids) == sorted(ok_ids)
     assert merged_feature_sums(output, committed)[JOB_WIDE].count == 11
 
-    delete_shards(output, sorted(committed), set(committed))
+    delete_shards(OwnedOutput.unleased(output), sorted(committed), set(committed))
     for folder in ("embeddings", "feature_stats"):
         assert not list((Path(spec.output.path) / folder).iterdir())
 

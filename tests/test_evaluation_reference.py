@@ -21,6 +21,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.evaluation_results import LeakagePair
 from imagemill.core.layout import LEAKAGE, OutputLayout
 from imagemill.core.records import ShardStats
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.demo.shapes import draw, scenes
 from imagemill.evaluation.post_pass import evaluate
 from imagemill.evaluation.reference import load_reference
@@ -56,7 +57,7 @@ def test_leakage_marks_the_generated_image_copied_into_the_reference_and_only_it
     (reference / "copied").mkdir()
     shutil.copy(Path(spec.output.path) / copied["path"], reference / "copied" / "leak.png")
 
-    result = evaluate(spec, OutputLayout(spec.output.path), committed)
+    result = evaluate(spec, OwnedOutput.unleased(OutputLayout(spec.output.path)), committed)
 
     marked = pq.read_table(Path(spec.output.path) / LEAKAGE).to_pylist()
     assert [(row["id"], row["reference"], row["reference_row"]) for row in marked] == [
@@ -89,7 +90,7 @@ def test_leakage_and_labels_need_a_reference_of_images(tmp_path):
         }
     )
     with pytest.raises(ImagemillError, match="real.png is an image file"):
-        load_reference(spec.evaluation, OutputLayout(str(tmp_path / "out")), "cpu")
+        load_reference(spec.evaluation, OwnedOutput.unleased(OutputLayout(str(tmp_path / "out"))), "cpu")
 
 
 PER_LABEL = 6  # images per label on each side: KID's sample is all of both, as torchmetrics' subset
@@ -124,12 +125,14 @@ def test_a_labelled_reference_gives_each_label_its_own_fid_and_kid(tmp_path, tin
         shard_id = f"shard-{number}"
         ids = [f"{shape}-{i}" for i in range(PER_LABEL)]
         features = model.embed(torch.from_numpy(pixels))
-        write_features(output, shard_id, ids, [shape] * PER_LABEL, features, model)
+        attempt = OwnedOutput.unleased(output).attempt(shard_id)
+        write_features(attempt, ids, [shape] * PER_LABEL, features, model)
+        attempt.publish()
         committed[shard_id] = ShardStats(
             shard_id=shard_id, rows=PER_LABEL, ok=PER_LABEL, error=0, finished_at="t"
         )
 
-    result = evaluate(spec, output, committed)
+    result = evaluate(spec, OwnedOutput.unleased(output), committed)
 
     features = _Features(model)
     nchw = {shape: torch.from_numpy(pixels).permute(0, 3, 1, 2) for shape, pixels in fake_pixels.items()}
@@ -156,7 +159,7 @@ def test_a_labelled_reference_gives_each_label_its_own_fid_and_kid(tmp_path, tin
         spec.model_copy(
             update={"evaluation": spec.evaluation.model_copy(update={"reference_label_column": None})}
         ),
-        output,
+        OwnedOutput.unleased(output),
         committed,
     )
     assert unlabelled.fid.per_label["circle"] != pytest.approx(result.fid.per_label["circle"], rel=1e-3)

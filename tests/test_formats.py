@@ -19,6 +19,7 @@ from PIL import Image
 import imagemill
 from imagemill.core.layout import OutputLayout, sample_key
 from imagemill.core.records import MetadataRow
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.provenance.parameters import ModelFacts
 from imagemill.provenance.publication import Publication
 from imagemill.testing.in_process import run_in_process
@@ -207,7 +208,7 @@ def test_webdataset_json_fields_keep_one_type_across_tars(tmp_path):
     Image.new("RGB", (SIZE, SIZE), (10, 20, 30)).save(png, format="PNG")
     tars = []
     for shard_id, negative in (("first", None), ("second", "blurry")):
-        writer = TarWriter(output, shard_id, "png", PUBLICATION)
+        writer = TarWriter(OwnedOutput.unleased(output).attempt(shard_id), "png", PUBLICATION)
         rows = [(i, _tar_row(f"{shard_id}-{i}", negative), png.getvalue()) for i in range(3)]
         tars.append(tmp_path / f"{shard_id}.tar")
         tars[-1].write_bytes(writer.build(rows))

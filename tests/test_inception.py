@@ -25,6 +25,7 @@ from imagemill.core.inception_score import ClassSums
 from imagemill.core.layout import OutputLayout
 from imagemill.core.model_source import check_source
 from imagemill.core.spec import EvaluationSpec
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.feature_metrics import InceptionScore
 from imagemill.evaluation.metric import ShardEvaluation
 from imagemill.evaluation.post_pass import evaluate
@@ -130,7 +131,7 @@ def test_features_and_inception_score_match_torchmetrics_per_label_and_merge_acr
     committed = _run_shards(spec, actors=2)
     assert len(committed) == 2
     output = OutputLayout(spec.output.path)
-    result = evaluate(spec, output, committed)
+    result = evaluate(spec, OwnedOutput.unleased(output), committed)
     images = _written_images(spec.output.path)
     written_labels = [
         row["label"] for row in sorted(read_metadata(spec.output.path).to_pylist(), key=lambda r: r["id"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -18,13 +19,17 @@ from pathlib import Path
 import fsspec
 import pytest
 from conftest import check_output, make_bucket, run_cli, write_prompt_files
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import OutputLayout
-from imagemill.core.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, check_owner
+from imagemill.core.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, _boot_id
+from imagemill.core.write_gate import LeaseLost, OwnedOutput
 from imagemill.testing.in_process import run_in_process
 
+DAY = 86_400  # the longest stale_after a lease file is believed (core/lease.py)
 TIMEOUT = 2.0  # seconds without a heartbeat before a lease is stale, for every driver these tests start
 
 JOB = """\
@@ -70,12 +75,12 @@ def test_a_held_output_refuses_another_run_while_the_heartbeat_lives(output_url,
         refused = pytest.raises(ImagemillError, match=_owner_pattern(first.run_id, os.getpid()))
         with refused, OutputLease.held(output, "second"):
             pass
-        check_owner(output, first.run_id)
-        with pytest.raises(ImagemillError, match=f"run other no longer owns .*{first.run_id}"):
-            check_owner(output, "other")
+        OwnedOutput(output, first.run_id).check()
+        with pytest.raises(LeaseLost, match=f"run other lost .* to run {first.run_id} on host"):
+            OwnedOutput(output, "other").check()
     assert _lease_record(output_url) is None  # released
     with OutputLease.held(output, "second") as second:
-        check_owner(output, second.run_id)
+        OwnedOutput(output, second.run_id).check()
 
 
 def test_racing_drivers_get_one_lease(output_url, short_timeout):
@@ -137,7 +142,7 @@ def test_a_lease_left_by_a_driver_on_another_machine_is_taken_over_once_stale(
         pass
     time.sleep(TIMEOUT + 0.5)
     with OutputLease.held(output, "later") as later:
-        check_owner(output, later.run_id)
+        OwnedOutput(output, later.run_id).check()
     assert (
         "took over" in caplog.text
         and "run gone on host elsewhere, pid 1 (its heartbeat stopped" in caplog.text
@@ -260,3 +265,86 @@ def test_a_model_that_does_not_load_says_so_in_one_line_and_leaves_the_output_fr
     fixed = _job(tmp_path, prompts, str(tmp_path / "out"), tiny_model, name="fixed.yaml")
     assert run_in_process(imagemill.load_spec(fixed)).complete
     check_output(str(tmp_path / "out"), {f"row-{i:05d}" for i in range(rows)}, 32, 32)
+
+
+_any_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.lists(st.integers(), max_size=2),
+)
+_near_now = st.floats(min_value=-200, max_value=200).map(lambda delta: time.time() + delta)
+_lease_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "run_id": _any_value,
+        "host": st.sampled_from([socket.gethostname(), "elsewhere"]) | _any_value,
+        "boot_id": st.sampled_from([_boot_id(), "other-boot"]) | _any_value,
+        "pid": st.sampled_from([os.getpid(), 1, 2**31 - 1, 2**80, -1, 0]) | _any_value,
+        "heartbeat": _near_now | _any_value,
+        "stale_after": st.sampled_from([1.0, 60.0, 1e308, 0.0, -5.0]) | _any_value,
+    },
+)
+_lease_files = st.one_of(
+    _lease_fields.map(lambda record: json.dumps(record).encode()),  # NaN and Infinity as Python writes them
+    st.tuples(_lease_fields, st.integers(0, 200)).map(
+        lambda t: json.dumps(t[0]).encode()[: t[1]]
+    ),  # cut short
+    st.binary(max_size=60),
+    st.just(b"[" * 100_000),  # deeper than the JSON parser recurses
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=_lease_files)
+def test_a_hostile_lease_file_is_taken_over_or_refused_in_one_line_never_held_for_ever(
+    tmp_path_factory, monkeypatch, content
+):
+    """Whatever `_lease.json` holds, a new run takes the output over or is refused in one line, and a
+    refusal comes only from a lease that is believable and will go stale: a finite heartbeat no more
+    than its `stale_after` (finite, at most a day) in the future."""
+    monkeypatch.setenv(TIMEOUT_ENV, str(TIMEOUT))
+    out = tmp_path_factory.mktemp("out")
+    (out / LEASE_FILE).write_bytes(content)
+    try:
+        with OutputLease.held(OutputLayout(str(out)), "next") as lease:
+            assert _lease_record(str(out))["run_id"] == lease.run_id  # it holds the output now
+    except ImagemillError as exc:
+        assert "\n" not in str(exc) and "is in use by another imagemill run" in str(exc), str(exc)
+        record = json.loads(content)
+        heartbeat, stale_after = record["heartbeat"], record["stale_after"]
+        for value in (heartbeat, stale_after):
+            assert type(value) in (int, float) and math.isfinite(value), record
+        assert 0 < stale_after <= DAY and heartbeat <= time.time() + stale_after, record
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"heartbeat": time.time() + 3600, "stale_after": 60}, "in the future"),
+        ({"heartbeat": math.nan, "stale_after": 60}, "is not a number"),
+        ({"heartbeat": "soon", "stale_after": 60}, "is not a number"),
+        ({"heartbeat": time.time(), "stale_after": math.inf}, "stale_after"),
+        ({"heartbeat": time.time()}, "stale_after"),
+    ],
+)
+def test_a_lease_that_cannot_be_believed_is_taken_over_at_once_saying_why(tmp_path, caplog, fields, problem):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEASE_FILE).write_text(json.dumps({"run_id": "odd", "host": "elsewhere", "pid": 1, **fields}))
+    with OutputLease.held(OutputLayout(str(out)), "next"):
+        pass
+    assert "took over" in caplog.text and problem in caplog.text, caplog.text
+
+
+def test_a_lease_path_that_is_a_folder_or_a_fifo_is_one_line(tmp_path):
+    for make in (os.mkdir, os.mkfifo):
+        out = tmp_path / make.__name__
+        out.mkdir()
+        make(out / LEASE_FILE)
+        with pytest.raises(
+            ImagemillError, match=f"{LEASE_FILE} is .*, not imagemill's lease file; remove it"
+        ):
+            OutputLease.held(OutputLayout(str(out)), "next").__enter__()

@@ -23,6 +23,7 @@ from imagemill.core.job_record import read_job_record, write_job_record
 from imagemill.core.layout import OutputLayout
 from imagemill.core.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, read_lease
 from imagemill.core.records import RunProgress, run_progress
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.progress import PROGRESS_ENV
 from imagemill.reporting.status import job_status
 from imagemill.testing.in_process import run_in_process
@@ -138,7 +139,7 @@ def test_status_shows_the_live_progress_of_a_running_job_and_ignores_a_hostile_o
     output = OutputLayout(str(out))
     record = read_job_record(output)
     record.status = "running"
-    write_job_record(output, record)
+    write_job_record(OwnedOutput.unleased(output), record)
     lease = {"run_id": "x", "pid": os.getpid(), "heartbeat": time.time(), "stale_after": 600}
     progress = {"images_done": 12, "images_total": 64, "shards_done": 0, "shards_total": 1}
     for hostile in ({"images_done": float("nan")}, {**progress, "workers_ready": True}, [1], "12"):

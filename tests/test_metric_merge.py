@@ -21,6 +21,7 @@ from imagemill.core.evaluation_results import LabelledValues
 from imagemill.core.features import JOB_WIDE, FeatureSums
 from imagemill.core.inception_score import ClassSums
 from imagemill.core.layout import OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.embedding_passes import LabelledSamples, SeededSample
 from imagemill.evaluation.feature_metrics import FrechetDistance, InceptionScore
 from imagemill.evaluation.metric import Metric, ShardEvaluation, read_shards
@@ -60,7 +61,9 @@ def _written(
         shard_features = np.random.default_rng(seed + 100 * number).normal(size=(len(shard_labels), DIM))
         shard_features = shard_features.astype(np.float32)
         ids = [f"{number}-{i}" for i in range(len(shard_labels))]
-        write_features(output, f"shard-{number}", ids, list(shard_labels), shard_features, _Head())
+        attempt = OwnedOutput.unleased(output).attempt(f"shard-{number}")
+        write_features(attempt, ids, list(shard_labels), shard_features, _Head())
+        attempt.publish()
         features.append(shard_features)
         labels += shard_labels
     finished = {f"shard-{number}": f"t{number}" for number in range(len(shards))}
@@ -74,7 +77,7 @@ def _metrics(folder: str) -> list[Metric]:
         InceptionScore(),
         KernelDistance(reference, LabelledSamples(KID_SAMPLE, LABEL_SAMPLE, SEED)),
         Diversity(LabelledSamples(LABEL_SAMPLE, LABEL_SAMPLE, SEED)),
-        NearDuplicates(OutputLayout(folder), 0.99),
+        NearDuplicates(OwnedOutput.unleased(OutputLayout(folder)), 0.99),
     ]
 
 

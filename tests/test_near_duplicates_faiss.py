@@ -10,6 +10,7 @@ import torch
 
 from imagemill.core.features import embeddings_table
 from imagemill.core.layout import OutputLayout, parquet_bytes
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation import near_duplicates
 from imagemill.evaluation.near_duplicates import find_duplicates
 from imagemill.evaluation.similarity_search import FAISS_MIN_IMAGES, search_method
@@ -39,7 +40,7 @@ def _write_job(output: OutputLayout) -> tuple[list[str], set[frozenset[str]]]:
         shard_id = f"shard-{number:03d}"
         rows = slice(start, start + size)
         table = embeddings_table(ids[rows], [None] * size, vectors[rows].reshape(size, DIM))
-        output.write_bytes(OutputLayout.embeddings_path(shard_id), parquet_bytes(table))
+        OwnedOutput.unleased(output).write_whole(OutputLayout.embeddings_path(shard_id), parquet_bytes(table))
         shard_ids.append(shard_id)
         start += size
     stored = vectors.astype(np.float16).astype(np.float64)  # as the files hold them

@@ -25,6 +25,7 @@ from conftest import make_bucket, run_cli, write_prompt_files
 import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.stamped import read_stamped, write_stamped
 from imagemill.reporting.outcome import COMPLETE
 from imagemill.reporting.status import job_status
@@ -282,10 +283,11 @@ def test_a_missing_output_bucket_is_named_and_never_created(ray_address, s3_endp
 FILE_TOO_BIG = """\
 import resource, signal, sys
 from imagemill.core.layout import OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
 resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 try:
-    OutputLayout(sys.argv[1]).write_json("_job.json", {"name": "x" * 1000})
+    OwnedOutput.unleased(OutputLayout(sys.argv[1])).write_json("_job.json", {"name": "x" * 1000})
 except OSError as exc:
     print(type(exc).__name__)
 """
@@ -310,11 +312,13 @@ DERIVED_FILE_TOO_BIG = """\
 import resource, signal, sys
 import pyarrow as pa
 from imagemill.core.layout import OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.stamped import write_stamped
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+owned = OwnedOutput.unleased(OutputLayout(sys.argv[1]))
 try:
-    write_stamped(OutputLayout(sys.argv[1]), "duplicates.parquet", pa.table({"a": range(10_000)}), {"n": 2})
+    write_stamped(owned, "duplicates.parquet", pa.table({"a": range(10_000)}), {"n": 2})
 except OSError as exc:
     print(type(exc).__name__)
 """
@@ -327,7 +331,9 @@ def test_the_evaluation_files_survive_a_full_disk_and_one_cut_short_is_made_agai
     out = tmp_path / "out"
     out.mkdir()
     layout = OutputLayout(str(out))
-    before = write_stamped(layout, "duplicates.parquet", pa.table({"a": [1, 2]}), {"n": 1})
+    before = write_stamped(
+        OwnedOutput.unleased(layout), "duplicates.parquet", pa.table({"a": [1, 2]}), {"n": 1}
+    )
 
     done = subprocess.run(
         [sys.executable, "-c", DERIVED_FILE_TOO_BIG, str(out)], capture_output=True, text=True, timeout=120

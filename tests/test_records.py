@@ -41,11 +41,12 @@ from imagemill.core.records import (
     RunProgress,
     Sample,
     ShardStats,
+    commit_shard,
     committed_shards,
     metadata_table,
     read_record,
-    write_shard_stats,
 )
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.reporting.status import job_status
 from imagemill.testing.in_process import run_in_process
 
@@ -210,15 +211,16 @@ def _job_record(**fields) -> JobRecord:
 def test_committed_shards_are_the_stats_written_for_their_shard(tmp_path, caplog):
     layout = OutputLayout(str(tmp_path))
     assert committed_shards(OutputLayout(str(tmp_path / "never-written"))) == {}
-    write_job_record(layout, _job_record())
-    layout.prepare_shard("x")  # the shards/ folder exists, but nothing is committed yet
+    owned = OwnedOutput.unleased(layout)
+    write_job_record(owned, _job_record())
+    (tmp_path / "shards").mkdir()  # the shards/ folder exists, but nothing is committed yet
     assert committed_shards(layout) == {}
     y = ShardStats(shard_id="y", input_file="file:///in.parquet", rows=1, ok=1, error=0)
-    write_shard_stats(layout, y)
+    commit_shard(owned.attempt("y"), y)
     bad = json.loads(y.record_bytes()) | {"shard_id": "x"}
     del bad["rows"]
-    layout.write_whole(OutputLayout.stats_path("x"), json.dumps(bad).encode())  # without its counts
-    layout.write_whole(OutputLayout.stats_path("z"), y.record_bytes())  # y's stats under another name
+    owned.write_whole(OutputLayout.stats_path("x"), json.dumps(bad).encode())  # without its counts
+    owned.write_whole(OutputLayout.stats_path("z"), y.record_bytes())  # y's stats under another name
 
     assert committed_shards(OutputLayout(str(tmp_path))) == {"y": y}  # as another process sees it
     status = job_status(str(tmp_path))

@@ -20,7 +20,8 @@ from PIL import Image
 from imagemill.core.images import thumbnail_data_uri
 from imagemill.core.job_record import JobRecord, write_job_record
 from imagemill.core.layout import JOB_RECORD, OutputLayout
-from imagemill.core.records import PROMPT_CHARS, ClipScoreSummary, ShardStats, write_shard_stats
+from imagemill.core.records import PROMPT_CHARS, ClipScoreSummary, ShardStats, commit_shard
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.reporting.report import write_report
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -107,7 +108,7 @@ FAILED = {
 ALL_SAMPLES = [(s["shard_id"], x) for s in SHARDS for x in s["samples"]]
 
 
-def make_output(folder: Path, shards=SHARDS, record_extra=None) -> OutputLayout:
+def make_output(folder: Path, shards=SHARDS, record_extra=None) -> OwnedOutput:
     (folder / "shards").mkdir(parents=True)
     record = {
         "name": "nightly <b>&",
@@ -130,11 +131,12 @@ def make_output(folder: Path, shards=SHARDS, record_extra=None) -> OutputLayout:
         "input_footers": {f"s3://bucket/prompts/{name}.parquet": "footer" for name in "abc"},
         "run_id": "run-1",
     } | (record_extra or {})
-    output = OutputLayout(str(folder))
+    output = OwnedOutput.unleased(OutputLayout(str(folder)))
     # Through the models, as imagemill writes them: a fixture that is no valid record fails here.
     write_job_record(output, JobRecord.model_validate_json(json.dumps(record)))
     for stats in shards:
-        write_shard_stats(output, ShardStats.model_validate_json(json.dumps(stats)))
+        stats = ShardStats.model_validate_json(json.dumps(stats))
+        commit_shard(output.attempt(stats.shard_id), stats)
     return output
 
 
@@ -142,14 +144,14 @@ def test_report_json_and_escaped_html(tmp_path, monkeypatch):
     output = make_output(tmp_path)
     opened: list[str] = []  # paths opened for reading
     for method in ("open", "cat_file"):
-        original = getattr(output.fs, method)
+        original = getattr(output.layout.fs, method)
 
         def spy(path, *args, _original=original, _method=method, **kwargs):
             if _method == "cat_file" or "w" not in (args[0] if args else kwargs.get("mode", "rb")):
                 opened.append(str(path))
             return _original(path, *args, **kwargs)
 
-        monkeypatch.setattr(output.fs, method, spy)
+        monkeypatch.setattr(output.layout.fs, method, spy)
 
     report = write_report(output)
 

@@ -13,6 +13,7 @@ import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.core.job_record import JobRecord, write_job_record
 from imagemill.core.layout import OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.output.claim import claim_output
 from imagemill.planning.shards import plan_shards
 from imagemill.workers.worker import ShardWorker
@@ -114,11 +115,12 @@ def test_a_changed_scheduler_is_refused_on_resume(tmp_path):
         input_footers=plan.footers,
         run_id="r",
     )
-    write_job_record(output, record)
-    claim_output(first, output, plan, overwrite=False)  # the same job resumes
+    owned = OwnedOutput.unleased(output)
+    write_job_record(owned, record)
+    claim_output(first, owned, plan, overwrite=False)  # the same job resumes
 
     for other in (SCHEDULERS["lcm"], None):
         changed = _spec(tmp_path, {"source": "m"} | ({"scheduler": other} if other else {}), "out")
         with pytest.raises(ImagemillError) as refused:
-            claim_output(changed, output, plan, overwrite=False)
+            claim_output(changed, owned, plan, overwrite=False)
         assert "model.scheduler" in str(refused.value) and "\n" not in str(refused.value)

@@ -18,6 +18,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import OutputLayout
 from imagemill.core.shard import Shard
 from imagemill.core.spec import GenerationSpec, InputSpec, build_spec, load_spec, parse_overrides
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.workers.rows import prepare_rows
 
 SECRET = "s3cr3t-Value-0123"
@@ -102,7 +103,7 @@ def test_no_float_setting_takes_nan_or_infinity():
 def test_records_are_standard_json(tmp_path):
     output = OutputLayout(str(tmp_path / "out"))
     with pytest.raises(ValueError):
-        output.write_json("x.json", {"value": math.nan})
+        OwnedOutput.unleased(output).write_json("x.json", {"value": math.nan})
 
 
 def test_a_job_where_every_row_failed_is_not_a_success(ray_address, tmp_path):

@@ -11,7 +11,8 @@ from imagemill.cli.commands import main
 from imagemill.core.job_record import JobRecord, write_job_record
 from imagemill.core.layout import SUBMITTED, OutputLayout
 from imagemill.core.lease import OutputLease
-from imagemill.core.records import ShardStats, write_shard_stats
+from imagemill.core.records import ShardStats, commit_shard
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.reporting.outcome import BUDGET_REACHED, COMPLETE, INCOMPLETE, INTERRUPTED, NOTHING_GENERATED
 from imagemill.reporting.status import STATUS_EXIT_CODES
 
@@ -21,16 +22,16 @@ INPUT = "file:///in.parquet"
 def _job(out, status: str, shards: list[tuple[int, int]], total: int = 2) -> OutputLayout:
     """An output whose record says `status`, with committed shards of (ok, error) rows."""
     output = OutputLayout(str(out))
+    owned = OwnedOutput.unleased(output)  # the fixture's writes belong to no run
     record = JobRecord(
         name="states", spec={}, fingerprint={}, versions={}, started_at="2026-01-01T00:00:00+00:00",
         status=status, shards_total=total, rows_total=2 * total, input_rows=2 * total, input_files=1,
         input_footers={INPUT: "digest"}, run_id="run-1",
     )  # fmt: skip
-    write_job_record(output, record)
+    write_job_record(owned, record)
     for index, (ok, error) in enumerate(shards):
-        write_shard_stats(
-            output, ShardStats(shard_id=f"s{index}", input_file=INPUT, rows=ok + error, ok=ok, error=error)
-        )
+        stats = ShardStats(shard_id=f"s{index}", input_file=INPUT, rows=ok + error, ok=ok, error=error)
+        commit_shard(owned.attempt(stats.shard_id), stats)
     return output
 
 
@@ -65,7 +66,9 @@ def test_a_running_job_and_a_submitted_one_are_states_not_errors(tmp_path, capsy
     assert code == STATUS_EXIT_CODES["running"] and "running (heartbeat" in out and not err
 
     submitted = OutputLayout(str(tmp_path / "submitted"))
-    submitted.write_json(SUBMITTED, {"name": "states", "submission_id": "states-1", "address": "http://h"})
+    OwnedOutput.unleased(submitted).write_json(
+        SUBMITTED, {"name": "states", "submission_id": "states-1", "address": "http://h"}
+    )
     code, out, err = _status(tmp_path / "submitted", capsys)
     assert code == STATUS_EXIT_CODES["submitted, not started"]
     assert ": submitted, not started (Ray job states-1" in out and "error" not in out + err

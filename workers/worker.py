@@ -1,11 +1,12 @@
 """The Ray actor: loads the model once, then turns shard after shard into images, metadata and stats.
 
-Everything a shard produces is written from here straight to the output location; the driver gets
-back only the shard's stats. A shard's life is `process_shard`: read → expand → generate and the
-post-generation stages (selection.py; the stages are built from the spec by stages/registry.py) →
-write → commit. Images go through the shard's `ShardWriter` (one per output
-format, see writers.py), then the metadata Parquet is written, then the stats file: its presence is
-the commit. Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard
+Everything a shard produces is staged in its `ShardAttempt` and published from here into the output
+by a create-only commit (core/write_gate.py); the driver gets back only the shard's stats. A shard's
+life is `process_shard`: read → expand → generate and the post-generation stages (selection.py; the
+stages are built from the spec by stages/registry.py) → write → commit. Images go through the shard's
+`ShardWriter` (one per output format, see writers.py), then the metadata Parquet, then on commit the
+files are published and the stats file last: its presence is the commit.
+Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard
 is read while the current one generates; the stats split each shard's time by stage (stage_timer.py).
 The records themselves (metadata rows, stats) are built in shard_records.py.
 """
@@ -25,15 +26,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from imagemill.core.carry import Carried, append_columns
+from imagemill.core.carry import append_columns
 from imagemill.core.device_ledger import AttemptFailed
 from imagemill.core.kinds import kind_info
 from imagemill.core.layout import OutputLayout, parquet_bytes
-from imagemill.core.lease import check_owner
-from imagemill.core.records import MetadataRow, ShardStats, metadata_table, write_shard_stats
+from imagemill.core.records import MetadataRow, ShardStats, commit_shard, metadata_table
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.core.stage_table import MODEL_STAGES
+from imagemill.core.write_gate import OwnedOutput, ShardAttempt
 from imagemill.workers.batch_fit import resolve_batch_size
 from imagemill.workers.device_use import device_use
 from imagemill.workers.device_warnings import device_warnings
@@ -76,9 +77,9 @@ class ShardWorker:
         on_batch: Callable[[str, int], None] | None = None,
     ):
         """`expanders`: handles of the expander actors with `expansion.placement: pool`; `run_id`: the
-        run holding the output's lease (None outside a run: commits unchecked); `on_batch`: told the
-        shard id and the rows drawn so far in it after each batch, for the driver's progress (it must
-        not wait on anything: the model waits for it).
+        run holding the output's lease (None outside a run: writes unchecked, imagemill.testing);
+        `on_batch`: told the shard id and the rows drawn so far in it after each batch, for the driver's
+        progress (it must not wait on anything: the model waits for it).
 
         A model that does not load is kept for `ready()` to raise: an actor whose creation fails dies
         printing its traceback and a SIGABRT notice into the driver's output, burying the one-line error.
@@ -111,7 +112,8 @@ class ShardWorker:
         # `auto` → a number, probed with every other model of the job already on the device
         spec = self.spec = resolve_batch_size(spec, self.generator, self.device)
         self.selection = Selection(spec, self.generator, self.device, self.stages)
-        self.output = OutputLayout(spec.output.path, spec.output.storage_options)
+        layout = OutputLayout(spec.output.path, spec.output.storage_options)
+        self.output = OwnedOutput(layout, self.run_id)  # every write goes through it (core/write_gate.py)
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="imagemill-writer")
         self.turns = ModelTurns()
 
@@ -138,11 +140,13 @@ class ShardWorker:
         actor's shared parts are the model (held in turn), the writer thread pool and the output.
         """
         run = ShardRun(shard, self.spec.model.source, getattr(self.generator, "scheduler_name", None))
+        attempt = self.output.attempt(shard.shard_id)  # a run that lost the output starts none
         try:
             with self.turns.ticket() as turn:
                 self._read(run)
                 run.expansion = self._start_expansion(run.rows)  # a pool starts now, before this turn
-                writer = self._open_writer(shard, run.carried)
+                publication = self.encode.encoder.publication  # one per actor: the model hashed once
+                writer = open_writer(self.spec.output, attempt, publication, run.carried)
                 with turn:
                     run.timer.add("idle", turn.idle_seconds)
                     timed_before = run.timer.total(TURN_STAGES)
@@ -155,13 +159,15 @@ class ShardWorker:
                     timed = run.timer.total(TURN_STAGES) - timed_before
                     run.timer.add("host", max(0.0, run.timeline["model"][1] - model_started - timed))
             self._finish_writes(run, writer)
-            self._write_metadata(run, writer)
-            self._write_features(run)
-            return self._commit(run)
+            self._write_metadata(run, writer, attempt)
+            self._write_features(run, attempt)
+            return self._commit(run, attempt)
         except Exception as exc:
             # The attempt's device time goes to the driver with its error (imagemill.core.device_ledger).
             error_type = type(exc).__name__
             raise AttemptFailed(str(exc), error_type, self.device_use.charge(run.held_seconds)) from exc
+        finally:
+            attempt.discard()
 
     def _read(self, run: ShardRun) -> None:
         """Read the shard's row groups and resolve and validate its rows (invalid ones become errors)."""
@@ -182,11 +188,6 @@ class ShardWorker:
             return None
         calls = OnActor(self.expander) if self.expander is not None else OnPool(self.expanders)
         return ShardExpansion(rows, self.spec.expansion, self.spec.generation.seed, calls.submit, calls.wait)
-
-    def _open_writer(self, shard: Shard, carried: Carried) -> ShardWriter:
-        self.output.prepare_shard(shard.shard_id, self.spec.output.format)
-        publication = self.encode.encoder.publication  # one per actor: the model hashed once
-        return open_writer(self.spec.output, self.output, shard.shard_id, publication, carried)
 
     def _generate(self, run: ShardRun, writer: ShardWriter) -> None:
         """The generate loop, run while holding the model: each batch is expanded, drawn and scored,
@@ -274,12 +275,12 @@ class ShardWorker:
             writer.close()
         run.write_wait_seconds = time.time() - tick
 
-    def _write_metadata(self, run: ShardRun, writer: ShardWriter) -> None:
+    def _write_metadata(self, run: ShardRun, writer: ShardWriter, attempt: ShardAttempt) -> None:
         rows = run.metadata_rows()
         carried = run.carried.take(range(len(rows)))
         table = metadata_table(rows, writer.format_columns)
         table = append_columns(append_columns(table, self._stage_columns(run)), carried)
-        self.output.write_bytes(OutputLayout.metadata_path(run.shard.shard_id), parquet_bytes(table))
+        attempt.write(OutputLayout.metadata_path(run.shard.shard_id), parquet_bytes(table))
 
     def _stage_columns(self, run: ShardRun) -> pa.Table:
         """The columns registered stages add to the metadata (none for the table's own stages, whose
@@ -292,7 +293,7 @@ class ShardWorker:
             }
         )
 
-    def _write_features(self, run: ShardRun) -> None:
+    def _write_features(self, run: ShardRun, attempt: ShardAttempt) -> None:
         """With `evaluation:`, the embeddings and feature sums of the rows whose image was written."""
         stage = self.stages.get("features")
         if not isinstance(stage, FeatureStage):
@@ -301,13 +302,13 @@ class ShardWorker:
         embeddings = np.array([run.embeddings[row.index] for row in kept]).reshape(-1, stage.model.dim)
         labels = [run.label(row) for row in kept]
         ids = [row.row_id for row in kept]
-        write_features(self.output, run.shard.shard_id, ids, labels, embeddings, stage.model)
+        write_features(attempt, ids, labels, embeddings, stage.model)
 
-    def _commit(self, run: ShardRun) -> ShardStats:
-        """Write the shard's stats, last: its commit."""
+    def _commit(self, run: ShardRun, attempt: ShardAttempt) -> ShardStats:
+        """Publish the attempt's files create-only, then the shard's stats: its commit. A run that lost
+        the output publishes nothing; a path holding another run's bytes fails it (core/write_gate.py)."""
+        with run.timer.timing("upload"):  # the staged files into the output, then the stats last
+            attempt.publish()
         stats = run.stats(self.device, self.run_id, self.device_use)
         stats.worker = self.name
-        if self.run_id is not None:
-            check_owner(self.output, self.run_id)  # a run that lost the output commits nothing
-        write_shard_stats(self.output, stats)
-        return stats
+        return commit_shard(attempt, stats)

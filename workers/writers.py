@@ -1,12 +1,13 @@
 """Where a shard's images go: one `ShardWriter` per `output.format`, chosen by `open_writer`.
 
-A worker opens one writer per shard. Its writer threads encode each ok row's image and call
-`add(position, row, data)`, which returns the row's `MetadataRow` with the columns saying where the
-image lives filled in (`path`, and `key` for WebDataset). Once every `add` has returned, the worker
+A worker opens one writer per shard attempt. Its writer threads encode each ok row's image and call
+`add(position, row, data)`, which stages it in the shard's `ShardAttempt` (published at the commit,
+core/write_gate.py) and returns the row's `MetadataRow` with the columns saying where the image lives
+filled in (`path`, and `key` for WebDataset). Once every `add` has returned, the worker
 calls `close()`, then writes the shard's metadata Parquet, then its commit record: images, metadata,
 commit, in every format.
 
-- `files`: `FileWriter` uploads each image at once to `images/<shard_id>/<name>.<ext>`.
+- `files`: `FileWriter` stages each image at once, for `images/<shard_id>/<name>.<ext>`.
 - `webdataset`: `TarWriter` builds `webdataset/<shard_id>.tar` with `<key>.<ext>` and `<key>.json` per
   row (`output.sample_key`), in memory, and uploads it on `close()`.
 - `parquet`: `ParquetWriter` builds `data/<shard_id>.parquet` (the metadata columns plus an `image`
@@ -38,6 +39,7 @@ from imagemill.core.carry import Carried, append_columns
 from imagemill.core.layout import OutputLayout, image_name, parquet_bytes, sample_key
 from imagemill.core.records import METADATA_SCHEMA, MetadataRow
 from imagemill.core.spec import IMAGE_EXTENSIONS, OutputSpec
+from imagemill.core.write_gate import ShardAttempt
 from imagemill.provenance.publication import Publication
 
 # Generation parameters grouped under "parameters" in a WebDataset sample's JSON.
@@ -73,14 +75,13 @@ class ShardWriter:
 
     def __init__(
         self,
-        output: OutputLayout,
-        shard_id: str,
+        attempt: ShardAttempt,
         extension: str,
         publication: Publication,
         carried: Carried | None = None,
     ):
-        self.output = output
-        self.shard_id = shard_id
+        self.attempt = attempt  # the shard's files are staged there until its commit (core/write_gate.py)
+        self.shard_id = attempt.shard_id
         self.extension = extension
         self.publication = publication  # what the buffered formats' records may say (the encoder's)
         self.carried = carried or Carried.none()  # the input columns carried into the buffered formats
@@ -99,7 +100,7 @@ class FileWriter(ShardWriter):
 
     def add(self, position: int, row: MetadataRow, data: bytes) -> MetadataRow:
         path = OutputLayout.image_path(self.shard_id, row.id, self.extension)
-        self.output.write_bytes(path, data)
+        self.attempt.write(path, data)
         return replace(row, path=path)
 
 
@@ -116,14 +117,13 @@ class BufferedWriter(ShardWriter):
 
     def __init__(
         self,
-        output: OutputLayout,
-        shard_id: str,
+        attempt: ShardAttempt,
         extension: str,
         publication: Publication,
         carried: Carried | None = None,
     ):
-        super().__init__(output, shard_id, extension, publication, carried)
-        self.path = self.path_of(shard_id)
+        super().__init__(attempt, extension, publication, carried)
+        self.path = self.path_of(self.shard_id)
         self._rows: dict[int, tuple[MetadataRow, bytes]] = {}
         self._lock = threading.Lock()
 
@@ -138,7 +138,7 @@ class BufferedWriter(ShardWriter):
     def close(self) -> None:
         if self._rows:
             rows = [(position, *self._rows[position]) for position in sorted(self._rows)]
-            self.output.write_bytes(self.path, self.build(rows))
+            self.attempt.write(self.path, self.build(rows))
             self._rows.clear()
 
     def build(self, rows: list[tuple[int, MetadataRow, bytes]]) -> bytes:
@@ -227,13 +227,8 @@ WRITERS: dict[str, type[ShardWriter]] = {
 
 
 def open_writer(
-    spec: OutputSpec,
-    output: OutputLayout,
-    shard_id: str,
-    publication: Publication,
-    carried: Carried | None = None,
+    spec: OutputSpec, attempt: ShardAttempt, publication: Publication, carried: Carried | None = None
 ) -> ShardWriter:
-    """The writer for `spec.format`, for one shard; `publication`: the actor's (its encoder's);
+    """The writer for `spec.format`, for one shard attempt; `publication`: the actor's (its encoder's);
     `carried`: the shard's carried input columns."""
-    extension = IMAGE_EXTENSIONS[spec.image_format]
-    return WRITERS[spec.format](output, shard_id, extension, publication, carried)
+    return WRITERS[spec.format](attempt, IMAGE_EXTENSIONS[spec.image_format], publication, carried)

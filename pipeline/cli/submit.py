@@ -28,6 +28,7 @@ from imagemill.core.compile_cache_key import check_compile_cache_key, compile_ca
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import SUBMITTED, OutputLayout
 from imagemill.core.spec import JobSpec, load_spec
+from imagemill.core.write_gate import OwnedOutput
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 120  # a head that has just started answers before its job agent is up
@@ -144,7 +145,7 @@ def mark_submitted(output: OutputLayout, job_id: str, address: str, name: str) -
     out where the client cannot write the output (the cluster's nodes may reach what it cannot)."""
     record = {"name": name, "submission_id": job_id, "address": address, "submitted_at": _now()}
     try:
-        output.write_json(SUBMITTED, record)
+        OwnedOutput.unleased(output).write_json(SUBMITTED, record)  # before the job's run: no lease yet
     except Exception:  # unreachable from here (no credentials, another network): status says less
         return
 

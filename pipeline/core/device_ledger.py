@@ -35,6 +35,7 @@ from imagemill.core.records import RecordPart, ShardStats, StoredRecord, capped,
 
 if TYPE_CHECKING:
     from imagemill.core.layout import OutputLayout
+    from imagemill.core.write_gate import OwnedOutput
 
 
 class FailedAttempt(RecordPart):
@@ -190,9 +191,10 @@ def read_ledger(output: OutputLayout, committed: Iterable[ShardStats]) -> Device
     return ledger
 
 
-def record_failed_attempt(output: OutputLayout, shard_id: str, attempt: FailedAttempt) -> None:
+def record_failed_attempt(owned: OwnedOutput, shard_id: str, attempt: FailedAttempt) -> None:
     """Add a failed attempt to its shard's record: the driver's one write of the ledger, made before
     the next shard is handed out, so the budget has counted it."""
+    output = owned.layout
     relative = output.attempts_path(shard_id)
     data = output.read_bytes(relative)
     record = None if data is None else read_record(ShardAttempts, output.path(relative), data)
@@ -200,4 +202,4 @@ def record_failed_attempt(output: OutputLayout, shard_id: str, attempt: FailedAt
         record = ShardAttempts(shard_id=shard_id)
     attempt = attempt.model_copy(update={"error": capped(attempt.error)})
     record.failed = [*record.failed, attempt]
-    output.write_whole(relative, record.record_bytes())
+    owned.write_whole(relative, record.record_bytes())

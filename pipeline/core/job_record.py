@@ -23,6 +23,7 @@ from imagemill.core.records import RecordPart, StoredRecord, read_record
 if TYPE_CHECKING:
     from imagemill.core.layout import OutputLayout
     from imagemill.core.records import ShardStats
+    from imagemill.core.write_gate import OwnedOutput
 
 # How an earlier run ended when its record still said `running`: it was killed (SIGKILL, a lost node)
 # before it could say; its end is then its last commit.
@@ -148,5 +149,5 @@ def read_job_record(output: OutputLayout, warn: bool = True) -> JobRecord | None
     return None if data is None else read_record(JobRecord, output.path(JOB_RECORD), data, warn)
 
 
-def write_job_record(output: OutputLayout, record: JobRecord) -> None:
+def write_job_record(output: OwnedOutput, record: JobRecord) -> None:
     output.write_whole(JOB_RECORD, record.record_bytes())

@@ -17,8 +17,9 @@
 Whatever the format, a shard's images are written first, then its metadata, then its stats.
 
 Actors write images, metadata and stats; the driver writes the job record, the marker and the failed
-attempts. Records (the JSON files) are written whole or not at all, and read back as absent when they
-do not read; every call is on an exact path (see storage.py): an output folder may be called `run[12]`.
+attempts; every write goes through imagemill.core.write_gate (this module only names paths and reads).
+Records (the JSON files) are written whole or not at all, and read back as absent when they do not
+read; every call is on an exact path (see storage.py): an output folder may be called `run[12]`.
 """
 
 from __future__ import annotations
@@ -32,14 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imagemill.core.storage import (
-    filesystem,
-    join,
-    list_folder,
-    remove_files,
-    retrying,
-    write_file_atomically,
-)
+from imagemill.core.storage import filesystem, join, list_folder, retrying
 
 log = logging.getLogger(__name__)
 _PLAIN_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
@@ -63,6 +57,8 @@ MARKERS = (
 )  # at the root
 # The live run's lease (imagemill.core.lease): imagemill's own, but never deleted by --overwrite.
 LEASE_FILE = "_lease.json"
+# Shard attempts staged before their create-only commit (imagemill.core.write_gate), on local disks.
+ATTEMPTS_FOLDER = "_attempts"
 SUBMITTED = "_submitted.json"  # `imagemill submit`'s note for `status`, until the job writes its record
 IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
 # Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).
@@ -139,30 +135,6 @@ class OutputLayout:
     feature_stats_path = _per_shard_file("feature_stats")
     stats_path = _per_shard_file("shards")
     attempts_path = _per_shard_file("attempts")  # failed attempts' device time (imagemill.core.device_ledger)
-
-    def prepare_shard(self, shard_id: str, output_format: str = "files") -> None:
-        """Create the folders a shard writes into (object stores need none; local disks do)."""
-        images = f"images/{shard_id}" if output_format == "files" else IMAGE_FOLDERS[output_format]
-        for folder in (images, "metadata", "shards"):
-            self.fs.makedirs(self.path(folder), exist_ok=True)
-
-    def write_bytes(self, relative: str, data: bytes) -> None:
-        path = self.path(relative)
-        retrying(lambda: self.fs.pipe_file(path, data), f"writing {path}")
-
-    def write_whole(self, relative: str, data: bytes) -> None:
-        """Write a file whole or not at all, for the files a later run reads back or a user opens (the
-        records, the report, the evaluation's derived files): a full disk or a killed driver must not
-        leave half of one behind. A shard's files need not: its commit comes after them."""
-        path = self.path(relative)
-        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-        retrying(lambda: write_file_atomically(self.fs, path, data), f"writing {path}")
-
-    def write_json(self, relative: str, record: dict[str, Any]) -> None:
-        self.write_whole(relative, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
-
-    def remove(self, relative: str) -> None:
-        remove_files(self.fs, [self.path(relative)])
 
     def entries(self, relative: str = "") -> dict[str, bool]:
         """The names in a folder of the output (its root by default), each with whether it is a folder."""

@@ -6,8 +6,8 @@ id, host, pid, start and heartbeat times) before it touches the output, refreshe
 `stale_after / 3` seconds from a thread, and deletes it at the end. Another driver is refused,
 naming the owner, until the owner's heartbeat is older than `stale_after` (the owner was killed or
 its machine lost): then it takes the lease over; on the owner's own machine (same host and boot)
-a driver whose process is gone is taken over at once. An actor checks that the lease still names its run
-right before it commits a shard (`check_owner`), so a run that lost the output commits nothing more.
+a driver whose process is gone is taken over at once. Every write into the output checks that the
+lease still names its run (imagemill.core.write_gate), so a run that lost the output writes nothing more.
 Each heartbeat also carries the run's latest progress (`OutputLease.progress`, a `RunProgress` of
 imagemill.core.records), which `imagemill status` shows while shards run.
 
@@ -20,6 +20,13 @@ Every change is a compare-and-swap on the lease file, as atomic as the store all
 
 The heartbeat time is the owner's clock: hosts sharing an output need clocks that agree to well
 within `stale_after` (IMAGEMILL_LEASE_TIMEOUT seconds, default 60).
+
+Anyone who can write the output can write the lease file, so its fields are judged, never trusted
+(`LeaseView.problem`): a lease that does not read as JSON (truncated), or whose `heartbeat` or
+`stale_after` is missing, not a number, NaN or infinite, a `stale_after` outside (0, 1 day], or a
+heartbeat more than `stale_after` in the future, is taken over like a stale one (with a warning
+naming the problem): it can never hold an output for ever, and it never raises. A `_lease.json` that
+is a folder or not a regular file (a FIFO would block the read) is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -52,6 +61,8 @@ log = logging.getLogger(__name__)
 TIMEOUT_ENV = "IMAGEMILL_LEASE_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 60.0
 BEATS_PER_TIMEOUT = 3  # a lease is stale once this many heartbeats in a row are missing
+MAX_STALE_AFTER = 86_400.0  # a lease file asking for longer is not believed: taken over as stale
+SHOWN_CHARS = 64  # of each lease field a message names (run id, host, pid): anyone may write them
 
 
 class _Conflict(Exception):
@@ -72,6 +83,8 @@ class _ObjectStore:
             data = self.fs.cat_file(self.path)
         except FileNotFoundError:
             return None, None
+        except IsADirectoryError:
+            raise _not_a_lease(self.path, "a folder") from None
         return _parse(data), data
 
     def swap(self, data: bytes | None, expected: Any) -> Any:
@@ -87,6 +100,15 @@ class _ObjectStore:
 
 class _LocalStore(_ObjectStore):
     """A local (or mounted) disk: the compare and the write under one exclusive flock."""
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        try:
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            return None, None
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end the read
+            raise _not_a_lease(self.path, "not a regular file")
+        return super().read()
 
     def swap(self, data: bytes | None, expected: Any) -> Any:
         folder = os.path.dirname(self.path)
@@ -155,13 +177,33 @@ def _store(output: OutputLayout) -> _ObjectStore:
     return _ObjectStore(output)
 
 
+def _not_a_lease(path: str, what: str) -> ImagemillError:
+    return ImagemillError(
+        f"{path} is {what}, not imagemill's lease file; remove it (no imagemill run uses it) and run again"
+    )
+
+
 def _parse(data: bytes) -> dict[str, Any]:
     """A lease record; an unreadable one is {} (no owner, no heartbeat: stale)."""
     try:
         record = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # JSON and UTF-8 errors; a file of nested brackets
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _seconds(value: Any) -> float | None:
+    """A lease field that must be a finite number of seconds, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _shown(value: Any) -> str:
+    """A lease field as a message may name it: one line, cut short."""
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text[:SHOWN_CHARS] + ("…" if len(text) > SHOWN_CHARS else "")
 
 
 def _boot_id() -> str | None:
@@ -180,8 +222,11 @@ def timeout_seconds() -> float:
         value = float(text) if text else DEFAULT_TIMEOUT_SECONDS
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise ImagemillError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds above 0; unset it or fix it")
+    if not 0 < value <= MAX_STALE_AFTER:  # NaN fails too
+        raise ImagemillError(
+            f"{TIMEOUT_ENV}={text!r} is not a number of seconds in (0, {MAX_STALE_AFTER:.0f}]; "
+            "unset it or fix it"
+        )
     return value
 
 
@@ -192,13 +237,42 @@ class LeaseView:
     record: dict[str, Any]
 
     @property
+    def run_id(self) -> Any:
+        """The run that holds the lease (anything: the file is anyone's to write; compare, never trust)."""
+        return self.record.get("run_id")
+
+    @property
+    def stale_after(self) -> float | None:
+        """The owner's lease timeout, where it is a believable number of seconds."""
+        value = _seconds(self.record.get("stale_after"))
+        return value if value is not None and 0 < value <= MAX_STALE_AFTER else None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the lease cannot be believed (it is then taken over as stale), or None."""
+        heartbeat = _seconds(self.record.get("heartbeat"))
+        if not self.record:
+            return "it does not read as a JSON object"
+        if heartbeat is None:
+            return f"its heartbeat {_shown(self.record.get('heartbeat'))!r} is not a number of seconds"
+        if self.stale_after is None:
+            return (
+                f"its stale_after {_shown(self.record.get('stale_after'))!r} is not a number of seconds "
+                f"in (0, {MAX_STALE_AFTER:.0f}]"
+            )
+        if heartbeat > time.time() + self.stale_after:
+            return f"its heartbeat is {heartbeat - time.time():.0f} s in the future"
+        return None
+
+    @property
     def age(self) -> float:
-        """Seconds since the owner's last heartbeat (infinite for an unreadable lease)."""
-        return time.time() - float(self.record.get("heartbeat", float("-inf")))
+        """Seconds since the owner's last heartbeat (infinite for a lease that cannot be believed)."""
+        heartbeat = _seconds(self.record.get("heartbeat"))
+        return math.inf if heartbeat is None or self.problem else time.time() - heartbeat
 
     @property
     def stale(self) -> bool:
-        return self.age > float(self.record.get("stale_after", DEFAULT_TIMEOUT_SECONDS))
+        return self.problem is not None or self.age > (self.stale_after or 0.0)
 
     @property
     def dead(self) -> bool:
@@ -213,7 +287,7 @@ class LeaseView:
             os.kill(int(self.record["pid"]), 0)
         except ProcessLookupError:
             return True
-        except (OSError, KeyError, TypeError, ValueError):  # alive under another user, or no pid
+        except (OSError, KeyError, TypeError, ValueError, OverflowError):  # another user's, or no pid
             return False
         return False
 
@@ -224,7 +298,8 @@ class LeaseView:
 
     def owner(self) -> str:
         r = self.record
-        return f"run {r.get('run_id', '?')} on host {r.get('host', '?')}, pid {r.get('pid', '?')}"
+        run, host, pid = (_shown(r.get(name, "?")) for name in ("run_id", "host", "pid"))
+        return f"run {run} on host {host}, pid {pid}"
 
 
 def read_lease(output: OutputLayout) -> LeaseView | None:
@@ -232,16 +307,6 @@ def read_lease(output: OutputLayout) -> LeaseView | None:
     store = _store(output)
     record, _ = retrying(store.read, f"reading {store.path}")
     return None if record is None else LeaseView(record)
-
-
-def check_owner(output: OutputLayout, run_id: str) -> None:
-    """Raise unless the output's lease names `run_id`: an actor's last check before a shard's commit."""
-    lease = read_lease(output)
-    if lease is None or lease.record.get("run_id") != run_id:
-        holder = "no run" if lease is None else lease.owner()
-        raise ImagemillError(
-            f"run {run_id} no longer owns {output.url} (its lease names {holder}); shard not committed"
-        )
 
 
 class OutputLease:
@@ -308,7 +373,7 @@ class OutputLease:
                 raise ImagemillError(
                     f"{self.output.url} is in use by another imagemill run: {current.owner()}, "
                     f"heartbeat {current.age:.0f} s ago. Wait for it to end or stop it (its lease is "
-                    f"taken over once its heartbeat is {current.record.get('stale_after')} s old), "
+                    f"taken over once its heartbeat is {current.stale_after:.0f} s old), "
                     "or choose another output path."
                 )
             try:
@@ -316,7 +381,7 @@ class OutputLease:
             except _Conflict:
                 continue  # another driver got there first: look again
             if current is not None:
-                why = "its process is gone" if current.dead else "its heartbeat stopped"
+                why = current.problem or ("its process is gone" if current.dead else "its heartbeat stopped")
                 log.warning(
                     "took over %s from %s (%s; last heartbeat %.0f s ago)",
                     self.output.url,
@@ -340,6 +405,10 @@ class OutputLease:
                 log.error(
                     "this run lost %s to %s; its shards will not be committed", self.output.url, self.lost_to
                 )
+                return
+            except ImagemillError as exc:  # `_lease.json` replaced by a folder or a FIFO: not ours any more
+                self.lost_to = f"an unreadable lease ({exc})"
+                log.error("this run lost %s: %s", self.output.url, exc)
                 return
             except OSError as exc:  # storage down for longer than the retries: try at the next beat
                 log.warning("could not refresh the lease on %s (%s); trying again", self.output.url, exc)

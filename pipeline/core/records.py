@@ -34,13 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.labels import merge_labels
+from imagemill.core.layout import OutputLayout
 from imagemill.core.stage_table import MODEL_STAGES  # the stages of `stage_seconds` the device is busy in
 
 log = logging.getLogger(__name__)
 
 
 if TYPE_CHECKING:
-    from imagemill.core.layout import OutputLayout
+    from imagemill.core.write_gate import ShardAttempt
 
 # Scores are 100 × cosine similarity; CLIP ViT-L/14 gives real text-image pairs about 15..40, so bins
 # of one point show the shape without making the stats large (a histogram is stored sparse).
@@ -320,9 +321,20 @@ class ShardStats(StoredRecord):
         return sum(self.stage_seconds.get(stage, 0.0) for stage in MODEL_STAGES)
 
 
-def write_shard_stats(output: OutputLayout, stats: ShardStats) -> None:
-    """Write a shard's stats: its commit."""
-    output.write_whole(output.stats_path(stats.shard_id), stats.record_bytes())
+def commit_shard(attempt: ShardAttempt, stats: ShardStats) -> ShardStats:
+    """Publish a shard attempt's files and then its stats, create-only: its commit (core/write_gate.py).
+    Returns the stats committed: these, or those of this run's earlier attempt at the shard that
+    committed and whose answer was lost (an actor that died right after), which stand."""
+    path = OutputLayout.stats_path(stats.shard_id)
+
+    def ours(data: bytes) -> bool:
+        committed = read_record(ShardStats, path, data, warn=False)
+        return stats.run_id is not None and committed is not None and committed.run_id == stats.run_id
+
+    existing = attempt.commit(path, stats.record_bytes(), ours)
+    committed = stats if existing is None else read_record(ShardStats, path, existing, warn=False)
+    assert committed is not None  # `ours` read it
+    return committed
 
 
 def _stored_stats(output: OutputLayout) -> dict[str, bytes]:

@@ -19,6 +19,7 @@ import torch
 
 from imagemill.core.evaluation_results import LeakagePair, LeakageResult
 from imagemill.core.layout import LEAKAGE, OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
 from imagemill.evaluation.metric import StateKind, StreamedShards, StreamsShards
@@ -82,7 +83,7 @@ class Leakage(StreamsShards):
     against the reference's features and writes it."""
 
     state: ClassVar[StateKind] = "shards"
-    output: OutputLayout
+    output: OwnedOutput  # written through the gate (core/write_gate.py)
     reference: Reference
     source: str  # `evaluation.reference`, as the stamp names the reference
     threshold: float
@@ -90,11 +91,11 @@ class Leakage(StreamsShards):
 
     def compute(self) -> LeakageResult:
         basis = {"shards": self.streamed.shards, "threshold": self.threshold, "reference": self.source}
-        table = read_stamped(self.output, LEAKAGE, basis)
+        table = read_stamped(self.output.layout, LEAKAGE, basis)
         if table is None:
             method = search_method(self.streamed.images)
             table = find_leakage(
-                self.output, list(self.streamed.shards), self.reference, self.threshold, method
+                self.output.layout, list(self.streamed.shards), self.reference, self.threshold, method
             )
             write_stamped(self.output, LEAKAGE, table, basis)
         return LeakageResult(

@@ -32,6 +32,7 @@ import torch
 
 from imagemill.core.evaluation_results import DuplicatePair, NearDuplicatesResult
 from imagemill.core.layout import DUPLICATES, OutputLayout
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.distribution_metrics import unit_rows
 from imagemill.evaluation.embedding_passes import read_shard_embeddings
 from imagemill.evaluation.metric import StateKind, StreamedShards, StreamsShards
@@ -167,16 +168,19 @@ class NearDuplicates(StreamsShards):
     was made from the same basis (those shards and the threshold), else finds them and writes it."""
 
     state: ClassVar[StateKind] = "shards"
-    output: OutputLayout
+    output: OwnedOutput  # written through the gate (core/write_gate.py)
     threshold: float
     streamed: StreamedShards = StreamedShards()
 
     def compute(self) -> NearDuplicatesResult:
         basis = {"shards": self.streamed.shards, "threshold": self.threshold}
-        table = read_stamped(self.output, DUPLICATES, basis)
+        table = read_stamped(self.output.layout, DUPLICATES, basis)
         if table is None:
             table = find_duplicates(
-                self.output, list(self.streamed.shards), self.threshold, search_method(self.streamed.images)
+                self.output.layout,
+                list(self.streamed.shards),
+                self.threshold,
+                search_method(self.streamed.images),
             )
             write_stamped(self.output, DUPLICATES, table, basis)
         firsts: dict[int, dict[str, Any]] = {}

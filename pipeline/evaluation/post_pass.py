@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 
 from imagemill.core.evaluation_results import EvaluationResults
-from imagemill.core.layout import OutputLayout
 from imagemill.core.records import ShardStats
 from imagemill.core.spec import JobSpec
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.embedding_passes import LabelledSamples
 from imagemill.evaluation.feature_metrics import FrechetDistance, InceptionScore
 from imagemill.evaluation.leakage import Leakage
@@ -40,13 +40,15 @@ from imagemill.evaluation.sample_metrics import Diversity, KernelDistance
 from imagemill.evaluation.score_distribution import clip_score_distribution
 
 
-def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStats]) -> EvaluationResults:
-    """The dataset's numbers, for `_job.json`'s `evaluation` and the report's dataset section."""
+def evaluate(spec: JobSpec, owned: OwnedOutput, committed: dict[str, ShardStats]) -> EvaluationResults:
+    """The dataset's numbers, for `_job.json`'s `evaluation` and the report's dataset section; its
+    files are written through `owned` (core/write_gate.py)."""
+    output = owned.layout
     settings = spec.evaluation
     assert settings is not None
     reference = None
     if settings.reference is not None:
-        reference = load_reference(settings, output, "cuda" if torch.cuda.is_available() else "cpu")
+        reference = load_reference(settings, owned, "cuda" if torch.cuda.is_available() else "cpu")
     label_samples = LabelledSamples(settings.diversity_sample, settings.diversity_sample, settings.seed)
     metrics = (
         FrechetDistance(reference),
@@ -55,10 +57,10 @@ def evaluate(spec: JobSpec, output: OutputLayout, committed: dict[str, ShardStat
             reference, LabelledSamples(settings.kid_sample, settings.diversity_sample, settings.seed)
         ),
         Diversity(label_samples),
-        NearDuplicates(output, settings.duplicate_threshold),
+        NearDuplicates(owned, settings.duplicate_threshold),
     )
     if reference is not None and settings.leakage:
-        metrics += (Leakage(output, reference, settings.reference, settings.duplicate_threshold),)
+        metrics += (Leakage(owned, reference, settings.reference, settings.duplicate_threshold),)
     finished = {shard_id: stats.finished_at for shard_id, stats in committed.items()}
     fid, inception, kid, diversity, duplicates, *leakage = merge_over(metrics, read_shards(output, finished))
     scored = bool(spec.scoring)

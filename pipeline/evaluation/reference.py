@@ -22,9 +22,10 @@ import torch
 from imagemill.core.errors import ImagemillError
 from imagemill.core.features import FeatureSums, embedding_matrix, embeddings_table
 from imagemill.core.images import InvalidImage, decode_image
-from imagemill.core.layout import REFERENCE_FEATURES, OutputLayout
+from imagemill.core.layout import REFERENCE_FEATURES
 from imagemill.core.spec import EvaluationSpec
 from imagemill.core.storage import filesystem
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.evaluation.stamped import read_stamped, write_stamped
 from imagemill.workers.actors import feature_model
 
@@ -57,14 +58,14 @@ def _from_features(features: np.ndarray, images: pa.Table) -> Reference:
     return Reference(*sums.mean_cov(), features, images)
 
 
-def load_reference(spec: EvaluationSpec, output: OutputLayout, device: str) -> Reference:
+def load_reference(spec: EvaluationSpec, output: OwnedOutput, device: str) -> Reference:
     """The reference's statistics, from its `.npz`, from the output's cache, or embedded now (and cached)."""
     assert spec.reference is not None
     fs, path = filesystem(spec.reference, spec.reference_storage_options)
     if path.endswith(".npz"):
         return _clean_fid_statistics(fs, path, spec.reference)
     basis = {"reference": spec.reference, "label_column": spec.reference_label_column}
-    table = read_stamped(output, REFERENCE_FEATURES, basis)
+    table = read_stamped(output.layout, REFERENCE_FEATURES, basis)
     if table is None:
         names, rows, labels, images = _images(fs, path, spec.reference, spec.reference_label_column)
         features = _embed(spec, images, device)

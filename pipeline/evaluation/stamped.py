@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagemill.core.layout import OutputLayout, parquet_bytes
+from imagemill.core.write_gate import OwnedOutput
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def read_stamped(output: OutputLayout, name: str, basis: dict[str, Any]) -> pa.T
         return None
 
 
-def write_stamped(output: OutputLayout, name: str, table: pa.Table, basis: dict[str, Any]) -> pa.Table:
+def write_stamped(output: OwnedOutput, name: str, table: pa.Table, basis: dict[str, Any]) -> pa.Table:
     """Write the table as the output's file `name`, whole, stamped with its basis; returns it stamped."""
     table = table.replace_schema_metadata({b"imagemill": stamp_of(basis)})
     output.write_whole(name, parquet_bytes(table))

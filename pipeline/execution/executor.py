@@ -15,6 +15,7 @@ from imagemill.core.device_ledger import FailedAttempt
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.budget import Budget
 
 
@@ -47,7 +48,8 @@ def _ignore(live: Live) -> None:
 class ShardWork:
     """What an executor is given: the shards left of one run and where to report on them.
 
-    `run_id`: the run that holds the output's lease (workers check it before each commit);
+    `output`: the output as this run holds it (core/write_gate.py): workers write through it, and the
+    executor calls its `check()` before it hands out shards, so a run that lost its lease stops at once;
     `on_ready`: call once the model has loaded, before any shard starts, with the spec the run uses
     (`workers.batch_size: auto` resolved); a model that does not load raises instead, leaving no record;
     `on_committed`: each shard's stats once it has committed (the progress bar and log follow it);
@@ -60,7 +62,7 @@ class ShardWork:
     """
 
     spec: JobSpec
-    run_id: str
+    output: OwnedOutput
     shards: list[Shard]
     budget: Budget
     on_ready: Callable[[JobSpec], None]

@@ -32,11 +32,12 @@ from imagemill.core.records import ShardStats, committed_shards, shard_totals
 from imagemill.core.schedulers import check_scheduler
 from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import JobSpec
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.budget import Budget
 from imagemill.execution.executor import ShardExecutor, ShardFailure, ShardWork
 from imagemill.execution.progress import RunProgressTracker, progress_display, progress_seconds
 from imagemill.execution.scheduler import run_on_ray
-from imagemill.output.claim import claim_output
+from imagemill.output.claim import claim_output, clear_unfinished
 from imagemill.output.location import check_output_location
 from imagemill.planning.auto_batch import with_recorded_batch_size
 from imagemill.planning.auto_cut import auto_rows_per_shard, recorded_rows_per_shard
@@ -190,11 +191,14 @@ def _run_owned(
     redo_changed: bool,
     executor: ShardExecutor,
 ) -> JobResult:
-    """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe)."""
+    """The job, run while `lease` makes this run the output's only owner (so --overwrite is safe); every
+    write into the output goes through `owned`, which checks that it still is (core/write_gate.py)."""
+    owned = OwnedOutput(output, lease.run_id)
     spec = with_recorded_batch_size(spec, output, overwrite)
-    claim_output(spec, output, plan, overwrite)
+    claim_output(spec, owned, plan, overwrite)
+    owned.clean_attempts()  # shard attempts of runs that are gone or were taken over
     stored = committed_shards(output)
-    redone = reconcile_inputs(output, plan, stored, redo_changed)
+    redone = reconcile_inputs(owned, plan, stored, redo_changed)
     plan = resume_whole_group_shards(plan, set(stored) - redone)
     planned = {shard.shard_id for shard in plan.shards} - redone  # redone: deleted just now
     committed = {shard_id: stats for shard_id, stats in stored.items() if shard_id in planned}
@@ -203,6 +207,7 @@ def _run_owned(
     ledger = read_ledger(output, committed.values())
     budget = Budget(spec.workers, ledger)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
+    clear_unfinished(owned, {shard.shard_id for shard in todo})
     failures = [
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
     ]
@@ -234,8 +239,8 @@ def _run_owned(
         record.ready_at = datetime.now(UTC).isoformat()
         previous = read_job_record(output)  # the record this one replaces: its runs go on in this one
         record.runs = previous.carried_runs(committed.values()) if previous else []
-        write_job_record(output, record)
-        output.remove(SUCCESS_MARKER)
+        write_job_record(owned, record)
+        owned.remove(SUCCESS_MARKER)
         record_written = True  # from now on an interrupted run says so in the record
 
     def commit(stats: ShardStats) -> None:
@@ -243,14 +248,12 @@ def _run_owned(
         ledger.add_committed(stats)  # the budget counts it from now on
 
     def attempt_failed(shard_id: str, attempt: FailedAttempt) -> None:
-        record_failed_attempt(output, shard_id, attempt)  # kept for later runs' budget
+        record_failed_attempt(owned, shard_id, attempt)  # kept for later runs' budget
         ledger.add_failed(shard_id, attempt)
 
     try:
         if todo and not budget.reached():
-            work = ShardWork(
-                spec, lease.run_id, todo, budget, start_record, commit, failures.append, attempt_failed
-            )
+            work = ShardWork(spec, owned, todo, budget, start_record, commit, failures.append, attempt_failed)
             _execute(work, executor, lease, committed, shards_total, rows_total, progress)
         else:  # nothing to run, or the budget was reached by earlier runs
             start_record(spec)
@@ -259,7 +262,7 @@ def _run_owned(
         # #64830): an end slower than that (the record and report on a slow store) died as SIGABRT.
         signal.alarm(0)
         if record_written:
-            _end_record(output, lease, record, committed, ledger, failures, INTERRUPTED)
+            _end_record(owned, lease, record, committed, ledger, failures, INTERRUPTED)
         raise
     result = _result(spec, committed, ledger, failures, shards_total, rows_total, started, done_before)
     result.budget_stop = budget.reached()
@@ -267,10 +270,11 @@ def _run_owned(
         # Imported here: the post-pass needs torch, which would add 2 s to every `imagemill` start.
         from imagemill.evaluation.post_pass import evaluate
 
-        record.evaluation = evaluate(spec, output, committed)
-    _end_record(output, lease, record, committed, ledger, failures, result.state)
+        record.evaluation = evaluate(spec, owned, committed)
+    owned.clean_attempts()  # this run's: its shards are all committed or given up
+    _end_record(owned, lease, record, committed, ledger, failures, result.state)
     if result.state == COMPLETE:
-        output.write_bytes(SUCCESS_MARKER, b"")
+        owned.write_whole(SUCCESS_MARKER, b"")
     return result
 
 
@@ -352,7 +356,7 @@ def _result(
 
 
 def _end_record(
-    output: OutputLayout,
+    output: OwnedOutput,
     lease: OutputLease,
     record: JobRecord,
     committed: dict[str, ShardStats],

@@ -30,6 +30,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.budget import Budget
 from imagemill.execution.executor import Live, ShardFailure, ShardWork
 from imagemill.execution.expanders import start_expanders, stop_expanders
@@ -56,7 +57,7 @@ class RayExecutor:
     def __call__(self, work: ShardWork) -> None:
         _connect_ray()
         with serving_pieces(work.spec, work.shards) as served:
-            scheduler = ShardScheduler(work.spec, work.run_id, on_ready=work.on_ready, budget=work.budget)
+            scheduler = ShardScheduler(work.spec, work.output, on_ready=work.on_ready, budget=work.budget)
             for failure in scheduler.run(served, work.on_committed, work.on_attempt_failed, work.on_progress):
                 work.on_failed(failure)
 
@@ -141,17 +142,19 @@ class ShardScheduler:
     def __init__(
         self,
         spec: JobSpec,
-        run_id: str,
+        output: OwnedOutput,
         on_ready: Callable[[JobSpec], None],
         budget: Budget | None = None,
     ):
-        """`run_id`: the run that holds the output's lease, checked by actors before each commit;
+        """`output`: the output as this run holds it: checked before shards are handed out (a run that
+        lost its lease stops at once) and by the actors before each shard and commit (its `run_id`);
         `on_ready`: called once the first workers have loaded the model, before any shard starts,
         with the spec the run uses (`workers.batch_size: auto` resolved by the first actor);
         `budget`: once it is reached no new shard is handed out (imagemill.execution.budget)."""
         self.spec = spec
         self.budget = budget
-        self.run_id = run_id
+        self.output = output
+        self.run_id = output.run_id
         self.on_ready = on_ready
         uses_gpu = _uses_gpu(spec)
         self.actor_class = ray.remote(ShardWorkerActor)
@@ -215,7 +218,7 @@ class ShardScheduler:
         stop_expanders(self.expanders)
         raise ImagemillError(
             f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
-            f"(full traceback: {_save_load_error(exc, self.run_id)})"
+            f"(full traceback: {_save_load_error(exc, self.run_id or self.run_token)})"
         ) from None
 
     def _report(self, on_progress: Callable[[Live], None], now: bool = False) -> None:
@@ -256,28 +259,31 @@ class ShardScheduler:
         self.share = math.ceil(len(shards) / max(len(self.starting), 1))
         self._report(on_progress, now=True)  # "loading the model on N workers…" at once
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
-        self._feed_all()
-        while self.tasks or (self._to_hand_out() and self.starting):
-            ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=self.report_every)
-            self._grow_with_cluster()
-            self._report(on_progress)
-            if not ready:
-                self._feed_all()  # the fair share may have lapsed (SHARE_WAIT_SECONDS)
-                continue
-            [ref] = ready
-            if ref in self.starting:
-                self._join(ref)
-            else:
-                self._finish(ref, on_done)
+        try:
             self._feed_all()
-            if self._to_hand_out() and not self.alive and not self.starting:
-                raise ImagemillError(
-                    f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
-                    "were not run. Run the same command again to resume."
-                )
-        for actor in [*self.alive, *self.starting.values(), *([self.tally] if self.tally else [])]:
-            ray.kill(actor)
-        stop_expanders(self.expanders)
+            while self.tasks or (self._to_hand_out() and self.starting):
+                ready, _ = ray.wait([*self.tasks, *self.starting], num_returns=1, timeout=self.report_every)
+                self.output.check()  # a run that lost its lease (a driver paused past it) stops here
+                self._grow_with_cluster()
+                self._report(on_progress)
+                if not ready:
+                    self._feed_all()  # the fair share may have lapsed (SHARE_WAIT_SECONDS)
+                    continue
+                [ref] = ready
+                if ref in self.starting:
+                    self._join(ref)
+                else:
+                    self._finish(ref, on_done)
+                self._feed_all()
+                if self._to_hand_out() and not self.alive and not self.starting:
+                    raise ImagemillError(
+                        f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
+                        "were not run. Run the same command again to resume."
+                    )
+        finally:  # also when the run stops on a lost lease: its actors start nothing more
+            for actor in [*self.alive, *self.starting.values(), *([self.tally] if self.tally else [])]:
+                ray.kill(actor)
+            stop_expanders(self.expanders)
         return self.failures
 
     def _to_hand_out(self) -> bool:
@@ -287,7 +293,10 @@ class ShardScheduler:
     def _feed_all(self) -> None:
         """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out, one
         shard at a time to the actor with the fewest running (an idle one first: a worker that just
-        joined gets work before another's second shard)."""
+        joined gets work before another's second shard), after checking that this run still holds the
+        output."""
+        if self._to_hand_out():
+            self.output.check()
         while self._to_hand_out():
             open_actors = [
                 actor

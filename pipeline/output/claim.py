@@ -29,6 +29,7 @@ from imagemill.core.device_ledger import attempted_shard_ids
 from imagemill.core.errors import ImagemillError
 from imagemill.core.job_record import read_job_record
 from imagemill.core.layout import (
+    ATTEMPTS_FOLDER,
     IMAGE_FOLDERS,
     JOB_RECORD,
     LEASE_FILE,
@@ -40,7 +41,8 @@ from imagemill.core.layout import (
 from imagemill.core.records import OutdatedRecord, stats_shard_ids
 from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import JobSpec
-from imagemill.core.storage import remove_files, remove_folder_if_empty, temporary_target
+from imagemill.core.storage import temporary_target
+from imagemill.core.write_gate import OwnedOutput
 
 log = logging.getLogger(__name__)
 IMAGE_FOLDER = IMAGE_FOLDERS["files"]  # a folder per shard
@@ -48,8 +50,10 @@ OWN_FOLDERS = (IMAGE_FOLDER, *SHARD_FILE_SUFFIXES)  # the folders imagemill writ
 SHOWN_FOREIGN = 3  # entries named in the refusal
 
 
-def claim_output(spec: JobSpec, output: OutputLayout, plan: ShardPlan, overwrite: bool) -> None:
-    """Check that this job may write into its output, and with `overwrite` delete a previous job's files."""
+def claim_output(spec: JobSpec, owned: OwnedOutput, plan: ShardPlan, overwrite: bool) -> None:
+    """Check that this job may write into its output, and with `overwrite` delete a previous job's
+    files (through the write gate, `owned`)."""
+    output = owned.layout
     shard_ids = {shard.shard_id for shard in plan.shards}
     try:
         previous = read_job_record(output)
@@ -69,7 +73,7 @@ def claim_output(spec: JobSpec, output: OutputLayout, plan: ShardPlan, overwrite
                 "output and start again, or choose another output path."
             )
     if overwrite:
-        _delete_previous_output(output, shard_ids)
+        _delete_previous_output(owned, shard_ids)
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -91,7 +95,7 @@ def _is_own_entry(folder: str, name: str, is_folder: bool, shard_ids: set[str]) 
     if folder == IMAGE_FOLDER:
         return is_folder and name in shard_ids
     if is_folder:
-        return not folder and name in OWN_FOLDERS
+        return not folder and name in (*OWN_FOLDERS, ATTEMPTS_FOLDER)
     name = temporary_target(name) or name
     if not folder:
         return name in (*MARKERS, LEASE_FILE, SUBMITTED)
@@ -138,10 +142,11 @@ def _shard_files(output: OutputLayout, shard_id: str, committed: bool) -> list[s
     return [path for path in named if path in own or path.rpartition("/")[0] == folder] + sorted(own)
 
 
-def delete_shards(output: OutputLayout, shard_ids: list[str], committed: set[str]) -> None:
+def delete_shards(owned: OwnedOutput, shard_ids: list[str], committed: set[str]) -> None:
     """Delete these shards' files: their images (or tar or data file), then metadata, then stats, so
     whatever an interrupted delete leaves is still named. `committed`: those whose metadata names
     their files; the others lose every file of their image folder."""
+    output = owned.layout
     with ThreadPoolExecutor(max_workers=16) as pool:
         listed = pool.map(lambda shard_id: _shard_files(output, shard_id, shard_id in committed), shard_ids)
         files = [path for paths in listed for path in paths]
@@ -155,12 +160,29 @@ def delete_shards(output: OutputLayout, shard_ids: list[str], committed: set[str
         [OutputLayout.metadata_path(shard_id) for shard_id in shard_ids],
         [OutputLayout.stats_path(shard_id) for shard_id in shard_ids],
     ):
-        remove_files(output.fs, [output.path(relative) for relative in batch])
+        owned.remove_files(batch)
     for shard_id in shard_ids:
-        remove_folder_if_empty(output.fs, output.path(f"{IMAGE_FOLDER}/{shard_id}"))
+        owned.remove_folder_if_empty(f"{IMAGE_FOLDER}/{shard_id}")
 
 
-def _delete_previous_output(output: OutputLayout, planned: set[str]) -> None:
+def clear_unfinished(owned: OwnedOutput, shard_ids: set[str]) -> None:
+    """Delete what these uncommitted shards left at their final paths (a commit cut short publishes
+    some files and no stats), so that their next attempt publishes into free paths: a commit never
+    replaces a file (imagemill.core.write_gate). One listing per folder finds them."""
+    output = owned.layout
+    present = {
+        name if folder == IMAGE_FOLDER else name.removesuffix(SHARD_FILE_SUFFIXES[folder])
+        for folder in OWN_FOLDERS
+        for name, is_folder in output.entries(folder).items()
+        if is_folder == (folder == IMAGE_FOLDER)
+    }
+    if leftovers := sorted(present & shard_ids):
+        log.info("deleting what %d unfinished shards left in %s", len(leftovers), output.url)
+        delete_shards(owned, leftovers, committed=set())
+
+
+def _delete_previous_output(owned: OwnedOutput, planned: set[str]) -> None:
+    output = owned.layout
     committed = stats_shard_ids(output)
     attempted = attempted_shard_ids(output)  # the previous job's failed attempts are its own spending
     shard_ids = sorted(planned | committed | attempted)
@@ -170,11 +192,11 @@ def _delete_previous_output(output: OutputLayout, planned: set[str]) -> None:
         for name in output.entries(folder)
         if temporary_target(name) and _is_own_entry(folder, name, False, set(shard_ids))
     ]
-    delete_shards(output, shard_ids, committed)
-    remove_files(output.fs, [output.path(OutputLayout.attempts_path(shard_id)) for shard_id in attempted])
+    delete_shards(owned, shard_ids, committed)
+    owned.remove_files([OutputLayout.attempts_path(shard_id) for shard_id in attempted])
     # The job record last: whatever an interrupted delete leaves is still named.
     for batch in (temporaries, [name for name in MARKERS if name != JOB_RECORD], [JOB_RECORD]):
-        remove_files(output.fs, [output.path(relative) for relative in batch])
+        owned.remove_files(batch)
     for folder in OWN_FOLDERS:
-        remove_folder_if_empty(output.fs, output.path(folder))
+        owned.remove_folder_if_empty(folder)
     log.info("deleted the previous job's output at %s (%d shards)", output.url, len(shard_ids))

@@ -21,6 +21,7 @@ from imagemill.core.job_record import JobRecord, read_job_record
 from imagemill.core.layout import OutputLayout
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import ShardPlan
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.output.claim import delete_shards
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,11 @@ def counted(record: JobRecord, stats: dict[str, ShardStats]) -> list[ShardStats]
 
 
 def reconcile_inputs(
-    output: OutputLayout, plan: ShardPlan, stored: dict[str, ShardStats], redo_changed: bool
+    owned: OwnedOutput, plan: ShardPlan, stored: dict[str, ShardStats], redo_changed: bool
 ) -> set[str]:
     """Compare the plan's input files with those the previous run recorded; returns the ids of the
     committed shards deleted for `redo_changed`. Refuses a changed file otherwise, in one line."""
+    output = owned.layout
     record = read_job_record(output, warn=False)
     previous = record.input_footers if record is not None else {}
     for url in sorted(set(previous) - set(plan.files)):
@@ -55,8 +57,8 @@ def reconcile_inputs(
             "differs); restore it, or run with --redo-changed to generate that file's rows again"
         )
     shard_ids = sorted(redo)
-    for shard_id in shard_ids:  # uncommitted first: a redo cut short leaves shards to redo, never gaps
-        output.remove(OutputLayout.stats_path(shard_id))
-    delete_shards(output, shard_ids, committed=set(shard_ids))
+    # uncommitted first: a redo cut short leaves shards to redo, never gaps
+    owned.remove_files([OutputLayout.stats_path(shard_id) for shard_id in shard_ids])
+    delete_shards(owned, shard_ids, committed=set(shard_ids))
     log.warning("input changed: generating %d shards of %d files again", len(redo), len(changed))
     return redo

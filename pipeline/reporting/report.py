@@ -20,7 +20,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.evaluation_results import EvaluationResults
 from imagemill.core.job_record import JobRecord, RunEntry, read_job_record
 from imagemill.core.labels import LABELS_SHOWN, STATUSES
-from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON, OutputLayout
+from imagemill.core.layout import JOB_RECORD, REPORT_HTML, REPORT_JSON
 from imagemill.core.records import (
     EXAMPLES_PER_REASON,
     Sample,
@@ -32,6 +32,7 @@ from imagemill.core.records import (
 )
 from imagemill.core.stage_table import MODEL_STAGES
 from imagemill.core.stage_table import STAGE_LABELS as ACTOR_STAGE_LABELS
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.planning.inputs import counted
 from imagemill.reporting.report_dataset import dataset_results, dataset_tables
 
@@ -46,8 +47,10 @@ NONE = '<p class="none">none</p>'
 STAGE_LABELS = {"read": ACTOR_STAGE_LABELS["read"], "expand": "prompt expansion"} | ACTOR_STAGE_LABELS
 
 
-def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
-    """Write report.json and report.html at the output root; returns what report.json holds."""
+def write_report(owned: OwnedOutput, max_samples: int = 48) -> dict[str, Any]:
+    """Write report.json and report.html at the output root (through the write gate, `owned`); returns
+    what report.json holds."""
+    output = owned.layout
     record = read_job_record(output)
     if record is None:
         raise ImagemillError(f"no imagemill job found at {output.url} (it has no readable {JOB_RECORD})")
@@ -56,8 +59,8 @@ def write_report(output: OutputLayout, max_samples: int = 48) -> dict[str, Any]:
     samples = pick_samples(shards, max_samples)
     report = build_report(record, shards, samples, read_ledger(output, shards))
     thumbnails = [sample.thumbnail for _, sample in samples]
-    output.write_json(REPORT_JSON, report)
-    output.write_whole(REPORT_HTML, render_html(report, thumbnails).encode())
+    owned.write_json(REPORT_JSON, report)
+    owned.write_whole(REPORT_HTML, render_html(report, thumbnails).encode())
     return report
 
 

@@ -54,15 +54,19 @@ def _run_on(
     on_attempt_failed: Callable[[str, FailedAttempt], None] | None = None,
     run_id: str = "in-process",
     report: Callable[[], None] = lambda: None,
+    check: Callable[[], None] = lambda: None,
 ) -> None:
     """The shards on `worker`, SHARDS_PER_ACTOR calls at a time in plan order, none started once
-    `budget` is reached (as the scheduler feeds an actor); an error in a shard is raised here, as the
-    shard raised it, once `on_attempt_failed` has its device time. `report` is called at least every
-    `poll_seconds()` while shards run."""
+    `budget` is reached or after `check` raises (the run lost its output's lease), as the scheduler
+    feeds an actor; an error in a shard is raised here, as the shard raised it, once
+    `on_attempt_failed` has its device time. `report` is called at least every `poll_seconds()` while
+    shards run."""
     queue = deque(shards)
     running: dict[Future[ShardStats], Shard] = {}
     with ThreadPoolExecutor(SHARDS_PER_ACTOR) as calls:
         while True:
+            if queue:
+                check()
             while queue and len(running) < SHARDS_PER_ACTOR and not (budget and budget.reached()):
                 shard = queue.popleft()
                 running[calls.submit(worker.process_shard, shard)] = shard
@@ -110,7 +114,7 @@ class InThisProcess:
     def __call__(self, work: ShardWork) -> None:
         drawn: dict[str, int] = {}
         work.on_progress(Live(workers_loading=1, workers_ready=0))
-        worker = load_worker(work.spec, work.run_id, drawn.__setitem__)
+        worker = load_worker(work.spec, work.output.run_id, drawn.__setitem__)
         work.on_ready(worker.spec)
 
         def committed(stats: ShardStats) -> None:
@@ -120,7 +124,16 @@ class InThisProcess:
         def report() -> None:
             work.on_progress(Live(workers_loading=0, workers_ready=1, drawn=dict(drawn)))
 
-        _run_on(worker, work.shards, committed, work.budget, work.on_attempt_failed, work.run_id, report)
+        _run_on(
+            worker,
+            work.shards,
+            committed,
+            work.budget,
+            work.on_attempt_failed,
+            work.output.run_id or "in-process",
+            report,
+            work.output.check,
+        )
 
     def workers(self, spec: JobSpec) -> int:
         return 1

@@ -25,6 +25,7 @@ from imagemill.core.features import JOB_WIDE, FeatureSums, embeddings_table, sum
 from imagemill.core.inception_score import ClassSums
 from imagemill.core.layout import OutputLayout, parquet_bytes
 from imagemill.core.spec import EvaluationSpec, JobSpec
+from imagemill.core.write_gate import ShardAttempt
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput
@@ -128,15 +129,14 @@ class FeatureStage:
 
 
 def write_features(
-    output: OutputLayout,
-    shard_id: str,
+    attempt: ShardAttempt,
     ids: list[str],
     labels: list[str | None],
     features: np.ndarray,
     model: FeatureModel,
 ) -> None:
     """A shard's embeddings file and feature-sums file (job-wide and per label, with the Inception
-    Score's sums when the model has a classifier head), written whole."""
+    Score's sums when the model has a classifier head), staged in the shard's attempt."""
     logits = model.class_logits(features)
     groups = {JOB_WIDE: list(range(len(ids)))}
     for label in sorted({label for label in labels if label is not None}):
@@ -148,8 +148,7 @@ def write_features(
         if logits is not None:
             sums[label].classes = ClassSums.of_logits(logits[rows])
     for path, table in (
-        (OutputLayout.embeddings_path(shard_id), embeddings_table(ids, labels, features)),
-        (OutputLayout.feature_stats_path(shard_id), sums_table(sums)),
+        (OutputLayout.embeddings_path(attempt.shard_id), embeddings_table(ids, labels, features)),
+        (OutputLayout.feature_stats_path(attempt.shard_id), sums_table(sums)),
     ):
-        output.fs.makedirs(output.path(path.rpartition("/")[0]), exist_ok=True)
-        output.write_bytes(path, parquet_bytes(table))
+        attempt.write(path, parquet_bytes(table))
