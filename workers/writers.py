@@ -115,14 +115,8 @@ class BufferedWriter(ShardWriter):
 
     path_of: Callable[[str], str]  # the shard's file, from its id
 
-    def __init__(
-        self,
-        attempt: ShardAttempt,
-        extension: str,
-        publication: Publication,
-        carried: Carried | None = None,
-    ):
-        super().__init__(attempt, extension, publication, carried)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.path = self.path_of(self.shard_id)
         self._rows: dict[int, tuple[MetadataRow, bytes]] = {}
         self._lock = threading.Lock()

@@ -19,7 +19,7 @@ Threads (why the device does not wait on the host):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
@@ -106,3 +106,19 @@ class BatchStage(Stage, Protocol):
     """A `device`-thread stage run on each chunk of draws, in table order."""
 
     def run(self, batch: DrawBatch) -> None: ...
+
+
+class ModelStage:
+    """A stage that is one model loaded from its spec section: built by `load(settings, device)` when
+    the job's spec has the section `section` (scoring's CLIP, the evaluation's feature model)."""
+
+    section: ClassVar[str]
+    load: ClassVar[Callable[[Any, str], Any]]  # the model's class, from (its section, the device)
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
+        settings = getattr(spec, cls.section)
+        return None if settings is None else cls(cls.load(settings, context.device))

@@ -16,7 +16,7 @@ same batch pass as the CLIP score and before the copy back, so later passes read
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, Self
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,12 +24,12 @@ import torch
 from imagemill.core.features import JOB_WIDE, FeatureSums, embeddings_table, sums_table
 from imagemill.core.inception_score import ClassSums
 from imagemill.core.layout import OutputLayout, parquet_bytes
-from imagemill.core.spec import EvaluationSpec, JobSpec
+from imagemill.core.spec import EvaluationSpec
 from imagemill.core.write_gate import ShardAttempt
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput
-from imagemill.workers.stages.contract import DrawBatch, StageContext
+from imagemill.workers.stages.contract import DrawBatch, ModelStage
 from imagemill.workers.stages.inception import InceptionFeatures
 
 
@@ -103,22 +103,17 @@ class FeatureModel:
         return None if head is None else head(features)
 
 
-class FeatureStage:
+class FeatureStage(ModelStage):
     """The `features` stage: each draw's embedding by the feature model, kept for the written image
     and written before the shard's commit (`write_features`)."""
 
     section = "evaluation"
+    load = FeatureModel
+    model: FeatureModel
     needs = ("images",)
     adds = ("features",)
     changes_pixels = False
     columns = ()
-
-    def __init__(self, model: FeatureModel):
-        self.model = model
-
-    @classmethod
-    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
-        return cls(FeatureModel(spec.evaluation, context.device)) if spec.evaluation else None
 
     def run(self, batch: DrawBatch) -> None:
         live = batch.live  # a dropped draw is embedded by no one

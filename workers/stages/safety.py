@@ -122,7 +122,7 @@ class SafetyStage:
         if spec.safety is None:
             return None
         scoring = context.built.get("score")
-        scorer = scoring.scorer if isinstance(scoring, ScoringStage) else None
+        scorer = scoring.model if isinstance(scoring, ScoringStage) else None
         return cls(SafetyChecker(spec.safety, context.device, scorer), spec.safety.final_policy)
 
     def run(self, batch: DrawBatch) -> None:

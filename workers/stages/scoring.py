@@ -13,16 +13,14 @@ checker, which uses them instead of computing its own when its CLIP vision tower
 
 from __future__ import annotations
 
-from typing import Self
-
 import torch
 import torch.nn.functional as F
 
-from imagemill.core.spec import JobSpec, ScoringSpec
+from imagemill.core.spec import ScoringSpec
 from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.clip_input import ClipImageInput
-from imagemill.workers.stages.contract import DrawBatch, StageContext
+from imagemill.workers.stages.contract import DrawBatch, ModelStage
 from imagemill.workers.text_cache import TextEmbeddingCache
 
 
@@ -66,22 +64,17 @@ class ClipScorer:
         return (100 * cosine).tolist()
 
 
-class ScoringStage:
+class ScoringStage(ModelStage):
     """The `score` stage: each draw's CLIP score, and the image embeddings the safety stage may reuse."""
 
     section = "scoring"
+    load = ClipScorer
+    model: ClipScorer
     needs = ("images", "rows")
     adds = ("clip_embeddings", "clip_scores")
     changes_pixels = False
     columns = ("clip_score",)
 
-    def __init__(self, scorer: ClipScorer):
-        self.scorer = scorer
-
-    @classmethod
-    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
-        return cls(ClipScorer(spec.scoring, context.device)) if spec.scoring else None
-
     def run(self, batch: DrawBatch) -> None:
-        batch.clip_embeddings = self.scorer.image_embeddings(batch.images)
-        batch.clip_scores = list(self.scorer.score_embeddings(batch.clip_embeddings, batch.texts))
+        batch.clip_embeddings = self.model.image_embeddings(batch.images)
+        batch.clip_scores = list(self.model.score_embeddings(batch.clip_embeddings, batch.texts))

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from imagemill.core.kinds import KIND_NAMES, KINDS
 from imagemill.core.spec.markers import NOT_FINGERPRINTED, Private, StorageOptions
@@ -33,6 +41,16 @@ CACHE_KIND_SETTINGS = {
     "pyramid": {"skip_range"},
     "taylorseer": {"interval", "warm_up_steps"},
 }
+
+
+def _count_or_auto(value: Any) -> Any:
+    """One message for both halves of `int | "auto"`, instead of pydantic's two."""
+    if value != "auto" and not (type(value) is int and value > 0):
+        raise ValueError(f"must be a whole number above 0, or auto; got {value!r}")
+    return value
+
+
+CountOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_count_or_auto)]
 
 
 class _Section(BaseModel):
@@ -71,7 +89,7 @@ class InputSpec(_Section):
     )
     # "auto": cut by imagemill.planning.auto_cut from the input's row count and the worker count, and
     # recorded in the job's fingerprint as the number, so a resume keeps the cut it began with.
-    rows_per_shard: int | Literal["auto"] = Field(
+    rows_per_shard: CountOrAuto = Field(
         "auto",
         description="Row groups are grouped (or cut) into shards of about this many rows. auto: about 4 "
         "shards per worker (input rows ÷ (4 × workers)), never fewer rows than a batch unless that would "
@@ -118,14 +136,6 @@ class InputSpec(_Section):
         if self.label_column is not None:
             return self.label_column
         return "label" if self.carry_columns == "*" or "label" in self.carry_columns else None
-
-    @field_validator("rows_per_shard", mode="before")
-    @classmethod
-    def _rows_are_a_count_or_auto(cls, value: Any) -> Any:
-        """One message for both halves of the union, instead of pydantic's two."""
-        if value != "auto" and not (type(value) is int and value > 0):
-            raise ValueError(f"must be a whole number above 0, or auto; got {value!r}")
-        return value
 
 
 class WatermarkSpec(_Section):
@@ -578,7 +588,7 @@ class WorkersSpec(_Section):
     )
     # "auto": the largest power of two that fits the device, found by the first actor to load and
     # recorded in the job's fingerprint (imagemill.workers.batch_fit, imagemill.planning.auto_batch).
-    batch_size: int | Literal["auto"] = Field(
+    batch_size: CountOrAuto = Field(
         8, description="Images per model call, or auto: the largest power of two up to 64 that fits the GPU."
     )
     num_cpus_per_worker: Annotated[float, NOT_FINGERPRINTED] = Field(
@@ -597,14 +607,6 @@ class WorkersSpec(_Section):
     max_cost_usd: Annotated[float | None, NOT_FINGERPRINTED] = Field(
         None, gt=0, description="A budget in USD over all runs of the output, priced by cost.gpu_hour_usd."
     )
-
-    @field_validator("batch_size", mode="before")
-    @classmethod
-    def _batch_size_is_a_count_or_auto(cls, value: Any) -> Any:
-        """One message for both halves of the union, instead of pydantic's two."""
-        if value != "auto" and not (type(value) is int and value > 0):
-            raise ValueError(f"must be a whole number above 0, or auto; got {value!r}")
-        return value
 
 
 class CostSpec(_Section):
