@@ -29,6 +29,7 @@ import argparse
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -123,13 +124,19 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="512² at 30 images/s, PNG and JPEG, local only")
+    parser.add_argument("--rates", help="size:images/s pairs, e.g. 512:7,1024:2 (default: every rate)")
+    parser.add_argument("--formats", help="comma-separated, e.g. png,jpeg (default: png, jpeg, webp)")
     parser.add_argument("--device-seconds", type=float, default=20.0, help="device time per run")
     parser.add_argument("--launch-ms", type=float, default=2.0, help="GIL-held Python work per step")
     parser.add_argument("--no-s3", action="store_true", help="local output only")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
     args = parser.parse_args()
     rates = ((512, 30),) if args.quick else RATES
+    if args.rates:
+        rates = tuple(tuple(int(n) for n in pair.split(":")) for pair in args.rates.split(","))
     formats = ("png", "jpeg") if args.quick else FORMATS
+    if args.formats:
+        formats = tuple(args.formats.split(","))
     load = os.getloadavg()
     ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's own tasks (#44687)
     rows = []
@@ -144,7 +151,7 @@ def main() -> None:
                     cores = math.ceil(rate / PER_CORE[size, image_format])
                     rows.append((size, rate, image_format, place, figures, cores))
                     print(f"{size}² {rate}/s {image_format} {place}: busy {figures['busy']:.3f}", flush=True)
-    command = "python bench/device_busy.py" + (" --quick" if args.quick else "")
+    command = " ".join(["python bench/device_busy.py", *sys.argv[1:]])
     lines = [
         "## Device busy share, emulated accelerator",
         "",
