@@ -19,6 +19,7 @@ from imagemill.core.layout import OutputLayout
 from imagemill.core.shard import Shard
 from imagemill.core.spec import GenerationSpec, InputSpec, build_spec, load_spec, parse_overrides
 from imagemill.core.write_gate import OwnedOutput
+from imagemill.reporting.status import STATUS_EXIT_CODES
 from imagemill.workers.rows import prepare_rows
 
 SECRET = "s3cr3t-Value-0123"
@@ -119,7 +120,8 @@ def test_a_job_where_every_row_failed_is_not_a_success(ray_address, tmp_path):
     assert not (out / "_SUCCESS").exists()
     assert json.loads((out / "_job.json").read_text())["status"] == "failed: no row generated"
     status = run_cli("status", str(out))
-    assert status.returncode == 1 and "failed: no row generated" in status.stdout, status.stdout
+    assert status.returncode == STATUS_EXIT_CODES["failed: no row generated"], status.stdout
+    assert "failed: no row generated" in status.stdout
 
 
 # --- point 10: --set values and secrets --------------------------------------------------------------

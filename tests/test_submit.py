@@ -14,6 +14,7 @@ from imagemill.cli.submit import mark_submitted
 from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import OutputLayout
 from imagemill.core.spec import build_spec
+from imagemill.reporting.status import STATUS_EXIT_CODES
 
 REMOTE = "http://10.0.0.5:8265"
 
@@ -81,9 +82,9 @@ def test_status_of_a_submitted_job_that_has_not_started(tmp_path):
     out = tmp_path / "out"
     mark_submitted(OutputLayout(str(out)), "nightly-20261129-010203", REMOTE, "nightly")
     status = run_cli("status", str(out))
-    assert status.returncode == 2
-    line = status.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"imagemill: error: job nightly at {out}: submitted, not started (Ray job ")
+    assert status.returncode == STATUS_EXIT_CODES["submitted, not started"], status.stderr
+    line = status.stdout.strip().splitlines()[-1]  # a state, not an error
+    assert line.startswith(f"job nightly at {out}: submitted, not started (Ray job ") and not status.stderr
     assert "nightly-20261129-010203" in line and REMOTE in line
     empty = run_cli("status", str(tmp_path / "nothing"))
     assert "no imagemill job found" in empty.stderr

@@ -207,7 +207,6 @@ def _run_owned(
     ledger = read_ledger(output, committed.values())
     budget = Budget(spec.workers, ledger)
     todo = [shard for shard in plan.shards if shard.shard_id not in committed]
-    clear_unfinished(owned, {shard.shard_id for shard in todo})
     failures = [
         ShardFailure(bad.shard_id, bad.file_url, attempts=1, error=bad.error) for bad in plan.unreadable
     ]
@@ -253,6 +252,7 @@ def _run_owned(
 
     try:
         if todo and not budget.reached():
+            clear_unfinished(owned, {shard.shard_id for shard in todo})  # only shards it will run
             work = ShardWork(spec, owned, todo, budget, start_record, commit, failures.append, attempt_failed)
             _execute(work, executor, lease, committed, shards_total, rows_total, progress)
         else:  # nothing to run, or the budget was reached by earlier runs
