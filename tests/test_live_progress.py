@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import imagemill
+from imagemill.cli.commands import main
 from imagemill.core.errors import ImagemillError
 from imagemill.core.job_record import read_job_record, write_job_record
 from imagemill.core.layout import OutputLayout
@@ -25,7 +26,7 @@ from imagemill.core.lease import LEASE_FILE, TIMEOUT_ENV, OutputLease, read_leas
 from imagemill.core.records import RunProgress, run_progress
 from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.progress import PROGRESS_ENV
-from imagemill.reporting.status import job_status
+from imagemill.reporting.status import STATUS_EXIT_CODES, job_status
 from imagemill.testing.in_process import run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,29 @@ def test_the_heartbeat_carries_the_runs_progress_to_status(output_kind, tmp_path
         while read_lease(output).progress != progress:
             assert time.time() < deadline, "the heartbeat never wrote the progress"
             time.sleep(0.05)
+
+
+def test_status_says_a_run_is_loading_the_model_before_its_job_record_exists(tmp_path, monkeypatch, capsys):
+    """The job record is written once a worker has loaded the model; before that, a live run's lease
+    is what status reads: a normal state (running, exit 5), with the workers still loading."""
+    monkeypatch.setenv(TIMEOUT_ENV, "0.6")  # a heartbeat every 0.2 s
+    out = tmp_path / "out"
+    output = OutputLayout(str(out))
+    loading = RunProgress(
+        images_done=0, images_total=64, shards_done=0, shards_total=4, workers_ready=0, workers_loading=2
+    )
+    with OutputLease.held(output, "night") as lease:
+        lease.progress = loading
+        deadline = time.time() + 30
+        while read_lease(output).progress != loading:
+            assert time.time() < deadline, "the heartbeat never wrote the progress"
+            time.sleep(0.05)
+        code = main(["status", str(out)])
+        captured = capsys.readouterr()
+    assert code == STATUS_EXIT_CODES["running"] and not captured.err, captured.err
+    assert captured.out.startswith(f"job night at {out}: starting, loading the model on 2 workers (heartbeat")
+    assert main(["status", str(out)]) == 2  # the run gone and no record: no job here
+    assert "no imagemill job found" in capsys.readouterr().err
 
 
 JSON = st.recursive(

@@ -63,7 +63,7 @@ def _output(image_format: str, on_unreadable: str) -> JobSpec:
 @given(
     colour=st.tuples(*[st.integers(0, 255)] * 3),
     image_format=st.sampled_from(["png", "jpeg", "webp"]),
-    on_unreadable=st.sampled_from(["keep", "retry"]),
+    on_unreadable=st.sampled_from(["mark", "retry"]),
 )
 def test_watermark_ok_is_what_verify_finds_in_the_written_file(colour, image_format, on_unreadable):
     spec = _output(image_format, on_unreadable)
@@ -75,7 +75,7 @@ def test_watermark_ok_is_what_verify_finds_in_the_written_file(colour, image_for
 def test_white_is_unreadable_as_it_is_and_readable_after_a_retry():
     white = np.full((256, 256, 3), 255, dtype=np.uint8)
     for image_format in ("png", "jpeg", "webp"):
-        kept = ImageEncoder(_output(image_format, "keep").output, UNPUBLISHED, None).encode(white, ROW)
+        kept = ImageEncoder(_output(image_format, "mark").output, UNPUBLISHED, None).encode(white, ROW)
         retried = ImageEncoder(_output(image_format, "retry").output, UNPUBLISHED, None).encode(white, ROW)
         assert (kept.watermark_ok, retried.watermark_ok) == (False, True), image_format
         assert check_image("f", retried.data, PAYLOAD).watermark_found
@@ -101,7 +101,7 @@ def _job(tmp_path, on_unreadable: str) -> JobSpec:
 
 def test_a_job_records_and_counts_the_images_its_watermark_did_not_read_back_from(tmp_path):
     unreadable = {}
-    for policy in ("keep", "retry"):
+    for policy in ("mark", "retry"):
         spec = _job(tmp_path, policy)
         out = tmp_path / f"out-{policy}"
         result = run_in_process(spec)
@@ -115,8 +115,18 @@ def test_a_job_records_and_counts_the_images_its_watermark_did_not_read_back_fro
         counts = json.loads((out / "report.json").read_text())["counts"]
         assert record["rows_watermark_unreadable"] == counts["rows_watermark_unreadable"] == not_ok
         assert result.watermark_unreadable == not_ok
-        assert record["rows_ok"] == 16  # keep and retry: every image is written, status ok
+        assert record["rows_ok"] == 16  # mark and retry: every image is written, status ok
         unreadable[policy] = not_ok
     # seeded: 4 of the 16 colours have a channel near 0 or 255; the retry's headroom brings back 3 (the
     # fourth, a flat orange, loses it to WebP's chroma quantisation, not to clipping)
-    assert 0 <= unreadable["retry"] < unreadable["keep"]
+    assert 0 <= unreadable["retry"] < unreadable["mark"]
+
+
+def test_keep_reads_nothing_back_and_marks_nothing():
+    """`keep`: the watermark is embedded as with `mark`, but no read-back is paid for: `watermark_ok`
+    is empty, not false, even for an image (pure white) it would not read back from."""
+    white = np.full((256, 256, 3), 255, dtype=np.uint8)
+    kept = ImageEncoder(_output("png", "keep").output, UNPUBLISHED, None).encode(white, ROW)
+    marked = ImageEncoder(_output("png", "mark").output, UNPUBLISHED, None).encode(white, ROW)
+    assert (kept.watermark_ok, marked.watermark_ok) == (None, False)
+    assert kept.data == marked.data  # the same file either way: only the read-back differs

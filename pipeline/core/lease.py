@@ -292,6 +292,11 @@ class LeaseView:
         return False
 
     @property
+    def job(self) -> str:
+        """The name of the job the run holding the lease runs, as a message may show it."""
+        return _shown(self.record.get("job", "?"))
+
+    @property
     def progress(self) -> RunProgress | None:
         """The run's progress at its last heartbeat (imagemill.core.records), if it carries one."""
         return run_progress(self.record)

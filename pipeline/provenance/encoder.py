@@ -62,12 +62,16 @@ class ImageEncoder:
             data = self.signer.sign(data, out.image_format, title, self.publication.signed(row))
         return Encoded(data, watermark_ok)
 
-    def _watermarked(self, pixels: np.ndarray, options: dict[str, Any]) -> tuple[bytes, bool]:
+    def _watermarked(self, pixels: np.ndarray, options: dict[str, Any]) -> tuple[bytes, bool | None]:
         """The file with the watermark embedded, and whether it reads back from the encoded bytes (after
-        JPEG or WebP compression, as a reader sees them); `on_unreadable: retry` embeds it once more
-        with headroom (provenance.watermark) where it does not, and keeps that file."""
+        JPEG or WebP compression, as a reader sees them; None: `on_unreadable: keep`, not read back);
+        `on_unreadable: retry` embeds it once more with headroom (provenance.watermark) where it does
+        not, and keeps that file."""
         out = self.output
         assert out.watermark is not None
+        if out.watermark.on_unreadable == "keep":
+            marked = add_watermark(pixels, out.watermark.payload, out.watermark.method)
+            return encode_image(marked, out.image_format, out.quality, **options), None
         headrooms = (0, RETRY_HEADROOM) if out.watermark.on_unreadable == "retry" else (0,)
         for headroom in headrooms:
             marked = add_watermark(pixels, out.watermark.payload, out.watermark.method, headroom)

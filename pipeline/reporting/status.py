@@ -144,8 +144,9 @@ class JobStatus:
 
 
 @dataclass
-class Submitted:
-    """An output `imagemill submit` named whose job has not started yet: a normal state, not an error."""
+class NotStarted:
+    """An output whose job has no record yet, a normal state and not an error: submitted by `imagemill
+    submit` and not started, or started and loading the model (a live run holds the lease)."""
 
     line: str
     phase: str = SUBMITTED_STATE
@@ -158,7 +159,7 @@ class Submitted:
         return STATUS_EXIT_CODES[self.phase]
 
 
-def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus | Submitted:
+def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobStatus | NotStarted:
     """The job at `url` as its output says; no job there at all is an ImagemillError."""
     output = OutputLayout(url.rstrip("/"), storage_options)
     record = read_job_record(output, warn=False)
@@ -169,13 +170,23 @@ def job_status(url: str, storage_options: dict[str, Any] | None = None) -> JobSt
     return JobStatus(url, record, len(shards), shard_totals(shards), read_lease(output), cost)
 
 
-def _not_started(output: OutputLayout, url: str) -> Submitted:
-    """An output without a job record: a job submitted that has not started yet (`imagemill submit`
-    leaves `_submitted.json`), or no job at all (an ImagemillError)."""
+def _not_started(output: OutputLayout, url: str) -> NotStarted:
+    """An output without a job record: a run loading the model (the record is written once a worker
+    is ready; the lease's heartbeat says how many load), a job submitted that has not started yet
+    (`imagemill submit` leaves `_submitted.json`), or no job at all (an ImagemillError)."""
+    lease = read_lease(output)
+    if lease is not None and not (lease.stale or lease.dead):
+        live = lease.progress
+        loading = f" on {live.workers_loading} workers" if live and live.workers_loading else ""
+        return NotStarted(
+            f"job {lease.job} at {url}: starting, loading the model{loading} (heartbeat "
+            f"{lease.age:.0f} s ago); no image yet",
+            phase=RUNNING,
+        )
     submitted = output.read_json(SUBMITTED)
     if submitted is None:
         raise ImagemillError(f"no imagemill job found at {url} (it has no readable {JOB_RECORD})")
-    return Submitted(
+    return NotStarted(
         f"job {submitted.get('name')} at {url}: submitted, not started (Ray job "
         f"{submitted.get('submission_id')} at {submitted.get('address')}, {submitted.get('submitted_at')};"
         f" `ray job status` there says where it is)"

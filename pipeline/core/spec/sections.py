@@ -150,12 +150,13 @@ class WatermarkSpec(_Section):
         description="dwtDctSvd survives a JPEG q90 re-encode (measured); dwtDct (SDXL's) is 3x faster "
         "but loses bits on textured images.",
     )
-    on_unreadable: Literal["keep", "retry"] = Field(
-        "keep",
-        description="The actor reads each watermark back from the encoded file (`watermark_ok` in the "
-        "metadata); where it does not read back: keep writes the image as it is; retry embeds it once "
-        "more with the levels pulled 8 in from pure black and white (which cannot carry it), then keeps "
-        "that image, read back again.",
+    on_unreadable: Literal["keep", "mark", "retry"] = Field(
+        "mark",
+        description="mark: the actor reads each watermark back from the encoded file and records "
+        "`watermark_ok` (false where it does not read back; counted in the report); retry: as mark, but "
+        "an image it does not read back from is embedded once more with the levels pulled 8 in from "
+        "pure black and white (which cannot carry it), then read back again; keep: no read-back "
+        "(`watermark_ok` empty), which saves one decode per image.",
     )
 
     @field_validator("payload")
