@@ -9,6 +9,7 @@ has had `max_shard_attempts` tries, then reported as failed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -42,11 +43,11 @@ log = logging.getLogger(__name__)
 _NAMED_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")
 SHARDS_PER_ACTOR = 2
 GROWTH_CHECK_SECONDS = 5.0
-# While some of the pool's actors are still loading the model, one that is ready holds one shard at a
-# time (no second one queued behind it), for this long after the first was ready (or as long as that one
-# took to load, if longer): a fast loader must not queue up the shards of a small job and leave the other
-# GPUs idle, yet it never waits for them (it takes the next shard as soon as its last is done), and an
-# actor that never loads (pending on a cluster that may grow, a lost node's replacement) holds no one up.
+# While some of the actors started with the job are still loading the model, one that is ready takes at
+# most its fair share of the shards (shards ÷ actors started), for this long after the first was ready
+# (or as long as that one took to load, if longer): a fast loader must not take every shard of a small
+# job and leave the other GPUs idle, and an actor that never loads (pending on a cluster that may grow)
+# holds no one up for longer. A replacement (a lost node's, a dead actor's) never holds the others back.
 SHARE_WAIT_SECONDS = 120.0
 
 
@@ -190,7 +191,10 @@ class ShardScheduler:
         self.tally: Any = None  # the run's ProgressTallyActor, started with the workers
         self.loaded_once = False  # until an actor loads the model, a load error ends the job
         self.warned: set[str] = set()  # the actors' device warnings already shown (`_warn_once`)
-        self.share_until = 0.0  # until then, while actors load, a ready one holds one shard at a time
+        self.taken: dict[int, int] = {}  # shards handed to each actor (by id(actor)), for the fair share
+        self.share = 0  # an actor's fair share of the shards while the first actors load
+        self.share_until = 0.0
+        self.first_actors: set[ray.ObjectRef] = set()  # ready() of the actors started with the job
         self.started_at = 0.0
 
     def _new_actor(self) -> Any:
@@ -208,6 +212,8 @@ class ShardScheduler:
         self.tally = ray.remote(ProgressTallyActor).options(num_cpus=0).remote()
         for _ in range(placeable_workers(self.demand, self.num_workers)):
             self._start_actor()
+        self.first_actors = set(self.starting)
+        self.share = math.ceil(len(self.queue) / max(len(self.starting), 1))
 
     def _load_failed(self, exc: BaseException) -> None:
         """No actor has loaded the model and one could not: stop the job in one line."""
@@ -264,7 +270,7 @@ class ShardScheduler:
                 self._grow_with_cluster()
                 self._report(on_progress)
                 if not ready:
-                    self._feed_all()  # the one-at-a-time window may have lapsed (SHARE_WAIT_SECONDS)
+                    self._feed_all()  # the fair share may have lapsed (SHARE_WAIT_SECONDS)
                     continue
                 [ref] = ready
                 if ref in self.starting:
@@ -298,23 +304,25 @@ class ShardScheduler:
             open_actors = [
                 actor
                 for actor in self.alive
-                if self._running(actor) < self._depth()
+                if self._running(actor) < SHARDS_PER_ACTOR and self._within_share(actor)
             ]
             if not open_actors:
                 return
-            actor = min(open_actors, key=self._running)
+            actor = min(open_actors, key=lambda a: (self._running(a), self.taken.get(id(a), 0)))
             shard = self.queue.popleft()
             self.tasks[actor.process_shard.remote(shard)] = (actor, shard, time.monotonic())
+            self.taken[id(actor)] = self.taken.get(id(actor), 0) + 1
 
     def _running(self, actor: Any) -> int:
         return sum(1 for a, _, _ in self.tasks.values() if a is actor)
 
-    def _depth(self) -> int:
-        """How many shards a ready actor holds now: SHARDS_PER_ACTOR, or one while others are still
-        loading the model (SHARE_WAIT_SECONDS)."""
-        if self.starting and time.monotonic() < self.share_until:
-            return 1
-        return SHARDS_PER_ACTOR
+    def _within_share(self, actor: Any) -> bool:
+        """Whether `actor` may take another shard now: always, unless actors started with the job are
+        still loading and it has had its fair share (SHARE_WAIT_SECONDS)."""
+        loading = any(ref in self.first_actors for ref in self.starting)
+        if not loading or time.monotonic() >= self.share_until:
+            return True
+        return self.taken.get(id(actor), 0) < self.share
 
     def _join(self, ref: ray.ObjectRef) -> None:
         """An actor answered `ready`: it joins the pool; if it failed to load, the job stops when no
