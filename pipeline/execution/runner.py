@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cache
 from importlib import metadata
 
 from imagemill.core.compile_cache_key import check_compile_cache_key
@@ -173,10 +174,14 @@ def _planned(
     if recorded is not None:
         spec = spec.with_rows_per_shard(recorded)
 
-    def cut(rows: int) -> int:
-        return auto_rows_per_shard(rows, executor.workers(spec), spec.workers.batch_size)
+    @cache
+    def workers() -> int:  # asked only for `auto`: it may join the cluster to count them
+        return executor.workers(spec)
 
-    plan = plan_shards(spec.input, cut)
+    def cut(rows: int) -> int:
+        return auto_rows_per_shard(rows, workers(), spec.workers.batch_size)
+
+    plan = plan_shards(spec.input, cut, workers)
     return spec.with_rows_per_shard(plan.rows_per_shard), plan
 
 

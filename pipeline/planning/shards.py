@@ -163,12 +163,17 @@ def _shards_of_file(
     return shards
 
 
-def plan_shards(spec: InputSpec, auto_cut: Callable[[int], int] | None = None) -> ShardPlan:
+def plan_shards(
+    spec: InputSpec,
+    auto_cut: Callable[[int], int] | None = None,
+    min_shards: Callable[[], int] = lambda: 1,
+) -> ShardPlan:
     """List the input, check every file's columns, and cut it into shards of about rows_per_shard rows.
 
     With `rows_per_shard: auto`, `auto_cut` gives the number from the readable files' row count
-    (imagemill.planning.auto_cut; without it, the cut for one worker); the plan says which number it
-    cut by. A file without the prompt
+    (imagemill.planning.auto_cut; without it, the cut for one worker), lowered where the row groups'
+    layout would make fewer shards than `min_shards()` (the workers) asks and the rows allow; the plan
+    says which number it cut by. A file without the prompt
     column fails alone, like a corrupt one; when no readable file has it, the setting is wrong and
     the job stops, naming the first file."""
     fs, _ = filesystem(spec.path, spec.storage_options)
@@ -201,6 +206,13 @@ def plan_shards(spec: InputSpec, auto_cut: Callable[[int], int] | None = None) -
     if rows_per_shard == "auto":
         rows = sum(metadata.num_rows for _, _, metadata in readable)
         rows_per_shard = auto_cut(rows) if auto_cut else auto_rows_per_shard(rows, 1, UNKNOWN_BATCH)
+        # Remainders merged into a row group's last piece, or small row groups gathered, can make fewer
+        # shards than workers: then the largest smaller cut that gives each worker one. The shards are
+        # a function of the input and the number alone, so a resume, cut by the recorded number, cuts
+        # the same ones.
+        wanted = min(min_shards(), rows)
+        while rows_per_shard > 1 and _shard_count(readable, rows_per_shard) < wanted:
+            rows_per_shard -= 1
     shards: list[Shard] = []
     whole: dict[str, list[Shard]] = {}
     for url, key, metadata in readable:
@@ -216,6 +228,10 @@ def plan_shards(spec: InputSpec, auto_cut: Callable[[int], int] | None = None) -
         whole_group_shards=whole,
         rows_per_shard=rows_per_shard,
     )
+
+
+def _shard_count(readable: list[tuple[str, str, pq.FileMetaData]], rows_per_shard: int) -> int:
+    return sum(len(_shards_of_file(url, key, metadata, rows_per_shard)) for url, key, metadata in readable)
 
 
 def resume_whole_group_shards(plan: ShardPlan, committed: set[str]) -> ShardPlan:

@@ -93,7 +93,8 @@ class InputSpec(_Section):
         "auto",
         description="Row groups are grouped (or cut) into shards of about this many rows. auto: about 4 "
         "shards per worker (input rows ÷ (4 × workers)), never fewer rows than a batch unless that would "
-        "leave a worker idle, rounded up to whole batches, at most 1024; a resume keeps the recorded cut.",
+        "leave a worker idle, rounded up to whole batches, at most 1024, and lowered where the row groups "
+        "would still leave a worker without a shard; a resume keeps the recorded cut.",
     )
     storage_options: StorageOptions
     carry_columns: list[str] | Literal["*"] = Field(
