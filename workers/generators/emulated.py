@@ -107,6 +107,8 @@ class EmulatedGenerator:
     @classmethod
     def from_spec(cls, spec: JobSpec, device: str) -> EmulatedGenerator:
         emulation = spec.model.emulation
+        for seed in range(TEXTURES):  # drawn at load, as weights load: not charged to the first batch
+            textured(spec.generation.height, spec.generation.width, seed)
         return cls(emulation.images_per_second, emulation.launch_ms_per_step / 1000, emulation.queue_depth)
 
     def truncated(self, prompts: list[str]) -> list[bool]:
