@@ -5,6 +5,7 @@ output any other way."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -370,3 +371,68 @@ def test_a_retry_of_a_shard_this_run_committed_keeps_that_commit(tmp_path):
     with pytest.raises(ShardConflict):
         commit_shard(owned.attempt("t"), first.model_copy(update={"shard_id": "t"}))
     assert (tmp_path / "out" / "shards" / "t.json").read_bytes() == other.record_bytes()
+
+
+EMULATED_JOB = """\
+name: gate-intruded
+input: {{path: {input}, rows_per_shard: 4}}
+output: {{path: {output}}}
+model: {{kind: emulated, emulation: {{images_per_second: 12, launch_ms_per_step: 0}}}}
+generation: {{width: 32, height: 32, num_inference_steps: 1, guidance_scale: 3.0}}
+workers: {{num_workers: 1, batch_size: 4}}
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.cli
+def test_files_a_lost_run_published_into_an_uncommitted_shard_are_cleared_and_the_shard_redone(
+    ray_address, tmp_path
+):
+    """A run that lost the lease and stalled between its check and its write publishes into shards
+    the lease holder has not committed yet (create-only stops it only at committed ones). Planted here
+    once the holder's first shard commits: a foreign stats record and image in every other shard. Each
+    such shard's commit conflicts once; the holder clears those files and redoes it: exit 0, and every
+    file byte-identical to an undisturbed run's."""
+    from imagemill.core.records import ShardStats
+    from imagemill.testing.in_process import output_hashes
+
+    write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=24, row_group_size=4)
+    for name in ("quiet", "out"):
+        (tmp_path / f"{name}.yaml").write_text(
+            EMULATED_JOB.format(input=tmp_path / "prompts", output=tmp_path / name)
+        )
+    quiet = run_cli("run", str(tmp_path / "quiet.yaml"), "--no-progress", ray_address=ray_address)
+    assert quiet.returncode == 0, quiet.stderr
+    expected = output_hashes(tmp_path / "quiet")
+    shard_ids = sorted(path.stem for path in (tmp_path / "quiet" / "shards").glob("*.json"))
+    out = tmp_path / "out"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "imagemill.cli", "run", str(tmp_path / "out.yaml"), "--no-progress"],
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 180
+    while _commits(out) < 1:
+        assert driver.poll() is None and time.time() < deadline, "the run ended or stalled"
+        time.sleep(0.01)
+    planted = []
+    for shard_id in shard_ids:  # create-only, as the lost run's commit publishes
+        lost = ShardStats(
+            shard_id=shard_id, run_id="run-lost", input_file="f", rows=4, ok=4, error=0, finished_at="t"
+        )
+        image = next(iter(sorted((tmp_path / "quiet" / "images" / shard_id).iterdir())))
+        (out / "images" / shard_id).mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            (out / "images" / shard_id / image.name).open("xb").write(b"the lost run's bytes")
+        with contextlib.suppress(FileExistsError):
+            (out / "shards" / f"{shard_id}.json").open("xb").write(lost.record_bytes())
+            planted.append(shard_id)
+    _, stderr = driver.communicate(timeout=180)
+    assert driver.returncode == 0, stderr
+    assert len(planted) >= 3, "the run committed most shards before the plant: slow the emulated device"
+    assert output_hashes(out) == expected
+    for shard_id in shard_ids:
+        assert json.loads((out / "shards" / f"{shard_id}.json").read_text())["run_id"] != "run-lost"
+    assert stderr.count("clearing files another attempt left at its paths, to retry") == len(planted), stderr

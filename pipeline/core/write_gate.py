@@ -14,6 +14,10 @@ it resumes it must not write a byte more. Two rules hold that, here and nowhere 
   (`If-None-Match: *`) on S3 — stats last. A path that already holds other bytes fails the commit, so a
   committed shard's files are never replaced by another run's bytes, whatever the timing. (Other
   fsspec stores get fsspec's exists-then-write: not atomic, the ownership check is all they have.)
+  A run that stalled between its check and its publish can still create files of a shard the lease
+  holder has not committed yet; the holder's commit of that shard then fails with `ShardConflict`, and
+  the holder's runner clears that shard's paths and redoes it (execution/runner.py), so what ends up
+  committed is the holder's.
 
 `OutputLayout` stays paths and reads; the lease file itself is written by `core/lease.py` only.
 """
@@ -49,7 +53,8 @@ class LeaseLost(ImagemillError):
 
 
 class ShardConflict(ImagemillError):
-    """A shard's commit found one of its paths holding other bytes: another run's file, left as it is."""
+    """A shard's commit found one of its paths holding other bytes: another run's file, or a cut-short
+    attempt's, which the lease holder clears before the shard's retry."""
 
 
 class OwnedOutput:
@@ -230,5 +235,5 @@ class ShardAttempt:
                 return existing
         raise ShardConflict(
             f"{path} already holds another run's file; shard {self.shard_id} is not committed by this "
-            "run and that file is left as it is"
+            "attempt (the run holding the output clears that shard's paths and tries it again)"
         )

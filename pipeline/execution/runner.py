@@ -33,7 +33,7 @@ from imagemill.core.records import ShardStats, committed_shards, shard_totals
 from imagemill.core.schedulers import check_scheduler
 from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import JobSpec
-from imagemill.core.write_gate import OwnedOutput
+from imagemill.core.write_gate import OwnedOutput, ShardConflict
 from imagemill.execution.budget import Budget
 from imagemill.execution.executor import ShardExecutor, ShardFailure, ShardWork
 from imagemill.execution.progress import RunProgressTracker, progress_display, progress_seconds
@@ -254,6 +254,13 @@ def _run_owned(
     def attempt_failed(shard_id: str, attempt: FailedAttempt) -> None:
         record_failed_attempt(owned, shard_id, attempt)  # kept for later runs' budget
         ledger.add_failed(shard_id, attempt)
+        if attempt.error.startswith(f"{ShardConflict.__name__}:"):
+            # Files at this shard's paths that no commit of this run put there: a run that lost the
+            # lease and stalled between its check and its write, or an attempt of this run cut short.
+            # This run holds the lease and the shard was uncommitted when it started, so they are
+            # nobody's commit: cleared, the retry publishes into free paths.
+            log.warning("shard %s: clearing files another attempt left at its paths, to retry", shard_id)
+            clear_unfinished(owned, {shard_id})
 
     try:
         if todo and not budget.reached():
