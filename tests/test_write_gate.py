@@ -100,7 +100,7 @@ def test_a_driver_paused_past_its_lease_writes_nothing_once_another_run_took_ove
     assert code == 2
     assert len(errors) == 1, errors
     assert f"lost {out} to run {run_b} " in errors[0], errors[0]  # B has ended: its job record names it
-    assert not (out / "_attempts").exists()
+    assert not (out / "_staging").exists()
 
 
 def test_an_attempt_of_a_run_that_lost_the_lease_publishes_nothing(tmp_path):
@@ -119,7 +119,7 @@ def test_an_attempt_of_a_run_that_lost_the_lease_publishes_nothing(tmp_path):
         lambda owned: owned.write_whole("_job.json", b"{}"),
         lambda owned: owned.remove("_SUCCESS"),
         lambda owned: owned.remove_files(["shards/s0.json"]),
-        lambda owned: owned.clean_attempts(),
+        lambda owned: owned.clean_staging(),
     ):
         with pytest.raises(LeaseLost):
             write(OwnedOutput(layout, "mine"))
@@ -157,7 +157,7 @@ def test_a_commit_never_replaces_a_file_another_run_committed(tmp_path_factory, 
     for relative, data in committed.items():
         assert (out / relative).read_bytes() == data
     assert not (out / "shards/s.json").exists() or not clash
-    assert not any((out / "_attempts").rglob("*.*"))  # the staging folder is gone either way
+    assert not any((out / "_staging").rglob("*.*"))  # the staging folder is gone either way
 
 
 def test_a_commit_on_s3_is_a_conditional_put_that_keeps_the_committed_object(s3_endpoint):
@@ -187,12 +187,12 @@ def test_a_commit_on_s3_is_a_conditional_put_that_keeps_the_committed_object(s3_
 def test_an_attempts_folder_that_is_a_symlink_a_file_or_a_fifo_is_one_line(tmp_path, plant):
     (tmp_path / "out").mkdir()
     (tmp_path / "elsewhere").mkdir()
-    attempts = tmp_path / "out" / "_attempts"
+    attempts = tmp_path / "out" / "_staging"
     {"symlink": lambda: attempts.symlink_to(tmp_path / "elsewhere"), "file": attempts.touch,
      "fifo": lambda: os.mkfifo(attempts)}[plant]()  # fmt: skip
     owned = OwnedOutput.unleased(OutputLayout(str(tmp_path / "out")))
-    for use in (lambda: owned.attempt("s"), owned.clean_attempts):
-        with pytest.raises(ImagemillError, match="_attempts is not a folder .*: move it away"):
+    for use in (lambda: owned.attempt("s"), owned.clean_staging):
+        with pytest.raises(ImagemillError, match="_staging is not a folder .*: move it away"):
             use()
     assert os.path.lexists(attempts) and list((tmp_path / "elsewhere").iterdir()) == []
 

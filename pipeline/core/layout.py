@@ -58,7 +58,7 @@ MARKERS = (
 # The live run's lease (imagemill.core.lease): imagemill's own, but never deleted by --overwrite.
 LEASE_FILE = "_lease.json"
 # Shard attempts staged before their create-only commit (imagemill.core.write_gate), on local disks.
-ATTEMPTS_FOLDER = "_attempts"
+STAGING_FOLDER = "_staging"
 SUBMITTED = "_submitted.json"  # `imagemill submit`'s note for `status`, until the job writes its record
 IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
 # Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).

@@ -8,7 +8,7 @@ it resumes it must not write a byte more. Two rules hold that, here and nowhere 
   `LeaseLost` unless it still names this run. The driver's scheduler calls it before handing out
   shards, so a run that lost its lease stops at once.
 - Create-only shard commits: a check still races with a stall between the check and the write. So an
-  actor writes a shard's files to a per-attempt place first (`ShardAttempt`: `OUTPUT/_attempts/<run>/`
+  actor writes a shard's files to a per-attempt place first (`ShardAttempt`: `OUTPUT/_staging/<run>/`
   on a local disk, the actor's temporary folder for other stores), and its commit publishes each file
   create-only — a hard link on a local disk (fails if the name exists), a conditional PUT
   (`If-None-Match: *`) on S3 — stats last. A path that already holds other bytes fails the commit, so a
@@ -35,7 +35,7 @@ from typing import Any
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.job_record import read_job_record
-from imagemill.core.layout import ATTEMPTS_FOLDER, OutputLayout
+from imagemill.core.layout import STAGING_FOLDER, OutputLayout
 from imagemill.core.lease import read_lease
 from imagemill.core.storage import (
     is_local,
@@ -119,13 +119,13 @@ class OwnedOutput:
         self.check()
         remove_folder_if_empty(self.layout.fs, self.layout.path(relative))
 
-    def clean_attempts(self) -> None:
-        """Delete every shard attempt's staging folder in the output (`_attempts/`, local disks only):
+    def clean_staging(self) -> None:
+        """Delete every shard attempt's staging folder in the output (`_staging/`, local disks only):
         the lease holder's job, at its start (runs gone or taken over) and its end (its own)."""
         if not is_local(self.layout.fs):
             return
         self.check()
-        folder = self.layout.path(ATTEMPTS_FOLDER)
+        folder = self.layout.path(STAGING_FOLDER)
         if os.path.lexists(folder):
             _real_folder(folder)
             shutil.rmtree(folder, ignore_errors=True)
@@ -158,7 +158,7 @@ class ShardAttempt:
         self.files: list[str] = []  # relative final paths staged and not yet published
         layout = owned.layout
         if is_local(layout.fs):  # beside the output: a hard link publishes without a copy
-            base = layout.path(ATTEMPTS_FOLDER)
+            base = layout.path(STAGING_FOLDER)
             if not os.path.lexists(base):
                 os.makedirs(base, exist_ok=True)  # two shard calls may make it at once
             _real_folder(base)

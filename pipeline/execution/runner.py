@@ -201,7 +201,7 @@ def _run_owned(
     owned = OwnedOutput(output, lease.run_id)
     spec = with_recorded_batch_size(spec, output, overwrite)
     claim_output(spec, owned, plan, overwrite)
-    owned.clean_attempts()  # shard attempts of runs that are gone or were taken over
+    owned.clean_staging()  # shard attempts of runs that are gone or were taken over
     stored = committed_shards(output)
     redone = reconcile_inputs(owned, plan, stored, redo_changed)
     plan = resume_whole_group_shards(plan, set(stored) - redone)
@@ -283,7 +283,7 @@ def _run_owned(
         from imagemill.evaluation.post_pass import evaluate
 
         record.evaluation = evaluate(spec, owned, committed)
-    owned.clean_attempts()  # this run's: its shards are all committed or given up
+    owned.clean_staging()  # this run's: its shards are all committed or given up
     _end_record(owned, lease, record, committed, ledger, failures, result.state)
     if result.state == COMPLETE:
         owned.write_whole(SUCCESS_MARKER, b"")

@@ -29,12 +29,12 @@ from imagemill.core.device_ledger import attempted_shard_ids
 from imagemill.core.errors import ImagemillError
 from imagemill.core.job_record import read_job_record
 from imagemill.core.layout import (
-    ATTEMPTS_FOLDER,
     IMAGE_FOLDERS,
     JOB_RECORD,
     LEASE_FILE,
     MARKERS,
     SHARD_FILE_SUFFIXES,
+    STAGING_FOLDER,
     SUBMITTED,
     OutputLayout,
 )
@@ -95,7 +95,7 @@ def _is_own_entry(folder: str, name: str, is_folder: bool, shard_ids: set[str]) 
     if folder == IMAGE_FOLDER:
         return is_folder and name in shard_ids
     if is_folder:
-        return not folder and name in (*OWN_FOLDERS, ATTEMPTS_FOLDER)
+        return not folder and name in (*OWN_FOLDERS, STAGING_FOLDER)
     name = temporary_target(name) or name
     if not folder:
         return name in (*MARKERS, LEASE_FILE, SUBMITTED)
