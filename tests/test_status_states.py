@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from imagemill.cli.commands import main
 from imagemill.core.job_record import JobRecord, write_job_record
@@ -19,12 +21,14 @@ from imagemill.reporting.status import STATUS_EXIT_CODES
 INPUT = "file:///in.parquet"
 
 
-def _job(out, status: str, shards: list[tuple[int, int]], total: int = 2) -> OutputLayout:
+def _job(
+    out, status: str, shards: list[tuple[int, int]], total: int = 2, name: str = "states"
+) -> OutputLayout:
     """An output whose record says `status`, with committed shards of (ok, error) rows."""
     output = OutputLayout(str(out))
     owned = OwnedOutput.unleased(output)  # the fixture's writes belong to no run
     record = JobRecord(
-        name="states", spec={}, fingerprint={}, versions={}, started_at="2026-01-01T00:00:00+00:00",
+        name=name, spec={}, fingerprint={}, versions={}, started_at="2026-01-01T00:00:00+00:00",
         status=status, shards_total=total, rows_total=2 * total, input_rows=2 * total, input_files=1,
         input_footers={INPUT: "digest"}, run_id="run-1",
     )  # fmt: skip
@@ -83,3 +87,28 @@ def test_the_codes_are_distinct_and_documented():
     page = (Path(__file__).parents[1] / "docs" / "running.md").read_text(encoding="utf-8")
     for state, code in STATUS_EXIT_CODES.items():
         assert f"| {code} | {state} |" in page, f"docs/running.md's status table lacks {code} {state}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(min_size=1, max_size=30))
+def test_a_job_name_from_a_file_is_one_line_in_status(tmp_path_factory, capsys, name):
+    """A record or submission note anyone could have written (a name with a newline, a carriage return,
+    an escape sequence) makes no extra status line: its control characters are shown escaped."""
+    out = tmp_path_factory.mktemp("named")
+    _job(out / "record", COMPLETE, [(2, 0), (2, 0)], name=name)
+    OwnedOutput.unleased(OutputLayout(str(out / "note"))).write_json(
+        SUBMITTED, {"name": name, "submission_id": f"id{name}", "address": "http://h"}
+    )
+    for where, lines in (("record", 3), ("note", 1)):  # as many as for a plain name
+        _, text, _ = _status(out / where, capsys)
+        assert text.endswith("\n") and len(text.split("\n")) == lines + 1, text
+        assert all(line.isprintable() for line in text.splitlines()), text
+
+
+def test_a_job_name_with_a_control_character_is_refused_in_the_spec():
+    import imagemill
+    from imagemill.core.errors import ImagemillError
+
+    spec = {"input": {"path": "in"}, "output": {"path": "out"}, "model": {"kind": "noop"}}
+    with pytest.raises(ImagemillError, match=r"name.*one line of printable characters, not 'nightly\\n2'"):
+        imagemill.build_spec({**spec, "name": "nightly\n2"})

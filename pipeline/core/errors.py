@@ -31,7 +31,7 @@ class ImagemillError(Exception):
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            key = key if key.isprintable() else key.encode("unicode_escape").decode()  # a YAML key: one line
+            key = shown(key)  # a YAML key: one line
             if err["type"] == "extra_forbidden" and model is not None:
                 given = next(
                     (s for k, s in (sources or {}).items() if k == key or k.startswith(f"{key}.")), ""
@@ -42,8 +42,8 @@ class ImagemillError(Exception):
         if len(problems) == 1 and problems[0][0].startswith("unknown key"):
             [(what, given, hint)] = problems
             return cls(f"{what} in {given or origin}{hint}")
-        shown = "; ".join(f"{what}{f' ({given})' if given else ''}{hint}" for what, given, hint in problems)
-        return cls(f"{origin} is invalid: {shown}")
+        listed = "; ".join(f"{what}{f' ({given})' if given else ''}{hint}" for what, given, hint in problems)
+        return cls(f"{origin} is invalid: {listed}")
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -76,6 +76,13 @@ def _closest_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
     if close:
         return f" — did you mean `{close[0]}`?"
     return f" — it takes {', '.join(f'`{n}`' for n in names)}"
+
+
+def shown(value: object, limit: int | None = None) -> str:
+    """A value from a file anyone could have written (a record's job name, a lease's host, a YAML key)
+    as a message may name it: one line, control characters escaped (`\\n`), cut at `limit` with `…`."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(value))
+    return text if limit is None or len(text) <= limit else text[:limit] + "…"
 
 
 def one_line(exc: BaseException, limit: int = 120) -> str:

@@ -51,7 +51,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from imagemill.core.errors import ImagemillError
+from imagemill.core.errors import ImagemillError, shown
 from imagemill.core.layout import LEASE_FILE, OutputLayout
 from imagemill.core.records import LEASE_PROGRESS_KEY, RunProgress, run_progress
 from imagemill.core.storage import retrying, write_file_atomically
@@ -202,8 +202,7 @@ def _seconds(value: Any) -> float | None:
 
 def _shown(value: Any) -> str:
     """A lease field as a message may name it: one line, cut short."""
-    text = "".join(c if c.isprintable() else "?" for c in str(value))
-    return text[:SHOWN_CHARS] + ("…" if len(text) > SHOWN_CHARS else "")
+    return shown(value, SHOWN_CHARS)
 
 
 def _boot_id() -> str | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from imagemill.core.cost import JobCost
 from imagemill.core.device_ledger import read_ledger
-from imagemill.core.errors import ImagemillError
+from imagemill.core.errors import ImagemillError, shown
 from imagemill.core.job_record import JobRecord, read_job_record
 from imagemill.core.labels import label_lines
 from imagemill.core.layout import JOB_RECORD, SUBMITTED, OutputLayout
@@ -92,7 +92,7 @@ class JobStatus:
     def text(self) -> str:
         errors = sum(self.errors_by_reason.values())
         lines = [
-            f"job {self.record.name} at {self.output}: {self._state()}"
+            f"job {shown(self.record.name)} at {self.output}: {self._state()}"
             f" (started {self.record.started_at}, ended {self.record.ended_at or '-'})",
             *self._live_lines(),
             f"shards: {self.shards_done}/{self.record.shards_total} done",
@@ -179,7 +179,7 @@ def _not_started(output: OutputLayout, url: str) -> NotStarted:
         live = lease.progress
         loading = f" on {live.workers_loading} workers" if live and live.workers_loading else ""
         return NotStarted(
-            f"job {lease.job} at {url}: starting, loading the model{loading} (heartbeat "
+            f"job {shown(lease.job)} at {url}: starting, loading the model{loading} (heartbeat "
             f"{lease.age:.0f} s ago); no image yet",
             phase=RUNNING,
         )
@@ -187,7 +187,8 @@ def _not_started(output: OutputLayout, url: str) -> NotStarted:
     if submitted is None:
         raise ImagemillError(f"no imagemill job found at {url} (it has no readable {JOB_RECORD})")
     return NotStarted(
-        f"job {submitted.get('name')} at {url}: submitted, not started (Ray job "
-        f"{submitted.get('submission_id')} at {submitted.get('address')}, {submitted.get('submitted_at')};"
+        f"job {shown(submitted.get('name'))} at {url}: submitted, not started (Ray job "
+        f"{shown(submitted.get('submission_id'))} at {shown(submitted.get('address'))}, "
+        f"{shown(submitted.get('submitted_at'))};"
         f" `ray job status` there says where it is)"
     )

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
+from imagemill.core.errors import shown
 from imagemill.core.kinds import KINDS
 from imagemill.core.spec.fingerprint import fingerprint
 from imagemill.core.spec.markers import NOT_FINGERPRINTED, REDACTED, dumped
@@ -136,6 +137,8 @@ class JobSpec(StageSections, _JobSections):
     def _name_is_plain(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        if not value.isprintable():  # it heads `status` and log lines: one line each
+            raise ValueError(f"must be one line of printable characters, not '{shown(value, 40)}'")
         return value
 
     def fingerprint(self) -> dict[str, Any]:
