@@ -139,3 +139,29 @@ def test_cpu_workers_are_told_offload_and_components_do_nothing_there():
         line.startswith("model.parallel") for line in device_warnings(_spec(parallel="components"), "cpu")
     )
     assert device_warnings(_spec(offload="sequential"), "cuda") == []
+
+
+def test_the_guides_flux_command_asks_for_group_offload(monkeypatch):
+    """docs/big-and-small-models.md's command through the CLI, up to the runner (a GPU runs the rest;
+    here the hub is offline): FLUX.1-dev in bfloat16, offloaded by groups, at 1024²."""
+    from doc_pages import ROOT, command
+
+    import imagemill.execution.runner as runner
+    from imagemill.cli.commands import main
+
+    ran: list[JobSpec] = []
+
+    class Finished:
+        state = "complete"
+
+        def summary(self) -> str:
+            return "finished"
+
+    monkeypatch.setattr(runner, "run", lambda spec, **options: ran.append(spec) or Finished())
+    monkeypatch.chdir(ROOT)
+    words = command("docs/big-and-small-models.md", "imagemill run")
+    main(words[1:])
+    [spec] = ran
+    assert spec.model.source == "black-forest-labs/FLUX.1-dev" and spec.model.dtype == "bfloat16"
+    assert (spec.model.offload, spec.model.parallel) == ("group", "none")
+    assert (spec.generation.width, spec.generation.height) == (1024, 1024)

@@ -147,8 +147,8 @@ class DiffusersGenerator:
         if multiple > 1 and tokens % self.token_slices:
             raise ValueError(
                 f"model.parallel: context cuts {key.width}x{key.height}'s {tokens} image tokens over "
-                f"{self.token_slices} processes, which needs a multiple of {self.token_slices}: use a size "
-                f"whose width/{multiple} times height/{multiple} is one"
+                f"{self.token_slices} processes, which needs a token count that divides by "
+                f"{self.token_slices}: use a size whose (width/{multiple})x(height/{multiple}) does"
             )
 
     @torch.inference_mode()
