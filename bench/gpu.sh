@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU profile in one command, on a machine with one CUDA GPU and no Ray (see bench/gpu_wheels.sh
 # for the wheels it installs there): the GPU JPEG test, the shard worker in-process beside the bare
-# loop (PNG, and JPEG through nvJPEG), each speed option, quantisation, and the encode ceiling.
+# loop (PNG, and JPEG through nvJPEG), each speed option, quantisation, offload, and the encode ceiling.
 #
 #     bash bench/gpu.sh              # on the GPU machine; then copy $OUT/BENCHMARKS.md over BENCHMARKS.md
 #     bash bench/gpu.sh --dry-run    # here, on the CPU: the same steps with the tiny model, a few rows
@@ -55,6 +55,10 @@ step "worker vs bare" 200 $PYTHON worker_loop.py --profile $PROFILE --rows $WORK
 step "speed options" 180 $PYTHON speed_options.py --profile $PROFILE --rows $ROWS --repeats 1
 step "step caching" 120 $PYTHON step_cache.py --profile $PROFILE --rows $ROWS --repeats 1
 step "quantisation" 100 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
+offload() {  # model.offload's speed and memory, the model capped below what it needs (issue #26)
+    step "offload" 200 $PYTHON offload.py --profile $PROFILE --rows $IMAGES
+}
+offload
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^\| |^## " "$BENCHMARKS_FILE" | grep -A30 -E "gpu profile|Encode ceiling" | head -60
