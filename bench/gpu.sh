@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU profile in one command, on a machine with one CUDA GPU and no Ray (see bench/gpu_wheels.sh
 # for the wheels it installs there): the GPU JPEG test, the shard worker in-process beside the bare
-# loop (PNG, and JPEG through nvJPEG), each speed option, quantisation, offload, and the encode ceiling.
+# loop (PNG, and JPEG through nvJPEG), each speed option, quantisation, and the encode ceiling.
 #
 #     bash bench/gpu.sh              # on the GPU machine; then copy $OUT/BENCHMARKS.md over BENCHMARKS.md
 #     bash bench/gpu.sh --dry-run    # here, on the CPU: the same steps with the tiny model, a few rows
