@@ -55,6 +55,10 @@ step "worker vs bare" 200 $PYTHON worker_loop.py --profile $PROFILE --rows $WORK
 step "speed options" 180 $PYTHON speed_options.py --profile $PROFILE --rows $ROWS --repeats 1
 step "step caching" 120 $PYTHON step_cache.py --profile $PROFILE --rows $ROWS --repeats 1
 step "quantisation" 100 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
+offload() {  # model.offload's speed and memory, the model capped below what it needs (issue #26)
+    step "offload" 200 $PYTHON offload.py --profile $PROFILE --rows $IMAGES
+}
+offload
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^\| |^## " "$BENCHMARKS_FILE" | grep -A30 -E "gpu profile|Encode ceiling" | head -60

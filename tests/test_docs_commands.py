@@ -72,6 +72,11 @@ RUN_BY: dict[str, tuple[str, ...]] = {
         shell_commands(section("docs/provenance.md", "A certificate for C2PA")),
         ("tests/test_c2pa.py::test_the_guides_openssl_commands_make_a_chain_that_signs_and_verifies",),
     ),
+    "imagemill run jobs/demo.yaml --output output/flux --model black-forest-labs/FLUX.1-dev --set "
+    "model.dtype=bfloat16 --set model.offload=group --set generation.width=1024 --set generation.height=1024 "
+    "--set generation.guidance_scale=3.5": (
+        "tests/test_model_layout.py::test_the_guides_flux_command_asks_for_group_offload",
+    ),
     "imagemill verify s3://imagemill-nightly/images/2026-11-23 --watermark nightly1": (
         "tests/test_c2pa.py::test_verify_passes_the_output_and_reports_a_tampered_image",
         "tests/test_watermark.py::test_the_watermark_survives_a_jpeg_q90_reencode_and_verify_reports_it",

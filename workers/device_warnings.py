@@ -54,6 +54,14 @@ def _jpeg_on_cuda_without_nvjpeg(spec: JobSpec, device: str) -> list[str]:
     return ["output.image_format"] if wanted and importlib.util.find_spec("torchvision") is None else []
 
 
+def _offload_on_cpu(spec: JobSpec, device: str) -> list[str]:
+    return ["model.offload"] if device == "cpu" and spec.model.offload != "none" else []
+
+
+def _parallel_on_cpu(spec: JobSpec, device: str) -> list[str]:
+    return ["model.parallel"] if device == "cpu" and spec.model.parallel != "none" else []
+
+
 RULES = (
     DeviceRule(
         _float16_on_cpu,
@@ -69,6 +77,17 @@ RULES = (
         _jpeg_on_cuda_without_nvjpeg,
         "jpeg on CUDA is encoded on the CPU here, as torchvision (nvJPEG) is not installed",
         "pip install 'imagemill[gpu-jpeg]' on the GPU nodes",
+    ),
+    DeviceRule(  # workers/generators/diffusion/layout.py: not applied there
+        _offload_on_cpu,
+        "a CPU worker's weights already are in host memory, so offloading does nothing there",
+        "set model.offload: none for CPU workers",
+    ),
+    DeviceRule(
+        _parallel_on_cpu,
+        "it spreads the model over a replica's GPUs; a CPU worker's processes share one memory and its "
+        "cores, so it gains nothing there",
+        "set model.parallel: none for CPU workers",
     ),
 )
 

@@ -32,6 +32,8 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet"]
 EmbedParameters = Literal["public", "full", "none"]  # what published files say: provenance/publication.py
 Quantization = Literal["none", "int8_weight_only", "int8_dynamic", "fp8"]
+Parallel = Literal["none", "components", "context"]  # how a replica's GPUs share the model
+Offload = Literal["none", "model", "group", "sequential"]  # where weights wait between uses
 Dtype = Literal["float32", "float16", "bfloat16"]
 IMAGE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 # speed.cache: the settings each kind takes
@@ -291,6 +293,23 @@ class ModelSpec(PretrainedSection):
     emulation: EmulationSpec | None = Field(
         None, description="kind: emulated only: the emulated device, e.g. {images_per_second: 30}."
     )
+    # Fingerprinted: `context` cuts the denoiser's token rows over processes, which moves a pixel by a
+    # level as a batch size does (docs/ARCHITECTURE.md, Determinism), and batch_size is fingerprinted.
+    parallel: Parallel = Field(
+        "none",
+        description="How a replica's GPUs share the model (docs/big-and-small-models.md). components: "
+        "text encoders, denoiser and VAE spread over its GPUs (diffusers' device_map balanced); context: "
+        "every GPU runs the denoiser on its slice of the tokens (Ulysses attention, one process per GPU; "
+        "FLUX and the other diffusers models with a context-parallel plan).",
+    )
+    # Not fingerprinted: offloading moves weights between host and GPU, the same kernels run on the same
+    # numbers, so the images are byte-identical with or without it (tests/test_model_layout.py).
+    offload: Annotated[Offload, NOT_FINGERPRINTED] = Field(
+        "none",
+        description="For a GPU too small for the model: model: each component moved onto the GPU while "
+        "it runs; group: the denoiser's blocks streamed onto it ahead of use; sequential: each layer "
+        "moved on as it runs (least memory, slowest). Does nothing on CPU workers.",
+    )
 
     @model_validator(mode="after")
     def _emulation_goes_with_its_kind(self) -> ModelSpec:
@@ -299,6 +318,22 @@ class ModelSpec(PretrainedSection):
                 "model.emulation is set without model.kind: emulated; remove it"
                 if self.emulation is not None
                 else "model.kind: emulated needs model.emulation, e.g. {images_per_second: 30}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _layout_is_one_choice(self) -> ModelSpec:
+        """Offloading and spreading over GPUs are answers to the same shortage: one or the other; both
+        are diffusers' (the other kinds load on one device)."""
+        if self.kind != "diffusers" and (self.parallel != "none" or self.offload != "none"):
+            raise ValueError(
+                f"model.parallel and model.offload are for model.kind: diffusers, not {self.kind}; "
+                "remove them"
+            )
+        if self.parallel != "none" and self.offload != "none":
+            raise ValueError(
+                f"model.offload: {self.offload} with model.parallel: {self.parallel}: offload is for one "
+                "GPU too small for the model, parallel for several GPUs; set one of them to none"
             )
         return self
 

@@ -15,6 +15,12 @@ from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.caching import check_cache_support, fresh_cache_state
 from imagemill.workers.generators.diffusion.families import call_default, family_of
 from imagemill.workers.generators.diffusion.image_to_image import image_to_image_pipeline, source_images
+from imagemill.workers.generators.diffusion.layout import (
+    apply_offload,
+    context_processes,
+    load_options,
+    place,
+)
 from imagemill.workers.generators.diffusion.lora import load_loras
 from imagemill.workers.generators.diffusion.quantization import quantize_denoiser
 from imagemill.workers.generators.diffusion.schedulers import describe, swap_scheduler
@@ -35,29 +41,37 @@ class DiffusersGenerator:
         quantization: str = "none",
         scheduler: SchedulerSpec | None = None,
         image_to_image: bool = False,
+        parallel: str = "none",
+        offload: str = "none",
     ):
         """`source`: the pipeline (a hub id, local directory or URL, or a `Pretrained` with its storage
         options and safetensors rule, which hold for each LoRA and speed.tiny_vae too); `scheduler`:
         the sampler to use instead of the pipeline's own (schedulers.py); `image_to_image`: also build
-        the family's image-to-image pipeline, for `generate(sources=...)`."""
+        the family's image-to-image pipeline, for `generate(sources=...)`; `parallel`, `offload`: where
+        the weights live and run (layout.py)."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
 
         quiet_model_libraries()
         model = self.model_source = Pretrained.model(source)  # its files resolved once (provenance)
-        self.pipe = model.weights(diffusers.DiffusionPipeline, dtype=getattr(torch, dtype))
+        self.pipe = model.weights(
+            diffusers.DiffusionPipeline, dtype=getattr(torch, dtype), **load_options(parallel)
+        )
         load_loras(self.pipe, loras, model)
         overrides = scheduler.config if scheduler else {}
         if scheduler is not None:
             swap_scheduler(self.pipe, scheduler.name, overrides)
         self.scheduler_name = describe(self.pipe, overrides)  # the metadata's `scheduler`
         self.a1111_sampler = a1111_sampler(type(self.pipe.scheduler).__name__, self.pipe.scheduler.config)
-        self.pipe.to(device)
+        place(self.pipe, parallel, offload, device)
+        # processes sharing each batch's tokens (parallel: context): sizes must cut into as many slices
+        self.token_slices = context_processes() if parallel == "context" else 1
         quantize_denoiser(self.pipe, quantization, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
         self.speed = speed = speed or SpeedOptions()
         apply_speed_options(self.pipe, speed, model)
+        apply_offload(self.pipe, offload, device)
         self.stage_timer = StageTimer(device)  # text encode and decode time, taken by the worker per batch
         time_pipeline_stages(self.pipe, self.stage_timer)
         self.family = family_of(self.pipe)
@@ -90,6 +104,8 @@ class DiffusersGenerator:
             quantization=model.quantization,
             scheduler=model.scheduler,
             image_to_image=spec.input.image_column is not None,
+            parallel=model.parallel,
+            offload=model.offload,
         )
 
     def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
@@ -126,6 +142,13 @@ class DiffusersGenerator:
             raise ValueError(
                 f"{type(self.pipe).__name__} needs width and height divisible by {multiple}, "
                 f"got {key.width}x{key.height}"
+            )
+        tokens = (key.width // multiple) * (key.height // multiple)
+        if multiple > 1 and tokens % self.token_slices:
+            raise ValueError(
+                f"model.parallel: context cuts {key.width}x{key.height}'s {tokens} image tokens over "
+                f"{self.token_slices} processes, which needs a token count that divides by "
+                f"{self.token_slices}: use a size whose (width/{multiple})x(height/{multiple}) does"
             )
 
     @torch.inference_mode()
@@ -193,7 +216,8 @@ class DiffusersGenerator:
                 f"for {key.width}x{key.height}"
             )
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1)[:count]
+        # parallel: components leaves the images on the VAE's GPU, which may not be the actor's device
+        return pixels.permute(0, 2, 3, 1)[:count].to(self.device)
 
 
 def _accepted_arguments(pipe: Any) -> set[str] | None:
