@@ -59,7 +59,8 @@ class Row:
 def input_columns(spec: InputSpec) -> list[str]:
     """The input columns imagemill uses, where a file has them."""
     image = [spec.image_column, "strength"] if spec.image_column else []
-    return list(dict.fromkeys([spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS, *image]))
+    own = [name for name in (spec.prompt_column, spec.id_column) if name is not None]
+    return list(dict.fromkeys([*own, *PARAMETER_COLUMNS, *image]))
 
 
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
@@ -82,14 +83,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _row_error(row: Row) -> str | None:
-    """Why the row cannot be generated, as 'reason: detail', or None when it can."""
-    if row.prompt is None:
+def _prompt_problem(prompt: Any) -> str | None:
+    if prompt is None:
         return "invalid_prompt: prompt is null"
-    if not isinstance(row.prompt, str):
-        return f"invalid_prompt: prompt is a {type(row.prompt).__name__}, not a string"
-    if not row.prompt.strip():
+    if not isinstance(prompt, str):
+        return f"invalid_prompt: prompt is a {type(prompt).__name__}, not a string"
+    if not prompt.strip():
         return "invalid_prompt: prompt is empty"
+    return None
+
+
+def _row_error(row: Row, prompted: bool) -> str | None:
+    """Why the row cannot be generated, as 'reason: detail', or None when it can. Without a prompt
+    column (`prompted` false: model.kind none) a row has no prompt, and needs none."""
+    problem = _prompt_problem(row.prompt) if prompted else None
+    if problem:
+        return problem
     if row.negative_prompt is not None and not isinstance(row.negative_prompt, str):
         return "invalid_parameter: negative_prompt is not a string"
     if not _is_int(row.seed) or not 0 <= row.seed <= MAX_SEED:
@@ -166,7 +175,7 @@ def prepare_rows(
             if input_spec.image_column:
                 row.source = column(input_spec.image_column)[index]
                 row.strength = _strength(value("strength", None), defaults.strength, seed)
-            row.error = _row_error(row)
+            row.error = _row_error(row, input_spec.prompt_column is not None)
             if row_id in seen_ids:
                 row.error = (
                     f"duplicate_id: id {row_id!r} appears earlier in this shard; its first row is kept"

@@ -83,7 +83,11 @@ class InputSpec(_Section):
         description="Parquet file, folder (searched for *.parquet) or glob (*.parquet files and files "
         "starting with PAR1); local path or any fsspec URL (s3://, gs://)."
     )
-    prompt_column: str = Field("prompt", description="The column holding the prompts.")
+    prompt_column: str | None = Field(
+        "prompt",
+        description="The column holding the prompts; null: none (model.kind: none only, whose rows are "
+        "their source images).",
+    )
     id_column: str = Field(
         "id", description="Used when present in the input; otherwise ids are <file>-<row number>."
     )
