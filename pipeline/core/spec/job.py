@@ -144,6 +144,12 @@ class JobSpec(StageSections, _JobSections):
             raise ValueError(f"generation: {problem}")
         return self
 
+    @model_validator(mode="after")
+    def _scale_column_needs_an_upscaler(self) -> JobSpec:
+        if self.input.scale_column is not None and self.upscale is None:
+            raise ValueError("input.scale_column is each row's upscale scale: it needs an upscale: section")
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_is_plain(cls, value: str) -> str:
