@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,15 @@ def upscalers(tmp_path_factory) -> dict[int, str]:
 
     folder = tmp_path_factory.mktemp("upscalers")
     return {scale: str(make_tiny_upscaler(folder / f"x{scale}", scale, convs=CONVS)) for scale in (2, 4)}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as run_in_process draws: the same bytes, and no threads fighting for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -179,32 +189,42 @@ def flagging(
     return str(checker), _images(Path(spec.output.path)), flagged
 
 
-@pytest.mark.parametrize("policy", ["blur", "drop"])
+class _Recording:
+    """The stage's upscaler, recording every image the model is given."""
+
+    def __init__(self, upscaler, seen: list[np.ndarray]):
+        self.upscaler, self.seen, self.scale = upscaler, seen, upscaler.scale
+
+    def __call__(self, images: torch.Tensor, texts: list[str], seeds: list[int]) -> torch.Tensor:
+        self.seen.extend(images.numpy())
+        return self.upscaler(images, texts, seeds)
+
+
+@pytest.mark.parametrize(
+    ("policy", "kind"),
+    [("blur", "spandrel"), ("drop", "spandrel"), ("blur", "diffusers"), ("drop", "diffusers")],
+)
 def test_the_upscaler_sees_a_flagged_image_only_blurred_and_a_dropped_one_never(
-    tmp_path, prompts_dir, tiny_model, upscalers, flagging, policy
+    tmp_path, prompts_dir, tiny_model, upscalers, diffusers_upscalers, flagging, one_thread, policy, kind
 ):
     checker, drawn, flagged = flagging
+    upscale = (
+        {"source": upscalers[2], "tile": None}
+        if kind == "spandrel"
+        else _diffusers_section(diffusers_upscalers["latent"])
+    )
     spec = _spec(
         prompts_dir,
         tmp_path / "out",
         tiny_model,
         safety={"source": checker, "policy": policy},
-        upscale={"source": upscalers[2], "tile": None},
+        upscale=upscale,
     )
     worker = load_worker(spec)
     seen: list[np.ndarray] = []
-    network = worker.stages.get("upscale").upscaler.network.model
-    network.register_forward_hook(
-        lambda module, inputs, output: seen.extend(
-            (inputs[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        )
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as run_in_process draws (the probe's images): the same bytes
-    try:
-        run_shards(worker)
-    finally:
-        torch.set_num_threads(threads)
+    stage = worker.stages.get("upscale")
+    stage.upscaler = _Recording(stage.upscaler, seen)
+    run_shards(worker)  # on one thread (one_thread), as run_in_process drew the probe's images
 
     def hidden(row_id: str) -> np.ndarray:
         return blur(torch.from_numpy(drawn[row_id].copy()[None])).numpy()[0]
@@ -220,13 +240,15 @@ def test_the_upscaler_sees_a_flagged_image_only_blurred_and_a_dropped_one_never(
     assert all(image.shape == (2 * SIZE, 2 * SIZE, 3) for image in written.values())
 
 
-def test_the_guides_example_section_loads(tmp_path, prompts_dir, tiny_model):
+def test_the_guides_example_sections_load(tmp_path, prompts_dir, tiny_model):
     import yaml
     from doc_pages import blocks, page_text
 
-    (example,) = blocks(page_text("docs/upscale.md"), "yaml")
-    spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(example))
-    assert (spec.upscale.tile, spec.upscale.tile_overlap) == (512, 16)
+    spandrel, diffusers = blocks(page_text("docs/upscale.md"), "yaml")
+    spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(spandrel))
+    assert (spec.upscale.kind, spec.upscale.tile, spec.upscale.tile_overlap) == ("spandrel", 512, 16)
+    spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(diffusers))
+    assert (spec.upscale.kind, spec.upscale.noise_level, spec.upscale.tile) == ("diffusers", 20, 512)
 
 
 @pytest.mark.parametrize("name", ["upscaler", "Upscale_Scale"])
@@ -294,7 +316,7 @@ def test_a_diffusers_upscaler_writes_its_scale_records_itself_and_resumes_byte_i
 
 @pytest.mark.model
 def test_the_x4_upscaler_follows_each_rows_prompt_and_seed_and_refuses_images_over_its_tile(
-    diffusers_upscalers,
+    diffusers_upscalers, one_thread
 ):
     """Each row's prompt guides its image and its seed alone draws its noise: one image under two
     prompts gives two images, and a row's image is the same alone as in a batch (within a level)."""

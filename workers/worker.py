@@ -287,9 +287,16 @@ class ShardWorker:
         columns are MetadataRow's): each written row's kept draw's values, null for the others."""
         done = {index: run.stage_columns.get(index, {}) for index in run.written}
         names = self.stages.new_columns
+
+        def typed(name: str) -> pa.DataType | None:  # the table's type; a stage registered at run time infers
+            alias = STAGE_COLUMN_TYPES.get(name)
+            return None if alias is None else pa.type_for_alias(alias)
+
         return pa.table(
-            {name: [done.get(row.index, {}).get(name) for row in run.rows] for name in names},
-            schema=pa.schema([(name, pa.type_for_alias(STAGE_COLUMN_TYPES[name])) for name in names]),
+            {
+                name: pa.array([done.get(row.index, {}).get(name) for row in run.rows], typed(name))
+                for name in names
+            }
         )
 
     def _write_features(self, run: ShardRun, attempt: ShardAttempt) -> None:
