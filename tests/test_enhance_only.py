@@ -121,6 +121,9 @@ def test_kind_none_needs_sources_and_only_it_goes_without_prompts(tmp_path):
         imagemill.build_spec(
             base | {"input": {"path": str(tmp_path), "prompt_column": None}, "model": {"source": "m"}}
         )
+    sources = {"path": str(tmp_path), "image_column": "image", "prompt_column": None}
+    with pytest.raises(ImagemillError, match="scoring read each row's prompt: set input.prompt_column"):
+        imagemill.build_spec(base | {"input": sources, "model": {"kind": "none"}, "scoring": {"source": "c"}})
     with pytest.raises(
         ImagemillError, match="input.image_column needs model.kind: diffusers, none, not noop"
     ):

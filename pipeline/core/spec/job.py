@@ -121,10 +121,14 @@ class JobSpec(StageSections, _JobSections):
         """Image-to-image drives a diffusers image-to-image pipeline, and kind `none` draws nothing but
         the sources; other kinds would ignore them. Only `none` may go without prompts."""
         sources = KINDS[self.model.kind].sources
-        if self.input.prompt_column is None and sources != "required":
-            raise ValueError(
-                f"input.prompt_column: null (no prompts) needs model.kind: none, not {self.model.kind}"
-            )
+        if self.input.prompt_column is None:
+            if sources != "required":
+                raise ValueError(
+                    f"input.prompt_column: null (no prompts) needs model.kind: none, not {self.model.kind}"
+                )
+            reading = [name for name in ("scoring", "expansion") if getattr(self, name) is not None]
+            if reading:
+                raise ValueError(f"{', '.join(reading)} read each row's prompt: set input.prompt_column")
         if self.input.image_column is None:
             if sources == "required":
                 raise ValueError(
