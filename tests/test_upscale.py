@@ -360,7 +360,7 @@ def test_a_spandrel_network_or_a_text_to_image_pipeline_as_kind_diffusers_is_one
 # --- issue #25 item 2: a row's own scale (input.scale_column) ---
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     height=st.integers(1, 12),
     width=st.integers(1, 12),
