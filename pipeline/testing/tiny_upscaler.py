@@ -55,7 +55,7 @@ def make_tiny_diffusers_upscaler(out_dir: str | os.PathLike, pipeline: str) -> P
     )
     from transformers import CLIPTextModel
 
-    from imagemill.testing.tiny_model import clip_config, tiny_vae, train_clip_tokenizer
+    from imagemill.testing.tiny_model import clip_config, tiny_unet, tiny_vae, train_clip_tokenizer
 
     out = Path(out_dir)
     tokenizer = train_clip_tokenizer(out / "tokenizer")
@@ -64,19 +64,8 @@ def make_tiny_diffusers_upscaler(out_dir: str | os.PathLike, pipeline: str) -> P
         text_encoder = CLIPTextModel(clip_config(tokenizer))
         torch.manual_seed(SEED)
         if pipeline == "x4":
-            unet = UNet2DConditionModel(
-                sample_size=16,
-                in_channels=7,  # the latents and the low-resolution image
-                out_channels=4,
-                block_out_channels=(16, 32),
-                norm_num_groups=8,
-                layers_per_block=1,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                cross_attention_dim=32,
-                attention_head_dim=(2, 4),
-                num_class_embeds=1000,  # noise_level, as in the released x4 upscaler
-            )
+            # the tiny SD UNet on the latents and the low-resolution image; noise_level is its class label
+            unet = tiny_unet(in_channels=7, num_class_embeds=1000)
             torch.manual_seed(SEED)
             vae = tiny_vae((16, 32, 32), scaling_factor=0.08333)  # scale 4, as the released one
             pipe = StableDiffusionUpscalePipeline(
