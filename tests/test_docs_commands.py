@@ -61,6 +61,9 @@ RUN_BY: dict[str, tuple[str, ...]] = {
     "imagemill run jobs/augment_img2img.yaml": (
         "tests/test_jobs.py::test_image_to_image_job_redraws_the_shipped_sources",
     ),
+    "imagemill run jobs/enhance.yaml": (
+        "tests/test_enhance_only.py::test_the_shipped_enhance_job_upscales_the_shipped_sources",
+    ),
     "imagemill run jobs/nightly.yaml": (
         "tests/test_jobs.py::test_nightly_job_writes_each_night_to_its_own_prefix_and_only_new_input_is_new_work",
     ),

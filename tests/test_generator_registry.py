@@ -25,13 +25,13 @@ from imagemill.workers.worker import make_generator
 def models(tmp_path_factory, tiny_model) -> dict[str, str]:
     """A tiny model directory of every kind that loads one."""
     janus = str(make_tiny_janus(tmp_path_factory.mktemp("models") / "tiny-janus"))
-    return {"diffusers": tiny_model, "janus": janus, "noop": "", "emulated": ""}
+    return {"diffusers": tiny_model, "janus": janus, "noop": "", "emulated": "", "none": ""}
 
 
 def _spec(tmp_path, kind: str, source: str, **generation):
     return imagemill.build_spec(
         {
-            "input": {"path": str(tmp_path)},
+            "input": {"path": str(tmp_path)} | ({"image_column": "image"} if kind == "none" else {}),
             "output": {"path": str(tmp_path / "out")},
             "model": {"kind": kind, "source": source}
             | ({"emulation": {"images_per_second": 1000}} if kind == "emulated" else {}),
@@ -67,8 +67,11 @@ def test_every_kind_is_checked_by_its_marker_and_builds_a_generator(tmp_path, mo
 
     generator = make_generator(spec, "cpu")
     assert type(generator) is info.generator_class() and isinstance(generator, Generator)
+    # kind none draws the sources it is given (the spec requires input.image_column for it)
+    sources = torch.full((2, size, size, 3), 7, dtype=torch.uint8)
+    given = {"sources": sources} if info.sources == "required" else {}
     images = generator.generate(
-        ["a red circle", "a blue star"], [None, "blurry"], [1, 2], BatchKey(size, size, 1, 3.0)
+        ["a red circle", "a blue star"], [None, "blurry"], [1, 2], BatchKey(size, size, 1, 3.0), **given
     )
     assert images.dtype == torch.uint8 and tuple(images.shape) == (2, size, size, 3)
     assert generator.truncated(["a red circle"]) == [False]

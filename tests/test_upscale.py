@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from imagemill.testing.in_process import load_worker, run_in_process, run_shards
 from imagemill.testing.in_process import output_hashes as _files
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.safety import blur
-from imagemill.workers.stages.upscale import INSTALL, Upscaler, spandrel_loader
+from imagemill.workers.stages.upscale import INSTALL, SpandrelUpscaler, spandrel_loader
 
 try:
     spandrel_loader("cpu")
@@ -46,6 +47,15 @@ def upscalers(tmp_path_factory) -> dict[int, str]:
 
     folder = tmp_path_factory.mktemp("upscalers")
     return {scale: str(make_tiny_upscaler(folder / f"x{scale}", scale, convs=CONVS)) for scale in (2, 4)}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as run_in_process draws: the same bytes, and no threads fighting for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +103,8 @@ def test_tiles_equal_the_whole_image(upscalers, height, width, tile, extra, coun
         0, 256, (count, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
     )
     source = Pretrained(upscalers[2], "upscale.source")
-    whole = Upscaler(source, "float32", None, 0, "cpu")(images)
-    tiled = Upscaler(source, "float32", tile, CONVS + 2 + extra, "cpu")(images)
+    whole = SpandrelUpscaler(source, "float32", None, 0, "cpu")(images, [], [])
+    tiled = SpandrelUpscaler(source, "float32", tile, CONVS + 2 + extra, "cpu")(images, [], [])
     assert tiled.shape == (count, 2 * height, 2 * width, 3)
     assert int((tiled.int() - whole.int()).abs().max()) <= 1
 
@@ -105,8 +115,8 @@ def test_a_too_small_overlap_shows_seams(upscalers):
         0, 256, (1, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     source = Pretrained(upscalers[2], "upscale.source")
-    whole = Upscaler(source, "float32", None, 0, "cpu")(images)
-    seams = Upscaler(source, "float32", 16, 0, "cpu")(images)
+    whole = SpandrelUpscaler(source, "float32", None, 0, "cpu")(images, [], [])
+    seams = SpandrelUpscaler(source, "float32", 16, 0, "cpu")(images, [], [])
     assert int((seams.int() - whole.int()).abs().max()) > 1
 
 
@@ -123,7 +133,9 @@ def test_a_job_writes_upscaled_images_records_the_upscaler_and_resumes_byte_iden
     assert len(images) == ROWS and all(
         image.shape == (SIZE * scale, SIZE * scale, 3) for image in images.values()
     )
-    digest = Upscaler(Pretrained(upscalers[scale], "upscale.source"), "float32", None, 0, "cpu").sha256
+    digest = SpandrelUpscaler(
+        Pretrained(upscalers[scale], "upscale.source"), "float32", None, 0, "cpu"
+    ).sha256
     for row in read_metadata(str(output)).to_pylist():
         assert (row["upscaler"], row["upscaler_sha256"]) == (upscalers[scale], digest)
         assert (row["upscale_scale"], row["upscale_tile"]) == (scale, 16)
@@ -142,10 +154,10 @@ def test_a_network_that_is_not_super_resolution_is_one_line(tmp_path, upscalers)
 
     save_file({"weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ImagemillError, match=r"^upscale.source .*no network spandrel knows") as error:
-        Upscaler(Pretrained(str(tmp_path), "upscale.source"), "float32", None, 0, "cpu")
+        SpandrelUpscaler(Pretrained(str(tmp_path), "upscale.source"), "float32", None, 0, "cpu")
     assert "\n" not in str(error.value)
     with pytest.raises(ImagemillError, match="has no model.safetensors"):
-        Upscaler(Pretrained(str(tmp_path / "missing"), "upscale.source"), "float32", None, 0, "cpu")
+        SpandrelUpscaler(Pretrained(str(tmp_path / "missing"), "upscale.source"), "float32", None, 0, "cpu")
 
 
 def test_the_spec_refuses_an_overlap_as_large_as_the_tile(prompts_dir, tiny_model, upscalers, tmp_path):
@@ -177,32 +189,42 @@ def flagging(
     return str(checker), _images(Path(spec.output.path)), flagged
 
 
-@pytest.mark.parametrize("policy", ["blur", "drop"])
+class _Recording:
+    """The stage's upscaler, recording every image the model is given."""
+
+    def __init__(self, upscaler, seen: list[np.ndarray]):
+        self.upscaler, self.seen, self.scale = upscaler, seen, upscaler.scale
+
+    def __call__(self, images: torch.Tensor, texts: list[str], seeds: list[int]) -> torch.Tensor:
+        self.seen.extend(images.numpy())
+        return self.upscaler(images, texts, seeds)
+
+
+@pytest.mark.parametrize(
+    ("policy", "kind"),
+    [("blur", "spandrel"), ("drop", "spandrel"), ("blur", "diffusers"), ("drop", "diffusers")],
+)
 def test_the_upscaler_sees_a_flagged_image_only_blurred_and_a_dropped_one_never(
-    tmp_path, prompts_dir, tiny_model, upscalers, flagging, policy
+    tmp_path, prompts_dir, tiny_model, upscalers, diffusers_upscalers, flagging, one_thread, policy, kind
 ):
     checker, drawn, flagged = flagging
+    upscale = (
+        {"source": upscalers[2], "tile": None}
+        if kind == "spandrel"
+        else _diffusers_section(diffusers_upscalers["latent"])
+    )
     spec = _spec(
         prompts_dir,
         tmp_path / "out",
         tiny_model,
         safety={"source": checker, "policy": policy},
-        upscale={"source": upscalers[2], "tile": None},
+        upscale=upscale,
     )
     worker = load_worker(spec)
     seen: list[np.ndarray] = []
-    network = worker.stages.get("upscale").upscaler.network.model
-    network.register_forward_hook(
-        lambda module, inputs, output: seen.extend(
-            (inputs[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        )
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as run_in_process draws (the probe's images): the same bytes
-    try:
-        run_shards(worker)
-    finally:
-        torch.set_num_threads(threads)
+    stage = worker.stages.get("upscale")
+    stage.upscaler = _Recording(stage.upscaler, seen)
+    run_shards(worker)  # on one thread (one_thread), as run_in_process drew the probe's images
 
     def hidden(row_id: str) -> np.ndarray:
         return blur(torch.from_numpy(drawn[row_id].copy()[None])).numpy()[0]
@@ -218,13 +240,15 @@ def test_the_upscaler_sees_a_flagged_image_only_blurred_and_a_dropped_one_never(
     assert all(image.shape == (2 * SIZE, 2 * SIZE, 3) for image in written.values())
 
 
-def test_the_guides_example_section_loads(tmp_path, prompts_dir, tiny_model):
+def test_the_guides_example_sections_load(tmp_path, prompts_dir, tiny_model):
     import yaml
     from doc_pages import blocks, page_text
 
-    (example,) = blocks(page_text("docs/upscale.md"), "yaml")
-    spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(example))
-    assert (spec.upscale.tile, spec.upscale.tile_overlap) == (512, 16)
+    spandrel, diffusers = blocks(page_text("docs/upscale.md"), "yaml")
+    spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(spandrel))
+    assert (spec.upscale.kind, spec.upscale.tile, spec.upscale.tile_overlap) == ("spandrel", 512, 16)
+    spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(diffusers))
+    assert (spec.upscale.kind, spec.upscale.noise_level, spec.upscale.tile) == ("diffusers", 20, 512)
 
 
 @pytest.mark.parametrize("name", ["upscaler", "Upscale_Scale"])
@@ -246,3 +270,175 @@ def test_a_carried_column_cannot_take_an_upscale_column_name(tmp_path, tiny_mode
         run_in_process(spec)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out" / "images").exists()
+
+
+# --- issue #25 item 1: diffusers' upscalers (x4 prompt-guided, latent x2) as kind: diffusers ---
+
+DIFFUSERS_STEPS = 2
+PIPELINE_SCALES = {"x4": 4, "latent": 2}
+
+
+@pytest.fixture(scope="module")
+def diffusers_upscalers(tmp_path_factory) -> dict[str, str]:
+    from imagemill.testing.tiny_upscaler import make_tiny_diffusers_upscaler
+
+    folder = tmp_path_factory.mktemp("diffusers-upscalers")
+    return {name: str(make_tiny_diffusers_upscaler(folder / name, name)) for name in PIPELINE_SCALES}
+
+
+def _diffusers_section(source: str, **settings) -> dict:
+    return {"kind": "diffusers", "source": source, "num_inference_steps": DIFFUSERS_STEPS} | settings
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("pipeline", list(PIPELINE_SCALES))
+def test_a_diffusers_upscaler_writes_its_scale_records_itself_and_resumes_byte_identical(
+    tmp_path, prompts_dir, tiny_model, diffusers_upscalers, pipeline
+):
+    from imagemill.provenance.model_hash import directory_hash
+
+    scale, source = PIPELINE_SCALES[pipeline], diffusers_upscalers[pipeline]
+    spec = _spec(prompts_dir, tmp_path / "out", tiny_model, upscale=_diffusers_section(source))
+    result = run_in_process(spec)
+    assert result.ok == ROWS and result.errors == 0
+    output = Path(spec.output.path)
+    images = _images(output)
+    assert all(image.shape == (SIZE * scale, SIZE * scale, 3) for image in images.values())
+    assert len({image.tobytes() for image in images.values()}) == ROWS
+    for row in read_metadata(str(output)).to_pylist():
+        assert (row["upscaler"], row["upscaler_sha256"]) == (source, directory_hash(source))
+        assert (row["upscale_scale"], row["upscale_tile"]) == (scale, 512)
+    before = _files(output)
+    sorted((output / "shards").glob("*.json"))[0].unlink()  # as if killed before this shard committed
+    resumed = run_in_process(spec)
+    assert resumed.shards_run == 1 and _files(output) == before
+
+
+@pytest.mark.model
+def test_the_x4_upscaler_follows_each_rows_prompt_and_seed_and_refuses_images_over_its_tile(
+    diffusers_upscalers, one_thread
+):
+    """Each row's prompt guides its image and its seed alone draws its noise: one image under two
+    prompts gives two images, and a row's image is the same alone as in a batch (within a level)."""
+    from imagemill.core.spec.sections import UpscaleSpec
+    from imagemill.workers.stages.diffusers_upscaler import DiffusersUpscaler
+
+    section = UpscaleSpec(**_diffusers_section(diffusers_upscalers["x4"], tile=16))
+    upscaler = DiffusersUpscaler(Pretrained(section.source, "upscale.source"), section, "cpu")
+    image = torch.randint(
+        0, 256, (1, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    both = upscaler(image.expand(2, -1, -1, -1), ["a red circle", "a blue star"], [7, 7])
+    assert both.shape == (2, 64, 64, 3) and not torch.equal(both[0], both[1])
+    alone = upscaler(image, ["a blue star"], [7])
+    assert int((alone[0].int() - both[1].int()).abs().max()) <= 1
+    other_seed = upscaler(image, ["a blue star"], [8])
+    assert not torch.equal(other_seed[0], alone[0])
+    with pytest.raises(ValueError, match=r"^upscale.tile: a 20x17 image is over 16 px a side") as error:
+        upscaler(torch.zeros((1, 17, 20, 3), dtype=torch.uint8), [""], [0])
+    assert "\n" not in str(error.value)
+
+
+def test_settings_a_kind_would_ignore_are_refused(prompts_dir, tiny_model, upscalers, tmp_path):
+    with pytest.raises(ImagemillError, match="noise_level do not apply to kind: spandrel"):
+        _spec(prompts_dir, tmp_path / "o", tiny_model, upscale={"source": upscalers[2], "noise_level": 5})
+    with pytest.raises(ImagemillError, match="tile_overlap do not apply to kind: diffusers"):
+        _spec(prompts_dir, tmp_path / "o", tiny_model, upscale=_diffusers_section("x", tile_overlap=4))
+
+
+@pytest.mark.model
+def test_a_spandrel_network_or_a_text_to_image_pipeline_as_kind_diffusers_is_one_line(tiny_model, upscalers):
+    from imagemill.core.spec.sections import UpscaleSpec
+    from imagemill.workers.stages.diffusers_upscaler import DiffusersUpscaler
+
+    section = UpscaleSpec(kind="diffusers", source=tiny_model)
+    with pytest.raises(ImagemillError, match="a StableDiffusionPipeline, not an upscaler") as error:
+        DiffusersUpscaler(Pretrained(tiny_model, "upscale.source"), section, "cpu")
+    assert "\n" not in str(error.value)
+
+
+# --- issue #25 item 2: a row's own scale (input.scale_column) ---
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    height=st.integers(1, 12),
+    width=st.integers(1, 12),
+    factor=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 99),
+)
+def test_the_box_filter_undoes_a_nearest_enlargement_and_keeps_the_mean(height, width, factor, seed):
+    from imagemill.workers.stages.upscale import reduced
+
+    small = torch.randint(
+        0, 256, (2, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    large = small.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    assert torch.equal(reduced(large, factor), small)
+    noisy = torch.randint(
+        0, 256, large.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed + 1)
+    )
+    out = reduced(noisy, factor)
+    assert out.shape == small.shape
+    assert abs(out.float().mean() - noisy.float().mean()) <= 0.5
+
+
+def test_a_rows_scale_must_divide_the_upscalers():
+    from imagemill.workers.stages.upscale import scale_problem
+
+    assert scale_problem(2, 4) is None and scale_problem(4, 4) is None
+    assert scale_problem(4, 2) == "upscale: scale 4 is not one the upscaler (x2) gives: use 2"
+    assert scale_problem(3, 4) == "upscale: scale 3 is not one the upscaler (x4) gives: use 2 or 4"
+
+
+def test_a_scale_column_needs_an_upscale_section(prompts_dir, tiny_model, tmp_path):
+    spec = _spec(prompts_dir, tmp_path / "o", tiny_model).model_dump()
+    spec["input"]["scale_column"] = "scale"
+    with pytest.raises(ImagemillError, match="input.scale_column .* needs an upscale: section"):
+        imagemill.build_spec(spec)
+
+
+def test_per_row_scales_from_one_x4_network(tmp_path, tiny_model, upscalers):
+    """x4 and x2 images from one x4 network: x2 is the x4 result box-filtered (within a level: the rows
+    are in other batches); a scale the network cannot give, or no integer, is the row's error."""
+    from imagemill.workers.stages.upscale import reduced
+
+    scales = [4, 2, None, 3, 8, 2.5, 1, 2.0]  # a float column: pandas writes integers with nulls so
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(len(scales))],
+            "prompt": ["a red circle"] * len(scales),
+            "seed": [5] * len(scales),
+            "scale": pa.array(scales, pa.float64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "p.parquet")
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "scale_column": "scale"},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": tiny_model},
+            "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2},
+            "workers": {"batch_size": 3},
+            "upscale": {"source": upscalers[4], "tile": None},
+        }
+    )
+    run_in_process(spec)
+    rows = {row["id"]: row for row in read_metadata(spec.output.path).to_pylist()}
+    images = _images(Path(spec.output.path))
+    assert images["r0"].shape == (4 * SIZE, 4 * SIZE, 3) and images["r2"].shape == images["r0"].shape
+    assert images["r1"].shape == (2 * SIZE, 2 * SIZE, 3) and images["r7"].shape == images["r1"].shape
+    assert (rows["r0"]["upscale_scale"], rows["r1"]["upscale_scale"], rows["r2"]["upscale_scale"]) == (
+        4,
+        2,
+        4,
+    )
+    expected = reduced(torch.from_numpy(images["r0"][None].copy()), 2)[0].numpy()
+    assert int(np.abs(expected.astype(int) - images["r1"].astype(int)).max()) <= 1
+    assert (
+        rows["r3"]["error"]
+        == "model_rejected: upscale: scale 3 is not one the upscaler (x4) gives: use 2 or 4"
+    )
+    assert rows["r4"]["error"].startswith("model_rejected: upscale: scale 8")
+    assert rows["r5"]["error"] == "invalid_parameter: scale must be an integer in [2, 8], got 2.5"
+    assert rows["r6"]["error"] == "invalid_parameter: scale must be an integer in [2, 8], got 1"

@@ -23,6 +23,7 @@ PARAMETER_COLUMNS = ("negative_prompt", "seed", "num_inference_steps", "guidance
 INTEGER_COLUMNS = ("seed", "num_inference_steps", "width", "height")
 # Checked with the rule the job's defaults meet (imagemill.core.spec.generation_problem), in this order.
 RULED_PARAMETERS = ("num_inference_steps", "guidance_scale", "width", "height")
+MAX_UPSCALE = 8  # a row's scale (input.scale_column): x2 and x4 models, x8 ones where they exist
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Row:
     source: Any = None
     strength: Any = None
     source_pixels: np.ndarray | None = None
+    scale: Any = None  # upscale: the row's scale from input.scale_column; None: the upscaler's own
 
     @property
     def text(self) -> Any:
@@ -53,13 +55,16 @@ class Row:
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.width, self.height, self.num_inference_steps, self.guidance_scale, self.strength)
+        return BatchKey(
+            self.width, self.height, self.num_inference_steps, self.guidance_scale, self.strength, self.scale
+        )
 
 
 def input_columns(spec: InputSpec) -> list[str]:
     """The input columns imagemill uses, where a file has them."""
     image = [spec.image_column, "strength"] if spec.image_column else []
-    return list(dict.fromkeys([spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS, *image]))
+    own = [name for name in (spec.prompt_column, spec.id_column, spec.scale_column) if name is not None]
+    return list(dict.fromkeys([*own, *PARAMETER_COLUMNS, *image]))
 
 
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
@@ -82,14 +87,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _row_error(row: Row) -> str | None:
-    """Why the row cannot be generated, as 'reason: detail', or None when it can."""
-    if row.prompt is None:
+def _prompt_problem(prompt: Any) -> str | None:
+    if prompt is None:
         return "invalid_prompt: prompt is null"
-    if not isinstance(row.prompt, str):
-        return f"invalid_prompt: prompt is a {type(row.prompt).__name__}, not a string"
-    if not row.prompt.strip():
+    if not isinstance(prompt, str):
+        return f"invalid_prompt: prompt is a {type(prompt).__name__}, not a string"
+    if not prompt.strip():
         return "invalid_prompt: prompt is empty"
+    return None
+
+
+def _row_error(row: Row, prompted: bool) -> str | None:
+    """Why the row cannot be generated, as 'reason: detail', or None when it can. Without a prompt
+    column (`prompted` false: model.kind none) a row has no prompt, and needs none."""
+    problem = _prompt_problem(row.prompt) if prompted else None
+    if problem:
+        return problem
     if row.negative_prompt is not None and not isinstance(row.negative_prompt, str):
         return "invalid_parameter: negative_prompt is not a string"
     if not _is_int(row.seed) or not 0 <= row.seed <= MAX_SEED:
@@ -98,6 +111,8 @@ def _row_error(row: Row) -> str | None:
         problem = generation_problem(name, getattr(row, name))
         if problem:
             return f"invalid_parameter: {problem}"
+    if row.scale is not None and not (_is_int(row.scale) and 2 <= row.scale <= MAX_UPSCALE):
+        return f"invalid_parameter: scale must be an integer in [2, {MAX_UPSCALE}], got {row.scale!r}"
     if row.strength is not None:  # image-to-image
         problem = generation_problem("strength", row.strength) or denoising_problem(
             row.num_inference_steps, row.strength
@@ -163,10 +178,13 @@ def prepare_rows(
                 guidance_scale=value("guidance_scale", defaults.guidance_scale),
                 variant_id=variant_id,
             )
+            if input_spec.scale_column:
+                given = value(input_spec.scale_column, None)
+                row.scale = int(given) if isinstance(given, float) and given.is_integer() else given
             if input_spec.image_column:
                 row.source = column(input_spec.image_column)[index]
                 row.strength = _strength(value("strength", None), defaults.strength, seed)
-            row.error = _row_error(row)
+            row.error = _row_error(row, input_spec.prompt_column is not None)
             if row_id in seen_ids:
                 row.error = (
                     f"duplicate_id: id {row_id!r} appears earlier in this shard; its first row is kept"

@@ -33,7 +33,7 @@ from imagemill.core.layout import OutputLayout, parquet_bytes
 from imagemill.core.records import MetadataRow, ShardStats, commit_shard, metadata_table
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
-from imagemill.core.stage_table import MODEL_STAGES
+from imagemill.core.stage_table import MODEL_STAGES, STAGE_COLUMN_TYPES
 from imagemill.core.write_gate import OwnedOutput, ShardAttempt
 from imagemill.workers.batch_fit import resolve_batch_size
 from imagemill.workers.device_use import device_use
@@ -286,10 +286,16 @@ class ShardWorker:
         """The columns registered stages add to the metadata (none for the table's own stages, whose
         columns are MetadataRow's): each written row's kept draw's values, null for the others."""
         done = {index: run.stage_columns.get(index, {}) for index in run.written}
+        names = self.stages.new_columns
+
+        def typed(name: str) -> pa.DataType | None:  # the table's type; a stage registered at run time infers
+            alias = STAGE_COLUMN_TYPES.get(name)
+            return None if alias is None else pa.type_for_alias(alias)
+
         return pa.table(
             {
-                name: [done.get(row.index, {}).get(name) for row in run.rows]
-                for name in self.stages.new_columns
+                name: pa.array([done.get(row.index, {}).get(name) for row in run.rows], typed(name))
+                for name in names
             }
         )
 

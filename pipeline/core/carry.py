@@ -38,7 +38,7 @@ _RESERVED_FOLDED = {name.casefold(): name for name in RESERVED_NAMES}
 
 def _own_columns(spec: InputSpec) -> set[str]:
     """The input columns the job reads for itself; never carried."""
-    return {spec.prompt_column, spec.id_column}
+    return {name for name in (spec.prompt_column, spec.id_column) if name is not None}
 
 
 def carried_columns(spec: InputSpec, names: Sequence[str]) -> list[str]:

@@ -27,6 +27,9 @@ class KindInfo:
     marker: str | None  # the file save_pretrained writes at the top of its model directory; None: no model
     description: str  # what its model directory is, for error messages ("point model.source at ...")
     diffusers_options: bool = False  # whether model.lora, model.quantization and speed apply to it
+    # input.image_column: "refused" (the kind would ignore the sources), "optional" (image-to-image),
+    # "required" (the source itself is the draw: enhance-only, no model, prompts optional)
+    sources: str = "refused"
 
     @property
     def needs_model(self) -> bool:
@@ -47,6 +50,7 @@ KINDS: dict[str, KindInfo] = {
             "model_index.json",
             "a diffusers pipeline",
             diffusers_options=True,
+            sources="optional",
         ),
         KindInfo(
             "janus",
@@ -65,6 +69,14 @@ KINDS: dict[str, KindInfo] = {
             "imagemill.workers.generators.emulated:EmulatedGenerator",
             None,
             "no model: a GPU emulated on the CPU (model.emulation), textured images (measures device busy)",
+        ),
+        KindInfo(
+            "none",
+            "imagemill.workers.generators.none:SourceAsDraw",
+            None,
+            "no model: each row's source image (input.image_column) is its draw, for the stages after "
+            "generation (enhance-only: safety, upscale, watermark, encode)",
+            sources="required",
         ),
     )
 }

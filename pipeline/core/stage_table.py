@@ -26,9 +26,15 @@ class StageRow:
     label: str  # what the job report calls it
     thread: Thread
     implementation: str | None = None  # post-generation stages: the `module:Class` the actor builds
-    # metadata columns the stage adds beyond MetadataRow's (its class's `columns` are these): here so
-    # that the driver reserves them, and no carried input column takes one of their names
-    columns: tuple[str, ...] = ()
+    # metadata columns the stage adds beyond MetadataRow's, as (name, Arrow type alias): here so that
+    # the driver reserves them, and no carried input column takes one of their names; typed so that a
+    # shard where no row has a value (all dropped or rejected) writes the same schema as the others
+    columns: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Its class's `columns`."""
+        return tuple(name for name, _ in self.columns)
 
 
 GENERATION = (
@@ -52,7 +58,12 @@ POST_GENERATION = (
         "super-resolution (device)",
         "device",
         "imagemill.workers.stages.upscale:UpscaleStage",
-        ("upscaler", "upscaler_sha256", "upscale_scale", "upscale_tile"),
+        (
+            ("upscaler", "string"),
+            ("upscaler_sha256", "string"),
+            ("upscale_scale", "int64"),
+            ("upscale_tile", "int64"),
+        ),
     ),
     StageRow(
         "features",
@@ -84,7 +95,8 @@ ACTOR_STAGES = GENERATION + POST_GENERATION + AFTER
 
 STAGE_NAMES = tuple(row.name for row in ACTOR_STAGES)
 STAGE_ROWS = {row.name: row for row in ACTOR_STAGES}
-STAGE_COLUMNS = tuple(column for row in POST_GENERATION for column in row.columns)  # reserved names
+STAGE_COLUMNS = tuple(column for row in POST_GENERATION for column in row.column_names)  # reserved names
+STAGE_COLUMN_TYPES = {name: alias for row in POST_GENERATION for name, alias in row.columns}
 STAGE_LABELS = {row.name: row.label for row in ACTOR_STAGES}
 # The stages the device is held busy in: the model's own and the post-generation stages run between
 # its generate calls (their seconds were part of `denoise` before they were timed apart).

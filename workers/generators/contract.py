@@ -26,6 +26,7 @@ class BatchKey:
     num_inference_steps: int
     guidance_scale: float
     strength: float | None = None  # image-to-image: the pipeline takes one strength per call
+    scale: int | None = None  # upscale: a row's own scale (input.scale_column); a batch has one size
 
 
 @runtime_checkable

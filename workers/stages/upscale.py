@@ -1,8 +1,14 @@
-"""Super-resolution (`upscale:`): each kept draw enlarged by a single-image SR network, on the device,
-after the safety stage (a flagged draw is upscaled blurred, a dropped one not at all) and before the
-evaluation features, the copy back and the encoder, which then all see the upscaled image.
+"""Super-resolution (`upscale:`): each kept draw enlarged on the device, after the safety stage (a
+flagged draw is upscaled blurred, a dropped one not at all) and before the evaluation features, the
+copy back and the encoder, which then all see the upscaled image. The model is a single-image SR
+network (`kind: spandrel`, below) or a diffusers upscaler pipeline (`kind: diffusers`,
+diffusers_upscaler.py); both are called on a chunk's live draws with their prompts and seeds.
 
-The network is a safetensors state dict (`model.safetensors` in the section's source, fetched through
+A row may ask for a smaller scale than the model's (`input.scale_column`; a divisor of it): the
+model's output is then reduced by area averaging over (model scale / row scale)² pixels, a fixed box
+filter, rather than refused, so one job can write x2 and x4 images from one x4 model.
+
+The spandrel network is a safetensors state dict (`model.safetensors` in the section's source, fetched through
 workers/loading.py's `Pretrained`) whose architecture spandrel recognises from its keys (Real-ESRGAN,
 Compact, SPAN, SwinIR, HAT, ...): the library ComfyUI and chaiNNer use, so no architecture is copied
 here. Its scale is the network's. An image with a side longer than `tile` is upscaled in tiles that
@@ -19,15 +25,17 @@ import hashlib
 import sys
 import types
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import torch
+import torch.nn.functional as F
 
 from imagemill.core.errors import ImagemillError
 from imagemill.core.spec import JobSpec
 from imagemill.core.stage_table import STAGE_ROWS
 from imagemill.workers.loading import Pretrained
 from imagemill.workers.stages.contract import DrawBatch, StageContext
+from imagemill.workers.stages.diffusers_upscaler import DiffusersUpscaler
 
 WEIGHTS = "model.safetensors"
 INSTALL = "python -m pip install --no-deps spandrel einops"
@@ -77,8 +85,22 @@ def spandrel_loader(device: str) -> Any:
     return ModelLoader(device)
 
 
-class Upscaler:
-    """The network of an `upscale:` section on the actor's device, and what the metadata says of it."""
+class Upscaler(Protocol):
+    """An upscale model on the actor's device, and what the metadata says of it."""
+
+    name: str
+    sha256: str | None
+    scale: int
+    tile: int | None
+
+    def __call__(self, images: torch.Tensor, texts: list[str], seeds: list[int]) -> torch.Tensor:
+        """(N, H, W, 3) uint8 → (N, H·scale, W·scale, 3) uint8, each draw guided by its prompt and seed
+        where the model takes them."""
+        ...
+
+
+class SpandrelUpscaler:
+    """`kind: spandrel`: the network of an `upscale:` section on the actor's device."""
 
     def __init__(self, source: Pretrained, dtype: str, tile: int | None, overlap: int, device: str):
         from safetensors.torch import load_file
@@ -110,8 +132,9 @@ class Upscaler:
         self.overlap = overlap
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, 3) uint8 images → (N, H·scale, W·scale, 3) uint8, on their device."""
+    def __call__(self, images: torch.Tensor, texts: list[str], seeds: list[int]) -> torch.Tensor:
+        """(N, H, W, 3) uint8 images → (N, H·scale, W·scale, 3) uint8, on their device (a network
+        takes no prompt and draws no noise)."""
         pixels = images.permute(0, 3, 1, 2).to(self.network.dtype) / 255
         larger = tiled(self.network, pixels, self.scale, self.tile, self.overlap)
         return (larger.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -144,22 +167,42 @@ def tiled(
     return out
 
 
+def reduced(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, H, W, 3) uint8 → (N, H/factor, W/factor, 3): each output pixel the rounded mean of its
+    factor x factor block (a box filter: no ringing, the same bytes on every device)."""
+    if factor == 1:
+        return images
+    pixels = images.permute(0, 3, 1, 2).float()
+    mean = F.avg_pool2d(pixels, factor)
+    return mean.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def scale_problem(wanted: int, scale: int) -> str | None:
+    """Why a row cannot be upscaled `wanted` times by a model of `scale`, or None."""
+    if scale % wanted:
+        divisors = [str(d) for d in range(1, scale + 1) if scale % d == 0 and d > 1]
+        return (
+            f"upscale: scale {wanted} is not one the upscaler (x{scale}) gives: use {' or '.join(divisors)}"
+        )
+    return None
+
+
 class UpscaleStage:
     """The `upscale` stage: the live draws of each chunk enlarged on the device; a dropped draw stays a
-    blank of the new size that nothing writes."""
+    blank of the new size that nothing writes. All draws of a chunk share their scale (the row's
+    `scale` is part of its BatchKey)."""
 
     section = "upscale"
     needs = ("images",)
     adds = ()
     changes_pixels = True
-    columns = STAGE_ROWS["upscale"].columns  # the table's: the driver reserves them (core/carry.py)
+    columns = STAGE_ROWS["upscale"].column_names  # the table's: the driver reserves them (core/carry.py)
 
     def __init__(self, upscaler: Upscaler):
         self.upscaler = upscaler
         self.recorded = {
             "upscaler": upscaler.name,
             "upscaler_sha256": upscaler.sha256,
-            "upscale_scale": upscaler.scale,
             "upscale_tile": upscaler.tile,
         }
 
@@ -169,18 +212,29 @@ class UpscaleStage:
         if section is None:
             return None
         source = Pretrained.of(section, "upscale")
-        return cls(Upscaler(source, section.dtype, section.tile, section.tile_overlap, context.device))
+        if section.kind == "diffusers":
+            return cls(DiffusersUpscaler(source, section, context.device))
+        return cls(
+            SpandrelUpscaler(source, section.dtype, section.tile, section.tile_overlap, context.device)
+        )
 
     def run(self, batch: DrawBatch) -> None:
-        images, scale = batch.images, self.upscaler.scale
+        """Raises ValueError (the batch's rows `model_rejected`) for a scale the model does not give."""
+        images, model_scale = batch.images, self.upscaler.scale
+        scale = batch.rows[0].scale or model_scale
+        problem = scale_problem(scale, model_scale)
+        if problem:
+            raise ValueError(problem)
         count, height, width, channels = images.shape
         larger = torch.zeros(
             (count, height * scale, width * scale, channels), dtype=images.dtype, device=images.device
         )
         live = batch.live  # a dropped draw is upscaled by no one
         if live:
+            texts = [batch.rows[i].text or "" for i in live]  # enhance-only rows may have no prompt
+            seeds = [batch.seeds[i] for i in live]
             at = torch.tensor(live, device=images.device)
-            larger[at] = self.upscaler(images[at])
+            larger[at] = reduced(self.upscaler(images[at], texts, seeds), model_scale // scale)
             for i in live:
-                batch.columns[i].update(self.recorded)
+                batch.columns[i].update(self.recorded, upscale_scale=scale)
         batch.images = larger

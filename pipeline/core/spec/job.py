@@ -118,18 +118,41 @@ class JobSpec(StageSections, _JobSections):
         return self
 
     @model_validator(mode="after")
-    def _image_column_needs_diffusers(self) -> JobSpec:
-        """Image-to-image drives a diffusers image-to-image pipeline; other kinds would ignore the sources."""
+    def _image_column_fits_the_kind(self) -> JobSpec:
+        """Image-to-image drives a diffusers image-to-image pipeline, and kind `none` draws nothing but
+        the sources; other kinds would ignore them. Only `none` may go without prompts."""
+        sources = KINDS[self.model.kind].sources
+        if self.input.prompt_column is None:
+            if sources != "required":
+                raise ValueError(
+                    f"input.prompt_column: null (no prompts) needs model.kind: none, not {self.model.kind}"
+                )
+            reading = [name for name in ("scoring", "expansion") if getattr(self, name) is not None]
+            if reading:
+                raise ValueError(f"{', '.join(reading)} read each row's prompt: set input.prompt_column")
         if self.input.image_column is None:
+            if sources == "required":
+                raise ValueError(
+                    f"model.kind: {self.model.kind} draws each row's source image: set input.image_column"
+                )
             return self
-        if self.model.kind != "diffusers":
-            raise ValueError(f"input.image_column needs model.kind: diffusers, not {self.model.kind}")
+        if sources == "refused":
+            taking = ", ".join(name for name, info in KINDS.items() if info.sources != "refused")
+            raise ValueError(f"input.image_column needs model.kind: {taking}, not {self.model.kind}")
+        if sources == "required":
+            return self  # nothing is denoised: strength does not apply
         strength = self.generation.strength
         problem = denoising_problem(
             self.generation.num_inference_steps, strength[0] if isinstance(strength, list) else strength
         )
         if problem:
             raise ValueError(f"generation: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _scale_column_needs_an_upscaler(self) -> JobSpec:
+        if self.input.scale_column is not None and self.upscale is None:
+            raise ValueError("input.scale_column is each row's upscale scale: it needs an upscale: section")
         return self
 
     @field_validator("name")

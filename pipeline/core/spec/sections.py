@@ -85,7 +85,11 @@ class InputSpec(_Section):
         description="Parquet file, folder (searched for *.parquet) or glob (*.parquet files and files "
         "starting with PAR1); local path or any fsspec URL (s3://, gs://)."
     )
-    prompt_column: str = Field("prompt", description="The column holding the prompts.")
+    prompt_column: str | None = Field(
+        "prompt",
+        description="The column holding the prompts; null: none (model.kind: none only, whose rows are "
+        "their source images).",
+    )
     id_column: str = Field(
         "id", description="Used when present in the input; otherwise ids are <file>-<row number>."
     )
@@ -114,6 +118,11 @@ class InputSpec(_Section):
         None,
         description="Image-to-image: the column holding each row's source image, as bytes or as a path "
         "relative to the input file's folder (see workers/source_images.py).",
+    )
+    scale_column: str | None = Field(
+        None,
+        description="upscale: the column holding each row's scale (an integer 2-8 dividing the upscaler's: "
+        "x2 from an x4 model is its output reduced by a box filter); null values take the upscaler's own.",
     )
     allow_absolute_image_paths: bool = Field(
         False, description="Also open source paths that are absolute or URLs (any bucket, any protocol)."
@@ -395,20 +404,32 @@ class SafetySpec(PretrainedSection):
 
 class UpscaleSpec(PretrainedSection):
     """Super-resolution after safety, before the encoder (workers/stages/upscale.py): a single-image SR
-    network loaded through spandrel, run on the device in tiles."""
+    network loaded through spandrel, run on the device in tiles, or a diffusers upscaler pipeline
+    guided by each row's prompt."""
 
-    weights_file = ("model.safetensors", "a super-resolution network")
+    # what `source` holds, by kind (the driver checks it before any actor starts)
+    MARKERS: ClassVar[dict[str, tuple[str, str]]] = {
+        "spandrel": ("model.safetensors", "a super-resolution network"),
+        "diffusers": ("model_index.json", "a diffusers upscaler pipeline"),
+    }
 
+    kind: Literal["spandrel", "diffusers"] = Field(
+        "spandrel",
+        description="spandrel: `source` holds an SR network as model.safetensors; diffusers: `source` is a "
+        "StableDiffusionUpscalePipeline (x4, e.g. stabilityai/stable-diffusion-x4-upscaler) or a "
+        "StableDiffusionLatentUpscalePipeline (x2) directory, run with the row's prompt and seed.",
+    )
     source: str = Field(
-        description="A directory (local, fsspec URL or hub id) holding the network as model.safetensors: "
-        "an architecture spandrel recognises (Real-ESRGAN, Compact, SPAN, SwinIR, HAT, ...); its scale "
-        "is the network's."
+        description="A directory (local, fsspec URL or hub id): kind spandrel, the network as "
+        "model.safetensors, an architecture spandrel recognises (Real-ESRGAN, Compact, SPAN, SwinIR, HAT, "
+        "...); kind diffusers, the pipeline as save_pretrained wrote it (safetensors weights)."
     )
     tile: int | None = Field(
         512,
         ge=16,
-        description="Images with a side longer than this are upscaled in tiles of this many input pixels "
-        "(memory); null: whole.",
+        description="spandrel: images with a side longer than this are upscaled in tiles of this many input "
+        "pixels (memory); diffusers: the largest side it upscales (whole: a larger image is a "
+        "model_rejected row). null: whole, any size.",
     )
     tile_overlap: int = Field(
         16,
@@ -416,11 +437,41 @@ class UpscaleSpec(PretrainedSection):
         description="Input pixels of context each tile reads beyond its edges, cut from its output: at "
         "least the network's receptive field makes tiles seamless.",
     )
+    num_inference_steps: int = Field(20, gt=0, description="kind diffusers: denoising steps per image.")
+    guidance_scale: float = Field(
+        0.0,
+        ge=0,
+        description="kind diffusers: classifier-free guidance by the row's prompt; 1 or less: none (one "
+        "UNet pass per step instead of two).",
+    )
+    noise_level: int = Field(
+        20,
+        ge=0,
+        le=350,
+        description="kind diffusers, the x4 pipeline: noise added to the low-resolution image before it "
+        "is upscaled (0-350); more lets the model invent more detail.",
+    )
+
+    @property
+    def weights_file(self) -> tuple[str, str]:  # type: ignore[override]
+        return self.MARKERS[self.kind]
 
     @model_validator(mode="after")
     def _overlap_inside_a_tile(self) -> UpscaleSpec:
-        if self.tile is not None and self.tile_overlap >= self.tile:
+        if self.kind == "spandrel" and self.tile is not None and self.tile_overlap >= self.tile:
             raise ValueError(f"tile_overlap {self.tile_overlap} must be less than tile {self.tile}")
+        return self
+
+    @model_validator(mode="after")
+    def _settings_of_the_kind(self) -> UpscaleSpec:
+        """A setting the kind would ignore is refused, not silently dropped."""
+        ignored = {
+            "spandrel": ("num_inference_steps", "guidance_scale", "noise_level"),
+            "diffusers": ("tile_overlap",),
+        }[self.kind]
+        given = sorted(set(ignored) & self.model_fields_set)
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to kind: {self.kind}")
         return self
 
 

@@ -1,0 +1,155 @@
+"""Enhance-only (`model.kind: none`, issue #25 acceptance 2): a folder of input images with no prompts
+becomes upscaled images with metadata; each row's source image is its draw, the stages after
+generation run on it, and every bad source is an `invalid_image` row while the rest are done."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import read_metadata
+from PIL import Image
+
+import imagemill
+from imagemill.core.errors import ImagemillError
+from imagemill.core.spec import load_spec
+from imagemill.testing.in_process import run_in_process
+from imagemill.workers.loading import Pretrained
+
+SIZE = 16
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _spec(folder: Path, output: Path, **sections) -> imagemill.JobSpec:
+    return imagemill.build_spec(
+        {
+            "input": {
+                "path": str(folder),
+                "image_column": "image",
+                "prompt_column": None,
+                "max_image_pixels": 400,
+            }
+            | sections.pop("input", {}),
+            "output": {"path": str(output)},
+            "model": {"kind": "none"},
+            "generation": {"width": SIZE, "height": SIZE},
+            "workers": {"batch_size": 4},
+            **sections,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A folder of images listed by a Parquet file of paths (no prompt, no id), good and hostile."""
+    root = tmp_path_factory.mktemp("enhance")
+    images = root / "in" / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = {f"good-{i}.png": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for i in range(3)}
+    for name, pixels in good.items():
+        (images / name).write_bytes(_png(pixels))
+    (images / "truncated.png").write_bytes(_png(good["good-0.png"])[:100])
+    (images / "disguised.png").write_bytes(b"<html><script>alert(1)</script></html>")  # not a PNG
+    (images / "too-big.png").write_bytes(_png(np.zeros((21, 20, 3), np.uint8)))  # 420 > 400 pixels
+    (root / "outside.png").write_bytes(_png(good["good-1.png"]))
+    (images / "link-out.png").symlink_to(root / "outside.png")
+    names = [*good, "truncated.png", "disguised.png", "too-big.png", "link-out.png"]
+    pq.write_table(pa.table({"image": [f"images/{name}" for name in names]}), root / "in" / "list.parquet")
+    return root, good
+
+
+BAD = {
+    "truncated.png": "does not decode|not an image",
+    "disguised.png": "not an image",
+    "too-big.png": "max_image_pixels",
+    "link-out.png": "leaves the input file's folder",
+}
+
+
+@pytest.mark.model
+def test_a_folder_without_prompts_becomes_upscaled_images_and_bad_sources_invalid_image_rows(
+    folder, tmp_path
+):
+    from imagemill.testing.tiny_upscaler import make_tiny_upscaler
+    from imagemill.workers.stages.upscale import SpandrelUpscaler
+
+    root, good = folder
+    network = str(make_tiny_upscaler(tmp_path / "x2", 2))
+    spec = _spec(root / "in", tmp_path / "out", upscale={"source": network, "tile": None})
+    result = run_in_process(spec)
+    assert (result.ok, result.errors_by_reason) == (len(good), {"invalid_image": len(BAD)})
+    rows = {
+        row["source_image"].removeprefix("images/"): row
+        for row in read_metadata(spec.output.path).to_pylist()
+    }
+    upscaler = SpandrelUpscaler(Pretrained(network, "upscale.source"), "float32", None, 0, "cpu")
+    for name, pixels in good.items():
+        row = rows[name]
+        assert row["status"] == "ok" and row["prompt"] is None
+        assert (row["upscaler"], row["upscale_scale"]) == (network, 2)
+        written = np.asarray(Image.open(Path(spec.output.path) / row["path"]).convert("RGB"))
+        expected = upscaler(torch.from_numpy(pixels[None].copy()), [""], [0])[0].numpy()
+        assert np.array_equal(written, expected), name  # the source itself, upscaled: nothing drawn
+    for name, detail in BAD.items():
+        assert rows[name]["status"] == "error" and rows[name]["path"] is None
+        assert rows[name]["error"].startswith("invalid_image: ")
+        assert re.search(detail, rows[name]["error"]), rows[name]["error"]
+
+
+def test_kind_none_needs_sources_and_only_it_goes_without_prompts(tmp_path):
+    base = {"input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path / "o")}}
+    with pytest.raises(
+        ImagemillError, match="model.kind: none draws each row's source image: set input.image_column"
+    ):
+        imagemill.build_spec(base | {"model": {"kind": "none"}})
+    with pytest.raises(
+        ImagemillError, match=r"input.prompt_column: null \(no prompts\) needs model.kind: none"
+    ):
+        imagemill.build_spec(
+            base | {"input": {"path": str(tmp_path), "prompt_column": None}, "model": {"source": "m"}}
+        )
+    sources = {"path": str(tmp_path), "image_column": "image", "prompt_column": None}
+    with pytest.raises(ImagemillError, match="scoring read each row's prompt: set input.prompt_column"):
+        imagemill.build_spec(base | {"input": sources, "model": {"kind": "none"}, "scoring": {"source": "c"}})
+    with pytest.raises(
+        ImagemillError, match="input.image_column needs model.kind: diffusers, none, not noop"
+    ):
+        imagemill.build_spec(
+            base | {"input": {"path": str(tmp_path), "image_column": "image"}, "model": {"kind": "noop"}}
+        )
+
+
+@pytest.mark.model
+def test_the_shipped_enhance_job_upscales_the_shipped_sources(tmp_path):
+    """`imagemill run jobs/enhance.yaml` (docs/upscale.md), its spec as the command loads it, run in
+    this process: the six shipped sources, each upscaled x2."""
+    spec = load_spec(ROOT / "jobs" / "enhance.yaml", [("output.path", str(tmp_path / "enhance"))])
+    result = run_in_process(spec)
+    assert (result.ok, result.errors) == (6, 0)
+    rows = read_metadata(spec.output.path).to_pylist()
+    sources = sorted(path.name for path in (ROOT / "jobs" / "img2img" / "images").glob("*.png"))
+    assert sorted(row["source_image"].removeprefix("images/") for row in rows) == sources
+    for row in rows:
+        assert Image.open(Path(spec.output.path) / row["path"]).size == (64, 64)
+
+
+def test_the_shipped_upscaler_is_the_tiny_builders(tmp_path):
+    """jobs/models/tiny-upscaler-x2 is what imagemill.testing.tiny_upscaler writes (nothing else)."""
+    from imagemill.testing.tiny_upscaler import make_tiny_upscaler
+
+    written = make_tiny_upscaler(tmp_path / "x2", 2) / "model.safetensors"
+    shipped = ROOT / "jobs" / "models" / "tiny-upscaler-x2" / "model.safetensors"
+    assert written.read_bytes() == shipped.read_bytes()
