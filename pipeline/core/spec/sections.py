@@ -6,6 +6,7 @@ field; the descriptions are the reference page's text (docs/spec.md, imagemill.c
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -290,6 +291,13 @@ class ModelSpec(PretrainedSection):
     )
     emulation: EmulationSpec | None = Field(
         None, description="kind: emulated only: the emulated device, e.g. {images_per_second: 30}."
+    )
+    # How a replica of several GPUs (workers.gpus_per_worker >= 2) holds the model; the model side is
+    # branch `parallel`'s (issue #26), the placement imagemill.planning.placement's.
+    parallel: Annotated[Literal["components", "context"], NOT_FINGERPRINTED] = Field(
+        "components",
+        description="With workers.gpus_per_worker >= 2: components: one actor spreads the model's parts "
+        "over its GPUs; context: a gang of one actor per GPU splits each image's work.",
     )
 
     @model_validator(mode="after")
@@ -596,6 +604,13 @@ class WorkersSpec(_Section):
     num_cpus_per_worker: Annotated[float, NOT_FINGERPRINTED] = Field(
         1, gt=0, description="CPUs Ray reserves for each actor."
     )
+    # How replicas are placed from it: imagemill.planning.placement (ReplicaPlan).
+    gpus_per_worker: Annotated[float, NOT_FINGERPRINTED] = Field(
+        1,
+        gt=0,
+        description="GPUs per model replica: 1/n (0.5, 0.25) puts n actors on a GPU; 2, 4, 8 span that "
+        "many GPUs of one node (model.parallel: context: a gang of one actor per GPU; else one actor).",
+    )
     max_shard_attempts: Annotated[int, NOT_FINGERPRINTED] = Field(
         3, gt=0, description="Tries a shard gets before the run reports it failed."
     )
@@ -609,6 +624,16 @@ class WorkersSpec(_Section):
     max_cost_usd: Annotated[float | None, NOT_FINGERPRINTED] = Field(
         None, gt=0, description="A budget in USD over all runs of the output, priced by cost.gpu_hour_usd."
     )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus_or_a_share_of_one(cls, value: float) -> float:
+        """Ray packs fractional actors onto one GPU only when the fractions add up to exactly 1, and a
+        replica spans whole GPUs: 1/n or a whole number."""
+        share = round(1 / value) if value < 1 else 1
+        if (value < 1 and not math.isclose(share * value, 1.0)) or (value > 1 and value != int(value)):
+            raise ValueError(f"must be 1/n (0.5, 0.25, ...) or a whole number of GPUs, not {value:g}")
+        return 1 / share if value < 1 else value
 
 
 class CostSpec(_Section):
