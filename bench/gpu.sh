@@ -55,6 +55,9 @@ step "worker vs bare" 200 $PYTHON worker_loop.py --profile $PROFILE --rows $WORK
 step "speed options" 180 $PYTHON speed_options.py --profile $PROFILE --rows $ROWS --repeats 1
 step "step caching" 120 $PYTHON step_cache.py --profile $PROFILE --rows $ROWS --repeats 1
 step "quantisation" 100 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
+# Actors sharing one GPU (workers.gpus_per_worker 1/n, issue #26): 1, 2 and 4 of a small model, images/s.
+[ "$PROFILE" = gpu ] && SHARE_ROWS=512 || SHARE_ROWS=16
+step "fractional gpus" 240 $PYTHON fractional_gpu.py --profile $PROFILE --rows $SHARE_ROWS --repeats 1
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^\| |^## " "$BENCHMARKS_FILE" | grep -A30 -E "gpu profile|Encode ceiling" | head -60

@@ -57,9 +57,9 @@ class ShardWorkerActor:
         """Join the gang once loaded (`ready`'s answer); the leader is given its followers' handles."""
         return self.worker.join_gang(address, rank, world_size, followers)
 
-    def follow_shard(self, shard: Shard) -> int:
+    def follow_shard(self, shard: Shard, batch_size: int) -> int:
         """On a follower: the leader's shard, drawn in step with it, nothing written."""
-        return self.worker.follow_shard(shard)
+        return self.worker.follow_shard(shard, batch_size)
 
 
 class ProgressTallyActor:

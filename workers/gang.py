@@ -81,10 +81,11 @@ class Gang:
             )
 
     @contextmanager
-    def leading(self, shard: Shard) -> Iterator[None]:
-        """On the leader, around its generate loop: the followers run the same shard in step. Anything
-        failing in it fails the gang (the followers would wait for a step that never comes)."""
-        calls = [follower.follow_shard.remote(shard) for follower in self.followers]
+    def leading(self, shard: Shard, batch_size: int) -> Iterator[None]:
+        """On the leader, around its generate loop: the followers run the same shard in step, cut into
+        the leader's batches (`batch_size: auto` is the leader's probe). Anything failing in it fails
+        the gang (the followers would wait for a step that never comes)."""
+        calls = [follower.follow_shard.remote(shard, batch_size) for follower in self.followers]
         try:
             yield
             ray.get(calls, timeout=GANG_TIMEOUT.total_seconds())

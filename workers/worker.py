@@ -139,14 +139,15 @@ class ShardWorker:
         self.gang = Gang(address, rank, world_size, self.device, followers)
         return answer
 
-    def follow_shard(self, shard: Shard) -> int:
-        """A gang follower's part of a shard its leader runs: the same rows, batches and seeds, drawn in
-        step with the leader (`Gang.step` after each batch); nothing is written. Returns the rows drawn."""
+    def follow_shard(self, shard: Shard, batch_size: int) -> int:
+        """A gang follower's part of a shard its leader runs: the same rows, the leader's batches and
+        the same seeds, drawn in step with the leader (`Gang.step` after each batch); nothing is
+        written. Returns the rows drawn."""
         assert self.gang is not None
         run = ShardRun(shard, self.spec.model.source)
         self._read(run)
         drawn = 0
-        for batch in make_batches(run.rows, self.spec.workers.batch_size):
+        for batch in make_batches(run.rows, batch_size):
             # the leader's rows of a batch the model refuses become model_rejected errors: still a step
             with self._model_time(run), suppress(ValueError):
                 self.selection.draw(batch)
@@ -176,7 +177,8 @@ class ShardWorker:
                     timed_before = run.timer.total(TURN_STAGES)
                     model_started = time.time()
                     try:
-                        with self.gang.leading(shard) if self.gang else nullcontext():
+                        gang = self.gang.leading(shard, self.spec.workers.batch_size) if self.gang else None
+                        with gang or nullcontext():
                             self._generate(run, writer)
                     finally:  # a turn that fails has held the device too
                         run.timeline["model"] = [model_started, time.time()]

@@ -631,7 +631,7 @@ class WorkersSpec(_Section):
         """Ray packs fractional actors onto one GPU only when the fractions add up to exactly 1, and a
         replica spans whole GPUs: 1/n or a whole number."""
         share = round(1 / value) if value < 1 else 1
-        if (value < 1 and not math.isclose(share * value, 1.0)) or (value > 1 and value != int(value)):
+        if not math.isfinite(value) or not (math.isclose(share * value, 1.0) or value.is_integer()):
             raise ValueError(f"must be 1/n (0.5, 0.25, ...) or a whole number of GPUs, not {value:g}")
         return 1 / share if value < 1 else value
 
