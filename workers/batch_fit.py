@@ -51,7 +51,7 @@ def keep_to_gpu_share(spec: JobSpec, device: str) -> None:
     share, not at the whole device (then another actor would), and a batch never grows into a neighbour's."""
     share = spec.workers.gpus_per_worker
     if device.startswith("cuda") and share < 1:
-        torch.cuda.set_per_process_memory_fraction(share, torch.device(device))
+        torch.cuda.set_per_process_memory_fraction(share, torch.device(device).index or 0)
 
 
 def largest_fitting_batch(generator: Generator, key: BatchKey) -> int:

@@ -53,7 +53,7 @@ class Gang:
         global _joined
         cuda = device.startswith("cuda")
         if cuda:
-            torch.cuda.set_device(torch.device(device))
+            torch.cuda.set_device(torch.device(device).index or 0)  # Ray shows the actor its GPU only
         dist.init_process_group(
             "nccl" if cuda else "gloo",
             init_method=f"tcp://{address}",
