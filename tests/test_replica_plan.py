@@ -41,14 +41,17 @@ def test_a_share_of_one_gpu_and_whole_gpus_are_taken(n):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.floats(-1, 16) | st.sampled_from([math.nan, math.inf, 1 / 3, 0.2, 2.0, 1e300]))
+@given(
+    st.floats(-1, 16)
+    | st.sampled_from([math.nan, math.inf, 1 / 3, 0.2, 2.0, 1e300, 5e-324, 1 / 10000, 1 / 10001])
+)
 def test_nothing_else_is_taken(value):
-    share = not math.isnan(value) and 0 < value < 1 and math.isclose(value * round(1 / value), 1.0)
+    share = 0.0001 <= value < 1 and math.isclose(value * round(1 / value), 1.0)
     whole = math.isfinite(value) and value >= 1 and value == int(value)
     assert _taken(value) == (share or whole)
 
 
-@pytest.mark.parametrize("value", [0.3, 2.5, 0, float("nan"), float("inf"), "half"])
+@pytest.mark.parametrize("value", [0.3, 2.5, 0, 5e-324, float("nan"), float("inf"), "half"])
 def test_a_refused_number_of_gpus_is_one_line_naming_the_setting(value):
     with pytest.raises(ImagemillError) as refused:
         _spec(gpus_per_worker=value)

@@ -589,6 +589,9 @@ class GenerationSpec(_Section):
         return value
 
 
+MIN_GPU_SHARE = 0.0001  # Ray's unit of a resource
+
+
 class WorkersSpec(_Section):
     """The Ray actors that generate; only the batch size decides output bytes, so a resume may change
     the rest (budgets included: raise one to go on)."""
@@ -628,12 +631,14 @@ class WorkersSpec(_Section):
     @field_validator("gpus_per_worker")
     @classmethod
     def _whole_gpus_or_a_share_of_one(cls, value: float) -> float:
-        """Ray packs fractional actors onto one GPU only when the fractions add up to exactly 1, and a
-        replica spans whole GPUs: 1/n or a whole number."""
-        share = round(1 / value) if value < 1 else 1
-        if not math.isfinite(value) or not (math.isclose(share * value, 1.0) or value.is_integer()):
-            raise ValueError(f"must be 1/n (0.5, 0.25, ...) or a whole number of GPUs, not {value:g}")
-        return 1 / share if value < 1 else value
+        """Ray packs fractional actors onto one GPU only when the fractions add up to exactly 1 (in its
+        unit of 0.0001 GPU), and a replica spans whole GPUs: 1/n or a whole number."""
+        share = MIN_GPU_SHARE <= value < 1 and math.isclose(round(1 / value) * value, 1.0)
+        if not (share or (math.isfinite(value) and value >= 1 and value.is_integer())):
+            raise ValueError(
+                f"must be 1/n (0.5, 0.25, ... down to 0.0001) or a whole number of GPUs, not {value:g}"
+            )
+        return 1 / round(1 / value) if share else value
 
 
 class CostSpec(_Section):
