@@ -59,6 +59,9 @@ offload() {  # model.offload's speed and memory, the model capped below what it 
     step "offload" 200 $PYTHON offload.py --profile $PROFILE --rows $IMAGES
 }
 offload
+# Actors sharing one GPU (workers.gpus_per_worker 1/n, issue #26): 1, 2 and 4 of a small model, images/s.
+[ "$PROFILE" = gpu ] && SHARE_ROWS=512 || SHARE_ROWS=16
+step "fractional gpus" 240 $PYTHON fractional_gpu.py --profile $PROFILE --rows $SHARE_ROWS --repeats 1
 echo "=== summary"
 printf '%s\n' "${SUMMARY[@]}"
 grep -E "^\| |^## " "$BENCHMARKS_FILE" | grep -A30 -E "gpu profile|Encode ceiling" | head -60

@@ -20,7 +20,8 @@ from imagemill.core.spec import EvaluationSpec, ExpansionSpec, InputSpec, JobSpe
 
 class ShardWorkerActor:
     """`ShardWorker` (worker.py) as the scheduler's actor: `ready` once the model is loaded, then
-    `process_shard` for each shard handed out."""
+    `process_shard` for each shard handed out; in a gang, `join_gang` instead of `ready`, and the
+    followers get `follow_shard` from their leader."""
 
     def __init__(
         self,
@@ -43,6 +44,22 @@ class ShardWorkerActor:
 
     def process_shard(self, shard: Shard) -> ShardStats:
         return self.worker.process_shard(shard)
+
+    # A context-parallel gang's member (imagemill.execution.replicas starts them, workers/gang.py joins them).
+
+    def gang_address(self) -> str:
+        """On the leader: host:port for the gang's rendezvous."""
+        from imagemill.workers.gang import free_address
+
+        return free_address()
+
+    def join_gang(self, address: str, rank: int, world_size: int, followers: list[Any]) -> dict[str, Any]:
+        """Join the gang once loaded (`ready`'s answer); the leader is given its followers' handles."""
+        return self.worker.join_gang(address, rank, world_size, followers)
+
+    def follow_shard(self, shard: Shard, batch_size: int) -> int:
+        """On a follower: the leader's shard, drawn in step with it, nothing written."""
+        return self.worker.follow_shard(shard, batch_size)
 
 
 class ProgressTallyActor:

@@ -7,6 +7,9 @@ counted, though not their activations: the probe leaves the memory the caching a
 a job whose scoring or evaluation needs more than that sets a number instead. It probes with
 `PROBE_STEPS` denoising steps, since memory does not grow with the step count, only time does.
 
+An actor sharing its GPU (`workers.gpus_per_worker` 1/n) probes within its share of the memory
+(`keep_to_gpu_share`), so n actors each find the batch that fits beside the others.
+
 Elsewhere (CPU, MPS) nothing is measured: memory is rarely the limit there and a large batch only
 delays the first commit, so `auto` is `CPU_BATCH_SIZE`, the spec's default.
 
@@ -40,6 +43,15 @@ def resolve_batch_size(spec: JobSpec, generator: Generator, device: str) -> JobS
     generation = spec.generation
     key = BatchKey(generation.width, generation.height, PROBE_STEPS, generation.guidance_scale)
     return spec.with_batch_size(largest_fitting_batch(generator, key))
+
+
+def keep_to_gpu_share(spec: JobSpec, device: str) -> None:
+    """With `workers.gpus_per_worker` 1/n, n actors share the GPU: cap this process's CUDA caching
+    allocator at its share of the device's memory, so that the `auto` probe runs out of memory at the
+    share, not at the whole device (then another actor would), and a batch never grows into a neighbour's."""
+    share = spec.workers.gpus_per_worker
+    if device.startswith("cuda") and share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, torch.device(device).index or 0)
 
 
 def largest_fitting_batch(generator: Generator, key: BatchKey) -> int:

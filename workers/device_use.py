@@ -23,7 +23,8 @@ def _accelerator_type() -> str | None:
 
 def device_use(device: str, spec: JobSpec) -> DeviceUse:
     if device.startswith("cuda"):
-        kind, accelerator, count = GPU, _accelerator_type(), 1.0
+        # a replica's GPUs (a share of one, or a gang's: its leader reports for all of them)
+        kind, accelerator, count = GPU, _accelerator_type(), float(spec.workers.gpus_per_worker)
     else:
         kind, accelerator, count = CPU, None, float(spec.workers.num_cpus_per_worker)
     return DeviceUse(kind, accelerator, count, hourly_price(spec.cost.gpu_hour_usd, kind, accelerator))

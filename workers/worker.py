@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -35,9 +35,10 @@ from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.core.stage_table import MODEL_STAGES, STAGE_COLUMN_TYPES
 from imagemill.core.write_gate import OwnedOutput, ShardAttempt
-from imagemill.workers.batch_fit import resolve_batch_size
+from imagemill.workers.batch_fit import keep_to_gpu_share, resolve_batch_size
 from imagemill.workers.device_use import device_use
 from imagemill.workers.device_warnings import device_warnings
+from imagemill.workers.gang import Gang
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, read_shard
@@ -89,6 +90,7 @@ class ShardWorker:
         self.on_batch = on_batch
         self.name: str | None = None  # the actor's name, set by its shell; written in each shard's stats
         self.load_error: Exception | None = None
+        self.gang: Gang | None = None  # a context-parallel gang's member, once joined (`join_gang`)
         try:
             self._load(spec, expanders)
         except Exception as exc:
@@ -96,6 +98,7 @@ class ShardWorker:
 
     def _load(self, spec: JobSpec, expanders: list[Any] | None) -> None:
         self.device = pick_device(spec.model.device)
+        keep_to_gpu_share(spec, self.device)  # before any weight lands on a GPU others share
         self.device_use = device_use(self.device, spec)
         self.generator = make_generator(spec, self.device)
         # the post-generation stages the spec enables, in the stage table's order (stages/registry.py)
@@ -130,6 +133,28 @@ class ShardWorker:
             "warnings": device_warnings(self.spec, self.device),
         }
 
+    def join_gang(self, address: str, rank: int, world_size: int, followers: list[Any]) -> dict[str, Any]:
+        """Join this replica's gang (imagemill.workers.gang) once the model is loaded; `ready()`'s answer."""
+        answer = self.ready()  # a model that did not load fails here, before the others wait for it
+        self.gang = Gang(address, rank, world_size, self.device, followers)
+        return answer
+
+    def follow_shard(self, shard: Shard, batch_size: int) -> int:
+        """A gang follower's part of a shard its leader runs: the same rows, the leader's batches and
+        the same seeds, drawn in step with the leader (`Gang.step` after each batch); nothing is
+        written. Returns the rows drawn."""
+        assert self.gang is not None
+        run = ShardRun(shard, self.spec.model.source)
+        self._read(run)
+        drawn = 0
+        for batch in make_batches(run.rows, batch_size):
+            # the leader's rows of a batch the model refuses become model_rejected errors: still a step
+            with self._model_time(run), suppress(ValueError):
+                self.selection.draw(batch)
+            self.gang.step(len(batch))
+            drawn += len(batch)
+        return drawn
+
     def process_shard(self, shard: Shard) -> ShardStats:
         """Read, expand, generate, score, write and commit one shard; returns its stats. An error is
         raised as `AttemptFailed`, with the device time the attempt held.
@@ -152,7 +177,9 @@ class ShardWorker:
                     timed_before = run.timer.total(TURN_STAGES)
                     model_started = time.time()
                     try:
-                        self._generate(run, writer)
+                        gang = self.gang.leading(shard, self.spec.workers.batch_size) if self.gang else None
+                        with gang or nullcontext():
+                            self._generate(run, writer)
                     finally:  # a turn that fails has held the device too
                         run.timeline["model"] = [model_started, time.time()]
                         run.held_seconds = turn.idle_seconds + run.timeline["model"][1] - model_started
@@ -200,6 +227,8 @@ class ShardWorker:
             if drawn is not None:
                 self._write(run, writer, batch, drawn)
             done += len(batch)
+            if self.gang is not None:
+                self.gang.step(len(batch))
             if self.on_batch is not None:
                 self.on_batch(run.shard.shard_id, done)
 

@@ -65,7 +65,7 @@ class DeviceUse:
 
     kind: str  # GPU | CPU
     accelerator_type: str | None
-    count: float  # devices held: one GPU, or num_cpus_per_worker CPUs
+    count: float  # devices held: a replica's GPUs (gpus_per_worker), or num_cpus_per_worker CPUs
     usd_per_hour: float | None  # per device
 
     def charge(self, held_seconds: float) -> DeviceCharge:

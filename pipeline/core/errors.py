@@ -1,4 +1,5 @@
-"""The one exception type that reaches the user as a one-line message instead of a traceback."""
+"""The one exception type that reaches the user as a one-line message instead of a traceback, and the
+one an actor raises for the driver to re-place its gang."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ class ImagemillError(Exception):
             return cls(f"{what} in {given or origin}{hint}")
         listed = "; ".join(f"{what}{f' ({given})' if given else ''}{hint}" for what, given, hint in problems)
         return cls(f"{origin} is invalid: {listed}")
+
+
+class GangBroken(RuntimeError):
+    """A member of a context-parallel gang died or fell out of step (imagemill.workers.gang): the
+    leader's attempt fails with it, and the driver tears the whole gang down and places a new one."""
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

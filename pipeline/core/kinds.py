@@ -30,6 +30,9 @@ class KindInfo:
     # input.image_column: "refused" (the kind would ignore the sources), "optional" (image-to-image),
     # "required" (the source itself is the draw: enhance-only, no model, prompts optional)
     sources: str = "refused"
+    # whether model.parallel applies: a model split over a replica's GPUs (diffusers), or a stand-in that
+    # runs a gang's protocol without a model (noop, emulated: tests and benches of placement)
+    spans_gpus: bool = False
 
     @property
     def needs_model(self) -> bool:
@@ -51,6 +54,7 @@ KINDS: dict[str, KindInfo] = {
             "a diffusers pipeline",
             diffusers_options=True,
             sources="optional",
+            spans_gpus=True,
         ),
         KindInfo(
             "janus",
@@ -63,12 +67,14 @@ KINDS: dict[str, KindInfo] = {
             "imagemill.workers.generators.noop:NoopGenerator",
             None,
             "no model: solid colours from the seeds (measures the pipeline)",
+            spans_gpus=True,
         ),
         KindInfo(
             "emulated",
             "imagemill.workers.generators.emulated:EmulatedGenerator",
             None,
             "no model: a GPU emulated on the CPU (model.emulation), textured images (measures device busy)",
+            spans_gpus=True,
         ),
         KindInfo(
             "none",

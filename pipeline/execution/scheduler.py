@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from imagemill.core.compile_cache_key import compile_cache_env
 from imagemill.core.cost import DeviceCharge, DeviceUse
 from imagemill.core.device_ledger import AttemptFailed, FailedAttempt
-from imagemill.core.errors import ImagemillError
+from imagemill.core.errors import GangBroken, ImagemillError
 from imagemill.core.records import ShardStats
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
@@ -35,8 +35,9 @@ from imagemill.execution.budget import Budget
 from imagemill.execution.executor import Live, ShardFailure, ShardWork
 from imagemill.execution.expanders import start_expanders, stop_expanders
 from imagemill.execution.progress import poll_seconds
+from imagemill.execution.replicas import Replica, start_replica
 from imagemill.planning.pieces import serving_pieces
-from imagemill.planning.placement import WorkerDemand, placeable_workers
+from imagemill.planning.placement import ReplicaPlan, placeable_workers, replica_plan, replicas_in_cluster
 from imagemill.workers.actors import ProgressTallyActor, ShardWorkerActor
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class RayExecutor:
         if spec.workers.num_workers:
             return spec.workers.num_workers
         _connect_ray()
-        return worker_count(spec, _uses_gpu(spec))
+        return worker_count(spec, _plan(spec, _uses_gpu(spec)))
 
 
 run_on_ray = RayExecutor()
@@ -93,14 +94,15 @@ def _uses_gpu(spec: JobSpec) -> bool:
     return spec.model.device == "cuda"
 
 
-def worker_count(spec: JobSpec, uses_gpu: bool) -> int:
-    """The configured count, else one actor per GPU, or per `num_cpus_per_worker` CPUs without GPUs."""
-    if spec.workers.num_workers:
-        return spec.workers.num_workers
-    resources = ray.cluster_resources()
-    if uses_gpu:
-        return max(1, int(resources.get("GPU", 0)))
-    return max(1, int(resources.get("CPU", 1) // spec.workers.num_cpus_per_worker))
+def _plan(spec: JobSpec, uses_gpu: bool) -> ReplicaPlan:
+    workers = spec.workers
+    return replica_plan(workers.num_cpus_per_worker, uses_gpu, workers.gpus_per_worker, spec.model.parallel)
+
+
+def worker_count(spec: JobSpec, plan: ReplicaPlan) -> int:
+    """The configured count, else the replicas the nodes hold: per node, its GPUs ÷ `gpus_per_worker`
+    (its CPUs ÷ `num_cpus_per_worker` without GPUs)."""
+    return spec.workers.num_workers or replicas_in_cluster(plan)
 
 
 def ray_logs_dir() -> str:
@@ -158,19 +160,18 @@ class ShardScheduler:
         self.run_id = output.run_id
         self.on_ready = on_ready
         uses_gpu = _uses_gpu(spec)
+        self.plan = _plan(spec, uses_gpu)
         self.actor_class = ray.remote(ShardWorkerActor)
         self.actor_options = {
             "num_cpus": spec.workers.num_cpus_per_worker,
-            "num_gpus": 1 if uses_gpu else 0,
+            "num_gpus": self.plan.gpus_per_actor,
             "max_restarts": 0,  # the scheduler replaces dead actors and re-queues their shards itself
             # Both queued shards run at once: one reads while the other generates (model_turns.py).
             "max_concurrency": SHARDS_PER_ACTOR,
         }
         if env_vars := compile_cache_env(spec.speed):  # the key is in no spec or record: Ray carries it
             self.actor_options["runtime_env"] = {"env_vars": env_vars}
-        self.uses_gpu = uses_gpu
-        self.demand = WorkerDemand(spec.workers.num_cpus_per_worker, self.actor_options["num_gpus"])
-        self.num_workers = worker_count(spec, uses_gpu)
+        self.num_workers = worker_count(spec, self.plan)  # replicas: a gang counts once
         self.replacements_left = 2 * self.num_workers + 2
         self.actors_started = 0
         self.run_token = uuid.uuid4().hex[:6]  # actor names must be unique across concurrent runs
@@ -179,7 +180,8 @@ class ShardScheduler:
         self.queue: deque[Shard] = deque()  # shards to hand out, retries at the back
         self.attempts: dict[str, int] = {}  # failed tries, by shard id
         self.failures: list[ShardFailure] = []
-        self.alive: list[Any] = []  # actors that loaded the model and take shards
+        self.alive: list[Any] = []  # actors that loaded the model and take shards (a gang's leader)
+        self.replicas: dict[Any, Replica] = {}  # each started actor (a gang's leader) → its replica
         # process_shard calls → (actor, shard, when it was handed out: time.monotonic())
         self.tasks: dict[ray.ObjectRef, tuple[Any, Shard, float]] = {}
         self.device_uses: dict[Any, DeviceUse] = {}  # each pool actor's devices, from its ready()
@@ -197,20 +199,30 @@ class ShardScheduler:
         self.first_actors: set[ray.ObjectRef] = set()  # ready() of the actors started with the job
         self.started_at = 0.0
 
-    def _new_actor(self) -> Any:
-        """An actor under a name the Ray dashboard shows: imagemill:<job>:<run>:<n>."""
+    def _new_replica(self) -> Replica:
+        """A replica (one actor or a gang: imagemill.execution.replicas) under a name the Ray dashboard
+        shows: imagemill:<job>:<run>:<n>."""
         self.actors_started += 1
         name = f"imagemill:{self.spec.name}:{self.run_token}:{self.actors_started}"
-        return self.actor_class.options(name=name, **self.actor_options).remote(
-            self.spec, self.expanders, self.run_id, self.tally
-        )
+        args = (self.spec, self.expanders, self.run_id, self.tally)
+        replica = start_replica(self.actor_class, self.actor_options, self.plan, name, args)
+        self.replicas[replica.leader] = replica
+        return replica
+
+    def _stop(self, actor: Any) -> None:
+        """Stop an actor and, for a gang's leader, the rest of its gang and its placement group."""
+        replica = self.replicas.pop(actor, None)
+        if replica is not None:
+            replica.stop()
 
     def _start_workers(self) -> None:
         """Start the pool: the actors that can be placed (imagemill.planning.placement) join it one by one
         as they load the model (`_join`), so work starts as soon as the first one is ready."""
         self.expanders = start_expanders(self.spec, f"imagemill:{self.spec.name}:{self.run_token}", _one_line)
         self.tally = ray.remote(ProgressTallyActor).options(num_cpus=0).remote()
-        for _ in range(placeable_workers(self.demand, self.num_workers)):
+        placed = placeable_workers(self.plan.demand, self.num_workers)
+        log.info("%s", self.plan.line(placed))
+        for _ in range(placed):
             self._start_actor()
         self.first_actors = set(self.starting)
         self.share = math.ceil(len(self.queue) / max(len(self.starting), 1))
@@ -218,7 +230,7 @@ class ShardScheduler:
     def _load_failed(self, exc: BaseException) -> None:
         """No actor has loaded the model and one could not: stop the job in one line."""
         for actor in self.starting.values():
-            ray.kill(actor)
+            self._stop(actor)
         stop_expanders(self.expanders)
         raise ImagemillError(
             f"workers could not load model {self.spec.model.source}: {_one_line(exc)} "
@@ -284,8 +296,10 @@ class ShardScheduler:
                         "were not run. Run the same command again to resume."
                     )
         finally:  # also when the run stops on a lost lease: its actors start nothing more
-            for actor in [*self.alive, *self.starting.values(), *([self.tally] if self.tally else [])]:
-                ray.kill(actor)
+            for actor in [*self.alive, *self.starting.values()]:
+                self._stop(actor)
+            if self.tally is not None:
+                ray.kill(self.tally)
             stop_expanders(self.expanders)
         return self.failures
 
@@ -331,7 +345,7 @@ class ShardScheduler:
         try:
             ready = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
-            ray.kill(actor)  # one that could not load its model is still alive
+            self._stop(actor)  # one that could not load its model is still alive
             if not self.loaded_once:
                 self._load_failed(exc)
             log.warning("a replacement worker failed to start: %s", _one_line(exc))
@@ -340,7 +354,7 @@ class ShardScheduler:
         if self.spec.workers.batch_size == "auto":  # the first actor's probe fixes the job's value
             self.spec = self.spec.with_batch_size(ready["batch_size"])  # later actors probe nothing
         elif ready["batch_size"] != self.spec.workers.batch_size:
-            ray.kill(actor)  # probed in parallel and found another size: one given the job's value instead
+            self._stop(actor)  # probed in parallel and found another size: one given the job's value instead
             log.info(
                 "a worker found batch size %d fits, not %d: starting one with %d",
                 ready["batch_size"],
@@ -379,18 +393,27 @@ class ShardScheduler:
             # Its other attempts died with it: the span since the earliest of them is charged once.
             since = min([handed_out, *(at for a, _, at in self.tasks.values() if a is actor)])
             self._attempt_failed(shard, f"worker died: {_one_line(exc)}", self._unreported(actor, since))
-            if actor in self.alive:
-                log.warning("a worker died (%s); starting a replacement", _one_line(exc))
-                self.alive.remove(actor)
-                self._start_replacement()
+            self._lost(actor, f"a worker died ({_one_line(exc)})")
         except RayTaskError as exc:
             cause = exc.cause
             charge = cause.charge if isinstance(cause, AttemptFailed) else self._unreported(actor, handed_out)
             self.last_report[actor] = time.monotonic()
             self._attempt_failed(shard, _one_line(exc), charge, reported=isinstance(cause, AttemptFailed))
+            if isinstance(cause, AttemptFailed) and cause.error_type == GangBroken.__name__:
+                self._lost(actor, f"a gang broke ({_one_line(exc)})")
         else:
             self.last_report[actor] = time.monotonic()
             on_done(stats)
+
+    def _lost(self, actor: Any, why: str) -> None:
+        """A pool actor died, or its gang broke: it leaves the pool, the whole replica is stopped (a
+        gang's survivors with it) and a replacement is placed. Its other running shard comes back as a
+        dead actor's, once, after this (no second replacement)."""
+        if actor in self.alive:
+            log.warning("%s; starting a replacement", why)
+            self.alive.remove(actor)
+            self._stop(actor)
+            self._start_replacement()
 
     def _unreported(self, actor: Any, since: float) -> DeviceCharge:
         """An attempt that ended without the actor's report of its device time: the wall-clock the
@@ -425,8 +448,8 @@ class ShardScheduler:
 
     def _start_actor(self) -> None:
         """Start an actor; it joins the pool once its `ready` answers (`_join`)."""
-        actor = self._new_actor()
-        self.starting[actor.ready.remote()] = actor
+        replica = self._new_replica()
+        self.starting[replica.ready] = replica.leader
 
     def _start_replacement(self) -> None:
         if self.replacements_left > 0:
@@ -441,7 +464,7 @@ class ShardScheduler:
         if self.spec.workers.num_workers is not None or time.monotonic() < self.next_growth_check:
             return
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
-        room = worker_count(self.spec, self.uses_gpu) - len(self.alive) - len(self.starting)
+        room = worker_count(self.spec, self.plan) - len(self.alive) - len(self.starting)
         if self._to_hand_out() and room > 0:
             log.info("the cluster grew: starting %d more workers", room)
             for _ in range(room):

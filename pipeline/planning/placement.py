@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ READONLY_NODE_TYPE_PREFIX = "node_"  # node types of the read-only provider: a c
 
 @dataclass(frozen=True)
 class WorkerDemand:
-    """What one worker actor asks Ray for."""
+    """What one worker (a model replica: one actor, or a gang's actors together on one node) asks Ray for."""
 
     num_cpus: float
     num_gpus: float
@@ -42,6 +43,70 @@ class WorkerDemand:
         if self.num_gpus:
             counts.append(resources.get("GPU", 0) // self.num_gpus)
         return int(min(counts))
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """How one model replica is placed (`workers.gpus_per_worker`): `members` actors of `num_cpus` CPUs
+    and `gpus_per_actor` GPUs each. One actor, unless the replica is a context-parallel gang: then one
+    actor per GPU, placed together on one node (a placement group of STRICT_PACK bundles), rank 0 the
+    leader that reads and writes the shard (imagemill.execution.replicas)."""
+
+    num_cpus: float
+    gpus_per_actor: float  # 0 on CPU; 1/n shares a GPU between n actors
+    members: int = 1
+
+    @property
+    def gpus(self) -> float:
+        return self.gpus_per_actor * self.members
+
+    @property
+    def demand(self) -> WorkerDemand:
+        return WorkerDemand(self.num_cpus * self.members, self.gpus)
+
+    def replicas_on(self, node: dict[str, float]) -> int:
+        """How many replicas a node's GPUs hold (its CPUs for a CPU job): floor(GPUs ÷ GPUs a replica)."""
+        if not self.gpus:
+            return int(node.get("CPU", 0) // self.num_cpus)
+        return int(node.get("GPU", 0) // self.gpus)
+
+    def line(self, replicas: int) -> str:
+        """The placement line shown at job start: replicas × GPUs, actors per GPU, where the model sits."""
+        counted = f"{replicas} replica{'s' if replicas != 1 else ''}"
+        if not self.gpus:
+            return f"placement: {replicas} actors on CPU ({self.num_cpus:g} CPU each); a whole model each"
+        if self.members > 1:
+            return (
+                f"placement: {counted} × {self.members} GPUs (gang of {self.members}), 1 actor per "
+                "GPU; components: the whole model on each GPU of a gang, each image's work split across "
+                "them (model.parallel: context), rank 0 reads and writes the shard"
+            )
+        if self.gpus > 1:
+            return (
+                f"placement: {counted} × {self.gpus:g} GPUs, 1 actor per replica; components: "
+                f"spread over its {self.gpus:g} GPUs (model.parallel: components)"
+            )
+        if self.gpus < 1:
+            return (
+                f"placement: {replicas} actors on {math.ceil(replicas * self.gpus)} GPUs ({self.gpus:g} GPU "
+                f"each, {round(1 / self.gpus)} per GPU); components: the whole model in each actor's share"
+            )
+        return f"placement: {replicas} actors × 1 GPU; components: the whole model on each GPU"
+
+
+def replica_plan(num_cpus: float, uses_gpu: bool, gpus_per_worker: float, parallel: str) -> ReplicaPlan:
+    """The replica `workers.gpus_per_worker` and `model.parallel` ask for (CPU jobs: one CPU actor)."""
+    if not uses_gpu:
+        return ReplicaPlan(num_cpus, 0)
+    if gpus_per_worker > 1 and parallel == "context":
+        return ReplicaPlan(num_cpus, 1, int(gpus_per_worker))
+    return ReplicaPlan(num_cpus, gpus_per_worker)
+
+
+def replicas_in_cluster(plan: ReplicaPlan) -> int:
+    """Replicas the cluster's nodes hold now, each node on its own (a replica never spans two): at
+    least 1, so a cluster that can grow is asked for one."""
+    return max(1, sum(plan.replicas_on(node) for node in _node_resources()))
 
 
 def _node_resources() -> list[dict[str, float]]:
@@ -71,7 +136,13 @@ def cluster_can_grow() -> bool:
 
 
 def _setting_to_change(demand: WorkerDemand, nodes: list[dict[str, float]]) -> str:
-    if demand.num_gpus and not any(node.get("GPU", 0) >= demand.num_gpus for node in nodes):
+    largest = max((node.get("GPU", 0) for node in nodes), default=0)
+    if demand.num_gpus > 1 and 0 < largest < demand.num_gpus:
+        return (
+            f"workers.gpus_per_worker: {demand.num_gpus:g} but no node has {demand.num_gpus:g} GPUs; largest "
+            f"has {largest:g}: lower it or add a node with {demand.num_gpus:g}"
+        )
+    if demand.num_gpus and largest < demand.num_gpus:
         return "model.device (cuda asks for a GPU per worker; use cpu or auto on a cluster without GPUs)"
     most_cpus = max(
         (node.get("CPU", 0) for node in nodes if node.get("GPU", 0) >= demand.num_gpus), default=0

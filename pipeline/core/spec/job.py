@@ -90,6 +90,16 @@ class JobSpec(StageSections, _JobSections):
         return self
 
     @model_validator(mode="after")
+    def _several_gpus_say_how(self) -> JobSpec:
+        """A replica of several GPUs with the whole model on one of them would leave the rest idle."""
+        if self.workers.gpus_per_worker > 1 and self.model.parallel == "none":
+            raise ValueError(
+                f"workers.gpus_per_worker: {self.workers.gpus_per_worker:g} needs model.parallel: components "
+                "(the model's parts over the GPUs) or context (one process per GPU); or set it to 1"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _model_has_a_source(self) -> JobSpec:
         if KINDS[self.model.kind].needs_model and not self.model.source.strip():
             raise ValueError("model.source is required: a hub id, a local directory or a URL")

@@ -6,6 +6,7 @@ field; the descriptions are the reference page's text (docs/spec.md, imagemill.c
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -333,12 +334,11 @@ class ModelSpec(PretrainedSection):
     @model_validator(mode="after")
     def _layout_is_one_choice(self) -> ModelSpec:
         """Offloading and spreading over GPUs are answers to the same shortage: one or the other; both
-        are diffusers' (the other kinds load on one device)."""
-        if self.kind != "diffusers" and (self.parallel != "none" or self.offload != "none"):
-            raise ValueError(
-                f"model.parallel and model.offload are for model.kind: diffusers, not {self.kind}; "
-                "remove them"
-            )
+        are diffusers' (the other kinds load on one device; noop and emulated run a gang's protocol)."""
+        if self.offload != "none" and self.kind != "diffusers":
+            raise ValueError(f"model.offload is for model.kind: diffusers, not {self.kind}; remove it")
+        if self.parallel != "none" and not KINDS[self.kind].spans_gpus:
+            raise ValueError(f"model.parallel is for model.kind: diffusers, not {self.kind}; remove it")
         if self.parallel != "none" and self.offload != "none":
             raise ValueError(
                 f"model.offload: {self.offload} with model.parallel: {self.parallel}: offload is for one "
@@ -667,6 +667,9 @@ class GenerationSpec(_Section):
         return value
 
 
+MIN_GPU_SHARE = 0.0001  # Ray's unit of a resource
+
+
 class WorkersSpec(_Section):
     """The Ray actors that generate; only the batch size decides output bytes, so a resume may change
     the rest (budgets included: raise one to go on)."""
@@ -682,6 +685,13 @@ class WorkersSpec(_Section):
     num_cpus_per_worker: Annotated[float, NOT_FINGERPRINTED] = Field(
         1, gt=0, description="CPUs Ray reserves for each actor."
     )
+    # How replicas are placed from it: imagemill.planning.placement (ReplicaPlan).
+    gpus_per_worker: Annotated[float, NOT_FINGERPRINTED] = Field(
+        1,
+        gt=0,
+        description="GPUs per model replica: 1/n (0.5, 0.25) puts n actors on a GPU; 2, 4, 8 span that "
+        "many GPUs of one node (model.parallel: context: a gang, one actor per GPU; components: one actor).",
+    )
     max_shard_attempts: Annotated[int, NOT_FINGERPRINTED] = Field(
         3, gt=0, description="Tries a shard gets before the run reports it failed."
     )
@@ -695,6 +705,18 @@ class WorkersSpec(_Section):
     max_cost_usd: Annotated[float | None, NOT_FINGERPRINTED] = Field(
         None, gt=0, description="A budget in USD over all runs of the output, priced by cost.gpu_hour_usd."
     )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus_or_a_share_of_one(cls, value: float) -> float:
+        """Ray packs fractional actors onto one GPU only when the fractions add up to exactly 1 (in its
+        unit of 0.0001 GPU), and a replica spans whole GPUs: 1/n or a whole number."""
+        share = MIN_GPU_SHARE <= value < 1 and math.isclose(round(1 / value) * value, 1.0)
+        if not (share or (math.isfinite(value) and value >= 1 and value.is_integer())):
+            raise ValueError(
+                f"must be 1/n (0.5, 0.25, ... down to 0.0001) or a whole number of GPUs, not {value:g}"
+            )
+        return 1 / round(1 / value) if share else value
 
 
 class CostSpec(_Section):
