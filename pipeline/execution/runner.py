@@ -255,10 +255,23 @@ def _run_owned(
         record_failed_attempt(owned, shard_id, attempt)  # kept for later runs' budget
         ledger.add_failed(shard_id, attempt)
 
+    def node_drained() -> None:
+        record.nodes_drained += 1  # written with the run's end
+
     try:
         if todo and not budget.reached():
             clear_unfinished(owned, {shard.shard_id for shard in todo})  # only shards it will run
-            work = ShardWork(spec, owned, todo, budget, start_record, commit, failures.append, attempt_failed)
+            work = ShardWork(
+                spec,
+                owned,
+                todo,
+                budget,
+                start_record,
+                commit,
+                failures.append,
+                attempt_failed,
+                on_node_drained=node_drained,
+            )
             _execute(work, executor, lease, committed, shards_total, rows_total, progress)
         else:  # nothing to run, or the budget was reached by earlier runs
             start_record(spec)
