@@ -185,3 +185,33 @@ def test_with_every_node_drained_the_run_stops_in_one_line_and_resumes(cluster, 
     finally:
         cluster.remove_node(fresh)
     check_output(str(output), {f"row-{i:05d}" for i in range(ROWS)}, 16, 16)
+
+
+def test_a_drained_driver_node_stops_the_run_resumably(tmp_path, monkeypatch):
+    """The head, where the driver runs, drained: Ray releases it at once and the actors the driver owns
+    die with it. The run hands every shard back (no try counted: none is failed, so the same command
+    resumes it, as the test above shows) and ends incomplete (exit 1) in one line. Its own cluster: the
+    head's raylet is gone afterwards."""
+    log_path, output = tmp_path / "driver.log", tmp_path / "out"
+    job = _job(tmp_path, 1)
+    with isolated_cluster(monkeypatch) as own:
+        own.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES)
+        own.wait_for_nodes()
+        driver = _start(own, job, log_path)
+        try:
+            _wait_for(lambda: _ready_workers(log_path, 1) or driver.poll() is not None, 120, "a ready worker")
+            assert driver.poll() is None, log_path.read_text()
+            assert _drain(own, own.head_node.node_id, 30).wait(timeout=60) == 0
+            assert driver.wait(timeout=120) == 1, log_path.read_text()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        text = log_path.read_text()
+        [line] = [line for line in text.splitlines() if "the node this driver runs on" in line]
+        assert "run the same command again, from a node that stays, to resume" in line
+        record = _job_record(output)
+        assert (
+            record["status"] == "incomplete"
+            and record["nodes_drained"] >= 1
+            and record["failed_shards"] == []
+        )

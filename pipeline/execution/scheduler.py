@@ -204,6 +204,7 @@ class ShardScheduler:
         self.first_actors: set[ray.ObjectRef] = set()  # ready() of the actors started with the job
         self.started_at = 0.0
         self.drains = DrainWatch()
+        self.driver_node: str | None = None  # the node this driver runs on (`run`)
         self.on_node_drained: Callable[[], None] = lambda: None  # the job record counts the drains
         self.node_of: dict[Any, str] = {}  # each pool actor's node, from its ready()
         self.committed_stats: list[ShardStats] = []  # this run's commits: how long a shard in flight has left
@@ -273,6 +274,7 @@ class ShardScheduler:
         self.queue.extend(shards)
         self.on_attempt_failed = on_attempt_failed
         self.started_at = time.monotonic()
+        self.driver_node = ray.get_runtime_context().get_node_id()
         self._start_workers()
         self._report(on_progress, now=True)  # "loading the model on N workers…" at once
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
@@ -401,11 +403,17 @@ class ShardScheduler:
         except RayActorError as exc:
             # Its other attempts died with it: the span since the earliest of them is charged once.
             since = min([handed_out, *(at for a, _, at in self.tasks.values() if a is actor)])
-            self._attempt_failed(shard, f"worker died: {_one_line(exc)}", self._unreported(actor, since))
             if actor in self.alive:
-                log.warning("a worker died (%s); starting a replacement", _one_line(exc))
                 self.alive.remove(actor)
-                self._start_replacement()
+                self._heed_drains(after_death=True)  # a drained node's going is not the shard's fault
+                if self.stop_reason is None:
+                    log.warning("a worker died (%s); starting a replacement", _one_line(exc))
+                    self._start_replacement()
+            drain = self.drains.of(self.node_of.get(actor)) or self.drains.of(self.driver_node)
+            error = (
+                f"handed back: node {drain.short} was drained" if drain else f"worker died: {_one_line(exc)}"
+            )
+            self._attempt_failed(shard, error, self._unreported(actor, since), handed_back=drain is not None)
         except RayTaskError as exc:
             cause = exc.cause
             charge = cause.charge if isinstance(cause, AttemptFailed) else self._unreported(actor, handed_out)
@@ -459,16 +467,20 @@ class ShardScheduler:
         else:
             self.failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts, error))
 
-    def _heed_drains(self) -> None:
+    def _heed_drains(self, after_death: bool = False) -> None:
         """Every DRAIN_CHECK_SECONDS: each node newly being drained gets one line and a count in the job
         record; then, on every draining node, a pool actor whose shards cannot all finish before the
         node's deadline is stopped and its shards handed back, and one left without shards is stopped
         (the node may go early); each is replaced, and Ray places no new actor on a draining node.
-        With no node left to take a worker, no more shards are handed out (`stop_reason`)."""
-        if not self.drains.due():
+        With no node left to take a worker, no more shards are handed out (`stop_reason`); nor when the
+        driver's own node is drained. `after_death`: asked at once, nodes already gone after a drain too."""
+        if not (after_death or self.drains.due()):
             return
-        for drain in self.drains.new_drains():
+        for drain in self.drains.new_drains(gone_too=after_death):
             self.on_node_drained()
+            if drain.node_id == self.driver_node:
+                self._stop_for_driver_node(drain)
+                continue
             on_node = [actor for actor in self.alive if self.node_of.get(actor) == drain.node_id]
             running = [shard.shard_id for a, shard, _ in self.tasks.values() if a in on_node]
             back = [shard_id for actor in on_node if not self._finishes_before(actor, drain) for shard_id in
@@ -536,10 +548,28 @@ class ShardScheduler:
         return [shard.shard_id for _, shard, _ in mine]
 
     def _retire(self, actor: Any) -> None:
-        """Take `actor` (on a draining node) out of the pool and start a replacement, placed elsewhere."""
+        """Take `actor` (on a draining node) out of the pool and start a replacement, placed elsewhere
+        (none once the run stops)."""
         ray.kill(actor)
         self.alive.remove(actor)
-        self._start_actor()
+        if self.stop_reason is None:
+            self._start_actor()
+
+    def _stop_for_driver_node(self, drain: Drain) -> None:
+        """The driver's node is drained: Ray releases it at once (a driver is no work to it), and every
+        actor the driver owns dies with it. Every shard in flight is handed back and the run ends,
+        incomplete, with one line; the same command, from a node that stays, resumes it."""
+        self.stop_reason = f"the node this driver runs on ({drain.short}) is being drained"
+        running = [shard.shard_id for _, shard, _ in self.tasks.values()]
+        for actor in list(self.alive):
+            self._hand_back(actor, drain)
+        log.warning(
+            "%s (%s): every worker stops with it; handed back: %s; run the same command again, from a node "
+            "that stays, to resume",
+            self.stop_reason,
+            drain.when(),
+            ", ".join(sorted(running)) or "none",
+        )
 
     def _stop_if_no_node_left(self) -> None:
         """With shards to run, no pool actor off a draining node, and no node outside them that can take
