@@ -208,7 +208,7 @@ def test_a_drained_driver_node_stops_the_run_resumably(tmp_path, monkeypatch):
                 driver.kill()
         text = log_path.read_text()
         [line] = [line for line in text.splitlines() if "the node this driver runs on" in line]
-        assert "run the same command again, from a node that stays, to resume" in line
+        assert "run the same command again, from a node that stays, to resume" in line, line
         record = _job_record(output)
         assert (
             record["status"] == "incomplete"
