@@ -182,9 +182,7 @@ class ShardScheduler:
         # The state of `run` (one per scheduler):
         self.queue: deque[Shard] = deque()  # shards to hand out, retries at the back
         self.attempts: dict[str, int] = {}  # failed tries, by shard id (what max_shard_attempts counts)
-        self.tries: dict[
-            str, int
-        ] = {}  # attempts that committed nothing, handed back ones too: the ledger's key
+        self.tries: dict[str, int] = {}  # attempts that committed nothing, handed back too: the ledger's key
         self.failures: list[ShardFailure] = []
         self.alive: list[Any] = []  # actors that loaded the model and take shards
         # process_shard calls → (actor, shard, when it was handed out: time.monotonic())
