@@ -130,6 +130,8 @@ def test_drained_nodes_get_no_new_shard_and_hand_back_what_cannot_finish(cluster
     text = log_path.read_text()
     drains = {short: (when, deadline, back) for when, short, deadline, back in DRAIN.findall(text)}
     assert set(drains) == {past.node_id[:8], far.node_id[:8]}, text
+    replacements = [node for _, node in READY.findall(text)[3:]]  # none placed on a draining node
+    assert not {past.node_id[:8], far.node_id[:8]} & set(replacements), text
     stats = {record["shard_id"]: record for record in _stats(output)}
     for node in (past, far):
         when, _, _ = drains[node.node_id[:8]]
