@@ -40,7 +40,15 @@ class ShardWorkerActor:
         self.worker.name = ray.get_runtime_context().get_actor_name()  # which worker committed a shard
 
     def ready(self) -> dict[str, Any]:
-        return self.worker.ready()
+        """The worker's ready answer, with its name and the node it runs on (the driver heeds that
+        node's drain, and its log line names both)."""
+        import ray
+
+        return {
+            **self.worker.ready(),
+            "name": self.worker.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     def process_shard(self, shard: Shard) -> ShardStats:
         return self.worker.process_shard(shard)

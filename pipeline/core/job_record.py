@@ -91,6 +91,9 @@ class JobRecord(StoredRecord):
     errors_by_reason: dict[str, int] = Field(default_factory=dict)
     failed_shards: list[FailedShard] = Field(default_factory=list)
     cost: JobCostRecord | None = None
+    # Nodes this run saw being drained (a preemption notice; imagemill.execution.drains): their shards
+    # were handed back without a try counted.
+    nodes_drained: int = 0
     # imagemill.evaluation.post_pass's results (core/evaluation_results.py); None without evaluation:.
     evaluation: EvaluationResults | None = None
 

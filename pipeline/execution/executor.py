@@ -44,6 +44,10 @@ def _ignore(live: Live) -> None:
     """No progress wanted."""
 
 
+def _not_counted() -> None:
+    """No drain count wanted (an executor without nodes never calls it)."""
+
+
 @dataclass(frozen=True)
 class ShardWork:
     """What an executor is given: the shards left of one run and where to report on them.
@@ -56,6 +60,7 @@ class ShardWork:
     `on_failed`: each shard that failed all its tries;
     `on_attempt_failed`: each attempt that committed nothing, with its device time, before the next
     shard is handed out (the budget counts it: imagemill.core.device_ledger);
+    `on_node_drained`: once per node the executor saw being drained (imagemill.execution.drains);
     `on_progress`: a `Live` at least every `imagemill.execution.progress.poll_seconds()` while
     shards run or the model loads (the console's progress lines and the heartbeat's progress);
     `budget`: once it is reached, no further shard is started (imagemill.execution.budget).
@@ -70,6 +75,7 @@ class ShardWork:
     on_failed: Callable[[ShardFailure], None]
     on_attempt_failed: Callable[[str, FailedAttempt], None]
     on_progress: Callable[[Live], None] = _ignore
+    on_node_drained: Callable[[], None] = _not_counted
 
 
 class ShardExecutor(Protocol):

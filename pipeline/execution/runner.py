@@ -262,10 +262,23 @@ def _run_owned(
             log.warning("shard %s: clearing files another attempt left at its paths, to retry", shard_id)
             clear_unfinished(owned, {shard_id})
 
+    def node_drained() -> None:
+        record.nodes_drained += 1  # written with the run's end
+
     try:
         if todo and not budget.reached():
             clear_unfinished(owned, {shard.shard_id for shard in todo})  # only shards it will run
-            work = ShardWork(spec, owned, todo, budget, start_record, commit, failures.append, attempt_failed)
+            work = ShardWork(
+                spec,
+                owned,
+                todo,
+                budget,
+                start_record,
+                commit,
+                failures.append,
+                attempt_failed,
+                on_node_drained=node_drained,
+            )
             _execute(work, executor, lease, committed, shards_total, rows_total, progress)
         else:  # nothing to run, or the budget was reached by earlier runs
             start_record(spec)

@@ -3,7 +3,9 @@
 Each actor is kept two shards deep, and runs both calls at once, so it reads the next shard while
 the model works on the current one, and starts it without waiting for the driver. An
 actor that dies is replaced and its shards are queued again; a shard that fails is retried until it
-has had `max_shard_attempts` tries, then reported as failed.
+has had `max_shard_attempts` tries, then reported as failed. A node being drained (a preemption
+notice: imagemill.execution.drains) gets no new shard; its shards that cannot finish before its
+deadline are handed back at once, without counting as a try, and its actors are replaced elsewhere.
 """
 
 from __future__ import annotations
@@ -32,12 +34,19 @@ from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
 from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.budget import Budget
+from imagemill.execution.drains import Drain, DrainWatch
 from imagemill.execution.executor import Live, ShardFailure, ShardWork
 from imagemill.execution.expanders import start_expanders, stop_expanders
 from imagemill.execution.progress import poll_seconds
 from imagemill.execution.replicas import Replica, start_replica
 from imagemill.planning.pieces import serving_pieces
-from imagemill.planning.placement import ReplicaPlan, placeable_workers, replica_plan, replicas_in_cluster
+from imagemill.planning.placement import (
+    ReplicaPlan,
+    placeable_workers,
+    replica_plan,
+    replicas_in_cluster,
+    room_outside,
+)
 from imagemill.workers.actors import ProgressTallyActor, ShardWorkerActor
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,7 @@ class RayExecutor:
         _connect_ray()
         with serving_pieces(work.spec, work.shards) as served:
             scheduler = ShardScheduler(work.spec, work.output, on_ready=work.on_ready, budget=work.budget)
+            scheduler.on_node_drained = work.on_node_drained
             for failure in scheduler.run(served, work.on_committed, work.on_attempt_failed, work.on_progress):
                 work.on_failed(failure)
 
@@ -178,7 +188,8 @@ class ShardScheduler:
         self.expanders: list[Any] = []  # the expander pool, with expansion.placement: pool
         # The state of `run` (one per scheduler):
         self.queue: deque[Shard] = deque()  # shards to hand out, retries at the back
-        self.attempts: dict[str, int] = {}  # failed tries, by shard id
+        self.attempts: dict[str, int] = {}  # failed tries, by shard id (what max_shard_attempts counts)
+        self.tries: dict[str, int] = {}  # attempts that committed nothing, handed back too: the ledger's key
         self.failures: list[ShardFailure] = []
         self.alive: list[Any] = []  # actors that loaded the model and take shards (a gang's leader)
         self.replicas: dict[Any, Replica] = {}  # each started actor (a gang's leader) → its replica
@@ -198,6 +209,13 @@ class ShardScheduler:
         self.share_until = 0.0
         self.first_actors: set[ray.ObjectRef] = set()  # ready() of the actors started with the job
         self.started_at = 0.0
+        self.drains = DrainWatch()
+        self.driver_node: str | None = None  # the node this driver runs on (`run`)
+        self.on_node_drained: Callable[[], None] = lambda: None  # the job record counts the drains
+        self.node_of: dict[Any, str] = {}  # each pool actor's node, from its ready()
+        self.committed_stats: list[ShardStats] = []  # this run's commits: how long a shard in flight has left
+        self.drawn: dict[str, int] = {}  # images drawn in each running shard, as the tally last said
+        self.stop_reason: str | None = None  # set when no node is left to run shards: none is handed out
 
     def _new_replica(self) -> Replica:
         """A replica (one actor or a gang: imagemill.execution.replicas) under a name the Ray dashboard
@@ -251,6 +269,7 @@ class ShardScheduler:
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 log.warning("progress between commits is lost (%s); commits still count", _one_line(exc))
                 self.tally = None
+        self.drawn = drawn
         on_progress(Live(len(self.starting), len(self.alive), drawn))
 
     def run(
@@ -271,6 +290,7 @@ class ShardScheduler:
         self.queue.extend(shards)
         self.on_attempt_failed = on_attempt_failed
         self.started_at = time.monotonic()
+        self.driver_node = ray.get_runtime_context().get_node_id()
         self._start_workers()
         self._report(on_progress, now=True)  # "loading the model on N workers…" at once
         self.next_growth_check = time.monotonic() + GROWTH_CHECK_SECONDS
@@ -281,15 +301,14 @@ class ShardScheduler:
                 self.output.check()  # a run that lost its lease (a driver paused past it) stops here
                 self._grow_with_cluster()
                 self._report(on_progress)
-                if not ready:
-                    self._feed_all()  # the fair share may have lapsed (SHARE_WAIT_SECONDS)
-                    continue
-                [ref] = ready
-                if ref in self.starting:
-                    self._join(ref)
-                else:
-                    self._finish(ref, on_done)
-                self._feed_all()
+                if ready:
+                    [ref] = ready
+                    if ref in self.starting:
+                        self._join(ref)
+                    else:
+                        self._finish(ref, on_done)
+                self._heed_drains()  # after the answer: the shards it hands back are no longer awaited
+                self._feed_all()  # also on a timeout: the fair share may have lapsed (SHARE_WAIT_SECONDS)
                 if self._to_hand_out() and not self.alive and not self.starting:
                     raise ImagemillError(
                         f"every worker died and no more replacements are allowed; {len(self.queue)} shards "
@@ -304,8 +323,8 @@ class ShardScheduler:
         return self.failures
 
     def _to_hand_out(self) -> bool:
-        """Whether shards are queued and the budget, if any, is not reached."""
-        return bool(self.queue) and not (self.budget and self.budget.reached())
+        """Whether shards are queued, the budget, if any, is not reached, and nodes are left to run them."""
+        return bool(self.queue) and not (self.budget and self.budget.reached()) and self.stop_reason is None
 
     def _feed_all(self) -> None:
         """Keep every live actor SHARDS_PER_ACTOR shards deep while there are shards to hand out, one
@@ -318,7 +337,9 @@ class ShardScheduler:
             open_actors = [
                 actor
                 for actor in self.alive
-                if self._running(actor) < SHARDS_PER_ACTOR and self._within_share(actor)
+                if self._running(actor) < SHARDS_PER_ACTOR
+                and self._within_share(actor)
+                and self.drains.of(self.node_of.get(actor)) is None
             ]
             if not open_actors:
                 return
@@ -370,7 +391,15 @@ class ShardScheduler:
             self.on_ready(self.spec)  # the job record is written now: a model that never loads leaves none
         self.alive.append(actor)
         self.device_uses[actor] = ready["device_use"]
-        log.info("a worker is ready on %s (%d of %d)", ready["device"], len(self.alive), self.num_workers)
+        self.node_of[actor] = ready["node_id"]  # a replacement placed before its node's drain: _heed_drains
+        log.info(
+            "a worker is ready on %s (%d of %d): %s on node %s",
+            ready["device"],
+            len(self.alive),
+            self.num_workers,
+            ready["name"],
+            ready["node_id"][:8],
+        )
         self._warn_once(ready["warnings"])
 
     def _warn_once(self, warnings: list[str]) -> None:
@@ -392,8 +421,18 @@ class ShardScheduler:
         except RayActorError as exc:
             # Its other attempts died with it: the span since the earliest of them is charged once.
             since = min([handed_out, *(at for a, _, at in self.tasks.values() if a is actor)])
-            self._attempt_failed(shard, f"worker died: {_one_line(exc)}", self._unreported(actor, since))
-            self._lost(actor, f"a worker died ({_one_line(exc)})")
+            if actor in self.alive:
+                self.alive.remove(actor)
+                self._stop(actor)  # the whole replica: a gang's survivors with it
+                self._heed_drains(after_death=True)  # a drained node's going is not the shard's fault
+                if self.stop_reason is None:
+                    log.warning("a worker died (%s); starting a replacement", _one_line(exc))
+                    self._start_replacement()
+            drain = self.drains.of(self.node_of.get(actor)) or self.drains.of(self.driver_node)
+            error = (
+                f"handed back: node {drain.short} was drained" if drain else f"worker died: {_one_line(exc)}"
+            )
+            self._attempt_failed(shard, error, self._unreported(actor, since), handed_back=drain is not None)
         except RayTaskError as exc:
             cause = exc.cause
             charge = cause.charge if isinstance(cause, AttemptFailed) else self._unreported(actor, handed_out)
@@ -403,6 +442,7 @@ class ShardScheduler:
                 self._lost(actor, f"a gang broke ({_one_line(exc)})")
         else:
             self.last_report[actor] = time.monotonic()
+            self.committed_stats.append(stats)
             on_done(stats)
 
     def _lost(self, actor: Any, why: str) -> None:
@@ -424,19 +464,31 @@ class ShardScheduler:
         self.last_report[actor] = now
         return self.device_uses[actor].charge(now - start)
 
-    def _attempt_failed(self, shard: Shard, error: str, charge: DeviceCharge, reported: bool = False) -> None:
+    def _attempt_failed(
+        self,
+        shard: Shard,
+        error: str,
+        charge: DeviceCharge,
+        reported: bool = False,
+        handed_back: bool = False,
+    ) -> None:
         """Record a failed attempt's device time (before anything else is handed out, so the budget
-        counts it), then retry the shard or give it up."""
+        counts it), then retry the shard or give it up; a shard `handed_back` (its node is going: not
+        the shard's fault) goes to the front of the queue and keeps its tries."""
+        tries = self.tries[shard.shard_id] = self.tries.get(shard.shard_id, 0) + 1
         attempt = FailedAttempt(
             run_id=self.run_id,
-            attempt=self.attempts.get(shard.shard_id, 0) + 1,
+            attempt=tries,
             ended_at=datetime.now(UTC).isoformat(),
             error=error,
             reported=reported,
             charge=charge,
         )
         self.on_attempt_failed(shard.shard_id, attempt)
-        self._retry_or_fail(shard, error)
+        if handed_back:
+            self.queue.appendleft(shard)
+        else:
+            self._retry_or_fail(shard, error)
 
     def _retry_or_fail(self, shard: Shard, error: str) -> None:
         attempts = self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
@@ -445,6 +497,127 @@ class ShardScheduler:
             self.queue.append(shard)
         else:
             self.failures.append(ShardFailure(shard.shard_id, shard.file_url, attempts, error))
+
+    def _heed_drains(self, after_death: bool = False) -> None:
+        """Every DRAIN_CHECK_SECONDS: each node newly being drained gets one line and a count in the job
+        record; then, on every draining node, a pool actor whose shards cannot all finish before the
+        node's deadline is stopped and its shards handed back, and one left without shards is stopped
+        (the node may go early); each is replaced, and Ray places no new actor on a draining node.
+        With no node left to take a worker, no more shards are handed out (`stop_reason`); nor when the
+        driver's own node is drained. `after_death`: asked at once, nodes already gone after a drain too."""
+        if not (after_death or self.drains.due()):
+            return
+        for drain in self.drains.new_drains(gone_too=after_death):
+            self.on_node_drained()
+            if drain.node_id == self.driver_node:
+                self._stop_for_driver_node(drain)
+                continue
+            on_node = [actor for actor in self.alive if self.node_of.get(actor) == drain.node_id]
+            running = [shard.shard_id for a, shard, _ in self.tasks.values() if a in on_node]
+            back = [shard_id for actor in on_node if not self._finishes_before(actor, drain) for shard_id in
+                    self._hand_back(actor, drain)]  # fmt: skip
+            kept = sorted(set(running) - set(back))
+            log.warning(
+                "node %s is being drained (%s; Ray gives the reason only once the node is gone): "
+                "no new shard for its workers (%d); handed back: %s; finishing there: %s",
+                drain.short,
+                drain.when(),
+                len(on_node),
+                ", ".join(sorted(back)) or "none",
+                ", ".join(kept) or "none",
+            )
+        for actor in list(self.alive):
+            drain = self.drains.of(self.node_of.get(actor))
+            if drain is None or actor not in self.alive:
+                continue
+            if not self._running(actor):
+                self._retire(actor)
+            elif not self._finishes_before(actor, drain):  # the estimate grew, or the deadline passed
+                log.warning(
+                    "shards %s handed back: node %s's deadline is too near",
+                    self._shard_ids(actor),
+                    drain.short,
+                )
+                self._hand_back(actor, drain)
+        if self.drains.seen and self.stop_reason is None:
+            self._stop_if_no_node_left()
+
+    def _finishes_before(self, actor: Any, drain: Drain) -> bool:
+        """Whether `actor`'s shards in flight should finish before `drain`'s deadline: the images they
+        have left to draw (the tally's counts) at this run's seconds per committed image, one shard
+        after another (the model is held in turn). Conservative: a shard's seconds include its wait for
+        the model. Without a commit to measure by, only a drain without deadline waits."""
+        mine = [shard for a, shard, _ in self.tasks.values() if a is actor]
+        if not mine or drain.deadline is None:
+            return True
+        images = math.fsum(stats.rows for stats in self.committed_stats)
+        if not images:
+            return False
+        per_image = math.fsum(stats.seconds for stats in self.committed_stats) / images
+        left = sum(
+            max(0, shard.num_rows * self.spec.images_per_row - self.drawn.get(shard.shard_id, 0))
+            for shard in mine
+        )
+        return left * per_image < drain.seconds_left()
+
+    def _shard_ids(self, actor: Any) -> str:
+        return ", ".join(sorted(shard.shard_id for a, shard, _ in self.tasks.values() if a is actor))
+
+    def _hand_back(self, actor: Any, drain: Drain) -> list[str]:
+        """Stop `actor` and put its shards in flight back at the front of the queue, without a try
+        counted; their device time is charged as an attempt that died (imagemill.core.device_ledger).
+        What they staged is never published (its run's `_staging` is cleaned at the end)."""
+        mine = [(ref, shard, at) for ref, (a, shard, at) in self.tasks.items() if a is actor]
+        self._retire(actor)  # killed before its shards are queued again
+        since = min((at for _, _, at in mine), default=time.monotonic())
+        for ref, shard, _ in mine:
+            del self.tasks[ref]
+            if self.tally is not None:
+                self.tally.forget.remote(shard.shard_id)
+            error = f"handed back: node {drain.short} is being drained ({drain.when()})"
+            self._attempt_failed(shard, error, self._unreported(actor, since), handed_back=True)
+        return [shard.shard_id for _, shard, _ in mine]
+
+    def _retire(self, actor: Any) -> None:
+        """Take `actor` (on a draining node) out of the pool and start a replacement, placed elsewhere
+        (none once the run stops)."""
+        self._stop(actor)  # the whole replica
+        self.alive.remove(actor)
+        if self.stop_reason is None:
+            self._start_actor()
+
+    def _stop_for_driver_node(self, drain: Drain) -> None:
+        """The driver's node is drained: Ray releases it at once (a driver is no work to it), and every
+        actor the driver owns dies with it. Every shard in flight is handed back and the run ends,
+        incomplete, with one line; the same command, from a node that stays, resumes it."""
+        self.stop_reason = f"the node this driver runs on ({drain.short}) is being drained"
+        running = [shard.shard_id for _, shard, _ in self.tasks.values()]
+        for actor in list(self.alive):
+            self._hand_back(actor, drain)
+        log.warning(
+            "%s (%s): every worker stops with it; handed back: %s; run the same command again, from a node "
+            "that stays, to resume",
+            self.stop_reason,
+            drain.when(),
+            ", ".join(sorted(running)) or "none",
+        )
+
+    def _stop_if_no_node_left(self) -> None:
+        """With shards to run, no pool actor off a draining node, and no node outside them that can take
+        a worker (now, or once the cluster grows), nothing more is handed out: the run ends incomplete,
+        with one line, and running it again resumes it."""
+        draining = frozenset(self.drains.seen)
+        if not self._to_hand_out() or any(self.node_of.get(actor) not in draining for actor in self.alive):
+            return
+        if room_outside(self.demand, draining):
+            return
+        self.stop_reason = "every node that can run a worker is being drained"
+        log.warning(
+            "%s; %d shards not run (committed ones are kept): run the same command again to resume once "
+            "the cluster has nodes",
+            self.stop_reason,
+            len(self.queue),
+        )
 
     def _start_actor(self) -> None:
         """Start an actor; it joins the pool once its `ready` answers (`_join`)."""

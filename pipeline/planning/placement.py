@@ -109,8 +109,14 @@ def replicas_in_cluster(plan: ReplicaPlan) -> int:
     return max(1, sum(plan.replicas_on(node) for node in _node_resources()))
 
 
-def _node_resources() -> list[dict[str, float]]:
-    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+def _node_resources(excluded: frozenset[str] = frozenset()) -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive") and node["NodeID"] not in excluded]
+
+
+def room_outside(demand: WorkerDemand, excluded: frozenset[str]) -> bool:
+    """Whether a worker could be placed on a live node outside `excluded` (the nodes being drained:
+    imagemill.execution.drains), now or once the cluster grows."""
+    return any(demand.fits_on(node) for node in _node_resources(excluded)) or cluster_can_grow()
 
 
 def cluster_can_grow() -> bool:
