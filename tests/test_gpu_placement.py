@@ -148,3 +148,41 @@ def test_a_gang_of_two_runs_exactly_once_and_a_killed_member_retries_its_shard_o
     failed = {path.stem: json.loads(path.read_text())["failed"] for path in (out / "attempts").glob("*.json")}
     # per kill, the shard the gang drew and the one its leader was reading: one failed try each
     assert 2 <= len(failed) <= 4 and all(len(tries) == 1 for tries in failed.values()), failed
+
+
+@pytest.mark.model
+def test_a_context_parallel_gang_draws_the_one_process_images(two_gpus, tmp_path):
+    """`gpus_per_worker: 2, parallel: context` with a tiny FLUX: the gang meets before it loads, so its
+    denoiser splits each image's tokens over both members (the ready line says so), and its images are
+    the one-process job's within the determinism rule (a level, in a few pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    import imagemill
+    from imagemill.testing.in_process import run_in_process
+    from imagemill.testing.tiny_families import make_tiny_family
+
+    flux = make_tiny_family("flux", tmp_path / "flux")
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=4, row_group_size=4)
+    model = f"{{source: {flux}, parallel: context}}"
+    job = _job(tmp_path, "{gpus_per_worker: 2, batch_size: 2}", model)
+    Path(job).write_text(
+        Path(job)
+        .read_text()
+        .replace("{width: 16, height: 16}", "{width: 64, height: 32, num_inference_steps: 2}")
+    )
+    code, log = _run(two_gpus, tmp_path, job)
+    assert code == 0, log
+    assert "each image's tokens over 2 processes" in log, log
+    check_output(str(tmp_path / "out"), _ids(rows))
+
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(
+        Path(job).read_text().replace(", parallel: context", "").replace("gpus_per_worker: 2, ", "")
+        .replace(str(tmp_path / "out"), str(tmp_path / "alone"))
+    )  # fmt: skip
+    assert run_in_process(imagemill.load_spec(alone)).complete
+    for image in sorted((tmp_path / "alone" / "images").rglob("*.png")):
+        gang = np.asarray(Image.open(tmp_path / "out" / image.relative_to(tmp_path / "alone")), dtype=int)
+        difference = np.abs(gang - np.asarray(Image.open(image), dtype=int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.05, image

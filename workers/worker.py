@@ -33,6 +33,7 @@ from imagemill.core.layout import OutputLayout, parquet_bytes
 from imagemill.core.records import MetadataRow, ShardStats, commit_shard, metadata_table
 from imagemill.core.shard import Shard
 from imagemill.core.spec import JobSpec
+from imagemill.core.spec.rules import gang_size
 from imagemill.core.stage_table import MODEL_STAGES, STAGE_COLUMN_TYPES
 from imagemill.core.write_gate import OwnedOutput, ShardAttempt
 from imagemill.workers.batch_fit import keep_to_gpu_share, resolve_batch_size
@@ -91,8 +92,13 @@ class ShardWorker:
         self.name: str | None = None  # the actor's name, set by its shell; written in each shard's stats
         self.load_error: Exception | None = None
         self.gang: Gang | None = None  # a context-parallel gang's member, once joined (`join_gang`)
+        self.expanders = expanders
+        if gang_size(spec.workers.gpus_per_worker, spec.model.parallel) == 1:  # else: in `join_gang`
+            self._load_or_keep_the_error()
+
+    def _load_or_keep_the_error(self) -> None:
         try:
-            self._load(spec, expanders)
+            self._load(self.spec, self.expanders)
         except Exception as exc:
             self.load_error = exc
 
@@ -131,13 +137,17 @@ class ShardWorker:
             "device_use": self.device_use,  # the driver charges an attempt that dies without a report
             # settings slow or unsupported on this device: the driver shows each distinct line once
             "warnings": device_warnings(self.spec, self.device),
+            # processes each image's denoiser tokens are cut over (model.parallel: context in a gang)
+            "token_slices": getattr(self.generator, "token_slices", 1),
         }
 
     def join_gang(self, address: str, rank: int, world_size: int, followers: list[Any]) -> dict[str, Any]:
-        """Join this replica's gang (imagemill.workers.gang) once the model is loaded; `ready()`'s answer."""
-        answer = self.ready()  # a model that did not load fails here, before the others wait for it
-        self.gang = Gang(address, rank, world_size, self.device, followers)
-        return answer
+        """Join this replica's gang (imagemill.workers.gang), then load the model: a context-parallel
+        denoiser splits its tokens over the group it finds at load (generators/diffusion/layout.py).
+        `ready()`'s answer; a member whose model does not load fails the gang's first step."""
+        self.gang = Gang(address, rank, world_size, pick_device(self.spec.model.device), followers)
+        self._load_or_keep_the_error()
+        return self.ready()
 
     def follow_shard(self, shard: Shard, batch_size: int) -> int:
         """A gang follower's part of a shard its leader runs: the same rows, the leader's batches and

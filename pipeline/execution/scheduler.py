@@ -392,13 +392,19 @@ class ShardScheduler:
         self.alive.append(actor)
         self.device_uses[actor] = ready["device_use"]
         self.node_of[actor] = ready["node_id"]  # a replacement placed before its node's drain: _heed_drains
+        split = (
+            f", each image's tokens over {ready['token_slices']} processes"
+            if ready["token_slices"] > 1
+            else ""
+        )
         log.info(
-            "a worker is ready on %s (%d of %d): %s on node %s",
+            "a worker is ready on %s (%d of %d): %s on node %s%s",
             ready["device"],
             len(self.alive),
             self.num_workers,
             ready["name"],
             ready["node_id"][:8],
+            split,
         )
         self._warn_once(ready["warnings"])
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import ray
 
 from imagemill.core.errors import ImagemillError
+from imagemill.core.spec.rules import gang_size
 
 log = logging.getLogger(__name__)
 WAIT_ENV = "IMAGEMILL_WAIT_FOR_RESOURCES"  # set (to anything): always wait for the cluster to grow
@@ -98,8 +99,8 @@ def replica_plan(num_cpus: float, uses_gpu: bool, gpus_per_worker: float, parall
     """The replica `workers.gpus_per_worker` and `model.parallel` ask for (CPU jobs: one CPU actor)."""
     if not uses_gpu:
         return ReplicaPlan(num_cpus, 0)
-    if gpus_per_worker > 1 and parallel == "context":
-        return ReplicaPlan(num_cpus, 1, int(gpus_per_worker))
+    if (members := gang_size(gpus_per_worker, parallel)) > 1:
+        return ReplicaPlan(num_cpus, 1, members)
     return ReplicaPlan(num_cpus, gpus_per_worker)
 
 

@@ -96,3 +96,10 @@ def denoising_problem(num_inference_steps: Any, strength: Any) -> str | None:
             "raise either so that their product is at least 1"
         )
     return None
+
+
+def gang_size(gpus_per_worker: float, parallel: str) -> int:
+    """Actors in one model replica: a replica of N GPUs whose model splits each image's work over them
+    (`model.parallel: context`) is a gang of N, one per GPU, which meets before it loads the model
+    (planning/placement.py places it, workers/worker.py loads after the meeting); anything else is one."""
+    return int(gpus_per_worker) if gpus_per_worker > 1 and parallel == "context" else 1
