@@ -62,8 +62,9 @@ class ShardWorkerActor:
         return free_address()
 
     def join_gang(self, address: str, rank: int, world_size: int, followers: list[Any]) -> dict[str, Any]:
-        """Join the gang once loaded (`ready`'s answer); the leader is given its followers' handles."""
-        return self.worker.join_gang(address, rank, world_size, followers)
+        """Join the gang, then load (`ready`'s answer); the leader is given its followers' handles."""
+        self.worker.join_gang(address, rank, world_size, followers)
+        return self.ready()
 
     def follow_shard(self, shard: Shard, batch_size: int) -> int:
         """On a follower: the leader's shard, drawn in step with it, nothing written."""
