@@ -45,6 +45,10 @@ class Row:
     source: Any = None
     strength: Any = None
     source_pixels: np.ndarray | None = None
+    # Inpainting only (input.mask_column): the column's value and the mask at the row's size, (height,
+    # width) uint8, 0 where the source is kept (workers/masks.py).
+    mask: Any = None
+    mask_pixels: np.ndarray | None = None
 
     @property
     def text(self) -> Any:
@@ -58,8 +62,8 @@ class Row:
 
 def input_columns(spec: InputSpec) -> list[str]:
     """The input columns imagemill uses, where a file has them."""
-    image = [spec.image_column, "strength"] if spec.image_column else []
-    return list(dict.fromkeys([spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS, *image]))
+    image = [spec.image_column, spec.mask_column, "strength"] if spec.image_column else []
+    return list(dict.fromkeys(filter(None, [spec.prompt_column, spec.id_column, *PARAMETER_COLUMNS, *image])))
 
 
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
@@ -166,6 +170,7 @@ def prepare_rows(
             if input_spec.image_column:
                 row.source = column(input_spec.image_column)[index]
                 row.strength = _strength(value("strength", None), defaults.strength, seed)
+                row.mask = column(input_spec.mask_column)[index] if input_spec.mask_column else None
             row.error = _row_error(row)
             if row_id in seen_ids:
                 row.error = (
