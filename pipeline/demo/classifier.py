@@ -119,7 +119,7 @@ def augmentation_figures(
 
 
 READER_PER_SCENE = 2  # drawings of each scene the readers learn from
-READER_EPOCHS = 30  # drawings are clean: fewer epochs than a synthetic set needs (99.8% on new ones)
+READER_EPOCHS = 30  # drawings are clean: fewer epochs than a synthetic set needs
 
 
 def scene_readers(epochs: int = READER_EPOCHS) -> dict[str, nn.Module]:
