@@ -35,7 +35,7 @@ def mask_values(data: bytes, max_pixels: int) -> Image.Image:
     """The mask as an upright mode-L image of 0 (keep) and 255 (repaint); InvalidImage saying why not."""
     image = decode_image(data, max_pixels, "input.max_image_pixels")
     if image.mode not in MASK_MODES:
-        raise InvalidImage(f"mask mode {image.mode} (CMYK, 16-bit or float) is not 8-bit grey or RGB(A)")
+        raise InvalidImage(f"mask mode {image.mode} is not 8-bit grey or RGB(A) (CMYK, 16-bit, float)")
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001 - a corrupt EXIF orientation block, whatever Pillow raises

@@ -89,7 +89,7 @@ class SourceReader:
         if isinstance(value, bytes):
             return value
         if value is None:
-            raise InvalidImage("the image column is null")
+            raise InvalidImage("the column's value is null")
         if not isinstance(value, str):
             raise InvalidImage(f"the image column holds a {type(value).__name__}, not bytes or a path")
         url = self.location(value)
