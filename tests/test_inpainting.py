@@ -264,3 +264,15 @@ def test_the_documented_command_redraws_the_shipped_inpainting_sources(tmp_path)
             assert np.array_equal(np.array(Image.open(path)), np.array(redrawn)), path.name
     masks = pq.read_table(shipped / "sources.parquet").column("mask").to_pylist()
     assert all((shipped / mask).exists() for mask in masks)
+
+
+@pytest.mark.model
+def test_a_family_without_an_inpainting_pipeline_is_refused_in_one_line(tmp_path):
+    from imagemill.testing.tiny_families import make_tiny_family
+    from imagemill.workers.generators.diffusion.generator import DiffusersGenerator
+
+    model = make_tiny_family("pixart", tmp_path / "pixart")
+    refused = r"^input.mask_column: PixArt\w+Pipeline has no inpainting pipeline in diffusers; .*mask_column$"
+    with pytest.raises(ImagemillError, match=refused) as e:
+        DiffusersGenerator(str(model), "float32", "cpu", image_to_image=True, inpainting=True)
+    assert "\n" not in str(e.value)
