@@ -64,6 +64,12 @@ RUN_BY: dict[str, tuple[str, ...]] = {
     "imagemill run jobs/enhance.yaml": (
         "tests/test_enhance_only.py::test_the_shipped_enhance_job_upscales_the_shipped_sources",
     ),
+    "python -m imagemill.demo.sources jobs/inpaint --inpaint": (
+        "tests/test_inpainting.py::test_the_documented_command_redraws_the_shipped_inpainting_sources",
+    ),
+    "imagemill run jobs/inpaint.yaml": (
+        "tests/test_jobs.py::test_inpainting_job_completes_the_shipped_masked_sources",
+    ),
     "imagemill run jobs/nightly.yaml": (
         "tests/test_jobs.py::test_nightly_job_writes_each_night_to_its_own_prefix_and_only_new_input_is_new_work",
     ),

@@ -424,7 +424,7 @@ def test_an_input_without_the_image_column_is_refused_in_one_line_at_planning(tm
 
 
 def test_the_documented_command_redraws_the_shipped_sources(tmp_path):
-    words = command("docs/image-to-image.md", r"python -m imagemill\.demo\.sources")
+    words = command("docs/image-to-image.md", r"python -m imagemill\.demo\.sources jobs/img2img")
     assert words == ["python", "-m", "imagemill.demo.sources", "jobs/img2img"]
     done = subprocess.run([sys.executable, *words[1:3], str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

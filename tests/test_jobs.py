@@ -24,6 +24,7 @@ def test_every_spec_in_jobs_is_valid():
 
     files = sorted((REPO / "jobs").glob("*.yaml"))
     shipped = {"demo.yaml", "augment.yaml", "nightly.yaml", "augment_img2img.yaml", "augment_recipe.yaml"}
+    shipped |= {"inpaint.yaml"}
     assert {path.name for path in files} >= shipped
     for path in files:
         if path.name.endswith("_recipe.yaml"):
@@ -59,6 +60,22 @@ def test_image_to_image_job_redraws_the_shipped_sources(ray_address, tmp_path):
     rows = read_metadata(str(output)).to_pylist()
     assert all(0.5 <= row["strength"] <= 0.9 and row["ssim"] is not None for row in rows)
     assert {row["source_image"] for row in rows} == {f"images/{name}.png" for name in sources}
+
+
+def test_inpainting_job_completes_the_shipped_masked_sources(ray_address, tmp_path):
+    """As docs/image-to-image.md runs it: the shipped sources and masks (jobs/inpaint), the demo model
+    (one step: strength 1 runs it); outside every mask the source's pixels."""
+    output = tmp_path / "inpaint"
+    done = run_cli(
+        "run", "jobs/inpaint.yaml", "--output", str(output), *FAST, ray_address=ray_address, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    sources = sorted(path.stem for path in (REPO / "jobs" / "inpaint" / "images").glob("*.png"))
+    assert len(sources) == 45
+    check_output(str(output), set(sources), 32, 32)
+    rows = read_metadata(str(output)).to_pylist()
+    assert all(row["psnr"] == 100.0 and row["mask_image"] == f"masks/{row['id']}.png" for row in rows)
+    assert {row["shape"] for row in rows} == {"circle", "square", "triangle"}  # carried
 
 
 @pytest.fixture

@@ -5,10 +5,15 @@ a few small convolutions and no copy. SSIM is Wang et al. (2004) as torchmetrics
 (`structural_similarity_index_measure` with data_range=255: an 11-pixel Gaussian window of sigma
 1.5, k1=0.01, k2=0.03, the image reflected 5 pixels out at its edges, the mean over every pixel and
 the three channels); a test holds the two equal. Sizes are multiples of 8, so 5 pixels always reflect.
+
+Inpainting measures what must not change: both are averaged over the pixels outside the mask only
+(`keep`), SSIM's windows still reading across the mask's edge; a mask that repaints everything
+leaves nothing to measure (null).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Self
 
 import torch
@@ -37,8 +42,18 @@ def _planar(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).to(torch.float32)
 
 
-def ssim(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM of two (N, H, W, 3) uint8 batches, as an (N,) float32 tensor on their device."""
+def _mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Each image's mean of (N, H, W) `values`, over the pixels `keep` holds true (all without it);
+    NaN where it holds none."""
+    if keep is None:
+        return values.flatten(1).mean(1)
+    weight = keep.to(values.dtype).flatten(1)
+    return (values.flatten(1) * weight).sum(1) / weight.sum(1)
+
+
+def ssim(first: torch.Tensor, second: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image SSIM of two (N, H, W, 3) uint8 batches, as an (N,) float32 tensor on their device;
+    `keep`: (N, H, W) bool, the pixels averaged (all without it)."""
     margin = WINDOW // 2
     x, y = (F.pad(_planar(images), [margin] * 4, mode="reflect") for images in (first, second))
     kernel = _window(WINDOW, x.shape[1], x.device)
@@ -52,24 +67,28 @@ def ssim(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
     index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return index.flatten(1).mean(1)
+    return _mean(index.mean(1), keep)
 
 
-def psnr(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of two (N, H, W, 3) uint8 batches, at most MAX_PSNR."""
-    mse = (_planar(first) - _planar(second)).pow(2).flatten(1).mean(1)
+def psnr(first: torch.Tensor, second: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image PSNR in dB of two (N, H, W, 3) uint8 batches, at most MAX_PSNR; `keep` as ssim's."""
+    mse = _mean((_planar(first) - _planar(second)).pow(2).mean(1), keep)
     floor = DATA_RANGE**2 / 10 ** (MAX_PSNR / 10)
     return 10 * torch.log10(DATA_RANGE**2 / mse.clamp(min=floor))
 
 
-def similarity(first: torch.Tensor, second: torch.Tensor) -> list[tuple[float, float]]:
-    """(SSIM, PSNR) of each pair of images, copied back together (one transfer per batch)."""
-    both = torch.stack([ssim(first, second), psnr(first, second)], dim=1).cpu().tolist()
-    return [(round(s, 6), round(p, 4)) for s, p in both]
+def similarity(
+    first: torch.Tensor, second: torch.Tensor, keep: torch.Tensor | None = None
+) -> list[tuple[float, float] | None]:
+    """(SSIM, PSNR) of each pair of images over `keep`'s pixels, copied back together (one transfer
+    per batch); None for an image with no pixel to measure."""
+    both = torch.stack([ssim(first, second, keep), psnr(first, second, keep)], dim=1).cpu().tolist()
+    return [None if math.isnan(s) else (round(s, 6), round(p, 4)) for s, p in both]
 
 
 class SimilarityStage:
-    """The `similarity` stage (image-to-image jobs): each draw's SSIM and PSNR against its source."""
+    """The `similarity` stage (image-to-image jobs): each draw's SSIM and PSNR against its source,
+    outside the mask for inpainting."""
 
     section = "input.image_column"
     needs = ("images", "sources")
@@ -83,4 +102,5 @@ class SimilarityStage:
 
     def run(self, batch: DrawBatch) -> None:
         assert batch.sources is not None  # image-to-image batches carry their sources
-        batch.similarities = list(similarity(batch.sources, batch.images))
+        keep = None if batch.masks is None else batch.masks == 0
+        batch.similarities = similarity(batch.sources, batch.images, keep)

@@ -47,6 +47,10 @@ class Row:
     strength: Any = None
     source_pixels: np.ndarray | None = None
     scale: Any = None  # upscale: the row's scale from input.scale_column; None: the upscaler's own
+    # Inpainting only (input.mask_column): the column's value and the mask at the row's size, (height,
+    # width) uint8, 0 where the source is kept (workers/masks.py).
+    mask: Any = None
+    mask_pixels: np.ndarray | None = None
 
     @property
     def text(self) -> Any:
@@ -62,9 +66,9 @@ class Row:
 
 def input_columns(spec: InputSpec) -> list[str]:
     """The input columns imagemill uses, where a file has them."""
-    image = [spec.image_column, "strength"] if spec.image_column else []
+    image = [spec.image_column, spec.mask_column, "strength"] if spec.image_column else []
     own = [name for name in (spec.prompt_column, spec.id_column, spec.scale_column) if name is not None]
-    return list(dict.fromkeys([*own, *PARAMETER_COLUMNS, *image]))
+    return list(dict.fromkeys(filter(None, [*own, *PARAMETER_COLUMNS, *image])))
 
 
 def read_shard(shard: Shard, spec: InputSpec) -> pa.Table:
@@ -184,6 +188,7 @@ def prepare_rows(
             if input_spec.image_column:
                 row.source = column(input_spec.image_column)[index]
                 row.strength = _strength(value("strength", None), defaults.strength, seed)
+                row.mask = column(input_spec.mask_column)[index] if input_spec.mask_column else None
             row.error = _row_error(row, input_spec.prompt_column is not None)
             if row_id in seen_ids:
                 row.error = (

@@ -158,6 +158,7 @@ class Selection:
         assert isinstance(choice, BestOfN)  # the table's `select` row
         self.choice = choice
         self.image_to_image = spec.input.image_column is not None
+        self.inpainting = spec.input.mask_column is not None
         self.batch_size = spec.workers.batch_size
         self.timer = StageTimer(device)  # the stages' seconds, taken by the worker with the model's
 
@@ -175,27 +176,29 @@ class Selection:
             if not drawing:
                 break
         for state in states:
-            state.row.source_pixels = None  # drawn: the source is no longer needed
+            state.row.source_pixels = state.row.mask_pixels = None  # drawn: no longer needed
         with self.timer.timing("select"):
             return [self.choice.choose(state) for state in states]
 
-    def _sources(self, rows: list[Row]) -> torch.Tensor | None:
-        """Image-to-image: the rows' source images on the device, (N, H, W, 3) uint8; None for
-        text-to-image."""
-        if not self.image_to_image:
-            return None
-        return torch.from_numpy(np.stack([row.source_pixels for row in rows])).to(self.device)
+    def _sources(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        """Image-to-image: the rows' source images on the device, (N, H, W, 3) uint8, and for
+        inpainting their (N, H, W) masks, by `generate`'s argument names; none for text-to-image."""
+        given: dict[str, torch.Tensor] = {}
+        if self.image_to_image:
+            given["sources"] = torch.from_numpy(np.stack([row.source_pixels for row in rows])).to(self.device)
+        if self.inpainting:
+            given["masks"] = torch.from_numpy(np.stack([row.mask_pixels for row in rows])).to(self.device)
+        return given
 
     def _draw_chunk(self, chunk: list[tuple[_RowDraws, int]]) -> None:
         rows = [state.row for state, _ in chunk]
         numbers = [number for _, number in chunk]
         seeds = [draw_seed(row.seed, number) for row, number in zip(rows, numbers, strict=True)]
-        sources = self._sources(rows)
-        with_sources = {} if sources is None else {"sources": sources}
+        with_sources = self._sources(rows)
         negatives = [row.negative_prompt for row in rows]
         texts = [row.text for row in rows]
         images = self.generator.generate(texts, negatives, seeds, rows[0].key, **with_sources)
-        drawn = DrawBatch(rows, numbers, seeds, images, sources)
+        drawn = DrawBatch(rows, numbers, seeds, images, **with_sources)
         for name, stage in self.on_batches:
             with self.timer.timing(name):
                 stage.run(drawn)

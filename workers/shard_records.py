@@ -100,6 +100,7 @@ class ShardRun:
             input_row=row.input_row,
             status=status,
             source_image=row.source if isinstance(row.source, str) else None,
+            mask_image=row.mask if isinstance(row.mask, str) else None,
             strength=_as(float, row.strength),
             **columns,
         )

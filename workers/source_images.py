@@ -24,7 +24,8 @@ input's owner (or whoever can write its bucket), so the worst value is planned f
   change the picture. 8-bit grey, black-and-white and opaque palette images become RGB, which loses
   nothing.
 
-A source that fails any of these makes its row an `invalid_image` error; the shard goes on.
+A source that fails any of these makes its row an `invalid_image` error; the shard goes on. Inpainting
+masks (`input.mask_column`) are read by the same reader and decoder (workers/masks.py).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from imagemill.core.images import InvalidImage, decode_image
-from imagemill.core.spec import InputSpec
+from imagemill.core.spec import GenerationSpec, InputSpec
 from imagemill.core.storage import filesystem, is_local, retrying
+from imagemill.workers.masks import check_size, mask_values, shape_mask
 
 if TYPE_CHECKING:
     from imagemill.workers.rows import Row
@@ -87,7 +89,7 @@ class SourceReader:
         if isinstance(value, bytes):
             return value
         if value is None:
-            raise InvalidImage("the image column is null")
+            raise InvalidImage("the column's value is null")
         if not isinstance(value, str):
             raise InvalidImage(f"the image column holds a {type(value).__name__}, not bytes or a path")
         url = self.location(value)
@@ -187,19 +189,29 @@ def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_sources(rows: list[Row], input_file: str, spec: InputSpec, resize: str) -> None:
-    """Give each valid row its source pixels at its size; a bad source makes the row `invalid_image`.
+def load_sources(rows: list[Row], input_file: str, spec: InputSpec, generation: GenerationSpec) -> None:
+    """Give each valid row its source pixels at its size, and with `input.mask_column` its mask
+    (workers/masks.py); a bad source makes the row `invalid_image`, a bad mask `invalid_mask`.
 
-    Images of one input row (images_per_prompt, variants) share its source, read once."""
+    Images of one input row (images_per_prompt, variants) share its source and mask, read once."""
     reader = SourceReader(input_file, spec)
     wanted = [row for row in rows if row.error is None]
 
-    def load(row: Row) -> np.ndarray | str:
+    def load(row: Row) -> tuple[np.ndarray, np.ndarray | None] | str:
         try:
             image = decode(reader.read(row.source), spec.max_image_pixels)
-            return fit(image, row.width, row.height, resize)
         except InvalidImage as exc:
             return f"invalid_image: {exc}"
+        pixels = fit(image, row.width, row.height, generation.resize)
+        if spec.mask_column is None:
+            return pixels, None
+        try:
+            mask = mask_values(reader.read(row.mask), spec.max_image_pixels)
+            check_size(mask, image)
+        except InvalidImage as exc:
+            return f"invalid_mask: {spec.mask_column}: {exc}"
+        fitted = fit(mask.convert("RGB"), row.width, row.height, generation.resize)[..., 0]
+        return pixels, shape_mask(fitted, generation)
 
     by_input_row: dict[tuple[int, int, int], Row] = {}
     for row in wanted:
@@ -211,4 +223,4 @@ def load_sources(rows: list[Row], input_file: str, spec: InputSpec, resize: str)
         if isinstance(result, str):
             row.error = result
         else:
-            row.source_pixels = result
+            row.source_pixels, row.mask_pixels = result

@@ -216,7 +216,7 @@ class ShardWorker:
             label = self.spec.label_column()  # with carry_columns "*", absent from an input without it
             run.label_column = label if label in run.carried.table.column_names else None
             if self.spec.input.image_column:
-                load_sources(run.rows, run.shard.file_url, self.spec.input, self.spec.generation.resize)
+                load_sources(run.rows, run.shard.file_url, self.spec.input, self.spec.generation)
         run.timeline["read"] = [run.started, time.time()]
 
     def _start_expansion(self, rows: list[Row]) -> ShardExpansion | None:

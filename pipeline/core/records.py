@@ -115,8 +115,10 @@ class MetadataRow:
     scheduler: str | None = None  # diffusers: the sampler's class (and model.scheduler's overrides)
     # Image-to-image (input.image_column): the source as its column gave a path (null for bytes: the
     # row's input_file and input_row name it), the strength used, and the output's SSIM and PSNR (dB)
-    # against the source resized to the output's size. All null for text-to-image rows.
+    # against the source resized to the output's size (inpainting: over the pixels outside the mask,
+    # and `mask_image` names the mask as source_image does). All null for text-to-image rows.
     source_image: str | None = None
+    mask_image: str | None = None
     strength: float | None = None
     ssim: float | None = None
     psnr: float | None = None

@@ -64,7 +64,7 @@ def webdataset_samples(output: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.array(labels)
 
 
-def _network() -> nn.Module:
+def _network(classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
@@ -73,7 +73,7 @@ def _network() -> nn.Module:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * 8 * 8, len(demo_shapes.SHAPES)),
+        nn.Linear(32 * 8 * 8, classes),
     )
 
 
@@ -81,10 +81,12 @@ def _tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def train(images: np.ndarray, labels: np.ndarray, epochs: int = EPOCHS) -> nn.Module:
+def train(
+    images: np.ndarray, labels: np.ndarray, epochs: int = EPOCHS, classes: int = len(demo_shapes.SHAPES)
+) -> nn.Module:
     """The CNN trained with Adam on these images, from the same seeded start every time."""
     torch.manual_seed(SEED)
-    model, order = _network(), torch.Generator().manual_seed(SEED)
+    model, order = _network(classes), torch.Generator().manual_seed(SEED)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = _tensor(images), torch.from_numpy(labels).long()
     for _ in range(epochs):
@@ -114,3 +116,28 @@ def augmentation_figures(
     if with_drawn_reference:
         sets["drawn_same_count"] = drawn(scenes, -(-len(synthetic[1]) // len(scenes)), seed=3)
     return {name: accuracy(train(*data, epochs=epochs), *test) for name, data in sets.items()}
+
+
+READER_PER_SCENE = 2  # drawings of each scene the readers learn from
+READER_EPOCHS = 30  # drawings are clean: fewer epochs than a synthetic set needs
+
+
+def scene_readers(epochs: int = READER_EPOCHS) -> dict[str, nn.Module]:
+    """Two CNNs trained on drawings of every scene: `shape` reads an image's shape, `colour` its colour
+    (indices into the demo's SHAPES and COLOURS). The inpainting bench and test read what a completion
+    drew with them: the demo's own classifier, on the drawings the demo model learnt from."""
+    scenes = all_scenes()
+    images, shapes = drawn(scenes, READER_PER_SCENE, seed=4)
+    colours = np.array(
+        [list(demo_shapes.COLOURS).index(s.colour) for s in scenes for _ in range(READER_PER_SCENE)]
+    )
+    return {
+        "shape": train(images, shapes, epochs),
+        "colour": train(images, colours, epochs, classes=len(demo_shapes.COLOURS)),
+    }
+
+
+@torch.no_grad()
+def read(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """The class `model` reads in each (N, 32, 32, 3) uint8 image."""
+    return model(_tensor(images)).argmax(1).numpy()

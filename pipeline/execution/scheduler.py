@@ -615,7 +615,7 @@ class ShardScheduler:
         draining = frozenset(self.drains.seen)
         if not self._to_hand_out() or any(self.node_of.get(actor) not in draining for actor in self.alive):
             return
-        if room_outside(self.demand, draining):
+        if room_outside(self.plan.demand, draining):
             return
         self.stop_reason = "every node that can run a worker is being drained"
         log.warning(

@@ -103,6 +103,7 @@ class Publication:
             model=self.model,
             input_file=file_name(row.input_file),
             source_image=file_name(row.source_image),
+            mask_image=file_name(row.mask_image),
         )
 
     def embedded(self, row: MetadataRow, image_format: str) -> dict[str, Any]:

@@ -55,5 +55,6 @@ class Generator(Protocol):
         each drawn from its row's seed alone (None: no negative prompt for that row). A batch the model
         cannot make raises ValueError, which makes its rows `model_rejected` errors. Image-to-image
         (diffusers only; the spec refuses it for other kinds) passes `sources=`, the rows' source
-        images as (N, H, W, 3) uint8 on the device, with `key.strength`."""
+        images as (N, H, W, 3) uint8 on the device, with `key.strength`; inpainting adds `masks=`,
+        (N, H, W) uint8 on the device, 0 where the source's pixels are kept as they are."""
         ...

@@ -44,6 +44,7 @@ class DrawBatch:
     seeds: list[int]
     images: torch.Tensor  # (N, H, W, 3) uint8 on the model's device; a pixel-changing stage replaces it
     sources: torch.Tensor | None = None  # image-to-image: the rows' sources on the device
+    masks: torch.Tensor | None = None  # inpainting: the rows' (N, H, W) uint8 masks on the device
     clip_embeddings: torch.Tensor | None = None  # score: the CLIP image embeddings (safety reuses them)
     clip_scores: list[float | None] = field(default_factory=list)
     verdicts: list[Verdict | None] = field(default_factory=list)
@@ -55,7 +56,7 @@ class DrawBatch:
     columns: list[dict[str, Any]] = field(default_factory=list)  # metadata columns stages add per draw
 
     # the fields the batch has before any stage runs; a stage's `needs` are these or earlier `adds`
-    GIVEN: ClassVar[tuple[str, ...]] = ("rows", "numbers", "seeds", "images", "sources", "dropped")
+    GIVEN: ClassVar[tuple[str, ...]] = ("rows", "numbers", "seeds", "images", "sources", "masks", "dropped")
 
     def __post_init__(self) -> None:
         n = len(self.rows)

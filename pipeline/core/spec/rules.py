@@ -61,6 +61,9 @@ def watermark_size_problem(width: int, height: int) -> str | None:
     return None
 
 
+# Inpainting: the most pixels a mask may be grown or blurred by (a larger one repaints whole images).
+MAX_MASK_RADIUS = 256
+
 # Sources with more pixels are invalid_image rows (Pillow itself only warns from 89M, refuses from 179M).
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 

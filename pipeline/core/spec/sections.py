@@ -23,6 +23,7 @@ from imagemill.core.kinds import KIND_NAMES, KINDS
 from imagemill.core.spec.markers import NOT_FINGERPRINTED, Private, StorageOptions
 from imagemill.core.spec.rules import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_MASK_RADIUS,
     MAX_WATERMARK_BITS,
     SELECTORS,
     generation_problem,
@@ -125,12 +126,23 @@ class InputSpec(_Section):
         description="upscale: the column holding each row's scale (an integer 2-8 dividing the upscaler's: "
         "x2 from an x4 model is its output reduced by a box filter); null values take the upscaler's own.",
     )
+    mask_column: str | None = Field(
+        None,
+        description="Inpainting: the column holding each row's mask (white: repaint, black: keep), as bytes "
+        "or a path read as image_column's are; the same size as the row's source. Needs image_column.",
+    )
     allow_absolute_image_paths: bool = Field(
         False, description="Also open source paths that are absolute or URLs (any bucket, any protocol)."
     )
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="Source images with more pixels are invalid_image rows."
     )
+
+    @model_validator(mode="after")
+    def _mask_has_a_source(self) -> InputSpec:
+        if self.mask_column is not None and self.image_column is None:
+            raise ValueError("mask_column masks the source images: set input.image_column too")
+        return self
 
     @model_validator(mode="after")
     def _label_is_carried(self) -> InputSpec:
@@ -644,6 +656,16 @@ class GenerationSpec(_Section):
     )
     resize: Literal["center_crop", "pad", "stretch"] = Field(
         "center_crop", description="Image-to-image: how a source is brought to the row's width and height."
+    )
+    mask_grow: int = Field(
+        0, ge=0, le=MAX_MASK_RADIUS, description="Inpainting: pixels the mask is widened by (a margin)."
+    )
+    mask_blur: int = Field(
+        0,
+        ge=0,
+        le=MAX_MASK_RADIUS,
+        description="Inpainting: the Gaussian blur (sigma, pixels) of the grown mask's edge, over which "
+        "the drawn image fades into the source.",
     )
 
     @field_validator("strength", mode="before")

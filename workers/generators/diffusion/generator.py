@@ -14,7 +14,12 @@ from imagemill.workers.console import quiet_model_libraries
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.diffusion.caching import check_cache_support, fresh_cache_state
 from imagemill.workers.generators.diffusion.families import call_default, family_of
-from imagemill.workers.generators.diffusion.image_to_image import image_to_image_pipeline, source_images
+from imagemill.workers.generators.diffusion.image_to_image import (
+    image_to_image_pipeline,
+    mask_images,
+    paste_back,
+    source_images,
+)
 from imagemill.workers.generators.diffusion.layout import (
     apply_offload,
     context_processes,
@@ -43,12 +48,14 @@ class DiffusersGenerator:
         image_to_image: bool = False,
         parallel: str = "none",
         offload: str = "none",
+        inpainting: bool = False,
     ):
         """`source`: the pipeline (a hub id, local directory or URL, or a `Pretrained` with its storage
         options and safetensors rule, which hold for each LoRA and speed.tiny_vae too); `scheduler`:
         the sampler to use instead of the pipeline's own (schedulers.py); `image_to_image`: also build
         the family's image-to-image pipeline, for `generate(sources=...)`; `parallel`, `offload`: where
-        the weights live and run (layout.py)."""
+        the weights live and run (layout.py); `inpainting`: its inpainting
+        pipeline instead, for `generate(sources=..., masks=...)`."""
         # diffusers is imported here, not at the top, so that the driver never pays for importing it.
         import diffusers
 
@@ -76,10 +83,15 @@ class DiffusersGenerator:
         time_pipeline_stages(self.pipe, self.stage_timer)
         self.family = family_of(self.pipe)
         self.accepted = _accepted_arguments(self.pipe)
-        self.img2img = image_to_image_pipeline(self.pipe) if image_to_image else None
-        if self.img2img is not None:
-            check_cache_support(self.img2img, speed.cache)
-        self.img2img_accepted = _accepted_arguments(self.img2img) if self.img2img is not None else None
+        # the pipeline that draws from sources: image-to-image, or inpainting
+        self.from_sources = (
+            image_to_image_pipeline(self.pipe, inpainting) if image_to_image or inpainting else None
+        )
+        if self.from_sources is not None:
+            check_cache_support(self.from_sources, speed.cache)
+        self.from_sources_accepted = (
+            _accepted_arguments(self.from_sources) if self.from_sources is not None else None
+        )
         # SDXL's unconditional branch for "no negative prompt" is zeros, not the encoded empty string.
         self.zero_absent_negative = bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt", False))
         # (is negative, text) → that text's embeddings. Families encode a negative prompt as a prompt
@@ -106,6 +118,7 @@ class DiffusersGenerator:
             image_to_image=spec.input.image_column is not None,
             parallel=model.parallel,
             offload=model.offload,
+            inpainting=spec.input.mask_column is not None,
         )
 
     def _encode(self, keys: list[tuple[bool, str | None]]) -> Embeddings:
@@ -159,6 +172,7 @@ class DiffusersGenerator:
         seeds: list[int],
         key: BatchKey,
         sources: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images as an (N, H, W, 3) uint8 tensor on the model's device, one per prompt.
 
@@ -171,7 +185,9 @@ class DiffusersGenerator:
         step that wants the images on the device.
 
         `sources` (image-to-image): the rows' source images, (N, H, W, 3) uint8 at the batch's size,
-        drawn with the image-to-image pipeline at `key.strength`.
+        drawn with the image-to-image pipeline at `key.strength`. `masks` (inpainting): the rows' masks,
+        (N, H, W) uint8, 0 where the source is kept: drawn with the inpainting pipeline, then the
+        source's pixels pasted back outside the mask (image_to_image.paste_back).
         """
         count = len(prompts)
         if self.speed.compile_batch:  # static shapes for the compiled denoiser
@@ -179,7 +195,9 @@ class DiffusersGenerator:
                 pad(values, self.speed.compile_batch) for values in (prompts, negative_prompts, seeds)
             )
             if sources is not None:
-                sources = torch.cat([sources, sources[-1:].expand(len(prompts) - count, -1, -1, -1)])
+                sources = _pad_rows(sources, len(prompts))
+            if masks is not None:
+                masks = _pad_rows(masks, len(prompts))
         self._check_size(key)
         arguments: dict[str, Any] = {
             "num_inference_steps": key.num_inference_steps,
@@ -203,8 +221,10 @@ class DiffusersGenerator:
                 arguments.update({f"negative_{name}": rows for name, rows in negatives.items()})
         pipe, accepted = self.pipe, self.accepted
         if sources is not None:
-            pipe, accepted = self.img2img, self.img2img_accepted
+            pipe, accepted = self.from_sources, self.from_sources_accepted
             arguments.update(image=source_images(sources, self.pipe.vae.dtype), strength=key.strength)
+        if masks is not None:
+            arguments.update(mask_image=mask_images(masks, self.pipe.vae.dtype))
         if accepted is not None:
             arguments = {name: value for name, value in arguments.items() if name in accepted}
         if self.speed.cache is not None:
@@ -215,9 +235,18 @@ class DiffusersGenerator:
                 f"{type(self.pipe).__name__} made {images.shape[-1]}x{images.shape[-2]} images "
                 f"for {key.width}x{key.height}"
             )
-        pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)
+        pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         # parallel: components leaves the images on the VAE's GPU, which may not be the actor's device
-        return pixels.permute(0, 2, 3, 1)[:count].to(self.device)
+        pixels = pixels.to(self.device)
+        if masks is not None:
+            assert sources is not None  # the spec: a mask column needs an image column
+            pixels = paste_back(pixels, sources, masks)
+        return pixels[:count]
+
+
+def _pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """`rows` with its last row repeated up to `count` rows (a compiled denoiser's static batch)."""
+    return torch.cat([rows, rows[-1:].expand(count - len(rows), *rows.shape[1:])])
 
 
 def _accepted_arguments(pipe: Any) -> set[str] | None:
