@@ -43,7 +43,8 @@ PAIRS_PER_SCENE = 16
 BATCH = 8
 CROP = 24  # input pixels a side: each step trains on one place of the 32² pairs (every shape edge is
 # inside most 24² crops; the flat corners left out teach little), at about half the cost of the whole
-STEPS = 8000
+STEPS = 4000
+LEARNING_RATE = 5e-4
 DEMO_MODEL = "jobs/models/demo-shapes"
 WEIGHTS_DIR = "jobs/models/demo-sr"
 HELD_OUT_SEED = 1  # the held-out pairs' jitter (the bench, the test, the picture); training uses SEED
@@ -103,8 +104,9 @@ def train(
     demo_model: str | Path = DEMO_MODEL,
     per_scene: int = PAIRS_PER_SCENE,
 ) -> Path:
-    """Train the network from scratch (L1 loss, Adam, cosine-decayed rate) and write
-    `out_dir/model.safetensors`."""
+    """Train the network from scratch (mean squared error, Adam, cosine-decayed rate) and write
+    `out_dir/model.safetensors`. Squared error, not L1: L1's best answer for an edge is its median,
+    the nearest-neighbour enlargement, where a trial run settled (residual zero, 2 dB under bicubic)."""
     out = Path(out_dir)
     torch.set_num_threads(1)  # as the demo model: fixed arithmetic order, and two shared cores
     generator = torch.Generator().manual_seed(SEED)
@@ -113,7 +115,7 @@ def train(
     inputs, targets = _planar(low), _planar(high)
     print(f"{len(inputs)} training pairs", flush=True)
     model = network(generator)
-    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
     )
@@ -123,14 +125,14 @@ def train(
         y, x = torch.randint(LOW - CROP + 1, (2,), generator=generator).tolist()
         crop = inputs[rows, :, y : y + CROP, x : x + CROP]
         truth = targets[rows, :, SCALE * y : SCALE * (y + CROP), SCALE * x : SCALE * (x + CROP)]
-        loss = F.l1_loss(model(crop), truth)
+        loss = F.mse_loss(model(crop), truth)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         schedule.step()
         running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
         if step % 100 == 0:
-            print(f"sr {step}/{steps} l1 {running:.4f} {time.monotonic() - started:.0f}s", flush=True)
+            print(f"sr {step}/{steps} mse {running:.5f} {time.monotonic() - started:.0f}s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
     return out
