@@ -123,8 +123,9 @@ def test_the_report_shows_the_clip_score_distribution_per_label(runs):
     page = (runs[7.5] / "report.html").read_text()
     cells = [expected["count"], *(round(expected[q], 4) for q in ("mean", "p10", "p50", "p90"))]
     assert "<td>blue-square</td>" + "".join(f'<td class="num">{cell}</td>' for cell in cells) in page
-    # a job without scoring has no distribution to show
+    # a job without scoring has no distribution to show, nor one without source images SSIM or PSNR
     assert _evaluation(runs[2.0]).clip_score is None
+    assert _evaluation(runs[7.5]).ssim is _evaluation(runs[7.5]).psnr is None
 
 
 def test_pixel_features_need_no_source_and_refuse_one(tmp_path):

@@ -58,6 +58,15 @@ RUN_BY: dict[str, tuple[str, ...]] = {
     "python -m imagemill.demo.sources jobs/img2img": (
         "tests/test_image_to_image.py::test_the_documented_command_redraws_the_shipped_sources",
     ),
+    "python -m imagemill.demo.super_resolution train jobs/models/demo-sr": (
+        "tests/test_demo_super_resolution.py::test_the_trainer_writes_weights_the_upscale_stage_loads",
+    ),
+    "imagemill run jobs/demo_upscale.yaml": (
+        "tests/test_demo_super_resolution.py::test_the_shipped_demo_upscale_job_writes_128_pixel_images",
+    ),
+    "python -m imagemill.demo.super_resolution picture docs/upscale-demo.png": (
+        "tests/test_demo_super_resolution.py::test_the_documented_command_draws_the_docs_picture",
+    ),
     "imagemill run jobs/augment_img2img.yaml": (
         "tests/test_jobs.py::test_image_to_image_job_redraws_the_shipped_sources",
     ),

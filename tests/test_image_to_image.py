@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -433,3 +434,52 @@ def test_the_documented_command_redraws_the_shipped_sources(tmp_path):
     for path in (shipped / "images").iterdir():
         redrawn = Image.open(tmp_path / "images" / path.name)
         assert np.array_equal(np.array(Image.open(path)), np.array(redrawn)), path.name
+
+
+@pytest.mark.model
+def test_the_report_shows_ssim_and_psnr_against_the_sources_per_label(tmp_path):
+    """The shipped sources labelled by shape, redrawn twice each: report.json's dataset section and
+    report.html hold each label's SSIM and PSNR distribution, as the metadata's rows give them."""
+    from imagemill.core.evaluation_results import EvaluationResults
+    from imagemill.testing.in_process import run_in_process
+
+    folder = tmp_path / "in"
+    shutil.copytree(REPO / "jobs" / "img2img" / "images", folder / "images")
+    sources = pq.read_table(REPO / "jobs" / "img2img" / "sources.parquet")
+    shapes = [row_id.split("-")[1] for row_id in sources.column("id").to_pylist()]  # red-circle-left
+    pq.write_table(sources.append_column("label", pa.array(shapes)), folder / "sources.parquet")
+    output = tmp_path / "out"
+    spec = build_spec(
+        {
+            "input": {
+                "path": str(folder / "sources.parquet"),
+                "image_column": "image",
+                "carry_columns": ["label"],
+            },
+            "output": {"path": str(output)},
+            "model": {"source": DEMO_MODEL, "device": "cpu"},
+            "generation": {"width": 32, "height": 32, "num_inference_steps": 4, "strength": [0.3, 0.9]}
+            | {"images_per_prompt": 2},
+            "workers": {"batch_size": 12},
+            "evaluation": {"features": "pixels"},
+        }
+    )
+    assert run_in_process(spec).ok == 12
+    metadata = read_metadata(str(output)).to_pandas()
+    dataset = EvaluationResults.model_validate(json.loads((output / "report.json").read_text())["dataset"])
+    page = (output / "report.html").read_text()
+    for column, title in (("ssim", "SSIM against the source image"), ("psnr", "PSNR in dB against")):
+        distribution = getattr(dataset, column)
+        assert set(distribution.per_label) == {"circle", "square", "triangle"}
+        for label, summary in distribution.per_label.items():
+            values = metadata[metadata["label"] == label][column].to_numpy()
+            assert summary.count == len(values) == 4
+            assert summary.mean == pytest.approx(values.mean()) and summary.p50 == pytest.approx(
+                np.median(values)
+            )
+            cells = [
+                summary.count,
+                *(round(q, 4) for q in (summary.mean, summary.p10, summary.p50, summary.p90)),
+            ]
+            assert f"<td>{label}</td>" + "".join(f'<td class="num">{cell}</td>' for cell in cells) in page
+        assert title in page

@@ -88,7 +88,8 @@ class DiversityResult(LabelledValues):
 
 
 class ScoreSummary(_Result):
-    """The CLIP scores of a set of rows: how many, their mean and numpy's linear percentiles."""
+    """A score of a set of rows (a metadata column: clip_score, ssim, psnr): how many, their mean and
+    numpy's linear percentiles."""
 
     count: int
     mean: float
@@ -97,16 +98,26 @@ class ScoreSummary(_Result):
     p90: float
 
 
-class ClipScoreDistribution(_Result):
-    """The CLIP score distribution job-wide and per label (imagemill.evaluation.score_distribution)."""
+ScoreColumn = Literal["clip_score", "ssim", "psnr"]
+SCORE_CAPTIONS: dict[str, str] = {
+    "clip_score": "CLIP score (how well each image matches its prompt) per label",
+    "ssim": "SSIM against the source image (image-to-image; 1 is the source itself) per label",
+    "psnr": "PSNR in dB against the source image (image-to-image; higher is closer to it) per label",
+}
 
+
+class ScoreDistribution(_Result):
+    """A metadata score column's distribution job-wide and per label
+    (imagemill.evaluation.score_distribution)."""
+
+    column: ScoreColumn = "clip_score"
     all: ScoreSummary | None = None
     per_label: dict[str, ScoreSummary] = {}
 
     def report_table(self) -> Table:
         rows = [(ALL_IMAGES, self.all), *sorted(self.per_label.items())]
         return (
-            "CLIP score (how well each image matches its prompt) per label",
+            SCORE_CAPTIONS[self.column],
             ("images", "count", "mean", "p10", "p50", "p90"),
             [
                 (label, s.count, *(rounded(q) for q in (s.mean, s.p10, s.p50, s.p90)))
@@ -176,14 +187,16 @@ class LeakageResult(_Result):
 class EvaluationResults(_Result):
     """The whole evaluation of a job. A None metric was not computed: `fid`, `kid` without a
     reference, `leakage` without `evaluation.leakage`, `inception_score` without a classifier head,
-    `clip_score` when the job does not score."""
+    `clip_score` when the job does not score, `ssim` and `psnr` when it is not image-to-image."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     images: int
     diversity: DiversityResult
     near_duplicates: NearDuplicatesResult
     inception_score: InceptionScoreResult | None = None
-    clip_score: ClipScoreDistribution | None = None
+    clip_score: ScoreDistribution | None = None
+    ssim: ScoreDistribution | None = None
+    psnr: ScoreDistribution | None = None
     fid: FrechetDistanceResult | None = None
     kid: KernelDistanceResult | None = None
     leakage: LeakageResult | None = None
@@ -196,8 +209,9 @@ class EvaluationResults(_Result):
         if self.inception_score is not None:
             tables.append(self.inception_score.report_table())
         tables.append(self.diversity.report_table())
-        if self.clip_score is not None:
-            tables.append(self.clip_score.report_table())
+        for scores in (self.clip_score, self.ssim, self.psnr):
+            if scores is not None:
+                tables.append(scores.report_table())
         tables.append(self.near_duplicates.report_table())
         if self.leakage is not None:
             tables.append(self.leakage.report_table())

@@ -76,19 +76,31 @@ def caption(scene: Scene, with_background: bool = True) -> str:
     return f"{text} on a {scene.background} background" if with_background else text
 
 
+def placement(scene: Scene, rng: np.random.Generator) -> tuple[tuple[float, float], float]:
+    """The shape's centre and half-side (in 32x32 pixels), jittered by `rng` around its position."""
+    (x, y), half = POSITIONS[scene.position][1], rng.uniform(6.0, 7.5)
+    return (x + rng.uniform(-2, 2), y + rng.uniform(-2, 2)), half
+
+
 def draw(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """The scene as a (32, 32, 3) uint8 array, with the shape's size and place jittered by `rng`."""
-    (x, y), half = POSITIONS[scene.position][1], rng.uniform(6.0, 7.5)
-    centre = (x + rng.uniform(-2, 2), y + rng.uniform(-2, 2))
+    centre, half = placement(scene, rng)
     return render(scene.shape, centre, half, COLOURS[scene.colour], BACKGROUNDS[scene.background])
 
 
 def render(
-    shape: str, centre: tuple[float, float], half: float, fill: tuple[int, ...], background: tuple[int, ...]
+    shape: str,
+    centre: tuple[float, float],
+    half: float,
+    fill: tuple[int, ...],
+    background: tuple[int, ...],
+    size: int = SIZE,
 ) -> np.ndarray:
-    """`shape` filling the square of half-side `half` around `centre` (pixel i spans [i, i + 1])."""
-    k, (x, y) = SUPERSAMPLE, centre
-    image = Image.new("RGB", (SIZE * k, SIZE * k), background)
+    """`shape` filling the square of half-side `half` around `centre` (pixel i spans [i, i + 1]), as a
+    (`size`, `size`, 3) array: `centre` and `half` are in 32x32 pixels, so the same call at another size
+    draws the same picture sharper (the super-resolution demo's ground truth)."""
+    k, (x, y) = SUPERSAMPLE * size / SIZE, centre
+    image = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), background)
     box = [k * (x - half), k * (y - half), k * (x + half), k * (y + half)]
     pen = ImageDraw.Draw(image)
     if shape == "circle":
@@ -97,4 +109,4 @@ def render(
         pen.rectangle(box, fill=fill)
     else:  # an upright triangle filling its box
         pen.polygon([(box[0], box[3]), (box[2], box[3]), (k * x, box[1])], fill=fill)
-    return np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BOX))
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX))

@@ -8,7 +8,8 @@ job record and the report show about the dataset as a whole.
   job-wide and per label (the `label` of the embeddings files: the job's label column);
 - near-duplicates (imagemill.evaluation.near_duplicates), and with `leakage` the images close to a reference
   image (imagemill.evaluation.leakage), each reused when nothing changed;
-- the CLIP score distribution per label (imagemill.evaluation.score_distribution), when the job is scored.
+- the CLIP score distribution per label (imagemill.evaluation.score_distribution), when the job is scored,
+  and SSIM's and PSNR's against the sources, when it is image-to-image.
 
 Per label, a label's images are compared with that label's reference images where the reference is
 labelled (`reference_label_column`; a label with fewer than 2 has no FID/KID), else the whole reference.
@@ -37,7 +38,7 @@ from imagemill.evaluation.metric import merge_over, read_shards
 from imagemill.evaluation.near_duplicates import NearDuplicates
 from imagemill.evaluation.reference import load_reference
 from imagemill.evaluation.sample_metrics import Diversity, KernelDistance
-from imagemill.evaluation.score_distribution import clip_score_distribution
+from imagemill.evaluation.score_distribution import score_distributions
 
 
 def evaluate(spec: JobSpec, owned: OwnedOutput, committed: dict[str, ShardStats]) -> EvaluationResults:
@@ -63,15 +64,16 @@ def evaluate(spec: JobSpec, owned: OwnedOutput, committed: dict[str, ShardStats]
         metrics += (Leakage(owned, reference, settings.reference, settings.duplicate_threshold),)
     finished = {shard_id: stats.finished_at for shard_id, stats in committed.items()}
     fid, inception, kid, diversity, duplicates, *leakage = merge_over(metrics, read_shards(output, finished))
-    scored = bool(spec.scoring)
+    columns = (["clip_score"] if spec.scoring else []) + (["ssim", "psnr"] if spec.input.image_column else [])
+    scores = score_distributions(output, sorted(committed), spec.label_column(), columns)
     return EvaluationResults(
         images=duplicates.streamed.images,  # every embedded image: its state counts them
         diversity=diversity.compute(),
         near_duplicates=duplicates.compute(),
         inception_score=inception.compute(),
-        clip_score=clip_score_distribution(output, sorted(committed), spec.label_column())
-        if scored
-        else None,
+        clip_score=scores.get("clip_score"),
+        ssim=scores.get("ssim"),
+        psnr=scores.get("psnr"),
         fid=fid.compute(),
         kid=kid.compute(),
         leakage=leakage[0].compute() if leakage else None,
