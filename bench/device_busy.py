@@ -20,7 +20,8 @@ Figures, from the committed shards' stats:
 - gaps = the window − the seconds shards held the model: shard boundaries and hand-over.
 - tail = the last shard's end − the model window's end: writes after the last batch (once per job).
 A format and size whose encoding needs more cores than the machine has cannot reach 1.0: the table's
-last column is the cores the writer-path table (bench/writers.py) says that rate needs.
+last column is the cores the writer-path table (bench/writers.py) says that rate needs
+(imagemill.core.encode_rates, which the actor's start-up warning reads too).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from throughput import _machine, publish
 from writers import _s3_endpoint
 
 import imagemill
+from imagemill.core.encode_rates import cores_to_encode
 from imagemill.core.layout import OutputLayout
 from imagemill.core.records import committed_shards
 
@@ -50,16 +52,6 @@ RATES = ((512, 7), (512, 30), (512, 60), (1024, 2), (1024, 4))
 FORMATS = ("png", "jpeg", "webp")
 BATCH = {512: 16, 1024: 4}
 STEPS = 20
-# Images per CPU-second on one core through the worker's writers to a local folder (BENCHMARKS.md,
-# "Writer path", 2026-11-30), by (size, format): what the cores-to-encode column divides by.
-PER_CORE = {
-    (512, "png"): 7.4,
-    (512, "jpeg"): 155.7,
-    (512, "webp"): 29.6,
-    (1024, "png"): 1.7,
-    (1024, "jpeg"): 94.0,
-    (1024, "webp"): 10.0,
-}
 
 
 def _input(folder: Path, rows: int, rows_per_shard: int) -> Path:
@@ -148,7 +140,7 @@ def main() -> None:
                     figures = measure(
                         Path(scratch), root, size, rate, image_format, args.device_seconds, args.launch_ms
                     )
-                    cores = math.ceil(rate / PER_CORE[size, image_format])
+                    cores = cores_to_encode(rate, image_format, size, size)
                     rows.append((size, rate, image_format, place, figures, cores))
                     print(f"{size}² {rate}/s {image_format} {place}: busy {figures['busy']:.3f}", flush=True)
     command = " ".join(["python bench/device_busy.py", *sys.argv[1:]])
