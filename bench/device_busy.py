@@ -3,6 +3,8 @@ image size, format and place.
 
     python bench/device_busy.py                   # writes BENCHMARKS.md's "Device busy share" section
     python bench/device_busy.py --quick           # 512² at 30 images/s, PNG and JPEG, local: a look
+    python bench/device_busy.py --in-process --no-s3   # no Ray (bench/gpu.sh's machine): the worker in
+                                                        # this process, as imagemill.testing runs it
 
 Each run is a whole job through Ray (`imagemill.run`, one worker, 4+ shards) of `model.kind: emulated`
 (workers/generators/emulated.py): per denoising step the actor's model thread does
@@ -33,12 +35,12 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from throughput import _machine, publish
 from writers import _s3_endpoint
 
@@ -71,6 +73,7 @@ def measure(
     image_format: str,
     device_seconds: float,
     launch_ms: float,
+    in_process: bool,
 ) -> dict:
     """One job; its busy share and where the rest of the model window went."""
     batch = BATCH[size]
@@ -89,7 +92,12 @@ def measure(
             "workers": {"num_workers": 1, "batch_size": batch},
         }
     )
-    result = imagemill.run(spec, progress=False)
+    if in_process:
+        from imagemill.testing.in_process import run_in_process
+
+        result = run_in_process(spec)
+    else:
+        result = imagemill.run(spec, progress=False)
     assert result.ok == rows, f"{result.ok} of {rows} rows written"
     stats = list(committed_shards(OutputLayout(output)).values())
     starts = [s.timeline["model"][0] for s in stats]
@@ -121,6 +129,7 @@ def main() -> None:
     parser.add_argument("--device-seconds", type=float, default=20.0, help="device time per run")
     parser.add_argument("--launch-ms", type=float, default=2.0, help="GIL-held Python work per step")
     parser.add_argument("--no-s3", action="store_true", help="local output only")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: the worker in this process")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
     args = parser.parse_args()
     rates = ((512, 30),) if args.quick else RATES
@@ -130,28 +139,40 @@ def main() -> None:
     if args.formats:
         formats = tuple(args.formats.split(","))
     load = os.getloadavg()
-    ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's own tasks (#44687)
+    if not args.in_process:
+        import ray
+
+        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's tasks (#44687)
+    s3 = not (args.quick or args.no_s3)
     rows = []
-    with tempfile.TemporaryDirectory() as scratch, _s3_endpoint() as bucket:
-        places = {"local": f"{scratch}/out"} | ({} if args.quick or args.no_s3 else {"s3": bucket})
+    with tempfile.TemporaryDirectory() as scratch, _s3_endpoint() if s3 else nullcontext(None) as bucket:
+        places = {"local": f"{scratch}/out"} | ({"s3": bucket} if s3 else {})
         for size, rate in rates:
             for image_format in formats:
                 for place, root in places.items():
                     figures = measure(
-                        Path(scratch), root, size, rate, image_format, args.device_seconds, args.launch_ms
+                        Path(scratch),
+                        root,
+                        size,
+                        rate,
+                        image_format,
+                        args.device_seconds,
+                        args.launch_ms,
+                        args.in_process,
                     )
                     cores = cores_to_encode(rate, image_format, size, size)
                     rows.append((size, rate, image_format, place, figures, cores))
                     print(f"{size}² {rate}/s {image_format} {place}: busy {figures['busy']:.3f}", flush=True)
     command = " ".join(["python bench/device_busy.py", *sys.argv[1:]])
+    where = "in process (no Ray)" if args.in_process else "through Ray"
     lines = [
-        "## Device busy share, emulated accelerator",
+        "## Device busy share, emulated accelerator" + (f", {_machine()}" if args.in_process else ""),
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}; load "
         f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after.",
         f"Reproduce: `{command}`",
         "",
-        f"Settings: one worker through Ray, {STEPS} steps, batch 16 at 512² and 4 at 1024², "
+        f"Settings: one worker {where}, {STEPS} steps, batch 16 at 512² and 4 at 1024², "
         f"{args.launch_ms:g} ms of GIL-held launch work per step, {args.device_seconds:g} s of device time "
         "per run, 4+ shards. Shares are of the model window (first shard's model start to last one's end).",
         "",
