@@ -166,7 +166,10 @@ def main() -> None:
     command = " ".join(["python bench/device_busy.py", *sys.argv[1:]])
     where = "in process (no Ray)" if args.in_process else "through Ray"
     lines = [
-        "## Device busy share, emulated accelerator" + (f", {_machine()}" if args.in_process else ""),
+        # in process: its own heading (the GPU machine's cores), never a prefix of the Ray table's
+        f"## Device busy share in process, emulated accelerator, {_machine()}"
+        if args.in_process
+        else "## Device busy share, emulated accelerator",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}; load "
         f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after.",
