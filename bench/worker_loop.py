@@ -81,6 +81,8 @@ def run_worker(
     size, batch = settings["size"], settings["batch_size"]
     key = BatchKey(size, size, settings["steps"], settings["guidance"])
     worker.generator.generate(["warm-up"] * batch, [None] * batch, list(range(batch)), key)
+    if worker.generator.stage_timer is not None:  # the warm-up's text encode and decode: not the shards'
+        worker.generator.stage_timer.take()
     if worker.device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
