@@ -3,6 +3,8 @@ image size, format and place.
 
     python bench/device_busy.py                   # writes BENCHMARKS.md's "Device busy share" section
     python bench/device_busy.py --quick           # 512² at 30 images/s, PNG and JPEG, local: a look
+    python bench/device_busy.py --in-process --no-s3   # no Ray (bench/gpu.sh's machine): the worker in
+                                                        # this process, as imagemill.testing runs it
 
 Each run is a whole job through Ray (`imagemill.run`, one worker, 4+ shards) of `model.kind: emulated`
 (workers/generators/emulated.py): per denoising step the actor's model thread does
@@ -20,7 +22,8 @@ Figures, from the committed shards' stats:
 - gaps = the window − the seconds shards held the model: shard boundaries and hand-over.
 - tail = the last shard's end − the model window's end: writes after the last batch (once per job).
 A format and size whose encoding needs more cores than the machine has cannot reach 1.0: the table's
-last column is the cores the writer-path table (bench/writers.py) says that rate needs.
+last column is the cores the writer-path table (bench/writers.py) says that rate needs
+(imagemill.core.encode_rates, which the actor's start-up warning reads too).
 """
 
 from __future__ import annotations
@@ -32,16 +35,17 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from throughput import _machine, publish
 from writers import _s3_endpoint
 
 import imagemill
+from imagemill.core.encode_rates import cores_to_encode
 from imagemill.core.layout import OutputLayout
 from imagemill.core.records import committed_shards
 
@@ -50,16 +54,6 @@ RATES = ((512, 7), (512, 30), (512, 60), (1024, 2), (1024, 4))
 FORMATS = ("png", "jpeg", "webp")
 BATCH = {512: 16, 1024: 4}
 STEPS = 20
-# Images per CPU-second on one core through the worker's writers to a local folder (BENCHMARKS.md,
-# "Writer path", 2026-11-30), by (size, format): what the cores-to-encode column divides by.
-PER_CORE = {
-    (512, "png"): 7.4,
-    (512, "jpeg"): 155.7,
-    (512, "webp"): 29.6,
-    (1024, "png"): 1.7,
-    (1024, "jpeg"): 94.0,
-    (1024, "webp"): 10.0,
-}
 
 
 def _input(folder: Path, rows: int, rows_per_shard: int) -> Path:
@@ -79,6 +73,7 @@ def measure(
     image_format: str,
     device_seconds: float,
     launch_ms: float,
+    in_process: bool,
 ) -> dict:
     """One job; its busy share and where the rest of the model window went."""
     batch = BATCH[size]
@@ -97,7 +92,12 @@ def measure(
             "workers": {"num_workers": 1, "batch_size": batch},
         }
     )
-    result = imagemill.run(spec, progress=False)
+    if in_process:
+        from imagemill.testing.in_process import run_in_process
+
+        result = run_in_process(spec)
+    else:
+        result = imagemill.run(spec, progress=False)
     assert result.ok == rows, f"{result.ok} of {rows} rows written"
     stats = list(committed_shards(OutputLayout(output)).values())
     starts = [s.timeline["model"][0] for s in stats]
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--device-seconds", type=float, default=20.0, help="device time per run")
     parser.add_argument("--launch-ms", type=float, default=2.0, help="GIL-held Python work per step")
     parser.add_argument("--no-s3", action="store_true", help="local output only")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: the worker in this process")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
     args = parser.parse_args()
     rates = ((512, 30),) if args.quick else RATES
@@ -138,28 +139,43 @@ def main() -> None:
     if args.formats:
         formats = tuple(args.formats.split(","))
     load = os.getloadavg()
-    ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's own tasks (#44687)
+    if not args.in_process:
+        import ray
+
+        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's tasks (#44687)
+    s3 = not (args.quick or args.no_s3)
     rows = []
-    with tempfile.TemporaryDirectory() as scratch, _s3_endpoint() as bucket:
-        places = {"local": f"{scratch}/out"} | ({} if args.quick or args.no_s3 else {"s3": bucket})
+    with tempfile.TemporaryDirectory() as scratch, _s3_endpoint() if s3 else nullcontext(None) as bucket:
+        places = {"local": f"{scratch}/out"} | ({"s3": bucket} if s3 else {})
         for size, rate in rates:
             for image_format in formats:
                 for place, root in places.items():
                     figures = measure(
-                        Path(scratch), root, size, rate, image_format, args.device_seconds, args.launch_ms
+                        Path(scratch),
+                        root,
+                        size,
+                        rate,
+                        image_format,
+                        args.device_seconds,
+                        args.launch_ms,
+                        args.in_process,
                     )
-                    cores = math.ceil(rate / PER_CORE[size, image_format])
+                    cores = cores_to_encode(rate, image_format, size, size)
                     rows.append((size, rate, image_format, place, figures, cores))
                     print(f"{size}² {rate}/s {image_format} {place}: busy {figures['busy']:.3f}", flush=True)
     command = " ".join(["python bench/device_busy.py", *sys.argv[1:]])
+    where = "in process (no Ray)" if args.in_process else "through Ray"
     lines = [
-        "## Device busy share, emulated accelerator",
+        # in process: its own heading (the GPU machine's cores), never a prefix of the Ray table's
+        f"## Device busy share in process, emulated accelerator, {_machine()}"
+        if args.in_process
+        else "## Device busy share, emulated accelerator",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}; load "
         f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after.",
         f"Reproduce: `{command}`",
         "",
-        f"Settings: one worker through Ray, {STEPS} steps, batch 16 at 512² and 4 at 1024², "
+        f"Settings: one worker {where}, {STEPS} steps, batch 16 at 512² and 4 at 1024², "
         f"{args.launch_ms:g} ms of GIL-held launch work per step, {args.device_seconds:g} s of device time "
         "per run, 4+ shards. Shares are of the model window (first shard's model start to last one's end).",
         "",

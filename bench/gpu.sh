@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU profile in one command, on a machine with one CUDA GPU and no Ray (see bench/gpu_wheels.sh
 # for the wheels it installs there): the GPU JPEG test, the shard worker in-process beside the bare
-# loop (PNG, and JPEG through nvJPEG), each speed option, quantisation, and the encode ceiling.
+# loop (PNG, and JPEG through nvJPEG), each speed option, quantisation, and the encode ceiling; and the
+# device-busy matrix (issue #27): worker vs bare, JPEG, compile off and on (reduce-overhead: CUDA graphs),
+# 3 rounds alternating, for an SD-1.5-shaped model at 512²/20 steps, an SDXL-shaped one at 1024²/20 and a
+# few-step one at 512²/4, then the emulated-accelerator table on this machine's cores (no Ray).
 #
 #     bash bench/gpu.sh              # on the GPU machine; then copy $OUT/BENCHMARKS.md over BENCHMARKS.md
 #     bash bench/gpu.sh --dry-run    # here, on the CPU: the same steps with the tiny model, a few rows
 #     ONLY="speed options|quantisation" bash bench/gpu.sh    # only the steps named
+#     ONLY="busy.*" bash bench/gpu.sh                          # the device-busy matrix alone (~9 min)
 #
 # Each step's figures go into $OUT/BENCHMARKS.md (a copy of this tree's) as soon as it ends, and its
 # output into $OUT/gpu.log, so a run stopped at its time limit still returns what it measured. A
@@ -16,9 +20,14 @@ OUT=${OUT:-$(mktemp -d)}
 PYTHON=${PYTHON:-python3}
 if [ "${1:-}" = "--dry-run" ]; then
     PROFILE=cpu ROWS=8 WORKER_ROWS=16 QUANT_ROWS=16 IMAGES=2 SLOWER=10  # time limits x10: a shared CPU
+    BUSY="--repeats 1 --compile both --compile-backend eager --compile-mode default"  # inductor: minutes here
+    BUSY_ROWS=(16 8 16) EMULATED="--rates 512:30 --formats jpeg --device-seconds 2"
 else
     PROFILE=gpu ROWS=64 WORKER_ROWS=128 QUANT_ROWS=32 IMAGES=16 SLOWER=1
+    BUSY="--repeats 3 --compile both --compile-mode reduce-overhead"
+    BUSY_ROWS=(64 16 128) EMULATED="--formats png,jpeg,webp --device-seconds 5"
 fi
+DEVICE=${PROFILE%%-*}  # gpu, or cpu for the dry run's tiny models
 if ! $PYTHON -c "import diffusers, pydantic" 2>/dev/null; then  # the GPU machine: install the wheels
     SITE=/tmp/imagemill-site
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE bench/.wheels/*.whl \
@@ -55,6 +64,11 @@ step "worker vs bare" 200 $PYTHON worker_loop.py --profile $PROFILE --rows $WORK
 step "speed options" 180 $PYTHON speed_options.py --profile $PROFILE --rows $ROWS --repeats 1
 step "step caching" 120 $PYTHON step_cache.py --profile $PROFILE --rows $ROWS --repeats 1
 step "quantisation" 100 $PYTHON quantization.py --profile $PROFILE --rows $QUANT_ROWS --repeats 1
+# the device-busy matrix: images/s ÷ the bare loop's (compiled alike) is the device's busy share
+step "busy sd15" 200 $PYTHON worker_loop.py --profile $DEVICE --rows ${BUSY_ROWS[0]} --formats jpeg $BUSY
+step "busy sdxl" 220 $PYTHON worker_loop.py --profile $DEVICE-sdxl --rows ${BUSY_ROWS[1]} --formats jpeg $BUSY
+step "busy fewstep" 120 $PYTHON worker_loop.py --profile $DEVICE-fewstep --rows ${BUSY_ROWS[2]} --formats jpeg $BUSY
+step "busy emulated" 120 $PYTHON device_busy.py --in-process --no-s3 $EMULATED
 offload() {  # model.offload's speed and memory, the model capped below what it needs (issue #26)
     step "offload" 200 $PYTHON offload.py --profile $PROFILE --rows $IMAGES
 }

@@ -34,6 +34,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+_SHAPED = {"workers": 1, "dtype": "float16", "gpu": True}
+_TINY = {"workers": 1, "dtype": "float32", "gpu": False}
 PROFILES = {
     "cpu": {
         "rows": 384,
@@ -55,6 +57,12 @@ PROFILES = {
         "dtype": "float16",
         "gpu": True,
     },
+    # bench/gpu.sh's device-busy matrix (issue #27): SDXL-shaped at 1024², and a few-step model (SD-1.5-
+    # shaped at 4 steps without guidance, as SD-Turbo-like models run); the cpu-* ones are their dry runs
+    "gpu-sdxl": {**_SHAPED, "rows": 32, "batch_size": 4, "size": 1024, "steps": 20, "guidance": 5.0},
+    "gpu-fewstep": {**_SHAPED, "rows": 512, "batch_size": 16, "size": 512, "steps": 4, "guidance": 0.0},
+    "cpu-sdxl": {**_TINY, "rows": 8, "batch_size": 4, "size": 64, "steps": 2, "guidance": 5.0},
+    "cpu-fewstep": {**_TINY, "rows": 16, "batch_size": 8, "size": 64, "steps": 2, "guidance": 0.0},
 }
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "ring"]
@@ -65,13 +73,22 @@ def prompts(rows: int) -> list[str]:
 
 
 def build_model(profile: str, folder: Path) -> Path:
-    target = folder / f"model-{profile}"
+    shared = {"cpu-fewstep": "cpu", "gpu-fewstep": "gpu"}  # the same model, run with fewer steps
+    target = folder / f"model-{shared.get(profile, profile)}"
     if (target / "model_index.json").exists():
         return target
-    if profile == "cpu":
+    if profile == "cpu-sdxl":
+        from imagemill.testing.tiny_families import make_tiny_sdxl
+
+        return make_tiny_sdxl(target)
+    if profile.startswith("cpu"):
         from imagemill.testing.tiny_model import make_tiny_model
 
         return make_tiny_model(target)
+    if profile == "gpu-sdxl":
+        from sdxl_shaped import make_sdxl_shaped_model
+
+        return make_sdxl_shaped_model(target)
     from sd15_shaped import make_sd15_shaped_model
 
     return make_sd15_shaped_model(target)
@@ -80,7 +97,9 @@ def build_model(profile: str, folder: Path) -> Path:
 # --- the three variants, each run in a child process -------------------------------------------------
 
 
-def run_bare(settings: dict, model: Path, work: Path) -> dict:
+def run_bare(settings: dict, model: Path, work: Path, compiled: tuple[str, str] | None = None) -> dict:
+    """The bare loop; `compiled`: (backend, mode) to torch.compile its denoiser with, as the worker's
+    `speed.compile` does (static shapes: every batch is full here)."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -90,6 +109,9 @@ def run_bare(settings: dict, model: Path, work: Path) -> dict:
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if compiled is not None:
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        denoiser.compile(backend=compiled[0], mode=compiled[1], dynamic=False)
     texts, size, batch = prompts(settings["rows"]), settings["size"], settings["batch_size"]
 
     def call(chunk: list[str], first_seed: int) -> None:

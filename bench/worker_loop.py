@@ -2,6 +2,8 @@
 
     python bench/worker_loop.py --profile gpu     # SD-1.5-shaped fp16 pipeline; run by bench/gpu.sh
     python bench/worker_loop.py --profile cpu     # the tiny model
+    python bench/worker_loop.py --profile gpu-sdxl --formats jpeg --compile both --repeats 3
+                                                  # bench/gpu.sh's device-busy matrix (issue #27)
 
 (a) bare: bench/throughput.py's bare loop (in-memory prompts, no I/O, one warm-up call first). (b) the
 same prompts, after the same warm-up call on the worker's generator, as a
@@ -11,6 +13,11 @@ written to local files with metadata and stats, stage by stage, as an actor does
 once with JPEG. This is the part that decides a GPU's throughput; Ray's scheduling overhead is
 measured on the CPU profile by bench/throughput.py, whose GPU machine has no Ray. Each variant runs in
 its own process; the variants take turns for --repeats rounds and medians are compared.
+
+`--compile on|both`: the same variants with the denoiser compiled (`speed.compile`, `--compile-mode`
+reduce-overhead by default: CUDA graphs), the bare loop compiled alike. The bare loop keeps the device
+as busy as a loop can, so a variant's images/s ÷ its bare loop's (compiled or not) is the share of the
+device's time it keeps busy.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,9 +43,12 @@ from throughput import (
 )
 
 FORMATS = {"imagemill png": "png", "imagemill jpeg": "jpeg"}
+COMPILED = " compiled"  # the suffix of a variant run with the denoiser compiled
 
 
-def run_worker(settings: dict, model: Path, work: Path, image_format: str) -> dict:
+def run_worker(
+    settings: dict, model: Path, work: Path, image_format: str, compiled: tuple[str, str] | None = None
+) -> dict:
     import torch
 
     import imagemill
@@ -57,6 +68,9 @@ def run_worker(settings: dict, model: Path, work: Path, image_format: str) -> di
                 "guidance_scale": settings["guidance"],
             },
             "workers": {"batch_size": settings["batch_size"]},
+            "speed": {"compile": True, "compile_backend": compiled[0], "compile_mode": compiled[1]}
+            if compiled
+            else {},
         }
     )
     worker = load_worker(spec)
@@ -67,6 +81,8 @@ def run_worker(settings: dict, model: Path, work: Path, image_format: str) -> di
     size, batch = settings["size"], settings["batch_size"]
     key = BatchKey(size, size, settings["steps"], settings["guidance"])
     worker.generator.generate(["warm-up"] * batch, [None] * batch, list(range(batch)), key)
+    if worker.generator.stage_timer is not None:  # the warm-up's text encode and decode: not the shards'
+        worker.generator.stage_timer.take()
     if worker.device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -83,20 +99,31 @@ def run_worker(settings: dict, model: Path, work: Path, image_format: str) -> di
     }
 
 
-def run_variant(name: str, settings: dict, model: Path, work: Path) -> dict:
-    if name == "bare":
-        return run_bare(settings, model, work)
-    return run_worker(settings, model, work, FORMATS[name])
+def run_variant(name: str, settings: dict, model: Path, work: Path, compiled: tuple[str, str] | None) -> dict:
+    base = name.removesuffix(COMPILED)
+    compiled = compiled if name.endswith(COMPILED) else None
+    if base == "bare":
+        return run_bare(settings, model, work, compiled)
+    return run_worker(settings, model, work, FORMATS[base], compiled)
 
 
-def report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dict]]) -> str:
+def variants(formats: list[str], compile: str) -> list[str]:
+    """The variants of one run: the bare loop and the worker per format, uncompiled and/or compiled."""
+    plain = ["bare", *(f"imagemill {image_format}" for image_format in formats)]
+    suffixes = {"off": [""], "on": [COMPILED], "both": ["", COMPILED]}[compile]
+    return [f"{name}{suffix}" for suffix in suffixes for name in plain]
+
+
+def report(
+    profile: str, settings: dict, repeats: int, runs: dict[str, list[dict]], command: str, compiled: str
+) -> str:
     median = {name: statistics.median(r["images_per_second"] for r in rs) for name, rs in runs.items()}
+    heading = f"## Shard worker in-process vs bare loop, {profile} profile"
     lines = [
-        f"## Shard worker in-process vs bare loop, {profile} profile",
+        heading + (f", compile {compiled}" if compiled else ""),
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}.",
-        f"Reproduce: `python bench/worker_loop.py --profile {profile} --rows {settings['rows']} "
-        f"--repeats {repeats}`",
+        f"Reproduce: `{command}`",
         "",
         f"Settings: {settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
         f"{settings['steps']} steps, guidance {settings['guidance']}, {settings['dtype']}; one worker in "
@@ -104,14 +131,16 @@ def report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dict
         f"medians of {repeats} rounds, variants taking turns. Stage seconds summed over shards "
         "(image_encode and upload are writer-thread time, overlapping the model's, except nvJPEG's).",
         "",
-        "| variant | images/s (median) | ÷ bare | all rounds | JPEG encoder | stage s (last round) |",
+        "| variant | images/s (median) | ÷ bare (device busy share) | all rounds | JPEG encoder | "
+        "stage s (last round) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, results in runs.items():
         rounds = ", ".join(f"{r['images_per_second']:.2f}" for r in results)
         last = results[-1]
+        bare = median["bare" + (COMPILED if name.endswith(COMPILED) else "")]
         lines.append(
-            f"| {name} | {median[name]:.2f} | {median[name] / median['bare']:.3f} | {rounds} | "
+            f"| {name} | {median[name]:.2f} | {median[name] / bare:.3f} | {rounds} | "
             f"{last.get('encoder', '')} | {last.get('stages', '')} |"
         )
     return "\n".join([*lines, ""])
@@ -120,22 +149,32 @@ def report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     variant_arguments(parser, PROFILES, repeats=2)
+    parser.add_argument("--formats", default="png,jpeg", help="the worker's formats, e.g. jpeg")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="speed.compile_mode")
+    parser.add_argument("--compile-backend", default="inductor", help="speed.compile_backend")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = {**PROFILES[args.profile], **({"rows": args.rows} if args.rows else {})}
+    compiled = (args.compile_backend, args.compile_mode)
     if args.child:
-        print(json.dumps(run_variant(args.child, settings, Path(args.model), Path(args.work))))
+        print(json.dumps(run_variant(args.child, settings, Path(args.model), Path(args.work), compiled)))
         return
     model = build_model(args.profile, Path(args.models))
-    more = ("--rows", str(settings["rows"]))
+    more = ("--rows", str(settings["rows"]), "--compile-mode", args.compile_mode)
+    more += ("--compile-backend", args.compile_backend)
     runs = run_rounds(
-        ("bare", *FORMATS),
+        variants(args.formats.split(","), args.compile),
         args.repeats,
         lambda name: _child(name, args.profile, model, script=__file__, more=more),
     )
-    section = report(args.profile, settings, args.repeats, runs)
+    command = " ".join(["python bench/worker_loop.py", *sys.argv[1:]])
+    compile_note = (
+        "" if args.compile == "off" else f"{args.compile} ({args.compile_backend}, {args.compile_mode})"
+    )
+    section = report(args.profile, settings, args.repeats, runs, command, compile_note)
     publish(section)
 
 

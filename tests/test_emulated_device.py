@@ -16,6 +16,8 @@ import imagemill
 from imagemill.core.errors import ImagemillError
 from imagemill.core.stage_table import MODEL_STAGES
 from imagemill.testing.in_process import load_worker, run_shards
+from imagemill.workers import shard_records
+from imagemill.workers.generators import emulated
 from imagemill.workers.generators.contract import BatchKey
 from imagemill.workers.generators.emulated import EmulatedGenerator, _python_work
 from imagemill.workers.worker import ShardWorker
@@ -101,3 +103,65 @@ def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, mon
     turn = stats.timeline["model"][1] - stats.timeline["model"][0]
     in_turn = sum(stages[stage] for stage in MODEL_STAGES) + stages["host"]
     assert in_turn == pytest.approx(turn, abs=0.01 + stages["idle"])
+
+
+def test_the_batch_images_are_made_on_the_device_thread_not_the_launching_one(monkeypatch):
+    """Making the batch's output (16 images stacked: 12.6 MB at 512²) on the launching thread, after the
+    synchronize, left the device idle for it every batch (issue #27); the device thread makes it within
+    the last step's time, as a GPU's decode writes its output on the device."""
+    made_on = []
+    real = emulated.textured
+
+    def recording(height, width, seed):
+        made_on.append(threading.current_thread().name)
+        return real(height, width, seed)
+
+    monkeypatch.setattr(emulated, "textured", recording)
+    generator = EmulatedGenerator(images_per_second=400, launch_seconds_per_step=0.0, queue_depth=64)
+    images = generator.generate(["p"] * 3, [None] * 3, [0, 1, 2], BatchKey(16, 16, 4, 1.0))
+    assert images.shape == (3, 16, 16, 3)
+    assert set(made_on) == {"emulated-device"}
+
+
+def test_the_device_keeps_its_own_clock_when_its_thread_wakes_late(monkeypatch):
+    """A GPU runs queued kernels whatever the CPU's scheduler does: a device thread woken 20 ms late
+    (a loaded CPU) after each step must not add 20 ms to each step's device time when the steps were
+    launched ahead; only the last wake-up is seen by the caller."""
+    real_sleep = time.sleep
+    monkeypatch.setattr(emulated.time, "sleep", lambda seconds: real_sleep(seconds + 0.02))
+    generator = EmulatedGenerator(images_per_second=100, launch_seconds_per_step=0.0, queue_depth=64)
+    started = time.perf_counter()
+    generator.generate(["p"] * 10, [None] * 10, list(range(10)), BatchKey(8, 8, 10, 1.0))
+    took = time.perf_counter() - started
+    assert generator.device.busy_seconds == pytest.approx(0.1)
+    assert took < 0.1 + 0.1, took  # late by 20 ms per step on the thread's clock would be 0.3 s
+
+
+def test_the_report_thumbnails_are_made_on_the_writer_threads_not_while_the_device_waits(
+    tmp_path, monkeypatch
+):
+    """The shard's sample thumbnails (a resize and a JPEG each) were made on the model's thread between
+    batches, where the device waited for them (issue #27); they are made on the writer threads, and the
+    stats still carry them, in batch order."""
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "prompt": ["p"] * 8}), tmp_path / "p.parquet")
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 8},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "emulated", "emulation": {"images_per_second": 400}},
+            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
+            "workers": {"batch_size": 4},
+        }
+    )
+    made_on = []
+    real = shard_records.thumbnail_data_uri
+
+    def recording(pixels):
+        made_on.append(threading.current_thread().name)
+        return real(pixels)
+
+    monkeypatch.setattr(shard_records, "thumbnail_data_uri", recording)
+    (stats,) = run_shards(load_worker(spec))
+    assert made_on and all(name.startswith("imagemill-writer") for name in made_on), made_on
+    assert [sample.id for sample in stats.samples] == ["r0", "r1"]
+    assert all(sample.thumbnail.startswith("data:image/jpeg;base64,") for sample in stats.samples)

@@ -4,6 +4,7 @@ filtered / error rows per label, and the report's samples show every label."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_a_shards_stats_count_filtered_rows_per_label_and_keep_a_sample_of_each(
             input_file="in.parquet", input_row=index,
         )  # fmt: skip
     image = np.zeros((8, 8, 3), dtype=np.uint8)
-    run.add_samples([(run.rows[i], image) for i in (0, 1, 2, 3, 5)])
+    run.add_samples([(run.rows[i], image) for i in (0, 1, 2, 3, 5)], ThreadPoolExecutor(1).submit)
     stats = run.stats("cpu", None, DeviceUse("CPU", None, 1.0, None))
     assert stats.labels == {
         "7": {"ok": 1, "filtered": 1, "error": 0},

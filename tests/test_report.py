@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -523,7 +524,7 @@ def test_a_shards_stats_keep_capped_prompts_and_a_few_error_messages():
         row(3, 5, "invalid_prompt: prompt is not a string"),
         row(4, "ok", long_error),
     ]
-    run.add_samples([(run.rows[0], np.zeros((8, 8, 3), dtype=np.uint8))])
+    run.add_samples([(run.rows[0], np.zeros((8, 8, 3), dtype=np.uint8))], ThreadPoolExecutor(1).submit)
     stats = run.stats("cpu", None, DeviceUse("CPU", None, 1.0, None))
     assert stats.samples[0].prompt == ("a cat " * 50) + "…"
     assert stats.errors_by_reason == {"invalid_prompt": 3, "model_rejected": 1}

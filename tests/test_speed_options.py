@@ -125,3 +125,52 @@ def test_speed_options_that_change_pixels_are_fingerprinted_and_the_compile_cach
         {**base, "speed": {**compiled, "compile_cache": str(tmp_path)}}
     ).fingerprint()
     assert "compile_cache" not in cached["speed"] and cached == uncached
+
+
+def _compile_mode_spec(tmp_path, tiny_model, **speed):
+    return imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path)},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"source": tiny_model},
+            "generation": {"width": 32, "height": 32, "guidance_scale": 5.0},
+            "workers": {"batch_size": 4},
+            "speed": speed,
+        }
+    )
+
+
+def test_compile_mode_reaches_torch_compile_is_fingerprinted_and_needs_inductor(
+    tmp_path, tiny_model, monkeypatch
+):
+    """`speed.compile_mode: reduce-overhead` (CUDA graphs of the denoiser's step, issue #27) is handed to
+    torch.compile with the static batch; it changes kernels, so it is in the fingerprint; a mode
+    without compile, or with another backend (which would get `mode` as an unknown argument), is one
+    line naming the setting."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: calls.append(kwargs))
+    spec = _compile_mode_spec(tmp_path, tiny_model, compile=True, compile_mode="reduce-overhead")
+    DiffusersGenerator(tiny_model, "float32", "cpu", speed=SpeedOptions.from_spec(spec))
+    assert calls == [{"backend": "inductor", "mode": "reduce-overhead", "dynamic": False}]
+    plain = _compile_mode_spec(tmp_path, tiny_model, compile=True).fingerprint()
+    assert spec.fingerprint()["speed"]["compile_mode"] == "reduce-overhead" and spec.fingerprint() != plain
+    for speed in (
+        {"compile_mode": "reduce-overhead"},
+        {"compile": True, "compile_backend": "eager", "compile_mode": "max-autotune"},
+    ):
+        with pytest.raises(ImagemillError, match="compile_mode .* needs compile: true and compile_backend"):
+            _compile_mode_spec(tmp_path, tiny_model, **speed)
+
+
+@pytest.mark.slow
+def test_reduce_overhead_runs_on_cpu_as_default_and_draws_the_same_images(tmp_path, tiny_model, reference):
+    """On CPU inductor has no CUDA graphs: reduce-overhead compiles as default does, runs, and the images
+    are the uncompiled ones within the determinism rule (another kernel, a few levels)."""
+    spec = _compile_mode_spec(tmp_path, tiny_model, compile=True, compile_mode="reduce-overhead")
+    torch._dynamo.reset()
+    try:
+        generator = DiffusersGenerator(tiny_model, "float32", "cpu", speed=SpeedOptions.from_spec(spec))
+        images = _images(generator)
+    finally:
+        torch._dynamo.reset()
+    _close(images, reference)

@@ -13,7 +13,9 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from imagemill.core.encode_rates import cores_to_encode, gpu_images_per_second, images_per_core_second
 from imagemill.core.spec import JobSpec, PretrainedSection
+from imagemill.workers.device_jpeg import DeviceJpeg
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,18 @@ class DeviceRule:
     settings (dotted names) it applies to on `device`, and `fix` what to do about each."""
 
     problems: Callable[[JobSpec, str], list[str]]
-    why: str  # what the setting does on that device
+    why: str  # what the setting does on that device; `{name}`s are filled from `figures`
     fix: str
+    figures: Callable[[JobSpec, str], dict[str, object]] = lambda spec, device: {}
 
     def lines(self, spec: JobSpec, device: str) -> list[str]:
-        return [f"{setting}: {self.why}; {self.fix}" for setting in self.problems(spec, device)]
+        problems = self.problems(spec, device)
+        if not problems:
+            return []
+        figures = self.figures(spec, device)
+        return [
+            f"{setting}: {self.why.format(**figures)}; {self.fix.format(**figures)}" for setting in problems
+        ]
 
 
 def _on_actor(spec: JobSpec) -> dict[str, PretrainedSection]:
@@ -62,6 +71,42 @@ def _parallel_on_cpu(spec: JobSpec, device: str) -> list[str]:
     return ["model.parallel"] if device == "cpu" and spec.model.parallel != "none" else []
 
 
+def _device_rate(spec: JobSpec, device: str) -> float | None:
+    """Images/s the actor's device makes: the emulated device's, or the slowest a GPU makes at the
+    job's size and steps (core/encode_rates.py); None on a CPU, where encoding keeps up."""
+    if spec.model.emulation is not None:
+        return spec.model.emulation.images_per_second
+    gen = spec.generation
+    return gpu_images_per_second(gen.width, gen.height, gen.num_inference_steps) if device != "cpu" else None
+
+
+def _encoding(spec: JobSpec, device: str) -> dict[str, object]:
+    gen, image_format = spec.generation, spec.output.image_format
+    rate = _device_rate(spec, device) or 0.0
+    return {
+        "format": image_format,
+        "size": f"{gen.width}x{gen.height}",
+        "rate": f"{rate:.3g}",
+        "per_core": f"{images_per_core_second(image_format, gen.width, gen.height):.3g}",
+        "cores": cores_to_encode(rate, image_format, gen.width, gen.height),
+        "have": f"{spec.workers.num_cpus_per_worker:g}",
+    }
+
+
+def _encoding_outruns_cores(spec: JobSpec, device: str) -> list[str]:
+    """The writer threads encode on the actor's CPUs (nvJPEG aside): fewer cores than the device's rate
+    needs leave the device waiting on the writer queue (0.59 busy at 30 images/s of 512² PNG on 2
+    cores, BENCHMARKS.md)."""
+    rate = _device_rate(spec, device)
+    if rate is None or DeviceJpeg.for_job(spec, device) is not None:
+        return []
+    gen = spec.generation
+    encodes = spec.workers.num_cpus_per_worker * images_per_core_second(
+        spec.output.image_format, gen.width, gen.height
+    )
+    return ["output.image_format"] if rate > encodes else []
+
+
 RULES = (
     DeviceRule(
         _float16_on_cpu,
@@ -88,6 +133,15 @@ RULES = (
         "it spreads the model over a replica's GPUs; a CPU worker's processes share one memory and its "
         "cores, so it gains nothing there",
         "set model.parallel: none for CPU workers",
+    ),
+    DeviceRule(
+        _encoding_outruns_cores,
+        "{format} at {size} encodes about {per_core} images/s per CPU core; this device makes about "
+        "{rate}/s, which needs {cores} cores to encode, and the actor has {have}, so the device waits "
+        "on the writers",
+        "set workers.num_cpus_per_worker to {cores} (and give the nodes those cores), or use "
+        "output.image_format: jpeg",
+        _encoding,
     ),
 )
 

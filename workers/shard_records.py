@@ -12,6 +12,7 @@ from __future__ import annotations
 import resource
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -68,7 +69,8 @@ class ShardRun:
     written: dict[int, MetadataRow] = field(default_factory=dict)  # done (ok, filtered) rows
     pending: deque[list[tuple[Row, Future[MetadataRow]]]] = field(default_factory=deque)  # being written
     truncated: set[int] = field(default_factory=set)
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # their thumbnails come from `thumbnails`
+    thumbnails: list[Future[str]] = field(default_factory=list)  # made on the writer threads
     redraws: int = 0  # images drawn beyond one per done row (best-of-N candidates, safety retries)
     rejected_candidates: int = 0  # unflagged draws not kept: they lost on score
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # `evaluation:` features by row index
@@ -132,10 +134,16 @@ class ShardRun:
             return None
         return label_key(self.carried.value(self.label_column, row.index))
 
-    def add_samples(self, shown: list[tuple[Row, np.ndarray | bytes | None]]) -> None:
+    def add_samples(
+        self,
+        shown: list[tuple[Row, np.ndarray | bytes | None]],
+        submit: Callable[..., Future[str]],
+    ) -> None:
         """Keep thumbnails of the first written images, up to SAMPLES_PER_SHARD, and of the first
         image of each label, up to LABELS_SHOWN labels, so that the report can show every label; a
-        flagged image's thumbnail is blurred (selection.Drawn.shown)."""
+        flagged image's thumbnail is blurred (selection.Drawn.shown). Which rows is decided here, in
+        batch order; the thumbnails are made by `submit` (the writer threads), not on the model's
+        thread, where the device waited for them (issue #27)."""
         kept = [(row, image) for row, image in shown if image is not None]
         labels = {sample.label for sample in self.samples}
         for row, image in kept:
@@ -150,10 +158,10 @@ class ShardRun:
                     prompt=capped(row.prompt),
                     expanded_prompt=capped(row.expanded_prompt),
                     seed=row.seed,
-                    thumbnail=thumbnail_data_uri(image),
                     label=label,
                 )
             )
+            self.thumbnails.append(submit(thumbnail_data_uri, image))
 
     def metadata_rows(self) -> list[MetadataRow]:
         """Every row's metadata, in shard order: a row not done is an error row."""
@@ -189,7 +197,10 @@ class ShardRun:
             images_per_second=round(len(self.written) / seconds, 3) if seconds else 0.0,
             device=device,
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            samples=self.samples,
+            samples=[
+                sample.model_copy(update={"thumbnail": thumbnail.result()})
+                for sample, thumbnail in zip(self.samples, self.thumbnails, strict=True)
+            ],
             clip_score=ClipScoreSummary.of(scores),
             expand_seconds=round(self.expansion.seconds, 3) if self.expansion else None,
             expansion_unchanged=self.expansion.unchanged if self.expansion else None,

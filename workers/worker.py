@@ -278,7 +278,8 @@ class ShardWorker:
     def _write(self, run: ShardRun, writer: ShardWriter, batch: list[Row], drawn: list[Drawn]) -> None:
         """Hand the batch's images to the writer threads, at most BATCHES_IN_FLIGHT batches behind the
         model; a row without an image to write (dropped) gets its metadata row only."""
-        run.add_samples([(row, row_drawn.shown) for row, row_drawn in zip(batch, drawn, strict=True)])
+        shown = [(row, row_drawn.shown) for row, row_drawn in zip(batch, drawn, strict=True)]
+        run.add_samples(shown, self.writers.submit)
         run.count_draws(drawn)
         in_flight = []
         for row, row_drawn in zip(batch, drawn, strict=True):

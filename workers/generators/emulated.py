@@ -11,9 +11,12 @@ example because the actor's writer and reader threads hold the GIL. This generat
   GIL), and queues the step's device time;
 - one device thread per generator runs the queue in order, sleeping for each step's time (sleep
   releases the GIL), and counts the seconds it was busy;
+- the batch's images (textured: smooth colour, hard edges and grain, so that encoding costs what it
+  costs for generated images; chosen by seed) are made by the device thread within the last step's
+  time, as a GPU's decode writes its output tensor on the device: stacking 16 512² images on the
+  launching thread left the device idle for it every batch (3-6% of its time at 30 images/s, issue #27);
 - at the end of the batch the caller waits for the queue to drain (the copy back's synchronise) and
-  gets textured images of the batch's size (smooth colour, hard edges and grain, so that encoding
-  costs what it costs for generated images), chosen by seed.
+  takes the images.
 
 The device time per image is 1 / `model.emulation.images_per_second`, split evenly over the steps.
 """
@@ -24,6 +27,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 
 import numpy as np
@@ -74,24 +78,36 @@ def textured(height: int, width: int, seed: int) -> np.ndarray:
 
 
 class EmulatedDevice:
-    """One in-order device queue run by its own thread; `busy_seconds` is the time it spent running."""
+    """One in-order device queue run by its own thread; `busy_seconds` is the time it spent running.
+
+    The device keeps its own clock, as a GPU runs whatever the CPU's scheduler does: a step starts when
+    the previous one ends or when it was launched, whichever is later, and ends its time after that,
+    so a device thread woken late by a loaded CPU does not stretch the device's time (on 2 cores at
+    load 7 the late wake-ups added 15% to it); the caller's `synchronize` still waits for the thread."""
 
     def __init__(self, depth: int) -> None:
-        self._queue: queue.Queue[float] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[float, float, Callable[[], None] | None]] = queue.Queue(maxsize=depth)
         self.busy_seconds = 0.0
+        self._free_at = 0.0  # perf_counter() when the last step queued ends on the device's clock
         threading.Thread(target=self._run, name="emulated-device", daemon=True).start()
 
-    def launch(self, seconds: float) -> None:
-        """Queue `seconds` of device work; blocks only when the queue is full, as a launch does."""
-        self._queue.put(seconds)
+    def launch(self, seconds: float, work: Callable[[], None] | None = None) -> None:
+        """Queue `seconds` of device work, during which the device thread runs `work` (what the kernels
+        write); blocks only when the queue is full, as a launch does."""
+        self._queue.put((time.perf_counter(), seconds, work))
 
     def synchronize(self) -> None:
         self._queue.join()
 
     def _run(self) -> None:
         while True:
-            seconds = self._queue.get()
-            time.sleep(seconds)
+            launched, seconds, work = self._queue.get()
+            start = max(self._free_at, launched)
+            if work is not None:
+                work()
+            self._free_at = max(start + seconds, time.perf_counter())  # work that overran shows as idle
+            if (left := self._free_at - time.perf_counter()) > 0:  # a late thread catches up
+                time.sleep(left)
             self.busy_seconds += seconds
             self._queue.task_done()
 
@@ -119,9 +135,15 @@ class EmulatedGenerator:
     ) -> torch.Tensor:
         steps = max(key.num_inference_steps, 1)
         step_seconds = len(seeds) * self.seconds_per_image / steps
-        for _ in range(steps):
+        output: list[torch.Tensor] = []
+
+        def decode() -> None:  # the last step's kernels write the batch's images
+            output.append(
+                torch.from_numpy(np.stack([textured(key.height, key.width, s % TEXTURES) for s in seeds]))
+            )
+
+        for step in range(steps):
             _python_work(self.launch_iterations)
-            self.device.launch(step_seconds)
+            self.device.launch(step_seconds, decode if step == steps - 1 else None)
         self.device.synchronize()
-        images = [textured(key.height, key.width, seed % TEXTURES) for seed in seeds]
-        return torch.from_numpy(np.stack(images))
+        return output[0]

@@ -592,6 +592,12 @@ class SpeedSpec(_Section):
     compile_backend: str = Field(
         "inductor", description="torch.compile backend: inductor, or e.g. cudagraphs, aot_eager (debugging)."
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default",
+        description="inductor's mode: reduce-overhead replays the denoiser's step as a CUDA graph (one "
+        "launch per step, not hundreds: the host's launch work no longer paces a fast GPU); CPU runs "
+        "it as default.",
+    )
     tiny_vae: str | None = Field(
         None, description="AutoencoderTiny (TAESD) hub id, local dir or URL that replaces the VAE decoder."
     )
@@ -607,6 +613,11 @@ class SpeedSpec(_Section):
     def _compile_cache_needs_compile(self) -> SpeedSpec:
         if self.compile_cache and not self.compile:
             raise ValueError("compile_cache keeps compiled code: it needs compile: true")
+        if self.compile_mode != "default" and not (self.compile and self.compile_backend == "inductor"):
+            raise ValueError(
+                f"compile_mode {self.compile_mode} is inductor's: it needs compile: true and "
+                "compile_backend: inductor"
+            )
         return self
 
 

@@ -4,7 +4,8 @@
   `eager` puts back the classic processors (softmax(QKᵀ)V in plain ops) on the denoiser and the VAE.
 - `channels_last`: the denoiser and the VAE in channels-last memory format (faster convolutions on
   tensor cores and on oneDNN).
-- `compile`: `torch.compile` of the denoiser (`compile_backend`, inductor by default), with static
+- `compile`: `torch.compile` of the denoiser (`compile_backend`, inductor by default; `compile_mode`
+  reduce-overhead: its step as a CUDA graph, which the static shapes below make possible), with static
   shapes: every batch is padded to `workers.batch_size` with filler rows (copies of the last row,
   whose images are dropped), and one warm-up batch at the job's default size runs at load time, so a
   shard's last, short batch does not compile again. Another width, height, or guidance on/off
@@ -38,6 +39,7 @@ class SpeedOptions:
     channels_last: bool = False
     compile_batch: int | None = None  # batch size the denoiser is compiled for; None: not compiled
     compile_backend: str = "inductor"
+    compile_mode: str = "default"
     warm_up: BatchKey | None = None  # the batch shape compiled at load time
     tiny_vae: str | None = None  # hub id, local directory or URL; loaded under the model's rules
     cache: CacheSpec | None = None  # step caching; None: every step computed in full
@@ -52,6 +54,7 @@ class SpeedOptions:
             channels_last=speed.channels_last,
             compile_batch=spec.workers.batch_size if speed.compile else None,
             compile_backend=speed.compile_backend,
+            compile_mode=speed.compile_mode,
             warm_up=warm_up if speed.compile else None,
             tiny_vae=speed.tiny_vae,
             cache=speed.cache,
@@ -122,7 +125,7 @@ def apply_speed_options(pipe: Any, options: SpeedOptions, model: Pretrained) -> 
         for model in models:
             model.to(memory_format=torch.channels_last)
     if options.compile_batch:
-        models[0].compile(backend=options.compile_backend, dynamic=False)
+        models[0].compile(backend=options.compile_backend, mode=options.compile_mode, dynamic=False)
 
 
 def pad(values: list[Any], size: int) -> list[Any]:

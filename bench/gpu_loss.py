@@ -1,0 +1,301 @@
+"""Each candidate for the device time the worker loses against the bare loop, measured (issue #27 item 2):
+
+    python bench/gpu_loss.py            # the tiny model on this machine; writes BENCHMARKS.md's section
+    python bench/gpu_loss.py --no-write # print it only
+
+What a CPU can count, it counts; what only a GPU shows (time lost to a synchronize, the CUDA caching
+allocator) bench/gpu.sh measures with bench/worker_loop.py. Candidates:
+
+- host ops per denoising step: torch ops recorded by the profiler for one batch at 2 and at 6 steps, bare
+  pipeline call vs the worker's generator; their difference ÷ 4 is the per-step count, the rest is per
+  batch (per-row generators and latents, text embeddings, scheduler set-up, post-processing);
+- classifier-free guidance: denoiser calls per step and their batch size, bare vs worker (split or fused);
+- stage_timer synchronising the device: the timer's synchronising sections per batch of one shard through
+  the in-process worker on the tiny model (each is two `torch.cuda.synchronize` calls on CUDA);
+- GIL contention: the emulated accelerator (2 ms of GIL-held launch work per step, 512² at 30 images/s,
+  batch 16), each batch's images encoded by 4 writer threads while the next batch generates (as the
+  worker hands them over) vs not encoded: the device's busy share;
+- allocation churn between batch shapes: generate time at one shape after another shape vs after the same
+  shape (CPU; the CUDA caching allocator's cost is for bench/gpu.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import torch
+from throughput import _machine, publish
+
+SIZE, BATCH, GUIDANCE = 64, 4, 5.0
+
+
+def _pipe(model: Path):  # the bare loop's pipeline, as bench/throughput.py builds it
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _bare(pipe, steps: int) -> None:
+    pipe(
+        prompt=[f"a red circle {i}" for i in range(BATCH)],
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        width=SIZE,
+        height=SIZE,
+        generator=[torch.Generator("cpu").manual_seed(i) for i in range(BATCH)],
+        output_type="pt",
+    )
+
+
+def _worker_generate(generator, steps: int) -> None:
+    from imagemill.workers.generators.contract import BatchKey
+
+    prompts = [f"a red circle {i}" for i in range(BATCH)]
+    generator.generate(prompts, [None] * BATCH, list(range(BATCH)), BatchKey(SIZE, SIZE, steps, GUIDANCE))
+
+
+def _ops(call) -> int:
+    """torch ops the profiler records for one call (after a warm-up call)."""
+    call()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        call()
+    return sum(event.count for event in profile.key_averages())
+
+
+def _denoiser_calls(denoiser, call) -> list[int]:
+    """The batch size of each denoiser forward during one call."""
+    sizes: list[int] = []
+    handle = denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append((args[0] if args else kwargs["sample"]).shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        call()
+    finally:
+        handle.remove()
+    return sizes
+
+
+def host_ops(model: Path) -> list[tuple[str, str, str, str]]:
+    import imagemill
+    from imagemill.workers.worker import make_generator
+
+    pipe = _pipe(model)
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": "/in"},
+            "output": {"path": "/out"},
+            "model": {"source": str(model), "device": "cpu"},
+            "generation": {"width": SIZE, "height": SIZE, "guidance_scale": GUIDANCE},
+        }
+    )
+    generator = make_generator(spec, "cpu")
+    counts = {}
+    for name, run in (("bare", partial(_bare, pipe)), ("worker", partial(_worker_generate, generator))):
+        low, high = _ops(partial(run, 1)), _ops(partial(run, 3))
+        counts[name] = ((high - low) / 2, low - (high - low) / 2)
+    (bare_step, bare_batch), (worker_step, worker_batch) = counts["bare"], counts["worker"]
+    bare_calls = _denoiser_calls(pipe.unet, lambda: _bare(pipe, 3))
+    worker_calls = _denoiser_calls(generator.pipe.unet, lambda: _worker_generate(generator, 3))
+    command = "python bench/gpu_loss.py"
+    verdict_step = "ruled out: the same per step" if worker_step <= bare_step * 1.02 else "confirmed"
+    return [
+        (
+            "per-step host work in the generate loop",
+            f"torch ops per step, profiler, tiny model, batch {BATCH}, 1 vs 3 steps (`{command}`)",
+            f"bare {bare_step:.0f}, worker {worker_step:.0f} per step",
+            verdict_step,
+        ),
+        (
+            "per-batch host work (per-row generators and latents, embeddings, scheduler objects)",
+            f"torch ops per batch outside the steps, as above (`{command}`)",
+            f"bare {bare_batch:.0f}, worker {worker_batch:.0f} per batch",
+            "per batch, not per step: "
+            + ("ruled out" if worker_batch <= bare_batch * 1.1 else "more than bare, once per batch"),
+        ),
+        (
+            "CFG batches split where the bare loop fuses them",
+            f"denoiser forward calls and their batch sizes, 3 steps (`{command}`)",
+            f"bare {bare_calls}, worker {worker_calls}",
+            "ruled out: fused (one call of 2×batch per step)"
+            if worker_calls == bare_calls
+            else "confirmed: the calls differ",
+        ),
+    ]
+
+
+def timer_syncs(model: Path, scratch: Path) -> tuple[str, str, str, str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import imagemill
+    from imagemill.testing.in_process import load_worker, run_shards
+    from imagemill.workers.stage_timer import StageTimer
+
+    rows = 4 * BATCH
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": ["p"] * rows}), scratch / "s.parquet"
+    )
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(scratch / "s.parquet"), "rows_per_shard": rows},
+            "output": {"path": str(scratch / "syncs")},
+            "model": {"source": str(model), "device": "cpu"},
+            "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2},
+            "workers": {"batch_size": BATCH},
+        }
+    )
+    worker = load_worker(spec)
+    device_timers = (worker.generator.stage_timer, worker.selection.timer)  # StageTimer(device): these sync
+    sections: list[str] = []
+    timing = StageTimer.timing
+
+    def counted(self, stage):
+        if any(self is timer for timer in device_timers):
+            sections.append(stage)
+        return timing(self, stage)
+
+    StageTimer.timing = counted
+    try:
+        run_shards(worker)
+    finally:
+        StageTimer.timing = timing
+    in_turn = sections
+    per_batch = len(in_turn) / 4
+    names = sorted(set(in_turn))
+    return (
+        "stage_timer synchronising the device",
+        "the timer's sections on the model's thread per batch, one 4-batch shard, tiny model "
+        "(`python bench/gpu_loss.py`); each synchronises twice on CUDA",
+        f"{per_batch:g} per batch ({', '.join(names)}): {2 * per_batch:g} synchronizes",
+        "confirmed as syncs, cost GPU-only: each drains the queue before the next stage's launches "
+        "(text encode before the loop, decode after it, then copy_back's own); bench/gpu.sh's worker vs "
+        "bare ratio bounds it",
+    )
+
+
+def gil_contention() -> tuple[str, str, str, str]:
+    from imagemill.core.encode_rates import cores_to_encode
+    from imagemill.core.images import encode_image
+    from imagemill.workers.generators.contract import BatchKey
+    from imagemill.workers.generators.emulated import EmulatedGenerator
+
+    key, seeds, batches = BatchKey(512, 512, 20, 1.0), list(range(16)), 4
+
+    def busy(image_format: str | None) -> float:
+        """The device's busy share over `batches` batches, each batch's 16 images handed to 4 writer
+        threads as the worker hands them (encoded while the next batch generates), or not encoded."""
+        generator = EmulatedGenerator(30.0, 0.002, queue_depth=1024)
+        generator.generate(["p"], [None], [0], key)  # warm: textures drawn
+        generator.device.busy_seconds = 0.0
+        with ThreadPoolExecutor(4) as writers:
+            started = time.perf_counter()
+            for _ in range(batches):
+                images = generator.generate(["p"] * 16, [None] * 16, seeds, key).numpy()
+                if image_format:
+                    for image in images:
+                        writers.submit(encode_image, image, image_format, 90)
+            took = time.perf_counter() - started
+        return generator.device.busy_seconds / took
+
+    rounds = [(busy(None), busy("png"), busy("jpeg")) for _ in range(5)]  # alternating: load drifts alike
+    alone, png, jpeg = (statistics.median(shares) for shares in zip(*rounds, strict=True))
+    return (
+        "GIL contention: writer threads against the thread launching kernels",
+        f"emulated accelerator, 512² 30 images/s, 2 ms GIL-held launch per step, {batches} batches of 16, "
+        "each batch encoded by 4 writer threads while the next generates, vs not encoded "
+        "(`python bench/gpu_loss.py`)",
+        f"device busy, medians of 5 alternating rounds: not encoded {alone:.3f}, PNG {png:.3f}, "
+        f"JPEG {jpeg:.3f}",
+        "; ".join(
+            f"{name}: "
+            + ("ruled out (within 0.02)" if share >= alone - 0.02 else f"{alone - share:.3f} lost")
+            + f", needs {cores_to_encode(30.0, name.lower(), 512, 512)} cores at this rate"
+            for name, share in (("JPEG", jpeg), ("PNG", png))
+        )
+        + f" (this machine: {os.cpu_count()}; beyond them the loss is cores, not only the GIL)",
+    )
+
+
+def allocation_churn(model: Path) -> tuple[str, str, str, str]:
+    import imagemill
+    from imagemill.workers.generators.contract import BatchKey
+    from imagemill.workers.worker import make_generator
+
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": "/in"},
+            "output": {"path": "/out"},
+            "model": {"source": str(model), "device": "cpu"},
+        }
+    )
+    generator = make_generator(spec, "cpu")
+    a, b = BatchKey(SIZE, SIZE, 2, GUIDANCE), BatchKey(SIZE * 2, SIZE, 2, GUIDANCE)
+
+    def seconds(key: BatchKey) -> float:
+        started = time.perf_counter()
+        generator.generate(["p"] * BATCH, [None] * BATCH, list(range(BATCH)), key)
+        return time.perf_counter() - started
+
+    seconds(a), seconds(b)
+    same, switched = [], []
+    for _ in range(5):
+        same.append(seconds(a))
+        seconds(b)
+        switched.append(seconds(a))
+    ratio = statistics.median(switched) / statistics.median(same)
+    return (
+        "allocation churn between batches of different shapes",
+        f"generate at {SIZE}² after a {2 * SIZE}x{SIZE} batch vs after another {SIZE}² one, tiny model, CPU, "
+        "medians of 5 (`python bench/gpu_loss.py`)",
+        f"{ratio:.2f}x the same-shape time",
+        "ruled out on CPU"
+        if ratio < 1.05
+        else "confirmed on CPU"
+        + "; the CUDA caching allocator's share needs the GPU (bench/gpu.sh's worker vs bare)",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "imagemill-bench-models"))
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md")
+    args = parser.parse_args()
+    from throughput import build_model
+
+    model = build_model("cpu", Path(args.models))
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = [
+            *host_ops(model),
+            timer_syncs(model, Path(scratch)),
+            gil_contention(),
+            allocation_churn(model),
+        ]
+    command = " ".join(["python bench/gpu_loss.py", *sys.argv[1:]])
+    lines = [
+        "## Device-time loss candidates, measured on the CPU",
+        "",
+        f"Measured on {_machine()}, load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
+        f"end (shared by other jobs). Reproduce: `{command}`",
+        "",
+        "| candidate | how measured | number | verdict |",
+        "| --- | --- | --- | --- |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+    ]
+    publish("\n".join(lines), write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
