@@ -114,7 +114,8 @@ def s3_endpoint() -> str:
 def ray_session(s3_endpoint):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # "local": a new instance, never a cluster another process started here (`ray start`, a bench)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -29,10 +29,10 @@ from conftest import (
     run_cli,
     write_prompt_files,
 )
-from s3_fault_proxy import S3FaultProxy
 
 import imagemill
 from imagemill.testing.in_process import run_in_process
+from imagemill.testing.s3_fault_proxy import S3FaultProxy
 
 SMALL = {"width": 32, "height": 32, "num_inference_steps": 2, "guidance_scale": 5.0}
 

@@ -55,6 +55,7 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import LEASE_FILE, OutputLayout
 from imagemill.core.records import LEASE_PROGRESS_KEY, RunProgress, run_progress
 from imagemill.core.storage import retrying, write_file_atomically
+from imagemill.core.write_audit import audited
 
 log = logging.getLogger(__name__)
 
@@ -362,10 +363,12 @@ class OutputLease:
     def _read(self) -> tuple[dict[str, Any] | None, Any]:
         return retrying(self.store.read, f"reading {self.store.path}")
 
-    def _swap(self, data: bytes | None, expected: Any) -> Any:
-        """A compare-and-swap, retried on I/O errors. A write whose answer was lost and whose retry
-        then conflicts with itself is recognised by the caller: the lease names this run."""
-        return retrying(functools.partial(self.store.swap, data, expected), f"writing {self.store.path}")
+    def _swap(self, data: bytes | None, expected: Any, op: str) -> Any:
+        """A compare-and-swap, retried on I/O errors, logged as `op` (core/write_audit.py). A write whose
+        answer was lost and whose retry then conflicts with itself is recognised by the caller: the
+        lease names this run."""
+        with audited(self.run_id, op, self.store.path):
+            return retrying(functools.partial(self.store.swap, data, expected), f"writing {self.store.path}")
 
     def _take(self) -> None:
         while True:
@@ -382,7 +385,7 @@ class OutputLease:
                     "or choose another output path."
                 )
             try:
-                self.version = self._swap(self._data(), version)
+                self.version = self._swap(self._data(), version, "lease_take")
             except _Conflict:
                 continue  # another driver got there first: look again
             if current is not None:
@@ -400,7 +403,7 @@ class OutputLease:
     def _beat(self) -> None:
         while not self._stop.wait(self.stale_after / BEATS_PER_TIMEOUT):
             try:
-                self.version = self._swap(self._data(), self.version)
+                self.version = self._swap(self._data(), self.version, "lease_beat")
             except _Conflict:
                 record, version = self._read()
                 if record is not None and record.get("run_id") == self.run_id:
@@ -433,7 +436,7 @@ class OutputLease:
         if self.lost_to is not None:
             return
         try:
-            self._swap(None, self.version)
+            self._swap(None, self.version, "lease_release")
         except (_Conflict, FileNotFoundError):  # already gone: a retried delete, or taken and released
             pass
         except OSError as exc:  # the lease then goes stale on its own after `stale_after`

@@ -15,7 +15,9 @@ it resumes it must not write a byte more. Two rules hold that, here and nowhere 
   committed shard's files are never replaced by another run's bytes, whatever the timing. (Other
   fsspec stores get fsspec's exists-then-write: not atomic, the ownership check is all they have.)
 
-`OutputLayout` stays paths and reads; the lease file itself is written by `core/lease.py` only.
+`OutputLayout` stays paths and reads; the lease file itself is written by `core/lease.py` only. Every
+write and delete here is also logged with its run id when `IMAGEMILL_WRITE_AUDIT` is set
+(`core/write_audit.py`), so a soak can check that none landed after its run lost the lease.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from imagemill.core.storage import (
     retrying,
     write_file_atomically,
 )
+from imagemill.core.write_audit import audited
 
 PUBLISH_THREADS = 16
 
@@ -97,7 +100,8 @@ class OwnedOutput:
         self.check()
         path = self.layout.path(relative)
         self.layout.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-        retrying(lambda: write_file_atomically(self.layout.fs, path, data), f"writing {path}")
+        with audited(self.run_id, "write", path):
+            retrying(lambda: write_file_atomically(self.layout.fs, path, data), f"writing {path}")
 
     def write_json(self, relative: str, record: dict[str, Any]) -> None:
         self.write_whole(relative, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
@@ -108,11 +112,15 @@ class OwnedOutput:
     def remove_files(self, relatives: list[str]) -> None:
         """Delete exactly these files (exact paths, missing ones fine), after one ownership check."""
         self.check()
-        remove_files(self.layout.fs, [self.layout.path(relative) for relative in relatives])
+        paths = [self.layout.path(relative) for relative in relatives]
+        with audited(self.run_id, "delete", " ".join(paths)):
+            remove_files(self.layout.fs, paths)
 
     def remove_folder_if_empty(self, relative: str) -> None:
         self.check()
-        remove_folder_if_empty(self.layout.fs, self.layout.path(relative))
+        path = self.layout.path(relative)
+        with audited(self.run_id, "delete_folder", path):
+            remove_folder_if_empty(self.layout.fs, path)
 
     def clean_attempts(self) -> None:
         """Delete every shard attempt's staging folder in the output (`_attempts/`, local disks only):
@@ -123,7 +131,8 @@ class OwnedOutput:
         folder = self.layout.path(ATTEMPTS_FOLDER)
         if os.path.lexists(folder):
             _real_folder(folder)
-            shutil.rmtree(folder, ignore_errors=True)
+            with audited(self.run_id, "delete_folder", folder):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def attempt(self, shard_id: str) -> ShardAttempt:
         """A new attempt at one shard: its files are staged until `commit`. Checks ownership first, so
@@ -170,7 +179,7 @@ class ShardAttempt:
     def _stage(self, relative: str, data: bytes) -> None:
         path = self._staged(relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
+        with audited(self.owned.run_id, "stage", path), open(path, "wb") as f:
             f.write(data)
 
     def write(self, relative: str, data: bytes) -> None:
@@ -210,13 +219,14 @@ class ShardAttempt:
         layout = self.owned.layout
         staged, path = self._staged(relative), layout.path(relative)
         try:
-            if is_local(layout.fs):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.link(staged, path)
-            else:
-                with open(staged, "rb") as f:
-                    data = f.read()
-                retrying(lambda: layout.fs.pipe_file(path, data, mode="create"), f"writing {path}")
+            with audited(self.owned.run_id, "publish", path):
+                if is_local(layout.fs):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    os.link(staged, path)
+                else:
+                    with open(staged, "rb") as f:
+                        data = f.read()
+                    retrying(lambda: layout.fs.pipe_file(path, data, mode="create"), f"writing {path}")
             return None
         except FileExistsError:
             pass
