@@ -127,6 +127,42 @@ def test_a_lost_node_loses_and_duplicates_nothing(tmp_path, tiny_model, monkeypa
     check_output(output, _ids(rows), 32, 32)
 
 
+def test_an_actor_lost_before_it_loaded_is_replaced_not_taken_for_a_broken_model(
+    ray_session, tmp_path, monkeypatch
+):
+    """The job's first actor dies before any has loaded (killed here; in the chaos soak its node was
+    removed): that says nothing about the model, so a replacement is started and the job finishes.
+    (It used to stop the job: "workers could not load model: ActorDiedError ...".)"""
+    from imagemill.execution.scheduler import ShardScheduler
+
+    rows = write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=8, row_group_size=4)
+    output = str(tmp_path / "out")
+    spec = imagemill.build_spec(
+        {
+            "name": "lost-before-load",
+            "input": {"path": str(tmp_path / "prompts"), "rows_per_shard": 4},
+            "output": {"path": output},
+            "model": {"kind": "noop"},
+            "generation": SMALL,
+            "workers": {"num_workers": 1, "batch_size": 4},
+        }
+    )
+    new_actor = ShardScheduler._new_actor
+    killed = []
+
+    def first_one_killed(self):
+        actor = new_actor(self)
+        if not killed:
+            ray_session.kill(actor)  # before its ready() can answer: a system death, not a load error
+            killed.append(actor)
+        return actor
+
+    monkeypatch.setattr(ShardScheduler, "_new_actor", first_one_killed)
+    result = imagemill.run(spec, progress=False)
+    assert killed and result.complete and not result.failures, result.summary()
+    check_output(output, _ids(rows), 32, 32)
+
+
 def _shard_worker_pids() -> set[int]:
     """ShardWorker actor processes under this process (the session Ray's raylet is our child).
 

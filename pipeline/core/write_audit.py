@@ -21,10 +21,10 @@ from collections.abc import Iterator
 
 AUDIT_ENV = "IMAGEMILL_WRITE_AUDIT"
 
-# The ops a line may carry: bytes written (`write`: a whole file; `publish`: a shard's staged file made
-# visible, create-only; `stage`: a shard's file staged in the output's `_attempts/`), files deleted
-# (`delete`, `delete_folder`), and the lease's own changes (`lease_take`, `lease_beat`, `lease_release`).
-OPS = ("write", "publish", "stage", "delete", "delete_folder", "lease_take", "lease_beat", "lease_release")
+# The ops a line's "op" may be: bytes written (`write`: a whole file; `publish`: a shard's staged file made
+# visible, create-only), files deleted (`delete`: paths joined by spaces; `delete_folder`), and the
+# lease's own changes (`lease_take`, `lease_beat`, `lease_release`). A shard's files being staged are
+# not logged: they are in the attempt's own folder, seen by no one until `publish`.
 
 
 @contextlib.contextmanager
