@@ -121,6 +121,7 @@ class Event:
     at: float  # seconds since the chaos began
     kind: str
     detail: str
+    follow_up: bool = False  # a later step of an event already counted (the takeover, the deadline)
 
 
 @dataclass
@@ -203,7 +204,9 @@ class Soak:
                 )
             code = driver.process.returncode
             self.resumed_exits[code] += 1
-            self.record("driver_pause", f"{driver.log.name} ended: exit {code}: {driver.last_line()[:160]}")
+            self.record(
+                "driver_pause", f"{driver.log.name} ended: exit {code}: {driver.last_line()[:160]}", True
+            )
         current = self.current
         if current is not None and not current.paused and not current.alive():
             code = current.process.returncode
@@ -220,8 +223,8 @@ class Soak:
 
     # --- events -----------------------------------------------------------------------------------
 
-    def record(self, kind: str, detail: str) -> None:
-        self.events.append(Event(round(time.monotonic() - self.started, 1), kind, detail))
+    def record(self, kind: str, detail: str, follow_up: bool = False) -> None:
+        self.events.append(Event(round(time.monotonic() - self.started, 1), kind, detail, follow_up))
         print(f"[{self.events[-1].at:7.1f} s] {kind}: {detail}", flush=True)
 
     def later(self, delay: float, what: str, action) -> None:
@@ -256,13 +259,15 @@ class Soak:
 
         def take_over() -> None:
             self.current = self.start_driver(driver.round) if self.chaos_on else None
-            self.record("driver_pause", f"second driver {self.current.log.name if self.current else '-'}")
+            self.record(
+                "driver_pause", f"second driver {self.current.log.name if self.current else '-'}", True
+            )
 
         def resume() -> None:
             driver.process.send_signal(signal.SIGCONT)
             driver.paused = False
             self.resumed.append((time.monotonic() + 120, driver))
-            self.record("driver_pause", f"SIGCONT {driver.log.name}")
+            self.record("driver_pause", f"SIGCONT {driver.log.name}", True)
 
         self.later(timeout + 2, "take over", take_over)
         self.later(timeout + 6, "resume", resume)
@@ -306,7 +311,9 @@ class Soak:
                 self.cluster.remove_node(node)
                 self.nodes.remove(node)
             self.add_node()
-            self.record("node_drain", f"node {node.node_id[:8]} removed at its deadline, a new node added")
+            self.record(
+                "node_drain", f"node {node.node_id[:8]} removed at its deadline, a new node added", True
+            )
 
         self.later(deadline, "drain deadline", at_deadline)
 
@@ -498,8 +505,9 @@ def quiet_run(spec: Path, address: str, log: Path) -> tuple[int, float]:
 
 
 def results_section(args, soak: Soak, figures: dict[str, Any], problems: list[str]) -> str:
-    counts = collections.Counter(event.kind for event in soak.events if "skipped" not in event.detail)
-    skipped = collections.Counter(event.kind for event in soak.events if "skipped" in event.detail)
+    firsts = [event for event in soak.events if not event.follow_up]
+    counts = collections.Counter(event.kind for event in firsts if "skipped" not in event.detail)
+    skipped = collections.Counter(event.kind for event in firsts if "skipped" in event.detail)
     command = f"python bench/chaos.py --minutes {args.minutes:g} --rows {args.rows}"
     command += f" --model {args.model}" if args.model != "noop" else ""
     command += f" --seed {args.seed}" if args.seed != 0 else ""
