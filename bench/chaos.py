@@ -590,6 +590,8 @@ def main() -> int:
         IMAGEMILL_LEASE_TIMEOUT=str(args.lease_timeout),
         IMAGEMILL_WRITE_AUDIT=str(audit_path),
         IMAGEMILL_CACHE_DIR=str(work / "cache"),
+        # A loaded machine (the soak's own load, or others') can take over Ray's 10 s to register a node.
+        RAY_raylet_start_wait_time_s="120",
     )
     import s3fs
 
