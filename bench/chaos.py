@@ -381,7 +381,11 @@ class Soak:
             self.add_node()
         if self.current is not None and self.current.alive():
             self.record("quiet", f"waiting for {self.current.log.name} to end")
-            self.current.process.wait()
+            try:
+                self.current.process.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                self.current.process.kill()
+                self.notes.append(f"driver {self.current.log.name} kept running 30 min after the faults")
         while self.resumed:
             self.reap()
             time.sleep(0.2)
@@ -460,7 +464,7 @@ def check_audit(audit: list[dict], roots: list[str]) -> tuple[list[str], int]:
                 f"run {run} wrote after losing {root}'s lease ({entry['start'] - min(ends):.2f} s after): "
                 f"{entry['op']} {entry['path'][:120]}"
             )
-        elif lost is not None and entry["end"] > lost - 0.0 and entry["start"] <= lost:
+        elif lost is not None and entry["start"] <= lost < entry["end"]:
             overlaps += 1
     return problems, overlaps
 
@@ -532,6 +536,10 @@ def results_section(args, soak: Soak, figures: dict[str, Any], problems: list[st
         f"- write audit: {figures['audit_writes']} writes logged; {figures['overlaps']} overlapped a "
         "takeover of their output (started before it, ended after)",
     ]
+    errors = collections.Counter(note.split(": ", 1)[-1][:140] for note in soak.notes)
+    if errors:
+        lines.append("- drivers that ended with an error (not killed by the soak), by their last line:")
+        lines += [f"  - {count} × `{line}`" for line, count in errors.most_common(8)]
     if problems:
         lines += ["- **failures:**", *(f"  - {problem}" for problem in problems[:20])]
     else:
@@ -675,7 +683,7 @@ def main() -> int:
         audit_problems, figures["overlaps"] = check_audit(audit, roots)
         problems += audit_problems
         figures["audit_writes"] = len(audit)
-        problems += [note for note in soak.notes if "kept running" in note]
+        problems += [note for note in soak.notes if "kept running" in note]  # a hang is a failure
     finally:
         for driver in soak.drivers:
             if driver.alive():

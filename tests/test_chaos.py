@@ -31,3 +31,30 @@ def test_the_short_chaos_soak_passes(tmp_path):
     section = results.read_text()
     assert ": PASS" in section, section
     assert "events injected: driver_kill" in section, section
+
+
+def _line(run, op, path, start, end=None):
+    return {"run": run, "op": op, "path": path, "start": start, "end": start + 0.01 if end is None else end}
+
+
+def test_the_soak_finds_a_write_after_a_lost_lease_outside_the_outputs_or_without_a_run():
+    """The audit check of bench/chaos.py, on logs made up here: it must fail on each violation."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from chaos import check_audit
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    lease, image = "b/out/_lease.json", "b/out/images/s/a.png"
+    a_then_b = [_line("A", "lease_take", lease, 1.0), _line("A", "publish", image, 2.0)]
+    a_then_b += [_line("B", "lease_take", lease, 5.0)]
+    assert check_audit(a_then_b, ["b/out"]) == ([], 0)
+    late = check_audit([*a_then_b, _line("A", "publish", "b/out/images/s/b.png", 6.0)], ["b/out"])[0]
+    assert len(late) == 1 and late[0].startswith("run A wrote after losing b/out's lease"), late
+    overlapping = [*a_then_b, _line("A", "write", "b/out/_job.json", 4.9, 5.5)]
+    assert check_audit(overlapping, ["b/out"]) == ([], 1)  # reported, not failed: it began in time
+    after_release = [*a_then_b[:2], _line("A", "lease_release", lease, 3.0), _line("A", "delete", image, 4.0)]
+    assert check_audit(after_release, ["b/out"])[0], "a write after the run's own release"
+    outside = [*a_then_b, _line("B", "delete", "b/out/x b/outside/y", 6.0)]
+    assert check_audit(outside, ["b/out"])[0] == ["run B wrote outside the outputs: delete ['b/outside/y']"]
+    assert check_audit([_line(None, "write", "b/out/_job.json", 1.0)], ["b/out"])[0]
+    assert check_audit([_line("C", "write", "b/out/_job.json", 1.0)], ["b/out"])[0], "a run with no lease"
