@@ -261,6 +261,21 @@ def test_transient_s3_errors_lose_and_duplicate_nothing(ray_session, s3_endpoint
     check_output(f"{bucket}/out", _ids(rows), 32, 32)  # read through the real endpoint
 
 
+def test_dropped_connections_and_lost_answers_on_s3_lose_and_duplicate_nothing(s3_endpoint):
+    """Every 7th connection closed unanswered before the request reaches S3, every 5th after it has
+    (the write landed, its answer is lost: the retry meets its own object, the lease swap its own
+    lease); the driver's run, its shards in this process."""
+    bucket = make_bucket(_unique("faults-dropped"))
+    rows = write_prompt_files(f"{bucket}/prompts", n_files=2, rows_per_file=8, row_group_size=4)
+    with S3FaultProxy(s3_endpoint, drop_every=7, lose_answer_every=5) as proxy:
+        options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        result = run_in_process(imagemill.build_spec(_s3_spec("dropped-s3", bucket, options)))
+    assert proxy.drops > 0 and proxy.lost_answers > 0
+    assert result.complete and not result.failures, result.summary()
+    assert (result.rows_total, result.ok, result.errors) == (rows, rows, 0)
+    check_output(f"{bucket}/out", _ids(rows), 32, 32)
+
+
 def test_a_broken_input_file_fails_its_shards_and_a_rerun_finishes(ray_address, s3_endpoint, tmp_path):
     """An input file that always answers 500: exit 1 naming it, the other file's shards are committed;
     once the file reads again, a re-run finishes the job: nothing lost or doubled."""
