@@ -324,7 +324,8 @@ class Soak:
         for process in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 title = (process.cmdline() or [process.name()])[0]
-                if title.startswith("ray::ShardWorker") and process.status() != psutil.STATUS_ZOMBIE:
+                # ray::ShardWorkerActor.process_shard busy; ray::<actor name>:ShardWorkerActor.__init__ loading
+                if "ShardWorkerActor" in title and process.status() != psutil.STATUS_ZOMBIE:
                     actors.append(process)
         if not actors:
             return self.record("actor_kill", "skipped: no actor")
