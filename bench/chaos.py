@@ -324,7 +324,7 @@ class Soak:
         for process in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 title = (process.cmdline() or [process.name()])[0]
-                # ray::ShardWorkerActor.process_shard busy; ray::<actor name>:ShardWorkerActor.__init__ loading
+                # busy: ray::ShardWorkerActor.process_shard; else ray::<its name>:ShardWorkerActor.<method>
                 if "ShardWorkerActor" in title and process.status() != psutil.STATUS_ZOMBIE:
                     actors.append(process)
         if not actors:
