@@ -155,7 +155,9 @@ class Soak:
     timers: list[tuple[float, str, Any]] = field(default_factory=list)  # (when, what, action)
     drivers: list[Driver] = field(default_factory=list)
     current: Driver | None = None
-    resumed: list[tuple[float, Driver]] = field(default_factory=list)  # (deadline, paused driver continued)
+    # Paused drivers continued: (the time by which one whose lease was taken over must have ended, or
+    # None for one that carries on, its lease not taken), the driver.
+    resumed: list[tuple[float | None, Driver]] = field(default_factory=list)
     rounds: int = 0
     exits: collections.Counter = field(default_factory=collections.Counter)
     resumed_exits: collections.Counter = field(default_factory=collections.Counter)
@@ -193,7 +195,7 @@ class Soak:
         """Count the exits of drivers that ended; a completed round starts the next one. A paused
         driver, once continued, must end (it lost its lease): 120 s later it is killed and noted."""
         for deadline, driver in list(self.resumed):
-            if driver.alive() and time.monotonic() < deadline:
+            if driver.alive() and (deadline is None or time.monotonic() < deadline):
                 continue
             self.resumed.remove((deadline, driver))
             if driver.alive():
@@ -248,29 +250,45 @@ class Soak:
         self.current.process.kill()
         self.record("driver_kill", f"SIGKILL {self.current.log.name}")
 
+    def lease_holder(self, round_: int) -> str | None:
+        """The run a round's lease file names now (None: no lease, or one that does not read)."""
+        try:
+            return json.loads(self.direct.cat_file(f"{BUCKET}/job-r{round_}/_lease.json")).get("run_id")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+
     def driver_pause(self) -> None:
+        """SIGSTOP the driver; past the lease timeout a second driver starts; once it has taken the
+        lease, the first is continued: it must end (exit 2) within 120 s, writing nothing more."""
         driver = self.current
         if driver is None or driver.paused or not driver.alive():
             return self.record("driver_pause", "skipped: no running driver")
         driver.process.send_signal(signal.SIGSTOP)
         driver.paused = True
-        timeout = self.args.lease_timeout
-        self.record("driver_pause", f"SIGSTOP {driver.log.name} for {timeout + 6:.0f} s")
+        holder = self.lease_holder(driver.round)  # its run, or one it had not yet taken over
+        self.record("driver_pause", f"SIGSTOP {driver.log.name} (the lease names run {holder})")
+        second: list[Driver] = []
 
         def take_over() -> None:
-            self.current = self.start_driver(driver.round) if self.chaos_on else None
-            self.record(
-                "driver_pause", f"second driver {self.current.log.name if self.current else '-'}", True
-            )
+            if not self.chaos_on:
+                return resume()
+            second.append(self.start_driver(driver.round))
+            self.current = second[0]
+            self.record("driver_pause", f"second driver {second[0].log.name} started", True)
+            self.later(2, "resume", resume)
 
         def resume() -> None:
+            now_holder = self.lease_holder(driver.round)
+            taken = now_holder not in (None, holder)
+            if not taken and self.chaos_on and second and second[0].alive():
+                return self.later(1, "resume", resume)  # the second driver has not taken the lease yet
             driver.process.send_signal(signal.SIGCONT)
             driver.paused = False
-            self.resumed.append((time.monotonic() + 120, driver))
-            self.record("driver_pause", f"SIGCONT {driver.log.name}", True)
+            # Taken over: it must end; else (the soak's end came first) it carries on as a driver.
+            self.resumed.append((time.monotonic() + 120 if taken else None, driver))
+            self.record("driver_pause", f"SIGCONT {driver.log.name}; the lease names run {now_holder}", True)
 
-        self.later(timeout + 2, "take over", take_over)
-        self.later(timeout + 6, "resume", resume)
+        self.later(self.args.lease_timeout + 2, "take over", take_over)
 
     def worker_nodes(self) -> list[Any]:
         return [node for node in self.nodes if node.remaining_processes_alive()]
@@ -389,6 +407,10 @@ class Soak:
                 self.notes.append(f"driver {self.current.log.name} kept running 30 min after the faults")
         while self.resumed:
             self.reap()
+            for deadline, driver in self.resumed:
+                if deadline is None and time.monotonic() > self.started + seconds + 1800:
+                    driver.process.kill()
+                    self.notes.append(f"driver {driver.log.name} kept running 30 min after the faults")
             time.sleep(0.2)
         self.reap()
 
