@@ -158,6 +158,31 @@ def test_the_audit_log_names_the_run_of_every_write_and_none_refused(tmp_path, m
     ]
 
 
+def test_a_lease_take_whose_answer_was_lost_is_still_logged(tmp_path, monkeypatch):
+    """The write that takes the lease lands but its answer is lost (OSError after the swap); the retry
+    conflicts with it and a re-read finds this run's lease: the take is logged all the same (the chaos
+    soak found beats of a run with no take logged, its answer lost to a dropped connection)."""
+    from imagemill.core import lease as lease_module
+    from imagemill.core.write_audit import AUDIT_ENV, read_audit
+
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    swap, lost = lease_module._LocalStore.swap, []
+
+    def answer_lost_once(self, data, expected):
+        version = swap(self, data, expected)
+        if not lost:
+            lost.append(version)
+            raise ConnectionResetError("the answer was lost")
+        return version
+
+    monkeypatch.setattr(lease_module._LocalStore, "swap", answer_lost_once)
+    layout = OutputLayout(str(tmp_path / "out"))
+    with lease_module.OutputLease.held(layout, "lost-answer") as lease:
+        pass
+    ops = [(entry["run"], entry["op"]) for entry in read_audit(str(tmp_path / "audit.jsonl"))]
+    assert lost and ops == [(lease.run_id, "lease_take"), (lease.run_id, "lease_release")]
+
+
 paths = st.sampled_from(["images/s/a.png", "images/s/b.png", "metadata/s.parquet", "data/s.parquet"])
 
 
