@@ -219,7 +219,14 @@ class Soak:
                 self.rounds = current.round + 1
             self.current = None
         if self.current is None and self.chaos_on:
-            self.current = self.start_driver(self.rounds)
+            # A paused driver continued with its lease not taken (the second driver ended first) is
+            # the job's driver again: the faults hit it, and no new driver is started to be refused.
+            carrying = [(deadline, d) for deadline, d in self.resumed if deadline is None and d.alive()]
+            if carrying:
+                self.resumed.remove(carrying[0])
+                self.current = carrying[0][1]
+            else:
+                self.current = self.start_driver(self.rounds)
 
     chaos_on: bool = True
 
@@ -250,12 +257,13 @@ class Soak:
         self.current.process.kill()
         self.record("driver_kill", f"SIGKILL {self.current.log.name}")
 
-    def lease_holder(self, round_: int) -> str | None:
-        """The run a round's lease file names now (None: no lease, or one that does not read)."""
+    def lease_holder(self, round_: int) -> tuple[str | None, int | None]:
+        """The run and driver pid a round's lease file names now (None: no lease, or unreadable)."""
         try:
-            return json.loads(self.direct.cat_file(f"{BUCKET}/job-r{round_}/_lease.json")).get("run_id")
+            record = json.loads(self.direct.cat_file(f"{BUCKET}/job-r{round_}/_lease.json"))
+            return record.get("run_id"), record.get("pid")
         except (FileNotFoundError, ValueError, AttributeError):
-            return None
+            return None, None
 
     def driver_pause(self) -> None:
         """SIGSTOP the driver; past the lease timeout a second driver starts; once it has taken the
@@ -265,27 +273,31 @@ class Soak:
             return self.record("driver_pause", "skipped: no running driver")
         driver.process.send_signal(signal.SIGSTOP)
         driver.paused = True
-        holder = self.lease_holder(driver.round)  # its run, or one it had not yet taken over
-        self.record("driver_pause", f"SIGSTOP {driver.log.name} (the lease names run {holder})")
-        second: list[Driver] = []
+        holder, pid = self.lease_holder(driver.round)  # its run, or one it had not yet taken over
+        held = pid == driver.process.pid
+        self.record(
+            "driver_pause",
+            f"SIGSTOP {driver.log.name} ({'holding' if held else 'not yet holding'} the lease)",
+        )
 
         def take_over() -> None:
             if not self.chaos_on:
                 return resume()
-            second.append(self.start_driver(driver.round))
-            self.current = second[0]
-            self.record("driver_pause", f"second driver {second[0].log.name} started", True)
+            self.current = self.start_driver(driver.round)
+            self.record("driver_pause", f"second driver {self.current.log.name} started", True)
             self.later(2, "resume", resume)
 
         def resume() -> None:
-            now_holder = self.lease_holder(driver.round)
+            now_holder, _ = self.lease_holder(driver.round)
             taken = now_holder not in (None, holder)
-            if not taken and self.chaos_on and second and second[0].alive():
-                return self.later(1, "resume", resume)  # the second driver has not taken the lease yet
+            other = self.current  # the second driver, or the one started after it ended
+            if not taken and self.chaos_on and other is not None and other is not driver and other.alive():
+                return self.later(1, "resume", resume)  # it has not taken the lease yet
             driver.process.send_signal(signal.SIGCONT)
             driver.paused = False
-            # Taken over: it must end; else (the soak's end came first) it carries on as a driver.
-            self.resumed.append((time.monotonic() + 120 if taken else None, driver))
+            # It lost its lease: it must end. Else (paused before it took the lease, or the soak's end
+            # came first) it carries on as a driver, or is refused if another holds the lease.
+            self.resumed.append((time.monotonic() + 120 if taken and held else None, driver))
             self.record("driver_pause", f"SIGCONT {driver.log.name}; the lease names run {now_holder}", True)
 
         self.later(self.args.lease_timeout + 2, "take over", take_over)
@@ -546,8 +558,9 @@ def results_section(args, soak: Soak, figures: dict[str, Any], problems: list[st
         f"~{args.event_gap:g} s); load average {figures['load_before']} before, {figures['load_after']} "
         "after (2 cores shared with other work: times are under load).",
         "",
-        f"- reference run (undisturbed): {figures['reference_seconds']:.0f} s; chaos: "
-        f"{figures['chaos_seconds']:.0f} s, {soak.rounds} round(s) completed under it, "
+        f"- reference run (undisturbed): {figures['reference_seconds']:.0f} s; faults, then the driver "
+        f"running when they stopped ran to its end: {figures['chaos_seconds']:.0f} s, {soak.rounds} "
+        "round(s) completed under faults, "
         f"{figures['rounds_checked']} output(s) checked; quiet final runs: {figures['final_seconds']:.0f} s",
         "- events injected: "
         + ", ".join(f"{kind} {counts[kind]}" for kind in EVENTS)
