@@ -2,8 +2,9 @@
 faults at random for a while, then a quiet final run; the output must come out as if nothing happened.
 
     python bench/chaos.py --minutes 20 --rows 100000             # the full soak, noop model
-    python bench/chaos.py --minutes 2 --rows 5000                # the short one (CI: tests/test_chaos.py)
-    python bench/chaos.py --minutes 3 --rows 400 --model demo    # the demo model (jobs/models/demo-shapes)
+    python bench/chaos.py --minutes 2 --rows 5000                # a short one
+    python bench/chaos.py --minutes 1 --rows 2000 --event-gap 5  # CI's (tests/test_chaos.py: ~140 s)
+    python bench/chaos.py --minutes 3 --rows 128 --model demo    # the demo model (jobs/models/demo-shapes)
 
 Set-up: a moto S3 server, `imagemill.testing.s3_fault_proxy` in front of it (every driver and actor
 talks to S3 through the proxy: AWS_ENDPOINT_URL), a `ray.cluster_utils.Cluster` of a head taking no
