@@ -16,7 +16,6 @@ import yaml
 from conftest import make_bucket, write_prompt_files
 from hypothesis import given
 from hypothesis import strategies as st
-from s3_fault_proxy import S3FaultProxy
 
 import imagemill
 from imagemill.core.cost import DeviceCharge
@@ -33,6 +32,7 @@ from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.budget import BUDGET_EXIT_STATUS
 from imagemill.reporting.status import job_status
 from imagemill.testing.in_process import run_in_process
+from imagemill.testing.s3_fault_proxy import S3FaultProxy
 
 STUCK = "part-000-rg00000-00001"  # the one shard of one file of 4 rows
 

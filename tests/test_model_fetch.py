@@ -10,10 +10,10 @@ import fsspec
 import pytest
 import yaml
 from conftest import OBJECT_STORE_BYTES, isolated_cluster, make_bucket, run_cli, write_prompt_files
-from s3_fault_proxy import S3FaultProxy
 
 import imagemill
 from imagemill.core.errors import ImagemillError
+from imagemill.testing.s3_fault_proxy import S3FaultProxy
 from imagemill.workers.worker import make_generator
 
 GENERATION = {"width": 32, "height": 32, "num_inference_steps": 1}

@@ -126,6 +126,64 @@ def test_an_attempt_of_a_run_that_lost_the_lease_publishes_nothing(tmp_path):
     assert [path for path in (tmp_path / "out").rglob("*") if path.is_file()] == [lease]
 
 
+def test_the_audit_log_names_the_run_of_every_write_and_none_refused(tmp_path, monkeypatch):
+    """IMAGEMILL_WRITE_AUDIT (core/write_audit.py): the lease's take and release and every write and
+    delete through the gate are logged with their run, in order; a write refused for a lost lease is
+    not (the chaos soak, bench/chaos.py, checks no run wrote after losing its lease from this log)."""
+    from imagemill.core.lease import OutputLease
+    from imagemill.core.write_audit import AUDIT_ENV, read_audit
+
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    layout = OutputLayout(str(tmp_path / "out"))
+    with OutputLease.held(layout, "audited") as lease:
+        owned = OwnedOutput(layout, lease.run_id)
+        owned.write_whole("_job.json", b"{}")
+        attempt = owned.attempt("s1")
+        attempt.write("images/s1/a.png", b"a")
+        attempt.commit("shards/s1.json", b"{}")
+        owned.remove("_job.json")
+    (tmp_path / "out" / LEASE_FILE).write_text(json.dumps({"run_id": "newer", "heartbeat": time.time()}))
+    with pytest.raises(LeaseLost):
+        OwnedOutput(layout, lease.run_id).write_whole("_SUCCESS", b"")
+    out = str(tmp_path / "out")
+    logged = [
+        (entry["run"], entry["op"], entry["path"]) for entry in read_audit(str(tmp_path / "audit.jsonl"))
+    ]
+    assert logged == [
+        (lease.run_id, "lease_take", f"{out}/{LEASE_FILE}"),
+        (lease.run_id, "write", f"{out}/_job.json"),
+        (lease.run_id, "publish", f"{out}/images/s1/a.png"),
+        (lease.run_id, "publish", f"{out}/shards/s1.json"),
+        (lease.run_id, "delete", f"{out}/_job.json"),
+        (lease.run_id, "lease_release", f"{out}/{LEASE_FILE}"),
+    ]
+
+
+def test_a_lease_take_whose_answer_was_lost_is_still_logged(tmp_path, monkeypatch):
+    """The write that takes the lease lands but its answer is lost (OSError after the swap); the retry
+    conflicts with it and a re-read finds this run's lease: the take is logged all the same (the chaos
+    soak found beats of a run with no take logged, its answer lost to a dropped connection)."""
+    from imagemill.core import lease as lease_module
+    from imagemill.core.write_audit import AUDIT_ENV, read_audit
+
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit.jsonl"))
+    swap, lost = lease_module._LocalStore.swap, []
+
+    def answer_lost_once(self, data, expected):
+        version = swap(self, data, expected)
+        if not lost:
+            lost.append(version)
+            raise ConnectionResetError("the answer was lost")
+        return version
+
+    monkeypatch.setattr(lease_module._LocalStore, "swap", answer_lost_once)
+    layout = OutputLayout(str(tmp_path / "out"))
+    with lease_module.OutputLease.held(layout, "lost-answer") as lease:
+        pass
+    ops = [(entry["run"], entry["op"]) for entry in read_audit(str(tmp_path / "audit.jsonl"))]
+    assert lost and ops == [(lease.run_id, "lease_take"), (lease.run_id, "lease_release")]
+
+
 paths = st.sampled_from(["images/s/a.png", "images/s/b.png", "metadata/s.parquet", "data/s.parquet"])
 
 

@@ -55,6 +55,7 @@ from imagemill.core.errors import ImagemillError, shown
 from imagemill.core.layout import LEASE_FILE, OutputLayout
 from imagemill.core.records import LEASE_PROGRESS_KEY, RunProgress, run_progress
 from imagemill.core.storage import retrying, write_file_atomically
+from imagemill.core.write_audit import audited
 
 log = logging.getLogger(__name__)
 
@@ -367,39 +368,45 @@ class OutputLease:
         return retrying(functools.partial(self.store.swap, data, expected), f"writing {self.store.path}")
 
     def _take(self) -> None:
-        while True:
-            record, version = self._read()
-            if record is not None and record.get("run_id") == self.run_id:
-                self.version = version  # our own write, retried after its answer was lost
+        # Logged once the lease is this run's, also where that is known only from a re-read (the
+        # answer to its write was lost): core/write_audit.py.
+        with audited(self.run_id, "lease_take", self.store.path):
+            while True:
+                record, version = self._read()
+                if record is not None and record.get("run_id") == self.run_id:
+                    self.version = version  # our own write, retried after its answer was lost
+                    break
+                current = None if record is None else LeaseView(record)
+                if current is not None and not current.stale and not current.dead:
+                    raise ImagemillError(
+                        f"{self.output.url} is in use by another imagemill run: {current.owner()}, "
+                        f"heartbeat {current.age:.0f} s ago. Wait for it to end or stop it (its lease is "
+                        f"taken over once its heartbeat is {current.stale_after:.0f} s old), "
+                        "or choose another output path."
+                    )
+                try:
+                    self.version = self._swap(self._data(), version)
+                except _Conflict:
+                    continue  # another driver got there first: look again
+                if current is not None:
+                    why = current.problem or (
+                        "its process is gone" if current.dead else "its heartbeat stopped"
+                    )
+                    log.warning(
+                        "took over %s from %s (%s; last heartbeat %.0f s ago)",
+                        self.output.url,
+                        current.owner(),
+                        why,
+                        current.age,
+                    )
                 break
-            current = None if record is None else LeaseView(record)
-            if current is not None and not current.stale and not current.dead:
-                raise ImagemillError(
-                    f"{self.output.url} is in use by another imagemill run: {current.owner()}, "
-                    f"heartbeat {current.age:.0f} s ago. Wait for it to end or stop it (its lease is "
-                    f"taken over once its heartbeat is {current.stale_after:.0f} s old), "
-                    "or choose another output path."
-                )
-            try:
-                self.version = self._swap(self._data(), version)
-            except _Conflict:
-                continue  # another driver got there first: look again
-            if current is not None:
-                why = current.problem or ("its process is gone" if current.dead else "its heartbeat stopped")
-                log.warning(
-                    "took over %s from %s (%s; last heartbeat %.0f s ago)",
-                    self.output.url,
-                    current.owner(),
-                    why,
-                    current.age,
-                )
-            break
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.stale_after / BEATS_PER_TIMEOUT):
             try:
-                self.version = self._swap(self._data(), self.version)
+                with audited(self.run_id, "lease_beat", self.store.path):
+                    self.version = self._swap(self._data(), self.version)
             except _Conflict:
                 record, version = self._read()
                 if record is not None and record.get("run_id") == self.run_id:
@@ -432,7 +439,8 @@ class OutputLease:
         if self.lost_to is not None:
             return
         try:
-            self._swap(None, self.version)
+            with audited(self.run_id, "lease_release", self.store.path):
+                self._swap(None, self.version)
         except (_Conflict, FileNotFoundError):  # already gone: a retried delete, or taken and released
             pass
         except OSError as exc:  # the lease then goes stale on its own after `stale_after`

@@ -19,7 +19,9 @@ it resumes it must not write a byte more. Two rules hold that, here and nowhere 
   the holder's runner clears that shard's paths and redoes it (execution/runner.py), so what ends up
   committed is the holder's.
 
-`OutputLayout` stays paths and reads; the lease file itself is written by `core/lease.py` only.
+`OutputLayout` stays paths and reads; the lease file itself is written by `core/lease.py` only. Every
+write and delete here is also logged with its run id when `IMAGEMILL_WRITE_AUDIT` is set
+(`core/write_audit.py`), so a soak can check that none landed after its run lost the lease.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from imagemill.core.storage import (
     retrying,
     write_file_atomically,
 )
+from imagemill.core.write_audit import audited
 
 PUBLISH_THREADS = 16
 
@@ -102,7 +105,8 @@ class OwnedOutput:
         self.check()
         path = self.layout.path(relative)
         self.layout.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-        retrying(lambda: write_file_atomically(self.layout.fs, path, data), f"writing {path}")
+        with audited(self.run_id, "write", path):
+            retrying(lambda: write_file_atomically(self.layout.fs, path, data), f"writing {path}")
 
     def write_json(self, relative: str, record: dict[str, Any]) -> None:
         self.write_whole(relative, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
@@ -113,11 +117,15 @@ class OwnedOutput:
     def remove_files(self, relatives: list[str]) -> None:
         """Delete exactly these files (exact paths, missing ones fine), after one ownership check."""
         self.check()
-        remove_files(self.layout.fs, [self.layout.path(relative) for relative in relatives])
+        paths = [self.layout.path(relative) for relative in relatives]
+        with audited(self.run_id, "delete", " ".join(paths)):
+            remove_files(self.layout.fs, paths)
 
     def remove_folder_if_empty(self, relative: str) -> None:
         self.check()
-        remove_folder_if_empty(self.layout.fs, self.layout.path(relative))
+        path = self.layout.path(relative)
+        with audited(self.run_id, "delete_folder", path):
+            remove_folder_if_empty(self.layout.fs, path)
 
     def clean_staging(self) -> None:
         """Delete every shard attempt's staging folder in the output (`_staging/`, local disks only):
@@ -128,7 +136,8 @@ class OwnedOutput:
         folder = self.layout.path(STAGING_FOLDER)
         if os.path.lexists(folder):
             _real_folder(folder)
-            shutil.rmtree(folder, ignore_errors=True)
+            with audited(self.run_id, "delete_folder", folder):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def attempt(self, shard_id: str) -> ShardAttempt:
         """A new attempt at one shard: its files are staged until `commit`. Checks ownership first, so
@@ -215,13 +224,14 @@ class ShardAttempt:
         layout = self.owned.layout
         staged, path = self._staged(relative), layout.path(relative)
         try:
-            if is_local(layout.fs):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.link(staged, path)
-            else:
-                with open(staged, "rb") as f:
-                    data = f.read()
-                retrying(lambda: layout.fs.pipe_file(path, data, mode="create"), f"writing {path}")
+            with audited(self.owned.run_id, "publish", path):
+                if is_local(layout.fs):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    os.link(staged, path)
+                else:
+                    with open(staged, "rb") as f:
+                        data = f.read()
+                    retrying(lambda: layout.fs.pipe_file(path, data, mode="create"), f"writing {path}")
             return None
         except FileExistsError:
             pass

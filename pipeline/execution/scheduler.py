@@ -361,13 +361,17 @@ class ShardScheduler:
 
     def _join(self, ref: ray.ObjectRef) -> None:
         """An actor answered `ready`: it joins the pool; if it failed to load, the job stops when no
-        actor has loaded yet (the model does not load), else another replacement is started."""
+        actor has loaded yet (the model does not load), else another replacement is started. An actor
+        that died of something else before it loaded (its node lost or drained, the process killed)
+        says nothing about the model: it is replaced like one that died later."""
         actor = self.starting.pop(ref)
         try:
             ready = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
-            self._stop(actor)  # one that could not load its model is still alive
-            if not self.loaded_once:
+            self._stop(actor)  # one that could not load its model is still alive (a gang whole)
+            # `ready` raised, or the constructor (which loads the model) did: the model's own error.
+            model_failed = isinstance(exc, RayTaskError) or exc.actor_init_failed
+            if not self.loaded_once and model_failed:
                 self._load_failed(exc)
             log.warning("a replacement worker failed to start: %s", _one_line(exc))
             self._start_replacement()
