@@ -29,7 +29,7 @@ def score_distributions(
     rows that have the score, job-wide and per label; None for a column no row has (scoring off, no
     image-to-image row)."""
     scores: dict[str, dict[str | None, list[np.ndarray]]] = {column: {} for column in columns}
-    for shard_id in shard_ids:
+    for shard_id in shard_ids if columns else []:  # no score column: no metadata file is opened
         with output.fs.open(output.path(OutputLayout.metadata_path(shard_id)), "rb") as f:
             parquet = pq.ParquetFile(f)
             names = parquet.schema_arrow.names
