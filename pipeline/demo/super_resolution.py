@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from imagemill.demo import shapes as demo_shapes
 from imagemill.workers.image_similarity import psnr, ssim
 from imagemill.workers.loading import Pretrained
-from imagemill.workers.stages.upscale import WEIGHTS, Upscaler, spandrel_loader
+from imagemill.workers.stages.upscale import WEIGHTS, SpandrelUpscaler, spandrel_loader
 
 SEED = 0
 SCALE = 4
@@ -141,13 +141,18 @@ def train(
 def enlarged(weights: str | Path, low: np.ndarray) -> dict[str, np.ndarray]:
     """(N, 32, 32, 3) uint8 images enlarged x4 three ways: by the network in `weights` (loaded and run by
     the `upscale:` stage's own `Upscaler`, on the CPU), and by PIL's bicubic and Lanczos resizing."""
-    upscaler = Upscaler(Pretrained(str(weights), "upscale.source"), "float32", 512, 16, "cpu")
+    upscaler = SpandrelUpscaler(Pretrained(str(weights), "upscale.source"), "float32", 512, 16, "cpu")
     chunks = np.array_split(low, max(1, len(low) // 64))
     resized = {
         name: np.stack([np.asarray(Image.fromarray(image).resize((HIGH, HIGH), method)) for image in low])
         for name, method in (("bicubic", Image.Resampling.BICUBIC), ("lanczos", Image.Resampling.LANCZOS))
     }
-    return {"network": torch.cat([upscaler(torch.from_numpy(c)) for c in chunks]).numpy(), **resized}
+    return {
+        "network": torch.cat(
+            [upscaler(torch.from_numpy(c), [""] * len(c), [0] * len(c)) for c in chunks]
+        ).numpy(),
+        **resized,
+    }
 
 
 def quality(weights: str | Path, low: np.ndarray, high: np.ndarray) -> dict[str, tuple[float, float]]:
