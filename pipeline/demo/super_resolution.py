@@ -140,7 +140,7 @@ def train(
 
 def enlarged(weights: str | Path, low: np.ndarray) -> dict[str, np.ndarray]:
     """(N, 32, 32, 3) uint8 images enlarged x4 three ways: by the network in `weights` (loaded and run by
-    the `upscale:` stage's own `Upscaler`, on the CPU), and by PIL's bicubic and Lanczos resizing."""
+    the `upscale:` stage's own `SpandrelUpscaler`, on the CPU), and by PIL's bicubic and Lanczos resizing."""
     upscaler = SpandrelUpscaler(Pretrained(str(weights), "upscale.source"), "float32", 512, 16, "cpu")
     chunks = np.array_split(low, max(1, len(low) // 64))
     resized = {
