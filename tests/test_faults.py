@@ -147,17 +147,19 @@ def test_an_actor_lost_before_it_loaded_is_replaced_not_taken_for_a_broken_model
             "workers": {"num_workers": 1, "batch_size": 4},
         }
     )
-    new_actor = ShardScheduler._new_actor
+    new_replica = ShardScheduler._new_replica
     killed = []
 
     def first_one_killed(self):
-        actor = new_actor(self)
+        replica = new_replica(self)
         if not killed:
-            ray_session.kill(actor)  # before its ready() can answer: a system death, not a load error
-            killed.append(actor)
-        return actor
+            ray_session.kill(
+                replica.leader
+            )  # before its ready() can answer: a system death, not a load error
+            killed.append(replica.leader)
+        return replica
 
-    monkeypatch.setattr(ShardScheduler, "_new_actor", first_one_killed)
+    monkeypatch.setattr(ShardScheduler, "_new_replica", first_one_killed)
     result = imagemill.run(spec, progress=False)
     assert killed and result.complete and not result.failures, result.summary()
     check_output(output, _ids(rows), 32, 32)

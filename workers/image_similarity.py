@@ -29,12 +29,11 @@ DATA_RANGE = 255.0
 MAX_PSNR = 100.0  # dB, for identical images (infinite otherwise, which JSON records cannot hold)
 
 
-def _window(size: int, channels: int, device: torch.device) -> torch.Tensor:
-    """The separable Gaussian window as a depthwise (channels, 1, size, size) kernel."""
+def _window(size: int, device: torch.device) -> torch.Tensor:
+    """The Gaussian window's one-dimensional line (it is separable: the 2-D window is line x line)."""
     offsets = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
     line = torch.exp(-(offsets**2) / (2 * SIGMA**2))
-    line = line / line.sum()
-    return (line[:, None] * line[None, :]).expand(channels, 1, size, size)
+    return line / line.sum()
 
 
 def _planar(images: torch.Tensor) -> torch.Tensor:
@@ -51,23 +50,30 @@ def _mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return (values.flatten(1) * weight).sum(1) / weight.sum(1)
 
 
+def structural_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The (N, H, W) SSIM map, averaged over channels, of two (N, C, H, W) float batches on the 0..255
+    scale: differentiable, so the demo super-resolution trainer's loss is the very SSIM measured here."""
+    margin = WINDOW // 2
+    x, y = (F.pad(planes, [margin] * 4, mode="reflect") for planes in (x, y))
+    line = _window(WINDOW, x.device)
+    # the five local moments in one pass of the window, separably: cheap enough for a training loss
+    moments = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    channels = moments.shape[1]
+    moments = F.conv2d(moments, line.view(1, 1, WINDOW, 1).expand(channels, 1, WINDOW, 1), groups=channels)
+    moments = F.conv2d(moments, line.view(1, 1, 1, WINDOW).expand(channels, 1, 1, WINDOW), groups=channels)
+    mu_x, mu_y, xx, yy, xy = moments.chunk(5, dim=1)
+    var_x = (xx - mu_x**2).clamp(min=0)
+    var_y = (yy - mu_y**2).clamp(min=0)
+    cov = xy - mu_x * mu_y
+    c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return index.mean(1)
+
+
 def ssim(first: torch.Tensor, second: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image SSIM of two (N, H, W, 3) uint8 batches, as an (N,) float32 tensor on their device;
     `keep`: (N, H, W) bool, the pixels averaged (all without it)."""
-    margin = WINDOW // 2
-    x, y = (F.pad(_planar(images), [margin] * 4, mode="reflect") for images in (first, second))
-    kernel = _window(WINDOW, x.shape[1], x.device)
-
-    def blur(values: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(values, kernel, groups=x.shape[1])
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = (blur(x * x) - mu_x**2).clamp(min=0)
-    var_y = (blur(y * y) - mu_y**2).clamp(min=0)
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return _mean(index.mean(1), keep)
+    return _mean(structural_similarity(_planar(first), _planar(second)), keep)
 
 
 def psnr(first: torch.Tensor, second: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,9 @@ drawn at 32² (the input) and the same scene, same jitter, drawn at 128² (the t
 degraded the way the demo job's images are: half of the pairs pass through the demo model's own VAE
 (encode, decode), whose soft edges and colour noise are what the network meets after the demo model
 draws; the other half stay as drawn. Only training scenes are used (``shapes.scenes(held_out=False)``);
-``bench/super_resolution.py`` and ``tests/test_demo_super_resolution.py`` measure held-out ones.
+``bench/super_resolution.py`` and ``tests/test_demo_super_resolution.py`` measure held-out ones: with
+the demo model's look, the shipped weights (32 features, 6 convolutions, 6000 steps) beat bicubic by
+about +4.3 dB PSNR and +0.07 SSIM, the issue's bar being +2 dB and +0.05.
 
 The network is built by spandrel from a state dict's keys (the same loader the ``upscale:`` stage uses),
 so nothing of the architecture is written here, and the saved ``model.safetensors`` is loaded by
@@ -30,21 +32,22 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from imagemill.demo import shapes as demo_shapes
-from imagemill.workers.image_similarity import psnr, ssim
+from imagemill.workers.image_similarity import psnr, ssim, structural_similarity
 from imagemill.workers.loading import Pretrained
-from imagemill.workers.stages.upscale import WEIGHTS, Upscaler, spandrel_loader
+from imagemill.workers.stages.upscale import WEIGHTS, SpandrelUpscaler, spandrel_loader
 
 SEED = 0
 SCALE = 4
 LOW, HIGH = demo_shapes.SIZE, demo_shapes.SIZE * SCALE
-FEATURES = 24  # Compact's num_feat
+FEATURES = 32  # Compact's num_feat
 CONVS = 6  # Compact's num_conv: a receptive field of CONVS + 2 input pixels, under upscale's 16 of overlap
 PAIRS_PER_SCENE = 16
 BATCH = 8
 CROP = 24  # input pixels a side: each step trains on one place of the 32² pairs (every shape edge is
 # inside most 24² crops; the flat corners left out teach little), at about half the cost of the whole
-STEPS = 4000
-LEARNING_RATE = 5e-4
+STEPS = 6000
+LEARNING_RATE = 1e-3
+MSE_WEIGHT = 20.0  # squared error (0..1 scale) beside 1 - SSIM: both margins, PSNR and SSIM, over bicubic
 DEMO_MODEL = "jobs/models/demo-shapes"
 WEIGHTS_DIR = "jobs/models/demo-sr"
 HELD_OUT_SEED = 1  # the held-out pairs' jitter (the bench, the test, the picture); training uses SEED
@@ -104,9 +107,11 @@ def train(
     demo_model: str | Path = DEMO_MODEL,
     per_scene: int = PAIRS_PER_SCENE,
 ) -> Path:
-    """Train the network from scratch (mean squared error, Adam, cosine-decayed rate) and write
-    `out_dir/model.safetensors`. Squared error, not L1: L1's best answer for an edge is its median,
-    the nearest-neighbour enlargement, where a trial run settled (residual zero, 2 dB under bicubic)."""
+    """Train the network from scratch (1 - SSIM plus squared error, Adam, cosine-decayed rate) and
+    write `out_dir/model.safetensors`. SSIM is the metadata's own (`structural_similarity`): squared
+    error alone left flat areas noisy (+2.4 dB but only +0.016 SSIM over bicubic with 24 features);
+    squared error stays beside it, not L1, whose best answer for an edge is its median, the
+    nearest-neighbour enlargement (a trial run settled there, 2 dB under bicubic)."""
     out = Path(out_dir)
     torch.set_num_threads(1)  # as the demo model: fixed arithmetic order, and two shared cores
     generator = torch.Generator().manual_seed(SEED)
@@ -125,7 +130,9 @@ def train(
         y, x = torch.randint(LOW - CROP + 1, (2,), generator=generator).tolist()
         crop = inputs[rows, :, y : y + CROP, x : x + CROP]
         truth = targets[rows, :, SCALE * y : SCALE * (y + CROP), SCALE * x : SCALE * (x + CROP)]
-        loss = F.mse_loss(model(crop), truth)
+        enlarged_crop = model(crop)
+        similarity = structural_similarity(255 * enlarged_crop, 255 * truth).mean()
+        loss = 1 - similarity + MSE_WEIGHT * F.mse_loss(enlarged_crop, truth)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -140,14 +147,19 @@ def train(
 
 def enlarged(weights: str | Path, low: np.ndarray) -> dict[str, np.ndarray]:
     """(N, 32, 32, 3) uint8 images enlarged x4 three ways: by the network in `weights` (loaded and run by
-    the `upscale:` stage's own `Upscaler`, on the CPU), and by PIL's bicubic and Lanczos resizing."""
-    upscaler = Upscaler(Pretrained(str(weights), "upscale.source"), "float32", 512, 16, "cpu")
+    the `upscale:` stage's own `SpandrelUpscaler`, on the CPU), and by PIL's bicubic and Lanczos resizing."""
+    upscaler = SpandrelUpscaler(Pretrained(str(weights), "upscale.source"), "float32", 512, 16, "cpu")
     chunks = np.array_split(low, max(1, len(low) // 64))
     resized = {
         name: np.stack([np.asarray(Image.fromarray(image).resize((HIGH, HIGH), method)) for image in low])
         for name, method in (("bicubic", Image.Resampling.BICUBIC), ("lanczos", Image.Resampling.LANCZOS))
     }
-    return {"network": torch.cat([upscaler(torch.from_numpy(c)) for c in chunks]).numpy(), **resized}
+    return {
+        "network": torch.cat(
+            [upscaler(torch.from_numpy(c), [""] * len(c), [0] * len(c)) for c in chunks]
+        ).numpy(),
+        **resized,
+    }
 
 
 def quality(weights: str | Path, low: np.ndarray, high: np.ndarray) -> dict[str, tuple[float, float]]:
