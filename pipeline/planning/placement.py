@@ -74,8 +74,9 @@ class ReplicaPlan:
     def line(self, replicas: int) -> str:
         """The placement line shown at job start: replicas × GPUs, actors per GPU, where the model sits."""
         counted = f"{replicas} replica{'s' if replicas != 1 else ''}"
+        actors = f"{replicas} actor{'s' if replicas != 1 else ''}"
         if not self.gpus:
-            return f"placement: {replicas} actors on CPU ({self.num_cpus:g} CPU each); a whole model each"
+            return f"placement: {actors} on CPU ({self.num_cpus:g} CPU each); a whole model each"
         if self.members > 1:
             return (
                 f"placement: {counted} × {self.members} GPUs (gang of {self.members}), 1 actor per "
@@ -89,10 +90,10 @@ class ReplicaPlan:
             )
         if self.gpus < 1:
             return (
-                f"placement: {replicas} actors on {math.ceil(replicas * self.gpus)} GPUs ({self.gpus:g} GPU "
+                f"placement: {actors} on {math.ceil(replicas * self.gpus)} GPUs ({self.gpus:g} GPU "
                 f"each, {round(1 / self.gpus)} per GPU); components: the whole model in each actor's share"
             )
-        return f"placement: {replicas} actors × 1 GPU; components: the whole model on each GPU"
+        return f"placement: {actors} × 1 GPU; components: the whole model on each GPU"
 
 
 def replica_plan(num_cpus: float, uses_gpu: bool, gpus_per_worker: float, parallel: str) -> ReplicaPlan:
