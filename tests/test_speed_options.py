@@ -160,17 +160,3 @@ def test_compile_mode_reaches_torch_compile_is_fingerprinted_and_needs_inductor(
     ):
         with pytest.raises(ImagemillError, match="compile_mode .* needs compile: true and compile_backend"):
             _compile_mode_spec(tmp_path, tiny_model, **speed)
-
-
-@pytest.mark.slow
-def test_reduce_overhead_runs_on_cpu_as_default_and_draws_the_same_images(tmp_path, tiny_model, reference):
-    """On CPU inductor has no CUDA graphs: reduce-overhead compiles as default does, runs, and the images
-    are the uncompiled ones within the determinism rule (another kernel, a few levels)."""
-    spec = _compile_mode_spec(tmp_path, tiny_model, compile=True, compile_mode="reduce-overhead")
-    torch._dynamo.reset()
-    try:
-        generator = DiffusersGenerator(tiny_model, "float32", "cpu", speed=SpeedOptions.from_spec(spec))
-        images = _images(generator)
-    finally:
-        torch._dynamo.reset()
-    _close(images, reference)
