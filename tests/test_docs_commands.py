@@ -227,6 +227,7 @@ def test_the_running_guides_example_spec_loads():
     assert spec.input.rows_per_shard == "auto" and spec.workers.batch_size == 8
 
 
+@pytest.mark.slow
 def test_the_demo_trainer_writes_a_pipeline_the_demo_job_can_load(tmp_path):
     words = command("README.md", r"python -m imagemill\.demo\.model train DIR")
     assert words == ["python", "-m", "imagemill.demo.model", "train", "DIR"]

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,6 +100,7 @@ def _job(tmp_path, on_unreadable: str) -> JobSpec:
     )
 
 
+@pytest.mark.slow
 def test_a_job_records_and_counts_the_images_its_watermark_did_not_read_back_from(tmp_path):
     unreadable = {}
     for policy in ("mark", "retry"):
