@@ -26,7 +26,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from throughput import MODELS_DIR, _machine, _pythonpath, _write_input, build_model, publish, run_rounds
+from throughput import MODELS_DIR, _machine, _pythonpath, bench_spec, build_model, publish, run_rounds
 
 ACTORS = (1, 2, 4)
 PROFILES = {  # a small model's load: a GPU it does not fill alone
@@ -40,24 +40,10 @@ def run_one_actor(settings: dict, share: int, model: Path, work: Path) -> None:
     rows, print its result as JSON."""
     import torch
 
-    import imagemill
     from imagemill.testing.in_process import load_worker, run_shards
     from imagemill.workers.generators.contract import BatchKey
 
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(_write_input(settings, work)), "rows_per_shard": 64},
-            "output": {"path": str(work / "out")},
-            "model": {"source": str(model), "dtype": settings["dtype"]},
-            "generation": {
-                "width": settings["size"],
-                "height": settings["size"],
-                "num_inference_steps": settings["steps"],
-                "guidance_scale": settings["guidance"],
-            },
-            "workers": {"batch_size": settings["batch_size"], "gpus_per_worker": 1 / share},
-        }
-    )
+    spec = bench_spec(settings, work, model, {"path": str(work / "out")}, {"gpus_per_worker": 1 / share})
     worker = load_worker(spec)
     size, batch = settings["size"], settings["batch_size"]
     key = BatchKey(size, size, settings["steps"], settings["guidance"])

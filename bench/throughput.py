@@ -30,9 +30,13 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from imagemill.core.spec import JobSpec
 
 _SHAPED = {"workers": 1, "dtype": "float16", "gpu": True}
 _TINY = {"workers": 1, "dtype": "float32", "gpu": False}
@@ -139,6 +143,31 @@ def run_bare(settings: dict, model: Path, work: Path, compiled: tuple[str, str] 
     }
 
 
+def bench_spec(
+    settings: dict, work: Path, model: Path, output: dict, workers: dict, **sections: dict
+) -> JobSpec:
+    """The benches' job on `model`: the profile's prompts (written under `work`), image size, steps,
+    guidance and batch size; `output`, `workers` (added to the batch size) and `sections` are what a
+    bench varies."""
+    import imagemill
+
+    return imagemill.build_spec(
+        {
+            "input": {"path": str(_write_input(settings, work)), "rows_per_shard": 64},
+            "output": output,
+            "model": {"source": str(model), "dtype": settings["dtype"]},
+            "generation": {
+                "width": settings["size"],
+                "height": settings["size"],
+                "num_inference_steps": settings["steps"],
+                "guidance_scale": settings["guidance"],
+            },
+            "workers": {"batch_size": settings["batch_size"], **workers},
+            **sections,
+        }
+    )
+
+
 def _write_input(settings: dict, work: Path) -> Path:
     folder = work / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,20 +188,8 @@ def run_imagemill(settings: dict, model: Path, work: Path, extra: dict | None = 
 
     ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # as (c): room for Ray's own tasks
     output = work / "imagemill-out"
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(_write_input(settings, work)), "rows_per_shard": 64},
-            "output": {"path": str(output)},
-            "model": {"source": str(model), "dtype": settings["dtype"]},
-            "generation": {
-                "width": settings["size"],
-                "height": settings["size"],
-                "num_inference_steps": settings["steps"],
-                "guidance_scale": settings["guidance"],
-            },
-            "workers": {"num_workers": settings["workers"], "batch_size": settings["batch_size"]},
-            **(extra or {}),
-        }
+    spec = bench_spec(
+        settings, work, model, {"path": str(output)}, {"num_workers": settings["workers"]}, **(extra or {})
     )
     started = time.perf_counter()
     result = imagemill.run(spec, progress=False)

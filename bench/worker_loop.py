@@ -34,7 +34,7 @@ from throughput import (
     PROFILES,
     _child,
     _machine,
-    _write_input,
+    bench_spec,
     build_model,
     publish,
     run_bare,
@@ -51,28 +51,13 @@ def run_worker(
 ) -> dict:
     import torch
 
-    import imagemill
     from imagemill.testing.in_process import load_worker, run_shards
     from imagemill.workers.generators.contract import BatchKey
     from imagemill.workers.stage_timer import STAGES
 
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(_write_input(settings, work)), "rows_per_shard": 64},
-            "output": {"path": str(work / "out"), "image_format": image_format},
-            "model": {"source": str(model), "dtype": settings["dtype"]},
-            "generation": {
-                "width": settings["size"],
-                "height": settings["size"],
-                "num_inference_steps": settings["steps"],
-                "guidance_scale": settings["guidance"],
-            },
-            "workers": {"batch_size": settings["batch_size"]},
-            "speed": {"compile": True, "compile_backend": compiled[0], "compile_mode": compiled[1]}
-            if compiled
-            else {},
-        }
-    )
+    speed = {"compile": True, "compile_backend": compiled[0], "compile_mode": compiled[1]} if compiled else {}
+    output = {"path": str(work / "out"), "image_format": image_format}
+    spec = bench_spec(settings, work, model, output, {}, speed=speed)
     worker = load_worker(spec)
     # One warm-up call, as the bare loop makes (and as a long-running actor is warm): the first call
     # on a device pays one-time costs (CUDA's lazily loaded kernels, cuDNN/cuBLAS set-up, the caching
