@@ -152,17 +152,20 @@ def test_a_gang_of_two_runs_exactly_once_and_a_killed_member_retries_its_shard_o
 
 @pytest.mark.model
 def test_a_context_parallel_gang_draws_the_one_process_images(two_gpus, tmp_path):
-    """`gpus_per_worker: 2, parallel: context` with a tiny FLUX: the gang meets before it loads, so its
-    denoiser splits each image's tokens over both members (the ready line says so), and its images are
-    the one-process job's within the determinism rule (a level, in a few pixels)."""
+    """`gpus_per_worker: 2, parallel: context` with a tiny FLUX and sampled prompt expansion: the gang
+    meets before it loads, so its denoiser splits each image's tokens over both members (the ready
+    line says so), the follower draws from the leader's expanded prompts, and its images are the
+    one-process job's within the determinism rule (a level, in a few pixels)."""
     import numpy as np
     from PIL import Image
 
     import imagemill
     from imagemill.testing.in_process import run_in_process
     from imagemill.testing.tiny_families import make_tiny_family
+    from imagemill.testing.tiny_lm import make_tiny_lm
 
     flux = make_tiny_family("flux", tmp_path / "flux")
+    lm = make_tiny_lm(tmp_path / "lm")
     rows = write_prompt_files(str(tmp_path / "prompts"), n_files=1, rows_per_file=4, row_group_size=4)
     model = f"{{source: {flux}, parallel: context}}"
     job = _job(tmp_path, "{gpus_per_worker: 2, batch_size: 2}", model)
@@ -170,6 +173,8 @@ def test_a_context_parallel_gang_draws_the_one_process_images(two_gpus, tmp_path
         Path(job)
         .read_text()
         .replace("{width: 16, height: 16}", "{width: 64, height: 32, num_inference_steps: 2}")
+        # only the leader expands: without its prompts, a follower draws from the unexpanded ones
+        + f"expansion: {{source: {lm}, max_new_tokens: 8, do_sample: true, top_p: 0.9}}\n"
     )
     code, log = _run(two_gpus, tmp_path, job)
     assert code == 0, log

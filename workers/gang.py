@@ -4,9 +4,11 @@ A replica of `workers.gpus_per_worker: N` with `model.parallel: context` is N ac
 one node (imagemill.execution.replicas places them). Each joins one torch.distributed process group
 (nccl on CUDA, gloo elsewhere) at the leader's address, rank 0 the leader. The leader reads and
 writes the shard; for each shard it takes the model, it sends the same shard to every follower,
-which draws the same rows with the same seeds, and after each batch all members all-reduce the rows
-they drew (`step`): the leader checks every member drew the batch, so a member out of step or dead
-fails the attempt with `GangBroken` instead of hanging, and the driver re-places the gang.
+which draws the same rows with the same seeds (with prompt expansion, from the leader's expanded
+prompts, sent before each batch by `agree_prompts`: only the leader expands), and after each batch
+all members all-reduce the rows they drew (`step`): the leader checks every member drew the batch,
+so a member out of step or dead fails the attempt with `GangBroken` instead of hanging, and the
+driver re-places the gang.
 
 A generator splitting an image's work over the gang (branch `parallel`) takes the group from
 `replica_group()`, whose world size is the replica's GPUs.
@@ -26,6 +28,7 @@ import torch.distributed as dist
 
 from imagemill.core.errors import GangBroken
 from imagemill.core.shard import Shard
+from imagemill.workers.rows import Row
 
 # How long a member waits for the others: to join (the slowest to load the model), then in each
 # collective; past it the attempt fails as a broken gang.
@@ -79,6 +82,18 @@ class Gang:
             raise GangBroken(
                 f"the gang drew {int(drawn.item())} rows of a {rows}-row batch on {self.world_size} members"
             )
+
+    def agree_prompts(self, rows: list[Row]) -> None:
+        """Before a batch, on every member: the leader's expanded prompts of the batch's rows, set on
+        the followers' rows. Every member draws a share of each image's work, so all must condition
+        on the same text, and only the leader expands (sampled by a language model on its device)."""
+        texts = [row.expanded_prompt for row in rows]
+        try:
+            dist.broadcast_object_list(texts, src=0, device=torch.device(self.device))
+        except RuntimeError as exc:
+            raise GangBroken(f"a gang member is gone: {exc}") from exc
+        for row, text in zip(rows, texts, strict=True):
+            row.expanded_prompt = text
 
     @contextmanager
     def leading(self, shard: Shard, batch_size: int) -> Iterator[None]:

@@ -150,14 +150,16 @@ class ShardWorker:
         return self.ready()
 
     def follow_shard(self, shard: Shard, batch_size: int) -> int:
-        """A gang follower's part of a shard its leader runs: the same rows, the leader's batches and
-        the same seeds, drawn in step with the leader (`Gang.step` after each batch); nothing is
-        written. Returns the rows drawn."""
+        """A gang follower's part of a shard its leader runs: the same rows, the leader's batches, its
+        expanded prompts and the same seeds, drawn in step with the leader (`Gang.step` after each
+        batch); nothing is written. Returns the rows drawn."""
         assert self.gang is not None
         run = ShardRun(shard, self.spec.model.source)
         self._read(run)
         drawn = 0
         for batch in make_batches(run.rows, batch_size):
+            if self.spec.expansion is not None:
+                self.gang.agree_prompts(batch)
             # the leader's rows of a batch the model refuses become model_rejected errors: still a step
             with self._model_time(run), suppress(ValueError):
                 self.selection.draw(batch)
@@ -233,6 +235,8 @@ class ShardWorker:
         for batch in make_batches(run.rows, self.spec.workers.batch_size):
             if run.expansion is not None:
                 run.expansion.fill(batch)
+                if self.gang is not None:
+                    self.gang.agree_prompts(batch)
             drawn = self._draw(run, batch)
             if drawn is not None:
                 self._write(run, writer, batch, drawn)
