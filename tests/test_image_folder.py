@@ -190,6 +190,25 @@ def test_a_rerun_is_a_no_op_and_new_images_alone_are_done_next(tmp_path):
         == "invalid_image: '../outside.png' leaves the image folder"
     )
 
+    fresh = run_in_process(spec, overwrite=True)  # deletes the listings with the rest: one new one
+    assert (fresh.ok, fresh.errors_by_reason) == (4, {"invalid_image": 1})
+    assert sorted(path.name for path in (output / "_input").iterdir()) == ["listing-00000.parquet"]
+
+
+def test_on_ray_the_listing_is_read_in_pieces_and_a_rerun_runs_nothing(ray_session, tmp_path):
+    """Real actors: one listing of six images cut into pieces of two rows, served by the run's
+    PieceServer from the output; the same job run again has nothing to do."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(6):
+        (folder / f"{seed}.png").write_bytes(_encoded(_pixels(seed), "PNG"))
+    spec = _spec(str(folder), str(tmp_path / "out"), rows_per_shard=2)
+    spec = spec.model_copy(update={"workers": spec.workers.model_copy(update={"num_workers": 1})})
+    first = imagemill.run(spec, progress=False)
+    assert (first.ok, first.shards_total) == (6, 3)
+    _check(str(tmp_path / "out"), {f"{seed}.png": _encoded(_pixels(seed), "PNG") for seed in range(6)}, {})
+    assert imagemill.run(spec, progress=False).shards_run == 0
+
 
 NAME_CHARS = st.sampled_from([*"ab Z09._-#[]*?!{}()&'%+,;=~@$^", "é", "猫", "\u00a0", "\U0001f600"])
 
@@ -244,8 +263,8 @@ def test_a_file_an_empty_folder_and_an_output_inside_the_folder_are_refused(tmp_
 
 
 def test_an_s3_prefix_of_images_is_enhanced_into_an_s3_output(s3_endpoint, tmp_path):
-    """The prefix listed through s3fs, its listing written into the output's bucket and read back with
-    the output's storage options, the images read with the input's."""
+    """The prefix listed through s3fs (hostile names, `_SUCCESS` skipped), its listing written
+    create-only into the output's bucket (a conditional PUT) and read back by the worker."""
     import s3fs
 
     bucket = make_bucket("image-folder")
