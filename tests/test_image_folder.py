@@ -21,9 +21,11 @@ from PIL import Image
 
 import imagemill
 from imagemill.core.errors import ImagemillError
-from imagemill.core.layout import image_name
+from imagemill.core.layout import OutputLayout, image_name
+from imagemill.core.write_gate import OwnedOutput
 from imagemill.execution.executor import ShardWork
-from imagemill.planning.image_listing import list_images
+from imagemill.planning.image_listing import list_images, plan_listing, write_listing
+from imagemill.planning.shards import plan_shards
 from imagemill.testing.in_process import InThisProcess, run_in_process
 
 SIZE = 16
@@ -208,6 +210,29 @@ def test_on_ray_the_listing_is_read_in_pieces_and_a_rerun_runs_nothing(ray_sessi
     assert (first.ok, first.shards_total) == (6, 3)
     _check(str(tmp_path / "out"), {f"{seed}.png": _encoded(_pixels(seed), "PNG") for seed in range(6)}, {})
     assert imagemill.run(spec, progress=False).shards_run == 0
+
+
+def test_a_listing_another_run_wrote_after_this_one_listed_is_never_replaced(tmp_path):
+    """Two runs of a job at once: the lease lets one hold the output at a time, but both may list the
+    folder before either holds it. The later writer's listing of other images is refused, naming it;
+    the first one's stays as it was."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_encoded(_pixels(0), "PNG"))
+    spec = _spec(str(folder), str(tmp_path / "out"))
+    layout = OutputLayout(spec.output.path)
+    late = plan_shards(spec.input, listing=plan_listing(spec.input, layout, overwrite=False))
+    (folder / "b.png").write_bytes(_encoded(_pixels(1), "PNG"))
+    owned = OwnedOutput.unleased(layout)
+    other = plan_shards(spec.input, listing=plan_listing(spec.input, layout, overwrite=False))
+    write_listing(owned, other)  # lists a.png and b.png
+    written = (tmp_path / "out" / "_input" / "listing-00000.parquet").read_bytes()
+    with pytest.raises(
+        ImagemillError, match=r"listing-00000.parquet was written by another run .*; run again"
+    ):
+        write_listing(owned, late)
+    assert (tmp_path / "out" / "_input" / "listing-00000.parquet").read_bytes() == written
+    write_listing(owned, other)  # the same bytes again: not a conflict
 
 
 NAME_CHARS = st.sampled_from([*"ab Z09._-#[]*?!{}()&'%+,;=~@$^", "é", "猫", "\u00a0", "\U0001f600"])
