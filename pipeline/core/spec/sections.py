@@ -156,7 +156,7 @@ class InputSpec(_Section):
             return data
         implied = {"prompt_column": None, "image_column": LISTING_IMAGE_COLUMN, "mask_column": None}
         for name, value in implied.items():
-            if data.get(name, value) != value:
+            if data.get(name) not in (None, value):
                 raise ValueError(
                     f"input.{name}: {data[name]!r} does not apply to input.format: images (each listed image "
                     "is its row's source, with no prompt or mask); remove it, or list the images in a "
