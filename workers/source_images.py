@@ -3,7 +3,8 @@
 A source is the row's `input.image_column` value: image bytes, or a path. Every value comes from the
 input's owner (or whoever can write its bucket), so the worst value is planned for:
 
-- A relative path is read from the input file's folder, with the input's storage options, and must
+- A relative path is read from the input file's folder (`input.format: images`: from the image
+  folder, imagemill.core.image_folder's `source_folder`), with the input's storage options, and must
   stay inside it: `../../etc/passwd` (or `a/../../b`) is refused, and so is `::` (fsspec's
   chaining). An absolute path or a URL (`/etc/passwd`, `s3://other-bucket/x`, `file:///…` from an
   s3 input) is refused unless `input.allow_absolute_image_paths`; then it is opened with the
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from imagemill.core.image_folder import source_folder
 from imagemill.core.images import InvalidImage, decode_image
 from imagemill.core.spec import GenerationSpec, InputSpec
 from imagemill.core.storage import filesystem, is_local, retrying
@@ -57,12 +59,14 @@ PAD_COLOUR = (0, 0, 0)
 
 
 class SourceReader:
-    """Reads the sources of one input file's rows: bytes as given, paths under the file's folder."""
+    """Reads the sources of one input file's rows: bytes as given, paths under their folder (the
+    file's, or the image folder the file lists)."""
 
     def __init__(self, input_file: str, spec: InputSpec):
         self.spec = spec
-        self.folder = input_file.rsplit("/", 1)[0]
-        self.protocol = _protocol(input_file)
+        self.folder = source_folder(spec, input_file)
+        self.folder_named = "the image folder" if spec.format == "images" else "the input file's folder"
+        self.protocol = _protocol(self.folder)
 
     def location(self, value: str) -> str:
         """The URL or path `value` names, under the policy of the module docstring."""
@@ -75,13 +79,13 @@ class SourceReader:
         if "://" in value or value.startswith(("/", "\\")):
             if not self.spec.allow_absolute_image_paths:
                 raise InvalidImage(
-                    f"{value!r} is absolute or a URL; paths are relative to the input file's folder "
+                    f"{value!r} is absolute or a URL; paths are relative to {self.folder_named} "
                     "(set input.allow_absolute_image_paths to allow others)"
                 )
             return value
         relative = posixpath.normpath(value.replace("\\", "/"))
         if relative == ".." or relative.startswith("../"):
-            raise InvalidImage(f"{value!r} leaves the input file's folder")
+            raise InvalidImage(f"{value!r} leaves {self.folder_named}")
         return f"{self.folder}/{relative}"
 
     def read(self, value: Any) -> bytes:
@@ -121,7 +125,7 @@ class SourceReader:
         if contained:
             folder = os.path.realpath(filesystem(self.folder)[1])
             if os.path.commonpath([folder, real]) != folder:
-                raise InvalidImage(f"{value!r} leaves the input file's folder (through a symbolic link)")
+                raise InvalidImage(f"{value!r} leaves {self.folder_named} (through a symbolic link)")
         return real
 
 

@@ -211,7 +211,7 @@ class ShardWorker:
     def _read(self, run: ShardRun) -> None:
         """Read the shard's row groups and resolve and validate its rows (invalid ones become errors)."""
         with run.timer.timing("read"):
-            table = read_shard(run.shard, self.spec.input)
+            table = read_shard(run.shard, self.spec.shard_input())
             n_variants = self.spec.expansion.n_variants if self.spec.expansion else 1
             run.rows = prepare_rows(table, run.shard, self.spec.input, self.spec.generation, n_variants)
             run.carried = carried_of(table, run.rows, run.shard, self.spec.input)

@@ -12,6 +12,7 @@
       duplicates.parquet, _reference_features.parquet   `evaluation:` only: near-duplicates, the
                                     reference's features (imagemill.evaluation.post_pass)
       shards/<shard_id>.json        the shard's stats; written last, so its presence commits the shard
+      _input/listing-<n>.parquet    input.format: images: images listed by a run (planning/image_listing.py)
       attempts/<shard_id>.json      the shard's failed attempts and their device time (device_ledger.py)
 
 Whatever the format, a shard's images are written first, then its metadata, then its stats.
@@ -60,6 +61,9 @@ LEASE_FILE = "_lease.json"
 # Shard attempts staged before their create-only commit (imagemill.core.write_gate), on local disks.
 STAGING_FOLDER = "_staging"
 SUBMITTED = "_submitted.json"  # `imagemill submit`'s note for `status`, until the job writes its record
+# input.format: images: each run's listing of the images no earlier run listed, written create-only.
+LISTING_FOLDER = "_input"
+LISTING_NAME = re.compile(r"listing-(?P<number>[0-9]{5})\.parquet")
 IMAGE_FOLDERS = {"files": "images", "webdataset": "webdataset", "parquet": "data"}  # by output.format
 # Folders holding one file per shard, <folder>/<shard_id><suffix> (images/ holds a folder per shard).
 SHARD_FILE_SUFFIXES = {
@@ -126,6 +130,19 @@ class OutputLayout:
     @staticmethod
     def image_path(shard_id: str, row_id: str, extension: str) -> str:
         return f"images/{shard_id}/{image_name(row_id)}.{extension}"
+
+    @staticmethod
+    def listing_path(number: int) -> str:
+        return f"{LISTING_FOLDER}/listing-{number:05d}.parquet"
+
+    def listing_numbers(self) -> list[int]:
+        """The numbers of the image listings the output holds, in order (other names are ignored)."""
+        names = (
+            LISTING_NAME.fullmatch(name)
+            for name, folder in self.entries(LISTING_FOLDER).items()
+            if not folder
+        )
+        return sorted(int(match["number"]) for match in names if match)
 
     # One file per shard in each of these folders, named by SHARD_FILE_SUFFIXES.
     tar_path = _per_shard_file("webdataset")

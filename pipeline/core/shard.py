@@ -41,6 +41,9 @@ class ShardPlan:
     # before pieces existed; an output that committed one of those resumes that file with them.
     whole_group_shards: dict[str, list[Shard]] = field(default_factory=dict)
     rows_per_shard: int = 0  # the cut it was made by (input.rows_per_shard, `auto` resolved)
+    # input.format: images: the listing of the images no earlier run listed, (path in the output, its
+    # bytes), which the run writes once it holds the output (imagemill.planning.image_listing)
+    new_listing: tuple[str, bytes] | None = None
 
     @property
     def total_rows(self) -> int:

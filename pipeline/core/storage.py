@@ -34,12 +34,24 @@ BACKOFF_ENV = "IMAGEMILL_STORAGE_BACKOFF"
 # Errors that another try cannot fix.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}\.tmp")  # write_file_atomically's temporary names
+_GLOB_CHARS = re.compile(r"[*?\[]")  # what fsspec's glob expands
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem for `url` and the path inside it, as fsspec spells it (no protocol for s3)."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, path
+
+
+def is_glob(path: str) -> bool:
+    """Whether an input path is a glob (it holds a character fsspec's glob expands)."""
+    return bool(_GLOB_CHARS.search(path))
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a glob's matches are under: its path up to the last '/' before the first glob
+    character (`s3://b/photos/*/x.png` → `s3://b/photos`)."""
+    return _GLOB_CHARS.split(pattern, maxsplit=1)[0].rpartition("/")[0]
 
 
 def join(root: str, *parts: str) -> str:

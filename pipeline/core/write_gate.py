@@ -139,6 +139,16 @@ class OwnedOutput:
             with audited(self.run_id, "delete_folder", folder):
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def create(self, relative: str, data: bytes) -> None:
+        """Write a file that is never replaced (an input listing), create-only as a shard's files are
+        published: a path already holding these bytes is fine, one holding others is `ShardConflict`."""
+        attempt = self.attempt(relative.replace("/", "_"))
+        try:
+            attempt.write(relative, data)
+            attempt.publish()
+        finally:
+            attempt.discard()
+
     def attempt(self, shard_id: str) -> ShardAttempt:
         """A new attempt at one shard: its files are staged until `commit`. Checks ownership first, so
         a run that lost the output starts no attempt."""

@@ -42,6 +42,7 @@ from imagemill.output.claim import claim_output, clear_unfinished
 from imagemill.output.location import check_output_location
 from imagemill.planning.auto_batch import with_recorded_batch_size
 from imagemill.planning.auto_cut import auto_rows_per_shard, recorded_rows_per_shard
+from imagemill.planning.image_listing import plan_listing, write_listing
 from imagemill.planning.inputs import reconcile_inputs
 from imagemill.planning.shards import plan_shards, resume_whole_group_shards
 from imagemill.reporting.outcome import BUDGET_REACHED, COMPLETE, INTERRUPTED, NOTHING_GENERATED, job_state
@@ -181,7 +182,8 @@ def _planned(
     def cut(rows: int) -> int:
         return auto_rows_per_shard(rows, workers(), spec.workers.batch_size)
 
-    plan = plan_shards(spec.input, cut, workers)
+    listing = plan_listing(spec.input, output, overwrite) if spec.input.format == "images" else None
+    plan = plan_shards(spec.input, cut, workers, listing)
     return spec.with_rows_per_shard(plan.rows_per_shard), plan
 
 
@@ -201,6 +203,7 @@ def _run_owned(
     owned = OwnedOutput(output, lease.run_id)
     spec = with_recorded_batch_size(spec, output, overwrite)
     claim_output(spec, owned, plan, overwrite)
+    write_listing(owned, plan)  # input.format: images: the images no earlier run listed
     owned.clean_staging()  # shard attempts of runs that are gone or were taken over
     stored = committed_shards(output)
     redone = reconcile_inputs(owned, plan, stored, redo_changed)

@@ -10,6 +10,7 @@ is refused unless `--overwrite`, which then deletes exactly that job's files:
   of failed attempts (`attempts/`, imagemill.core.device_ledger);
 - for a shard of this job that is not committed (one cut short), everything in `images/<shard_id>/`,
   its tar and data file, its metadata and any stats file: the shard id is imagemill's name for it;
+- the image listings (`_input/listing-<n>.parquet`, input.format: images);
 - the job record, `_SUCCESS` and the report;
 
 for the shards the output's stats or failed attempts name and the shards this job plans, and nothing
@@ -32,6 +33,8 @@ from imagemill.core.layout import (
     IMAGE_FOLDERS,
     JOB_RECORD,
     LEASE_FILE,
+    LISTING_FOLDER,
+    LISTING_NAME,
     MARKERS,
     SHARD_FILE_SUFFIXES,
     STAGING_FOLDER,
@@ -95,7 +98,9 @@ def _is_own_entry(folder: str, name: str, is_folder: bool, shard_ids: set[str]) 
     if folder == IMAGE_FOLDER:
         return is_folder and name in shard_ids
     if is_folder:
-        return not folder and name in (*OWN_FOLDERS, STAGING_FOLDER)
+        return not folder and name in (*OWN_FOLDERS, STAGING_FOLDER, LISTING_FOLDER)
+    if folder == LISTING_FOLDER:
+        return bool(LISTING_NAME.fullmatch(name))
     name = temporary_target(name) or name
     if not folder:
         return name in (*MARKERS, LEASE_FILE, SUBMITTED)
@@ -106,7 +111,7 @@ def _is_own_entry(folder: str, name: str, is_folder: bool, shard_ids: set[str]) 
 def _refuse_foreign_files(spec: JobSpec, output: OutputLayout, shard_ids: set[str]) -> None:
     foreign = [
         f"{folder}/{name}".lstrip("/") + ("/" if is_folder else "")
-        for folder in ("", *OWN_FOLDERS)
+        for folder in ("", *OWN_FOLDERS, LISTING_FOLDER)
         for name, is_folder in sorted(output.entries(folder).items())
         if not _is_own_entry(folder, name, is_folder, shard_ids)
     ]
@@ -194,9 +199,10 @@ def _delete_previous_output(owned: OwnedOutput, planned: set[str]) -> None:
     ]
     delete_shards(owned, shard_ids, committed)
     owned.remove_files([OutputLayout.attempts_path(shard_id) for shard_id in attempted])
+    owned.remove_files([OutputLayout.listing_path(number) for number in output.listing_numbers()])
     # The job record last: whatever an interrupted delete leaves is still named.
     for batch in (temporaries, [name for name in MARKERS if name != JOB_RECORD], [JOB_RECORD]):
         owned.remove_files(batch)
-    for folder in OWN_FOLDERS:
+    for folder in (*OWN_FOLDERS, LISTING_FOLDER):
         owned.remove_folder_if_empty(folder)
     log.info("deleted the previous job's output at %s (%d shards)", output.url, len(shard_ids))

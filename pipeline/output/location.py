@@ -21,9 +21,8 @@ from imagemill.core.errors import ImagemillError
 from imagemill.core.layout import MARKERS, OutputLayout
 from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import JobSpec
-from imagemill.core.storage import filesystem, is_local
+from imagemill.core.storage import filesystem, glob_root, is_glob, is_local
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
 # Object stores whose first path component is a bucket (or container) their clients may create.
 BUCKET_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
 
@@ -90,7 +89,7 @@ def _refuse_the_input(spec: JobSpec, fs: AbstractFileSystem, path: str, plan: Sh
     if not _protocols(input_fs) & _protocols(fs):
         return  # different stores: they cannot overlap
     output, source = spec.output.path, spec.input.path
-    if _GLOB_CHARS.search(input_path):
+    if is_glob(input_path):
         if _glob_reaches(input_path, input_fs, path, plan):
             raise ImagemillError(
                 f"input glob {source} matches files the job writes under output {output}: the next "
@@ -109,7 +108,7 @@ def _refuse_the_input(spec: JobSpec, fs: AbstractFileSystem, path: str, plan: Sh
 
 def _glob_reaches(pattern: str, input_fs: AbstractFileSystem, output: str, plan: ShardPlan) -> bool:
     """Whether the input glob matches a file the job has written, or will write, under `output`."""
-    literal_root = _GLOB_CHARS.split(pattern, maxsplit=1)[0].rpartition("/")[0]
+    literal_root = glob_root(pattern)
     if not _at_or_under(output, literal_root):
         return False
     if any(_at_or_under(input_fs._strip_protocol(url), output) for url in plan.files):

@@ -38,7 +38,7 @@ def serving_pieces(spec: JobSpec, shards: list[Shard]) -> Iterator[list[Shard]]:
             max_restarts=RESTARTS,
             max_task_retries=RESTARTS,
         )
-        .remote(spec.input, pieces)
+        .remote(spec.shard_input(), pieces)
     )
     try:
         yield [replace(s, piece_server=name) if s.row_offset is not None else s for s in shards]

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,11 +24,15 @@ from imagemill.core.carry import check_carried
 from imagemill.core.errors import ImagemillError
 from imagemill.core.shard import Shard, ShardPlan, UnreadableFile
 from imagemill.core.spec import InputSpec
-from imagemill.core.storage import filesystem
+from imagemill.core.storage import filesystem, glob_root, is_glob
 from imagemill.planning.auto_cut import UNKNOWN_BATCH, auto_rows_per_shard
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
+if TYPE_CHECKING:
+    from imagemill.planning.image_listing import ImageListing
+
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+# An input file: its URL, its stable name (file_key) and its footer, or why it cannot be read.
+InputFile = tuple[str, str, "pq.FileMetaData | str"]
 PARQUET_MAGIC = b"PAR1"
 
 
@@ -52,9 +57,9 @@ def _is_parquet(fs, path: str) -> bool:
 def list_input_files(spec: InputSpec) -> tuple[list[str], str]:
     """The Parquet files named by a file, a folder or a glob, sorted, and the root they are relative to."""
     fs, path = filesystem(spec.path, spec.storage_options)
-    if _GLOB_CHARS.search(path):
+    if is_glob(path):
         files = [f for f in fs.glob(path) if fs.isfile(f) and _is_parquet(fs, f)]
-        root = _GLOB_CHARS.split(path, maxsplit=1)[0].rpartition("/")[0]
+        root = glob_root(path)
     elif fs.isdir(path):
         files = [f for f in fs.find(path) if f.endswith(".parquet")]
         root = path.rstrip("/")
@@ -164,10 +169,23 @@ def _shards_of_file(
     return shards
 
 
+def _parquet_inputs(spec: InputSpec) -> list[InputFile]:
+    """The input's Parquet files, each with its stable name and its footer (or why it is unreadable)."""
+    fs, _ = filesystem(spec.path, spec.storage_options)
+    files, root = list_input_files(spec)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        footers = list(pool.map(lambda path: _read_footer(fs, path), files))
+    return [
+        (fs.unstrip_protocol(path), file_key(path[len(root) :].lstrip("/") if root else path), metadata)
+        for path, metadata in zip(files, footers, strict=True)
+    ]
+
+
 def plan_shards(
     spec: InputSpec,
     auto_cut: Callable[[int], int] | None = None,
     min_shards: Callable[[], int] = lambda: 1,
+    listing: ImageListing | None = None,
 ) -> ShardPlan:
     """List the input, check every file's columns, and cut it into shards of about rows_per_shard rows.
 
@@ -176,21 +194,17 @@ def plan_shards(
     layout would make fewer shards than `min_shards()` (the workers) asks and the rows allow; the plan
     says which number it cut by. A file without the prompt
     column fails alone, like a corrupt one; when no readable file has it, the setting is wrong and
-    the job stops, naming the first file."""
-    fs, _ = filesystem(spec.path, spec.storage_options)
-    files, root = list_input_files(spec)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        footers = list(pool.map(lambda path: _read_footer(fs, path), files))
+    the job stops, naming the first file. With `listing` (input.format: images), its listings are
+    the input files."""
+    inputs = listing.files if listing is not None else _parquet_inputs(spec)
     urls = []
     unreadable: list[UnreadableFile] = []
     digests: dict[str, str] = {}
     readable: list[tuple[str, str, pq.FileMetaData]] = []
     no_prompts: list[str] = []
     schemas: list[tuple[str, pa.Schema]] = []  # of the files with prompts, for the carried columns
-    for path, metadata in zip(files, footers, strict=True):
-        url = fs.unstrip_protocol(path)
+    for url, key, metadata in inputs:
         urls.append(url)
-        key = file_key(path[len(root) :].lstrip("/") if root else path)
         problem = metadata if isinstance(metadata, str) else _missing_prompt_column(spec, url, metadata)
         if problem is not None:
             unreadable.append(UnreadableFile(f"{key}-unreadable", url, problem))
@@ -228,6 +242,7 @@ def plan_shards(
         footers=digests,
         whole_group_shards=whole,
         rows_per_shard=rows_per_shard,
+        new_listing=listing.new if listing is not None else None,
     )
 
 

@@ -132,6 +132,11 @@ class JobSpec(StageSections, _JobSections):
         """Image-to-image drives a diffusers image-to-image pipeline, and kind `none` draws nothing but
         the sources; other kinds would ignore them. Only `none` may go without prompts."""
         sources = KINDS[self.model.kind].sources
+        if self.input.format == "images" and sources != "required":
+            raise ValueError(
+                f"input.format: images has no prompts, so it takes model.kind: none (enhance-only), not "
+                f"{self.model.kind}; for image-to-image, list the images with their prompts in a Parquet file"
+            )
         if self.input.prompt_column is None:
             if sources != "required":
                 raise ValueError(
@@ -177,6 +182,14 @@ class JobSpec(StageSections, _JobSections):
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide what the job's output holds (imagemill.core.spec.fingerprint)."""
         return fingerprint(self)
+
+    def shard_input(self) -> InputSpec:
+        """The input as a shard's file is read: with input.format: images that file is a listing in
+        the output (imagemill.planning.image_listing), so it is read with the output's storage
+        options; the images it lists are still read with the input's."""
+        if self.input.format != "images":
+            return self.input
+        return self.input.model_copy(update={"storage_options": self.output.storage_options})
 
     def with_batch_size(self, batch_size: int) -> JobSpec:
         """This spec with `workers.batch_size` resolved (from `auto`) to a number."""

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from imagemill.core.image_folder import IMAGE_SUFFIXES, LISTING_IMAGE_COLUMN
 from imagemill.core.kinds import KIND_NAMES, KINDS
 from imagemill.core.spec.markers import NOT_FINGERPRINTED, Private, StorageOptions
 from imagemill.core.spec.rules import (
@@ -85,7 +86,15 @@ class InputSpec(_Section):
 
     path: str = Field(
         description="Parquet file, folder (searched for *.parquet) or glob (*.parquet files and files "
-        "starting with PAR1); local path or any fsspec URL (s3://, gs://)."
+        "starting with PAR1); local path or any fsspec URL (s3://, gs://). With format: images, a folder "
+        "(searched recursively), glob or bucket prefix of images."
+    )
+    format: Literal["parquet", "images"] = Field(
+        "parquet",
+        description="parquet: rows of prompts (and sources). images: the path's image files "
+        f"({', '.join(IMAGE_SUFFIXES)}, any case) are the rows, each its own source, without prompts "
+        "(model.kind: none); each run lists the images it has not listed before into the output's "
+        "_input/ folder, each one's id its path relative to the folder.",
     )
     prompt_column: str | None = Field(
         "prompt",
@@ -137,6 +146,23 @@ class InputSpec(_Section):
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS, gt=0, description="Source images with more pixels are invalid_image rows."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _images_are_the_sources(cls, data: Any) -> Any:
+        """With format: images the listing's paths are the sources and there are no prompts: those
+        settings are implied, and another value for them is refused in one line naming it."""
+        if not isinstance(data, dict) or data.get("format") != "images":
+            return data
+        implied = {"prompt_column": None, "image_column": LISTING_IMAGE_COLUMN, "mask_column": None}
+        for name, value in implied.items():
+            if data.get(name) not in (None, value):
+                raise ValueError(
+                    f"input.{name}: {data[name]!r} does not apply to input.format: images (each listed image "
+                    "is its row's source, with no prompt or mask); remove it, or list the images in a "
+                    "Parquet file with those columns"
+                )
+        return {**data, **implied}
 
     @model_validator(mode="after")
     def _mask_has_a_source(self) -> InputSpec:
