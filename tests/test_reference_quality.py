@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import read_metadata
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import imagemill
@@ -51,6 +53,39 @@ def test_a_reference_column_needs_an_upscaler_in_one_line(tmp_path):
         imagemill.build_spec(base | {"model": {"source": "m"}})
     message = str(refused.value)
     assert "input.reference_column" in message and "upscale:" in message and "\n" not in message
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    side=st.sampled_from([8, 16]),
+    row_scale=st.sampled_from([None, 2, 4]),
+    given_size=st.tuples(st.sampled_from([8, 16, 32, 64]), st.sampled_from([8, 16, 32, 64])),
+)
+def test_a_reference_is_taken_exactly_at_the_written_size(tmp_path_factory, side, row_scale, given_size):
+    """Whatever the row's size and scale (its own or the x4 upscaler's), a reference of the written size
+    is taken as it is, pixel for pixel, and any other size is refused naming both sizes and the fix."""
+    from imagemill.core.images import InvalidImage
+    from imagemill.core.spec import InputSpec
+    from imagemill.workers.rows import Row
+    from imagemill.workers.source_images import SourceReader, reference_pixels
+
+    folder = tmp_path_factory.mktemp("ref")
+    spec = InputSpec(path=str(folder / "p.parquet"), image_column="image", reference_column="truth")
+    pixels = np.random.default_rng(side).integers(0, 256, (given_size[1], given_size[0], 3), dtype=np.uint8)
+    row = Row(0, 0, "r", None, None, 0, side, side, 1, 0.0, scale=row_scale, reference=_png(pixels))
+    written = side * (row_scale or SCALE)
+    reader = SourceReader(spec.path, spec)
+    if given_size == (written, written):
+        assert np.array_equal(reference_pixels(reader, row, spec, SCALE), pixels)
+    else:
+        with pytest.raises(InvalidImage) as refused:
+            reference_pixels(reader, row, spec, SCALE)
+        says = (
+            f"the reference is {given_size[0]}x{given_size[1]} but the upscaled image is {written}x{written}"
+        )
+        assert str(refused.value).startswith(says) and f"give a reference of {written}x{written}" in str(
+            refused.value
+        )
 
 
 @pytest.mark.model
@@ -94,6 +129,7 @@ def test_references_give_ssim_and_psnr_of_the_written_image_and_bad_ones_are_row
         "halved": ("s2", "images/halved.png", 2, "kept"),
         "wrong-size": ("s3", "images/small.png", None, "noisy"),
         "x4-for-x2": ("s0", "images/x4.png", 2, "noisy"),
+        "x3": ("s0", "images/x4.png", 3, "noisy"),  # no scale of the x4 network: the upscaler says so
         "truncated": ("s0", "images/truncated.png", None, "noisy"),
         "link-out": ("s0", "images/link-out.png", None, "noisy"),
         "fifo": ("s0", "images/fifo.png", None, "noisy"),
@@ -125,7 +161,7 @@ def test_references_give_ssim_and_psnr_of_the_written_image_and_bad_ones_are_row
         }
     )
     result = run_in_process(spec)
-    assert (result.ok, result.errors_by_reason) == (3, {"invalid_reference": 7})
+    assert (result.ok, result.errors_by_reason) == (3, {"invalid_reference": 7, "model_rejected": 1})
     metadata = {row["id"]: row for row in read_metadata(str(output)).to_pylist()}
 
     def written(row_id: str) -> np.ndarray:
@@ -154,6 +190,7 @@ def test_references_give_ssim_and_psnr_of_the_written_image_and_bad_ones_are_row
         "invalid_reference: truth: the reference is 64x64 but the upscaled image is 32x32 (16x16 x2); "
         "give a reference of 32x32"
     )
+    assert errors["x3"] == "model_rejected: upscale: scale 3 is not one the upscaler (x4) gives: use 2 or 4"
     hostile = {
         "truncated": "does not decode",
         "link-out": "leaves the input file's folder",

@@ -132,12 +132,9 @@ class ReferenceStage:
     changes_pixels = False
     columns = STAGE_ROWS["reference"].column_names  # the table's: the driver reserves them (core/carry.py)
 
-    def __init__(self, device: str):
-        self.device = device
-
     @classmethod
     def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
-        return cls(context.device) if spec.input.reference_column is not None else None
+        return cls() if spec.input.reference_column is not None else None
 
     def run(self, batch: DrawBatch) -> None:
         live = batch.live  # a dropped draw is written by no one: nothing to measure
@@ -145,7 +142,7 @@ class ReferenceStage:
             return
         references = np.stack([batch.rows[i].reference_pixels for i in live])
         at = torch.tensor(live, device=batch.images.device)
-        measured = similarity(torch.from_numpy(references).to(self.device), batch.images[at])
+        measured = similarity(torch.from_numpy(references).to(at.device), batch.images[at])
         for i, pair in zip(live, measured, strict=True):
             assert pair is not None  # no mask: every pixel is measured
             batch.columns[i].update(reference_ssim=pair[0], reference_psnr=pair[1])

@@ -208,7 +208,8 @@ def reference_pixels(reader: SourceReader, row: Row, spec: InputSpec, upscale: i
     image = decode(reader.read(row.reference), spec.max_image_pixels)
     scale = row.scale or upscale
     width, height = row.width * scale, row.height * scale
-    if image.size != (width, height):
+    # a scale the upscaler cannot give makes the row model_rejected at the upscale stage, not here
+    if upscale % scale == 0 and image.size != (width, height):
         raise InvalidImage(
             f"the reference is {image.width}x{image.height} but the upscaled image is {width}x{height} "
             f"({row.width}x{row.height} x{scale}); give a reference of {width}x{height}"
