@@ -5,11 +5,14 @@ docs/upscale.md's picture comes from its command (issue #25 acceptance 4)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from doc_pages import command
 from PIL import Image
@@ -107,3 +110,67 @@ def test_the_shipped_demo_upscale_job_writes_128_pixel_images(tmp_path, monkeypa
     assert result.ok == 64 and result.errors == 0
     images = sorted((tmp_path / "out" / "images").rglob("*.png"))
     assert len(images) == 64 and all(Image.open(p).size == (128, 128) for p in images)
+
+
+def _shipped_pairs(count: int | None = None) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """jobs/sr_reference as shipped (its first `count` rows): the Parquet table, the 32² and 128² images."""
+    folder = REPO / "jobs" / "sr_reference"
+    table = pq.read_table(folder / "pairs.parquet").slice(0, count)
+    low, high = (
+        np.stack([np.asarray(Image.open(folder / path)) for path in table.column(column).to_pylist()])
+        for column in ("image", "reference")
+    )
+    return table, low, high
+
+
+def test_the_pairs_command_redraws_the_shipped_pairs(tmp_path, capsys):
+    """docs/upscale.md's `pairs` command, one drawing per scene (the shipped four's first): the same
+    table, the same 128² drawings, the 32² demo look within two levels (another CPU's VAE arithmetic
+    may round a few pixels the other way)."""
+    words = command("docs/upscale.md", r"python -m imagemill\.demo\.super_resolution pairs \S+")
+    assert words[4] == "jobs/sr_reference"
+    sr.main([words[3], str(tmp_path), "--per-scene", "1", "--demo-model", str(DEMO_MODEL)])
+    assert f"held-out pairs written to {tmp_path / 'pairs.parquet'}" in capsys.readouterr().out
+    table = pq.read_table(tmp_path / "pairs.parquet")
+    shipped, low, high = _shipped_pairs(len(table))
+    assert table.num_rows == 45 and table.equals(shipped)
+    for column, images, tolerance in (("reference", high, 0), ("image", low, 2)):
+        redrawn = np.stack(
+            [np.asarray(Image.open(tmp_path / path)) for path in table.column(column).to_pylist()]
+        )
+        assert np.abs(redrawn.astype(int) - images).max() <= tolerance, column
+
+
+def test_the_reference_job_shows_the_benchmarks_margin_over_bicubic(tmp_path, monkeypatch):
+    """jobs/demo_upscale_reference.yaml as shipped (its shards in this process): its report's
+    reference_psnr and reference_ssim, bicubic's on the same pairs, and the margin between them are the
+    figures docs/upscale.md and BENCHMARKS.md quote, and clear the issue's bar."""
+    from imagemill.core.evaluation_results import EvaluationResults
+    from imagemill.testing.in_process import run_in_process
+
+    monkeypatch.chdir(REPO)
+    command("docs/upscale.md", r"imagemill run jobs/demo_upscale_reference\.yaml$")
+    spec = imagemill.load_spec("jobs/demo_upscale_reference.yaml", [("output.path", str(tmp_path / "out"))])
+    result = run_in_process(spec)
+    assert (result.ok, result.errors) == (180, 0)
+    dataset = EvaluationResults.model_validate(
+        json.loads((tmp_path / "out" / "report.json").read_text())["dataset"]
+    )
+    network = dataset.reference_psnr.all.mean, dataset.reference_ssim.all.mean
+    _, low, high = _shipped_pairs()
+    bicubic = sr.measured(sr.resized(low)["bicubic"], high)
+    margin = network[0] - bicubic[0], network[1] - bicubic[1]
+    assert margin[0] >= 2.0 and margin[1] >= 0.05, (network, bicubic)
+    assert set(dataset.reference_psnr.per_label) == {"circle", "square", "triangle"}
+    page = " ".join((REPO / "docs" / "upscale.md").read_text().split())
+    quoted = [
+        f"`reference_psnr` {network[0]:.2f} dB and `reference_ssim` {network[1]:.4f}",
+        f"PSNR {bicubic[0]:.2f} dB, SSIM {bicubic[1]:.4f}",
+        f"+{margin[0]:.2f} dB and +{margin[1]:.4f} over bicubic",
+    ]
+    assert all(figures in page for figures in quoted), quoted
+    benchmarks = (REPO / "BENCHMARKS.md").read_text()
+    assert f"| demo look | network | {network[0]:.2f} | {network[1]:.4f} |" in benchmarks
+    assert (
+        f"demo look: network - bicubic **+{margin[0]:.2f} dB** PSNR, **+{margin[1]:.4f}** SSIM" in benchmarks
+    )

@@ -64,6 +64,12 @@ RUN_BY: dict[str, tuple[str, ...]] = {
     "imagemill run jobs/demo_upscale.yaml": (
         "tests/test_demo_super_resolution.py::test_the_shipped_demo_upscale_job_writes_128_pixel_images",
     ),
+    "python -m imagemill.demo.super_resolution pairs jobs/sr_reference": (
+        "tests/test_demo_super_resolution.py::test_the_pairs_command_redraws_the_shipped_pairs",
+    ),
+    "imagemill run jobs/demo_upscale_reference.yaml": (
+        "tests/test_demo_super_resolution.py::test_the_reference_job_shows_the_benchmarks_margin_over_bicubic",
+    ),
     "python -m imagemill.demo.super_resolution picture docs/upscale-demo.png": (
         "tests/test_demo_super_resolution.py::test_the_documented_command_draws_the_docs_picture",
     ),
@@ -148,6 +154,13 @@ def test_the_readme_is_a_front_door():
     assert len(readme.splitlines()) <= 250, "the README is a front door; its reference goes under docs/"
     for guide in ("docs/augmentation.md", "docs/nightly.md", "docs/cluster.md"):
         assert f"]({guide})" in readme, f"the README does not link the user path {guide}"
+    tasks = {  # issue #25's image tasks, each with its guide
+        "super-resolution": "docs/upscale.md",
+        "inpainting": "docs/image-to-image.md#inpainting",
+        "enhancement": "docs/upscale.md#enhance-only-your-own-images-no-model",
+    }
+    for task, guide in tasks.items():
+        assert f"[{task}]({guide})" in readme, f"the README does not link {task}'s guide {guide}"
     unlinked = [page.name for page in pages()[1:] if f"](docs/{page.name})" not in readme]
     assert not unlinked, f"guides the README does not lead to: {unlinked}"
 

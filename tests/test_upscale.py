@@ -244,11 +244,20 @@ def test_the_guides_example_sections_load(tmp_path, prompts_dir, tiny_model):
     import yaml
     from doc_pages import blocks, page_text
 
-    spandrel, diffusers = blocks(page_text("docs/upscale.md"), "yaml")
+    spandrel, diffusers, reference = blocks(page_text("docs/upscale.md"), "yaml")
     spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(spandrel))
     assert (spec.upscale.kind, spec.upscale.tile, spec.upscale.tile_overlap) == ("spandrel", 512, 16)
     spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(diffusers))
     assert (spec.upscale.kind, spec.upscale.noise_level, spec.upscale.tile) == ("diffusers", 20, 512)
+    example = yaml.safe_load(reference)
+    spec = _spec(
+        prompts_dir,
+        tmp_path / "o",
+        tiny_model,
+        input={"path": str(prompts_dir), **example["input"]},
+        upscale=example["upscale"],
+    )
+    assert (spec.input.image_column, spec.input.reference_column) == ("image", "reference")
 
 
 @pytest.mark.parametrize("name", ["upscaler", "Upscale_Scale"])

@@ -1,4 +1,5 @@
-"""SSIM and PSNR of image-to-image outputs against their sources, on the device, a batch at a time.
+"""SSIM and PSNR of image-to-image outputs against their sources, and of upscaled outputs against their
+known high-resolution references, on the device, a batch at a time.
 
 The images are already on the device as uint8 when the batch is drawn, so measuring them there costs
 a few small convolutions and no copy. SSIM is Wang et al. (2004) as torchmetrics computes it
@@ -9,6 +10,12 @@ the three channels); a test holds the two equal. Sizes are multiples of 8, so 5 
 Inpainting measures what must not change: both are averaged over the pixels outside the mask only
 (`keep`), SSIM's windows still reading across the mask's edge; a mask that repaints everything
 leaves nothing to measure (null).
+
+Super-resolution with `input.reference_column` measures the image as written, at its upscaled size,
+against the row's reference (`reference_ssim`, `reference_psnr`): after the upscale stage (and the
+safety stage's blur), before the watermark and the encoder. Before encoding, so that the figures are
+the upscaler's, the same whatever `output.image_format` and `quality` a job picks (PNG writes these
+pixels exactly; a lossy format's loss is its own, and measuring it would need a decode per image).
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from __future__ import annotations
 import math
 from typing import Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from imagemill.core.spec import JobSpec
+from imagemill.core.stage_table import STAGE_ROWS
 from imagemill.workers.stages.contract import DrawBatch, StageContext
 
 WINDOW = 11
@@ -110,3 +119,30 @@ class SimilarityStage:
         assert batch.sources is not None  # image-to-image batches carry their sources
         keep = None if batch.masks is None else batch.masks == 0
         batch.similarities = similarity(batch.sources, batch.images, keep)
+
+
+class ReferenceStage:
+    """The `reference` stage (`upscale:` with `input.reference_column`): each live draw's SSIM and PSNR,
+    at its written size, against its row's reference (read, decoded and size-checked with the row:
+    workers/source_images.py, so a row whose reference is bad or of another size is never drawn)."""
+
+    section = "input.reference_column"
+    needs = ("images",)
+    adds = ()
+    changes_pixels = False
+    columns = STAGE_ROWS["reference"].column_names  # the table's: the driver reserves them (core/carry.py)
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, context: StageContext) -> Self | None:
+        return cls() if spec.input.reference_column is not None else None
+
+    def run(self, batch: DrawBatch) -> None:
+        live = batch.live  # a dropped draw is written by no one: nothing to measure
+        if not live:
+            return
+        references = np.stack([batch.rows[i].reference_pixels for i in live])
+        at = torch.tensor(live, device=batch.images.device)
+        measured = similarity(torch.from_numpy(references).to(at.device), batch.images[at])
+        for i, pair in zip(live, measured, strict=True):
+            assert pair is not None  # no mask: every pixel is measured
+            batch.columns[i].update(reference_ssim=pair[0], reference_psnr=pair[1])

@@ -51,6 +51,10 @@ class Row:
     # width) uint8, 0 where the source is kept (workers/masks.py).
     mask: Any = None
     mask_pixels: np.ndarray | None = None
+    # Upscale with input.reference_column only: the column's value and the known high-resolution image
+    # at the written size, (height·scale, width·scale, 3) uint8, once read (workers/source_images.py).
+    reference: Any = None
+    reference_pixels: np.ndarray | None = None
 
     @property
     def text(self) -> Any:
@@ -67,7 +71,11 @@ class Row:
 def input_columns(spec: InputSpec) -> list[str]:
     """The input columns imagemill uses, where a file has them."""
     image = [spec.image_column, spec.mask_column, "strength"] if spec.image_column else []
-    own = [name for name in (spec.prompt_column, spec.id_column, spec.scale_column) if name is not None]
+    own = [
+        name
+        for name in (spec.prompt_column, spec.id_column, spec.scale_column, spec.reference_column)
+        if name is not None
+    ]
     return list(dict.fromkeys(filter(None, [*own, *PARAMETER_COLUMNS, *image])))
 
 
@@ -185,6 +193,8 @@ def prepare_rows(
             if input_spec.scale_column:
                 given = value(input_spec.scale_column, None)
                 row.scale = int(given) if isinstance(given, float) and given.is_integer() else given
+            if input_spec.reference_column:
+                row.reference = column(input_spec.reference_column)[index]
             if input_spec.image_column:
                 row.source = column(input_spec.image_column)[index]
                 row.strength = _strength(value("strength", None), defaults.strength, seed)

@@ -176,7 +176,7 @@ class Selection:
             if not drawing:
                 break
         for state in states:
-            state.row.source_pixels = state.row.mask_pixels = None  # drawn: no longer needed
+            state.row.source_pixels = state.row.mask_pixels = state.row.reference_pixels = None  # drawn
         with self.timer.timing("select"):
             return [self.choice.choose(state) for state in states]
 

@@ -26,7 +26,9 @@ input's owner (or whoever can write its bucket), so the worst value is planned f
   nothing.
 
 A source that fails any of these makes its row an `invalid_image` error; the shard goes on. Inpainting
-masks (`input.mask_column`) are read by the same reader and decoder (workers/masks.py).
+masks (`input.mask_column`, workers/masks.py) and super-resolution references (`input.reference_column`,
+`reference_pixels`) are read by the same reader and decoder, and a bad one is the row's `invalid_mask` or
+`invalid_reference` error, naming its column.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -193,29 +196,66 @@ def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_sources(rows: list[Row], input_file: str, spec: InputSpec, generation: GenerationSpec) -> None:
-    """Give each valid row its source pixels at its size, and with `input.mask_column` its mask
-    (workers/masks.py); a bad source makes the row `invalid_image`, a bad mask `invalid_mask`.
+@dataclass
+class _Loaded:
+    """What one input row's images came to, each at the size its use needs (None: not asked for)."""
 
-    Images of one input row (images_per_prompt, variants) share its source and mask, read once."""
+    source: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    reference: np.ndarray | None = None
+
+
+def reference_pixels(reader: SourceReader, row: Row, spec: InputSpec, upscale: int) -> np.ndarray:
+    """The row's reference (`input.reference_column`) as (H, W, 3) uint8, read and decoded as a source
+    is; InvalidImage when it is not the size the row is written at: its size times its scale (the
+    row's, else the upscaler's `upscale`). Never resized: a resized reference would measure the resize."""
+    image = decode(reader.read(row.reference), spec.max_image_pixels)
+    scale = row.scale or upscale
+    width, height = row.width * scale, row.height * scale
+    # a scale the upscaler cannot give makes the row model_rejected at the upscale stage, not here
+    if upscale % scale == 0 and image.size != (width, height):
+        raise InvalidImage(
+            f"the reference is {image.width}x{image.height} but the upscaled image is {width}x{height} "
+            f"({row.width}x{row.height} x{scale}); give a reference of {width}x{height}"
+        )
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_sources(
+    rows: list[Row], input_file: str, spec: InputSpec, generation: GenerationSpec, upscale: int | None
+) -> None:
+    """Give each valid row its source pixels at its size and with `input.mask_column` its mask
+    (workers/masks.py); with `input.reference_column` its reference at its written size (`upscale`: the
+    upscaler's scale). A bad source makes the row `invalid_image`, a bad mask `invalid_mask`, a bad
+    reference or one of another size `invalid_reference`: each names the file to fix.
+
+    Images of one input row (images_per_prompt, variants) share its source, mask and reference, read once."""
     reader = SourceReader(input_file, spec)
     wanted = [row for row in rows if row.error is None]
 
-    def load(row: Row) -> tuple[np.ndarray, np.ndarray | None] | str:
-        try:
-            image = decode(reader.read(row.source), spec.max_image_pixels)
-        except InvalidImage as exc:
-            return f"invalid_image: {exc}"
-        pixels = fit(image, row.width, row.height, generation.resize)
-        if spec.mask_column is None:
-            return pixels, None
-        try:
-            mask = mask_values(reader.read(row.mask), spec.max_image_pixels)
-            check_size(mask, image)
-        except InvalidImage as exc:
-            return f"invalid_mask: {spec.mask_column}: {exc}"
-        fitted = fit(mask.convert("RGB"), row.width, row.height, generation.resize)[..., 0]
-        return pixels, shape_mask(fitted, generation)
+    def load(row: Row) -> _Loaded | str:
+        loaded = _Loaded()
+        if spec.image_column is not None:
+            try:
+                image = decode(reader.read(row.source), spec.max_image_pixels)
+            except InvalidImage as exc:
+                return f"invalid_image: {exc}"
+            loaded.source = fit(image, row.width, row.height, generation.resize)
+            if spec.mask_column is not None:
+                try:
+                    mask = mask_values(reader.read(row.mask), spec.max_image_pixels)
+                    check_size(mask, image)
+                except InvalidImage as exc:
+                    return f"invalid_mask: {spec.mask_column}: {exc}"
+                fitted = fit(mask.convert("RGB"), row.width, row.height, generation.resize)[..., 0]
+                loaded.mask = shape_mask(fitted, generation)
+        if spec.reference_column is not None:
+            assert upscale is not None  # the spec refuses a reference column without upscale:
+            try:
+                loaded.reference = reference_pixels(reader, row, spec, upscale)
+            except InvalidImage as exc:
+                return f"invalid_reference: {spec.reference_column}: {exc}"
+        return loaded
 
     by_input_row: dict[tuple[int, int, int], Row] = {}
     for row in wanted:
@@ -227,4 +267,5 @@ def load_sources(rows: list[Row], input_file: str, spec: InputSpec, generation: 
         if isinstance(result, str):
             row.error = result
         else:
-            row.source_pixels, row.mask_pixels = result
+            row.source_pixels, row.mask_pixels = result.source, result.mask
+            row.reference_pixels = result.reference

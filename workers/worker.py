@@ -51,6 +51,7 @@ from imagemill.workers.stages.evaluation import FeatureStage, write_features
 from imagemill.workers.stages.expansion import PromptExpander, ShardExpansion
 from imagemill.workers.stages.expansion_calls import OnActor, OnPool
 from imagemill.workers.stages.registry import build_stages
+from imagemill.workers.stages.upscale import UpscaleStage
 from imagemill.workers.writers import ShardWriter, open_writer
 
 WRITER_THREADS = 4
@@ -217,9 +218,16 @@ class ShardWorker:
             run.carried = carried_of(table, run.rows, run.shard, self.spec.input)
             label = self.spec.label_column()  # with carry_columns "*", absent from an input without it
             run.label_column = label if label in run.carried.table.column_names else None
-            if self.spec.input.image_column:
-                load_sources(run.rows, run.shard.file_url, self.spec.input, self.spec.generation)
+            spec = self.spec
+            if spec.input.image_column or spec.input.reference_column:
+                load_sources(run.rows, run.shard.file_url, spec.input, spec.generation, self._upscale)
         run.timeline["read"] = [run.started, time.time()]
+
+    @property
+    def _upscale(self) -> int | None:
+        """The upscaler's scale (the size a row's reference must be); None without `upscale:`."""
+        stage = self.stages.get("upscale")
+        return stage.upscaler.scale if isinstance(stage, UpscaleStage) else None
 
     def _start_expansion(self, rows: list[Row]) -> ShardExpansion | None:
         """The shard's prompt expansion, on this actor or on the expander pool; None without one."""

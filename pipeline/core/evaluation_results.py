@@ -88,8 +88,8 @@ class DiversityResult(LabelledValues):
 
 
 class ScoreSummary(_Result):
-    """A score of a set of rows (a metadata column: clip_score, ssim, psnr): how many, their mean and
-    numpy's linear percentiles."""
+    """A score of a set of rows (a metadata column: clip_score, ssim, psnr, reference_ssim,
+    reference_psnr): how many, their mean and numpy's linear percentiles."""
 
     count: int
     mean: float
@@ -98,11 +98,15 @@ class ScoreSummary(_Result):
     p90: float
 
 
-ScoreColumn = Literal["clip_score", "ssim", "psnr"]
+ScoreColumn = Literal["clip_score", "ssim", "psnr", "reference_ssim", "reference_psnr"]
 SCORE_CAPTIONS: dict[str, str] = {
     "clip_score": "CLIP score (how well each image matches its prompt) per label",
     "ssim": "SSIM against the source image (image-to-image; 1 is the source itself) per label",
     "psnr": "PSNR in dB against the source image (image-to-image; higher is closer to it) per label",
+    "reference_ssim": "SSIM of the upscaled image against its high-resolution reference (1 is the "
+    "reference itself) per label",
+    "reference_psnr": "PSNR in dB of the upscaled image against its high-resolution reference (higher "
+    "is closer to it) per label",
 }
 
 
@@ -187,7 +191,8 @@ class LeakageResult(_Result):
 class EvaluationResults(_Result):
     """The whole evaluation of a job. A None metric was not computed: `fid`, `kid` without a
     reference, `leakage` without `evaluation.leakage`, `inception_score` without a classifier head,
-    `clip_score` when the job does not score, `ssim` and `psnr` when it is not image-to-image."""
+    `clip_score` when the job does not score, `ssim` and `psnr` when it is not image-to-image,
+    `reference_ssim` and `reference_psnr` without `input.reference_column`."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     images: int
@@ -197,6 +202,8 @@ class EvaluationResults(_Result):
     clip_score: ScoreDistribution | None = None
     ssim: ScoreDistribution | None = None
     psnr: ScoreDistribution | None = None
+    reference_ssim: ScoreDistribution | None = None
+    reference_psnr: ScoreDistribution | None = None
     fid: FrechetDistanceResult | None = None
     kid: KernelDistanceResult | None = None
     leakage: LeakageResult | None = None
@@ -209,7 +216,7 @@ class EvaluationResults(_Result):
         if self.inception_score is not None:
             tables.append(self.inception_score.report_table())
         tables.append(self.diversity.report_table())
-        for scores in (self.clip_score, self.ssim, self.psnr):
+        for scores in (self.clip_score, self.ssim, self.psnr, self.reference_ssim, self.reference_psnr):
             if scores is not None:
                 tables.append(scores.report_table())
         tables.append(self.near_duplicates.report_table())

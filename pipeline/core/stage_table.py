@@ -66,6 +66,13 @@ POST_GENERATION = (
         ),
     ),
     StageRow(
+        "reference",
+        "SSIM and PSNR against the high-resolution reference (device)",
+        "device",
+        "imagemill.workers.image_similarity:ReferenceStage",
+        (("reference_ssim", "float64"), ("reference_psnr", "float64")),
+    ),
+    StageRow(
         "features",
         "evaluation features (device)",
         "device",

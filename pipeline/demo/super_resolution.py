@@ -2,6 +2,7 @@
 enlarge the demo model's 32x32 shapes to 128x128.
 
     python -m imagemill.demo.super_resolution train jobs/models/demo-sr   # the shipped weights
+    python -m imagemill.demo.super_resolution pairs jobs/sr_reference     # the reference job's input
 
 The demo world draws a scene at any size (``shapes.render``), so every training pair is exact: the scene
 drawn at 32² (the input) and the same scene, same jitter, drawn at 128² (the target). The input is
@@ -11,6 +12,11 @@ draws; the other half stay as drawn. Only training scenes are used (``shapes.sce
 ``bench/super_resolution.py`` and ``tests/test_demo_super_resolution.py`` measure held-out ones: with
 the demo model's look, the shipped weights (32 features, 6 convolutions, 6000 steps) beat bicubic by
 about +4.3 dB PSNR and +0.07 SSIM, the issue's bar being +2 dB and +0.05.
+
+``pairs`` writes the bench's held-out pairs (4 drawings of each held-out scene, the demo look at 32², the
+drawing at 128²) as PNG files and a Parquet file of their paths, the input of
+``jobs/demo_upscale_reference.yaml``: an imagemill job that upscales them with the network and measures
+each against its 128² drawing (``input.reference_column``), so its report shows the bench's figures.
 
 The network is built by spandrel from a state dict's keys (the same loader the ``upscale:`` stage uses),
 so nothing of the architecture is written here, and the saved ``model.safetensors`` is loaded by
@@ -26,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -51,6 +59,7 @@ MSE_WEIGHT = 20.0  # squared error (0..1 scale) beside 1 - SSIM: both margins, P
 DEMO_MODEL = "jobs/models/demo-shapes"
 WEIGHTS_DIR = "jobs/models/demo-sr"
 HELD_OUT_SEED = 1  # the held-out pairs' jitter (the bench, the test, the picture); training uses SEED
+BENCH_PER_SCENE = 4  # drawings of each held-out scene in bench/super_resolution.py and the reference job
 
 
 def pairs(held_out: bool, per_scene: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -145,34 +154,60 @@ def train(
     return out
 
 
+def resized(low: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images enlarged x4 by PIL's bicubic and Lanczos resizing."""
+    return {
+        name: np.stack([np.asarray(Image.fromarray(image).resize((HIGH, HIGH), method)) for image in low])
+        for name, method in (("bicubic", Image.Resampling.BICUBIC), ("lanczos", Image.Resampling.LANCZOS))
+    }
+
+
 def enlarged(weights: str | Path, low: np.ndarray) -> dict[str, np.ndarray]:
     """(N, 32, 32, 3) uint8 images enlarged x4 three ways: by the network in `weights` (loaded and run by
     the `upscale:` stage's own `SpandrelUpscaler`, on the CPU), and by PIL's bicubic and Lanczos resizing."""
     upscaler = SpandrelUpscaler(Pretrained(str(weights), "upscale.source"), "float32", 512, 16, "cpu")
     chunks = np.array_split(low, max(1, len(low) // 64))
-    resized = {
-        name: np.stack([np.asarray(Image.fromarray(image).resize((HIGH, HIGH), method)) for image in low])
-        for name, method in (("bicubic", Image.Resampling.BICUBIC), ("lanczos", Image.Resampling.LANCZOS))
-    }
     return {
         "network": torch.cat(
             [upscaler(torch.from_numpy(c), [""] * len(c), [0] * len(c)) for c in chunks]
         ).numpy(),
-        **resized,
+        **resized(low),
     }
+
+
+def measured(images: np.ndarray, high: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM of `images` against the ground truth `high`, measured as the metadata's
+    `psnr` and `ssim` (and `reference_psnr`, `reference_ssim`) are (imagemill.workers.image_similarity)."""
+    first, truth = torch.from_numpy(images), torch.from_numpy(high)
+    return psnr(first, truth).mean().item(), ssim(first, truth).mean().item()
 
 
 def quality(weights: str | Path, low: np.ndarray, high: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Mean PSNR (dB) and SSIM against the ground truth `high` of `low` enlarged each way (`enlarged`),
-    measured as the image-to-image metadata's `psnr` and `ssim` are (imagemill.workers.image_similarity)."""
-    truth = torch.from_numpy(high)
-    return {
-        name: (
-            psnr(torch.from_numpy(images), truth).mean().item(),
-            ssim(torch.from_numpy(images), truth).mean().item(),
-        )
-        for name, images in enlarged(weights, low).items()
-    }
+    """Mean PSNR (dB) and SSIM against the ground truth `high` of `low` enlarged each way (`enlarged`)."""
+    return {name: measured(images, high) for name, images in enlarged(weights, low).items()}
+
+
+def write_pairs(
+    folder: str | Path, per_scene: int = BENCH_PER_SCENE, demo_model: str | Path = DEMO_MODEL
+) -> tuple[float, float]:
+    """The held-out pairs into `folder`: `low/<id>.png` (32², the demo look), `high/<id>.png` (the same
+    drawing at 128²) and `pairs.parquet` (id, image, reference: paths relative to it; label: the shape).
+    Returns bicubic's mean (PSNR, SSIM) on them, which the job's network figures are compared with."""
+    folder = Path(folder)
+    low, high = pairs(held_out=True, per_scene=per_scene, rng=np.random.default_rng(HELD_OUT_SEED))
+    low = demo_look(low, demo_model)
+    columns: dict[str, list[str]] = {"id": [], "image": [], "reference": [], "label": []}
+    for name in ("low", "high"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    for number, scene in enumerate(demo_shapes.scenes(held_out=True) * per_scene):
+        row_id = f"{number:03d}-{scene.colour}-{scene.shape}-{scene.position}-{scene.background}"
+        for name, images in (("low", low), ("high", high)):
+            Image.fromarray(images[number]).save(folder / name / f"{row_id}.png", optimize=True)
+        row = {"id": row_id, "image": f"low/{row_id}.png", "reference": f"high/{row_id}.png"}
+        for key, value in (row | {"label": scene.shape}).items():
+            columns[key].append(value)
+    pq.write_table(pa.table(columns), folder / "pairs.parquet")
+    return measured(resized(low)["bicubic"], high)
 
 
 def picture(path: str | Path, weights: str | Path = WEIGHTS_DIR, demo_model: str | Path = DEMO_MODEL) -> Path:
@@ -198,13 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     picture_cmd = commands.add_parser("picture", help="write the before/after PNG of docs/upscale.md")
     picture_cmd.add_argument("path")
     picture_cmd.add_argument("--weights", default=WEIGHTS_DIR, help="the network's directory")
-    for command in (train_cmd, picture_cmd):
+    pairs_cmd = commands.add_parser("pairs", help="write the reference job's held-out pairs into DIRECTORY")
+    pairs_cmd.add_argument("directory")
+    pairs_cmd.add_argument("--per-scene", type=int, default=BENCH_PER_SCENE)
+    for command in (train_cmd, picture_cmd, pairs_cmd):
         command.add_argument("--demo-model", default=DEMO_MODEL, help="whose VAE gives the inputs their look")
     args = parser.parse_args(argv)
     started = time.monotonic()
     if args.command == "train":
         train(args.directory, args.steps, args.demo_model, args.pairs_per_scene)
         print(f"demo SR network written to {args.directory} in {time.monotonic() - started:.0f}s")
+    elif args.command == "pairs":
+        bicubic_psnr, bicubic_ssim = write_pairs(args.directory, args.per_scene, args.demo_model)
+        print(f"held-out pairs written to {Path(args.directory) / 'pairs.parquet'}")
+        print(f"bicubic on them: PSNR {bicubic_psnr:.2f} dB, SSIM {bicubic_ssim:.4f}")
     else:
         print(f"before/after picture written to {picture(args.path, args.weights, args.demo_model)}")
     return 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from imagemill.core.evaluation_results import EvaluationResults
+from imagemill.core.evaluation_results import EvaluationResults, ScoreColumn
 from imagemill.core.records import ShardStats
 from imagemill.core.spec import JobSpec
 from imagemill.core.write_gate import OwnedOutput
@@ -64,7 +64,11 @@ def evaluate(spec: JobSpec, owned: OwnedOutput, committed: dict[str, ShardStats]
         metrics += (Leakage(owned, reference, settings.reference, settings.duplicate_threshold),)
     finished = {shard_id: stats.finished_at for shard_id, stats in committed.items()}
     fid, inception, kid, diversity, duplicates, *leakage = merge_over(metrics, read_shards(output, finished))
-    columns = (["clip_score"] if spec.scoring else []) + (["ssim", "psnr"] if spec.input.image_column else [])
+    columns: list[ScoreColumn] = [
+        *(["clip_score"] if spec.scoring else []),
+        *(["ssim", "psnr"] if spec.input.image_column else []),
+        *(["reference_ssim", "reference_psnr"] if spec.input.reference_column else []),
+    ]
     scores = score_distributions(output, sorted(committed), spec.label_column(), columns)
     return EvaluationResults(
         images=duplicates.streamed.images,  # every embedded image: its state counts them
@@ -74,6 +78,8 @@ def evaluate(spec: JobSpec, owned: OwnedOutput, committed: dict[str, ShardStats]
         clip_score=scores.get("clip_score"),
         ssim=scores.get("ssim"),
         psnr=scores.get("psnr"),
+        reference_ssim=scores.get("reference_ssim"),
+        reference_psnr=scores.get("reference_psnr"),
         fid=fid.compute(),
         kid=kid.compute(),
         leakage=leakage[0].compute() if leakage else None,

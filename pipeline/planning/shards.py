@@ -100,6 +100,7 @@ def _missing_prompt_column(spec: InputSpec, url: str, metadata: pq.FileMetaData)
         ("prompt_column", spec.prompt_column, "the prompts"),
         ("image_column", spec.image_column, "the source images"),
         ("mask_column", spec.mask_column, "the inpainting masks"),
+        ("reference_column", spec.reference_column, "the high-resolution references"),
     ):
         if column is not None and column not in columns:
             return (

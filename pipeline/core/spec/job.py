@@ -170,6 +170,15 @@ class JobSpec(StageSections, _JobSections):
             raise ValueError("input.scale_column is each row's upscale scale: it needs an upscale: section")
         return self
 
+    @model_validator(mode="after")
+    def _reference_column_needs_an_upscaler(self) -> JobSpec:
+        if self.input.reference_column is not None and self.upscale is None:
+            raise ValueError(
+                "input.reference_column is what each upscaled image is measured against: it needs an "
+                "upscale: section (or remove input.reference_column)"
+            )
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_is_plain(cls, value: str) -> str:
