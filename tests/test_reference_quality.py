@@ -161,7 +161,7 @@ def test_references_give_ssim_and_psnr_of_the_written_image_and_bad_ones_are_row
         }
     )
     result = run_in_process(spec)
-    assert (result.ok, result.errors_by_reason) == (3, {"invalid_reference": 7, "model_rejected": 1})
+    assert (result.ok, result.errors_by_reason) == (4, {"invalid_reference": 6, "model_rejected": 1})
     metadata = {row["id"]: row for row in read_metadata(str(output)).to_pylist()}
 
     def written(row_id: str) -> np.ndarray:
@@ -196,11 +196,17 @@ def test_references_give_ssim_and_psnr_of_the_written_image_and_bad_ones_are_row
         "link-out": "leaves the input file's folder",
         "fifo": "is not a regular file",
         "parent": "leaves the input file's folder",
-        "null": "the column's value is null",
     }
     for row_id, says in hostile.items():
         assert errors[row_id].startswith("invalid_reference: truth: ") and says in errors[row_id], errors
         assert "\n" not in errors[row_id] and metadata[row_id]["path"] is None
+    unmeasured = metadata["null"]  # a row without a reference is upscaled and written, not measured
+    assert (unmeasured["status"], unmeasured["reference_psnr"], unmeasured["reference_ssim"]) == (
+        "ok",
+        None,
+        None,
+    )
+    assert written("null").shape == (4 * SIZE, 4 * SIZE, 3)
     dataset = EvaluationResults.model_validate(json.loads((output / "report.json").read_text())["dataset"])
     page = (output / "report.html").read_text()
     for column in ("reference_ssim", "reference_psnr"):

@@ -137,7 +137,8 @@ class ReferenceStage:
         return cls() if spec.input.reference_column is not None else None
 
     def run(self, batch: DrawBatch) -> None:
-        live = batch.live  # a dropped draw is written by no one: nothing to measure
+        # a dropped draw is written by no one, and a row whose reference is null has none: not measured
+        live = [i for i in batch.live if batch.rows[i].reference_pixels is not None]
         if not live:
             return
         references = np.stack([batch.rows[i].reference_pixels for i in live])

@@ -249,7 +249,7 @@ def load_sources(
                     return f"invalid_mask: {spec.mask_column}: {exc}"
                 fitted = fit(mask.convert("RGB"), row.width, row.height, generation.resize)[..., 0]
                 loaded.mask = shape_mask(fitted, generation)
-        if spec.reference_column is not None:
+        if spec.reference_column is not None and row.reference is not None:  # null: not measured
             assert upscale is not None  # the spec refuses a reference column without upscale:
             try:
                 loaded.reference = reference_pixels(reader, row, spec, upscale)

@@ -145,7 +145,7 @@ class InputSpec(_Section):
         description="upscale: the column holding each row's known high-resolution image (tests, demos), as "
         "bytes or a path read as image_column's are; each written image's reference_ssim and "
         "reference_psnr are measured against it. It must be the upscaled image's size "
-        "(generation.width x height times the row's scale). Needs upscale:.",
+        "(generation.width x height times the row's scale); null: the row is not measured. Needs upscale:.",
     )
     allow_absolute_image_paths: bool = Field(
         False, description="Also open source paths that are absolute or URLs (any bucket, any protocol)."
