@@ -92,3 +92,18 @@ def test_a_shard_on_the_emulated_device_synchronizes_it_once_per_batch(tmp_path,
     assert recorded, "the device stages were timed by the device's events"
     assert len(syncs) == rows // batch, f"{len(syncs)} synchronizes for {rows // batch} batches"
     assert stats.stage_seconds["copy_back"] >= 0
+
+
+def test_seconds_taken_before_the_sync_wait_for_the_stage_alone_not_for_the_device(monkeypatch):
+    """Read early (no synchronize yet), a stage's seconds wait for its own end event, never for work
+    queued after it: the device is not synchronized and the later kernels still run on."""
+    syncs = _counting_syncs(monkeypatch)
+    device = EmulatedDevice(depth=64)
+    timer = StageTimer(device.event)
+    with timer.timing("decode"):
+        device.launch(0.05)
+    device.launch(0.5)  # the next batch's kernels, queued behind the stage
+    started = time.perf_counter()
+    assert timer.take()["decode"] == pytest.approx(0.05, abs=0.005)
+    assert time.perf_counter() - started < 0.3, "waited for the stage, not for the work after it"
+    assert syncs == []
