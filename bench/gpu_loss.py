@@ -10,8 +10,9 @@ allocator) bench/gpu.sh measures with bench/worker_loop.py. Candidates:
   pipeline call vs the worker's generator; their difference ÷ 4 is the per-step count, the rest is per
   batch (per-row generators and latents, text embeddings, scheduler set-up, post-processing);
 - classifier-free guidance: denoiser calls per step and their batch size, bare vs worker (split or fused);
-- stage_timer synchronising the device: the timer's synchronising sections per batch of one shard through
-  the in-process worker on the tiny model (each is two `torch.cuda.synchronize` calls on CUDA);
+- stage_timer synchronising the device: device synchronizes per batch of one shard through the in-process
+  worker on the tiny model, its stage timers on the emulated accelerator, timed by device events (now) vs
+  synchronizing around each section (before, replayed); and a whole emulated shard's;
 - GIL contention: the emulated accelerator (2 ms of GIL-held launch work per step, 512² at 30 images/s,
   batch 16), each batch's images encoded by 4 writer threads while the next batch generates (as the
   worker hands them over) vs not encoded: the device's busy share;
@@ -135,52 +136,91 @@ def host_ops(model: Path) -> list[tuple[str, str, str, str]]:
 
 
 def timer_syncs(model: Path, scratch: Path) -> tuple[str, str, str, str]:
+    """Device synchronizes per batch, one 4-batch shard through the in-process worker on the tiny model
+    with its stage timers' events on the emulated accelerator (the tiny model runs on the CPU; the
+    emulated device counts what the timers ask of a device): as the timers time now (device events),
+    and as they did before (a synchronize before and after each section, replayed); then a whole shard
+    of `model.kind: emulated`, whose own copy back synchronizes once per batch."""
+    from contextlib import contextmanager
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     import imagemill
     from imagemill.testing.in_process import load_worker, run_shards
+    from imagemill.workers.generators.emulated import EmulatedDevice
     from imagemill.workers.stage_timer import StageTimer
 
-    rows = 4 * BATCH
+    batches, rows = 4, 4 * BATCH
     pq.write_table(
         pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": ["p"] * rows}), scratch / "s.parquet"
     )
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(scratch / "s.parquet"), "rows_per_shard": rows},
-            "output": {"path": str(scratch / "syncs")},
-            "model": {"source": str(model), "device": "cpu"},
-            "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2},
-            "workers": {"batch_size": BATCH},
-        }
-    )
-    worker = load_worker(spec)
-    device_timers = (worker.generator.stage_timer, worker.selection.timer)  # StageTimer(device): these sync
-    sections: list[str] = []
+
+    def spec(output: str, model_section: dict):
+        return imagemill.build_spec(
+            {
+                "input": {"path": str(scratch / "s.parquet"), "rows_per_shard": rows},
+                "output": {"path": str(scratch / output)},
+                "model": model_section,
+                "generation": {"width": SIZE, "height": SIZE, "num_inference_steps": 2},
+                "workers": {"batch_size": BATCH},
+            }
+        )
+
+    syncs: list[int] = []
+    synchronize = EmulatedDevice.synchronize
+
+    def counted(device):
+        syncs.append(1)
+        synchronize(device)
+
+    def per_batch(worker, timing=StageTimer.timing) -> float:
+        """Synchronizes per batch of one shard on `worker`, its timers timing with `timing`."""
+        syncs.clear()
+        real = StageTimer.timing
+        StageTimer.timing, EmulatedDevice.synchronize = timing, counted
+        try:
+            run_shards(worker)
+        finally:
+            StageTimer.timing, EmulatedDevice.synchronize = real, synchronize
+        return len(syncs) / batches
+
+    def tiny_on_emulated(output: str):
+        worker = load_worker(spec(output, {"source": str(model), "device": "cpu"}))
+        device = EmulatedDevice(depth=1024)
+        worker.generator.stage_timer.events = worker.selection.timer.events = device.event
+        return worker, device
+
+    worker, device = tiny_on_emulated("after")
+    after = per_batch(worker)
+    worker, device = tiny_on_emulated("before")
     timing = StageTimer.timing
 
-    def counted(self, stage):
-        if any(self is timer for timer in device_timers):
-            sections.append(stage)
-        return timing(self, stage)
+    @contextmanager
+    def synchronizing(timer, stage):  # the device timers before issue #27's fix: a sync around each section
+        on_device = timer.events == device.event  # not the shard's host timer (read, writers, waits)
+        if on_device:
+            device.synchronize()
+        with timing(timer, stage):
+            yield
+        if on_device:
+            device.synchronize()
 
-    StageTimer.timing = counted
-    try:
-        run_shards(worker)
-    finally:
-        StageTimer.timing = timing
-    in_turn = sections
-    per_batch = len(in_turn) / 4
-    names = sorted(set(in_turn))
+    before = per_batch(worker, synchronizing)
+    emulated = per_batch(
+        load_worker(spec("emulated", {"kind": "emulated", "emulation": {"images_per_second": 400}}))
+    )
     return (
         "stage_timer synchronising the device",
-        "the timer's sections on the model's thread per batch, one 4-batch shard, tiny model "
-        "(`python bench/gpu_loss.py`); each synchronises twice on CUDA",
-        f"{per_batch:g} per batch ({', '.join(names)}): {2 * per_batch:g} synchronizes",
-        "confirmed as syncs, cost GPU-only: each drains the queue before the next stage's launches "
-        "(text encode before the loop, decode after it, then copy_back's own); bench/gpu.sh's worker vs "
-        "bare ratio bounds it",
+        "device synchronizes per batch, one 4-batch shard, tiny model, its stage timers on the emulated "
+        "accelerator: synchronizing around each section (before) vs device events (now); and a "
+        "`model.kind: emulated` shard, all of it (`python bench/gpu_loss.py`)",
+        f"timers' synchronizes per batch: before {before:g}, now {after:g}; emulated shard: {emulated:g} "
+        "per batch in all (its copy back)",
+        "fixed: stages are timed by device events read after the batch's one synchronize "
+        "(workers/stage_timer.py; tests/test_stage_timer.py)"
+        if after == 0 and emulated == 1
+        else "confirmed: the timers still synchronize",
     )
 
 

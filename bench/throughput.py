@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,20 +102,30 @@ def build_model(profile: str, folder: Path) -> Path:
 
 
 def run_bare(settings: dict, model: Path, work: Path, compiled: tuple[str, str] | None = None) -> dict:
-    """The bare loop; `compiled`: (backend, mode) to torch.compile its denoiser with, as the worker's
-    `speed.compile` does (static shapes: every batch is full here)."""
+    """The bare loop, loaded, warmed up and run once."""
+    return bare_loop(settings, model, compiled)()
+
+
+def bare_loop(
+    settings: dict, model: Path, compiled: tuple[str, str] | None = None, pipe: Any = None
+) -> Callable[[], dict]:
+    """The bare loop, loaded and warmed up by one batch: each call runs the profile's prompts once and
+    returns its rate. `compiled`: (backend, mode) to torch.compile its denoiser with, as the worker's
+    `speed.compile` does (static shapes: every batch is full here). `pipe`: a pipeline already on the
+    device (and compiled alike), run instead of loading one (bench/worker_loop.py --process one)."""
     import torch
     from diffusers import DiffusionPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = DiffusionPipeline.from_pretrained(
-        model, dtype=getattr(torch, settings["dtype"]), use_safetensors=True
-    )
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if compiled is not None:
-        denoiser = getattr(pipe, "unet", None) or pipe.transformer
-        denoiser.compile(backend=compiled[0], mode=compiled[1], dynamic=False)
+    if pipe is None:
+        pipe = DiffusionPipeline.from_pretrained(
+            model, dtype=getattr(torch, settings["dtype"]), use_safetensors=True
+        )
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if compiled is not None:
+            denoiser = getattr(pipe, "unet", None) or pipe.transformer
+            denoiser.compile(backend=compiled[0], mode=compiled[1], dynamic=False)
     texts, size, batch = prompts(settings["rows"]), settings["size"], settings["batch_size"]
 
     def call(chunk: list[str], first_seed: int) -> None:
@@ -130,17 +140,21 @@ def run_bare(settings: dict, model: Path, work: Path, compiled: tuple[str, str] 
         )
 
     call(texts[:batch], 0)  # warm-up, as a long-running actor is warm
-    if device == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for i in range(0, len(texts), batch):
-        call(texts[i : i + batch], i)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return {
-        "images_per_second": len(texts) / (time.perf_counter() - started),
-        "torch_threads": torch.get_num_threads(),
-    }
+
+    def run() -> dict:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for i in range(0, len(texts), batch):
+            call(texts[i : i + batch], i)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return {
+            "images_per_second": len(texts) / (time.perf_counter() - started),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    return run
 
 
 def bench_spec(

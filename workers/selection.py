@@ -26,7 +26,7 @@ from imagemill.core.spec import JobSpec
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import draw_seed
-from imagemill.workers.stage_timer import StageTimer
+from imagemill.workers.stage_timer import StageTimer, device_events
 from imagemill.workers.stages.contract import DrawBatch, StageContext
 from imagemill.workers.stages.registry import ActorStages
 from imagemill.workers.stages.safety import Verdict, blur
@@ -160,7 +160,8 @@ class Selection:
         self.image_to_image = spec.input.image_column is not None
         self.inpainting = spec.input.mask_column is not None
         self.batch_size = spec.workers.batch_size
-        self.timer = StageTimer(device)  # the stages' seconds, taken by the worker with the model's
+        model_timer = generator.stage_timer  # its device's events, shared by the stages on that device
+        self.timer = StageTimer(model_timer.events if model_timer else device_events(device))
 
     def draw(self, batch: list[Row]) -> list[Drawn]:
         """The batch's rows' images, chosen. Raises the generator's ValueError for a batch it refuses."""

@@ -35,6 +35,7 @@ import torch
 
 from imagemill.core.spec import JobSpec
 from imagemill.workers.generators.contract import BatchKey
+from imagemill.workers.stage_timer import StageTimer
 
 TEXTURES = 8  # distinct images per size, handed out by seed
 CALIBRATION_SECONDS = 0.05
@@ -77,6 +78,40 @@ def textured(height: int, width: int, seed: int) -> np.ndarray:
     return image.clip(0, 255).astype(np.uint8)
 
 
+class EmulatedEvent:
+    """A timing event on the emulated device, with torch.cuda.Event's API: `record` queues it in the
+    device's order, and the device thread stamps it with the device's clock when it reaches it (when
+    the work queued before it has ended, or at once on an idle device), taking no device time."""
+
+    def __init__(self, device: EmulatedDevice) -> None:
+        self._device = device
+        self._reached = threading.Event()
+        self.stamp = 0.0  # the device's clock (perf_counter seconds) when the queue reached the event
+
+    def record(self) -> None:
+        self._device.launch(0.0, self)
+
+    def query(self) -> bool:
+        return self._reached.is_set()
+
+    def synchronize(self) -> None:
+        """Wait for this event alone to be reached (cudaEventSynchronize), not for the whole queue."""
+        self._reached.wait()
+
+    def elapsed_time(self, end_event: EmulatedEvent) -> float:
+        """Milliseconds on the device's clock from this event to `end_event`, both reached."""
+        assert self.query() and end_event.query(), "both events must be reached before timing them"
+        return (end_event.stamp - self.stamp) * 1000
+
+    def _reach(self, at: float) -> None:
+        self.stamp = at
+        self._reached.set()
+
+
+# what a queue entry does when the device reaches it: write output, stamp an event, or nothing
+Work = Callable[[], None] | EmulatedEvent | None
+
+
 class EmulatedDevice:
     """One in-order device queue run by its own thread; `busy_seconds` is the time it spent running.
 
@@ -86,12 +121,12 @@ class EmulatedDevice:
     load 7 the late wake-ups added 15% to it); the caller's `synchronize` still waits for the thread."""
 
     def __init__(self, depth: int) -> None:
-        self._queue: queue.Queue[tuple[float, float, Callable[[], None] | None]] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[float, float, Work]] = queue.Queue(maxsize=depth)
         self.busy_seconds = 0.0
         self._free_at = 0.0  # perf_counter() when the last step queued ends on the device's clock
         threading.Thread(target=self._run, name="emulated-device", daemon=True).start()
 
-    def launch(self, seconds: float, work: Callable[[], None] | None = None) -> None:
+    def launch(self, seconds: float, work: Work = None) -> None:
         """Queue `seconds` of device work, during which the device thread runs `work` (what the kernels
         write); blocks only when the queue is full, as a launch does."""
         self._queue.put((time.perf_counter(), seconds, work))
@@ -99,10 +134,19 @@ class EmulatedDevice:
     def synchronize(self) -> None:
         self._queue.join()
 
+    def event(self) -> EmulatedEvent:
+        """A new timing event on this device (record it to queue it): the stage timer's event source."""
+        return EmulatedEvent(self)
+
     def _run(self) -> None:
         while True:
             launched, seconds, work = self._queue.get()
             start = max(self._free_at, launched)
+            if isinstance(work, EmulatedEvent):  # reached: stamped on the device's clock, no device time
+                self._free_at = start
+                work._reach(start)
+                self._queue.task_done()
+                continue
             if work is not None:
                 work()
             self._free_at = max(start + seconds, time.perf_counter())  # work that overran shows as idle
@@ -113,12 +157,13 @@ class EmulatedDevice:
 
 
 class EmulatedGenerator:
-    stage_timer = None  # the model's time is all `denoise`
-
     def __init__(self, images_per_second: float, launch_seconds_per_step: float, queue_depth: int) -> None:
         self.seconds_per_image = 1.0 / images_per_second
         self.launch_iterations = round(launch_seconds_per_step * _iterations_per_second())
         self.device = EmulatedDevice(queue_depth)
+        # charged nothing (the model's time is all `denoise`); its events, the device's, time the
+        # selection's device stages as CUDA events time them on a GPU
+        self.stage_timer = StageTimer(self.device.event)
 
     @classmethod
     def from_spec(cls, spec: JobSpec, device: str) -> EmulatedGenerator:

@@ -31,7 +31,7 @@ from imagemill.workers.generators.diffusion.quantization import quantize_denoise
 from imagemill.workers.generators.diffusion.schedulers import describe, swap_scheduler
 from imagemill.workers.generators.diffusion.speed import SpeedOptions, apply_speed_options, pad, warm_up
 from imagemill.workers.loading import Pretrained
-from imagemill.workers.stage_timer import StageTimer, time_pipeline_stages
+from imagemill.workers.stage_timer import StageTimer, device_events, time_pipeline_stages
 from imagemill.workers.text_cache import Embeddings, TextEmbeddingCache
 
 
@@ -79,7 +79,8 @@ class DiffusersGenerator:
         self.speed = speed = speed or SpeedOptions()
         apply_speed_options(self.pipe, speed, model)
         apply_offload(self.pipe, offload, device)
-        self.stage_timer = StageTimer(device)  # text encode and decode time, taken by the worker per batch
+        # text encode and decode time (device events on CUDA), taken by the worker per batch
+        self.stage_timer = StageTimer(device_events(device))
         time_pipeline_stages(self.pipe, self.stage_timer)
         self.family = family_of(self.pipe)
         self.accepted = _accepted_arguments(self.pipe)
