@@ -153,3 +153,75 @@ def test_the_shipped_upscaler_is_the_tiny_builders(tmp_path):
     written = make_tiny_upscaler(tmp_path / "x2", 2) / "model.safetensors"
     shipped = ROOT / "jobs" / "models" / "tiny-upscaler-x2" / "model.safetensors"
     assert written.read_bytes() == shipped.read_bytes()
+
+
+# generation.resize: keep — photos of any size, each upscaled at its own size and aspect (issue #25).
+# (width, height) by name: odd sizes, a 1x1, a 10000x1 strip, two of one size (one batch).
+KEPT = {"a.png": (17, 9), "b.png": (17, 9), "c.png": (32, 32), "d.png": (64, 48), "e.png": (1, 1)}
+KEPT |= {"strip.png": (10000, 1)}
+
+
+@pytest.mark.model
+def test_kept_sizes_upscale_each_image_at_its_own_size_batched_as_alone_and_resume_byte_identical(tmp_path):
+    """Each output is exactly 2x its own source, equal to the upscaler (tiled: 16 px tiles, odd edges)
+    run on that image alone; the metadata's width/height are the source's; a resumed run (one shard's
+    commit lost) writes the same bytes."""
+    from imagemill.testing.in_process import output_hashes
+    from imagemill.testing.tiny_upscaler import make_tiny_upscaler
+    from imagemill.workers.stages.upscale import SpandrelUpscaler
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    sources = {name: rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for name, (w, h) in KEPT.items()}
+    for name, pixels in sources.items():
+        (folder / name).write_bytes(_png(pixels))
+    network = str(make_tiny_upscaler(tmp_path / "x2", 2))
+    output = tmp_path / "out"
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(folder), "format": "images", "rows_per_shard": 3},
+            "output": {"path": str(output)},
+            "model": {"kind": "none"},
+            "generation": {"resize": "keep"},
+            "upscale": {"source": network, "tile": 16, "tile_overlap": 4},
+            "workers": {"batch_size": 4},
+        }
+    )
+    result = run_in_process(spec)
+    assert (result.ok, result.errors) == (len(KEPT), 0)
+    upscaler = SpandrelUpscaler(Pretrained(network, "upscale.source"), "float32", 16, 4, "cpu")
+    rows = {row["source_image"]: row for row in read_metadata(str(output)).to_pylist()}
+    for name, pixels in sources.items():
+        row = rows[name]
+        assert (row["width"], row["height"], row["upscale_scale"]) == (*KEPT[name], 2)
+        written = np.asarray(Image.open(output / row["path"]).convert("RGB"))
+        alone = upscaler(torch.from_numpy(pixels[None].copy()), [""], [0])[0].numpy()
+        assert written.shape == (2 * pixels.shape[0], 2 * pixels.shape[1], 3), name
+        assert np.array_equal(written, alone), name
+        assert (row["ssim"] is None) == (min(KEPT[name]) <= 5), name  # SSIM's window needs 6 px a side
+
+    before = output_hashes(output)
+    lost = sorted((output / "shards").glob("*.json"))[0]
+    lost.unlink()  # the run died before this shard's commit: a resume redoes it alone
+    again = run_in_process(spec)
+    assert (again.shards_run, again.ok) == (1, len(KEPT))
+    assert output_hashes(output) == before
+
+
+def test_kept_sizes_are_refused_where_a_model_draws(tmp_path):
+    """A model draws one size per batch, a multiple of 8: `keep` is enhance-only, said in one line."""
+    sources = {"path": str(tmp_path / "in.parquet"), "image_column": "image"}
+    with pytest.raises(
+        ImagemillError,
+        match=r"generation.resize: keep \(each source at its own size\) needs model.kind: "
+        r"none, not diffusers: .*use center_crop, pad or stretch$",
+    ):
+        imagemill.build_spec(
+            {
+                "input": sources,
+                "output": {"path": str(tmp_path / "o")},
+                "model": {"source": "m"},
+                "generation": {"resize": "keep"},
+            }
+        )

@@ -182,8 +182,10 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
     """The image at width x height as (height, width, 3) uint8: `center_crop` scales it to cover the
     size and crops the middle, `pad` scales it to fit and pads with black, `stretch` ignores its
-    aspect ratio."""
+    aspect ratio; `keep` (enhance-only) leaves it at its own size, which becomes the row's."""
     size = (width, height)
+    if resize == "keep":
+        return np.asarray(image, dtype=np.uint8)
     if resize == "center_crop":
         image = ImageOps.fit(image, size, RESAMPLING)
     elif resize == "pad":
@@ -194,8 +196,9 @@ def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
 
 
 def load_sources(rows: list[Row], input_file: str, spec: InputSpec, generation: GenerationSpec) -> None:
-    """Give each valid row its source pixels at its size, and with `input.mask_column` its mask
-    (workers/masks.py); a bad source makes the row `invalid_image`, a bad mask `invalid_mask`.
+    """Give each valid row its source pixels at its size (under `generation.resize: keep`, the
+    source's own, which becomes the row's), and with `input.mask_column` its mask (workers/masks.py);
+    a bad source makes the row `invalid_image`, a bad mask `invalid_mask`.
 
     Images of one input row (images_per_prompt, variants) share its source and mask, read once."""
     reader = SourceReader(input_file, spec)
@@ -228,3 +231,6 @@ def load_sources(rows: list[Row], input_file: str, spec: InputSpec, generation: 
             row.error = result
         else:
             row.source_pixels, row.mask_pixels = result
+            # the row's size is its source's: the fitted one, or the source's own under `keep`, set
+            # before make_batches so that a batch (one BatchKey) holds images of one size
+            row.height, row.width = row.source_pixels.shape[:2]
