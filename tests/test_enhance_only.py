@@ -225,3 +225,37 @@ def test_kept_sizes_are_refused_where_a_model_draws(tmp_path):
                 "generation": {"resize": "keep"},
             }
         )
+
+
+@pytest.mark.model
+def test_a_kept_size_the_output_cannot_write_is_a_model_rejected_row_and_the_rest_are_written(tmp_path):
+    """The job's size rules, checked on the spec's width/height, hold for each kept size once upscaled:
+    a 1x1 photo is too small for the watermark, a 9000x1 strip x2 too wide for WebP; their rows are
+    `model_rejected`, naming the setting, and the shard's other photo is written."""
+    from imagemill.testing.tiny_upscaler import make_tiny_upscaler
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, (width, height) in {"tiny.png": (1, 1), "strip.png": (9000, 1), "ok.png": (130, 128)}.items():
+        (folder / name).write_bytes(_png(np.full((height, width, 3), 90, np.uint8)))
+    network = str(make_tiny_upscaler(tmp_path / "x2", 2))
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(folder), "format": "images"},
+            "output": {"path": str(tmp_path / "out"), "image_format": "webp", "watermark": {"payload": "w"}},
+            "model": {"kind": "none"},
+            "generation": {"resize": "keep"},
+            "upscale": {"source": network, "tile": None},
+        }
+    )
+    result = run_in_process(spec)
+    assert (result.ok, result.errors_by_reason) == (1, {"model_rejected": 2})
+    rows = {row["source_image"]: row for row in read_metadata(spec.output.path).to_pylist()}
+    assert Image.open(Path(spec.output.path) / rows["ok.png"]["path"]).size == (260, 256)
+    assert rows["tiny.png"]["error"] == (
+        "model_rejected: output.watermark needs images of at least 65536 pixels (256x256), got 2x2"
+    )
+    assert rows["strip.png"]["error"] == (
+        "model_rejected: a 18000x2 image is over webp's 16383 px a side; set output.image_format: png, "
+        "or a smaller upscale"
+    )

@@ -244,11 +244,13 @@ def test_the_guides_example_sections_load(tmp_path, prompts_dir, tiny_model):
     import yaml
     from doc_pages import blocks, page_text
 
-    spandrel, diffusers = blocks(page_text("docs/upscale.md"), "yaml")
+    spandrel, diffusers, enhance = blocks(page_text("docs/upscale.md"), "yaml")
     spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(spandrel))
     assert (spec.upscale.kind, spec.upscale.tile, spec.upscale.tile_overlap) == ("spandrel", 512, 16)
     spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(diffusers))
     assert (spec.upscale.kind, spec.upscale.noise_level, spec.upscale.tile) == ("diffusers", 20, 512)
+    spec = imagemill.build_spec(yaml.safe_load(enhance) | {"output": {"path": str(tmp_path / "o")}})
+    assert (spec.input.format, spec.model.kind, spec.generation.resize) == ("images", "none", "keep")
 
 
 @pytest.mark.parametrize("name", ["upscaler", "Upscale_Scale"])
