@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import read_metadata
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import imagemill
@@ -259,3 +261,33 @@ def test_a_kept_size_the_output_cannot_write_is_a_model_rejected_row_and_the_res
         "model_rejected: a 18000x2 image is over webp's 16383 px a side; set output.image_format: png, "
         "or a smaller upscale"
     )
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 24), st.integers(1, 24)), min_size=1, max_size=6))
+def test_kept_sources_give_their_rows_their_size_and_batches_hold_one_size(tmp_path_factory, sizes):
+    """Each row takes its source's own size and pixels (any size, before batching), and make_batches
+    cuts batches of one size each: images of one size together, in shard order."""
+    from imagemill.workers.rows import Row, make_batches
+    from imagemill.workers.source_images import load_sources
+
+    folder = tmp_path_factory.mktemp("kept")
+    rng = np.random.default_rng(len(sizes))
+    sources = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    for index, pixels in enumerate(sources):
+        (folder / f"{index}.png").write_bytes(_png(pixels))
+    kept = {"width": SIZE, "height": SIZE, "resize": "keep"}
+    spec = _spec(folder, folder / "out", input={"max_image_pixels": 24 * 24}, generation=kept)
+    rows = [
+        Row(i, i, str(i), None, None, 0, SIZE, SIZE, 1, 0.0, source=f"{i}.png") for i in range(len(sizes))
+    ]
+    load_sources(rows, str(folder / "list.parquet"), spec.input, spec.generation)
+    for row, pixels, (width, height) in zip(rows, sources, sizes, strict=True):
+        assert row.error is None and (row.width, row.height) == (width, height)
+        assert np.array_equal(row.source_pixels, pixels)
+    batches = make_batches(rows, 2)
+    for batch in batches:
+        assert len({(row.width, row.height) for row in batch}) == 1
+        assert [row.index for row in batch] == sorted(row.index for row in batch)
+    per_size = {size: sizes.count(size) for size in sizes}
+    assert len(batches) == sum(-(-count // 2) for count in per_size.values())
