@@ -76,10 +76,10 @@ def test_a_reference_is_taken_exactly_at_the_written_size(tmp_path_factory, side
     written = side * (row_scale or SCALE)
     reader = SourceReader(spec.path, spec)
     if given_size == (written, written):
-        assert np.array_equal(reference_pixels(reader, row, spec, SCALE), pixels)
+        assert np.array_equal(reference_pixels(reader, row, spec, SCALE, (side, side)), pixels)
     else:
         with pytest.raises(InvalidImage) as refused:
-            reference_pixels(reader, row, spec, SCALE)
+            reference_pixels(reader, row, spec, SCALE, (side, side))
         says = (
             f"the reference is {given_size[0]}x{given_size[1]} but the upscaled image is {written}x{written}"
         )

@@ -244,7 +244,7 @@ def test_the_guides_example_sections_load(tmp_path, prompts_dir, tiny_model):
     import yaml
     from doc_pages import blocks, page_text
 
-    spandrel, diffusers, reference = blocks(page_text("docs/upscale.md"), "yaml")
+    spandrel, diffusers, reference, enhance = blocks(page_text("docs/upscale.md"), "yaml")
     spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(spandrel))
     assert (spec.upscale.kind, spec.upscale.tile, spec.upscale.tile_overlap) == ("spandrel", 512, 16)
     spec = _spec(prompts_dir, tmp_path / "o", tiny_model, **yaml.safe_load(diffusers))
@@ -258,6 +258,8 @@ def test_the_guides_example_sections_load(tmp_path, prompts_dir, tiny_model):
         upscale=example["upscale"],
     )
     assert (spec.input.image_column, spec.input.reference_column) == ("image", "reference")
+    spec = imagemill.build_spec(yaml.safe_load(enhance) | {"output": {"path": str(tmp_path / "o")}})
+    assert (spec.input.format, spec.model.kind, spec.generation.resize) == ("images", "none", "keep")
 
 
 @pytest.mark.parametrize("name", ["upscaler", "Upscale_Scale"])
@@ -346,6 +348,30 @@ def test_the_x4_upscaler_follows_each_rows_prompt_and_seed_and_refuses_images_ov
     with pytest.raises(ValueError, match=r"^upscale.tile: a 20x17 image is over 16 px a side") as error:
         upscaler(torch.zeros((1, 17, 20, 3), dtype=torch.uint8), [""], [0])
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.model
+def test_kept_sizes_over_a_diffusers_upscalers_tile_are_model_rejected_rows(diffusers_upscalers, tmp_path):
+    """Enhance-only at each photo's own size (`generation.resize: keep`): a photo over the pipeline's
+    `tile` is a model_rejected row naming it, and the smaller one (its own size batch) is upscaled."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, (width, height) in {"small.png": (16, 8), "big.png": (20, 17)}.items():
+        Image.fromarray(np.full((height, width, 3), 120, np.uint8)).save(folder / name)
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(folder), "format": "images"},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "none"},
+            "generation": {"resize": "keep"},
+            "upscale": _diffusers_section(diffusers_upscalers["x4"], tile=16),
+        }
+    )
+    result = run_in_process(spec)
+    assert (result.ok, result.errors_by_reason) == (1, {"model_rejected": 1})
+    rows = {row["source_image"]: row for row in read_metadata(spec.output.path).to_pylist()}
+    assert Image.open(tmp_path / "out" / rows["small.png"]["path"]).size == (64, 32)
+    assert rows["big.png"]["error"].startswith("model_rejected: upscale.tile: a 20x17 image is over 16 px")
 
 
 def test_settings_a_kind_would_ignore_are_refused(prompts_dir, tiny_model, upscalers, tmp_path):

@@ -5,7 +5,8 @@ The images are already on the device as uint8 when the batch is drawn, so measur
 a few small convolutions and no copy. SSIM is Wang et al. (2004) as torchmetrics computes it
 (`structural_similarity_index_measure` with data_range=255: an 11-pixel Gaussian window of sigma
 1.5, k1=0.01, k2=0.03, the image reflected 5 pixels out at its edges, the mean over every pixel and
-the three channels); a test holds the two equal. Sizes are multiples of 8, so 5 pixels always reflect.
+the three channels); a test holds the two equal. An image of 5 pixels or less a side (enhance-only's
+`generation.resize: keep` takes any size) cannot be reflected 5 pixels out: it is not measured (null).
 
 Inpainting measures what must not change: both are averaged over the pixels outside the mask only
 (`keep`), SSIM's windows still reading across the mask's edge; a mask that repaints everything
@@ -96,7 +97,9 @@ def similarity(
     first: torch.Tensor, second: torch.Tensor, keep: torch.Tensor | None = None
 ) -> list[tuple[float, float] | None]:
     """(SSIM, PSNR) of each pair of images over `keep`'s pixels, copied back together (one transfer
-    per batch); None for an image with no pixel to measure."""
+    per batch); None for an image with no pixel to measure, or too small to reflect SSIM's margin."""
+    if min(first.shape[1:3]) <= WINDOW // 2:
+        return [None] * len(first)
     both = torch.stack([ssim(first, second, keep), psnr(first, second, keep)], dim=1).cpu().tolist()
     return [None if math.isnan(s) else (round(s, 6), round(p, 4)) for s, p in both]
 

@@ -22,7 +22,8 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from imagemill.core.spec import JobSpec
+from imagemill.core.images import encoded_size_problem
+from imagemill.core.spec import JobSpec, watermark_size_problem
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import draw_seed
@@ -158,6 +159,7 @@ class Selection:
         assert isinstance(choice, BestOfN)  # the table's `select` row
         self.choice = choice
         self.image_to_image = spec.input.image_column is not None
+        self.output = spec.output
         self.inpainting = spec.input.mask_column is not None
         self.batch_size = spec.workers.batch_size
         model_timer = generator.stage_timer  # its device's events, shared by the stages on that device
@@ -191,6 +193,18 @@ class Selection:
             given["masks"] = torch.from_numpy(np.stack([row.mask_pixels for row in rows])).to(self.device)
         return given
 
+    def _unwritable(self, images: torch.Tensor) -> str | None:
+        """Why the chunk's images, (N, H, W, 3) as the stages left them (upscaled), cannot be written:
+        the job's size rules, checked against the job's size when the spec loaded, checked again on
+        the size an image has (enhance-only's `resize: keep` takes any source size; an upscaler
+        multiplies it). The batch's rows become `model_rejected`, as for a size a model refuses."""
+        height, width = images.shape[1:3]
+        problem = encoded_size_problem(width, height, self.output.image_format)
+        if problem is None and self.output.watermark is not None:
+            problem = watermark_size_problem(width, height)
+            problem = problem and f"output.watermark {problem}"
+        return problem
+
     def _draw_chunk(self, chunk: list[tuple[_RowDraws, int]]) -> None:
         rows = [state.row for state, _ in chunk]
         numbers = [number for _, number in chunk]
@@ -203,6 +217,9 @@ class Selection:
         for name, stage in self.on_batches:
             with self.timer.timing(name):
                 stage.run(drawn)
+        problem = self._unwritable(drawn.images)
+        if problem:
+            raise ValueError(problem)
         for i, (state, number) in enumerate(chunk):
             draw = Draw(
                 number,

@@ -185,8 +185,10 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 def fit(image: Image.Image, width: int, height: int, resize: str) -> np.ndarray:
     """The image at width x height as (height, width, 3) uint8: `center_crop` scales it to cover the
     size and crops the middle, `pad` scales it to fit and pads with black, `stretch` ignores its
-    aspect ratio."""
+    aspect ratio; `keep` (enhance-only) leaves it at its own size, which becomes the row's."""
     size = (width, height)
+    if resize == "keep":
+        return np.asarray(image, dtype=np.uint8)
     if resize == "center_crop":
         image = ImageOps.fit(image, size, RESAMPLING)
     elif resize == "pad":
@@ -205,18 +207,21 @@ class _Loaded:
     reference: np.ndarray | None = None
 
 
-def reference_pixels(reader: SourceReader, row: Row, spec: InputSpec, upscale: int) -> np.ndarray:
+def reference_pixels(
+    reader: SourceReader, row: Row, spec: InputSpec, upscale: int, size: tuple[int, int]
+) -> np.ndarray:
     """The row's reference (`input.reference_column`) as (H, W, 3) uint8, read and decoded as a source
-    is; InvalidImage when it is not the size the row is written at: its size times its scale (the
-    row's, else the upscaler's `upscale`). Never resized: a resized reference would measure the resize."""
+    is; InvalidImage when it is not the size the row is written at: its `size` (height, width: the
+    row's, or its source's own under `generation.resize: keep`) times its scale (the row's, else the
+    upscaler's `upscale`). Never resized: a resized reference would measure the resize."""
     image = decode(reader.read(row.reference), spec.max_image_pixels)
     scale = row.scale or upscale
-    width, height = row.width * scale, row.height * scale
+    width, height = size[1] * scale, size[0] * scale
     # a scale the upscaler cannot give makes the row model_rejected at the upscale stage, not here
     if upscale % scale == 0 and image.size != (width, height):
         raise InvalidImage(
             f"the reference is {image.width}x{image.height} but the upscaled image is {width}x{height} "
-            f"({row.width}x{row.height} x{scale}); give a reference of {width}x{height}"
+            f"({size[1]}x{size[0]} x{scale}); give a reference of {width}x{height}"
         )
     return np.asarray(image, dtype=np.uint8)
 
@@ -224,7 +229,8 @@ def reference_pixels(reader: SourceReader, row: Row, spec: InputSpec, upscale: i
 def load_sources(
     rows: list[Row], input_file: str, spec: InputSpec, generation: GenerationSpec, upscale: int | None
 ) -> None:
-    """Give each valid row its source pixels at its size and with `input.mask_column` its mask
+    """Give each valid row its source pixels at its size (under `generation.resize: keep`, the source's
+    own, which becomes the row's) and with `input.mask_column` its mask
     (workers/masks.py); with `input.reference_column` its reference at its written size (`upscale`: the
     upscaler's scale). A bad source makes the row `invalid_image`, a bad mask `invalid_mask`, a bad
     reference or one of another size `invalid_reference`: each names the file to fix.
@@ -252,7 +258,8 @@ def load_sources(
         if spec.reference_column is not None and row.reference is not None:  # null: not measured
             assert upscale is not None  # the spec refuses a reference column without upscale:
             try:
-                loaded.reference = reference_pixels(reader, row, spec, upscale)
+                size = (row.height, row.width) if loaded.source is None else loaded.source.shape[:2]
+                loaded.reference = reference_pixels(reader, row, spec, upscale, size)
             except InvalidImage as exc:
                 return f"invalid_reference: {spec.reference_column}: {exc}"
         return loaded
@@ -269,3 +276,7 @@ def load_sources(
         else:
             row.source_pixels, row.mask_pixels = result.source, result.mask
             row.reference_pixels = result.reference
+            if result.source is not None:
+                # the row's size is its source's: the fitted one, or the source's own under `keep`, set
+                # before make_batches so that a batch (one BatchKey) holds images of one size
+                row.height, row.width = result.source.shape[:2]

@@ -62,6 +62,21 @@ def decode_image(
     return image
 
 
+# The largest side each format's encoder writes: Pillow's WebP and JPEG encoders refuse a larger image.
+MAX_ENCODED_SIDE = {"jpeg": 65535, "webp": 16383}
+
+
+def encoded_size_problem(width: int, height: int, image_format: str) -> str | None:
+    """Why a width x height image cannot be encoded as `image_format`, or None when it can."""
+    limit = MAX_ENCODED_SIDE.get(image_format)
+    if limit is not None and max(width, height) > limit:
+        return (
+            f"a {width}x{height} image is over {image_format}'s {limit} px a side; "
+            "set output.image_format: png, or a smaller upscale"
+        )
+    return None
+
+
 def encode_image(pixels: np.ndarray, image_format: str, quality: int, **options: Any) -> bytes:
     """Encode an (H, W, 3) uint8 array; `quality` applies to JPEG and WebP only; `options`: Pillow's
     metadata arguments (pnginfo, exif, xmp; workers/provenance/parameters.py)."""

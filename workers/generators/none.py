@@ -1,6 +1,7 @@
 """`model.kind: none`, enhance-only: no model; each row's source image (`input.image_column`, read,
-checked and brought to the row's size by workers/source_images.py like image-to-image's) is its draw,
-so the stages after generation (safety, upscale, watermark, encode) run on the user's own images."""
+checked and brought to the row's size by workers/source_images.py like image-to-image's, or kept at its
+own size by `generation.resize: keep`) is its draw, so the stages after generation (safety, upscale,
+watermark, encode) run on the user's own images."""
 
 from __future__ import annotations
 

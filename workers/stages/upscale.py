@@ -136,8 +136,20 @@ class SpandrelUpscaler:
         """(N, H, W, 3) uint8 images → (N, H·scale, W·scale, 3) uint8, on their device (a network
         takes no prompt and draws no noise)."""
         pixels = images.permute(0, 3, 1, 2).to(self.network.dtype) / 255
-        larger = tiled(self.network, pixels, self.scale, self.tile, self.overlap)
-        return (larger.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+        def network(piece: torch.Tensor) -> torch.Tensor:  # each tile's output to levels at once
+            return levels(self.network(piece))
+
+        larger = tiled(network, pixels, self.scale, self.tile, self.overlap)
+        return larger.permute(0, 2, 3, 1).contiguous()
+
+
+def levels(pixels: torch.Tensor) -> torch.Tensor:
+    """A network's (N, C, H, W) output on 0..1 as uint8 levels. Taken per tile, so that the whole
+    output is held as uint8 (3 bytes a pixel), never as floats: with `resize: keep` an image may be
+    as large as `input.max_image_pixels`, and its float output (and the temporaries of converting it)
+    would be several times the uint8 one on the device."""
+    return (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def tiled(
@@ -149,21 +161,24 @@ def tiled(
 ) -> torch.Tensor:
     """`network` on (N, C, H, W) `pixels`, whole when both sides fit in `tile`, else tile by tile: each
     tile's input reaches `overlap` pixels past its edges (inside the image) and only its own region of
-    the output is kept."""
+    the output is kept, in the dtype `network` returns."""
     height, width = pixels.shape[-2:]
     if tile is None or (height <= tile and width <= tile):
         return network(pixels)
-    out = pixels.new_empty((*pixels.shape[:2], height * scale, width * scale))
+    out: torch.Tensor | None = None
     for top in range(0, height, tile):
         for left in range(0, width, tile):
             bottom, right = min(top + tile, height), min(left + tile, width)
             y0, x0 = max(top - overlap, 0), max(left - overlap, 0)
             y1, x1 = min(bottom + overlap, height), min(right + overlap, width)
             piece = network(pixels[:, :, y0:y1, x0:x1])
+            if out is None:
+                out = piece.new_empty((*piece.shape[:2], height * scale, width * scale))
             dy, dx = (top - y0) * scale, (left - x0) * scale
             out[:, :, top * scale : bottom * scale, left * scale : right * scale] = piece[
                 :, :, dy : dy + (bottom - top) * scale, dx : dx + (right - left) * scale
             ]
+    assert out is not None  # a tile at least: the image has pixels
     return out
 
 

@@ -165,6 +165,18 @@ class JobSpec(StageSections, _JobSections):
         return self
 
     @model_validator(mode="after")
+    def _kept_sizes_draw_nothing(self) -> JobSpec:
+        """`resize: keep` gives each row its source's size, any size; a model draws one size per batch,
+        and its sizes must divide by the VAE factor, so only a kind that draws nothing takes it."""
+        if self.generation.resize == "keep" and KINDS[self.model.kind].sources != "required":
+            raise ValueError(
+                f"generation.resize: keep (each source at its own size) needs model.kind: none, not "
+                f"{self.model.kind}: a model draws one size per batch, a multiple of 8; use center_crop, "
+                "pad or stretch"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _scale_column_needs_an_upscaler(self) -> JobSpec:
         if self.input.scale_column is not None and self.upscale is None:
             raise ValueError("input.scale_column is each row's upscale scale: it needs an upscale: section")

@@ -698,8 +698,10 @@ class GenerationSpec(_Section):
         description="Image-to-image: how far from its source an image may go; [low, high]: drawn per row "
         "from the row's seed (to 0.01). A `strength` input column overrides it per row.",
     )
-    resize: Literal["center_crop", "pad", "stretch"] = Field(
-        "center_crop", description="Image-to-image: how a source is brought to the row's width and height."
+    resize: Literal["center_crop", "pad", "stretch", "keep"] = Field(
+        "center_crop",
+        description="Image-to-image: how a source is brought to the row's width and height. `keep` "
+        "(model.kind: none only): each source stays at its own size, which becomes its row's.",
     )
     mask_grow: int = Field(
         0, ge=0, le=MAX_MASK_RADIUS, description="Inpainting: pixels the mask is widened by (a margin)."
