@@ -281,7 +281,7 @@ def test_kept_sources_give_their_rows_their_size_and_batches_hold_one_size(tmp_p
     rows = [
         Row(i, i, str(i), None, None, 0, SIZE, SIZE, 1, 0.0, source=f"{i}.png") for i in range(len(sizes))
     ]
-    load_sources(rows, str(folder / "list.parquet"), spec.input, spec.generation)
+    load_sources(rows, str(folder / "list.parquet"), spec.input, spec.generation, None)
     for row, pixels, (width, height) in zip(rows, sources, sizes, strict=True):
         assert row.error is None and (row.width, row.height) == (width, height)
         assert np.array_equal(row.source_pixels, pixels)
