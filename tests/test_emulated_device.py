@@ -130,11 +130,16 @@ def test_the_device_keeps_its_own_clock_when_its_thread_wakes_late(monkeypatch):
     real_sleep = time.sleep
     monkeypatch.setattr(emulated.time, "sleep", lambda seconds: real_sleep(seconds + 0.02))
     generator = EmulatedGenerator(images_per_second=100, launch_seconds_per_step=0.0, queue_depth=64)
+    for seed in range(emulated.TEXTURES):  # drawn at load, as from_spec does: no work overruns a step
+        emulated.textured(8, 8, seed)
     started = time.perf_counter()
     generator.generate(["p"] * 10, [None] * 10, list(range(10)), BatchKey(8, 8, 10, 1.0))
     took = time.perf_counter() - started
     assert generator.device.busy_seconds == pytest.approx(0.1)
     assert took < 0.1 + 0.1, took  # late by 20 ms per step on the thread's clock would be 0.3 s
+    # on the device's own clock the ten steps ran back to back from the first launch: a thread more
+    # than a step behind (late by 20 ms on 10 ms steps) lost none of the late time to the device
+    assert generator.device._free_at - started == pytest.approx(0.1, abs=0.01)
 
 
 def test_the_report_thumbnails_are_made_on_the_writer_threads_not_while_the_device_waits(
