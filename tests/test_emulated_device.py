@@ -77,7 +77,8 @@ def test_the_emulation_goes_with_its_kind(tmp_path):
 
 def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, monkeypatch):
     """The `host` stage is the model turn's time outside the device stages and the waits: 30 ms of
-    host work planted per batch shows up there, and the turn's seconds add up."""
+    host work planted per batch's hand-off, which the next batch's draw (a few ms) cannot hide, shows up
+    there, and the turn's seconds add up."""
     pq.write_table(
         pa.table({"id": [f"r{i}" for i in range(16)], "prompt": ["p"] * 16}), tmp_path / "p.parquet"
     )
@@ -85,7 +86,7 @@ def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, mon
         {
             "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 16},
             "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": "emulated", "emulation": {"images_per_second": 400}},
+            "model": {"kind": "emulated", "emulation": {"images_per_second": 4000, "launch_ms_per_step": 0}},
             "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
             "workers": {"batch_size": 4},
         }
@@ -99,10 +100,59 @@ def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, mon
     monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
     (stats,) = run_shards(load_worker(spec))
     stages = stats.stage_seconds
-    assert stages["host"] >= 4 * 0.03  # four batches
+    assert stages["host"] >= 3 * 0.03  # four hand-offs, less the few ms of the draws beside them
     turn = stats.timeline["model"][1] - stats.timeline["model"][0]
     in_turn = sum(stages[stage] for stage in MODEL_STAGES) + stages["host"]
     assert in_turn == pytest.approx(turn, abs=0.01 + stages["idle"])
+
+
+def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp_path, monkeypatch):
+    """The model thread goes from one batch straight to the next (issue #27): each batch's draw is
+    queued before the previous batch is handed to the writers, so a hand-off (50 ms planted here, less
+    than a batch's 125 ms of device time) happens while the device works, not between its batches; only
+    the last batch's hand-off is left in the turn's `host` time."""
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(16)], "prompt": ["p"] * 16}), tmp_path / "p.parquet"
+    )
+    spec = imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 16},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "emulated", "emulation": {"images_per_second": 32}},
+            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
+            "workers": {"batch_size": 4},
+        }
+    )
+    events = []
+    generating, handing_over = EmulatedGenerator.generate, ShardWorker._write
+
+    def recorded_generate(self, prompts, negatives, seeds, key, **given):
+        events.append(("draw", seeds[0]))
+        return generating(self, prompts, negatives, seeds, key, **given)
+
+    def slow_hand_over(self, run, writer, batch, drawn):
+        time.sleep(0.05)
+        waited = handing_over(self, run, writer, batch, drawn)
+        events.append(("handed", batch[0].seed))
+        return waited
+
+    monkeypatch.setattr(EmulatedGenerator, "generate", recorded_generate)
+    monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
+    (stats,) = run_shards(load_worker(spec))
+    seeds = [seed for kind, seed in events if kind == "draw"]
+    assert len(seeds) == 4
+    # batch n + 1 is being drawn before batch n is handed over; the last is handed over alone
+    assert events == [
+        ("draw", seeds[0]),
+        ("draw", seeds[1]),
+        ("handed", seeds[0]),
+        ("draw", seeds[2]),
+        ("handed", seeds[1]),
+        ("draw", seeds[3]),
+        ("handed", seeds[2]),
+        ("handed", seeds[3]),
+    ]
+    assert stats.stage_seconds["host"] < 2 * 0.05  # the last hand-off; each of the four before
 
 
 def test_the_batch_images_are_made_on_the_device_thread_not_the_launching_one(monkeypatch):
