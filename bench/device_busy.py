@@ -19,9 +19,11 @@ Figures, from the committed shards' stats:
 - busy share = device time (rows ÷ rate) ÷ the model window (first shard's model start to the last
   shard's model end): what a GPU at that rate would have been busy. 1.0 is the ceiling.
 - launch overhead = the generate calls' seconds − device time: launch work the device queue did not hide.
-- idle = the model held by a shard but waiting (on the shard's read, or on its writer queue).
-- host = the model turn's host work between the model's calls (the worker's `host` stage), also as a
-  share of the model's own time (the device-busy issue asks ≤ 2% at 7 images/s).
+- idle = the model held by a shard but waiting (on the shard's read, or on its writer queue while it
+  had no batch queued).
+- host = the model turn's host work between the model's calls that the batch drawn ahead did not hide
+  (the worker's `host` stage: the turn's first batch and last hand-off, or a hand-off longer than a
+  batch), also as a share of the model's own time (the device-busy issue asks ≤ 2% at 7 images/s).
 - gaps = the window − the seconds shards held the model: shard boundaries and hand-over.
 - tail = the last shard's end − the model window's end: writes after the last batch (once per job).
 A format and size whose encoding needs more cores than the machine has cannot reach 1.0: the table's
@@ -144,13 +146,15 @@ def main() -> None:
     if args.formats:
         formats = tuple(args.formats.split(","))
     load, began = os.getloadavg(), time.monotonic()
-    if not args.in_process:
-        import ray
-
-        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's tasks (#44687)
     s3 = not (args.quick or args.no_s3)
     rows = []
     with tempfile.TemporaryDirectory() as scratch, _s3_endpoint() if s3 else nullcontext(None) as bucket:
+        if not args.in_process:  # after the endpoint: Ray's workers take the environment it sets
+            import ray
+
+            ray.init(
+                num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False
+            )  # room for Ray's tasks (#44687)
         places = {"local": f"{scratch}/out"} | ({"s3": bucket} if s3 else {})
         for size, rate in rates:
             for image_format in formats:
