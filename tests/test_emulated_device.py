@@ -108,17 +108,17 @@ def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, mon
 
 def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp_path, monkeypatch):
     """The model thread goes from one batch straight to the next (issue #27): each batch's draw is
-    queued before the previous batch is handed to the writers, so a hand-off (50 ms planted here, less
-    than a batch's 125 ms of device time) happens while the device works, not between its batches; only
-    the last batch's hand-off is left in the turn's `host` time."""
+    queued before the previous batch is handed to the writers, so a hand-off (30 ms planted here, less
+    than a batch's 62 ms of device time) happens while the device works, not between its batches. The
+    order is asserted, not the time: the next draw is queued before the hand-off starts."""
     pq.write_table(
-        pa.table({"id": [f"r{i}" for i in range(16)], "prompt": ["p"] * 16}), tmp_path / "p.parquet"
+        pa.table({"id": [f"r{i}" for i in range(12)], "prompt": ["p"] * 12}), tmp_path / "p.parquet"
     )
     spec = imagemill.build_spec(
         {
-            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 16},
+            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 12},
             "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": "emulated", "emulation": {"images_per_second": 32}},
+            "model": {"kind": "emulated", "emulation": {"images_per_second": 64}},
             "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
             "workers": {"batch_size": 4},
         }
@@ -131,16 +131,16 @@ def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp
         return generating(self, prompts, negatives, seeds, key, **given)
 
     def slow_hand_over(self, run, writer, batch, drawn):
-        time.sleep(0.05)
+        time.sleep(0.03)
         waited = handing_over(self, run, writer, batch, drawn)
         events.append(("handed", batch[0].seed))
         return waited
 
     monkeypatch.setattr(EmulatedGenerator, "generate", recorded_generate)
     monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
-    (stats,) = run_shards(load_worker(spec))
+    run_shards(load_worker(spec))
     seeds = [seed for kind, seed in events if kind == "draw"]
-    assert len(seeds) == 4
+    assert len(seeds) == 3
     # batch n + 1 is being drawn before batch n is handed over; the last is handed over alone
     assert events == [
         ("draw", seeds[0]),
@@ -148,11 +148,8 @@ def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp
         ("handed", seeds[0]),
         ("draw", seeds[2]),
         ("handed", seeds[1]),
-        ("draw", seeds[3]),
         ("handed", seeds[2]),
-        ("handed", seeds[3]),
     ]
-    assert stats.stage_seconds["host"] < 2 * 0.05  # the last hand-off; each of the four before
 
 
 def test_the_batch_images_are_made_on_the_device_thread_not_the_launching_one(monkeypatch):
