@@ -29,6 +29,22 @@ def _spec(tmp_path, **model):
     )
 
 
+def _job(tmp_path, rows: int, **emulation):
+    """A one-shard job of `rows` rows, 32² in 2 steps, batches of 4, on the emulated device."""
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": ["p"] * rows}), tmp_path / "p.parquet"
+    )
+    return imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": rows},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "emulated", "emulation": emulation},
+            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
+            "workers": {"batch_size": 4},
+        }
+    )
+
+
 def test_the_device_is_busy_for_the_rate_and_the_images_are_textured_by_seed():
     generator = EmulatedGenerator(images_per_second=40, launch_seconds_per_step=0.0, queue_depth=64)
     started = time.perf_counter()
@@ -79,18 +95,7 @@ def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, mon
     """The `host` stage is the model turn's time outside the device stages and the waits: 30 ms of
     host work planted per batch's hand-off, which the next batch's draw (a few ms) cannot hide, shows up
     there, and the turn's seconds add up."""
-    pq.write_table(
-        pa.table({"id": [f"r{i}" for i in range(16)], "prompt": ["p"] * 16}), tmp_path / "p.parquet"
-    )
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 16},
-            "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": "emulated", "emulation": {"images_per_second": 4000, "launch_ms_per_step": 0}},
-            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
-            "workers": {"batch_size": 4},
-        }
-    )
+    spec = _job(tmp_path, 16, images_per_second=4000, launch_ms_per_step=0)
     handing_over = ShardWorker._write
 
     def slow_hand_over(self, *args):
@@ -111,18 +116,7 @@ def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp
     queued before the previous batch is handed to the writers, so a hand-off (30 ms planted here, less
     than a batch's 62 ms of device time) happens while the device works, not between its batches. The
     order is asserted, not the time: the next draw is queued before the hand-off starts."""
-    pq.write_table(
-        pa.table({"id": [f"r{i}" for i in range(12)], "prompt": ["p"] * 12}), tmp_path / "p.parquet"
-    )
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 12},
-            "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": "emulated", "emulation": {"images_per_second": 64}},
-            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
-            "workers": {"batch_size": 4},
-        }
-    )
+    spec = _job(tmp_path, 12, images_per_second=64)
     events = []
     generating, handing_over = EmulatedGenerator.generate, ShardWorker._write
 
@@ -195,16 +189,7 @@ def test_the_report_thumbnails_are_made_on_the_writer_threads_not_while_the_devi
     """The shard's sample thumbnails (a resize and a JPEG each) were made on the model's thread between
     batches, where the device waited for them (issue #27); they are made on the writer threads, and the
     stats still carry them, in batch order."""
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "prompt": ["p"] * 8}), tmp_path / "p.parquet")
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 8},
-            "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": "emulated", "emulation": {"images_per_second": 400}},
-            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
-            "workers": {"batch_size": 4},
-        }
-    )
+    spec = _job(tmp_path, 8, images_per_second=400)
     made_on = []
     real = shard_records.thumbnail_data_uri
 
