@@ -10,15 +10,20 @@ Each run is a whole job through Ray (`imagemill.run`, one worker, 4+ shards) of 
 (workers/generators/emulated.py): per denoising step the actor's model thread does
 `--launch-ms` of GIL-holding Python work (kernel launches) and queues the step's device time, which a
 device thread runs without the GIL; images are textured, so encoding costs what it does for generated
-images. Rows = the rate × `--device-seconds`, so every run keeps the device busy for the same time.
+images. Rows = the rate × `--device-seconds`, so every run keeps the device busy for the same time,
+except where this machine's cores cannot encode the rate (the table's last column): those are bounded
+by the writers, not the device, so they get that share of the rows (at least 4 batches), which keeps
+the whole table, 30 jobs, in about 10 minutes on a quiet 2-core machine.
 
 Figures, from the committed shards' stats:
 - busy share = device time (rows ÷ rate) ÷ the model window (first shard's model start to the last
   shard's model end): what a GPU at that rate would have been busy. 1.0 is the ceiling.
 - launch overhead = the generate calls' seconds − device time: launch work the device queue did not hide.
-- idle = the model held by a shard but waiting (on the shard's read, or on its writer queue).
-- host = the model turn's host work between the model's calls (the worker's `host` stage), also as a
-  share of the model's own time (the device-busy issue asks ≤ 2% at 7 images/s).
+- idle = the model held by a shard but waiting (on the shard's read, or on its writer queue while it
+  had no batch queued).
+- host = the model turn's host work between the model's calls that the batch drawn ahead did not hide
+  (the worker's `host` stage: the turn's first batch and last hand-off, or a hand-off longer than a
+  batch), also as a share of the model's own time (the device-busy issue asks ≤ 2% at 7 images/s).
 - gaps = the window − the seconds shards held the model: shard boundaries and hand-over.
 - tail = the last shard's end − the model window's end: writes after the last batch (once per job).
 A format and size whose encoding needs more cores than the machine has cannot reach 1.0: the table's
@@ -77,7 +82,9 @@ def measure(
 ) -> dict:
     """One job; its busy share and where the rest of the model window went."""
     batch = BATCH[size]
-    rows = max(4 * batch, math.ceil(rate * device_seconds / batch) * batch)
+    # a rate the cores cannot encode runs at the writers' pace: as many rows as they encode in the time
+    encodable = min(1.0, (os.cpu_count() or 1) / cores_to_encode(rate, image_format, size, size))
+    rows = max(4 * batch, math.ceil(rate * device_seconds * encodable / batch) * batch)
     rows_per_shard = max(batch, rows // 4 // batch * batch)
     output = f"{root}/busy-{size}-{rate}-{image_format}-{time.monotonic_ns()}"
     spec = imagemill.build_spec(
@@ -126,7 +133,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="512² at 30 images/s, PNG and JPEG, local only")
     parser.add_argument("--rates", help="size:images/s pairs, e.g. 512:7,1024:2 (default: every rate)")
     parser.add_argument("--formats", help="comma-separated, e.g. png,jpeg (default: png, jpeg, webp)")
-    parser.add_argument("--device-seconds", type=float, default=20.0, help="device time per run")
+    parser.add_argument("--device-seconds", type=float, default=10.0, help="device time per run")
     parser.add_argument("--launch-ms", type=float, default=2.0, help="GIL-held Python work per step")
     parser.add_argument("--no-s3", action="store_true", help="local output only")
     parser.add_argument("--in-process", action="store_true", help="no Ray: the worker in this process")
@@ -138,14 +145,16 @@ def main() -> None:
     formats = ("png", "jpeg") if args.quick else FORMATS
     if args.formats:
         formats = tuple(args.formats.split(","))
-    load = os.getloadavg()
-    if not args.in_process:
-        import ray
-
-        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False)  # room for Ray's tasks (#44687)
+    load, began = os.getloadavg(), time.monotonic()
     s3 = not (args.quick or args.no_s3)
     rows = []
     with tempfile.TemporaryDirectory() as scratch, _s3_endpoint() if s3 else nullcontext(None) as bucket:
+        if not args.in_process:  # after the endpoint: Ray's workers take the environment it sets
+            import ray
+
+            ray.init(
+                num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False
+            )  # room for Ray's tasks (#44687)
         places = {"local": f"{scratch}/out"} | ({"s3": bucket} if s3 else {})
         for size, rate in rates:
             for image_format in formats:
@@ -160,11 +169,15 @@ def main() -> None:
                         args.launch_ms,
                         args.in_process,
                     )
-                    cores = cores_to_encode(rate, image_format, size, size)
-                    rows.append((size, rate, image_format, place, figures, cores))
+                    need = cores_to_encode(rate, image_format, size, size)
+                    rows.append((size, rate, image_format, place, figures, need))
                     print(f"{size}² {rate}/s {image_format} {place}: busy {figures['busy']:.3f}", flush=True)
     command = " ".join(["python bench/device_busy.py", *sys.argv[1:]])
     where = "in process (no Ray)" if args.in_process else "through Ray"
+    cores = os.cpu_count() or 1
+    short = sorted(
+        {f"{fmt} at {size}² {rate}/s ({need})" for size, rate, fmt, _, _, need in rows if need > cores}
+    )
     lines = [
         # in process: its own heading (the GPU machine's cores), never a prefix of the Ray table's
         f"## Device busy share in process, emulated accelerator, {_machine()}"
@@ -172,12 +185,18 @@ def main() -> None:
         else "## Device busy share, emulated accelerator",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}; load "
-        f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; the table took "
+        f"{(time.monotonic() - began) / 60:.1f} min.",
         f"Reproduce: `{command}`",
         "",
         f"Settings: one worker {where}, {STEPS} steps, batch 16 at 512² and 4 at 1024², "
         f"{args.launch_ms:g} ms of GIL-held launch work per step, {args.device_seconds:g} s of device time "
         "per run, 4+ shards. Shares are of the model window (first shard's model start to last one's end).",
+        "",
+        f"What {cores} cores cannot encode (the cores it needs): {', '.join(short)}; those rows are "
+        "bounded by the writers, and run with that share of the rows."
+        if short
+        else f"{cores} cores encode every rate here.",
         "",
         "| size | device images/s | format | to | rows | busy share | launch not hidden | idle | host "
         "(÷ model) | gaps | tail s | cores to encode |",
@@ -185,8 +204,8 @@ def main() -> None:
         *(
             f"| {size}² | {rate} | {fmt} | {place} | {f['rows']} | **{f['busy']:.3f}** | {f['launch']:.3f} | "
             f"{f['idle']:.3f} | {f['host']:.3f} ({f['host_of_model']:.1%}) | {f['gaps']:.3f} | "
-            f"{f['tail']:.1f} | {cores} |"
-            for size, rate, fmt, place, f, cores in rows
+            f"{f['tail']:.1f} | {need} |"
+            for size, rate, fmt, place, f, need in rows
         ),
         "",
     ]

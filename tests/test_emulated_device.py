@@ -29,6 +29,22 @@ def _spec(tmp_path, **model):
     )
 
 
+def _job(tmp_path, rows: int, **emulation):
+    """A one-shard job of `rows` rows, 32² in 2 steps, batches of 4, on the emulated device."""
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": ["p"] * rows}), tmp_path / "p.parquet"
+    )
+    return imagemill.build_spec(
+        {
+            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": rows},
+            "output": {"path": str(tmp_path / "out")},
+            "model": {"kind": "emulated", "emulation": emulation},
+            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
+            "workers": {"batch_size": 4},
+        }
+    )
+
+
 def test_the_device_is_busy_for_the_rate_and_the_images_are_textured_by_seed():
     generator = EmulatedGenerator(images_per_second=40, launch_seconds_per_step=0.0, queue_depth=64)
     started = time.perf_counter()
@@ -77,19 +93,9 @@ def test_the_emulation_goes_with_its_kind(tmp_path):
 
 def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, monkeypatch):
     """The `host` stage is the model turn's time outside the device stages and the waits: 30 ms of
-    host work planted per batch shows up there, and the turn's seconds add up."""
-    pq.write_table(
-        pa.table({"id": [f"r{i}" for i in range(16)], "prompt": ["p"] * 16}), tmp_path / "p.parquet"
-    )
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 16},
-            "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": "emulated", "emulation": {"images_per_second": 400}},
-            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
-            "workers": {"batch_size": 4},
-        }
-    )
+    host work planted per batch's hand-off, which the next batch's draw (a few ms) cannot hide, shows up
+    there, and the turn's seconds add up."""
+    spec = _job(tmp_path, 16, images_per_second=4000, launch_ms_per_step=0)
     handing_over = ShardWorker._write
 
     def slow_hand_over(self, *args):
@@ -99,10 +105,45 @@ def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, mon
     monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
     (stats,) = run_shards(load_worker(spec))
     stages = stats.stage_seconds
-    assert stages["host"] >= 4 * 0.03  # four batches
+    assert stages["host"] >= 3 * 0.03  # four hand-offs, less the few ms of the draws beside them
     turn = stats.timeline["model"][1] - stats.timeline["model"][0]
     in_turn = sum(stages[stage] for stage in MODEL_STAGES) + stages["host"]
     assert in_turn == pytest.approx(turn, abs=0.01 + stages["idle"])
+
+
+def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp_path, monkeypatch):
+    """The model thread goes from one batch straight to the next (issue #27): each batch's draw is
+    queued before the previous batch is handed to the writers, so a hand-off (30 ms planted here, less
+    than a batch's 62 ms of device time) happens while the device works, not between its batches. The
+    order is asserted, not the time: the next draw is queued before the hand-off starts."""
+    spec = _job(tmp_path, 12, images_per_second=64)
+    events = []
+    generating, handing_over = EmulatedGenerator.generate, ShardWorker._write
+
+    def recorded_generate(self, prompts, negatives, seeds, key, **given):
+        events.append(("draw", seeds[0]))
+        return generating(self, prompts, negatives, seeds, key, **given)
+
+    def slow_hand_over(self, run, writer, batch, drawn):
+        time.sleep(0.03)
+        waited = handing_over(self, run, writer, batch, drawn)
+        events.append(("handed", batch[0].seed))
+        return waited
+
+    monkeypatch.setattr(EmulatedGenerator, "generate", recorded_generate)
+    monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
+    run_shards(load_worker(spec))
+    seeds = [seed for kind, seed in events if kind == "draw"]
+    assert len(seeds) == 3
+    # batch n + 1 is being drawn before batch n is handed over; the last is handed over alone
+    assert events == [
+        ("draw", seeds[0]),
+        ("draw", seeds[1]),
+        ("handed", seeds[0]),
+        ("draw", seeds[2]),
+        ("handed", seeds[1]),
+        ("handed", seeds[2]),
+    ]
 
 
 def test_the_batch_images_are_made_on_the_device_thread_not_the_launching_one(monkeypatch):
@@ -130,11 +171,16 @@ def test_the_device_keeps_its_own_clock_when_its_thread_wakes_late(monkeypatch):
     real_sleep = time.sleep
     monkeypatch.setattr(emulated.time, "sleep", lambda seconds: real_sleep(seconds + 0.02))
     generator = EmulatedGenerator(images_per_second=100, launch_seconds_per_step=0.0, queue_depth=64)
+    for seed in range(emulated.TEXTURES):  # drawn at load, as from_spec does: no work overruns a step
+        emulated.textured(8, 8, seed)
     started = time.perf_counter()
     generator.generate(["p"] * 10, [None] * 10, list(range(10)), BatchKey(8, 8, 10, 1.0))
     took = time.perf_counter() - started
     assert generator.device.busy_seconds == pytest.approx(0.1)
     assert took < 0.1 + 0.1, took  # late by 20 ms per step on the thread's clock would be 0.3 s
+    # on the device's own clock the ten steps ran back to back from the first launch: a thread more
+    # than a step behind (late by 20 ms on 10 ms steps) lost none of the late time to the device
+    assert generator.device._free_at - started == pytest.approx(0.1, abs=0.01)
 
 
 def test_the_report_thumbnails_are_made_on_the_writer_threads_not_while_the_device_waits(
@@ -143,16 +189,7 @@ def test_the_report_thumbnails_are_made_on_the_writer_threads_not_while_the_devi
     """The shard's sample thumbnails (a resize and a JPEG each) were made on the model's thread between
     batches, where the device waited for them (issue #27); they are made on the writer threads, and the
     stats still carry them, in batch order."""
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "prompt": ["p"] * 8}), tmp_path / "p.parquet")
-    spec = imagemill.build_spec(
-        {
-            "input": {"path": str(tmp_path / "p.parquet"), "rows_per_shard": 8},
-            "output": {"path": str(tmp_path / "out")},
-            "model": {"kind": "emulated", "emulation": {"images_per_second": 400}},
-            "generation": {"width": 32, "height": 32, "num_inference_steps": 2},
-            "workers": {"batch_size": 4},
-        }
-    )
+    spec = _job(tmp_path, 8, images_per_second=400)
     made_on = []
     real = shard_records.thumbnail_data_uri
 

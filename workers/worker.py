@@ -7,7 +7,9 @@ stages are built from the spec by stages/registry.py) → write → commit. Imag
 `ShardWriter` (one per output format, see writers.py), then the metadata Parquet, then on commit the
 files are published and the stats file last: its presence is the commit.
 Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard
-is read while the current one generates; the stats split each shard's time by stage (stage_timer.py).
+is read while the current one generates; the holder's batches are drawn on one model thread, the next
+queued there while the last is handed to the writers (`_generate`); the stats split each shard's time
+by stage (stage_timer.py).
 The records themselves (metadata rows, stats) are built in shard_records.py.
 """
 
@@ -16,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import replace
 from typing import Any
@@ -94,12 +97,16 @@ class ShardWorker:
         self.load_error: Exception | None = None
         self.gang: Gang | None = None  # a context-parallel gang's member, once joined (`join_gang`)
         self.expanders = expanders
+        # Every model call runs on this one thread: the load (with its compile warm-up), the holder's
+        # draws (`_generate`: the next queued while one runs) and a follower's. State a compiled
+        # model keeps per host thread (CUDA graph trees) is then the one the warm-up made.
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="imagemill-model")
         if gang_size(spec.workers.gpus_per_worker, spec.model.parallel) == 1:  # else: in `join_gang`
             self._load_or_keep_the_error()
 
     def _load_or_keep_the_error(self) -> None:
         try:
-            self._load(self.spec, self.expanders)
+            self.model_thread.submit(self._load, self.spec, self.expanders).result()
         except Exception as exc:
             self.load_error = exc
 
@@ -157,6 +164,11 @@ class ShardWorker:
         assert self.gang is not None
         run = ShardRun(shard, self.spec.model.source)
         self._read(run)
+        return self.model_thread.submit(self._follow, run, batch_size).result()
+
+    def _follow(self, run: ShardRun, batch_size: int) -> int:
+        """On the model thread: a follower's draws of a shard, in step with its leader's."""
+        assert self.gang is not None
         drawn = 0
         for batch in make_batches(run.rows, batch_size):
             if self.spec.expansion is not None:
@@ -237,22 +249,67 @@ class ShardWorker:
         return ShardExpansion(rows, self.spec.expansion, self.spec.generation.seed, calls.submit, calls.wait)
 
     def _generate(self, run: ShardRun, writer: ShardWriter) -> None:
-        """The generate loop, run while holding the model: each batch is expanded, drawn and scored,
-        and its images go to the writer threads while the next batch generates."""
+        """The generate loop, run while holding the model: each batch is expanded, then drawn and scored
+        on the model thread, and its images go to the writer threads while the next batch generates.
+
+        The next batch's draw is queued on the model thread before this one is handed over, so the model
+        thread goes from one batch's copy back straight to the next batch's launches: the hand-off to
+        the writers (and the writers waking for it), the progress call, the writer backpressure and the
+        next batch's expansion run on this thread while the device works, not between its batches (on a
+        GPU as on the emulated one; they cost 3-5% of the device at 60 images/s, issue #27). One batch
+        is drawn ahead, no more: its rows are the next in shard order, so the batches and seeds, and the
+        images, are those of the loop without it."""
+        drawing: deque[tuple[list[Row], Future[tuple[list[Drawn] | None, float]]]] = deque()
         done = 0
-        for batch in make_batches(run.rows, self.spec.workers.batch_size):
-            if run.expansion is not None:
-                run.expansion.fill(batch)
-                if self.gang is not None:
-                    self.gang.agree_prompts(batch)
-            drawn = self._draw(run, batch)
-            if drawn is not None:
-                self._write(run, writer, batch, drawn)
-            done += len(batch)
-            if self.gang is not None:
-                self.gang.step(len(batch))
-            if self.on_batch is not None:
-                self.on_batch(run.shard.shard_id, done)
+        try:
+            for batch in make_batches(run.rows, self.spec.workers.batch_size):
+                if run.expansion is not None:
+                    run.expansion.fill(batch)
+                drawing.append((batch, self.model_thread.submit(self._draw_on_model_thread, run, batch)))
+                if len(drawing) > 1:
+                    done = self._hand_off(run, writer, *drawing.popleft(), done, ahead=drawing[0][1])
+            while drawing:
+                done = self._hand_off(run, writer, *drawing.popleft(), done, ahead=None)
+        finally:  # a failed turn leaves no draw running into the next shard's turn
+            for _, future in drawing:
+                future.cancel()
+            wait([future for _, future in drawing])
+
+    def _draw_on_model_thread(self, run: ShardRun, batch: list[Row]) -> tuple[list[Drawn] | None, float]:
+        """The batch drawn on the model thread, and when it ended; a gang's members agree on its
+        expanded prompts before and step together after each batch, on this thread, so the group's
+        calls keep their order."""
+        if self.gang is not None and run.expansion is not None:
+            self.gang.agree_prompts(batch)
+        drawn = self._draw(run, batch)
+        if self.gang is not None:
+            self.gang.step(len(batch))
+        return drawn, time.time()
+
+    def _hand_off(
+        self,
+        run: ShardRun,
+        writer: ShardWriter,
+        batch: list[Row],
+        future: Future[tuple[list[Drawn] | None, float]],
+        done: int,
+        ahead: Future[tuple[list[Drawn] | None, float]] | None,
+    ) -> int:
+        """Wait for a batch's draw and hand its images to the writers; returns the rows drawn so far.
+        The writer backpressure is charged to `idle` only for the time the model then sat without a
+        batch: after the draw `ahead` had ended, before the next one could be queued."""
+        drawn, _ = future.result()
+        if drawn is not None:
+            waited = self._write(run, writer, batch, drawn)
+            if waited is not None and ahead is not None and ahead.done():
+                ahead_ended = ahead.result()[1]
+                run.timer.add("idle", max(0.0, waited[1] - max(waited[0], ahead_ended)))
+            elif waited is not None and ahead is None:  # the last batch: the model has nothing else
+                run.timer.add("idle", waited[1] - waited[0])
+        done += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(run.shard.shard_id, done)
+        return done
 
     def _draw(self, run: ShardRun, batch: list[Row]) -> list[Drawn] | None:
         """The batch's images, as uint8 on the CPU (or JPEG bytes encoded on the GPU), with their scores
@@ -287,9 +344,12 @@ class ShardWorker:
                 run.timer.add(stage, spent)
             run.timer.add("denoise", seconds - sum(inner.values()))
 
-    def _write(self, run: ShardRun, writer: ShardWriter, batch: list[Row], drawn: list[Drawn]) -> None:
+    def _write(
+        self, run: ShardRun, writer: ShardWriter, batch: list[Row], drawn: list[Drawn]
+    ) -> tuple[float, float] | None:
         """Hand the batch's images to the writer threads, at most BATCHES_IN_FLIGHT batches behind the
-        model; a row without an image to write (dropped) gets its metadata row only."""
+        model; a row without an image to write (dropped) gets its metadata row only. Returns when this
+        waited for the writers (write backpressure), start and end; None when it did not wait."""
         shown = [(row, row_drawn.shown) for row, row_drawn in zip(batch, drawn, strict=True)]
         run.add_samples(shown, self.writers.submit)
         run.count_draws(drawn)
@@ -303,9 +363,11 @@ class ShardWorker:
                     run.embeddings[row.index] = row_drawn.kept.features
                 in_flight.append((row, self.writers.submit(self._write_image, writer, run, row, row_drawn)))
         run.pending.append(in_flight)
-        if len(run.pending) > BATCHES_IN_FLIGHT:
-            with run.timer.timing("idle"):  # write backpressure: the model waits for the writers
-                run.collect(run.pending.popleft())
+        if len(run.pending) <= BATCHES_IN_FLIGHT:
+            return None
+        started = time.time()  # write backpressure: the next draw waits to be queued
+        run.collect(run.pending.popleft())
+        return started, time.time()
 
     def _write_image(self, writer: ShardWriter, run: ShardRun, row: Row, drawn: Drawn) -> MetadataRow:
         """On a writer thread: encode one done row's image and hand it to the writer; returns the

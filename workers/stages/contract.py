@@ -6,10 +6,11 @@ report label) and its thread. The registry (registry.py) builds the enabled stag
 order and checks that each one's `needs` are on the batch by then.
 
 Threads (why the device does not wait on the host):
-- `device` stages (`BatchStage`) run on the shard call that holds the model, between generate calls,
-  once per chunk of draws: they take the images where the generator left them (a CUDA tensor) and
-  queue more device work; only small results (scores, verdicts, embeddings) and, last, the
-  `copy_back` stage's uint8 pixels or nvJPEG bytes cross to the host, once per chunk. `select`
+- `device` stages (`BatchStage`) run on the actor's model thread, for the shard call that holds the
+  model, between generate calls, once per chunk of draws: they take the images where the generator
+  left them (a CUDA tensor) and queue more device work; only small results (scores, verdicts,
+  embeddings) and, last, the `copy_back` stage's uint8 pixels or nvJPEG bytes cross to the host, once
+  per chunk. `select`
   (best-of-N and the safety policy) is bookkeeping over those host values on the same thread.
 - `writer` stages run on the writer threads: they get one kept row's host pixels (or bytes) and its
   metadata row (`Drawn`, handed over through the writer pool, at most BATCHES_IN_FLIGHT batches
