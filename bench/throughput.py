@@ -341,7 +341,8 @@ def _report(profile: str, settings: dict, repeats: int, runs: dict[str, list[dic
     lines = [
         f"## Throughput, {profile} profile",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.2f} at the end (a loaded machine's ratios mean little).",
         f"Reproduce: `{command}`",
         "",
         f"Settings: {settings['rows']} prompts, batch {settings['batch_size']}, {settings['size']}² px, "
