@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -299,9 +300,7 @@ def allocation_churn(model: Path) -> tuple[str, str, str, str]:
         f"generate at {SIZE}² after a {2 * SIZE}x{SIZE} batch vs after another {SIZE}² one, tiny model, CPU, "
         "medians of 5 (`python bench/gpu_loss.py`)",
         f"{ratio:.2f}x the same-shape time",
-        "ruled out on CPU"
-        if ratio < 1.05
-        else "confirmed on CPU"
+        ("ruled out on CPU" if ratio < 1.05 else "confirmed on CPU")
         + "; the CUDA caching allocator's share needs the GPU (bench/gpu.sh's worker vs bare)",
     )
 
@@ -323,11 +322,13 @@ def main() -> None:
             allocation_churn(model),
         ]
     command = " ".join(["python bench/gpu_loss.py", *sys.argv[1:]])
+    end = os.getloadavg()[0]
+    quiet = "a quiet machine" if max(load, end) < 2 else "shared by other jobs: re-run the timed rows quiet"
     lines = [
         "## Device-time loss candidates, measured on the CPU",
         "",
-        f"Measured on {_machine()}, load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
-        f"end (shared by other jobs). Reproduce: `{command}`",
+        f"Measured {datetime.now(UTC):%Y-%m-%d} on {_machine()}, load average {load:.2f} at the start, "
+        f"{end:.2f} at the end ({quiet}). Reproduce: `{command}`",
         "",
         "| candidate | how measured | number | verdict |",
         "| --- | --- | --- | --- |",
