@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -167,18 +167,12 @@ class ShardWorker:
         return self.model_thread.submit(self._follow, run, batch_size).result()
 
     def _follow(self, run: ShardRun, batch_size: int) -> int:
-        """On the model thread: a follower's draws of a shard, in step with its leader's."""
-        assert self.gang is not None
-        drawn = 0
-        for batch in make_batches(run.rows, batch_size):
-            if self.spec.expansion is not None:
-                self.gang.agree_prompts(batch)
-            # the leader's rows of a batch the model refuses become model_rejected errors: still a step
-            with self._model_time(run), suppress(ValueError):
-                self.selection.draw(batch)
-            self.gang.step(len(batch))
-            drawn += len(batch)
-        return drawn
+        """On the model thread: a follower's draws of a shard, in step with its leader's (a batch the
+        model refuses is still a step: its rows become model_rejected errors, written by no one)."""
+        batches = make_batches(run.rows, batch_size)
+        for batch in batches:
+            self._draw_on_model_thread(run, batch)
+        return sum(len(batch) for batch in batches)
 
     def process_shard(self, shard: Shard) -> ShardStats:
         """Read, expand, generate, score, write and commit one shard; returns its stats. An error is
@@ -276,10 +270,10 @@ class ShardWorker:
             wait([future for _, future in drawing])
 
     def _draw_on_model_thread(self, run: ShardRun, batch: list[Row]) -> tuple[list[Drawn] | None, float]:
-        """The batch drawn on the model thread, and when it ended; a gang's members agree on its
-        expanded prompts before and step together after each batch, on this thread, so the group's
-        calls keep their order."""
-        if self.gang is not None and run.expansion is not None:
+        """The batch drawn on the model thread, and when it ended. A gang's members, leader and
+        followers alike, come through here: they agree on its expanded prompts before and step
+        together after each batch, on this thread, so the group's calls keep one order."""
+        if self.gang is not None and self.spec.expansion is not None:
             self.gang.agree_prompts(batch)
         drawn = self._draw(run, batch)
         if self.gang is not None:
