@@ -54,6 +54,18 @@ def glob_root(pattern: str) -> str:
     return _GLOB_CHARS.split(pattern, maxsplit=1)[0].rpartition("/")[0]
 
 
+def files_under(fs: Any, path: str) -> tuple[list[str], str] | None:
+    """The files a glob or a folder (searched recursively) names, and the root they are relative to;
+    None when `path` is neither (a single file, or nothing). The input listings' one walk: Parquet
+    input (planning/shards.py) and image folders (planning/image_listing.py) filter what it finds."""
+    if is_glob(path):
+        matches = fs.glob(path, detail=True)
+        return [name for name, info in matches.items() if info["type"] != "directory"], glob_root(path)
+    if fs.isdir(path):
+        return fs.find(path), path.rstrip("/")
+    return None
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 

@@ -25,7 +25,7 @@ from imagemill.core.image_folder import IMAGE_SUFFIXES, LISTING_IMAGE_COLUMN, is
 from imagemill.core.layout import OutputLayout, parquet_bytes
 from imagemill.core.shard import ShardPlan
 from imagemill.core.spec import InputSpec
-from imagemill.core.storage import filesystem, glob_root, is_glob
+from imagemill.core.storage import files_under, filesystem
 from imagemill.core.write_gate import OwnedOutput, ShardConflict
 from imagemill.planning.shards import InputFile, file_key
 
@@ -39,11 +39,8 @@ class ImageListing:
 def list_images(spec: InputSpec) -> list[str]:
     """The image files under the input's folder, glob or prefix, as sorted paths relative to it."""
     fs, path = filesystem(spec.path, spec.storage_options)
-    if is_glob(path):
-        found = [name for name, info in fs.glob(path, detail=True).items() if info["type"] != "directory"]
-        root = glob_root(path)
-    elif fs.isdir(path):
-        found, root = fs.find(path), path.rstrip("/")
+    if (under := files_under(fs, path)) is not None:
+        found, root = under
     elif fs.isfile(path):
         raise ImagemillError(
             f"input.path {spec.path} is a file; with input.format: images it names a folder, a glob or a "

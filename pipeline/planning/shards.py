@@ -24,7 +24,7 @@ from imagemill.core.carry import check_carried
 from imagemill.core.errors import ImagemillError
 from imagemill.core.shard import Shard, ShardPlan, UnreadableFile
 from imagemill.core.spec import InputSpec
-from imagemill.core.storage import filesystem, glob_root, is_glob
+from imagemill.core.storage import files_under, filesystem, is_glob
 from imagemill.planning.auto_cut import UNKNOWN_BATCH, auto_rows_per_shard
 
 if TYPE_CHECKING:
@@ -57,12 +57,11 @@ def _is_parquet(fs, path: str) -> bool:
 def list_input_files(spec: InputSpec) -> tuple[list[str], str]:
     """The Parquet files named by a file, a folder or a glob, sorted, and the root they are relative to."""
     fs, path = filesystem(spec.path, spec.storage_options)
-    if is_glob(path):
-        files = [f for f in fs.glob(path) if fs.isfile(f) and _is_parquet(fs, f)]
-        root = glob_root(path)
-    elif fs.isdir(path):
-        files = [f for f in fs.find(path) if f.endswith(".parquet")]
-        root = path.rstrip("/")
+    if (under := files_under(fs, path)) is not None:
+        found, root = under
+        # a glob also takes files that start with Parquet's magic; a folder, *.parquet only
+        keep = (lambda f: _is_parquet(fs, f)) if is_glob(path) else (lambda f: f.endswith(".parquet"))
+        files = [f for f in found if keep(f)]
     elif fs.isfile(path):
         files = [path]
         root = path.rpartition("/")[0]
