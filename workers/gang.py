@@ -8,7 +8,9 @@ which draws the same rows with the same seeds (with prompt expansion, from the l
 prompts, sent before each batch by `agree_prompts`: only the leader expands), and after each batch
 all members all-reduce the rows they drew (`step`): the leader checks every member drew the batch,
 so a member out of step or dead fails the attempt with `GangBroken` instead of hanging, and the
-driver re-places the gang.
+driver re-places the gang. After loading, the members tell each other whether they loaded
+(`agree_loaded`), so a follower's model that does not load fails the replica's start, the leader's
+`ready`, with that follower's error, not the leader's first step after GANG_TIMEOUT.
 
 A generator splitting an image's work over the gang (branch `parallel`) takes the group from
 `replica_group()`, whose world size is the replica's GPUs.
@@ -26,7 +28,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from imagemill.core.errors import GangBroken
+from imagemill.core.errors import GangBroken, ImagemillError
 from imagemill.core.shard import Shard
 from imagemill.workers.rows import Row
 
@@ -70,6 +72,20 @@ class Gang:
         self.followers = followers
         _joined = self
 
+    def agree_loaded(self, error: Exception | None) -> None:
+        """After each member's load, on every member: raise, on each member that loaded, the first
+        load error of another (`error`: this member's own, None when it loaded), naming its rank."""
+        errors: list[str | None] = [None] * self.world_size
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        try:
+            dist.all_gather_object(errors, mine)
+        except RuntimeError as exc:
+            raise GangBroken(f"a gang member is gone: {exc}") from exc
+        if error is None:
+            for rank, theirs in enumerate(errors):
+                if theirs is not None:
+                    raise ImagemillError(f"gang member {rank} of {self.world_size}: {theirs}")
+
     def step(self, rows: int) -> None:
         """After each batch, on every member: all-reduce the rows drawn; the leader checks that each
         member drew the batch."""
@@ -106,5 +122,8 @@ class Gang:
             ray.get(calls, timeout=GANG_TIMEOUT.total_seconds())
         except GangBroken:
             raise
-        except Exception as exc:
-            raise GangBroken(f"the gang fell out of step in shard {shard.shard_id}: {exc}") from exc
+        except Exception as exc:  # one line: Ray's errors run to many, the driver shows the last
+            detail = (str(exc).strip().splitlines() or [""])[-1]
+            raise GangBroken(
+                f"the gang fell out of step in shard {shard.shard_id}: {type(exc).__name__}: {detail}"
+            ) from exc

@@ -152,9 +152,14 @@ class ShardWorker:
     def join_gang(self, address: str, rank: int, world_size: int, followers: list[Any]) -> dict[str, Any]:
         """Join this replica's gang (imagemill.workers.gang), then load the model: a context-parallel
         denoiser splits its tokens over the group it finds at load (generators/diffusion/layout.py).
-        `ready()`'s answer; a member whose model does not load fails the gang's first step."""
+        `ready()`'s answer: a member whose model does not load fails every member's, the leader's
+        (the replica's) with that member's error."""
         self.gang = Gang(address, rank, world_size, pick_device(self.spec.model.device), followers)
         self._load_or_keep_the_error()
+        try:
+            self.gang.agree_loaded(self.load_error)
+        except Exception as exc:  # another member's load failed: so does this replica's start
+            self.load_error = exc
         return self.ready()
 
     def follow_shard(self, shard: Shard, batch_size: int) -> int:
