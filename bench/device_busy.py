@@ -18,12 +18,14 @@ the whole table, 30 jobs, in about 10 minutes on a quiet 2-core machine.
 Figures, from the committed shards' stats:
 - busy share = device time (rows ÷ rate) ÷ the model window (first shard's model start to the last
   shard's model end): what a GPU at that rate would have been busy. 1.0 is the ceiling.
-- launch overhead = the generate calls' seconds − device time: launch work the device queue did not hide.
+- launch not hidden = the batches' model seconds (each from the device reaching its first launch to its
+  copy back done) − device time: the device waiting inside a batch for launches that fell behind.
 - idle = the model held by a shard but waiting (on the shard's read, or on its writer queue while it
   had no batch queued).
-- host = the model turn's host work between the model's calls that the batch drawn ahead did not hide
-  (the worker's `host` stage: the turn's first batch and last hand-off, or a hand-off longer than a
-  batch), also as a share of the model's own time (the device-busy issue asks ≤ 2% at 7 images/s).
+- host = the model turn's time outside its batches on the device: the device waiting between batches
+  for host work that the batch launched ahead did not hide (the worker's `host` stage: the turn's
+  first launch and last hand-off, a hand-off longer than a batch), also as a share of the model's own
+  time (the device-busy issue asks ≤ 2% at 7 images/s).
 - gaps = the window − the seconds shards held the model: shard boundaries and hand-over.
 - tail = the last shard's end − the model window's end: writes after the last batch (once per job).
 A format and size whose encoding needs more cores than the machine has cannot reach 1.0: the table's

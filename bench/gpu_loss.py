@@ -13,6 +13,9 @@ allocator) bench/gpu.sh measures with bench/worker_loop.py. Candidates:
 - stage_timer synchronising the device: device synchronizes per batch of one shard through the in-process
   worker on the tiny model, its stage timers on the emulated accelerator, timed by device events (now) vs
   synchronizing around each section (before, replayed); and a whole emulated shard's;
+- the device waiting at each batch boundary: an emulated shard's device busy share with the model thread
+  waiting for each batch's copy back before launching the next (before, replayed) vs launching it
+  first (now), side by side;
 - GIL contention: the emulated accelerator (2 ms of GIL-held launch work per step, 512² at 30 images/s,
   batch 16), each batch's images encoded by 4 writer threads while the next batch generates (as the
   worker hands them over) vs not encoded: the device's busy share;
@@ -141,7 +144,8 @@ def timer_syncs(model: Path, scratch: Path) -> tuple[str, str, str, str]:
     with its stage timers' events on the emulated accelerator (the tiny model runs on the CPU; the
     emulated device counts what the timers ask of a device): as the timers time now (device events),
     and as they did before (a synchronize before and after each section, replayed); then a whole shard
-    of `model.kind: emulated`, whose own copy back synchronizes once per batch."""
+    of `model.kind: emulated`, whose host waits for the device once per batch at most (its copy back's
+    event, never the whole device)."""
     from contextlib import contextmanager
 
     import pyarrow as pa
@@ -149,7 +153,7 @@ def timer_syncs(model: Path, scratch: Path) -> tuple[str, str, str, str]:
 
     import imagemill
     from imagemill.testing.in_process import load_worker, run_shards
-    from imagemill.workers.generators.emulated import EmulatedDevice
+    from imagemill.workers.generators.emulated import EmulatedDevice, EmulatedEvent
     from imagemill.workers.stage_timer import StageTimer
 
     batches, rows = 4, 4 * BATCH
@@ -169,21 +173,30 @@ def timer_syncs(model: Path, scratch: Path) -> tuple[str, str, str, str]:
         )
 
     syncs: list[int] = []
-    synchronize = EmulatedDevice.synchronize
+    synchronize, event_synchronize = EmulatedDevice.synchronize, EmulatedEvent.synchronize
 
     def counted(device):
         syncs.append(1)
         synchronize(device)
 
-    def per_batch(worker, timing=StageTimer.timing) -> float:
-        """Synchronizes per batch of one shard on `worker`, its timers timing with `timing`."""
+    def waited(event):  # a wait for one event the device has not reached yet
+        if not event.query():
+            syncs.append(1)
+        event_synchronize(event)
+
+    def per_batch(worker, timing=StageTimer.timing, events: bool = False) -> float:
+        """Synchronizes per batch of one shard on `worker`, its timers timing with `timing`; `events`:
+        the waits for a single event too."""
         syncs.clear()
         real = StageTimer.timing
         StageTimer.timing, EmulatedDevice.synchronize = timing, counted
+        if events:
+            EmulatedEvent.synchronize = waited
         try:
             run_shards(worker)
         finally:
             StageTimer.timing, EmulatedDevice.synchronize = real, synchronize
+            EmulatedEvent.synchronize = event_synchronize
         return len(syncs) / batches
 
     def tiny_on_emulated(output: str):
@@ -209,7 +222,8 @@ def timer_syncs(model: Path, scratch: Path) -> tuple[str, str, str, str]:
 
     before = per_batch(worker, synchronizing)
     emulated = per_batch(
-        load_worker(spec("emulated", {"kind": "emulated", "emulation": {"images_per_second": 400}}))
+        load_worker(spec("emulated", {"kind": "emulated", "emulation": {"images_per_second": 400}})),
+        events=True,
     )
     return (
         "stage_timer synchronising the device",
@@ -217,11 +231,55 @@ def timer_syncs(model: Path, scratch: Path) -> tuple[str, str, str, str]:
         "accelerator: synchronizing around each section (before) vs device events (now); and a "
         "`model.kind: emulated` shard, all of it (`python bench/gpu_loss.py`)",
         f"timers' synchronizes per batch: before {before:g}, now {after:g}; emulated shard: {emulated:g} "
-        "per batch in all (its copy back)",
-        "fixed: stages are timed by device events read after the batch's one synchronize "
+        "host waits per batch in all (its copy back's event)",
+        "fixed: stages are timed by device events read once the batch's copy back is done "
         "(workers/stage_timer.py; tests/test_stage_timer.py)"
-        if after == 0 and emulated == 1
+        if after == 0 and emulated <= 1
         else "confirmed: the timers still synchronize",
+    )
+
+
+def batch_boundary(scratch: Path, rounds: int = 3) -> tuple[str, str, str, str]:
+    """The device's wait at each batch boundary: a shard's busy share on the emulated accelerator
+    (bench/device_busy.py's in-process measure) with each batch's launch returning only once its copy
+    back is done, as the model thread did before issue #27's pipeline (replayed), vs as it does now,
+    alternating rounds."""
+    from device_busy import measure
+
+    from imagemill.workers.selection import Selection
+
+    launch = Selection.launch
+
+    def waiting_launch(self, batch):  # before: the model thread waited for the copy back
+        launched = launch(self, batch)
+        launched.model_seconds()
+        return launched
+
+    size, rate, image_format = 512, 60.0, "jpeg"
+
+    def busy(before: bool) -> float:
+        Selection.launch = waiting_launch if before else launch
+        try:
+            return measure(scratch, str(scratch), size, rate, image_format, 6.0, 2.0, in_process=True)["busy"]
+        finally:
+            Selection.launch = launch
+
+    shares = [(busy(True), busy(False)) for _ in range(rounds)]
+    before, now = (statistics.median(side) for side in zip(*shares, strict=True))
+    return (
+        "the device waiting at each batch boundary (the copy back's synchronize, then the next batch's "
+        "first launches)",
+        f"emulated accelerator, {size}² {rate:g} images/s {image_format.upper()}, 20 steps, batch 16, "
+        "2 ms GIL-held launch per step, 360 rows, the worker in process: the model thread waiting for "
+        "each copy back before the next launch (before, replayed) vs launching the next batch first "
+        f"(now), medians of {rounds} alternating rounds (`python bench/gpu_loss.py`)",
+        f"device busy: before {before:.3f}, now {now:.3f}",
+        (
+            f"confirmed and fixed: +{now - before:.3f} of the device (workers/selection.py `launch`/"
+            "`choose`; tests/test_emulated_device.py)"
+            if now - before > 0.005
+            else "ruled out (within 0.005)"
+        ),
     )
 
 
@@ -238,11 +296,14 @@ def gil_contention() -> tuple[str, str, str, str]:
         threads as the worker hands them (encoded while the next batch generates), or not encoded."""
         generator = EmulatedGenerator(30.0, 0.002, queue_depth=1024)
         generator.generate(["p"], [None], [0], key)  # warm: textures drawn
+        generator.device.synchronize()
         generator.device.busy_seconds = 0.0
         with ThreadPoolExecutor(4) as writers:
             started = time.perf_counter()
             for _ in range(batches):
-                images = generator.generate(["p"] * 16, [None] * 16, seeds, key).numpy()
+                images = generator.generate(["p"] * 16, [None] * 16, seeds, key)
+                generator.device.synchronize()  # the copy back: the images are written
+                images = images.numpy()
                 if image_format:
                     for image in images:
                         writers.submit(encode_image, image, image_format, 90)
@@ -318,6 +379,7 @@ def main() -> None:
         rows = [
             *host_ops(model),
             timer_syncs(model, Path(scratch)),
+            batch_boundary(Path(scratch)),
             gil_contention(),
             allocation_churn(model),
         ]

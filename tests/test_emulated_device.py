@@ -19,7 +19,11 @@ from imagemill.testing.in_process import load_worker, run_shards
 from imagemill.workers import shard_records
 from imagemill.workers.generators import emulated
 from imagemill.workers.generators.contract import BatchKey
-from imagemill.workers.generators.emulated import EmulatedGenerator, _python_work
+from imagemill.workers.generators.emulated import (
+    EmulatedDevice,
+    EmulatedGenerator,
+    _python_work,
+)
 from imagemill.workers.worker import ShardWorker
 
 
@@ -49,6 +53,7 @@ def test_the_device_is_busy_for_the_rate_and_the_images_are_textured_by_seed():
     generator = EmulatedGenerator(images_per_second=40, launch_seconds_per_step=0.0, queue_depth=64)
     started = time.perf_counter()
     images = generator.generate(["p"] * 4, [None] * 4, [0, 1, 8, 9], BatchKey(64, 48, 4, 1.0))
+    generator.device.synchronize()  # the copy back's wait: the images are written by then
     assert time.perf_counter() - started >= 0.1  # 4 images at 40/s
     assert generator.device.busy_seconds == pytest.approx(0.1)
     pixels = images.numpy()
@@ -70,6 +75,7 @@ def test_the_device_idles_while_another_thread_keeps_the_launches_from_the_gil()
             hogger.start()
         started = time.perf_counter()
         generator.generate(["p"] * 8, [None] * 8, seeds, BatchKey(8, 8, steps, 1.0))
+        generator.device.synchronize()
         took = time.perf_counter() - started
         stop.set()
         if hog:
@@ -124,11 +130,10 @@ def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp
         events.append(("draw", seeds[0]))
         return generating(self, prompts, negatives, seeds, key, **given)
 
-    def slow_hand_over(self, run, writer, batch, drawn):
+    def slow_hand_over(self, run, writer, batch, drawn, ahead=None):
         time.sleep(0.03)
-        waited = handing_over(self, run, writer, batch, drawn)
+        handing_over(self, run, writer, batch, drawn, ahead)
         events.append(("handed", batch[0].seed))
-        return waited
 
     monkeypatch.setattr(EmulatedGenerator, "generate", recorded_generate)
     monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
@@ -146,6 +151,37 @@ def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp
     ]
 
 
+def test_the_next_batch_is_queued_on_the_device_before_the_last_one_is_copied_back(tmp_path, monkeypatch):
+    """The device does not wait at a batch boundary (issue #27): the model thread launches batch n + 1
+    while the device still runs batch n, its kernels queued behind n's copy back, which the shard's
+    thread waits for instead. Each batch's first step is launched while the device is busy (its clock
+    ahead of the host's), but the first batch's, on an idle device; waiting for the copy back on the
+    model thread, as before, launched every batch on an idle device. The images are those of a
+    batch-at-a-time run (the determinism tests hold that across settings)."""
+    spec = _job(tmp_path, 16, images_per_second=20)  # 4 batches of 4, each 200 ms on the device
+    busy_at_batch_start: list[bool] = []
+    batch_starts = [True]  # the next step launched starts a batch
+    launch = EmulatedDevice.launch
+
+    def recording(self, seconds, work=None):
+        if seconds > 0 and batch_starts[0]:  # a batch's first step (an event takes no device time)
+            launched = time.perf_counter()
+
+            def starting() -> None:  # on the device thread, as the step starts: was it queued in time?
+                busy_at_batch_start.append(launched < self._free_at)
+
+            assert work is None
+            work = starting
+        if seconds > 0:
+            batch_starts[0] = work is not None and work.__name__ == "decode"  # the batch's last step
+        launch(self, seconds, work)
+
+    monkeypatch.setattr(EmulatedDevice, "launch", recording)
+    (stats,) = run_shards(load_worker(spec))
+    assert stats.ok == 16
+    assert busy_at_batch_start == [False, True, True, True]
+
+
 def test_the_batch_images_are_made_on_the_device_thread_not_the_launching_one(monkeypatch):
     """Making the batch's output (16 images stacked: 12.6 MB at 512²) on the launching thread, after the
     synchronize, left the device idle for it every batch (issue #27); the device thread makes it within
@@ -160,6 +196,7 @@ def test_the_batch_images_are_made_on_the_device_thread_not_the_launching_one(mo
     monkeypatch.setattr(emulated, "textured", recording)
     generator = EmulatedGenerator(images_per_second=400, launch_seconds_per_step=0.0, queue_depth=64)
     images = generator.generate(["p"] * 3, [None] * 3, [0, 1, 2], BatchKey(16, 16, 4, 1.0))
+    generator.device.synchronize()
     assert images.shape == (3, 16, 16, 3)
     assert set(made_on) == {"emulated-device"}
 
@@ -175,6 +212,7 @@ def test_the_device_keeps_its_own_clock_when_its_thread_wakes_late(monkeypatch):
         emulated.textured(8, 8, seed)
     started = time.perf_counter()
     generator.generate(["p"] * 10, [None] * 10, list(range(10)), BatchKey(8, 8, 10, 1.0))
+    generator.device.synchronize()
     took = time.perf_counter() - started
     assert generator.device.busy_seconds == pytest.approx(0.1)
     assert took < 0.1 + 0.1, took  # late by 20 ms per step on the thread's clock would be 0.3 s

@@ -70,7 +70,16 @@ class CopyBackStage:
         return cls(DeviceJpeg.for_job(spec, context.device))
 
     def run(self, batch: DrawBatch) -> None:
+        """Queue the copy without waiting for it (the selection's `choose` waits, after the next batch
+        is launched): CUDA images into pinned host memory, `non_blocking`; the emulated accelerator's,
+        already in host memory, as they are. The pixels are views, to be read once the copy is done.
+        nvJPEG waits, for the sizes of what it encoded."""
         images = batch.images
-        batch.pixels = (
-            list(images.cpu().numpy()) if self.device_jpeg is None else self.device_jpeg.encode(images)
-        )
+        if self.device_jpeg is not None:
+            batch.pixels = self.device_jpeg.encode(images)
+            return
+        if images.is_cuda:
+            host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+            host.copy_(images, non_blocking=True)
+            images = host
+        batch.pixels = list(images.numpy())

@@ -11,11 +11,18 @@ and unscored draws going to the lowest draw number. When every draw was flagged,
 (`keep`, `blur`, `drop`; with retry, `retry.then`) applies to the best flagged draw by the same rule.
 With one candidate and no safety section this is exactly one draw per row, batched as the rows are.
 The chunks depend only on the batch and the verdicts, so a re-run or a resume draws the same images.
+
+A batch is drawn in two halves, so that the device never waits at a batch boundary (issue #27):
+`launch` (on the model thread) queues the batch's work and its copy back on the device and returns
+without waiting for them; `choose` (on the shard's thread) waits for that copy back, then picks each
+row's image. The model thread meanwhile launches the next batch, whose kernels queue behind this
+one's copy back, as the bare diffusers loop's would.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -27,7 +34,7 @@ from imagemill.core.spec import JobSpec, watermark_size_problem
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.rows import Row
 from imagemill.workers.seeds import draw_seed
-from imagemill.workers.stage_timer import StageTimer, device_events
+from imagemill.workers.stage_timer import DeviceEvent, EventSource, StageTimer, device_events
 from imagemill.workers.stages.contract import DrawBatch, StageContext
 from imagemill.workers.stages.registry import ActorStages
 from imagemill.workers.stages.safety import Verdict, blur
@@ -107,7 +114,7 @@ def _holding(draw: Draw, pixels: np.ndarray | bytes, replaced: Draw | None) -> D
 
 class BestOfN:
     """The `select` stage: which of a row's draws is kept, and what a flagged or low-scored one
-    becomes. Host bookkeeping on the device thread, after the copy back."""
+    becomes. Host bookkeeping on the shard's thread, after the copy back, while the next batch draws."""
 
     section = None  # always: with one candidate and no safety section it keeps the one draw
     needs = ("pixels",)  # and the scores and verdicts, where the stages that add them run
@@ -146,9 +153,29 @@ class BestOfN:
         return Drawn(kept, "filtered" if filtered else "ok", written, written, rejected)
 
 
+@dataclass
+class Launched:
+    """A batch whose draws are queued on the device, copy back included, which may still be running."""
+
+    states: list[_RowDraws]
+    started: DeviceEvent | None  # recorded before the batch's first launch; None on the CPU
+    copied: DeviceEvent | None  # recorded after its last copy back; None on the CPU
+    launch_seconds: float  # the host's time launching it: all of the batch's time on the CPU
+
+    def model_seconds(self) -> float:
+        """The batch's time on the model, once its copy back is done (waits for it, without the GIL):
+        on a device, from the device reaching its first launch to finishing its copy back (what it
+        spent waiting for launches inside the batch included, time before it reached the batch
+        not); on the CPU, where the launch is the work, the launch's own time."""
+        if self.started is None or self.copied is None:
+            return self.launch_seconds
+        self.copied.synchronize()
+        return self.started.elapsed_time(self.copied) / 1000
+
+
 class Selection:
     """Draws the images of one batch of rows at a time on one actor, runs the device stages on each
-    chunk of draws in the registry's order, and chooses each row's image (`select`)."""
+    chunk of draws in the registry's order (`launch`), and chooses each row's image (`choose`)."""
 
     def __init__(self, spec: JobSpec, generator: Generator, device: str, stages: ActorStages):
         self.generator = generator
@@ -163,10 +190,23 @@ class Selection:
         self.inpainting = spec.input.mask_column is not None
         self.batch_size = spec.workers.batch_size
         model_timer = generator.stage_timer  # its device's events, shared by the stages on that device
-        self.timer = StageTimer(model_timer.events if model_timer else device_events(device))
+        self.events: EventSource | None = model_timer.events if model_timer else device_events(device)
+        self.timer = StageTimer(self.events)
 
-    def draw(self, batch: list[Row]) -> list[Drawn]:
-        """The batch's rows' images, chosen. Raises the generator's ValueError for a batch it refuses."""
+    def _event(self) -> DeviceEvent | None:
+        """A device event recorded now, in the device's order; None on the CPU."""
+        if self.events is None:
+            return None
+        event = self.events()
+        event.record()
+        return event
+
+    def launch(self, batch: list[Row]) -> Launched:
+        """Queue the drawing of the batch's rows on the device, up to their copy back, without waiting
+        for it (a verdict or score a retry round depends on is read when that round needs it). Raises
+        the generator's ValueError for a batch it refuses."""
+        tick = time.perf_counter()
+        started = self._event()
         states = [_RowDraws(row) for row in batch]
         drawing = states
         candidates = self.choice.candidates
@@ -180,8 +220,13 @@ class Selection:
                 break
         for state in states:
             state.row.source_pixels = state.row.mask_pixels = state.row.reference_pixels = None  # drawn
-        with self.timer.timing("select"):
-            return [self.choice.choose(state) for state in states]
+        return Launched(states, started, self._event(), time.perf_counter() - tick)
+
+    def choose(self, launched: Launched) -> list[Drawn]:
+        """The batch's rows' images, chosen, once its copy back is done (waits for it)."""
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        return [self.choice.choose(state) for state in launched.states]
 
     def _sources(self, rows: list[Row]) -> dict[str, torch.Tensor]:
         """Image-to-image: the rows' source images on the device, (N, H, W, 3) uint8, and for
@@ -205,6 +250,14 @@ class Selection:
             problem = problem and f"output.watermark {problem}"
         return problem
 
+    def _wait_for_host_images(self) -> None:
+        """Before a stage computes on images in host memory that a device writes (the emulated
+        accelerator's, which torch's CPU kernels do not queue behind), wait for the device to have
+        written them; a CUDA stage queues behind the generator's kernels instead, and on the CPU the
+        images are made before `generate` returns (no events: nothing to wait for)."""
+        if (event := self._event()) is not None:
+            event.synchronize()
+
     def _draw_chunk(self, chunk: list[tuple[_RowDraws, int]]) -> None:
         rows = [state.row for state, _ in chunk]
         numbers = [number for _, number in chunk]
@@ -215,6 +268,8 @@ class Selection:
         images = self.generator.generate(texts, negatives, seeds, rows[0].key, **with_sources)
         drawn = DrawBatch(rows, numbers, seeds, images, **with_sources)
         for name, stage in self.on_batches:
+            if name != "copy_back" and not images.is_cuda:
+                self._wait_for_host_images()
             with self.timer.timing(name):
                 stage.run(drawn)
         problem = self._unwritable(drawn.images)

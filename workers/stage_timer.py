@@ -15,7 +15,9 @@ device's queue around it, so it is charged for the device's time between reachin
 finishing its last, not for kernels queued before it, and timing adds no synchronize: the pairs are
 resolved when the seconds are taken, after the batch's one unavoidable synchronize (its copy back).
 Synchronizing around each stage instead cost 7 device syncs per batch (issue #27). On the CPU, with no
-device queue, a stage is the host's `perf_counter` time.
+device queue, a stage is the host's `perf_counter` time. The worker takes a batch's seconds once its
+copy back is done, while the next batch's events, recorded on the model thread, may not yet be
+reached: `take` reads the reached pairs only, and leaves the others for a later take.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class DeviceEvent(Protocol):
     accelerator's events (workers/generators/emulated.py) offer too."""
 
     def record(self) -> None: ...
+
+    def query(self) -> bool: ...
 
     def synchronize(self) -> None: ...
 
@@ -89,14 +93,18 @@ class StageTimer:
             with self._lock:
                 self._unresolved.append((stage, start, end))
 
-    def _resolve(self) -> None:
-        """Turn the recorded event pairs into seconds; called under the lock. Each end event has
-        already been reached when the caller has synchronized (the batch's copy back), so waiting for
-        it returns at once; called earlier, it waits for that event alone, never for the whole device."""
+    def _resolve(self, reached_only: bool = False) -> None:
+        """Turn the recorded event pairs into seconds; called under the lock. Waits for each end event
+        alone, never for the whole device (none where the caller has synchronized past it, the batch's
+        copy back); `reached_only` leaves the pairs not yet reached for later instead."""
+        waiting = []
         for stage, start, end in self._unresolved:
+            if reached_only and not end.query():
+                waiting.append((stage, start, end))
+                continue
             end.synchronize()
             self._seconds[stage] = self._seconds.get(stage, 0.0) + start.elapsed_time(end) / 1000
-        self._unresolved = []
+        self._unresolved = waiting
 
     def total(self, stages: tuple[str, ...]) -> float:
         """The seconds charged so far to `stages`, together."""
@@ -104,10 +112,11 @@ class StageTimer:
             self._resolve()
             return sum(self._seconds.get(stage, 0.0) for stage in stages)
 
-    def take(self) -> dict[str, float]:
-        """The seconds added since the last `take`, and start again from zero."""
+    def take(self, reached_only: bool = False) -> dict[str, float]:
+        """The seconds added since the last `take`, and start again from zero; `reached_only`: of the
+        device stages, those the device has finished (the rest are taken later), without waiting."""
         with self._lock:
-            self._resolve()
+            self._resolve(reached_only)
             seconds, self._seconds = self._seconds, {}
         return seconds
 

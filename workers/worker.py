@@ -7,9 +7,9 @@ stages are built from the spec by stages/registry.py) → write → commit. Imag
 `ShardWriter` (one per output format, see writers.py), then the metadata Parquet, then on commit the
 files are published and the stats file last: its presence is the commit.
 Two shard calls run at once, taking the model in turn (model_turns.py), so the next shard
-is read while the current one generates; the holder's batches are drawn on one model thread, the next
-queued there while the last is handed to the writers (`_generate`); the stats split each shard's time
-by stage (stage_timer.py).
+is read while the current one generates; the holder's batches are launched on one model thread, the
+next queued there while the last is handed to the writers, and its kernels queued behind the last's
+copy back (`_generate`); the stats split each shard's time by stage (stage_timer.py).
 The records themselves (metadata rows, stats) are built in shard_records.py.
 """
 
@@ -19,9 +19,9 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -46,7 +46,7 @@ from imagemill.workers.gang import Gang
 from imagemill.workers.generators.contract import Generator
 from imagemill.workers.model_turns import ModelTurns
 from imagemill.workers.rows import Row, carried_of, make_batches, prepare_rows, read_shard
-from imagemill.workers.selection import Drawn, Selection
+from imagemill.workers.selection import Drawn, Launched, Selection
 from imagemill.workers.shard_records import ShardRun
 from imagemill.workers.source_images import load_sources
 from imagemill.workers.stages.encode import EncodeStage
@@ -176,7 +176,8 @@ class ShardWorker:
         model refuses is still a step: its rows become model_rejected errors, written by no one)."""
         batches = make_batches(run.rows, batch_size)
         for batch in batches:
-            self._draw_on_model_thread(run, batch)
+            if (launched := self._draw_on_model_thread(run, batch)) is not None:
+                self._finish_draw(run, launched)
         return sum(len(batch) for batch in batches)
 
     def process_shard(self, shard: Shard) -> ShardStats:
@@ -248,17 +249,19 @@ class ShardWorker:
         return ShardExpansion(rows, self.spec.expansion, self.spec.generation.seed, calls.submit, calls.wait)
 
     def _generate(self, run: ShardRun, writer: ShardWriter) -> None:
-        """The generate loop, run while holding the model: each batch is expanded, then drawn and scored
-        on the model thread, and its images go to the writer threads while the next batch generates.
+        """The generate loop, run while holding the model: each batch is expanded, then launched on the
+        model thread (generated and scored on the device, up to its copy back), and its images go to
+        the writer threads while the next batch generates.
 
-        The next batch's draw is queued on the model thread before this one is handed over, so the model
-        thread goes from one batch's copy back straight to the next batch's launches: the hand-off to
-        the writers (and the writers waking for it), the progress call, the writer backpressure and the
-        next batch's expansion run on this thread while the device works, not between its batches (on a
-        GPU as on the emulated one; they cost 3-5% of the device at 60 images/s, issue #27). One batch
-        is drawn ahead, no more: its rows are the next in shard order, so the batches and seeds, and the
-        images, are those of the loop without it."""
-        drawing: deque[tuple[list[Row], Future[tuple[list[Drawn] | None, float]]]] = deque()
+        The next batch's launch is queued on the model thread before this one is handed over, and the
+        model thread does not wait for a batch's copy back (this thread does, in `_hand_off`): the
+        next batch's kernels are queued behind it, so the device goes from one batch straight to the
+        next (issue #27: on 2 cores the wait at each batch boundary cost 1.5-2.8% of the device at
+        60 images/s), and the hand-off to the writers, the progress call, the writer backpressure and
+        the next batch's expansion run on this thread while the device works. One batch is launched
+        ahead, no more (two batches' images on the device at most): its rows are the next in shard
+        order, so the batches and seeds, and the images, are those of the loop without it."""
+        drawing: deque[tuple[list[Row], Future[Launched | None]]] = deque()
         done = 0
         try:
             for batch in make_batches(run.rows, self.spec.workers.batch_size):
@@ -274,81 +277,85 @@ class ShardWorker:
                 future.cancel()
             wait([future for _, future in drawing])
 
-    def _draw_on_model_thread(self, run: ShardRun, batch: list[Row]) -> tuple[list[Drawn] | None, float]:
-        """The batch drawn on the model thread, and when it ended. A gang's members, leader and
-        followers alike, come through here: they agree on its expanded prompts before and step
-        together after each batch, on this thread, so the group's calls keep one order."""
+    def _draw_on_model_thread(self, run: ShardRun, batch: list[Row]) -> Launched | None:
+        """The batch launched on the model thread (None: refused, see `_draw`). A gang's members,
+        leader and followers alike, come through here: they agree on its expanded prompts before and
+        step together after each batch, on this thread, so the group's calls keep one order."""
         if self.gang is not None and self.spec.expansion is not None:
             self.gang.agree_prompts(batch)
-        drawn = self._draw(run, batch)
+        launched = self._draw(run, batch)
         if self.gang is not None:
             self.gang.step(len(batch))
-        return drawn, time.time()
+        return launched
 
     def _hand_off(
         self,
         run: ShardRun,
         writer: ShardWriter,
         batch: list[Row],
-        future: Future[tuple[list[Drawn] | None, float]],
+        future: Future[Launched | None],
         done: int,
-        ahead: Future[tuple[list[Drawn] | None, float]] | None,
+        ahead: Future[Launched | None] | None,
     ) -> int:
-        """Wait for a batch's draw and hand its images to the writers; returns the rows drawn so far.
-        The writer backpressure is charged to `idle` only for the time the model then sat without a
-        batch: after the draw `ahead` had ended, before the next one could be queued."""
-        drawn, _ = future.result()
-        if drawn is not None:
-            waited = self._write(run, writer, batch, drawn)
-            if waited is not None and ahead is not None and ahead.done():
-                ahead_ended = ahead.result()[1]
-                run.timer.add("idle", max(0.0, waited[1] - max(waited[0], ahead_ended)))
-            elif waited is not None and ahead is None:  # the last batch: the model has nothing else
-                run.timer.add("idle", waited[1] - waited[0])
+        """Wait for a batch's draw, copy back included, and hand its images to the writers; returns
+        the rows drawn so far. `ahead`: the batch launched after it, if any."""
+        launched = future.result()
+        if launched is not None:
+            drawn = self._finish_draw(run, launched)
+            self._write(run, writer, batch, drawn, ahead)
         done += len(batch)
         if self.on_batch is not None:
             self.on_batch(run.shard.shard_id, done)
         return done
 
-    def _draw(self, run: ShardRun, batch: list[Row]) -> list[Drawn] | None:
-        """The batch's images, as uint8 on the CPU (or JPEG bytes encoded on the GPU), with their scores
-        and safety verdicts taken on the model's device before the copy back (selection.py: candidates
-        and retries drawn too). None when the pipeline's own checks refused the batch's parameters: its
-        rows become `model_rejected` errors."""
-        with self._model_time(run):
-            cut = self.generator.truncated([row.text for row in batch])
-            run.truncated.update(row.index for row, truncated in zip(batch, cut, strict=True) if truncated)
-            try:
-                return self.selection.draw(batch)
-            except ValueError as exc:
-                for row in batch:
-                    row.error = f"model_rejected: {exc}"
-                return None
-
-    @contextmanager
-    def _model_time(self, run: ShardRun) -> Iterator[None]:
-        """Charge the block's time to the model's stages: text encoding and decoding as the generator
-        timed them (none for noop and janus), the post-generation stages as the selection timed them,
-        denoising the rest."""
-        tick = time.time()
+    def _draw(self, run: ShardRun, batch: list[Row]) -> Launched | None:
+        """The batch launched: its images generated, scored and safety-checked on the model's device and
+        their copy back queued (selection.py: candidates and retries drawn too). None when the
+        pipeline's own checks refused the batch's parameters: its rows become `model_rejected`
+        errors (the time of the refused launch is the model's: `denoise`)."""
+        tick = time.perf_counter()
+        cut = self.generator.truncated([row.text for row in batch])
+        run.truncated.update(row.index for row, truncated in zip(batch, cut, strict=True) if truncated)
         try:
-            yield
-        finally:
-            seconds = time.time() - tick
-            model_stages = getattr(self.generator, "stage_timer", None)
-            inner = model_stages.take() if model_stages else {}
-            for stage, spent in self.selection.timer.take().items():
-                inner[stage] = inner.get(stage, 0.0) + spent
-            for stage, spent in inner.items():
-                run.timer.add(stage, spent)
-            run.timer.add("denoise", seconds - sum(inner.values()))
+            return self.selection.launch(batch)
+        except ValueError as exc:
+            for row in batch:
+                row.error = f"model_rejected: {exc}"
+            self._charge_model_time(run, time.perf_counter() - tick)
+            return None
+
+    def _finish_draw(self, run: ShardRun, launched: Launched) -> list[Drawn]:
+        """The launched batch's rows' images, chosen, once its copy back is done (waits for it), with
+        the batch's model time charged."""
+        self._charge_model_time(run, launched.model_seconds())
+        with run.timer.timing("select"):
+            return self.selection.choose(launched)
+
+    def _charge_model_time(self, run: ShardRun, seconds: float) -> None:
+        """Charge a batch's `seconds` on the model to its stages: text encoding and decoding as the
+        generator timed them (none for noop and janus), the post-generation stages as the selection
+        timed them, denoising the rest. Only the stages the device has finished are taken: the next
+        batch's, launched meanwhile, go to its own charge (the shard's totals are exact)."""
+        model_stages = getattr(self.generator, "stage_timer", None)
+        inner = model_stages.take(reached_only=True) if model_stages else {}
+        for stage, spent in self.selection.timer.take(reached_only=True).items():
+            inner[stage] = inner.get(stage, 0.0) + spent
+        for stage, spent in inner.items():
+            run.timer.add(stage, spent)
+        run.timer.add("denoise", seconds - sum(inner.values()))
 
     def _write(
-        self, run: ShardRun, writer: ShardWriter, batch: list[Row], drawn: list[Drawn]
-    ) -> tuple[float, float] | None:
+        self,
+        run: ShardRun,
+        writer: ShardWriter,
+        batch: list[Row],
+        drawn: list[Drawn],
+        ahead: Future[Launched | None] | None = None,
+    ) -> None:
         """Hand the batch's images to the writer threads, at most BATCHES_IN_FLIGHT batches behind the
-        model; a row without an image to write (dropped) gets its metadata row only. Returns when this
-        waited for the writers (write backpressure), start and end; None when it did not wait."""
+        model; a row without an image to write (dropped) gets its metadata row only. A wait for the
+        writers (backpressure) is charged to `idle` for the time the device then sat without work:
+        after the batch launched `ahead` had been copied back (no batch ahead: all of it)."""
         shown = [(row, row_drawn.shown) for row, row_drawn in zip(batch, drawn, strict=True)]
         run.add_samples(shown, self.writers.submit)
         run.count_draws(drawn)
@@ -363,10 +370,12 @@ class ShardWorker:
                 in_flight.append((row, self.writers.submit(self._write_image, writer, run, row, row_drawn)))
         run.pending.append(in_flight)
         if len(run.pending) <= BATCHES_IN_FLIGHT:
-            return None
+            return
+        if ahead is not None and (ahead_launched := _launched(ahead)) is not None:
+            ahead_launched.model_seconds()  # the device works on it till its copy back: not idle yet
         started = time.time()  # write backpressure: the next draw waits to be queued
         run.collect(run.pending.popleft())
-        return started, time.time()
+        run.timer.add("idle", time.time() - started)
 
     def _write_image(self, writer: ShardWriter, run: ShardRun, row: Row, drawn: Drawn) -> MetadataRow:
         """On a writer thread: encode one done row's image and hand it to the writer; returns the
@@ -431,3 +440,10 @@ class ShardWorker:
         stats = run.stats(self.device, self.run_id, self.device_use)
         stats.worker = self.name
         return commit_shard(attempt, stats)
+
+
+def _launched(future: Future[Launched | None]) -> Launched | None:
+    """The batch `future` launches, once launched; None when it was refused or its launch failed
+    (the failure is raised where the batch is handed off)."""
+    wait([future])
+    return None if future.cancelled() or future.exception() is not None else future.result()

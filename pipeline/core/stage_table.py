@@ -4,7 +4,7 @@ Each row is a stage of a shard's `stage_seconds` (workers/stage_timer.py): its n
 its label the job report's, and its thread says where its work runs, which decides whether its
 seconds count as the model's (records.MODEL_STAGES): `device` stages run on the shard call that holds
 the model, between generate calls, so the device waits for them; `writer` stages run on the writer
-threads while the next batch generates; `shard` is the shard call before or after its model turn.
+threads while the next batch generates; `shard` is the shard call's own thread, outside the model's calls.
 
 The post-generation rows are also the actor's stage registry: `implementation` names the class
 (`module:Class`) that imagemill.workers.stages.registry builds from the spec, in this order. It is a
@@ -84,7 +84,12 @@ POST_GENERATION = (
         "device",
         "imagemill.workers.device_jpeg:CopyBackStage",
     ),
-    StageRow("select", "best-of-N and safety policy", "device", "imagemill.workers.selection:BestOfN"),
+    StageRow(
+        "select",
+        "best-of-N and safety policy (host, while the next batch draws)",
+        "shard",
+        "imagemill.workers.selection:BestOfN",
+    ),
     StageRow(
         "image_encode",
         "image encoding (writer threads)",

@@ -15,8 +15,10 @@ example because the actor's writer and reader threads hold the GIL. This generat
   costs for generated images; chosen by seed) are made by the device thread within the last step's
   time, as a GPU's decode writes its output tensor on the device: stacking 16 512² images on the
   launching thread left the device idle for it every batch (3-6% of its time at 30 images/s, issue #27);
-- at the end of the batch the caller waits for the queue to drain (the copy back's synchronise) and
-  takes the images.
+- `generate` returns the batch's images as soon as its steps are queued, as a CUDA generator returns a
+  tensor its kernels have yet to write: the tensor is in host memory, written by the device thread,
+  and read only after an event recorded behind the batch is reached (the worker's copy back,
+  workers/device_jpeg.py; the selection waits for it before a stage computes on the pixels).
 
 The device time per image is 1 / `model.emulation.images_per_second`, split evenly over the steps.
 """
@@ -184,17 +186,16 @@ class EmulatedGenerator:
     def generate(
         self, prompts: list[str], negative_prompts: list[str | None], seeds: list[int], key: BatchKey
     ) -> torch.Tensor:
+        """The batch's images, written by the device thread in the last step's time: valid once an
+        event recorded after this call is reached (`self.device.event()`), as on a GPU."""
         steps = max(key.num_inference_steps, 1)
         step_seconds = len(seeds) * self.seconds_per_image / steps
-        output: list[torch.Tensor] = []
+        images = torch.empty((len(seeds), key.height, key.width, 3), dtype=torch.uint8)
 
         def decode() -> None:  # the last step's kernels write the batch's images
-            output.append(
-                torch.from_numpy(np.stack([textured(key.height, key.width, s % TEXTURES) for s in seeds]))
-            )
+            np.stack([textured(key.height, key.width, s % TEXTURES) for s in seeds], out=images.numpy())
 
         for step in range(steps):
             _python_work(self.launch_iterations)
             self.device.launch(step_seconds, decode if step == steps - 1 else None)
-        self.device.synchronize()
-        return output[0]
+        return images
