@@ -161,6 +161,7 @@ class Launched:
     started: DeviceEvent | None  # recorded before the batch's first launch; None on the CPU
     copied: DeviceEvent | None  # recorded after its last copy back; None on the CPU
     launch_seconds: float  # the host's time launching it: all of the batch's time on the CPU
+    launch_ended: float  # perf_counter() when its launch returned
 
     def model_seconds(self) -> float:
         """The batch's time on the model, once its copy back is done (waits for it, without the GIL):
@@ -220,7 +221,23 @@ class Selection:
                 break
         for state in states:
             state.row.source_pixels = state.row.mask_pixels = state.row.reference_pixels = None  # drawn
-        return Launched(states, started, self._event(), time.perf_counter() - tick)
+        copied = self._event()
+        ended = time.perf_counter()
+        return Launched(states, started, copied, ended - tick, ended)
+
+    def idle_since(self, launched: Launched) -> float:
+        """How long the device has been done with `launched` (its copy back), when nothing was queued
+        after it; 0 while it is still at work on it. Never waits: on a device, the device's time from
+        its copy back to an event recorded now (reached at once on an idle device); on the CPU, the
+        host's since its launch returned."""
+        if launched.copied is None:
+            return time.perf_counter() - launched.launch_ended
+        if not launched.copied.query():
+            return 0.0
+        now = self._event()
+        assert now is not None  # a batch with a copy-back event has an event source
+        now.synchronize()
+        return launched.copied.elapsed_time(now) / 1000
 
     def choose(self, launched: Launched) -> list[Drawn]:
         """The batch's rows' images, chosen, once its copy back is done (waits for it)."""

@@ -16,6 +16,7 @@ The records themselves (metadata rows, stats) are built in shard_records.py.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections import deque
@@ -354,8 +355,9 @@ class ShardWorker:
     ) -> None:
         """Hand the batch's images to the writer threads, at most BATCHES_IN_FLIGHT batches behind the
         model; a row without an image to write (dropped) gets its metadata row only. A wait for the
-        writers (backpressure) is charged to `idle` for the time the device then sat without work:
-        after the batch launched `ahead` had been copied back (no batch ahead: all of it)."""
+        writers (backpressure: the next launch waits to be queued) is charged to `idle` for the time
+        the device then sat without work: after the batch launched `ahead` was done (no batch ahead:
+        all of it)."""
         shown = [(row, row_drawn.shown) for row, row_drawn in zip(batch, drawn, strict=True)]
         run.add_samples(shown, self.writers.submit)
         run.count_draws(drawn)
@@ -371,11 +373,18 @@ class ShardWorker:
         run.pending.append(in_flight)
         if len(run.pending) <= BATCHES_IN_FLIGHT:
             return
-        if ahead is not None and (ahead_launched := _launched(ahead)) is not None:
-            ahead_launched.model_seconds()  # the device works on it till its copy back: not idle yet
-        started = time.time()  # write backpressure: the next draw waits to be queued
+        started = time.perf_counter()
         run.collect(run.pending.popleft())
-        run.timer.add("idle", time.time() - started)
+        waited = time.perf_counter() - started
+        run.timer.add("idle", waited if ahead is None else min(waited, self._idle_behind(ahead)))
+
+    def _idle_behind(self, ahead: Future[Launched | None]) -> float:
+        """How long the device has had nothing to do since the batch launched `ahead`; 0 while that
+        launch runs or the device still works on it; without waiting for either."""
+        if not ahead.done() or ahead.cancelled() or ahead.exception() is not None:
+            return 0.0
+        launched = ahead.result()
+        return math.inf if launched is None else self.selection.idle_since(launched)
 
     def _write_image(self, writer: ShardWriter, run: ShardRun, row: Row, drawn: Drawn) -> MetadataRow:
         """On a writer thread: encode one done row's image and hand it to the writer; returns the
@@ -440,10 +449,3 @@ class ShardWorker:
         stats = run.stats(self.device, self.run_id, self.device_use)
         stats.worker = self.name
         return commit_shard(attempt, stats)
-
-
-def _launched(future: Future[Launched | None]) -> Launched | None:
-    """The batch `future` launches, once launched; None when it was refused or its launch failed
-    (the failure is raised where the batch is handed off)."""
-    wait([future])
-    return None if future.cancelled() or future.exception() is not None else future.result()
