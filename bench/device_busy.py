@@ -72,6 +72,20 @@ def _input(folder: Path, rows: int, rows_per_shard: int) -> Path:
     return path
 
 
+def _fresh_bucket(bucket: str, job: int) -> str:
+    """A new bucket on the moto endpoint for one job. In one shared bucket, one full run's 16th job,
+    512² 60/s JPEG to S3, lost 0.097 of the device between shards (its shards finished late), where
+    the same job run alone lost 0.000-0.001 in three runs. The likely cause: moto lists a prefix by
+    scanning every object of the bucket in Python, so each job's listings (the write gate's, the
+    commit's) slowed with the objects the earlier jobs left; S3 lists by prefix server-side. A bucket
+    per job measures what S3 would."""
+    import s3fs
+
+    fresh = f"{bucket.removeprefix('s3://')}-{job}"
+    s3fs.S3FileSystem().mkdir(fresh)
+    return f"s3://{fresh}"
+
+
 def measure(
     scratch: Path,
     root: str,
@@ -163,7 +177,7 @@ def main() -> None:
                 for place, root in places.items():
                     figures = measure(
                         Path(scratch),
-                        root,
+                        _fresh_bucket(root, len(rows)) if place == "s3" else root,
                         size,
                         rate,
                         image_format,

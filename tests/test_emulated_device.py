@@ -117,6 +117,28 @@ def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, mon
     assert in_turn == pytest.approx(turn, abs=0.01 + stages["idle"])
 
 
+def test_a_wait_for_slow_writers_is_idle_once_the_device_has_nothing_left(tmp_path, monkeypatch):
+    """Writers slower than the device (40 ms per image on 4 threads against 2.5 ms per image): the
+    worker waits for them before it launches more (backpressure), and that wait is the model's
+    `idle` from the moment the device finished the batch launched ahead, read from the device's
+    events without waiting for them; the turn's seconds still add up to the turn."""
+    spec = _job(tmp_path, 32, images_per_second=400)  # 8 batches of 4: 80 ms of device time
+    writing = ShardWorker._write_image
+
+    def slow_write(self, *args):
+        time.sleep(0.04)
+        return writing(self, *args)
+
+    monkeypatch.setattr(ShardWorker, "_write_image", slow_write)
+    (stats,) = run_shards(load_worker(spec))
+    stages = stats.stage_seconds
+    turn = stats.timeline["model"][1] - stats.timeline["model"][0]
+    device = 32 / 400
+    assert stages["idle"] >= 0.5 * (turn - device), (turn, stages)
+    in_turn = sum(stages[stage] for stage in MODEL_STAGES) + stages["host"] + stages["idle"]
+    assert in_turn == pytest.approx(turn, abs=0.05), (turn, stages)
+
+
 def test_the_next_batch_is_drawn_while_the_last_one_is_handed_to_the_writers(tmp_path, monkeypatch):
     """The model thread goes from one batch straight to the next (issue #27): each batch's draw is
     queued before the previous batch is handed to the writers, so a hand-off (30 ms planted here, less

@@ -257,11 +257,12 @@ class ShardWorker:
         The next batch's launch is queued on the model thread before this one is handed over, and the
         model thread does not wait for a batch's copy back (this thread does, in `_hand_off`): the
         next batch's kernels are queued behind it, so the device goes from one batch straight to the
-        next (issue #27: on 2 cores the wait at each batch boundary cost 1.5-2.8% of the device at
-        60 images/s), and the hand-off to the writers, the progress call, the writer backpressure and
-        the next batch's expansion run on this thread while the device works. One batch is launched
-        ahead, no more (two batches' images on the device at most): its rows are the next in shard
-        order, so the batches and seeds, and the images, are those of the loop without it."""
+        next (issue #27: on the emulated device at 60 images/s the wait at each batch boundary cost
+        1% of the device in process, bench/gpu_loss.py), and the hand-off to the writers, the
+        progress call, the writer backpressure and the next batch's expansion run on this thread
+        while the device works. One batch is launched ahead, no more (two batches' images on the
+        device at most): its rows are the next in shard order, so the batches and seeds, and the
+        images, are those of the loop without it."""
         drawing: deque[tuple[list[Row], Future[Launched | None]]] = deque()
         done = 0
         try:
