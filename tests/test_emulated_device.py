@@ -97,22 +97,31 @@ def test_the_emulation_goes_with_its_kind(tmp_path):
         _spec(tmp_path, kind="noop", emulation={"images_per_second": 7})
 
 
+def _slowed(monkeypatch, method: str, seconds: float) -> None:
+    """ShardWorker's `method`, `seconds` slower per call (planted host work or a slow writer)."""
+    real = getattr(ShardWorker, method)
+
+    def slow(self, *args):
+        time.sleep(seconds)
+        return real(self, *args)
+
+    monkeypatch.setattr(ShardWorker, method, slow)
+
+
+def _turn(stats) -> float:
+    return stats.timeline["model"][1] - stats.timeline["model"][0]
+
+
 def test_the_worker_reports_the_host_work_between_the_models_calls(tmp_path, monkeypatch):
     """The `host` stage is the model turn's time outside the device stages and the waits: 30 ms of
     host work planted per batch's hand-off, which the next batch's draw (a few ms) cannot hide, shows up
     there, and the turn's seconds add up."""
     spec = _job(tmp_path, 16, images_per_second=4000, launch_ms_per_step=0)
-    handing_over = ShardWorker._write
-
-    def slow_hand_over(self, *args):
-        time.sleep(0.03)
-        return handing_over(self, *args)
-
-    monkeypatch.setattr(ShardWorker, "_write", slow_hand_over)
+    _slowed(monkeypatch, "_write", 0.03)
     (stats,) = run_shards(load_worker(spec))
     stages = stats.stage_seconds
     assert stages["host"] >= 3 * 0.03  # four hand-offs, less the few ms of the draws beside them
-    turn = stats.timeline["model"][1] - stats.timeline["model"][0]
+    turn = _turn(stats)
     in_turn = sum(stages[stage] for stage in MODEL_STAGES) + stages["host"]
     assert in_turn == pytest.approx(turn, abs=0.01 + stages["idle"])
 
@@ -123,16 +132,10 @@ def test_a_wait_for_slow_writers_is_idle_once_the_device_has_nothing_left(tmp_pa
     `idle` from the moment the device finished the batch launched ahead, read from the device's
     events without waiting for them; the turn's seconds still add up to the turn."""
     spec = _job(tmp_path, 32, images_per_second=400)  # 8 batches of 4: 80 ms of device time
-    writing = ShardWorker._write_image
-
-    def slow_write(self, *args):
-        time.sleep(0.04)
-        return writing(self, *args)
-
-    monkeypatch.setattr(ShardWorker, "_write_image", slow_write)
+    _slowed(monkeypatch, "_write_image", 0.04)
     (stats,) = run_shards(load_worker(spec))
     stages = stats.stage_seconds
-    turn = stats.timeline["model"][1] - stats.timeline["model"][0]
+    turn = _turn(stats)
     device = 32 / 400
     assert stages["idle"] >= 0.5 * (turn - device), (turn, stages)
     in_turn = sum(stages[stage] for stage in MODEL_STAGES) + stages["host"] + stages["idle"]
