@@ -140,11 +140,14 @@ def test_a_gang_of_two_runs_exactly_once_and_a_killed_member_retries_its_shard_o
             driver.kill()
     text = log.read_text()
     assert "placement: 1 replica × 2 GPUs (gang of 2), 1 actor per GPU" in text, text
-    # the follower's death: seen in a collective ("a gang member is gone"), or, when it died after the
-    # shard's last one, by its shard call ("the gang fell out of step in shard ...: ActorDiedError")
-    broke = r"a gang broke \(GangBroken: (a gang member is gone|the gang fell out of step in shard)"
-    assert re.search(broke, text), text
-    assert "a worker died" in text, text  # the leader's
+    # Each kill tears the gang down once. The follower's death is seen in a collective ("a gang member
+    # is gone"), or, when it died after the shard's last one, by its shard call ("the gang fell out of
+    # step in shard ...: ActorDiedError"); or gloo aborts the leader's process, as it may when a peer is
+    # SIGKILLed mid-write (pytorch/pytorch#50701), and the leader's death is seen. The second is the leader's.
+    broke = r"a gang broke \(GangBroken: (?:a gang member is gone|the gang fell out of step in shard)"
+    teardown = rf"^.*({broke}|a worker died \(ActorDiedError).*; starting a replacement$"
+    teardowns = re.findall(teardown, text, re.M)
+    assert len(teardowns) == 2 and teardowns[1].startswith("a worker died"), text
     check_output(str(out), _ids(rows), 16, 16)
     stats = committed_shards(OutputLayout(str(out))).values()
     leaders = {shard.worker for shard in stats}  # imagemill:<job>:<run>:<n>; a follower's name ends .<rank>
