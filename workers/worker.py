@@ -147,7 +147,7 @@ class ShardWorker:
             # settings slow or unsupported on this device: the driver shows each distinct line once
             "warnings": device_warnings(self.spec, self.device),
             # processes each image's denoiser tokens are cut over (model.parallel: context in a gang)
-            "token_slices": getattr(self.generator, "token_slices", 1),
+            "token_slices": self.generator.token_slices,
         }
 
     def join_gang(self, address: str, rank: int, world_size: int, followers: list[Any]) -> dict[str, Any]:
@@ -190,7 +190,7 @@ class ShardWorker:
         and writes its metadata and commit. Everything per shard lives in this call's `ShardRun`; the
         actor's shared parts are the model (held in turn), the writer thread pool and the output.
         """
-        run = ShardRun(shard, self.spec.model.source, getattr(self.generator, "scheduler_name", None))
+        run = ShardRun(shard, self.spec.model.source, self.generator.scheduler_name)
         attempt = self.output.attempt(shard.shard_id)  # a run that lost the output starts none
         try:
             with self.turns.ticket() as turn:
@@ -338,7 +338,7 @@ class ShardWorker:
         generator timed them (none for noop and janus), the post-generation stages as the selection
         timed them, denoising the rest. Only the stages the device has finished are taken: the next
         batch's, launched meanwhile, go to its own charge (the shard's totals are exact)."""
-        model_stages = getattr(self.generator, "stage_timer", None)
+        model_stages = self.generator.stage_timer
         inner = model_stages.take(reached_only=True) if model_stages else {}
         for stage, spent in self.selection.timer.take(reached_only=True).items():
             inner[stage] = inner.get(stage, 0.0) + spent

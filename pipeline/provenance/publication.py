@@ -61,8 +61,8 @@ def model_facts(spec: JobSpec, generator: Any) -> ModelFacts:
     return ModelFacts(
         # the generator's own copy of the files: a URL is resolved (listed, fetched) once per actor
         model_hash=model_hash(generator.model_source.local) if hashed else None,
-        scheduler=getattr(generator, "scheduler_name", None),  # diffusers: as the metadata names it
-        sampler=getattr(generator, "a1111_sampler", None),  # diffusers: A1111's name, where it has one
+        scheduler=generator.scheduler_name,  # diffusers: as the metadata names it
+        sampler=generator.a1111_sampler,  # diffusers: A1111's name, where it has one
         loras=[lora.model_dump() for lora in spec.model.lora],
         software=f"imagemill {metadata.version('imagemill')}",
         provenance=provenance,

@@ -36,6 +36,11 @@ class Generator(Protocol):
     # Splits the model's time into text_encode / denoise / decode for the shard's stats; None when the
     # generator cannot tell its stages apart (the worker then counts all of it as denoise).
     stage_timer: StageTimer | None
+    # The metadata's `scheduler`, and A1111's name for it where it has one: diffusers' only, else None.
+    scheduler_name: str | None
+    a1111_sampler: str | None
+    # The processes each image's denoiser tokens are cut over (model.parallel: context in a gang), else 1.
+    token_slices: int
 
     @classmethod
     def from_spec(cls, spec: JobSpec, device: str) -> Generator:

@@ -165,6 +165,9 @@ class EmulatedDevice:
 
 
 class EmulatedGenerator:
+    scheduler_name = a1111_sampler = None  # no diffusers scheduler to name
+    token_slices = 1  # one process draws each image
+
     def __init__(self, images_per_second: float, launch_seconds_per_step: float, queue_depth: int) -> None:
         self.seconds_per_image = 1.0 / images_per_second
         self.launch_iterations = round(launch_seconds_per_step * _iterations_per_second())

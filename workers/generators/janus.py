@@ -19,6 +19,8 @@ from imagemill.workers.loading import Pretrained
 
 class JanusGenerator:
     stage_timer = None  # one loop of text and image tokens: no text-encode/denoise/decode split
+    scheduler_name = a1111_sampler = None  # no diffusers scheduler to name
+    token_slices = 1  # one process draws each image
 
     def __init__(
         self,

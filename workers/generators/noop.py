@@ -15,6 +15,8 @@ from imagemill.workers.generators.contract import BatchKey
 
 class NoopGenerator:
     stage_timer = None  # no model stages to split
+    scheduler_name = a1111_sampler = None  # no diffusers scheduler to name
+    token_slices = 1  # one process draws each image
 
     @classmethod
     def from_spec(cls, spec: JobSpec, device: str) -> NoopGenerator:
